@@ -1,0 +1,181 @@
+"""Sharded DeepSpeed checkpoints that count only once every rank has written them.
+
+Layout: <run_dir>/checkpoints/<tag>/ holds DeepSpeed's shards, one rng_rank<r>.pt per rank and, last,
+a COMPLETE marker written by rank 0 after a barrier. <run_dir>/checkpoints/latest names the newest
+complete tag and moves (atomically) only after the marker exists; older complete tags beyond
+keep_last are deleted after that. A crash while writing leaves the previous checkpoint as latest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "COMPLETE"
+LATEST_FILE = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE_MARKER).is_file()
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and is_complete(p))
+
+
+def latest_complete(root: Path) -> Path | None:
+    """The tag directory named by `latest` if complete, else the newest complete tag, else None."""
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        tag_dir = root / latest.read_text().strip()
+        if is_complete(tag_dir):
+            return tag_dir
+        log.warning("%s names %s, which is not complete; looking for an older checkpoint", latest, tag_dir.name)
+    tags = complete_tags(root)
+    return root / tags[-1] if tags else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int, layout: dict[str, Any] | None = None
+) -> Path:
+    """Collective: every rank calls it. Returns the tag directory."""
+    rank = dist.get_rank()
+    tag = tag_for(step)
+    tag_dir = root / tag
+    client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        # layout (ZeRO stage, tensor-parallel degree, precision) tells readers how to consolidate the shards.
+        marker = {"step": step, "world_size": dist.get_world_size(), "saved_at": time.time(), **(layout or {})}
+        _atomic_write(tag_dir / COMPLETE_MARKER, json.dumps(marker))
+        _atomic_write(root / LATEST_FILE, tag)
+        _prune(root, keep_last)
+    dist.barrier()
+    return tag_dir
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for tag in complete_tags(root)[:-keep_last]:
+        shutil.rmtree(root / tag, ignore_errors=True)
+        log.info("deleted old checkpoint %s (keeping the last %d)", tag, keep_last)
+
+
+def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
+    """Collective: load model, optimizer and scheduler state; restore this rank's RNG. Returns client_state."""
+    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+    rng_file = tag_dir / f"rng_rank{dist.get_rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+def read_marker(tag_dir: Path) -> dict[str, Any]:
+    marker = tag_dir / COMPLETE_MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(
+            f"{tag_dir} is not a complete checkpoint (no {COMPLETE_MARKER} marker): it was interrupted while "
+            f"being written; use an older checkpoint of {tag_dir.parent}."
+        )
+    return json.loads(marker.read_text())
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights from a sharded checkpoint, in one process (no distributed setup)."""
+    marker = read_marker(tag_dir)
+    tp = marker.get("tensor_parallel", 1)
+    if tp > 1:
+        return _merge_tensor_parallel(tag_dir, tp)
+    if marker.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        state = _load_model_states(tag_dir, 0)
+    return {k: v.float() for k, v in state.items()}
+
+
+def _load_model_states(tag_dir: Path, mp_rank: int) -> dict[str, torch.Tensor]:
+    path = tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint shard {path} is missing: the checkpoint is incomplete or damaged.")
+    # DeepSpeed's model-state files hold Python objects besides tensors (its config, versions), so they
+    # cannot be read with weights_only=True; they come from our own run directory.
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def _merge_tensor_parallel(tag_dir: Path, tp: int) -> dict[str, torch.Tensor]:
+    """Undo AutoTP's sharding (see pipeline.ds_config.AUTOTP_LAYER_SPECS): column layers split their output
+    rows (weight and bias), row layers split their input columns (their bias is replicated)."""
+    import re
+
+    from pipeline.ds_config import AUTOTP_LAYER_SPECS
+
+    shards = [_load_model_states(tag_dir, r) for r in range(tp)]
+    row = [re.compile(p) for spec in AUTOTP_LAYER_SPECS if spec["partition_type"] == "row" for p in spec["patterns"]]
+    col = [re.compile(p) for spec in AUTOTP_LAYER_SPECS if spec["partition_type"] == "column" for p in spec["patterns"]]
+    merged = {}
+    for name, first in shards[0].items():
+        weight_name = name[: -len(".bias")] + ".weight" if name.endswith(".bias") else name
+        parts = [s[name].float() for s in shards]
+        if any(p.match(weight_name) for p in col):
+            merged[name] = torch.cat(parts, dim=0)
+        elif any(p.match(name) for p in row):
+            merged[name] = torch.cat(parts, dim=1)
+        else:
+            merged[name] = first.float()
+    return merged

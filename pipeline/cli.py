@@ -1,0 +1,119 @@
+"""`pipeline <stage> [hydra overrides...]`: one entry function per stage; `run` chains them.
+
+Config stages (prepare, train, evaluate, run, params) compose the Hydra tree in conf/ with the
+overrides, validate it, and only then import the heavy libraries and start work. Tool commands
+(`data inspect`, ...) take ordinary arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+USAGE = """usage: pipeline <command> [overrides or arguments...]
+
+Stages (Hydra overrides, e.g. model.n_layer=6 parallel.zero_stage=2 train.max_steps=1000):
+  prepare      read the corpus, train the tokenizer, tokenize with Ray Data, write shards
+  train        train with Ray Train + DeepSpeed (prepares the data first if needed)
+  evaluate     validation loss, perplexity and samples from the last checkpoint
+  run          prepare -> train -> evaluate, then print where the MLflow results are
+  params       parameter counts and training FLOPs of a model config (e.g. model=gpt3_175b)
+
+Tools:
+  data inspect <dataset dir> [--verify]   counts, token statistics, decoded windows, checksums
+
+Add --cfg job to a stage to print the composed config instead of running it.
+"""
+
+CONFIG_STAGES = ("prepare", "train", "evaluate", "run", "params")
+
+log = logging.getLogger("pipeline")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_config(cfg_node) -> PipelineConfig:  # noqa: F821 (imported lazily below)
+    """Hydra DictConfig -> validated PipelineConfig with absolute output paths."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import validate
+
+    OmegaConf.set_readonly(cfg_node, False)
+    cfg_node.output_dir = str(Path(cfg_node.output_dir).expanduser().resolve())
+    cfg = OmegaConf.to_object(cfg_node)
+    validate(cfg)
+    return cfg
+
+
+def run_stage(stage: str, cfg) -> None:
+    """Dispatch one config stage; `run` chains prepare, train and evaluate."""
+    if stage == "params":
+        from pipeline.model_size import format_breakdown
+
+        print(format_breakdown(cfg.model))
+        return
+    from pipeline.stages import evaluate_stage, prepare_stage, run_pipeline, train_stage
+
+    stages: dict[str, Callable] = {
+        "prepare": prepare_stage,
+        "train": train_stage,
+        "evaluate": evaluate_stage,
+        "run": run_pipeline,
+    }
+    stages[stage](cfg)
+
+
+def _hydra_main(stage: str, overrides: list[str]) -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    from pipeline.config import ConfigError
+    from pipeline.schema import register_schema
+
+    register_schema()
+
+    def task(cfg_node: DictConfig) -> None:
+        try:
+            cfg = load_config(cfg_node)
+        except ConfigError as err:
+            _fail(str(err))
+        run_stage(stage, cfg)
+
+    sys.argv = [f"pipeline {stage}", *overrides]
+    hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")(task)()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "data":
+        from data_prep.inspect import main as inspect_main
+
+        if not rest or rest[0] != "inspect":
+            _fail("usage: pipeline data inspect <dataset dir> [--verify]")
+        sys.exit(inspect_main(rest[1:]))
+    if command not in CONFIG_STAGES:
+        _fail(f"unknown command {command!r}.\n\n{USAGE}")
+    _hydra_main(command, rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""Typed configuration of every stage, validated in one place.
+
+The dataclasses below are the schema of the Hydra tree in ``conf/``: Hydra composes the YAML files into
+them, so a misspelt key or a value of the wrong type stops at composition. Cross-field rules that types
+cannot express live in :func:`validate`, which every stage runs before it starts any expensive work.
+Each error names the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING  # noqa: F401  (re-exported for YAML schemas)
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work started."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only transformer."""
+
+    name: str = "tiny"
+    # Vocabulary size in tokens; null takes it from the prepared data set's tokenizer.
+    vocab_size: int | None = None
+    # Tokens the model attends over; data windows hold context_length + 1 tokens.
+    context_length: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    # Hidden width of the MLP; null means 4 * d_model (or 8/3 * d_model rounded for SwiGLU).
+    d_ff: int | None = None
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    # learned | sinusoidal | rotary
+    pos_encoding: str = "learned"
+    # layernorm | rmsnorm
+    norm: str = "layernorm"
+    # gelu | swiglu
+    activation: str = "gelu"
+    # Standard deviation of the normal init; residual projections are scaled by 1/sqrt(2 * n_layer).
+    init_std: float = 0.02
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece tokenizer trained on the corpus, or an existing model."""
+
+    # Path of an existing SentencePiece .model to use instead of training one.
+    model_path: str | None = None
+    # bpe | unigram
+    type: str = "bpe"
+    vocab_size: int = 4096
+    byte_fallback: bool = True
+    # Number of sentences (lines) sampled from the corpus to train the tokenizer.
+    sample_sentences: int = 2_000_000
+    # Extra symbols kept whole (e.g. "\n" so that line breaks survive a round trip).
+    user_defined_symbols: list[str] = field(default_factory=lambda: ["\n"])
+
+
+@dataclass
+class DataConfig:
+    """Where the corpus comes from and how it is cut into training windows."""
+
+    name: str = "shakespeare"
+    # shakespeare | text | jsonl | parquet | hf_disk | hf_hub
+    source: str = "shakespeare"
+    # File, directory or glob of the corpus; null for the built-in Shakespeare plays.
+    path: str | None = None
+    # Field holding the document text in jsonl / parquet / Hugging Face sources.
+    text_field: str = "text"
+    # How a text file splits into documents: file | line | blank_line
+    doc_split: str = "file"
+    # Tokens per window minus one (windows hold context_length + 1 tokens); follows the model.
+    context_length: int = 128
+    # Fraction of documents (by hash) that go to the validation split.
+    val_fraction: float = 0.05
+    # Tokenizer actors in the Ray Data pool; null uses every CPU Ray offers.
+    num_workers: int | None = 2
+    # Target shard size in tokens.
+    shard_tokens: int = 16_777_216
+    # Undecodable bytes in the input: replace | skip (skip drops the whole document)
+    on_decode_error: str = "replace"
+    # Keep document start offsets of every window (for intra-document attention masks).
+    keep_doc_boundaries: bool = False
+    seed: int = 1234
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Root of prepared data sets; each config gets its own fingerprinted directory below it.
+    output_dir: str = "${output_dir}/data"
+
+
+@dataclass
+class ParallelConfig:
+    """How the training job is spread over workers."""
+
+    # Ray Train workers (processes); world size = tensor_parallel * data parallel size.
+    num_workers: int = 2
+    # DeepSpeed AutoTP degree; must divide n_head, d_ff and num_workers.
+    tensor_parallel: int = 1
+    # DeepSpeed ZeRO stage 0, 1, 2 or 3.
+    zero_stage: int = 1
+    # auto | bf16 | fp16 | fp32 (auto: bf16 where the device supports it, else fp32)
+    precision: str = "auto"
+    # Recompute each block's activations in the backward pass.
+    activation_checkpointing: bool = False
+    # Use one GPU per worker (NCCL); false trains on CPU with gloo.
+    use_gpu: bool = False
+    # CPU cores reserved for each worker.
+    cpus_per_worker: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, logging and checkpointing of a training run."""
+
+    max_steps: int = 300
+    # Sequences per worker per micro-step.
+    micro_batch_size: int = 8
+    # Tokens per optimizer step over all workers; gradient accumulation fills the gap.
+    global_batch_tokens: int = 4096
+    lr: float = 3e-3
+    # The schedule decays to lr * min_lr_ratio.
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    # cosine | wsd (warmup-stable-decay) | constant
+    schedule: str = "cosine"
+    # For wsd: fraction of steps spent in the final decay.
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1337
+    log_interval_steps: int = 10
+    # Validation loss during training every N steps (0: only at the end, by evaluate).
+    eval_interval_steps: int = 0
+    eval_batches: int = 8
+    # Checkpoint every N steps (0: only at the end).
+    save_interval_steps: int = 0
+    keep_last_checkpoints: int = 2
+    # auto (latest complete checkpoint of this run, if any) | none | <path of a checkpoint tag>
+    resume: str = "auto"
+    # Peak device throughput in TFLOP/s for MFU; null measures a matmul at start-up.
+    peak_tflops: float | None = None
+    compile: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Validation metrics and samples from a trained checkpoint."""
+
+    # Validation tokens to score; null scores the whole validation split.
+    max_tokens: int | None = None
+    batch_size: int = 16
+    num_samples: int = 3
+    prompt: str = "ROMEO:"
+    max_new_tokens: int = 120
+    # 0 means greedy decoding.
+    temperature: float = 0.8
+    # 0 disables top-k.
+    top_k: int = 50
+    # 1.0 disables nucleus sampling.
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    # Tracking URI; null uses a SQLite store under output_dir.
+    uri: str | None = None
+    experiment: str = "pipeline"
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs."""
+
+    # local (Ray started in-process) | ray | slurm | kubernetes
+    name: str = "local"
+    # Ray cluster address for `ray.init` (local: null starts Ray in this process).
+    address: str | None = None
+    # CPUs the in-process Ray may use; null uses every core of the machine.
+    num_cpus: int | None = None
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Everything the pipeline writes goes below this directory.
+    output_dir: str = "outputs"
+    # Name of the training run; its checkpoints live in <output_dir>/runs/<run_name>.
+    run_name: str = "${model.name}-${data.name}"
+
+
+POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "swiglu")
+SOURCES = ("shakespeare", "text", "jsonl", "parquet", "hf_disk", "hf_hub")
+DOC_SPLITS = ("file", "line", "blank_line")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}: set {name} to one of them.")
+
+
+def _positive(name: str, value: float) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be positive.")
+
+
+def validate_model(model: ModelConfig) -> None:
+    for key in ("context_length", "n_layer", "n_head", "d_model"):
+        _positive(f"model.{key}", getattr(model, key))
+    if model.d_model % model.n_head:
+        raise ConfigError(
+            f"model.d_model={model.d_model} is not divisible by model.n_head={model.n_head}: "
+            f"choose n_head among the divisors of d_model (e.g. "
+            f"{', '.join(str(h) for h in _divisors(model.d_model)[:8])}) or change d_model."
+        )
+    if model.pos_encoding == "rotary" and (model.d_model // model.n_head) % 2:
+        raise ConfigError(
+            f"rotary position encoding needs an even head size; d_model/n_head = "
+            f"{model.d_model // model.n_head}: change model.n_head or model.d_model."
+        )
+    _choice("model.pos_encoding", model.pos_encoding, POS_ENCODINGS)
+    _choice("model.norm", model.norm, NORMS)
+    _choice("model.activation", model.activation, ACTIVATIONS)
+    if model.vocab_size is not None:
+        _positive("model.vocab_size", model.vocab_size)
+    if model.d_ff is not None:
+        _positive("model.d_ff", model.d_ff)
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={model.dropout} must be in [0, 1).")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
+    _choice("data.source", data.source, SOURCES)
+    _choice("data.doc_split", data.doc_split, DOC_SPLITS)
+    _choice("data.on_decode_error", data.on_decode_error, ("replace", "skip"))
+    _choice("data.tokenizer.type", data.tokenizer.type, ("bpe", "unigram"))
+    _positive("data.context_length", data.context_length)
+    if model is not None and data.context_length != model.context_length:
+        raise ConfigError(
+            f"data.context_length={data.context_length} differs from model.context_length="
+            f"{model.context_length}: set both to the same value (data.context_length follows the model "
+            f"unless overridden)."
+        )
+    if not 0.0 <= data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={data.val_fraction} must be in [0, 1).")
+    if data.num_workers is not None:
+        _positive("data.num_workers", data.num_workers)
+    if data.source == "shakespeare":
+        if data.path is not None:
+            _check_path_exists("data.path", data.path)
+    elif data.source == "hf_hub":
+        if not data.path:
+            raise ConfigError("data.source=hf_hub needs data.path=<dataset name on the hub>.")
+    else:
+        if not data.path:
+            raise ConfigError(f"data.source={data.source} needs data.path=<file, directory or glob>.")
+        _check_path_exists("data.path", data.path)
+    tok = data.tokenizer
+    if tok.model_path is not None:
+        _check_path_exists("data.tokenizer.model_path", tok.model_path)
+    else:
+        _positive("data.tokenizer.vocab_size", tok.vocab_size)
+        if tok.vocab_size > 4_294_967_295:
+            raise ConfigError(f"data.tokenizer.vocab_size={tok.vocab_size} does not fit uint32 token ids.")
+
+
+def _check_path_exists(name: str, path: str) -> None:
+    if any(ch in path for ch in "*?["):
+        if not glob.glob(os.path.expanduser(path), recursive=True):
+            raise ConfigError(f"{name}={path} matches no file: fix the pattern or point {name} at existing files.")
+        return
+    if not Path(path).expanduser().exists():
+        raise ConfigError(
+            f"{name}={path} does not exist: point {name} at an existing file or directory"
+            + (" (or leave data.path unset to use the built-in Shakespeare plays)." if name == "data.path" else ".")
+        )
+
+
+def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
+    _positive("parallel.num_workers", parallel.num_workers)
+    _positive("parallel.tensor_parallel", parallel.tensor_parallel)
+    _positive("parallel.cpus_per_worker", parallel.cpus_per_worker)
+    _choice("parallel.precision", parallel.precision, PRECISIONS)
+    if parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} must be 0, 1, 2 or 3.")
+    tp = parallel.tensor_parallel
+    if parallel.num_workers % tp:
+        raise ConfigError(
+            f"parallel.num_workers={parallel.num_workers} is not divisible by parallel.tensor_parallel={tp}: "
+            f"the world size must be tensor_parallel x data-parallel size."
+        )
+    if model.n_head % tp:
+        raise ConfigError(
+            f"parallel.tensor_parallel={tp} does not divide model.n_head={model.n_head}: "
+            f"choose a tensor-parallel degree among {', '.join(map(str, _divisors(model.n_head)))}."
+        )
+    d_ff = model.d_ff or 4 * model.d_model
+    if d_ff % tp:
+        raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.d_ff={d_ff}.")
+    if tp > 1 and parallel.zero_stage == 3:
+        raise ConfigError(
+            "DeepSpeed AutoTP training does not combine with ZeRO stage 3: "
+            "set parallel.zero_stage to 0, 1 or 2 with parallel.tensor_parallel > 1."
+        )
+
+
+def data_parallel_size(parallel: ParallelConfig) -> int:
+    return parallel.num_workers // parallel.tensor_parallel
+
+
+def grad_accumulation_steps(train: TrainConfig, parallel: ParallelConfig, context_length: int) -> int:
+    per_step = train.micro_batch_size * data_parallel_size(parallel) * context_length
+    return train.global_batch_tokens // per_step
+
+
+def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelConfig) -> None:
+    _positive("train.max_steps", train.max_steps)
+    _positive("train.micro_batch_size", train.micro_batch_size)
+    _positive("train.global_batch_tokens", train.global_batch_tokens)
+    _positive("train.lr", train.lr)
+    _positive("train.log_interval_steps", train.log_interval_steps)
+    _choice("train.schedule", train.schedule, SCHEDULES)
+    if train.warmup_steps < 0 or train.warmup_steps >= train.max_steps:
+        raise ConfigError(
+            f"train.warmup_steps={train.warmup_steps} must be in [0, train.max_steps={train.max_steps})."
+        )
+    dp = data_parallel_size(parallel)
+    per_step = train.micro_batch_size * dp * model.context_length
+    if train.global_batch_tokens % per_step:
+        raise ConfigError(
+            f"train.global_batch_tokens={train.global_batch_tokens} is not divisible by micro_batch_size "
+            f"x data-parallel size x context_length = {train.micro_batch_size} x {dp} x "
+            f"{model.context_length} = {per_step}: set train.global_batch_tokens to a multiple of {per_step}."
+        )
+    if not 0.0 <= train.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={train.min_lr_ratio} must be in [0, 1].")
+    if not 0.0 < train.decay_fraction <= 1.0:
+        raise ConfigError(f"train.decay_fraction={train.decay_fraction} must be in (0, 1].")
+    if train.resume not in ("auto", "none") and not Path(train.resume).exists():
+        raise ConfigError(
+            f"train.resume={train.resume} is neither auto, none nor an existing checkpoint directory."
+        )
+
+
+def validate_eval(ev: EvalConfig) -> None:
+    _positive("eval.batch_size", ev.batch_size)
+    if ev.temperature < 0:
+        raise ConfigError(f"eval.temperature={ev.temperature} must be >= 0 (0 is greedy).")
+    if ev.top_k < 0:
+        raise ConfigError(f"eval.top_k={ev.top_k} must be >= 0 (0 disables top-k).")
+    if not 0.0 < ev.top_p <= 1.0:
+        raise ConfigError(f"eval.top_p={ev.top_p} must be in (0, 1].")
+    if ev.max_tokens is not None:
+        _positive("eval.max_tokens", ev.max_tokens)
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Every cross-field check, run before any stage does work."""
+    validate_model(cfg.model)
+    validate_data(cfg.data, cfg.model)
+    validate_parallel(cfg.parallel, cfg.model)
+    validate_train(cfg.train, cfg.parallel, cfg.model)
+    validate_eval(cfg.eval)
+
+
+def fingerprint(obj: Any, length: int = 12) -> str:
+    """Stable short hash of a (nested) dataclass or dict, for naming outputs keyed by their config."""
+    data = asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model.n_layer": 4, ...} from a nested dataclass, for logging as MLflow params."""
+    data = asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,63 @@
+"""Batches of (input, target) windows for one data-parallel rank.
+
+One global, seeded order of windows per epoch; the position in it is the number of samples consumed.
+Optimizer step k consumes samples [k*G, (k+1)*G) with G = micro_batch * grad_accum * dp; micro-step m of
+rank r reads its micro_batch slice of that range. So dp=2 x b, dp=1 x 2b and accumulation 2 x b all see
+the same samples at every step, and a resume at another data-parallel size continues exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from data_prep.shards import WindowDataset
+
+
+class WindowOrder:
+    """Global seeded permutation of window indices, epoch after epoch."""
+
+    def __init__(self, n_windows: int, seed: int):
+        if n_windows <= 0:
+            raise ValueError("the training split holds no windows: prepare more data or shorten the context")
+        self.n_windows = n_windows
+        self.seed = seed
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._epoch = epoch
+        return self._perm
+
+    def indices(self, first_sample: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        for i, sample in enumerate(range(first_sample, first_sample + count)):
+            epoch, position = divmod(sample, self.n_windows)
+            out[i] = self._permutation(epoch)[position]
+        return out
+
+
+class RankBatches:
+    """The micro-batches that one data-parallel rank trains on."""
+
+    def __init__(self, dataset: WindowDataset, seed: int, micro_batch: int, grad_accum: int, dp_size: int, dp_rank: int):
+        self.dataset = dataset
+        self.order = WindowOrder(len(dataset), seed)
+        self.micro_batch = micro_batch
+        self.grad_accum = grad_accum
+        self.dp_size = dp_size
+        self.dp_rank = dp_rank
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.dp_size
+
+    def first_sample(self, step: int, micro_step: int) -> int:
+        return step * self.global_batch + (micro_step * self.dp_size + self.dp_rank) * self.micro_batch
+
+    def micro_batch_at(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = self.dataset.windows(self.order.indices(self.first_sample(step, micro_step), self.micro_batch))
+        tokens = torch.from_numpy(windows.astype(np.int64, copy=False))
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()

@@ -1,0 +1,168 @@
+"""The evaluate stage: validation loss, perplexity, bits per byte, a unigram baseline, and samples.
+
+Everything is logged to the training run's MLflow run, at the step of the checkpoint it scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+VALIDATION_SPLIT = "validation"
+
+
+@dataclass
+class LossTotals:
+    nats: float
+    tokens: int
+    bytes: int
+
+    @property
+    def mean_loss(self) -> float:
+        return self.nats / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / math.log(2) / max(1, self.bytes)
+
+
+def token_byte_lengths(sp) -> np.ndarray:
+    """UTF-8 bytes each token stands for (byte-fallback pieces are one byte; control tokens none)."""
+    lengths = np.zeros(sp.get_piece_size(), dtype=np.int64)
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i):
+            continue
+        lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+    return lengths
+
+
+def window_batches(dataset, batch_size: int, max_tokens: int | None):
+    """Consecutive validation windows, in order, up to a token budget."""
+    n = len(dataset)
+    if max_tokens is not None:
+        n = min(n, max(1, math.ceil(max_tokens / (dataset.window_length - 1))))
+    for start in range(0, n, batch_size):
+        windows = dataset.windows(np.arange(start, min(n, start + batch_size)))
+        tokens = torch.from_numpy(windows.astype(np.int64, copy=False))
+        yield tokens[:, :-1], tokens[:, 1:]
+
+
+@torch.no_grad()
+def validation_totals(model, dataset, batch_size: int, max_tokens: int | None, byte_lengths: np.ndarray) -> LossTotals:
+    """Summed next-token loss over the validation windows; `model(inputs)` returns (logits, _)."""
+    nats, tokens, nbytes = 0.0, 0, 0
+    lengths = torch.from_numpy(byte_lengths)
+    for inputs, targets in window_batches(dataset, batch_size, max_tokens):
+        logits, _ = model(inputs)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+        nats += loss.item()
+        tokens += targets.numel()
+        nbytes += int(lengths[targets].sum())
+    return LossTotals(nats, tokens, nbytes)
+
+
+def unigram_totals(train_counts: np.ndarray, dataset, max_tokens: int | None, byte_lengths: np.ndarray) -> LossTotals:
+    """Loss of a unigram model (add-one smoothed training-token frequencies) on the same validation targets:
+    the baseline a model that learned nothing about context would reach."""
+    log_probs = np.log(train_counts + 1.0) - np.log(train_counts.sum() + len(train_counts))
+    nats, tokens, nbytes = 0.0, 0, 0
+    for _, targets in window_batches(dataset, 256, max_tokens):
+        t = targets.numpy().reshape(-1)
+        nats -= float(log_probs[t].sum())
+        tokens += t.size
+        nbytes += int(byte_lengths[t].sum())
+    return LossTotals(nats, tokens, nbytes)
+
+
+def token_counts(dataset, vocab_size: int) -> np.ndarray:
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(dataset), 4096):
+        windows = dataset.windows(np.arange(start, min(len(dataset), start + 4096)))
+        counts += np.bincount(windows[:, 1:].reshape(-1), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def load_trained_model(model_cfg, tag_dir: Path):
+    from pipeline.checkpointing import consolidated_state_dict
+    from pipeline.model import GPT
+
+    model = GPT(model_cfg)
+    model.load_state_dict(consolidated_state_dict(tag_dir))
+    model.eval()
+    return model
+
+
+def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
+    from data_prep.shards import WindowDataset, load_manifest
+    from data_prep.tokenizer import load_tokenizer
+    from pipeline.checkpointing import checkpoint_root, latest_complete, read_marker
+    from pipeline.generation import generate
+    from pipeline.tracking import Tracker
+    from pipeline.train import model_for_data, run_dir_for
+
+    run_dir = run_dir_for(cfg)
+    tag_dir = latest_complete(checkpoint_root(run_dir))
+    if tag_dir is None:
+        raise FileNotFoundError(
+            f"no complete checkpoint in {checkpoint_root(run_dir)}: run `pipeline train` with the same "
+            f"overrides first (run_name={cfg.run_name})."
+        )
+    step = int(read_marker(tag_dir)["step"])
+    manifest = load_manifest(data_dir)
+    sp = load_tokenizer(manifest.tokenizer_path)
+    model_cfg = model_for_data(cfg.model, manifest.vocab_size)
+    model = load_trained_model(model_cfg, tag_dir)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    val = WindowDataset(data_dir, VALIDATION_SPLIT)
+    byte_lengths = token_byte_lengths(sp)
+    if len(byte_lengths) < model_cfg.vocab_size:
+        byte_lengths = np.pad(byte_lengths, (0, model_cfg.vocab_size - len(byte_lengths)))
+    totals = validation_totals(model, val, cfg.eval.batch_size, cfg.eval.max_tokens, byte_lengths)
+    counts = token_counts(WindowDataset(data_dir, "train"), model_cfg.vocab_size)
+    unigram = unigram_totals(counts, val, cfg.eval.max_tokens, byte_lengths)
+    metrics = {
+        "val_loss": totals.mean_loss,
+        "val_perplexity": totals.perplexity,
+        "val_bits_per_byte": totals.bits_per_byte,
+        "val_tokens": float(totals.tokens),
+        "unigram_val_loss": unigram.mean_loss,
+        "unigram_val_perplexity": unigram.perplexity,
+    }
+    log.info(
+        "step %d: validation loss %.4f (perplexity %.2f, %.3f bits/byte) over %d tokens; unigram baseline %.4f",
+        step, totals.mean_loss, totals.perplexity, totals.bits_per_byte, totals.tokens, unigram.mean_loss,
+    )
+
+    samples = []
+    prompt_ids = sp.encode(cfg.eval.prompt)
+    for i in range(cfg.eval.num_samples):
+        new_ids = generate(
+            model, prompt_ids, cfg.eval.max_new_tokens,
+            temperature=cfg.eval.temperature, top_k=cfg.eval.top_k, top_p=cfg.eval.top_p,
+            eos_id=manifest.eos_id, seed=cfg.eval.seed + i,
+        )
+        samples.append(sp.decode(prompt_ids + new_ids))
+    text = "\n\n".join(f"--- sample {i} (step {step}) ---\n{s}" for i, s in enumerate(samples))
+    print(text)
+
+    tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir, cfg.run_name)
+    tracker.log(metrics, step=step)
+    tracker.log_text(text, f"samples/step_{step:08d}.txt")
+    tracker.set_tags({"evaluated_checkpoint": str(tag_dir)})
+    tracker.close()
+    return {**metrics, "step": step}

@@ -1,0 +1,60 @@
+"""AdamW with decoupled weight decay on weight matrices only, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipeline.config import TrainConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay 2-D weight matrices; skip norms, biases and embeddings (token and position tables)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_embedding = "tok_emb" in name or "pos_emb" in name
+        if param.dim() >= 2 and not is_embedding:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        param_groups(model, train.weight_decay),
+        lr=train.lr,
+        betas=(train.beta1, train.beta2),
+        eps=1e-8,
+        foreach=False,
+    )
+
+
+def lr_multiplier(step: int, train: TrainConfig) -> float:
+    """Factor on train.lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if train.warmup_steps and step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    floor = train.min_lr_ratio
+    if train.schedule == "constant":
+        return 1.0
+    if train.schedule == "cosine":
+        span = max(1, train.max_steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # wsd: stable at the peak, then a linear decay over the last decay_fraction of the steps.
+    decay_steps = max(1, round(train.max_steps * train.decay_fraction))
+    decay_start = train.max_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / decay_steps)
+    return 1.0 - (1.0 - floor) * progress
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))

@@ -1,0 +1,31 @@
+"""Starting or joining Ray: in-process on a laptop, or a running cluster by address."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipeline.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(cluster: ClusterConfig) -> None:
+    """Initialise Ray once per process: join cluster.address, else start Ray inside this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Keep Ray quiet and local: no dashboard, no usage reporting, no metrics exporter on a laptop.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if cluster.address:
+        log.info("joining the Ray cluster at %s", cluster.address)
+        ray.init(address=cluster.address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=cluster.num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+    )

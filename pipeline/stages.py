@@ -1,0 +1,53 @@
+"""One function per stage; `run_pipeline` only chains them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def prepare_stage(cfg: PipelineConfig) -> Path:
+    from data_prep.prepare import prepare
+    from pipeline.ray_runtime import ensure_ray
+
+    ensure_ray(cfg.cluster)
+    return prepare(cfg.data)
+
+
+def train_stage(cfg: PipelineConfig):
+    """Prepare the data if needed (a no-op when its shards are complete), then train."""
+    from pipeline.train import train
+
+    data_dir = prepare_stage(cfg)
+    return train(cfg, data_dir)
+
+
+def evaluate_stage(cfg: PipelineConfig) -> dict[str, float]:
+    from data_prep.prepare import dataset_dir
+    from pipeline.evaluate import evaluate
+
+    data_dir = dataset_dir(cfg.data)
+    if not (data_dir / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"no prepared data set at {data_dir}: run `pipeline prepare` (or `pipeline run`) with the same "
+            f"data overrides first."
+        )
+    return evaluate(cfg, data_dir)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, float]:
+    from pipeline.tracking import tracking_uri, ui_command
+
+    train_stage(cfg)
+    metrics = evaluate_stage(cfg)
+    uri = tracking_uri(cfg.tracking, cfg.output_dir)
+    print()
+    print(f"Done: validation loss {metrics['val_loss']:.4f} (perplexity {metrics['val_perplexity']:.1f}); "
+          f"unigram baseline {metrics['unigram_val_loss']:.4f}.")
+    print(f"MLflow results: experiment '{cfg.tracking.experiment}', run '{cfg.run_name}', store {uri}")
+    print(f"Open them with:  {ui_command(uri)}   (then browse http://127.0.0.1:5000)")
+    return metrics

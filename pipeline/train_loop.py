@@ -1,0 +1,225 @@
+"""What every training worker runs: build the model, wrap it in a DeepSpeed engine, train, checkpoint.
+
+The same function runs under Ray Train (pipeline.train) and under a plain `torchrun`/`deepspeed` launch
+(pipeline.launch): it only needs torch.distributed to be initialisable from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import ModelConfig, ParallelConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs, resolved on the driver (plain data: it travels to Ray workers)."""
+
+    model: ModelConfig
+    train: TrainConfig
+    parallel: ParallelConfig
+    data_dir: str
+    run_dir: str
+    precision: str
+    grad_accum_steps: int
+    ds_config: dict
+    flops_per_token: float
+    config_fingerprint: str
+    tokenizer_sha256: str
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    # Per-step losses (rank 0) are returned to the driver when true; used by equivalence tests.
+    record_losses: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainOutcome:
+    final_step: int
+    losses: dict[int, float]
+    checkpoint: str
+    tokens_per_s: float
+    resumed_from: str | None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _init_distributed(parallel: ParallelConfig) -> None:
+    import deepspeed
+
+    backend = "nccl" if parallel.use_gpu else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def _device(parallel: ParallelConfig) -> torch.device:
+    if parallel.use_gpu:
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().device_name(), get_accelerator().current_device())
+    return torch.device("cpu")
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def _resume_tag(train: TrainConfig, ckpt_root: Path) -> Path | None:
+    from pipeline.checkpointing import latest_complete
+
+    if train.resume == "none":
+        return None
+    if train.resume == "auto":
+        return latest_complete(ckpt_root)
+    return Path(train.resume)
+
+
+def train_worker(job: TrainJob) -> TrainOutcome:
+    import deepspeed
+
+    from data_prep.shards import WindowDataset
+    from pipeline.checkpointing import checkpoint_root, load_checkpoint, save_checkpoint
+    from pipeline.data_loader import RankBatches
+    from pipeline.model import GPT
+    from pipeline.optimizer import build_optimizer, build_scheduler
+    from pipeline.throughput import measure_peak_tflops, memory_mb, mfu
+
+    if not job.parallel.use_gpu:
+        torch.set_num_threads(job.parallel.cpus_per_worker)
+    _init_distributed(job.parallel)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tp = job.parallel.tensor_parallel
+    dp_size, dp_rank = world // tp, rank // tp
+    device = _device(job.parallel)
+    train = job.train
+
+    seed_everything(train.seed)  # identical initial weights on every rank
+    model = GPT(job.model)
+    if job.parallel.activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    # Callables: DeepSpeed applies AutoTP sharding first, then builds the optimizer over the sharded model.
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=lambda _params: build_optimizer(model, train),
+        lr_scheduler=lambda optimizer: build_scheduler(optimizer, train),
+        config=job.ds_config,
+    )
+    if train.compile:
+        engine.compile()
+
+    batches = RankBatches(
+        WindowDataset(Path(job.data_dir), "train"),
+        seed=train.seed,
+        micro_batch=train.micro_batch_size,
+        grad_accum=job.grad_accum_steps,
+        dp_size=dp_size,
+        dp_rank=dp_rank,
+    )
+    ckpt_root = checkpoint_root(Path(job.run_dir))
+    start_step, resumed_from = 0, None
+    tag_dir = _resume_tag(train, ckpt_root)
+    if tag_dir is not None:
+        state = load_checkpoint(engine, tag_dir)
+        start_step = int(state["step"])
+        resumed_from = str(tag_dir)
+        if rank == 0:
+            log.info("resumed from %s at step %d (%d samples consumed)", tag_dir, start_step, state["samples_consumed"])
+
+    tracker = None
+    if rank == 0 and job.mlflow_run_id:
+        from pipeline.tracking import Tracker
+
+        tracker = Tracker(job.tracking_uri, job.mlflow_run_id)
+    peak_tflops = train.peak_tflops or measure_peak_tflops(job.precision, device)
+    if tracker:
+        tracker.log({"peak_tflops_per_worker": peak_tflops}, step=start_step)
+
+    def client_state(step: int) -> dict:
+        return {
+            "step": step,
+            "samples_consumed": step * batches.global_batch,
+            "data_seed": train.seed,
+            "config_fingerprint": job.config_fingerprint,
+            "tokenizer_sha256": job.tokenizer_sha256,
+            "world_size": world,
+            "tensor_parallel": tp,
+        }
+
+    layout = {"zero_stage": job.parallel.zero_stage, "tensor_parallel": tp, "precision": job.precision}
+    tokens_per_step = batches.global_batch * job.model.context_length
+    losses: dict[int, float] = {}
+    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+    tokens_per_s = 0.0
+    engine.train()
+    for step in range(start_step, train.max_steps):
+        step_start = time.perf_counter()
+        step_loss = 0.0
+        for micro_step in range(job.grad_accum_steps):
+            inputs, targets = batches.micro_batch_at(step, micro_step)
+            _, loss = engine(inputs.to(device), targets.to(device))
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / job.grad_accum_steps
+        step_loss = _mean_over_ranks(step_loss, device)
+        losses[step] = step_loss
+        window_loss += step_loss
+        window_steps += 1
+        done = step + 1
+        if done % train.log_interval_steps == 0 or done == train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = tokens_per_step * window_steps / elapsed
+            grad_norm = engine.get_global_grad_norm()
+            metrics = {
+                "train_loss": window_loss / window_steps,
+                "lr": engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu(tokens_per_s / world, job.flops_per_token, peak_tflops),
+                "step_time_s": time.perf_counter() - step_start,
+                "memory_mb": memory_mb(device),
+                "tokens_seen": done * tokens_per_step,
+            }
+            if rank == 0:
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e %.0f tok/s mfu %.3f",
+                    done, train.max_steps, metrics["train_loss"], metrics["lr"], tokens_per_s, metrics["mfu"],
+                )
+                if tracker:
+                    tracker.log(metrics, step=done)
+            window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        if train.save_interval_steps and done % train.save_interval_steps == 0 and done < train.max_steps:
+            save_checkpoint(engine, ckpt_root, done, client_state(done), train.keep_last_checkpoints, layout)
+
+    final_step = max(start_step, train.max_steps)
+    if start_step >= train.max_steps:
+        last_tag = tag_dir  # the checkpoint already holds the finished run: nothing to train
+        if rank == 0:
+            log.info("the run already reached step %d at %s; nothing to train", start_step, tag_dir)
+    else:
+        last_tag = save_checkpoint(
+            engine, ckpt_root, final_step, client_state(final_step), train.keep_last_checkpoints, layout
+        )
+    if tracker:
+        tracker.log({"final_step": final_step}, step=final_step)
+    return TrainOutcome(
+        final_step=final_step,
+        losses=losses if job.record_losses else {},
+        checkpoint=str(last_tag),
+        tokens_per_s=tokens_per_s,
+        resumed_from=resumed_from,
+    )
