@@ -8,10 +8,13 @@ the same samples at every step, and a resume at another data-parallel size conti
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
-from data_prep.shards import WindowDataset
+if TYPE_CHECKING:
+    from data_prep.shards import WindowDataset
 
 
 class WindowOrder:

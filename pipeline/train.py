@@ -117,13 +117,11 @@ def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0) -> TrainOutc
     return TrainOutcome(**result.metrics["outcome"])
 
 
-def train(cfg: PipelineConfig, data_dir: Path) -> TrainOutcome:
+def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path):
+    """Open (or re-open) the MLflow run of this training job and record what defines it."""
     from pipeline.tracking import Tracker
 
-    run_dir = run_dir_for(cfg)
-    job = build_job(cfg, data_dir, None, None)
-    tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir, cfg.run_name)
-    job = dataclasses.replace(job, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
+    tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(cfg), cfg.run_name)
     tracker.log_params(flatten(cfg))
     tracker.log_params({
         "resolved.vocab_size": job.model.vocab_size,
@@ -134,6 +132,14 @@ def train(cfg: PipelineConfig, data_dir: Path) -> TrainOutcome:
     })
     tracker.set_tags({"stage": "train", "data_dir": str(data_dir)})
     tracker.log_artifact(data_dir / "tokenizer.model", "tokenizer")
+    return tracker
+
+
+def train(cfg: PipelineConfig, data_dir: Path) -> TrainOutcome:
+    run_dir = run_dir_for(cfg)
+    job = build_job(cfg, data_dir, None, None)
+    tracker = open_run(cfg, job, data_dir)
+    job = dataclasses.replace(job, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
     log.info(
         "training %s: %d workers (tp=%d), ZeRO-%d, %s, %d grad-accumulation steps, run dir %s",
         cfg.run_name, cfg.parallel.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.zero_stage,

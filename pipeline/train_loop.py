@@ -79,6 +79,12 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return t.item() / dist.get_world_size()
 
 
+def _grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the (data-parallel averaged) gradients, before clipping."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
 def _resume_tag(train: TrainConfig, ckpt_root: Path) -> Path | None:
     from pipeline.checkpointing import latest_complete
 
@@ -169,10 +175,13 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     for step in range(start_step, train.max_steps):
         step_start = time.perf_counter()
         step_loss = 0.0
+        plain_grad_norm = None
         for micro_step in range(job.grad_accum_steps):
             inputs, targets = batches.micro_batch_at(step, micro_step)
             _, loss = engine(inputs.to(device), targets.to(device))
             engine.backward(loss)
+            if micro_step == job.grad_accum_steps - 1 and job.parallel.zero_stage == 0 and tp == 1:
+                plain_grad_norm = _grad_norm(engine.module)  # DeepSpeed reports none without ZeRO
             engine.step()
             step_loss += loss.item() / job.grad_accum_steps
         step_loss = _mean_over_ranks(step_loss, device)
@@ -184,6 +193,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
             elapsed = time.perf_counter() - window_start
             tokens_per_s = tokens_per_step * window_steps / elapsed
             grad_norm = engine.get_global_grad_norm()
+            grad_norm = plain_grad_norm if grad_norm is None else grad_norm
             metrics = {
                 "train_loss": window_loss / window_steps,
                 "lr": engine.get_lr()[0],

@@ -1,0 +1,67 @@
+"""Training without Ray: the same worker function under `torchrun` or the `deepspeed` launcher.
+
+    pipeline prepare                                   # once, on one node
+    torchrun --nproc_per_node=2 -m pipeline.launch train.max_steps=1000 parallel.num_workers=2
+    deepspeed --num_gpus=8 --module pipeline.launch parallel=gpu parallel.num_workers=8
+
+Every rank composes the same config from its overrides; rank 0 opens the MLflow run and shares its id.
+parallel.num_workers must equal the launcher's world size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+
+log = logging.getLogger("pipeline.launch")
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from pipeline.cli import load_config
+    from pipeline.schema import register_schema
+
+    register_schema()
+    with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
+        node = hydra_compose(config_name="config", overrides=overrides)
+    return load_config(node)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch.distributed as dist
+
+    from data_prep.prepare import dataset_dir
+    from pipeline.config import ConfigError
+    from pipeline.train import build_job, open_run
+    from pipeline.train_loop import _init_distributed, train_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = compose(list(sys.argv[1:] if argv is None else argv))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != cfg.parallel.num_workers:
+        raise ConfigError(
+            f"the launcher started {world} processes but parallel.num_workers={cfg.parallel.num_workers}: "
+            f"pass parallel.num_workers={world}."
+        )
+    data_dir = dataset_dir(cfg.data)
+    if not (data_dir / "manifest.json").is_file():
+        raise ConfigError(f"no prepared data at {data_dir}: run `pipeline prepare` with the same data overrides first.")
+    _init_distributed(cfg.parallel)
+    job = build_job(cfg, data_dir, None, None)
+    tracker = open_run(cfg, job, data_dir) if dist.get_rank() == 0 else None
+    ids = [tracker.uri, tracker.run_id] if tracker else [None, None]
+    dist.broadcast_object_list(ids, src=0)
+    job = dataclasses.replace(job, tracking_uri=ids[0], mlflow_run_id=ids[1])
+    outcome = train_worker(job)
+    if tracker:
+        tracker.set_tags({"checkpoint": outcome.checkpoint})
+        tracker.close()
+        log.info("training finished at step %d; checkpoint %s", outcome.final_step, outcome.checkpoint)
+
+
+if __name__ == "__main__":
+    main()

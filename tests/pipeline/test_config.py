@@ -1,0 +1,137 @@
+"""The Hydra tree composes into the typed schema, and bad values stop with messages that name the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from pipeline.config import (
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    PipelineConfig,
+    TrainConfig,
+    grad_accumulation_steps,
+    validate,
+    validate_parallel,
+    validate_train,
+)
+from pipeline.schema import register_schema
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "conf"
+
+
+def compose_config(overrides: list[str]) -> PipelineConfig:
+    register_schema()
+    with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
+        node = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_object(node)
+
+
+def test_default_config_is_valid():
+    cfg = compose_config([])
+    validate(cfg)
+    assert cfg.model.name == "tiny"
+    assert cfg.data.source == "shakespeare"
+    assert cfg.data.context_length == cfg.model.context_length
+    assert cfg.run_name == "tiny-shakespeare"
+
+
+def test_overrides_reach_nested_fields_and_interpolations():
+    cfg = compose_config(["model.context_length=64", "train.max_steps=7", "parallel.zero_stage=3"])
+    assert cfg.data.context_length == 64
+    assert cfg.train.max_steps == 7
+    assert cfg.parallel.zero_stage == 3
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(p.parent.name, p.stem) for p in sorted(CONF.glob("*/*.yaml")) if p.parent.name not in ("sweep",)],
+)
+def test_every_shipped_config_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option != "shakespeare":
+        overrides.append(f"data.path={REPO / 'README.md'}")
+    cfg = compose_config(overrides)
+    if group == "model":
+        from pipeline.config import validate_model
+
+        validate_model(cfg.model)
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(Exception, match="nonsense"):
+        compose_config(["nonsense=1"])
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(Exception, match="n_head"):
+        compose_config(["model.n_head=abc"])
+
+
+def test_heads_must_divide_width():
+    cfg = compose_config(["model.n_head=5"])
+    with pytest.raises(ConfigError, match=r"model\.d_model=128 is not divisible by model\.n_head=5"):
+        validate(cfg)
+
+
+def test_missing_data_path_is_named():
+    cfg = compose_config(["data.path=/nonexistent"])
+    with pytest.raises(ConfigError, match="data.path=/nonexistent does not exist"):
+        validate(cfg)
+
+
+def test_tensor_parallel_checks():
+    model = ModelConfig(n_head=4, d_model=128)
+    with pytest.raises(ConfigError, match="does not divide model.n_head"):
+        validate_parallel(ParallelConfig(num_workers=3, tensor_parallel=3), model)
+    with pytest.raises(ConfigError, match="not divisible by parallel.tensor_parallel"):
+        validate_parallel(ParallelConfig(num_workers=3, tensor_parallel=2), model)
+    validate_parallel(ParallelConfig(num_workers=4, tensor_parallel=2), model)
+
+
+def test_global_batch_must_divide_evenly():
+    model = ModelConfig(context_length=128)
+    parallel = ParallelConfig(num_workers=2)
+    with pytest.raises(ConfigError, match="multiple of 2048"):
+        validate_train(TrainConfig(micro_batch_size=8, global_batch_tokens=3000), parallel, model)
+    train = TrainConfig(micro_batch_size=8, global_batch_tokens=8192)
+    validate_train(train, parallel, model)
+    assert grad_accumulation_steps(train, parallel, 128) == 4
+
+
+def test_fp16_on_cpu_is_refused_before_workers_start():
+    from pipeline.ds_config import resolve_precision
+
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        resolve_precision(ParallelConfig(precision="fp16", use_gpu=False))
+
+
+def test_cli_reports_bad_values_fast_and_writes_nothing(tmp_path):
+    for override, expected in [
+        ("model.n_head=5", "not divisible by model.n_head=5"),
+        ("data.path=/nonexistent", "data.path=/nonexistent does not exist"),
+        ("nonsense=1", "nonsense"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "train", override, f"output_dir={tmp_path / 'out'}"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )
+        assert proc.returncode != 0
+        assert expected in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataclass_defaults_match_yaml_defaults():
+    """The YAML defaults and the schema agree, so a user reading either sees the truth."""
+    cfg = compose_config([])
+    assert dataclasses.asdict(cfg.train) == dataclasses.asdict(
+        dataclasses.replace(TrainConfig(), **{k: v for k, v in OmegaConf.load(CONF / "train/default.yaml").items()})
+    )

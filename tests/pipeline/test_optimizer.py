@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.optimizer import lr_multiplier, param_groups
+
+
+def test_warmup_then_cosine_to_the_floor():
+    train = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_multiplier(0, train) == pytest.approx(0.1)
+    assert lr_multiplier(9, train) == pytest.approx(1.0)
+    assert lr_multiplier(10, train) == pytest.approx(1.0)
+    assert lr_multiplier(55, train) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(100, train) == pytest.approx(0.1)
+
+
+def test_wsd_is_flat_then_decays_linearly():
+    train = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert lr_multiplier(50, train) == 1.0
+    assert lr_multiplier(79, train) == 1.0
+    assert lr_multiplier(90, train) == pytest.approx(0.5)
+    assert lr_multiplier(100, train) == pytest.approx(0.0)
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings():
+    model = torch.nn.ModuleDict({
+        "tok_emb": torch.nn.Embedding(10, 4),
+        "proj": torch.nn.Linear(4, 4),
+        "norm": torch.nn.LayerNorm(4),
+    })
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 4  # embedding, linear bias, norm weight and bias
