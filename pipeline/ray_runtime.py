@@ -25,7 +25,9 @@ def ensure_ray(cluster: ClusterConfig) -> None:
         return
     ray.init(
         num_cpus=cluster.num_cpus or os.cpu_count(),
-        include_dashboard=False,
+        # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls.
+        include_dashboard=True,
+        dashboard_port=None,
         log_to_driver=True,
         configure_logging=False,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -76,18 +77,22 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
     )
 
 
+OUTCOME_FILE = "train_outcome.json"
+
+
 def _ray_worker(config: dict) -> None:
-    import ray.train
+    import torch.distributed as dist
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    outcome = train_worker_entry(config["job"])
-    ray.train.report({"outcome": asdict(outcome)})
-
-
-def train_worker_entry(job: TrainJob) -> TrainOutcome:
+    from data_prep.shards import write_atomic
     from pipeline.train_loop import train_worker
 
-    return train_worker(job)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    job: TrainJob = config["job"]
+    outcome = train_worker(job)
+    # Ray Train only hands metrics back with a Ray checkpoint; our checkpoints are DeepSpeed's, so rank 0
+    # leaves its outcome in the run directory for the driver.
+    if dist.get_rank() == 0:
+        write_atomic(Path(job.run_dir) / OUTCOME_FILE, json.dumps(asdict(outcome)))
 
 
 def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0) -> TrainOutcome:
@@ -111,10 +116,14 @@ def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0) -> TrainOutc
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
+    outcome_file = run_dir / OUTCOME_FILE
+    outcome_file.unlink(missing_ok=True)
     result = trainer.fit()
     if result.error:
         raise result.error
-    return TrainOutcome(**result.metrics["outcome"])
+    outcome = json.loads(outcome_file.read_text())
+    outcome["losses"] = {int(k): v for k, v in outcome["losses"].items()}
+    return TrainOutcome(**outcome)
 
 
 def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path):

@@ -1,0 +1,239 @@
+"""Token shards: a versioned header, then n_windows x window_length little-endian tokens (numpy.memmap).
+
+Header (64 bytes): magic b"GPTWINDS", then <uint32 format_version, uint32 itemsize (2 = uint16, 4 = uint32),
+uint32 window_length, uint64 n_windows>, zero padding. A reader refuses a file whose magic, version or
+size does not match what the manifest promises, naming the file. Shards are written under a temporary
+name, fsynced and renamed; manifest.json is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"GPTWINDS"
+FORMAT_VERSION = 1
+HEADER_BYTES = 64
+_HEADER = struct.Struct("<8sIIIQ")
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
+SPLITS = ("train", "validation")
+
+
+class ShardError(RuntimeError):
+    """A shard that is missing, truncated, corrupted or of an unknown format."""
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    if vocab_size <= 65_535:
+        return np.dtype("<u2")
+    if vocab_size <= 4_294_967_295:
+        return np.dtype("<u4")
+    raise ValueError(f"vocabulary of {vocab_size} tokens does not fit in uint32 token ids")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encode_header(itemsize: int, window_length: int, n_windows: int) -> bytes:
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, itemsize, window_length, n_windows).ljust(HEADER_BYTES, b"\0")
+
+
+def read_header(path: Path) -> tuple[int, int, int]:
+    """(itemsize, window_length, n_windows) of a shard, or ShardError naming the file."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(f"shard {path} is truncated: its header is incomplete ({len(raw)} bytes)")
+    magic, version, itemsize, window_length, n_windows = _HEADER.unpack(raw[: _HEADER.size])
+    if magic != MAGIC:
+        raise ShardError(f"{path} is not a token shard (bad magic {magic!r}); it is corrupted or of another format")
+    if version != FORMAT_VERSION:
+        raise ShardError(
+            f"shard {path} has format version {version}; this reader understands version {FORMAT_VERSION}: "
+            f"re-run `pipeline prepare` with this version of the pipeline."
+        )
+    if itemsize not in (2, 4):
+        raise ShardError(f"shard {path} declares {itemsize}-byte tokens; only 2 and 4 are valid")
+    return itemsize, window_length, n_windows
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    n_windows: int
+    n_tokens: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    format_version: int
+    vocab_size: int
+    dtype: str
+    window_length: int
+    tokenizer_file: str
+    tokenizer_sha256: str
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    unk_id: int
+    splits: dict[str, list[ShardInfo]]
+    stats: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    root: Path | None = None
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / self.tokenizer_file
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("root")
+        return json.dumps(data, indent=2, sort_keys=True)
+
+
+def load_manifest(dataset_dir: Path) -> Manifest:
+    path = Path(dataset_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {dataset_dir}: it is not a complete data set; run `pipeline prepare`")
+    data = json.loads(path.read_text())
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ShardError(
+            f"{path} has format version {data.get('format_version')}; this reader understands {FORMAT_VERSION}"
+        )
+    data["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in data["splits"].items()}
+    return Manifest(**data, root=Path(dataset_dir).resolve())
+
+
+def write_atomic(path: Path, payload: bytes | str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload.encode() if isinstance(payload, str) else payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Accumulates windows of one split and writes them as shards of at most shard_windows windows."""
+
+    def __init__(self, out_dir: Path, split: str, window_length: int, dtype: np.dtype, shard_windows: int):
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.window_length = window_length
+        self.dtype = np.dtype(dtype)
+        self.shard_windows = max(1, shard_windows)
+        self.pending: list[np.ndarray] = []
+        self.pending_windows = 0
+        self.shards: list[ShardInfo] = []
+
+    def add(self, windows: np.ndarray) -> None:
+        if windows.size == 0:
+            return
+        if windows.ndim != 2 or windows.shape[1] != self.window_length:
+            raise ValueError(f"windows of shape {windows.shape}; expected (n, {self.window_length})")
+        self.pending.append(windows.astype(self.dtype, copy=False))
+        self.pending_windows += len(windows)
+        while self.pending_windows >= self.shard_windows:
+            self._flush(self.shard_windows)
+
+    def close(self) -> list[ShardInfo]:
+        if self.pending_windows:
+            self._flush(self.pending_windows)
+        return self.shards
+
+    def _flush(self, n: int) -> None:
+        block = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        chunk, rest = block[:n], block[n:]
+        self.pending = [rest] if len(rest) else []
+        self.pending_windows = len(rest)
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        payload = encode_header(self.dtype.itemsize, self.window_length, n) + np.ascontiguousarray(chunk).tobytes()
+        write_atomic(self.out_dir / name, payload)
+        self.shards.append(ShardInfo(name, n, n * self.window_length, hashlib.sha256(payload).hexdigest()))
+
+
+class WindowDataset:
+    """The windows of one split, memory-mapped; index i is global across the split's shards."""
+
+    def __init__(self, dataset_dir: Path, split: str):
+        manifest = load_manifest(dataset_dir)
+        if split not in manifest.splits:
+            raise KeyError(f"split {split!r} is not in {dataset_dir} (it has {', '.join(manifest.splits)})")
+        self.dataset_dir = Path(dataset_dir)
+        self.window_length = manifest.window_length
+        self.dtype = np.dtype(manifest.dtype)
+        self.shards = manifest.splits[split]
+        self.arrays = [self._open(info) for info in self.shards]
+        counts = np.array([info.n_windows for info in self.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+
+    def _open(self, info: ShardInfo) -> np.memmap:
+        path = self.dataset_dir / info.file
+        if not path.is_file():
+            raise ShardError(f"shard {path} is missing: the data set is incomplete; re-run `pipeline prepare`")
+        itemsize, window_length, n_windows = read_header(path)
+        expected = HEADER_BYTES + info.n_windows * self.window_length * self.dtype.itemsize
+        size = path.stat().st_size
+        if size != expected:
+            raise ShardError(
+                f"shard {path} is {'truncated' if size < expected else 'too long'}: {size} bytes, the manifest "
+                f"promises {expected}; delete the data set directory and re-run `pipeline prepare`"
+            )
+        if (itemsize, window_length, n_windows) != (self.dtype.itemsize, self.window_length, info.n_windows):
+            raise ShardError(f"shard {path}'s header disagrees with the manifest; the data set is corrupted")
+        return np.memmap(path, dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(n_windows, window_length))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def windows(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"window index out of range [0, {len(self)})")
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
+        out = np.empty((len(indices), self.window_length), dtype=np.int64)
+        for shard in np.unique(shard_of):
+            rows = shard_of == shard
+            out[rows] = self.arrays[shard][indices[rows] - self.starts[shard]]
+        return out
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest; ShardError names the first bad shard."""
+        for info in self.shards:
+            path = self.dataset_dir / info.file
+            if sha256_file(path) != info.sha256:
+                raise ShardError(f"shard {path} fails its checksum: it is corrupted; re-run `pipeline prepare`")
+
+
+def write_synthetic_dataset(root: Path, windows: np.ndarray, vocab_size: int, val_windows: int = 0) -> Path:
+    """A data set from given token windows (for tests and benchmarks), with a placeholder tokenizer file."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    dtype = dtype_for_vocab(vocab_size)
+    splits = {}
+    parts = {"train": windows[val_windows:], "validation": windows[:val_windows]}
+    for split, part in parts.items():
+        writer = ShardWriter(root, split, windows.shape[1], dtype, shard_windows=max(1, len(part)))
+        writer.add(np.asarray(part))
+        splits[split] = writer.close()
+    write_atomic(root / TOKENIZER_FILE, b"synthetic")
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, vocab_size=vocab_size, dtype=dtype.str, window_length=windows.shape[1],
+        tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(root / TOKENIZER_FILE),
+        bos_id=1, eos_id=2, pad_id=3, unk_id=0, splits=splits,
+    )
+    write_atomic(root / MANIFEST, manifest.to_json())
+    return root
