@@ -92,7 +92,7 @@ def main() -> None:
         from pipeline.model_size import training_flops_per_token
         from pipeline.throughput import measure_peak_tflops
 
-        peak = measure_peak_tflops(args.precision, torch.device("cpu"), size=2048, seconds=2.0)
+        peak = measure_peak_tflops(args.precision, torch.device("cpu"), size=2048, trials=10)
         bare = bare_loop(model_cfg, train, windows, args.precision)
         ours = pipeline_worker(model_cfg, train, data_dir, root / "run", args.precision)
     flops = training_flops_per_token(model_cfg)

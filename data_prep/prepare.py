@@ -41,11 +41,16 @@ _NOT_IN_FINGERPRINT = ("num_workers", "output_dir")
 
 
 def data_fingerprint(data: DataConfig) -> str:
+    return fingerprint({**_config_record(data), "format_version": FORMAT_VERSION})
+
+
+def _config_record(data: DataConfig) -> dict:
+    """The data config as recorded in the manifest: only what shapes the bytes, so that the manifest is
+    identical whatever the worker count or output location."""
     fields = dataclasses.asdict(data)
     for key in _NOT_IN_FINGERPRINT:
         fields.pop(key)
-    fields["format_version"] = FORMAT_VERSION
-    return fingerprint(fields)
+    return fields
 
 
 def dataset_dir(data: DataConfig) -> Path:
@@ -162,13 +167,12 @@ def prepare(data: DataConfig) -> Path:
             "dropped_tail_tokens": {s: packers[s].dropped_tokens for s in SPLITS},
             "undecodable_documents": decode_report.bad_bytes_documents,
             "skipped_documents": decode_report.skipped_documents,
-            "tokenize_seconds": round(elapsed, 3),
         }
         manifest = Manifest(
             format_version=FORMAT_VERSION, vocab_size=vocab_size, dtype=dtype.str, window_length=window,
             tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(tok_path),
             bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id(), unk_id=sp.unk_id(),
-            splits=shards, stats=stats, config=dataclasses.asdict(data) | {"num_workers": None},
+            splits=shards, stats=stats, config=_config_record(data),
         )
         write_atomic(tmp / MANIFEST, manifest.to_json())
         if out.exists():  # an incomplete leftover of an older attempt with the same config

@@ -218,7 +218,9 @@ class WindowDataset:
                 raise ShardError(f"shard {path} fails its checksum: it is corrupted; re-run `pipeline prepare`")
 
 
-def write_synthetic_dataset(root: Path, windows: np.ndarray, vocab_size: int, val_windows: int = 0) -> Path:
+def write_synthetic_dataset(
+    root: Path, windows: np.ndarray, vocab_size: int, val_windows: int = 0, shard_windows: int | None = None
+) -> Path:
     """A data set from given token windows (for tests and benchmarks), with a placeholder tokenizer file."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -226,7 +228,7 @@ def write_synthetic_dataset(root: Path, windows: np.ndarray, vocab_size: int, va
     splits = {}
     parts = {"train": windows[val_windows:], "validation": windows[:val_windows]}
     for split, part in parts.items():
-        writer = ShardWriter(root, split, windows.shape[1], dtype, shard_windows=max(1, len(part)))
+        writer = ShardWriter(root, split, windows.shape[1], dtype, shard_windows=shard_windows or max(1, len(part)))
         writer.add(np.asarray(part))
         splits[split] = writer.close()
     write_atomic(root / TOKENIZER_FILE, b"synthetic")

@@ -46,25 +46,37 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def load_config(cfg_node) -> PipelineConfig:  # noqa: F821 (imported lazily below)
-    """Hydra DictConfig -> validated PipelineConfig with absolute output paths."""
+def load_config(cfg_node, stage: str = "run"):
+    """Hydra DictConfig -> validated PipelineConfig with absolute output paths.
+
+    `params` only needs a valid model; every other stage validates the whole config.
+    """
     from omegaconf import OmegaConf
 
-    from pipeline.config import validate
+    from pipeline.config import validate, validate_model
 
     OmegaConf.set_readonly(cfg_node, False)
     cfg_node.output_dir = str(Path(cfg_node.output_dir).expanduser().resolve())
     cfg = OmegaConf.to_object(cfg_node)
-    validate(cfg)
+    if stage == "params":
+        validate_model(cfg.model)
+    else:
+        validate(cfg)
     return cfg
 
 
 def run_stage(stage: str, cfg) -> None:
     """Dispatch one config stage; `run` chains prepare, train and evaluate."""
     if stage == "params":
+        import dataclasses
+
         from pipeline.model_size import format_breakdown
 
-        print(format_breakdown(cfg.model))
+        model = cfg.model
+        if model.vocab_size is None:  # follows the tokenizer: count with the configured tokenizer size
+            model = dataclasses.replace(model, vocab_size=cfg.data.tokenizer.vocab_size)
+            print(f"(model.vocab_size follows the tokenizer: counting with data.tokenizer.vocab_size={model.vocab_size})")
+        print(format_breakdown(model))
         return
     from pipeline.stages import evaluate_stage, prepare_stage, run_pipeline, train_stage
 
@@ -88,7 +100,7 @@ def _hydra_main(stage: str, overrides: list[str]) -> None:
 
     def task(cfg_node: DictConfig) -> None:
         try:
-            cfg = load_config(cfg_node)
+            cfg = load_config(cfg_node, stage)
         except ConfigError as err:
             _fail(str(err))
         run_stage(stage, cfg)

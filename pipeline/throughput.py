@@ -10,20 +10,24 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def measure_peak_tflops(precision: str, device: torch.device, size: int = 1024, seconds: float = 0.5) -> float:
-    """Dense matmul throughput of this worker in TFLOP/s: the denominator of MFU when none is configured."""
+def measure_peak_tflops(precision: str, device: torch.device, size: int = 1024, trials: int = 5) -> float:
+    """Dense matmul throughput of this worker in TFLOP/s: the denominator of MFU when none is configured.
+
+    The best of several short trials, so that a moment of contention does not lower the peak.
+    """
     dtype = DTYPES[precision]
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up
-    _sync(device)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    return 2 * size**3 * n / elapsed / 1e12
+    best = 0.0
+    for _ in range(trials):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e12)
+    return best
 
 
 def _sync(device: torch.device) -> None:
