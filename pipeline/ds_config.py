@@ -48,11 +48,12 @@ def resolve_precision(parallel: ParallelConfig) -> str:
 def make_ds_config(
     train: TrainConfig, parallel: ParallelConfig, precision: str, grad_accum_steps: int
 ) -> dict[str, Any]:
-    dp = parallel.num_workers // parallel.tensor_parallel
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
-        "train_batch_size": train.micro_batch_size * grad_accum_steps * dp,
+        # DeepSpeed checks this against the whole world size, tensor-parallel ranks included, when the TP
+        # groups come from the config (no mpu); the samples per step are micro x accum x dp all the same.
+        "train_batch_size": train.micro_batch_size * grad_accum_steps * parallel.num_workers,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": parallel.zero_stage},
         # The optimizer is torch AdamW built by pipeline.optimizer (param groups, decoupled decay);

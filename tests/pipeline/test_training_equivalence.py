@@ -74,6 +74,14 @@ def assert_same(losses, expected, rel=1e-5):
     assert losses == pytest.approx(expected, rel=rel), (losses, expected)
 
 
+def assert_same_weights(ours, theirs):
+    """Equal up to float reordering. atol 1e-4: the key biases get (mathematically) zero gradients, so Adam
+    turns rounding noise into updates of ~lr * noise; a wrong update moves weights by ~lr = 1e-2."""
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-4), name
+
+
 def test_reference_run_learns(reference):
     _, losses = reference
     assert losses[-1] < losses[0] - 0.1
@@ -95,19 +103,14 @@ def test_zero_stages_equal_zero_0(reference, data_dir, tmp_path, zero):
     job = make_job(data_dir, tmp_path, workers=2, micro=2, zero=zero)
     assert_same(losses_of(job), expected)
     # The consolidated checkpoint holds the same weights as the reference run's.
-    ours, theirs = weights_of(job), weights_of(ref_job)
-    assert ours.keys() == theirs.keys()
-    for name in theirs:
-        assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-6), name
+    assert_same_weights(weights_of(job), weights_of(ref_job))
 
 
 def test_tensor_parallel_two_equals_one(reference, data_dir, tmp_path):
     ref_job, expected = reference
     job = make_job(data_dir, tmp_path, workers=2, tp=2, micro=4)
     assert_same(losses_of(job), expected)
-    merged, theirs = weights_of(job), weights_of(ref_job)
-    for name in theirs:
-        assert torch.allclose(merged[name], theirs[name], rtol=1e-4, atol=1e-6), name
+    assert_same_weights(weights_of(job), weights_of(ref_job))
 
 
 def test_job_is_plain_data():
