@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from data_prep.prepare import dataset_dir
     from pipeline.config import ConfigError
-    from pipeline.train import build_job, open_run
+    from pipeline.train import build_job, finish_run, open_run, run_dir_for
     from pipeline.train_loop import _init_distributed, train_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     job = dataclasses.replace(job, tracking_uri=ids[0], mlflow_run_id=ids[1])
     outcome = train_worker(job)
     if tracker:
-        tracker.set_tags({"checkpoint": outcome.checkpoint})
-        tracker.close()
-        log.info("training finished at step %d; checkpoint %s", outcome.final_step, outcome.checkpoint)
+        finish_run(tracker, outcome, run_dir_for(cfg), cfg.run_name)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,19 @@ def train(cfg: PipelineConfig, data_dir: Path) -> TrainOutcome:
     except BaseException:
         tracker.close("FAILED")
         raise
+    finish_run(tracker, outcome, run_dir, cfg.run_name)
+    return outcome
+
+
+def finish_run(tracker, outcome: TrainOutcome, run_dir: Path, run_name: str) -> None:
+    """Record the checkpoint and the loss curve, and mark the MLflow run finished."""
+    from pipeline.plots import plot_loss_curve
+
     tracker.set_tags({"checkpoint": outcome.checkpoint})
+    history = tracker.client.get_metric_history(tracker.run_id, "train_loss")
+    if history:
+        points = sorted((m.step, m.value) for m in history)
+        path = plot_loss_curve([s for s, _ in points], [v for _, v in points], run_dir / "loss_curve.png", run_name)
+        tracker.log_artifact(path, "plots")
     tracker.close()
     log.info("training finished at step %d; checkpoint %s", outcome.final_step, outcome.checkpoint)
-    return outcome

@@ -60,7 +60,35 @@ def test_pipeline_run_end_to_end(tmp_path):
     assert [m.step for m in history] == [10, 20, 30, 40]
     assert history[-1].value < history[0].value
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"tokenizer", "samples"} <= artifacts
+    assert {"tokenizer", "samples", "plots"} <= artifacts
     ckpts = out / "runs" / "tiny-shakespeare" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000040"
     assert (ckpts / "step_00000040" / "COMPLETE").is_file()
+
+
+@pytest.mark.distributed
+def test_torchrun_launch_trains_on_prepared_data(tmp_path):
+    """The same training function without Ray: torchrun starts the ranks, rank 0 logs to MLflow."""
+    import os
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    overrides = [*TINY, f"output_dir={out}", "train.max_steps=6", "run_name=torchrun"]
+    prep = subprocess.run([sys.executable, "-m", "pipeline.cli", "prepare", *overrides],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert prep.returncode == 0, prep.stderr[-4000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "--master_port=29611", "-m", "pipeline.launch", *overrides],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert (out / "runs" / "torchrun" / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "torchrun"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [6]
+    assert "plots" in {a.path for a in client.list_artifacts(run.info.run_id)}
