@@ -65,7 +65,7 @@ def pipeline_worker(model_cfg: ModelConfig, train: TrainConfig, data_dir: Path, 
     job = TrainJob(
         model=model_cfg, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
         precision=precision, grad_accum_steps=1, ds_config=make_ds_config(train, parallel, precision, 1),
-        flops_per_token=training_flops_per_token(model_cfg), config_fingerprint="bench", tokenizer_sha256="",
+        flops_per_token=training_flops_per_token(model_cfg), config_fingerprint="bench", math_config={}, tokenizer_sha256="",
     )
     return train_worker(job).tokens_per_s
 

@@ -97,7 +97,15 @@ def save_checkpoint(
     dist.barrier()
     if rank == 0:
         # layout (ZeRO stage, tensor-parallel degree, precision) tells readers how to consolidate the shards.
-        marker = {"step": step, "world_size": dist.get_world_size(), "saved_at": time.time(), **(layout or {})}
+        marker = {
+            "step": step,
+            "world_size": dist.get_world_size(),
+            "saved_at": time.time(),
+            **(layout or {}),
+            "client_state": {k: v for k, v in client_state.items() if k != "universal_checkpoint_info"},
+            # Sizes of every file, so that a truncated or missing shard is named at load time.
+            "files": {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()},
+        }
         _atomic_write(tag_dir / COMPLETE_MARKER, json.dumps(marker))
         _atomic_write(root / LATEST_FILE, tag)
         _prune(root, keep_last)
@@ -113,8 +121,29 @@ def _prune(root: Path, keep_last: int) -> None:
         log.info("deleted old checkpoint %s (keeping the last %d)", tag, keep_last)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, truncated or damaged."""
+
+
+def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
+    """The COMPLETE marker of tag_dir after checking that every file it lists is there at its size."""
+    marker = read_marker(tag_dir)
+    for name, size in marker.get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing: resume from an older checkpoint of {tag_dir.parent}")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(
+                f"checkpoint file {path} is {'truncated' if actual < size else 'changed'} ({actual} bytes, written "
+                f"as {size}): resume from an older checkpoint (train.resume=<older tag>) or delete {tag_dir}"
+            )
+    return marker
+
+
 def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
     """Collective: load model, optimizer and scheduler state; restore this rank's RNG. Returns client_state."""
+    verify_checkpoint(tag_dir)
     _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
@@ -136,7 +165,7 @@ def read_marker(tag_dir: Path) -> dict[str, Any]:
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights from a sharded checkpoint, in one process (no distributed setup)."""
-    marker = read_marker(tag_dir)
+    marker = verify_checkpoint(tag_dir)
     tp = marker.get("tensor_parallel", 1)
     if tp > 1:
         return _merge_tensor_parallel(tag_dir, tp)
@@ -179,3 +208,29 @@ def _merge_tensor_parallel(tag_dir: Path, tp: int) -> dict[str, torch.Tensor]:
         else:
             merged[name] = first.float()
     return merged
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: saved -> current' for every leaf that differs between two nested config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """The checkpoint tag directory that train.resume names (auto: the latest complete one, if any)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_complete(root)
+    tag_dir = Path(resume)
+    if (tag_dir / LATEST_FILE).is_file():  # a checkpoints directory rather than a tag
+        tag_dir = latest_complete(tag_dir)
+    read_marker(tag_dir)
+    return tag_dir

@@ -148,6 +148,10 @@ class TrainConfig:
     keep_last_checkpoints: int = 2
     # auto (latest complete checkpoint of this run, if any) | none | <path of a checkpoint tag>
     resume: str = "auto"
+    # Resume even when the checkpoint was trained with a different config (keys that change the math).
+    allow_config_change: bool = False
+    # Worker-group failures Ray Train recovers from (restarting from the latest complete checkpoint).
+    max_failures: int = 0
     # Peak device throughput in TFLOP/s for MFU; null measures a matmul at start-up.
     peak_tflops: float | None = None
     compile: bool = False

@@ -52,13 +52,22 @@ class RankBatches:
         self.grad_accum = grad_accum
         self.dp_size = dp_size
         self.dp_rank = dp_rank
+        # Where the order stands at `base_step`: a resume (possibly with another global batch) sets both.
+        self.base_step = 0
+        self.base_samples = 0
+
+    def resume_at(self, step: int, samples_consumed: int) -> None:
+        self.base_step, self.base_samples = step, samples_consumed
+
+    def samples_consumed(self, step: int) -> int:
+        return self.base_samples + (step - self.base_step) * self.global_batch
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.dp_size
 
     def first_sample(self, step: int, micro_step: int) -> int:
-        return step * self.global_batch + (micro_step * self.dp_size + self.dp_rank) * self.micro_batch
+        return self.samples_consumed(step) + (micro_step * self.dp_size + self.dp_rank) * self.micro_batch
 
     def micro_batch_at(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         windows = self.dataset.windows(self.order.indices(self.first_sample(step, micro_step), self.micro_batch))

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from data_prep.prepare import dataset_dir
     from pipeline.config import ConfigError
-    from pipeline.train import build_job, finish_run, open_run, run_dir_for
-    from pipeline.train_loop import _init_distributed, train_worker
+    from pipeline.train import build_job, check_resume, finish_run, open_run, run_dir_for
+    from pipeline.train_loop import PREEMPT_FILE, PREEMPTED_EXIT_CODE, _init_distributed, train_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = compose(list(sys.argv[1:] if argv is None else argv))
@@ -51,12 +51,19 @@ def main(argv: list[str] | None = None) -> None:
     if not (data_dir / "manifest.json").is_file():
         raise ConfigError(f"no prepared data at {data_dir}: run `pipeline prepare` with the same data overrides first.")
     _init_distributed(cfg.parallel)
-    job = build_job(cfg, data_dir, None, None)
-    tracker = open_run(cfg, job, data_dir) if dist.get_rank() == 0 else None
+    job = check_resume(cfg, build_job(cfg, data_dir, None, None))
+    tracker = None
+    if dist.get_rank() == 0:
+        (run_dir_for(cfg) / PREEMPT_FILE).unlink(missing_ok=True)
+        tracker = open_run(cfg, job, data_dir)
     ids = [tracker.uri, tracker.run_id] if tracker else [None, None]
     dist.broadcast_object_list(ids, src=0)
     job = dataclasses.replace(job, tracking_uri=ids[0], mlflow_run_id=ids[1])
     outcome = train_worker(job)
+    if outcome.preempted:
+        if tracker:
+            tracker.close("KILLED")
+        sys.exit(PREEMPTED_EXIT_CODE)
     if tracker:
         finish_run(tracker, outcome, run_dir_for(cfg), cfg.run_name)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import signal
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,12 +39,36 @@ def model_for_data(model: ModelConfig, vocab_size: int) -> ModelConfig:
     return model
 
 
-def math_fingerprint(cfg: PipelineConfig, data_dir: Path) -> str:
-    """What changes the numbers a run computes (not logging, not where it saves)."""
-    train = asdict(cfg.train)
-    for key in ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints", "resume", "eval_interval_steps", "peak_tflops"):
-        train.pop(key)
-    return fingerprint({"model": asdict(cfg.model), "train": train, "data": str(data_dir)})
+# Train settings that do not change the numbers a run computes.
+_NOT_MATH = ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints", "resume", "eval_interval_steps",
+             "eval_batches", "peak_tflops", "allow_config_change", "max_failures", "max_steps", "compile")
+
+
+def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path) -> dict:
+    """What changes the numbers a run computes (not logging, not where it saves, not how long it runs)."""
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in _NOT_MATH}
+    return {"model": asdict(model), "train": train, "data": data_dir.name}
+
+
+def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
+    """Resolve train.resume on the driver and refuse a checkpoint trained with different math."""
+    from pipeline.checkpointing import checkpoint_root, config_differences, read_marker, resolve_resume
+
+    tag_dir = resolve_resume(cfg.train.resume, checkpoint_root(run_dir_for(cfg)))
+    if tag_dir is None:
+        return job
+    saved = read_marker(tag_dir).get("client_state", {}).get("math_config")
+    differences = config_differences(saved, job.math_config) if saved is not None else []
+    if differences and not cfg.train.allow_config_change:
+        raise ConfigError(
+            f"the checkpoint {tag_dir} was trained with a different config:\n  " + "\n  ".join(differences)
+            + "\nresume with the same values, start a new run (run_name=... or train.resume=none), or pass "
+            "train.allow_config_change=true to resume anyway."
+        )
+    if differences:
+        log.warning("resuming %s despite config changes: %s", tag_dir, "; ".join(differences))
+    explicit = cfg.train.resume not in ("auto", "none")
+    return dataclasses.replace(job, resume_from=str(tag_dir) if explicit else None)
 
 
 def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run_id: str | None) -> TrainJob:
@@ -70,7 +96,8 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
         grad_accum_steps=accum,
         ds_config=make_ds_config(cfg.train, cfg.parallel, precision, accum),
         flops_per_token=training_flops_per_token(model),
-        config_fingerprint=math_fingerprint(cfg, data_dir),
+        config_fingerprint=fingerprint(math_config(cfg, model, data_dir)),
+        math_config=math_config(cfg, model, data_dir),
         tokenizer_sha256=manifest.tokenizer_sha256,
         tracking_uri=tracking_uri,
         mlflow_run_id=run_id,
@@ -126,6 +153,28 @@ def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0) -> TrainOutc
     return TrainOutcome(**outcome)
 
 
+@contextlib.contextmanager
+def forward_preemption(run_dir: Path):
+    """While Ray workers train, SIGTERM/SIGUSR1 to this driver (Slurm, Kubernetes) become a PREEMPT file in
+    the run directory, which every worker checks at each step boundary."""
+    from pipeline.train_loop import PREEMPT_FILE
+
+    flag = run_dir / PREEMPT_FILE
+    flag.unlink(missing_ok=True)  # a leftover from an earlier preemption must not stop this run
+
+    def handler(signum, frame):
+        log.warning("received signal %d: asking the workers to checkpoint and stop", signum)
+        flag.touch()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        flag.unlink(missing_ok=True)
+
+
 def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path):
     """Open (or re-open) the MLflow run of this training job and record what defines it."""
     from pipeline.tracking import Tracker
@@ -146,7 +195,7 @@ def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path):
 
 def train(cfg: PipelineConfig, data_dir: Path) -> TrainOutcome:
     run_dir = run_dir_for(cfg)
-    job = build_job(cfg, data_dir, None, None)
+    job = check_resume(cfg, build_job(cfg, data_dir, None, None))
     tracker = open_run(cfg, job, data_dir)
     job = dataclasses.replace(job, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
     log.info(
@@ -155,12 +204,28 @@ def train(cfg: PipelineConfig, data_dir: Path) -> TrainOutcome:
         job.precision, job.grad_accum_steps, run_dir,
     )
     try:
-        outcome = launch_ray(job, run_dir)
+        with forward_preemption(run_dir):
+            outcome = launch_ray(job, run_dir, max_failures=cfg.train.max_failures)
     except BaseException:
         tracker.close("FAILED")
         raise
+    if outcome.preempted:
+        tracker.set_tags({"checkpoint": outcome.checkpoint})
+        tracker.close("KILLED")
+        raise Preempted(outcome)
     finish_run(tracker, outcome, run_dir, cfg.run_name)
     return outcome
+
+
+class Preempted(SystemExit):
+    """Training saved a checkpoint and stopped on request; exits with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, outcome: TrainOutcome):
+        from pipeline.train_loop import PREEMPTED_EXIT_CODE
+
+        log.warning("training was preempted at step %d; checkpoint %s; resume with the same command",
+                    outcome.final_step, outcome.checkpoint)
+        super().__init__(PREEMPTED_EXIT_CODE)
 
 
 def finish_run(tracker, outcome: TrainOutcome, run_dir: Path, run_name: str) -> None:

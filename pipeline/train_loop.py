@@ -6,8 +6,10 @@ The same function runs under Ray Train (pipeline.train) and under a plain `torch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,11 @@ import torch.distributed as dist
 from pipeline.config import ModelConfig, ParallelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
+
+PREEMPT_FILE = "PREEMPT"
+# Exit code of a worker process that saved a checkpoint and stopped because it was asked to (EX_TEMPFAIL):
+# a scheduler can requeue the job and train.resume=auto continues it.
+PREEMPTED_EXIT_CODE = 75
 
 
 @dataclass
@@ -35,7 +42,11 @@ class TrainJob:
     ds_config: dict
     flops_per_token: float
     config_fingerprint: str
+    # The config keys that change the numbers (model, optimisation, data): compared on resume.
+    math_config: dict
     tokenizer_sha256: str
+    # A checkpoint tag to load (resolved on the driver from train.resume), and whether it is universal.
+    resume_from: str | None = None
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     # Per-step losses (rank 0) are returned to the driver when true; used by equivalence tests.
@@ -47,6 +58,7 @@ class TrainJob:
 class TrainOutcome:
     final_step: int
     losses: dict[int, float]
+    preempted: bool
     checkpoint: str
     tokens_per_s: float
     resumed_from: str | None
@@ -85,21 +97,33 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return torch.stack(norms).norm().item() if norms else 0.0
 
 
-def _resume_tag(train: TrainConfig, ckpt_root: Path) -> Path | None:
-    from pipeline.checkpointing import latest_complete
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1 (what Slurm and Kubernetes send before killing) or by a PREEMPT file in the run
+    directory (how the driver passes a signal on to Ray workers); acted on at the next step boundary."""
 
-    if train.resume == "none":
-        return None
-    if train.resume == "auto":
-        return latest_complete(ckpt_root)
-    return Path(train.resume)
+    def __init__(self, run_dir: Path):
+        self.file = run_dir / PREEMPT_FILE
+        self.signalled = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            # Not possible outside the main thread (Ray Train runs the loop in a thread): the file serves there.
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signalled = True
+
+    def any_rank(self, device: torch.device) -> bool:
+        local = self.signalled or self.file.exists()
+        flag = torch.tensor([1.0 if local else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def train_worker(job: TrainJob) -> TrainOutcome:
     import deepspeed
 
     from data_prep.shards import WindowDataset
-    from pipeline.checkpointing import checkpoint_root, load_checkpoint, save_checkpoint
+    from pipeline.checkpointing import checkpoint_root, latest_complete, load_checkpoint, save_checkpoint
     from pipeline.data_loader import RankBatches
     from pipeline.model import GPT
     from pipeline.optimizer import build_optimizer, build_scheduler
@@ -138,13 +162,22 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     )
     ckpt_root = checkpoint_root(Path(job.run_dir))
     start_step, resumed_from = 0, None
-    tag_dir = _resume_tag(train, ckpt_root)
+    # train.resume=auto looks at the run directory now, so that a worker group Ray restarts after a failure
+    # continues from the newest checkpoint; an explicit path comes resolved from the driver.
+    if job.resume_from is not None:
+        tag_dir = Path(job.resume_from)
+    elif train.resume == "auto":
+        tag_dir = latest_complete(ckpt_root)
+    else:
+        tag_dir = None
     if tag_dir is not None:
         state = load_checkpoint(engine, tag_dir)
         start_step = int(state["step"])
+        batches.resume_at(start_step, int(state["samples_consumed"]))
         resumed_from = str(tag_dir)
         if rank == 0:
             log.info("resumed from %s at step %d (%d samples consumed)", tag_dir, start_step, state["samples_consumed"])
+    preemption = PreemptionFlag(Path(job.run_dir))
 
     tracker = None
     if rank == 0 and job.mlflow_run_id:
@@ -158,12 +191,13 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     def client_state(step: int) -> dict:
         return {
             "step": step,
-            "samples_consumed": step * batches.global_batch,
+            "samples_consumed": batches.samples_consumed(step),
             "data_seed": train.seed,
             "config_fingerprint": job.config_fingerprint,
             "tokenizer_sha256": job.tokenizer_sha256,
             "world_size": world,
             "tensor_parallel": tp,
+            "math_config": job.math_config,
         }
 
     layout = {"zero_stage": job.parallel.zero_stage, "tensor_parallel": tp, "precision": job.precision}
@@ -212,14 +246,21 @@ def train_worker(job: TrainJob) -> TrainOutcome:
                 if tracker:
                     tracker.log(metrics, step=done)
             window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        if done < train.max_steps and preemption.any_rank(device):
+            tag = save_checkpoint(engine, ckpt_root, done, client_state(done), train.keep_last_checkpoints, layout)
+            if rank == 0:
+                log.warning("preempted: saved %s at step %d; exiting with code %d", tag, done, PREEMPTED_EXIT_CODE)
+                if tracker:
+                    tracker.set_tags({"preempted_at_step": str(done)})
+            return TrainOutcome(done, losses if job.record_losses else {}, True, str(tag), tokens_per_s, resumed_from)
         if train.save_interval_steps and done % train.save_interval_steps == 0 and done < train.max_steps:
             save_checkpoint(engine, ckpt_root, done, client_state(done), train.keep_last_checkpoints, layout)
 
     final_step = max(start_step, train.max_steps)
     if start_step >= train.max_steps:
-        last_tag = tag_dir  # the checkpoint already holds the finished run: nothing to train
+        last_tag = Path(resumed_from)  # the checkpoint already holds the finished run: nothing to train
         if rank == 0:
-            log.info("the run already reached step %d at %s; nothing to train", start_step, tag_dir)
+            log.info("the run already reached step %d at %s; nothing to train", start_step, resumed_from)
     else:
         last_tag = save_checkpoint(
             engine, ckpt_root, final_step, client_state(final_step), train.keep_last_checkpoints, layout
@@ -229,6 +270,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     return TrainOutcome(
         final_step=final_step,
         losses=losses if job.record_losses else {},
+        preempted=False,
         checkpoint=str(last_tag),
         tokens_per_s=tokens_per_s,
         resumed_from=resumed_from,

@@ -40,7 +40,7 @@ def make_job(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4, accum=1):
     return TrainJob(
         model=MODEL, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
         precision="fp32", grad_accum_steps=accum, ds_config=make_ds_config(train, parallel, "fp32", accum),
-        flops_per_token=1.0, config_fingerprint="test", tokenizer_sha256="", record_losses=True,
+        flops_per_token=1.0, config_fingerprint="test", math_config={}, tokenizer_sha256="", record_losses=True,
     )
 
 
