@@ -146,7 +146,9 @@ def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
     verify_checkpoint(tag_dir)
     _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+    if "step" not in client_state:  # e.g. a universal checkpoint: the marker keeps our state too
+        client_state = read_marker(tag_dir)["client_state"]
     rng_file = tag_dir / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -234,3 +236,47 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         tag_dir = latest_complete(tag_dir)
     read_marker(tag_dir)
     return tag_dir
+
+
+UNIVERSAL_DIR = "universal"
+
+
+def needs_universal(marker: dict[str, Any], world_size: int, tensor_parallel: int, zero_stage: int) -> bool:
+    """Whether loading this checkpoint at the given layout needs DeepSpeed's universal conversion: ZeRO
+    shards the optimizer state by data-parallel rank, so another data-parallel size (or stage) cannot load
+    the shards directly. Without ZeRO the state is replicated and loads at any data-parallel size."""
+    saved_dp = marker["world_size"] // marker.get("tensor_parallel", 1)
+    dp = world_size // tensor_parallel
+    saved_stage = marker.get("zero_stage", 0)
+    if marker.get("tensor_parallel", 1) != tensor_parallel:
+        return True
+    if saved_stage == 0 and zero_stage == 0:
+        return False
+    return saved_dp != dp or saved_stage != zero_stage
+
+
+def to_universal(tag_dir: Path) -> Path:
+    """Convert a ZeRO checkpoint with `python -m deepspeed.checkpoint.ds_to_universal` (once; reused)."""
+    import subprocess
+    import sys
+
+    out_root = tag_dir.parent / UNIVERSAL_DIR
+    out = out_root / tag_dir.name
+    if is_complete(out):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out_root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    log.info("converting %s to a universal checkpoint for a new parallel layout", tag_dir)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CheckpointError(f"DeepSpeed's universal conversion of {tag_dir} failed:\n{proc.stderr[-3000:]}")
+    for rng in tag_dir.glob("rng_rank*.pt"):
+        shutil.copy2(rng, out / rng.name)
+    marker = read_marker(tag_dir)
+    marker["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    marker["universal_from"] = str(tag_dir)
+    _atomic_write(out / COMPLETE_MARKER, json.dumps(marker))
+    _atomic_write(out_root / LATEST_FILE, out.name)
+    return out

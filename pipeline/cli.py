@@ -24,6 +24,8 @@ Stages (Hydra overrides, e.g. model.n_layer=6 parallel.zero_stage=2 train.max_st
 
 Tools:
   data inspect <dataset dir> [--verify]   counts, token statistics, decoded windows, checksums
+  checkpoint inspect <dir>                what a checkpoint holds (step, layout, files), sizes verified
+  checkpoint consolidate <dir> [--out F]  full fp32 weights as one safetensors file
 
 Add --cfg job to a stage to print the composed config instead of running it.
 """
@@ -122,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         if not rest or rest[0] != "inspect":
             _fail("usage: pipeline data inspect <dataset dir> [--verify]")
         sys.exit(inspect_main(rest[1:]))
+    if command == "checkpoint":
+        from pipeline.checkpoint_cli import main as checkpoint_main
+
+        sys.exit(checkpoint_main(rest))
     if command not in CONFIG_STAGES:
         _fail(f"unknown command {command!r}.\n\n{USAGE}")
     _hydra_main(command, rest)

@@ -52,7 +52,14 @@ def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path) -> dict
 
 def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
     """Resolve train.resume on the driver and refuse a checkpoint trained with different math."""
-    from pipeline.checkpointing import checkpoint_root, config_differences, read_marker, resolve_resume
+    from pipeline.checkpointing import (
+        checkpoint_root,
+        config_differences,
+        needs_universal,
+        read_marker,
+        resolve_resume,
+        to_universal,
+    )
 
     tag_dir = resolve_resume(cfg.train.resume, checkpoint_root(run_dir_for(cfg)))
     if tag_dir is None:
@@ -67,6 +74,16 @@ def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
         )
     if differences:
         log.warning("resuming %s despite config changes: %s", tag_dir, "; ".join(differences))
+    marker = read_marker(tag_dir)
+    parallel = cfg.parallel
+    if needs_universal(marker, parallel.num_workers, parallel.tensor_parallel, parallel.zero_stage):
+        # Elastic resume: another data-parallel size or ZeRO stage than the checkpoint was saved with.
+        universal = to_universal(tag_dir)
+        ds_config = {**job.ds_config, "checkpoint": {"load_universal": True}}
+        log.info("resuming %s (saved at world size %d, ZeRO-%d) at world size %d, ZeRO-%d through %s",
+                 tag_dir, marker["world_size"], marker.get("zero_stage", 0), parallel.num_workers,
+                 parallel.zero_stage, universal)
+        return dataclasses.replace(job, resume_from=str(universal), ds_config=ds_config)
     explicit = cfg.train.resume not in ("auto", "none")
     return dataclasses.replace(job, resume_from=str(tag_dir) if explicit else None)
 

@@ -142,3 +142,39 @@ def test_resume_with_changed_math_is_refused_unless_allowed(tmp_path):
         check_resume(cfg, job)
     allowed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allow_config_change=True))
     assert check_resume(allowed, job).resume_from is None  # auto: the worker picks the latest itself
+
+
+def elastic_job(job, run_dir, workers, micro):
+    """The driver's elastic path (pipeline.train.check_resume) for a test-made job."""
+    from pipeline.checkpointing import needs_universal, read_marker, to_universal
+
+    tag = latest_complete(checkpoint_root(Path(run_dir)))
+    train = dataclasses.replace(job.train, micro_batch_size=micro)
+    parallel = dataclasses.replace(job.parallel, num_workers=workers)
+    resized = dataclasses.replace(job, train=train, parallel=parallel, run_dir=str(run_dir),
+                                  ds_config=make_ds_config(train, parallel, "fp32", 1))
+    assert needs_universal(read_marker(tag), workers, 1, job.parallel.zero_stage)
+    return dataclasses.replace(resized, resume_from=str(to_universal(tag)),
+                               ds_config={**resized.ds_config, "checkpoint": {"load_universal": True}})
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("saved_workers,resumed_workers", [(2, 1), (1, 2)])
+def test_elastic_resume_at_another_data_parallel_size(data_dir, tmp_path, saved_workers, resumed_workers):
+    """Saved at one data-parallel size, resumed at another through DeepSpeed's universal checkpoint; the
+    global batch (and so the data position) stays the same, and the losses continue."""
+    job = dataclasses.replace(make_job(data_dir, tmp_path / "full", steps=6, save_every=3, workers=saved_workers))
+    job = dataclasses.replace(job, model=dataclasses.replace(MODEL, dropout=0.0))
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, micro_batch_size=4 // saved_workers),
+                              ds_config=make_ds_config(dataclasses.replace(job.train, micro_batch_size=4 // saved_workers),
+                                                       job.parallel, "fp32", 1))
+    full_losses = run_distributed(train_and_report, saved_workers, job)[0].losses
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(checkpoint_root(tmp_path / "full") / "step_00000003", resumed_dir / "step_00000003")
+    (resumed_dir / "latest").write_text("step_00000003")
+    resumed = elastic_job(job, tmp_path / "resumed", resumed_workers, 4 // resumed_workers)
+    outcome = run_distributed(train_and_report, resumed_workers, resumed)[0]
+    assert sorted(outcome.losses) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert outcome.losses[step] == pytest.approx(full_losses[step], abs=1e-4)

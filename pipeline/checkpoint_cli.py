@@ -1,0 +1,78 @@
+"""`pipeline checkpoint inspect|consolidate <dir>`: what a checkpoint holds; one fp32 safetensors file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _tag_dir(path: str) -> Path:
+    from pipeline.checkpointing import LATEST_FILE, latest_complete
+
+    p = Path(path)
+    if (p / LATEST_FILE).is_file() or (p / "checkpoints").is_dir():
+        root = p if (p / LATEST_FILE).is_file() else p / "checkpoints"
+        tag = latest_complete(root)
+        if tag is None:
+            raise SystemExit(f"error: no complete checkpoint under {root}")
+        return tag
+    return p
+
+
+def inspect(tag_dir: Path) -> str:
+    from pipeline.checkpointing import verify_checkpoint
+
+    marker = verify_checkpoint(tag_dir)
+    state = marker.get("client_state", {})
+    lines = [
+        f"checkpoint {tag_dir}",
+        f"  step {marker['step']}, samples consumed {state.get('samples_consumed')}, world size {marker.get('world_size')}",
+        f"  ZeRO stage {marker.get('zero_stage')}, tensor parallel {marker.get('tensor_parallel')}, "
+        f"precision {marker.get('precision')}",
+        f"  config fingerprint {state.get('config_fingerprint')}, tokenizer sha256 {state.get('tokenizer_sha256')}",
+        "  files:",
+    ]
+    files = marker.get("files", {})
+    lines += [f"    {name:<48} {size / 2**20:10.2f} MiB" for name, size in files.items()]
+    lines.append(f"  total {sum(files.values()) / 2**20:.2f} MiB (sizes verified)")
+    if state.get("math_config"):
+        lines.append("  config: " + json.dumps(state["math_config"], sort_keys=True))
+    return "\n".join(lines)
+
+
+def consolidate(tag_dir: Path, out: Path) -> Path:
+    """All shards merged into full fp32 weights (DeepSpeed's zero_to_fp32 for ZeRO; AutoTP shards concatenated)."""
+    from safetensors.torch import save_file
+
+    from pipeline.checkpointing import consolidated_state_dict
+
+    state = consolidated_state_dict(tag_dir)
+    # safetensors stores no aliases: tied weights are written as separate (equal) tensors.
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(out), metadata={"source": str(tag_dir)})
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pipeline checkpoint", description=__doc__)
+    sub = parser.add_subparsers(dest="action", required=True)
+    p_inspect = sub.add_parser("inspect", help="list what a checkpoint holds and verify its files")
+    p_inspect.add_argument("path", help="a checkpoint tag directory, a checkpoints directory or a run directory")
+    p_cons = sub.add_parser("consolidate", help="write full fp32 weights as one safetensors file")
+    p_cons.add_argument("path")
+    p_cons.add_argument("--out", type=Path, default=None, help="output file (default: <tag>/model_fp32.safetensors)")
+    args = parser.parse_args(argv)
+    from pipeline.checkpointing import CheckpointError
+
+    try:
+        tag_dir = _tag_dir(args.path)
+        if args.action == "inspect":
+            print(inspect(tag_dir))
+        else:
+            out = consolidate(tag_dir, args.out or tag_dir / "model_fp32.safetensors")
+            print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
