@@ -21,16 +21,19 @@ Stages (Hydra overrides, e.g. model.n_layer=6 parallel.zero_stage=2 train.max_st
   evaluate     validation loss, perplexity and samples from the last checkpoint
   run          prepare -> train -> evaluate, then print where the MLflow results are
   params       parameter counts and training FLOPs of a model config (e.g. model=gpt3_175b)
+  sweep        a scaling-law sweep (sweep=isoflop_tiny): train every point, fit, plot, log to MLflow
 
 Tools:
   data inspect <dataset dir> [--verify]   counts, token statistics, decoded windows, checksums
   checkpoint inspect <dir>                what a checkpoint holds (step, layout, files), sizes verified
   checkpoint consolidate <dir> [--out F]  full fp32 weights as one safetensors file
+  scaling fit sweep=<id> | csv=<file>     Chinchilla approaches 2 and 3 and Kaplan fits, with plots
+  scaling predict C=<FLOPs>               compute-optimal N, D and loss with intervals from the last fit
 
 Add --cfg job to a stage to print the composed config instead of running it.
 """
 
-CONFIG_STAGES = ("prepare", "train", "evaluate", "run", "params")
+CONFIG_STAGES = ("prepare", "train", "evaluate", "run", "params", "sweep")
 
 log = logging.getLogger("pipeline")
 
@@ -80,9 +83,11 @@ def run_stage(stage: str, cfg) -> None:
             print(f"(model.vocab_size follows the tokenizer: counting with data.tokenizer.vocab_size={model.vocab_size})")
         print(format_breakdown(model))
         return
+    from pipeline.scaling.sweep import run_sweep
     from pipeline.stages import evaluate_stage, prepare_stage, run_pipeline, train_stage
 
     stages: dict[str, Callable] = {
+        "sweep": run_sweep,
         "prepare": prepare_stage,
         "train": train_stage,
         "evaluate": evaluate_stage,
@@ -124,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         if not rest or rest[0] != "inspect":
             _fail("usage: pipeline data inspect <dataset dir> [--verify]")
         sys.exit(inspect_main(rest[1:]))
+    if command == "scaling":
+        from pipeline.scaling.cli import main as scaling_main
+
+        sys.exit(scaling_main(rest))
     if command == "checkpoint":
         from pipeline.checkpoint_cli import main as checkpoint_main
 

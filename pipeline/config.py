@@ -198,6 +198,27 @@ class ClusterConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A scaling-law sweep: each point is one training run (see pipeline.scaling.sweep)."""
+
+    name: str = "none"
+    # isoflop: for each compute budget, every model size with D = C / (6 N) | grid: every size x token count
+    kind: str = "isoflop"
+    # Compute budgets in FLOPs (isoflop).
+    budgets_flops: list[float] = field(default_factory=list)
+    # Training tokens per run (grid).
+    tokens: list[float] = field(default_factory=list)
+    # Model sizes by width; depth and heads follow the shape rule below.
+    d_models: list[int] = field(default_factory=list)
+    # Shape rule: n_layer = max(1, round(d_model / aspect_ratio)), n_head = d_model / head_dim, d_ff = 4 d_model.
+    aspect_ratio: int = 32
+    head_dim: int = 16
+    # Budgets (FLOPs) at which the fit predicts compute-optimal N, D and loss.
+    predict_flops: list[float] = field(default_factory=lambda: [1e21, 5.76e23])
+    n_bootstrap: int = 200
+
+
+@dataclass
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -206,6 +227,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # Everything the pipeline writes goes below this directory.
     output_dir: str = "outputs"
     # Name of the training run; its checkpoints live in <output_dir>/runs/<run_name>.
@@ -383,6 +405,21 @@ def validate_eval(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.top_p={ev.top_p} must be in (0, 1].")
     if ev.max_tokens is not None:
         _positive("eval.max_tokens", ev.max_tokens)
+
+
+def validate_sweep(sweep: SweepConfig) -> None:
+    _choice("sweep.kind", sweep.kind, ("isoflop", "grid"))
+    if sweep.name == "none":
+        raise ConfigError("no sweep chosen: pass sweep=<name> (e.g. sweep=isoflop_tiny; see conf/sweep/).")
+    if not sweep.d_models:
+        raise ConfigError("sweep.d_models is empty: list the model widths to train.")
+    for d in sweep.d_models:
+        if d % sweep.head_dim:
+            raise ConfigError(f"sweep.d_models holds {d}, not a multiple of sweep.head_dim={sweep.head_dim}.")
+    if sweep.kind == "isoflop" and not sweep.budgets_flops:
+        raise ConfigError("sweep.kind=isoflop needs sweep.budgets_flops (compute budgets in FLOPs).")
+    if sweep.kind == "grid" and not sweep.tokens:
+        raise ConfigError("sweep.kind=grid needs sweep.tokens (training tokens per run).")
 
 
 def validate(cfg: PipelineConfig) -> None:

@@ -49,7 +49,8 @@ class Tracker:
 
     @classmethod
     def open(
-        cls, tracking: TrackingConfig, output_dir: str | Path, run_dir: Path, run_name: str
+        cls, tracking: TrackingConfig, output_dir: str | Path, run_dir: Path, run_name: str,
+        tags: dict[str, str] | None = None,
     ) -> Tracker:
         """Re-open the run recorded in run_dir, or create one in the configured experiment."""
         from mlflow.tracking import MlflowClient
@@ -74,7 +75,7 @@ class Tracker:
             )
         else:
             experiment_id = experiment.experiment_id
-        run = client.create_run(experiment_id, run_name=run_name)
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run.info.run_id)
         return cls(uri, run.info.run_id)

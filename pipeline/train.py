@@ -192,11 +192,11 @@ def forward_preemption(run_dir: Path):
         flag.unlink(missing_ok=True)
 
 
-def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path):
+def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path, tags: dict[str, str] | None = None):
     """Open (or re-open) the MLflow run of this training job and record what defines it."""
     from pipeline.tracking import Tracker
 
-    tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(cfg), cfg.run_name)
+    tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(cfg), cfg.run_name, tags=tags)
     tracker.log_params(flatten(cfg))
     tracker.log_params({
         "resolved.vocab_size": job.model.vocab_size,
@@ -210,10 +210,10 @@ def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path):
     return tracker
 
 
-def train(cfg: PipelineConfig, data_dir: Path) -> TrainOutcome:
+def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = None) -> TrainOutcome:
     run_dir = run_dir_for(cfg)
     job = check_resume(cfg, build_job(cfg, data_dir, None, None))
-    tracker = open_run(cfg, job, data_dir)
+    tracker = open_run(cfg, job, data_dir, tags)
     job = dataclasses.replace(job, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
     log.info(
         "training %s: %d workers (tp=%d), ZeRO-%d, %s, %d grad-accumulation steps, run dir %s",

@@ -37,7 +37,7 @@ def fitted():
 def test_approach_3_recovers_the_parameters(fitted):
     assert fitted.alpha == pytest.approx(TRUE["alpha"], rel=0.02)
     assert fitted.beta == pytest.approx(TRUE["beta"], rel=0.02)
-    assert fitted.E == pytest.approx(TRUE["E"], rel=0.01)
+    assert pytest.approx(TRUE["E"], rel=0.01) == fitted.E
 
 
 def test_true_values_fall_inside_the_bootstrap_intervals(fitted):
@@ -59,7 +59,7 @@ def test_fit_is_stable_across_initial_grids():
         fit = fit_chinchilla(points, grid=grid, n_bootstrap=0)
         results.append((fit.E, fit.alpha, fit.beta))
     for E, alpha, beta in results[1:]:
-        assert E == pytest.approx(results[0][0], rel=1e-3)
+        assert pytest.approx(results[0][0], rel=1e-3) == E
         assert alpha == pytest.approx(results[0][1], rel=1e-3)
         assert beta == pytest.approx(results[0][2], rel=1e-3)
 

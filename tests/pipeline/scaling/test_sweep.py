@@ -1,0 +1,68 @@
+"""Sweep planning, the shape rule, and the `pipeline scaling` commands on a CSV of runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError, ModelConfig, PipelineConfig, SweepConfig, TrainConfig, validate_sweep
+from pipeline.model_size import count_parameters
+from pipeline.scaling.fit import ScalingPoint, write_points_csv
+from pipeline.scaling.sweep import plan_points, shape_for_width
+
+
+def test_shape_rule_keeps_aspect_ratio_and_head_size():
+    sweep = SweepConfig(aspect_ratio=32, head_dim=16)
+    shape = shape_for_width(ModelConfig(), 96, sweep)
+    assert (shape.n_layer, shape.n_head, shape.d_ff, shape.name) == (3, 6, 384, "d96")
+    assert shape_for_width(ModelConfig(), 16, sweep).n_layer == 1
+
+
+def test_isoflop_plan_spends_each_budget():
+    sweep = SweepConfig(name="t", budgets_flops=[1e11, 3e11], d_models=[16, 32, 64])
+    cfg = PipelineConfig(model=ModelConfig(context_length=64), train=TrainConfig(global_batch_tokens=1024), sweep=sweep)
+    points = plan_points(cfg, vocab_size=1024)
+    assert len(points) == 6
+    for p in points:
+        assert p.n_params == count_parameters(p.model).total
+        assert p.tokens == p.steps * 1024
+        assert p.compute == pytest.approx(p.budget, rel=0.02)  # rounding to whole steps
+    sizes = {p.n_params for p in points}
+    assert len(sizes) == 3
+
+
+def test_sweep_validation_names_the_problem():
+    with pytest.raises(ConfigError, match="sweep=<name>"):
+        validate_sweep(SweepConfig())
+    with pytest.raises(ConfigError, match="budgets_flops"):
+        validate_sweep(SweepConfig(name="x", d_models=[32]))
+
+
+def test_scaling_fit_and_predict_commands_on_a_csv(tmp_path):
+    true = dict(E=2.0, A=300.0, B=900.0, alpha=0.35, beta=0.3)
+    rng = np.random.default_rng(3)
+    points = []
+    for C in (1e17, 1e18, 1e19):
+        for N in (C / 6) ** 0.5 * np.logspace(-0.8, 0.8, 5):
+            D = C / (6 * N)
+            loss = true["E"] + true["A"] / N ** true["alpha"] + true["B"] / D ** true["beta"]
+            points.append(ScalingPoint(N, D, loss * np.exp(rng.normal(0, 0.001)), C=C))
+    write_points_csv(points, tmp_path / "runs.csv")
+    out = tmp_path / "out"
+    fit = subprocess.run([sys.executable, "-m", "pipeline.cli", "scaling", "fit", f"csv={tmp_path / 'runs.csv'}",
+                          f"output_dir={out}", "C=1e21"], capture_output=True, text=True, timeout=300)
+    assert fit.returncode == 0, fit.stderr
+    assert "approach 3" in fit.stdout and "approach 2" in fit.stdout
+    report = json.loads((out / "scaling" / "runs" / "scaling_fit.json").read_text())
+    assert report["approach3"]["alpha"] == pytest.approx(0.35, rel=0.05)
+    assert {"loss_vs_n.png", "isoflop.png", "frontier.png"} <= set(report["plots"])
+    for png in report["plots"]:
+        assert (out / "scaling" / "runs" / png).stat().st_size > 1000
+    predict = subprocess.run([sys.executable, "-m", "pipeline.cli", "scaling", "predict", "C=1e21", f"output_dir={out}"],
+                             capture_output=True, text=True, timeout=120)
+    assert predict.returncode == 0, predict.stderr
+    assert "N_opt=" in predict.stdout and "[" in predict.stdout
