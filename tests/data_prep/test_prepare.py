@@ -136,3 +136,18 @@ def test_shakespeare_splits_into_scenes():
     assert 700 < len(docs) < 900
     assert any(d.startswith("# Hamlet") for d in docs)
     assert all("  \n" not in d for d in docs[:50])
+
+
+def test_inspect_reports_counts_and_verifies(tmp_path, ray_local, capsys):
+    from data_prep.inspect import main as inspect_main
+
+    out = prepare(text_config(tmp_path))
+    assert inspect_main([str(out), "--verify"]) == 0
+    report = capsys.readouterr().out
+    assert "train:" in report and "validation:" in report and "every shard matches" in report
+    shard = out / "train_00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert inspect_main([str(out), "--verify"]) == 1
+    assert "train_00000.bin fails its checksum" in capsys.readouterr().err
