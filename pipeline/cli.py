@@ -108,9 +108,9 @@ def _hydra_main(stage: str, overrides: list[str]) -> None:
     def task(cfg_node: DictConfig) -> None:
         try:
             cfg = load_config(cfg_node, stage)
-        except ConfigError as err:
+            run_stage(stage, cfg)
+        except ConfigError as err:  # also raised by checks that need the data set or the machine
             _fail(str(err))
-        run_stage(stage, cfg)
 
     sys.argv = [f"pipeline {stage}", *overrides]
     hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")(task)()

@@ -20,8 +20,10 @@ def prepare_stage(cfg: PipelineConfig) -> Path:
 
 def train_stage(cfg: PipelineConfig):
     """Prepare the data if needed (a no-op when its shards are complete), then train."""
+    from pipeline.ds_config import resolve_precision
     from pipeline.train import train
 
+    resolve_precision(cfg.parallel)  # precision the device cannot do: fail before any work
     data_dir = prepare_stage(cfg)
     return train(cfg, data_dir)
 

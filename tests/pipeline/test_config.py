@@ -135,3 +135,14 @@ def test_dataclass_defaults_match_yaml_defaults():
     assert dataclasses.asdict(cfg.train) == dataclasses.asdict(
         dataclasses.replace(TrainConfig(), **{k: v for k, v in OmegaConf.load(CONF / "train/default.yaml").items()})
     )
+
+
+def test_stage_level_config_errors_print_cleanly(tmp_path):
+    """fp16 on a CPU is caught before any worker starts, with the fix in the message and no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "parallel.precision=fp16", f"output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "fp16 needs a GPU" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
