@@ -20,6 +20,9 @@ Stages (Hydra overrides, e.g. model.n_layer=6 parallel.zero_stage=2 train.max_st
   train        train with Ray Train + DeepSpeed (prepares the data first if needed)
   evaluate     validation loss, perplexity and samples from the last checkpoint
   run          prepare -> train -> evaluate, then print where the MLflow results are
+  generate     "prompt" [overrides]: sample from the trained run (eval.temperature=0 is greedy,
+               eval.top_k, eval.top_p, eval.max_new_tokens, eval.num_samples, eval.seed)
+  export       the trained run as a Hugging Face transformers directory (GPT-2 or Llama architecture)
   params       parameter counts and training FLOPs of a model config (e.g. model=gpt3_175b)
   sweep        a scaling-law sweep (sweep=isoflop_tiny): train every point, fit, plot, log to MLflow
 
@@ -33,7 +36,7 @@ Tools:
 Add --cfg job to a stage to print the composed config instead of running it.
 """
 
-CONFIG_STAGES = ("prepare", "train", "evaluate", "run", "params", "sweep")
+CONFIG_STAGES = ("prepare", "train", "evaluate", "run", "params", "sweep", "generate", "export")
 
 log = logging.getLogger("pipeline")
 
@@ -84,9 +87,18 @@ def run_stage(stage: str, cfg) -> None:
         print(format_breakdown(model))
         return
     from pipeline.scaling.sweep import run_sweep
-    from pipeline.stages import evaluate_stage, prepare_stage, run_pipeline, train_stage
+    from pipeline.stages import (
+        evaluate_stage,
+        export_stage,
+        generate_stage,
+        prepare_stage,
+        run_pipeline,
+        train_stage,
+    )
 
     stages: dict[str, Callable] = {
+        "export": export_stage,
+        "generate": generate_stage,
         "sweep": run_sweep,
         "prepare": prepare_stage,
         "train": train_stage,
@@ -139,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(checkpoint_main(rest))
     if command not in CONFIG_STAGES:
         _fail(f"unknown command {command!r}.\n\n{USAGE}")
+    if command == "generate" and rest and "=" not in rest[0]:
+        # The prompt is free text: quote it for Hydra's override grammar.
+        prompt = rest[0].replace("\\", "\\\\").replace("'", "\\'")
+        rest = [f"eval.prompt='{prompt}'", *rest[1:]]
     _hydra_main(command, rest)
 
 

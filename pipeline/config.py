@@ -140,7 +140,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1337
     log_interval_steps: int = 10
-    # Validation loss during training every N steps (0: only at the end, by evaluate).
+    # Validation loss during training every N steps (0: only at the end, by evaluate); logged as
+    # interval_val_loss over the first eval_batches micro-batches of the validation split.
     eval_interval_steps: int = 0
     eval_batches: int = 8
     # Checkpoint every N steps (0: only at the end).
@@ -174,6 +175,8 @@ class EvalConfig:
     # 1.0 disables nucleus sampling.
     top_p: float = 0.95
     seed: int = 0
+    # `pipeline export`: the Hugging Face directory to write (null: <run dir>/hf/<checkpoint tag>).
+    export_dir: str | None = None
 
 
 @dataclass

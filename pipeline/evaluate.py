@@ -106,6 +106,29 @@ def load_trained_model(model_cfg, tag_dir: Path):
     return model
 
 
+def generate_text(cfg: PipelineConfig, data_dir: Path, prompt: str) -> list[str]:
+    """`pipeline generate`: samples from the run's latest checkpoint with the eval.* sampling settings."""
+    from data_prep.shards import load_manifest
+    from data_prep.tokenizer import load_tokenizer
+    from pipeline.checkpointing import checkpoint_root, latest_complete
+    from pipeline.generation import generate
+    from pipeline.train import model_for_data, run_dir_for
+
+    tag_dir = latest_complete(checkpoint_root(run_dir_for(cfg)))
+    if tag_dir is None:
+        raise FileNotFoundError(f"no complete checkpoint for run {cfg.run_name}: train it first")
+    manifest = load_manifest(data_dir)
+    sp = load_tokenizer(manifest.tokenizer_path)
+    model = load_trained_model(model_for_data(cfg.model, manifest.vocab_size), tag_dir)
+    prompt_ids = sp.encode(prompt)
+    texts = []
+    for i in range(max(1, cfg.eval.num_samples)):
+        new = generate(model, prompt_ids, cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+                       top_k=cfg.eval.top_k, top_p=cfg.eval.top_p, eos_id=manifest.eos_id, seed=cfg.eval.seed + i)
+        texts.append(sp.decode(prompt_ids + new))
+    return texts
+
+
 def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
     from data_prep.shards import WindowDataset, load_manifest
     from data_prep.tokenizer import load_tokenizer

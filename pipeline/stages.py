@@ -41,6 +41,28 @@ def evaluate_stage(cfg: PipelineConfig) -> dict[str, float]:
     return evaluate(cfg, data_dir)
 
 
+def generate_stage(cfg: PipelineConfig) -> list[str]:
+    """Sample from the trained run (the prompt comes from the command line or eval.prompt)."""
+    from data_prep.prepare import dataset_dir
+    from pipeline.evaluate import generate_text
+
+    texts = generate_text(cfg, dataset_dir(cfg.data), cfg.eval.prompt)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ---\n{text}")
+    return texts
+
+
+def export_stage(cfg: PipelineConfig) -> Path:
+    """The run's latest checkpoint as a Hugging Face transformers directory."""
+    from data_prep.prepare import dataset_dir
+    from pipeline.export import export
+
+    out = export(cfg, dataset_dir(cfg.data), Path(cfg.eval.export_dir) if cfg.eval.export_dir else None)
+    print(f"Exported to {out}: load it with transformers' AutoModelForCausalLM.from_pretrained('{out}') "
+          f"and AutoTokenizer.from_pretrained('{out}').")
+    return out
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict[str, float]:
     from pipeline.tracking import tracking_uri, ui_command
 

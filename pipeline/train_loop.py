@@ -119,6 +119,24 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
+@torch.no_grad()
+def interval_validation_loss(engine, dataset, micro_batch: int, n_batches: int, device: torch.device) -> float:
+    """Mean loss over the first n_batches x micro_batch validation windows. Every rank runs the same batches
+    (ZeRO-3 and tensor parallelism need all ranks in each forward); the result is identical on all ranks."""
+    from pipeline.evaluate import window_batches
+
+    engine.eval()
+    total, count = 0.0, 0
+    for i, (inputs, targets) in enumerate(window_batches(dataset, micro_batch, None)):
+        if i == n_batches:
+            break
+        _, loss = engine(inputs.to(device), targets.to(device))
+        total += loss.item() * targets.numel()
+        count += targets.numel()
+    engine.train()
+    return total / max(1, count)
+
+
 def train_worker(job: TrainJob) -> TrainOutcome:
     import deepspeed
 
@@ -178,6 +196,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
         if rank == 0:
             log.info("resumed from %s at step %d (%d samples consumed)", tag_dir, start_step, state["samples_consumed"])
     preemption = PreemptionFlag(Path(job.run_dir))
+    val_data = WindowDataset(Path(job.data_dir), "validation") if train.eval_interval_steps else None
 
     tracker = None
     if rank == 0 and job.mlflow_run_id:
@@ -246,6 +265,12 @@ def train_worker(job: TrainJob) -> TrainOutcome:
                 if tracker:
                     tracker.log(metrics, step=done)
             window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        if val_data is not None and len(val_data) and done % train.eval_interval_steps == 0:
+            val_loss = interval_validation_loss(engine, val_data, train.micro_batch_size, train.eval_batches, device)
+            if rank == 0:
+                log.info("step %d validation loss %.4f", done, val_loss)
+                if tracker:
+                    tracker.log({"interval_val_loss": val_loss}, step=done)
         if done < train.max_steps and preemption.any_rank(device):
             tag = save_checkpoint(engine, ckpt_root, done, client_state(done), train.keep_last_checkpoints, layout)
             if rank == 0:

@@ -21,6 +21,7 @@ TINY = [
     "train.micro_batch_size=8",
     "train.global_batch_tokens=2048",
     "train.log_interval_steps=10",
+    "train.eval_interval_steps=20",
     "eval.max_tokens=20000",
     "eval.num_samples=2",
     "eval.max_new_tokens=20",
@@ -56,6 +57,7 @@ def test_pipeline_run_end_to_end(tmp_path):
         assert key in metrics, key
     assert run.data.params["model.n_layer"] == "2"
     assert run.data.params["parallel.num_workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "interval_val_loss")] == [20, 40]
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [10, 20, 30, 40]
     assert history[-1].value < history[0].value
@@ -78,6 +80,11 @@ def test_pipeline_run_end_to_end(tmp_path):
     assert consolidate.returncode == 0, consolidate.stderr
     from safetensors.torch import load_file
 
+    gen = subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", "ROMEO: it's", *TINY, f"output_dir={out}",
+                          "eval.temperature=0", "eval.num_samples=1", "eval.max_new_tokens=8"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert "--- sample 0 ---\nROMEO: it's" in gen.stdout
     weights = load_file(out_file)
     assert weights["tok_emb.weight"].shape == (512, 64)
     assert weights["tok_emb.weight"].dtype.is_floating_point

@@ -31,15 +31,15 @@ def data_dir(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("data"), windows, vocab_size=64, val_windows=16)
 
 
-def make_job(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4, accum=1):
+def make_job(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4, accum=1, precision="fp32"):
     from pipeline.train_loop import TrainJob
 
     train = TrainConfig(max_steps=STEPS, micro_batch_size=micro, warmup_steps=1, lr=1e-2, resume="none",
                         global_batch_tokens=micro * accum * (workers // tp) * 16, log_interval_steps=1, peak_tflops=1.0)
-    parallel = ParallelConfig(num_workers=workers, tensor_parallel=tp, zero_stage=zero, precision="fp32")
+    parallel = ParallelConfig(num_workers=workers, tensor_parallel=tp, zero_stage=zero, precision=precision)
     return TrainJob(
         model=MODEL, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
-        precision="fp32", grad_accum_steps=accum, ds_config=make_ds_config(train, parallel, "fp32", accum),
+        precision=precision, grad_accum_steps=accum, ds_config=make_ds_config(train, parallel, precision, accum),
         flops_per_token=1.0, config_fingerprint="test", math_config={}, tokenizer_sha256="", record_losses=True,
     )
 
@@ -111,6 +111,14 @@ def test_tensor_parallel_two_equals_one(reference, data_dir, tmp_path):
     job = make_job(data_dir, tmp_path, workers=2, tp=2, micro=4)
     assert_same(losses_of(job), expected)
     assert_same_weights(weights_of(job), weights_of(ref_job))
+
+
+def test_bf16_training_tracks_fp32(reference, data_dir, tmp_path):
+    """bf16 (DeepSpeed keeps fp32 master weights) follows the fp32 run to bf16 rounding."""
+    _, expected = reference
+    losses = losses_of(make_job(data_dir, tmp_path, workers=2, micro=2, zero=1, precision="bf16"))
+    assert losses == pytest.approx(expected, abs=0.05)
+    assert losses[-1] < losses[0] - 0.1
 
 
 def test_job_is_plain_data():

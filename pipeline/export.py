@@ -1,0 +1,146 @@
+"""`pipeline export`: a trained run as a Hugging Face transformers directory (config.json + safetensors +
+tokenizer) that loads with `from_pretrained` and generates.
+
+- GPT-2 architecture (learned positions, LayerNorm, GELU): `GPT2LMHeadModel`. GPT-2 always has biases; a
+  model trained without them exports exact zeros.
+- Llama architecture (rotary positions, RMSNorm, SwiGLU, no biases): `LlamaForCausalLM`. Our rotary embedding
+  rotates interleaved pairs (x[2i], x[2i+1]); Llama rotates halves (x[i], x[i + d/2]), so the rows of W_Q and
+  W_K are permuted within each head, which leaves every attention score unchanged.
+- Anything else stops with a message naming the mismatching fields.
+
+The tokenizer is the SentencePiece model itself behind transformers' `BertGenerationTokenizer` (a plain
+SentencePiece wrapper): token ids are exactly the pipeline's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, ModelConfig, PipelineConfig
+from pipeline.model import mlp_width
+
+log = logging.getLogger(__name__)
+
+
+def architecture(cfg: ModelConfig) -> str:
+    """gpt2 | llama, or ConfigError naming what matches neither."""
+    if (cfg.pos_encoding, cfg.norm, cfg.activation) == ("learned", "layernorm", "gelu"):
+        return "gpt2"
+    if (cfg.pos_encoding, cfg.norm, cfg.activation) == ("rotary", "rmsnorm", "swiglu") and not cfg.bias:
+        return "llama"
+    raise ConfigError(
+        f"model (pos_encoding={cfg.pos_encoding}, norm={cfg.norm}, activation={cfg.activation}, bias={cfg.bias}) "
+        f"matches no Hugging Face architecture this exporter writes: GPT-2 needs learned/layernorm/gelu, "
+        f"Llama needs rotary/rmsnorm/swiglu without biases."
+    )
+
+
+def _gpt2(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int]):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d, f = cfg.d_model, mlp_width(cfg)
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=d, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_inner=f, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings, **special,
+    )
+
+    def bias(name: str, size: int) -> torch.Tensor:
+        return state.get(name, torch.zeros(size))
+
+    out = {"transformer.wte.weight": state["tok_emb.weight"], "transformer.wpe.weight": state["pos_emb.weight"],
+           "transformer.ln_f.weight": state["final_norm.weight"], "transformer.ln_f.bias": bias("final_norm.bias", d),
+           "lm_head.weight": state["lm_head.weight"]}
+    for i in range(cfg.n_layer):
+        p, h = f"blocks.{i}.", f"transformer.h.{i}."
+        # GPT-2's Conv1D stores weights as (in, out): transposed nn.Linear weights.
+        out[h + "attn.c_attn.weight"] = torch.cat([state[p + f"attn.{x}_proj.weight"] for x in "qkv"]).T
+        out[h + "attn.c_attn.bias"] = torch.cat([bias(p + f"attn.{x}_proj.bias", d) for x in "qkv"])
+        out[h + "attn.c_proj.weight"] = state[p + "attn.o_proj.weight"].T
+        out[h + "attn.c_proj.bias"] = bias(p + "attn.o_proj.bias", d)
+        out[h + "mlp.c_fc.weight"] = state[p + "mlp.up_proj.weight"].T
+        out[h + "mlp.c_fc.bias"] = bias(p + "mlp.up_proj.bias", f)
+        out[h + "mlp.c_proj.weight"] = state[p + "mlp.down_proj.weight"].T
+        out[h + "mlp.c_proj.bias"] = bias(p + "mlp.down_proj.bias", d)
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            out[h + f"{theirs}.weight"] = state[p + f"{ours}.weight"]
+            out[h + f"{theirs}.bias"] = bias(p + f"{ours}.bias", d)
+    model = GPT2LMHeadModel(hf_cfg)
+    _load(model, out)
+    return model
+
+
+def _interleaved_to_halves(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    head_dim = weight.shape[0] // n_head
+    perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    return weight.view(n_head, head_dim, -1)[:, perm].reshape_as(weight)
+
+
+def _llama(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int]):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=mlp_width(cfg),
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+        max_position_embeddings=cfg.context_length, rms_norm_eps=1e-6, hidden_act="silu",
+        rope_theta=10000.0, attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings, **special,
+    )
+    out = {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["final_norm.weight"],
+           "lm_head.weight": state["lm_head.weight"]}
+    for i in range(cfg.n_layer):
+        p, h = f"blocks.{i}.", f"model.layers.{i}."
+        out[h + "self_attn.q_proj.weight"] = _interleaved_to_halves(state[p + "attn.q_proj.weight"], cfg.n_head)
+        out[h + "self_attn.k_proj.weight"] = _interleaved_to_halves(state[p + "attn.k_proj.weight"], cfg.n_head)
+        out[h + "self_attn.v_proj.weight"] = state[p + "attn.v_proj.weight"]
+        out[h + "self_attn.o_proj.weight"] = state[p + "attn.o_proj.weight"]
+        for x in ("gate", "up", "down"):
+            out[h + f"mlp.{x}_proj.weight"] = state[p + f"mlp.{x}_proj.weight"]
+        out[h + "input_layernorm.weight"] = state[p + "attn_norm.weight"]
+        out[h + "post_attention_layernorm.weight"] = state[p + "mlp_norm.weight"]
+    model = LlamaForCausalLM(hf_cfg)
+    _load(model, out)
+    return model
+
+
+def _load(model, weights: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in weights.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("attn.bias") and not k.endswith("masked_bias")]
+    if missing or unexpected:
+        raise RuntimeError(f"export mapping is incomplete: missing {missing}, unexpected {unexpected}")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+
+
+def to_hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int] | None = None):
+    """A transformers model holding the weights of our GPT (state: its fp32 state dict)."""
+    special = special or {}
+    build = {"gpt2": _gpt2, "llama": _llama}[architecture(cfg)]
+    return build(cfg, {k: v.float() for k, v in state.items()}, special).eval()
+
+
+def export(cfg: PipelineConfig, data_dir: Path, out_dir: Path | None = None) -> Path:
+    from transformers import BertGenerationTokenizer
+
+    from data_prep.shards import load_manifest
+    from pipeline.checkpointing import checkpoint_root, consolidated_state_dict, latest_complete, read_marker
+    from pipeline.train import model_for_data, run_dir_for
+
+    architecture(cfg.model)  # fail before reading any checkpoint
+    tag_dir = latest_complete(checkpoint_root(run_dir_for(cfg)))
+    if tag_dir is None:
+        raise FileNotFoundError(f"no complete checkpoint for run {cfg.run_name}: train it first")
+    manifest = load_manifest(data_dir)
+    model_cfg = model_for_data(cfg.model, manifest.vocab_size)
+    special = {"bos_token_id": manifest.bos_id, "eos_token_id": manifest.eos_id, "pad_token_id": manifest.pad_id}
+    model = to_hf_model(model_cfg, consolidated_state_dict(tag_dir), special)
+    out_dir = out_dir or run_dir_for(cfg) / "hf" / tag_dir.name
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer = BertGenerationTokenizer(vocab_file=str(manifest.tokenizer_path), bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", sep_token="</s>")
+    tokenizer.save_pretrained(out_dir)
+    log.info("exported step %d of %s as %s to %s", read_marker(tag_dir)["step"], cfg.run_name,
+             type(model).__name__, out_dir)
+    return out_dir
