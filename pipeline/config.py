@@ -177,6 +177,10 @@ class EvalConfig:
     seed: int = 0
     # `pipeline export`: the Hugging Face directory to write (null: <run dir>/hf/<checkpoint tag>).
     export_dir: str | None = None
+    # lm-eval-harness tasks run on the exported model by `pipeline evaluate` (needs lm-eval installed).
+    tasks: list[str] = field(default_factory=list)
+    # At most this many examples per task (null: all).
+    tasks_limit: int | None = None
 
 
 @dataclass

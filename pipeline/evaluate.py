@@ -184,8 +184,19 @@ def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
     print(text)
 
     tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir, cfg.run_name)
+    if cfg.eval.tasks:
+        from pipeline.downstream import run_lm_eval
+        from pipeline.export import export
+
+        hf_dir = export(cfg, data_dir)
+        downstream = run_lm_eval(hf_dir, cfg.eval.tasks, hf_dir.parent / f"lm_eval_{tag_dir.name}", cfg.eval.tasks_limit)
+        for task, values in downstream.items():
+            metrics.update({f"lm_eval.{task}.{name}": value for name, value in values.items()})
+            log.info("lm-eval %s: %s", task, values)
+        tracker.log_artifact(hf_dir.parent / f"lm_eval_{tag_dir.name}" / "lm_eval_results.json", "lm_eval")
     tracker.log(metrics, step=step)
-    tracker.log_text(text, f"samples/step_{step:08d}.txt")
+    if text:
+        tracker.log_text(text, f"samples/step_{step:08d}.txt")
     tracker.set_tags({"evaluated_checkpoint": str(tag_dir)})
     tracker.close()
     return {**metrics, "step": step}

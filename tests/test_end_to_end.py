@@ -85,6 +85,15 @@ def test_pipeline_run_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert "--- sample 0 ---\nROMEO: it's" in gen.stdout
+    export = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", *TINY, f"output_dir={out}",
+                             f"eval.export_dir={tmp_path / 'hf'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert export.returncode == 0, export.stderr[-3000:]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = hf_tok("ROMEO:", return_tensors="pt", add_special_tokens=False).input_ids
+    assert hf_model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] > ids.shape[1]
     weights = load_file(out_file)
     assert weights["tok_emb.weight"].shape == (512, 64)
     assert weights["tok_emb.weight"].dtype.is_floating_point

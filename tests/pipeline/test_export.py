@@ -51,3 +51,28 @@ def test_exported_model_generates_like_ours():
 def test_unsupported_architecture_is_named():
     with pytest.raises(ConfigError, match="matches no Hugging Face architecture"):
         architecture(ModelConfig(pos_encoding="sinusoidal"))
+
+
+def test_lm_eval_runs_a_local_task_on_an_exported_model(tmp_path):
+    """The downstream hook end to end, offline: export, lm-eval-harness on the shipped local task."""
+    from transformers import BertGenerationTokenizer
+
+    from data_prep.sources import shakespeare_documents
+    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from pipeline.config import TokenizerConfig
+    from pipeline.downstream import run_lm_eval
+
+    docs = list(shakespeare_documents())[:40]
+    sp_path = train_tokenizer(docs, TokenizerConfig(vocab_size=400), tmp_path / "tok.model", seed=0)
+    vocab = load_tokenizer(sp_path).get_piece_size()
+    cfg = ModelConfig(vocab_size=vocab, context_length=128, n_layer=1, n_head=2, d_model=32)
+    torch.manual_seed(0)
+    hf = to_hf_model(cfg, GPT(cfg).state_dict(), {"eos_token_id": 2, "pad_token_id": 3, "bos_token_id": 1})
+    hf.save_pretrained(tmp_path / "hf")
+    BertGenerationTokenizer(vocab_file=str(sp_path), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(tmp_path / "hf")
+    results = run_lm_eval(tmp_path / "hf", ["shakespeare_next_line"], tmp_path / "work", limit=8)
+    assert 0.0 <= results["shakespeare_next_line"]["acc"] <= 1.0
+    assert (tmp_path / "work" / "lm_eval_results.json").is_file()
+    with pytest.raises(ConfigError, match="unknown lm-eval task"):
+        run_lm_eval(tmp_path / "hf", ["no_such_task_xyz"], tmp_path / "work2")
