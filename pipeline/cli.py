@@ -33,6 +33,10 @@ Tools:
   scaling fit sweep=<id> | csv=<file>     Chinchilla approaches 2 and 3 and Kaplan fits, with plots
   scaling predict C=<FLOPs>               compute-optimal N, D and loss with intervals from the last fit
 
+Cluster (Ray Jobs API):
+  submit <stage> [overrides] cluster=ray cluster.address=http://HOST:8265 [--no-wait]
+  jobs list|status|logs|stop [job id] --address http://HOST:8265
+
 Add --cfg job to a stage to print the composed config instead of running it.
 """
 
@@ -141,6 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         if not rest or rest[0] != "inspect":
             _fail("usage: pipeline data inspect <dataset dir> [--verify]")
         sys.exit(inspect_main(rest[1:]))
+    if command in ("submit", "jobs"):
+        from pipeline import submit
+
+        sys.exit(submit.submit(rest) if command == "submit" else submit.jobs(rest))
     if command == "scaling":
         from pipeline.scaling.cli import main as scaling_main
 

@@ -198,10 +198,16 @@ class ClusterConfig:
 
     # local (Ray started in-process) | ray | slurm | kubernetes
     name: str = "local"
-    # Ray cluster address for `ray.init` (local: null starts Ray in this process).
+    # Where Ray is: null starts Ray in this process; "auto" joins the cluster this process runs on (inside a
+    # Ray job or a Slurm allocation); host:port joins a running cluster. `pipeline submit` takes the
+    # cluster's Jobs API URL here instead (http://HOST:8265).
     address: str | None = None
     # CPUs the in-process Ray may use; null uses every core of the machine.
     num_cpus: int | None = None
+    # How training workers are placed on nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD.
+    placement_strategy: str = "PACK"
+    # Seconds `pipeline submit` waits to reach the cluster before giving up.
+    connect_timeout_s: float = 10.0
 
 
 @dataclass
@@ -429,8 +435,13 @@ def validate_sweep(sweep: SweepConfig) -> None:
         raise ConfigError("sweep.kind=grid needs sweep.tokens (training tokens per run).")
 
 
+def validate_cluster(cluster: ClusterConfig) -> None:
+    _choice("cluster.placement_strategy", cluster.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Every cross-field check, run before any stage does work."""
+    validate_cluster(cfg.cluster)
     validate_model(cfg.model)
     validate_data(cfg.data, cfg.model)
     validate_parallel(cfg.parallel, cfg.model)

@@ -20,6 +20,11 @@ def ensure_ray(cluster: ClusterConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if cluster.address:
+        if cluster.address.startswith(("http://", "https://")):
+            raise ValueError(
+                f"cluster.address={cluster.address} is a Jobs API URL: send the stage there with `pipeline submit`, "
+                f"or give a Ray address (auto, or HOST:6379) to run this process as a driver of the cluster."
+            )
         log.info("joining the Ray cluster at %s", cluster.address)
         ray.init(address=cluster.address, log_to_driver=True)
         return

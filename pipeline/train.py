@@ -125,6 +125,7 @@ OUTCOME_FILE = "train_outcome.json"
 
 
 def _ray_worker(config: dict) -> None:
+    import ray
     import torch.distributed as dist
 
     from data_prep.shards import write_atomic
@@ -133,13 +134,17 @@ def _ray_worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     job: TrainJob = config["job"]
     outcome = train_worker(job)
+    # Which Ray node each rank ran on, for the record (placement across nodes shows here).
+    nodes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    outcome = dataclasses.replace(outcome, worker_nodes=nodes)
     # Ray Train only hands metrics back with a Ray checkpoint; our checkpoints are DeepSpeed's, so rank 0
     # leaves its outcome in the run directory for the driver.
     if dist.get_rank() == 0:
         write_atomic(Path(job.run_dir) / OUTCOME_FILE, json.dumps(asdict(outcome)))
 
 
-def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0) -> TrainOutcome:
+def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0, placement_strategy: str = "PACK") -> TrainOutcome:
     """Run train_worker on parallel.num_workers Ray Train workers and return rank 0's outcome."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -152,6 +157,7 @@ def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0) -> TrainOutc
             num_workers=parallel.num_workers,
             use_gpu=parallel.use_gpu,
             resources_per_worker={"CPU": parallel.cpus_per_worker},
+            placement_strategy=placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if parallel.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -222,7 +228,8 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
     )
     try:
         with forward_preemption(run_dir):
-            outcome = launch_ray(job, run_dir, max_failures=cfg.train.max_failures)
+            outcome = launch_ray(job, run_dir, max_failures=cfg.train.max_failures,
+                                 placement_strategy=cfg.cluster.placement_strategy)
     except BaseException:
         tracker.close("FAILED")
         raise
@@ -250,6 +257,8 @@ def finish_run(tracker, outcome: TrainOutcome, run_dir: Path, run_name: str) -> 
     from pipeline.plots import plot_loss_curve
 
     tracker.set_tags({"checkpoint": outcome.checkpoint})
+    if outcome.worker_nodes:
+        tracker.set_tags({"ray_worker_nodes": ",".join(outcome.worker_nodes)})
     history = tracker.client.get_metric_history(tracker.run_id, "train_loss")
     if history:
         points = sorted((m.step, m.value) for m in history)

@@ -62,6 +62,8 @@ class TrainOutcome:
     checkpoint: str
     tokens_per_s: float
     resumed_from: str | None
+    # Ray node id of every rank (filled in under Ray Train).
+    worker_nodes: list[str] | None = None
 
 
 def seed_everything(seed: int) -> None:

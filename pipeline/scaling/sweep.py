@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.config import ModelConfig, PipelineConfig, SweepConfig
+from pipeline.config import ModelConfig, PipelineConfig, SweepConfig, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ def run_sweep(cfg: PipelineConfig) -> dict:
     points = plan_points(cfg, vocab)
     for point in points:  # every point's config is checked before the first one trains
         validate(point_config(cfg, point, "check"))
-    sweep_id = f"{cfg.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Named by what it trains, so that running the same sweep again reuses the runs that finished
+    # (train.resume=auto) instead of starting over.
+    sweep_id = f"{cfg.sweep.name}-{fingerprint([dataclasses.asdict(p.model) | {'steps': p.steps} for p in points], 8)}"
     parent_dir = Path(cfg.output_dir) / "sweeps" / sweep_id
     parent = Tracker.open(cfg.tracking, cfg.output_dir, parent_dir, sweep_id, tags={"sweep_id": sweep_id})
     parent.log_params({"sweep.name": cfg.sweep.name, "sweep.kind": cfg.sweep.kind, "sweep.points": len(points),
