@@ -193,10 +193,8 @@ def fit_chinchilla(
         names = ["E", "A", "B", "alpha", "beta"]
         fit.intervals = {n: (float(np.percentile(arr[:, i], lo)), float(np.percentile(arr[:, i], hi)))
                          for i, n in enumerate(names)}
-        derived = [_to_fit(np.array([np.log(s[1]), np.log(s[2]), np.log(s[0]), s[3], s[4]]), 0, 0, confidence)
-                   for s in samples]
-        for name in ("a", "b"):
-            values = [getattr(f, name) for f in derived]
+        alphas, betas = arr[:, 3], arr[:, 4]
+        for name, values in (("a", betas / (alphas + betas)), ("b", alphas / (alphas + betas))):
             fit.intervals[name] = (float(np.percentile(values, lo)), float(np.percentile(values, hi)))
         fit.bootstrap_params = arr.tolist()
     return fit
@@ -276,27 +274,45 @@ def group_by_budget(points: list[ScalingPoint], rel_tol: float = 0.05) -> dict[f
     return groups
 
 
-def fit_isoflop(points: list[ScalingPoint]) -> IsoFLOPFit:
-    budgets, n_opt, d_opt, loss_opt, parabolas = [], [], [], [], []
+@dataclass
+class IsoFLOPMinima:
+    """Per budget: the parabola in ln N through its losses and, when it lies inside the sizes trained, its minimum."""
+
+    budgets: list[float]
+    parabolas: list[list[float]]  # (c2, c1, c0) of loss = c2 x^2 + c1 x + c0 with x = ln N
+    n_opt: list[float | None]
+    loss_opt: list[float | None]
+
+
+def isoflop_minima(points: list[ScalingPoint]) -> IsoFLOPMinima:
+    out = IsoFLOPMinima([], [], [], [])
     for C, group in group_by_budget(points).items():
         if len({p.N for p in group}) < 3:
             continue
         x = np.log([p.N for p in group])
         coeffs = np.polyfit(x, [p.loss for p in group], 2)
-        if coeffs[0] <= 0:  # no minimum inside: the budget's sizes do not bracket the optimum
-            continue
-        x_min = -coeffs[1] / (2 * coeffs[0])
-        budgets.append(float(C))
-        n_opt.append(float(np.exp(x_min)))
-        d_opt.append(float(C / (6 * np.exp(x_min))))
-        loss_opt.append(float(np.polyval(coeffs, x_min)))
-        parabolas.append([float(c) for c in coeffs])
-    if len(budgets) < 2:
+        x_min = -coeffs[1] / (2 * coeffs[0]) if coeffs[0] > 0 else None
+        inside = x_min is not None and x.min() <= x_min <= x.max()  # else the sizes miss the optimum
+        out.budgets.append(float(C))
+        out.parabolas.append([float(c) for c in coeffs])
+        out.n_opt.append(float(np.exp(x_min)) if inside else None)
+        out.loss_opt.append(float(np.polyval(coeffs, x_min)) if inside else None)
+    return out
+
+
+def fit_isoflop(points: list[ScalingPoint]) -> IsoFLOPFit:
+    minima = isoflop_minima(points)
+    rows = [(C, n, loss, c) for C, n, loss, c in zip(minima.budgets, minima.n_opt, minima.loss_opt, minima.parabolas,
+                                               strict=True) if n is not None]
+    if len(rows) < 2:
         raise ValueError(
-            "approach 2 needs at least 2 IsoFLOP budgets with 3+ model sizes whose losses curve upward "
-            f"(found {len(budgets)}): widen the range of sizes per budget"
+            "approach 2 needs at least 2 IsoFLOP budgets with 3+ model sizes whose parabola has its minimum "
+            f"inside the sizes trained (found {len(rows)}): widen or shift the range of sizes per budget"
         )
-    return IsoFLOPFit(budgets, n_opt, d_opt, loss_opt, parabolas,
+    budgets = [r[0] for r in rows]
+    n_opt = [r[1] for r in rows]
+    d_opt = [C / (6 * n) for C, n in zip(budgets, n_opt, strict=True)]
+    return IsoFLOPFit(budgets, n_opt, d_opt, [r[2] for r in rows], [r[3] for r in rows],
                       fit_power_law(budgets, n_opt), fit_power_law(budgets, d_opt))
 
 

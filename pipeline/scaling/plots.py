@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.scaling.fit import ChinchillaFit, IsoFLOPFit, ScalingPoint, group_by_budget
+from pipeline.scaling.fit import ChinchillaFit, IsoFLOPFit, IsoFLOPMinima, ScalingPoint, group_by_budget
 
 
 def _pyplot():
@@ -41,7 +41,8 @@ def plot_loss_vs_n(points: list[ScalingPoint], fit: ChinchillaFit | None, path: 
     return path
 
 
-def plot_isoflop(points: list[ScalingPoint], iso: IsoFLOPFit, path: Path) -> Path:
+def plot_isoflop(points: list[ScalingPoint], minima: IsoFLOPMinima, path: Path) -> Path:
+    """Each budget's losses with its parabola in ln N; minima inside the sizes trained are starred."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
     groups = group_by_budget(points)
@@ -49,11 +50,13 @@ def plot_isoflop(points: list[ScalingPoint], iso: IsoFLOPFit, path: Path) -> Pat
     for color, (C, group) in zip(colors, groups.items(), strict=True):
         ns = np.array([p.N for p in group])
         ax.scatter(ns, [p.loss for p in group], color=color, label=f"C = {C:.2g}", zorder=3)
-        for budget, coeffs, n_opt, l_opt in zip(iso.budgets, iso.parabolas, iso.n_opt, iso.loss_opt, strict=True):
+        for budget, coeffs, n_opt, l_opt in zip(minima.budgets, minima.parabolas, minima.n_opt, minima.loss_opt,
+                                                strict=True):
             if abs(budget - C) <= 0.05 * C:
                 x = np.linspace(np.log(ns.min() / 1.3), np.log(ns.max() * 1.3), 100)
                 ax.plot(np.exp(x), np.polyval(coeffs, x), color=color, alpha=0.7)
-                ax.scatter([n_opt], [l_opt], color=color, marker="*", s=180, edgecolor="black", zorder=4)
+                if n_opt is not None:
+                    ax.scatter([n_opt], [l_opt], color=color, marker="*", s=180, edgecolor="black", zorder=4)
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("validation loss (nats/token)")

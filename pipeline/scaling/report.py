@@ -12,6 +12,7 @@ from pipeline.scaling.fit import (
     fit_chinchilla,
     fit_isoflop,
     fit_kaplan,
+    isoflop_minima,
     write_points_csv,
 )
 from pipeline.scaling.plots import plot_frontier, plot_isoflop, plot_loss_vs_n
@@ -58,8 +59,9 @@ def write_report(points: list[ScalingPoint], out_dir: Path, budgets: list[float]
     report, chinchilla, iso = fit_all(points, budgets, n_bootstrap)
     write_points_csv(points, out_dir / "points.csv")
     plots = [plot_loss_vs_n(points, chinchilla, out_dir / "loss_vs_n.png")]
-    if iso is not None:
-        plots.append(plot_isoflop(points, iso, out_dir / "isoflop.png"))
+    minima = isoflop_minima(points)
+    if minima.budgets:
+        plots.append(plot_isoflop(points, minima, out_dir / "isoflop.png"))
     if chinchilla is not None or iso is not None:
         plots.append(plot_frontier(chinchilla, iso, budgets, out_dir / "frontier.png"))
     report["plots"] = [p.name for p in plots]

@@ -1,0 +1,45 @@
+"""SIGTERM to `pipeline train` (as Slurm or Kubernetes send it): every rank checkpoints at the next step
+boundary, the process exits with code 75, and the same command resumes the run to its end."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_end_to_end import TINY
+
+from pipeline.checkpointing import latest_complete
+
+pytestmark = pytest.mark.distributed
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pipeline.cli", "train", *TINY, "train.max_steps=300", "train.log_interval_steps=5",
+            "train.eval_interval_steps=0", f"output_dir={out}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    seen_step, lines = 0, []
+    for line in proc.stdout:
+        lines.append(line)
+        match = re.search(r"step (\d+)/300", line)
+        if match and int(match.group(1)) >= 10:
+            seen_step = int(match.group(1))
+            break
+    assert seen_step, "".join(lines)[-3000:]
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, rest[-4000:]
+    assert time.time() - signalled < 60
+    tag = latest_complete(out / "runs" / "tiny-shakespeare" / "checkpoints")
+    saved_step = int(tag.name.split("_")[1])
+    assert seen_step <= saved_step < 300
+
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {tag}" in resumed.stdout + resumed.stderr
+    assert latest_complete(out / "runs" / "tiny-shakespeare" / "checkpoints").name == "step_00000300"
