@@ -135,6 +135,10 @@ def _hydra_main(stage: str, overrides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
+    job_dir = os.environ.get("PIPELINE_JOB_DIR")
+    if job_dir:  # a job sent by `pipeline submit`: work from the shared output directory
+        Path(job_dir).mkdir(parents=True, exist_ok=True)
+        os.chdir(job_dir)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return

@@ -95,8 +95,10 @@ def job_entrypoint(stage: str, overrides: list[str]) -> str:
 
 
 def runtime_env(cfg) -> dict:
+    # PIPELINE_JOB_DIR: the job runs from the shared output_dir rather than from the unpacked code, whose
+    # directory Ray may unpack again (a new inode) when another node's runtime-env agent shares this disk.
     return {"working_dir": str(REPO_ROOT), "excludes": EXCLUDES,
-            "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}
+            "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "PIPELINE_JOB_DIR": cfg.output_dir}}
 
 
 def _client(address: str):

@@ -46,7 +46,8 @@ def two_node_ray_cluster():
     ray = str(Path(sys.executable).with_name("ray"))
     port, dashboard = _free_port(), _free_port()
     # Jobs run `python` from the raylet's PATH: the project's interpreter first.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+    # Token authentication off: a throwaway cluster on loopback (real clusters keep it on; see cluster/README.md).
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs = f"127.0.0.1:{port}"
