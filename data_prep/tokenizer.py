@@ -1,9 +1,15 @@
-"""SentencePiece: train on a sample of the corpus, or load an existing model."""
+"""SentencePiece: train on a sample of the corpus, or load an existing model.
+
+Trained models keep text as it is: identity normalisation, no whitespace collapsing, no dummy prefix, and
+"\n" as a whole piece, so decode(encode(text)) == text for ordinary text, line breaks and indentation
+included. Special ids are fixed: unk=0, bos=1, eos=2, pad=3. Training is seeded, hence deterministic.
+"""
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,17 +21,31 @@ from pipeline.config import TokenizerConfig
 log = logging.getLogger(__name__)
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+_SPECIAL_PIECES = 4
+_BYTE_PIECES = 256
+# SentencePiece skips longer training sentences; long lines are rare in prose and still get encoded.
+_MAX_SENTENCE_BYTES = 16_384
 
 
 class TokenizerError(ValueError):
-    pass
+    """A tokenizer that cannot be trained or used as configured."""
+
+
+def minimum_vocab_size(tok: TokenizerConfig) -> int:
+    """Pieces every model needs before learning any merge: specials, user symbols, and bytes with byte_fallback."""
+    return _SPECIAL_PIECES + len(tok.user_defined_symbols) + (_BYTE_PIECES if tok.byte_fallback else 0)
+
+
+def training_sentences(documents: Iterable[str]) -> list[str]:
+    """The lines of the documents (SentencePiece learns from sentences; "\n" is a user-defined piece)."""
+    return [line for doc in documents for line in doc.split("\n") if line.strip()]
 
 
 def train_tokenizer(documents: Iterable[str], tok: TokenizerConfig, out_path: Path, seed: int) -> Path:
-    """Train a SentencePiece model on the lines of `documents`; write it to out_path."""
-    lines = [line for doc in documents for line in doc.split("\n") if line.strip()]
+    """Train a SentencePiece model on the lines of `documents` and write it to out_path."""
+    lines = training_sentences(documents)
     if not lines:
-        raise TokenizerError("no text to train the tokenizer on: the corpus is empty")
+        raise TokenizerError("no text to train the tokenizer on: the corpus (training split) is empty")
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     try:
@@ -37,39 +57,86 @@ def train_tokenizer(documents: Iterable[str], tok: TokenizerConfig, out_path: Pa
             byte_fallback=tok.byte_fallback,
             input_sentence_size=tok.sample_sentences,
             shuffle_input_sentence=True,
+            # With byte fallback, rare characters become bytes; without it every character needs a piece.
             character_coverage=0.9995 if tok.byte_fallback else 1.0,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
             user_defined_symbols=list(tok.user_defined_symbols),
-            # Keep text as it is (identity normalisation, no whitespace collapsing) so decode(encode(x)) == x.
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            # A fixed thread count: the trained model must not depend on the machine.
             num_threads=2,
             minloglevel=2,
         )
     except RuntimeError as err:
-        message = str(err)
-        if "Vocabulary size" in message or "vocab_size" in message:
-            raise TokenizerError(
-                f"data.tokenizer.vocab_size={tok.vocab_size} is too large for this corpus ({message.strip()}): "
-                f"lower data.tokenizer.vocab_size"
-            ) from err
-        raise TokenizerError(f"SentencePiece training failed: {message}") from err
+        raise _explain_training_error(str(err), tok, len(lines)) from err
+    out_path = Path(out_path)
     out_path.write_bytes(model.getvalue())
     return out_path
 
 
-def copy_tokenizer(model_path: str, out_path: Path) -> Path:
+def _explain_training_error(message: str, tok: TokenizerConfig, n_lines: int) -> TokenizerError:
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if too_high:
+        return TokenizerError(
+            f"data.tokenizer.vocab_size={tok.vocab_size} is too large for this corpus ({n_lines} lines of "
+            f"training text support at most {too_high.group(2)} pieces): lower data.tokenizer.vocab_size to "
+            f"{too_high.group(2)} or less, or add text"
+        )
+    too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_low:
+        return TokenizerError(
+            f"data.tokenizer.vocab_size={tok.vocab_size} is too small: the special pieces and the corpus's "
+            f"characters alone need {too_low.group(2)}: raise data.tokenizer.vocab_size to at least "
+            f"{too_low.group(2)}"
+            + ("" if tok.byte_fallback else " (or set data.tokenizer.byte_fallback=true)")
+        )
+    return TokenizerError(f"SentencePiece training failed: {message.strip()}")
+
+
+def copy_tokenizer(model_path: str | Path, out_path: Path) -> Path:
+    """Check an existing model (it must know EOS) and copy it to out_path."""
     sp = load_tokenizer(model_path)
     if sp.eos_id() < 0:
-        raise TokenizerError(f"{model_path} has no EOS token; documents cannot be separated: train one with eos_id set")
+        raise TokenizerError(
+            f"data.tokenizer.model_path={model_path} has no EOS piece, so documents cannot be separated: "
+            f"use a model trained with eos_id set (or leave model_path unset to train one)"
+        )
     shutil.copyfile(model_path, out_path)
     return out_path
 
 
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"no tokenizer at {path}: point to an existing SentencePiece .model file")
     sp = spm.SentencePieceProcessor()
     try:
         sp.load(str(path))
     except (OSError, RuntimeError) as err:
         raise TokenizerError(f"{path} is not a readable SentencePiece model: {err}") from err
     return sp
+
+
+def round_trip_failures(sp: spm.SentencePieceProcessor, texts: Iterable[str]) -> list[str]:
+    """The texts that decode(encode(text)) does not give back exactly."""
+    texts = list(texts)
+    return [t for t, ids in zip(texts, sp.encode(texts), strict=True) if sp.decode(ids) != t]
+
+
+def check_round_trip(sp: spm.SentencePieceProcessor, texts: list[str], source: str) -> None:
+    """Warn when the tokenizer changes text (e.g. a loaded model that normalises, or no byte fallback)."""
+    bad = round_trip_failures(sp, texts)
+    if not bad:
+        log.info("tokenizer round trip: decode(encode(text)) == text for %d sample documents", len(texts))
+        return
+    sample = bad[0]
+    back = sp.decode(sp.encode(sample))
+    where = next((i for i, (a, b) in enumerate(zip(sample, back, strict=False)) if a != b), min(len(sample), len(back)))
+    log.warning(
+        "tokenizer %s does not round-trip %d of %d sample documents (first difference at character %d: "
+        "%r became %r); the model will not see the text exactly as written",
+        source, len(bad), len(texts), where, sample[max(0, where - 20): where + 20], back[max(0, where - 20): where + 20],
+    )
