@@ -1,4 +1,11 @@
-"""Sampling: predict -> sample -> append, with a key-value cache so each new token costs one position."""
+"""Sampling: predict -> sample -> append, with a key-value cache so each new token costs one position.
+
+The context window: a prompt longer than model.context_length keeps its last context_length tokens. Once the
+cache holds context_length positions it cannot take another (the model was trained on positions
+0 .. context_length-1), so each further token re-encodes the last context_length tokens from position 0, just
+as generation without the cache does. The two modes thus give the same tokens at any length (a test checks
+it); past the context the cache no longer saves work.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +13,31 @@ import torch
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Mask (to -inf) all but the top_k logits, then all outside the smallest set whose probability >= top_p."""
+    """A copy of logits (..., vocab) with -inf outside the top_k largest (0: no top-k), then outside the
+    smallest set of the most probable tokens whose probabilities sum to at least top_p (1.0: no top-p)."""
     logits = logits.clone()
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
-        logits[logits < kth] = float("-inf")
+    if 0 < top_k < logits.shape[-1]:
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep.scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+        logits[~keep] = float("-inf")
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens before it already reach top_p (the first token always stays).
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the more probable tokens before it already reach top_p (the first always stays).
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits[drop] = float("-inf")
     return logits
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
+) -> int:
+    """One token id from a (vocab,) row of logits; temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @torch.no_grad()
@@ -34,41 +53,47 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
 ) -> list[int]:
-    """New token ids after the prompt (stopping after EOS). temperature 0 is greedy.
+    """The new token ids after the prompt, at most max_new_tokens, ending with eos_id if it was sampled.
 
-    Prompts longer than the context keep their last context_length tokens. With the cache, when the
-    sequence fills the context, the cache is rebuilt from the last half-context of tokens (a sliding
-    window), so generation can go on past the context length in both modes.
+    Sampling divides the logits by temperature, then keeps the top_k, then the top_p nucleus. With a seed
+    the draws come from a CPU torch.Generator, so the same seed gives the same tokens on any device. An
+    empty prompt starts from eos_id (documents follow an EOS in the packed training data). The model runs
+    in eval mode (no dropout) and is put back in its previous mode afterwards.
     """
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy).")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1].")
+    tokens = list(prompt_ids)
+    if not tokens:
+        if eos_id is None:
+            raise ValueError("the prompt is empty and eos_id is None: give at least one prompt token.")
+        tokens = [eos_id]
     context = model.cfg.context_length
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu")
     if seed is not None:
         generator.manual_seed(seed)
-    tokens = list(prompt_ids)[-context:] or [eos_id if eos_id is not None else 0]
-    new: list[int] = []
-    cache, cached_len = None, 0
-    for _ in range(max_new_tokens):
-        if use_cache:
-            if cache is None or cached_len >= context:
-                window = tokens[-(context // 2):] if cached_len >= context else tokens[-context:]
+    was_training = model.training
+    model.eval()
+    try:
+        new: list[int] = []
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = model(torch.tensor([tokens[-context:]], device=device))
+            elif cache is None or cache[0].length >= context:
+                # First step, or the cache is full: encode the last window from position 0.
                 cache = model.new_kv_cache()
-                logits, _ = model(torch.tensor([window], device=device), kv_cache=cache, start_pos=0)
-                cached_len = len(window)
+                logits, _ = model(torch.tensor([tokens[-context:]], device=device), kv_cache=cache)
             else:
-                logits, _ = model(torch.tensor([tokens[-1:]], device=device), kv_cache=cache, start_pos=cached_len)
-                cached_len += 1
-        else:
-            window = tokens[-context:]
-            logits, _ = model(torch.tensor([window], device=device))
-        next_logits = logits[0, -1].float().cpu()
-        if temperature == 0:
-            token = int(next_logits.argmax())
-        else:
-            probs = filter_logits(next_logits / temperature, top_k, top_p).softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        tokens.append(token)
-        new.append(token)
-        if eos_id is not None and token == eos_id:
-            break
-    return new
+                start = cache[0].length
+                logits, _ = model(torch.tensor([tokens[-1:]], device=device), kv_cache=cache, start_pos=start)
+            token = sample_token(logits[0, -1].float().cpu(), temperature, top_k, top_p, generator)
+            tokens.append(token)
+            new.append(token)
+            if token == eos_id:
+                break
+        return new
+    finally:
+        model.train(was_training)

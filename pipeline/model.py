@@ -1,8 +1,20 @@
 """A decoder-only transformer (GPT) built from ModelConfig, readable in one sitting.
 
-The model knows nothing of DeepSpeed, Ray or ranks. Tensor parallelism is applied from outside by
-DeepSpeed AutoTP, which matches the layer names below (q/k/v/o_proj, up/gate/down_proj); so the forward
-passes derive head counts and widths from the weights they hold, never from the config.
+    tokens -> tok_emb (+ pos_emb | + sinusoidal) -> n_layer x Block -> final_norm -> lm_head -> logits
+    Block:  x = x + o_proj(attention(attn_norm(x)));  x = x + mlp(mlp_norm(x))         (pre-norm)
+
+The model knows nothing of DeepSpeed, Ray or ranks. Tensor parallelism is applied from outside by DeepSpeed
+AutoTP, which finds the layers by name, so the names are a contract:
+
+    tok_emb, pos_emb (learned positions only), blocks.{i}.attn_norm, blocks.{i}.attn.{q,k,v,o}_proj,
+    blocks.{i}.mlp_norm, blocks.{i}.mlp.{up,gate,down}_proj (gate: SwiGLU only), final_norm, lm_head
+
+AutoTP splits q/k/v_proj and up/gate_proj by output columns and o_proj/down_proj by input rows, so a rank
+holds n_head / tp heads and d_ff / tp hidden units. The forward passes therefore read head counts and widths
+off the tensors they get, never off the config.
+
+Generation keeps a key-value cache (see KVCache): forward(ids, kv_cache=cache, start_pos=p) takes the
+tokens at absolute positions p .. p+T-1 and attends over the cached positions before them too.
 """
 
 from __future__ import annotations
@@ -15,20 +27,71 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import ModelConfig
+from pipeline.model_size import mlp_width
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+__all__ = ["GPT", "KVCache", "LayerKVCache", "mlp_width"]
 
 
-def mlp_width(cfg: ModelConfig) -> int:
-    """d_ff, or its default: 4 * d_model (GELU); 8/3 * d_model rounded up to a multiple of 64 (SwiGLU)."""
-    if cfg.d_ff is not None:
-        return cfg.d_ff
-    if cfg.activation == "swiglu":
-        return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
-    return 4 * cfg.d_model
+# --- positions -------------------------------------------------------------------------------------------
+# Computed per call in fp32 from the absolute positions: no buffers that a bf16 cast would round, and the
+# cached and uncached paths see exactly the same numbers.
+
+
+def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """sin/cos of increasing wavelength (Vaswani et al. 2017): (T, dim), even columns sin, odd columns cos."""
+    inv_freq = torch.exp(torch.arange(0, dim, 2, device=positions.device) * (-math.log(10000.0) / dim))
+    angles = positions.float()[:, None] * inv_freq  # (T, ceil(dim / 2))
+    table = torch.zeros(len(positions), dim, device=positions.device)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : dim // 2])
+    return table
+
+
+def rotary_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's angles (Su et al. 2021): each (T, head_dim / 2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = torch.outer(positions.float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[2i], x[2i+1]) of x (B, H, T, head_dim) by their positions' angles."""
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return rotated.type_as(x)
+
+
+# --- key-value cache -------------------------------------------------------------------------------------
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer for the positions seen so far, each (B, H_local, T, head_dim)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' keys and values; return those of every position so far."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+KVCache = list[LayerKVCache]  # one per block; make one with GPT.new_kv_cache()
+
+
+# --- layers ----------------------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), computed in fp32."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -46,30 +109,9 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
 
 
-def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
-    """sin/cos of increasing wavelength (Vaswani et al. 2017), shape (length, dim)."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq[: dim // 2])
-    return table
-
-
-def rotary_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, head_dim/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (B, H, T, D) by the angles of their positions."""
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return rotated.type_as(x)
-
-
 class CausalSelfAttention(nn.Module):
+    """Multi-head attention softmax(QK^T / sqrt(d_k)) V with a causal mask, then W_O."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.d_model // cfg.n_head
@@ -79,33 +121,30 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, rotary=None, cache=None):
+    def forward(self, x: torch.Tensor, rotary=None, cache: LayerKVCache | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        n_heads = q.shape[-1] // self.head_dim  # local heads: fewer under tensor parallelism
+        n_heads = q.shape[-1] // self.head_dim  # the local head count: n_head / tp under tensor parallelism
         q, k, v = (t.view(batch, length, n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if rotary is not None:
-            cos, sin = rotary
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
-            if cache.get("k") is not None:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-        # With a cache, the new queries sit at the end of the sequence: the causal mask is offset.
+            k, v = cache.extend(k, v)
+        dropout_p = self.dropout if self.training else 0.0
         if k.shape[2] == length:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            )
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
+            # Queries are the last `length` of k.shape[2] positions: query i sees keys up to offset + i.
             offset = k.shape[2] - length
             mask = torch.ones(length, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(batch, length, n_heads * self.head_dim)
         return self.o_proj(out)
 
 
 class MLP(nn.Module):
+    """GELU: down(gelu(up(x))).  SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         width = mlp_width(cfg)
@@ -115,10 +154,10 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.down_proj = nn.Linear(width, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's tanh approximation
 
 
 class Block(nn.Module):
@@ -130,7 +169,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rotary=None, cache=None):
+    def forward(self, x: torch.Tensor, rotary=None, cache: LayerKVCache | None = None) -> torch.Tensor:
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), rotary, cache))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
@@ -139,17 +178,14 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size is None:
-            raise ValueError("ModelConfig.vocab_size is None: set it from the tokenizer before building the model")
+            raise ValueError(
+                "model.vocab_size is None: set it before building the model (the pipeline takes it from the "
+                "prepared data set's tokenizer; in code, ModelConfig(vocab_size=...))."
+            )
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos_encoding == "learned":
             self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
-        elif cfg.pos_encoding == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.context_length, cfg.d_model), persistent=False)
-        else:
-            cos, sin = rotary_tables(cfg.context_length, cfg.d_model // cfg.n_head)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.final_norm = make_norm(cfg)
@@ -158,63 +194,72 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.activation_checkpointing = False
         self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance
-        # does not grow with depth.
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) (two per block) so that the residual
+        # stream's variance does not grow with depth.
         for name, param in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
         self.activation_checkpointing = enabled
 
-    def new_kv_cache(self) -> list[dict]:
-        """An empty key-value cache: one dict per block, filled by forward(..., kv_cache=cache)."""
-        return [{} for _ in self.blocks]
+    def new_kv_cache(self) -> KVCache:
+        """An empty key-value cache, filled in place by forward(..., kv_cache=cache)."""
+        return [LayerKVCache() for _ in self.blocks]
 
     def forward(
         self,
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
-        kv_cache: list[dict] | None = None,
+        kv_cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, given targets, the mean next-token cross-entropy.
+        """Logits (B, T, vocab) and, given targets (B, T), the mean next-token cross-entropy over every
+        position whose target is not -100 (else None).
 
-        With kv_cache, input_ids are the tokens at positions start_pos .. start_pos+T-1 and the cache holds
-        the keys and values of the positions before them (it is extended in place).
+        input_ids hold the tokens at absolute positions start_pos .. start_pos+T-1. With kv_cache (from
+        new_kv_cache()), the cache must hold exactly the start_pos positions before them; it is extended in
+        place, so the next call passes start_pos + T. Without a cache start_pos must be 0.
         """
         length = input_ids.shape[1]
         end = start_pos + length
+        cached = kv_cache[0].length if kv_cache else 0
+        if start_pos != cached:
+            raise ValueError(
+                f"start_pos={start_pos} but the key-value cache holds {cached} positions: pass "
+                f"start_pos={cached} (the number of tokens already fed through this cache)."
+            )
         if end > self.cfg.context_length:
-            raise ValueError(f"sequence of {end} tokens exceeds model.context_length={self.cfg.context_length}")
+            raise ValueError(
+                f"positions {start_pos}..{end - 1} exceed model.context_length={self.cfg.context_length}: "
+                f"feed at most the last {self.cfg.context_length} tokens."
+            )
+        positions = torch.arange(start_pos, end, device=input_ids.device)
         x = self.tok_emb(input_ids)
         rotary = None
         if self.cfg.pos_encoding == "learned":
-            x = x + self.pos_emb(torch.arange(start_pos, end, device=input_ids.device))
+            x = x + self.pos_emb(positions)
         elif self.cfg.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[start_pos:end].to(x.dtype)
+            x = x + sinusoidal_embedding(positions, self.cfg.d_model).to(x.dtype)
         else:
-            rotary = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])
+            rotary = rotary_angles(positions, self.cfg.d_model // self.cfg.n_head)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            cache = kv_cache[i] if kv_cache is not None else None
-            if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rotary, None, use_reentrant=False)
+            if kv_cache is not None:
+                x = block(x, rotary, kv_cache[i])
+            elif self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rotary, use_reentrant=False)
             else:
-                x = block(x, rotary, cache)
+                x = block(x, rotary)
         logits = self.lm_head(self.final_norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
-            )
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss

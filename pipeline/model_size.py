@@ -1,23 +1,47 @@
-"""Parameter counts and training FLOPs of a GPT config, computed from the config alone (175B is instant)."""
+"""Parameter counts and training FLOPs of a GPT config, from the config alone (no torch: 175B is instant).
+
+The counts mirror pipeline.model.GPT exactly (a test compares them with sum(p.numel()) for every option):
+
+    embedding       vocab x d_model                      (tok_emb)
+    unembedding     vocab x d_model, 0 when tied         (lm_head)
+    positional      context x d_model, learned only      (pos_emb; sinusoidal and rotary have no parameters)
+    attention       4 matrices d_model x d_model per layer           (q/k/v/o_proj)
+    mlp             2 (GELU) or 3 (SwiGLU) matrices d_model x d_ff per layer   (up/[gate]/down_proj)
+    biases          per layer 4 d_model + (1 or 2) d_ff + d_model, when bias=true
+    norms           2 per layer + final: d_model weights (+ d_model biases for LayerNorm with bias=true)
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pipeline.config import ModelConfig
-from pipeline.model import mlp_width
+
+
+def mlp_width(cfg: ModelConfig) -> int:
+    """The MLP's hidden width d_ff. When model.d_ff is null: 4 * d_model for GELU; for SwiGLU 8/3 * d_model
+    rounded up to a multiple of 64 (three matrices of 8/3 d_model hold as many parameters as GELU's two of
+    4 d_model, as in PaLM and Llama; the rounding keeps matrix shapes friendly to the hardware)."""
+    if cfg.d_ff is not None:
+        return cfg.d_ff
+    if cfg.activation == "swiglu":
+        return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+    return 4 * cfg.d_model
 
 
 @dataclass
 class ParameterBreakdown:
+    """Parameters by component; every field sums over all layers."""
+
     embedding: int  # token embedding matrix, vocab x d_model
     unembedding: int  # lm_head matrix (0 when tied to the embedding)
-    attention_qkvo_each: int  # one of W_Q, W_K, W_V, W_O summed over all layers
-    mlp_matrices_each: int  # one MLP matrix (up, gate or down) summed over all layers
+    attention_qkvo_each: int  # one of W_Q, W_K, W_V, W_O: n_layer x d_model x d_model
+    mlp_matrices_each: int  # one of W_up, W_gate (SwiGLU), W_down: n_layer x d_model x d_ff
     n_mlp_matrices: int  # 2 (GELU) or 3 (SwiGLU)
     positional: int  # learned position table (0 for sinusoidal and rotary)
-    biases: int
-    norms: int
+    biases: int  # biases of the linear layers (norm biases are in `norms`)
+    norms: int  # LayerNorm / RMSNorm weights and biases
 
     @property
     def attention(self) -> int:
@@ -34,6 +58,7 @@ class ParameterBreakdown:
 
     @property
     def total(self) -> int:
+        """Every parameter of the module: sum(p.numel() for p in GPT(cfg).parameters())."""
         return self.weight_matrices + self.positional + self.biases + self.norms
 
     @property
@@ -44,34 +69,38 @@ class ParameterBreakdown:
 
 def count_parameters(cfg: ModelConfig) -> ParameterBreakdown:
     if cfg.vocab_size is None:
-        raise ValueError("model.vocab_size is null: set it (or take it from a prepared data set) to count parameters")
-    d, L, V = cfg.d_model, cfg.n_layer, cfg.vocab_size
-    f = mlp_width(cfg)
+        raise ValueError(
+            "model.vocab_size is null: set it (or take it from a prepared data set) to count parameters."
+        )
+    d, n_layer, vocab = cfg.d_model, cfg.n_layer, cfg.vocab_size
+    d_ff = mlp_width(cfg)
     n_mlp = 3 if cfg.activation == "swiglu" else 2
-    biases = 0
-    if cfg.bias:
-        mlp_bias = n_mlp * 0 + (f * (n_mlp - 1)) + d  # up (+gate) biases of width f, down bias of width d
-        biases = L * (4 * d + mlp_bias)
-    per_norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    norms = (2 * L + 1) * per_norm
+    # q/k/v/o biases of width d; up (and gate) biases of width d_ff; the down bias of width d.
+    biases = n_layer * (4 * d + (n_mlp - 1) * d_ff + d) if cfg.bias else 0
+    per_norm = 2 * d if cfg.norm == "layernorm" and cfg.bias else d
     return ParameterBreakdown(
-        embedding=V * d,
-        unembedding=0 if cfg.tie_embeddings else V * d,
-        attention_qkvo_each=L * d * d,
-        mlp_matrices_each=L * d * f,
+        embedding=vocab * d,
+        unembedding=0 if cfg.tie_embeddings else vocab * d,
+        attention_qkvo_each=n_layer * d * d,
+        mlp_matrices_each=n_layer * d * d_ff,
         n_mlp_matrices=n_mlp,
         positional=cfg.context_length * d if cfg.pos_encoding == "learned" else 0,
         biases=biases,
-        norms=norms,
+        norms=(2 * n_layer + 1) * per_norm,
     )
 
 
 def training_flops_per_token(cfg: ModelConfig) -> float:
-    """PaLM's model FLOPs (Chowdhery et al. 2022, appendix B): 6N + 12 * n_layer * d_model * context.
+    """Model FLOPs of one training token (forward + backward) as PaLM counts them for MFU (Chowdhery et al.
+    2022, appendix B; nanoGPT's estimate_mfu does the same):
 
-    N counts the parameters that take part in matrix products for every token: attention and MLP matrices
-    and the output projection (vocab x d_model, even when tied, since the logits are computed); the input
-    embedding is a lookup and costs nothing. The second term is attention's QK^T and AV products.
+        6 N + 12 n_layer d_model context_length
+
+    N is the parameters that enter a matrix product for every token: the attention and MLP matrices and the
+    output projection vocab x d_model (counted even when tied, since the logits are computed; the input
+    embedding is a lookup and costs nothing; biases and norms are negligible and left out). 6 = 2 FLOPs
+    per multiply-add x (1 forward + 2 backward). The second term is attention's QK^T and AV products over
+    the full context (not halved for the causal mask, as in PaLM).
     """
     p = count_parameters(cfg)
     matmul_params = p.attention + p.mlp + cfg.vocab_size * cfg.d_model
@@ -79,6 +108,7 @@ def training_flops_per_token(cfg: ModelConfig) -> float:
 
 
 def format_breakdown(cfg: ModelConfig) -> str:
+    """A table of count_parameters(cfg) and the training FLOPs per token, for `pipeline params`."""
     p = count_parameters(cfg)
     rows = [
         ("token embedding (vocab x d_model)", p.embedding),
@@ -89,19 +119,20 @@ def format_breakdown(cfg: ModelConfig) -> str:
     rows += [(f"MLP {m} matrices, all layers", p.mlp_matrices_each) for m in mlp_names]
     rows += [
         ("= weight matrices", p.weight_matrices),
-        ("positional table (learned)", p.positional),
-        ("biases", p.biases),
+        (f"positional table ({cfg.pos_encoding})", p.positional),
+        ("biases (linear layers)", p.biases),
         ("norm weights" + (" and biases" if cfg.norm == "layernorm" and cfg.bias else ""), p.norms),
         ("= total parameters", p.total),
         ("non-embedding parameters (Kaplan N)", p.non_embedding),
     ]
-    width = max(len(name) for name, _ in rows)
+    flops_label = "training FLOPs per token (6N + 12 L d T)"
+    width = max(len(name) for name, _ in [*rows, (flops_label, 0)])
     lines = [
         f"model {cfg.name}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads of "
-        f"{cfg.d_model // cfg.n_head}, d_ff {mlp_width(cfg)}, vocab {cfg.vocab_size}, context {cfg.context_length}",
+        f"{cfg.d_model // cfg.n_head}, d_ff {mlp_width(cfg)} ({cfg.activation}), vocab {cfg.vocab_size}, "
+        f"context {cfg.context_length}",
         "",
     ]
     lines += [f"  {name:<{width}}  {value:>18,}" for name, value in rows]
-    flops = training_flops_per_token(cfg)
-    lines += ["", f"  {'training FLOPs per token (6N + 12 L d T)':<{width}}  {flops:>18,.0f}"]
+    lines += ["", f"  {flops_label:<{width}}  {training_flops_per_token(cfg):>18,.0f}"]
     return "\n".join(lines)

@@ -1,18 +1,66 @@
-"""Parameter counts against published figures."""
+"""Parameter counts: equal to the instantiated module for every option, and to the published figures."""
 
 from __future__ import annotations
 
+import itertools
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from pipeline.config import ModelConfig, validate_model
-from pipeline.model_size import count_parameters
+from pipeline.model_size import count_parameters, format_breakdown, training_flops_per_token
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+OPTIONS = list(itertools.product(["learned", "sinusoidal", "rotary"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"]))
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(vocab_size=101, context_length=16, n_layer=2, n_head=4, d_model=32, d_ff=None)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("pos,norm,act", OPTIONS)
+@pytest.mark.parametrize("bias,tied", [(True, True), (False, False), (True, False), (False, True)])
+def test_parameter_count_matches_the_module(pos, norm, act, bias, tied):
+    from pipeline.model import GPT
+
+    cfg = small(pos_encoding=pos, norm=norm, activation=act, bias=bias, tie_embeddings=tied)
+    model = GPT(cfg)
+    params = dict(model.named_parameters())  # a tied lm_head.weight is listed once
+    p = count_parameters(cfg)
+    assert p.total == sum(t.numel() for t in params.values())
+    assert p.embedding == params["tok_emb.weight"].numel()
+    assert p.unembedding == (0 if tied else params["lm_head.weight"].numel())
+    assert p.positional == (params["pos_emb.weight"].numel() if pos == "learned" else 0)
+    assert p.biases == sum(t.numel() for n, t in params.items() if n.endswith("proj.bias"))
+    assert p.norms == sum(t.numel() for n, t in params.items() if "norm" in n)
+    assert p.attention == sum(t.numel() for n, t in params.items() if re.search(r"attn\.[qkvo]_proj\.weight", n))
+    assert p.mlp == sum(t.numel() for n, t in params.items() if re.search(r"mlp\.\w+_proj\.weight", n))
+
+
+def test_counting_175b_is_instant():
+    start = time.perf_counter()
+    count_parameters(load_model("gpt3_175b"))
+    assert time.perf_counter() - start < 0.1
+
+
+def test_flops_per_token_is_palms_6n_plus_attention():
+    cfg = small(tie_embeddings=True)
+    p = count_parameters(cfg)
+    # N: attention and MLP matrices plus the logits' vocab x d_model product (tied or not).
+    assert training_flops_per_token(cfg) == 6 * (p.attention + p.mlp + 101 * 32) + 12 * 2 * 32 * 16
+    assert training_flops_per_token(cfg) == training_flops_per_token(small(tie_embeddings=False))
+
+
+def test_format_breakdown_lists_every_component():
+    text = format_breakdown(small(activation="swiglu", pos_encoding="rotary"))
+    for label in ("W_Q", "W_O", "MLP gate", "positional", "biases", "norm", "total", "non-embedding", "FLOPs"):
+        assert label in text
 
 
 def load_model(name: str) -> ModelConfig:
