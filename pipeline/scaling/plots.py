@@ -18,23 +18,39 @@ def _pyplot():
     return plt
 
 
+def _groups_by_tokens(points: list[ScalingPoint], rel_tol: float = 0.05) -> dict[float, list[ScalingPoint]]:
+    groups: list[list[ScalingPoint]] = []
+    for p in sorted(points, key=lambda q: q.D):
+        if groups and abs(p.D - groups[-1][0].D) <= rel_tol * groups[-1][0].D:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return {float(np.exp(np.mean(np.log([p.D for p in g])))): g for g in groups}
+
+
 def plot_loss_vs_n(points: list[ScalingPoint], fit: ChinchillaFit | None, path: Path) -> Path:
-    """Observed losses against N, one colour per compute budget, with the approach-3 fit along D = C/6N."""
+    """Observed losses against N with the approach-3 surface. An N x D grid (most runs share their D with
+    another run) gets one colour per D and the curve L(N, D); IsoFLOP runs get one colour per budget and the
+    curve along D = C / 6N."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
-    groups = group_by_budget(points)
+    by_tokens = _groups_by_tokens(points)
+    per_d = sum(len(g) for g in by_tokens.values() if len(g) > 1) >= 0.75 * len(points)
+    groups = by_tokens if per_d else group_by_budget(points)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
-    for color, (C, group) in zip(colors, groups.items(), strict=True):
+    for color, (key, group) in zip(colors, groups.items(), strict=True):
         ns = np.array([p.N for p in group])
-        ax.scatter(ns, [p.loss for p in group], color=color, label=f"C = {C:.2g}", zorder=3)
+        label = f"D = {key:.2g} tokens" if per_d else f"C = {key:.2g} FLOPs"
+        ax.scatter(ns, [p.loss for p in group], color=color, label=label, zorder=3)
         if fit is not None:
             grid = np.logspace(np.log10(ns.min() / 1.5), np.log10(ns.max() * 1.5), 100)
-            ax.plot(grid, fit.loss(grid, C / (6 * grid)), color=color, alpha=0.6)
+            ax.plot(grid, fit.loss(grid, key if per_d else key / (6 * grid)), color=color, alpha=0.6)
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Loss vs model size per compute budget (lines: approach 3)")
-    ax.legend(fontsize=8)
+    per = "per token count" if per_d else "per compute budget"
+    ax.set_title(f"Loss vs model size {per} (lines: approach 3)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -68,17 +84,30 @@ def plot_isoflop(points: list[ScalingPoint], minima: IsoFLOPMinima, path: Path) 
     return path
 
 
-def plot_frontier(fit: ChinchillaFit | None, iso: IsoFLOPFit | None, budgets: list[float], path: Path) -> Path:
-    """Compute-optimal N against compute from both approaches, extrapolated to the requested budgets."""
+def plot_frontier(fit: ChinchillaFit | None, iso: IsoFLOPFit | None, budgets: list[float], path: Path,
+                  points: list[ScalingPoint] | None = None) -> Path:
+    """Compute-optimal N against compute from both approaches, extrapolated to the requested budgets, with
+    the approach-3 bootstrap band and the budgets' predictions marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
-    known = (iso.budgets if iso else []) + list(budgets)
+    known = (iso.budgets if iso else []) + list(budgets) + [p.compute() for p in points or []]
+    if not known:
+        raise ValueError("plot_frontier needs a compute range: pass budgets, runs (points) or an approach-2 fit")
     c_grid = np.logspace(np.log10(min(known) / 2), np.log10(max(known) * 2), 100)
     if fit is not None:
-        ax.plot(c_grid, [fit.compute_optimal(c)[0] for c in c_grid], label=f"approach 3: N ∝ C^{fit.a:.3f}")
+        line = ax.plot(c_grid, [fit.compute_optimal(c)[0] for c in c_grid], label=f"approach 3: N ∝ C^{fit.a:.3f}")
+        boots = fit.bootstrap_fits()
+        if boots:  # the band the bootstrap fits span, at the fit's confidence level
+            n_boot = np.array([[b.compute_optimal(c)[0] for c in c_grid] for b in boots])
+            q = 100 * (1 - fit.confidence) / 2
+            ax.fill_between(c_grid, np.percentile(n_boot, q, axis=0), np.percentile(n_boot, 100 - q, axis=0),
+                            color=line[0].get_color(), alpha=0.2, label=f"approach 3, {fit.confidence:.0%} bootstrap")
     if iso is not None:
         ax.scatter(iso.budgets, iso.n_opt, color="black", zorder=3, label="IsoFLOP minima")
         ax.plot(c_grid, iso.n_law(c_grid), linestyle="--", label=f"approach 2: N ∝ C^{iso.n_law.exponent:.3f}")
+    if fit is not None and budgets:
+        ax.scatter(budgets, [fit.compute_optimal(c)[0] for c in budgets], marker="x", color="red", zorder=4,
+                   label="predictions (approach 3)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training compute C (FLOPs)")

@@ -18,12 +18,11 @@ log = logging.getLogger(__name__)
 
 
 def shape_for_width(base: ModelConfig, d_model: int, sweep: SweepConfig) -> ModelConfig:
-    """The shape rule: depth grows with width at a fixed aspect ratio, heads of a fixed size, d_ff = 4 d."""
-    n_layer = max(1, round(d_model / sweep.aspect_ratio))
-    return dataclasses.replace(
-        base, name=f"d{d_model}", d_model=d_model, n_layer=n_layer, n_head=d_model // sweep.head_dim,
-        d_ff=4 * d_model,
-    )
+    """The shape rule (pipeline.scaling.shapes): depth grows with width at a fixed aspect ratio, heads of a
+    fixed size, d_ff = 4 d."""
+    from pipeline.scaling.shapes import shape_from_width
+
+    return dataclasses.replace(base, name=f"d{d_model}", **shape_from_width(d_model, sweep.aspect_ratio, sweep.head_dim))
 
 
 @dataclasses.dataclass
