@@ -35,7 +35,8 @@ Tools:
 
 Cluster (Ray Jobs API):
   submit <stage> [overrides] cluster=ray cluster.address=http://HOST:8265 [--no-wait]
-  jobs list|status|logs|stop [job id] --address http://HOST:8265
+  jobs list|status|logs|stop [job id] [--follow] --address http://HOST:8265
+               (--address defaults to $RAY_API_SERVER_ADDRESS; see cluster/README.md for Slurm and KubeRay)
 
 Add --cfg job to a stage to print the composed config instead of running it.
 """
@@ -149,10 +150,14 @@ def main(argv: list[str] | None = None) -> None:
         if not rest or rest[0] != "inspect":
             _fail("usage: pipeline data inspect <dataset dir> [--verify]")
         sys.exit(inspect_main(rest[1:]))
-    if command in ("submit", "jobs"):
-        from pipeline import submit
+    if command == "submit":
+        from pipeline.submit import main as submit_main
 
-        sys.exit(submit.submit(rest) if command == "submit" else submit.jobs(rest))
+        sys.exit(submit_main(rest))
+    if command == "jobs":
+        from pipeline.jobs import main as jobs_main
+
+        sys.exit(jobs_main(rest))
     if command == "scaling":
         from pipeline.scaling.cli import main as scaling_main
 

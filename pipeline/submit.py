@@ -1,184 +1,306 @@
-"""`pipeline submit <stage> [overrides...] cluster.address=http://HOST:8265` and `pipeline jobs ...`:
-the same stage and overrides, run on a Ray cluster through the Ray Jobs API.
+"""`pipeline submit <stage> [overrides...] cluster=ray cluster.address=http://HOST:8265 [--no-wait]`:
+the same stage with the same overrides, run on a Ray cluster through the Ray Jobs API.
 
-Everything that can be checked here is checked before anything is sent (in seconds): the overrides
-compose into a valid config, the cluster answers, and output_dir is a path the cluster's nodes can share.
-The job uploads this source tree as its working directory and runs `python -m pipeline.cli <stage>
-<overrides> cluster.address=auto`, which joins the cluster it runs on.
+Everything that can be checked here is checked before anything is sent, in seconds: the overrides
+compose into a valid config, output_dir is a path every node of the cluster can share, and the address
+answers as a Ray Jobs API. The job carries the pipeline's code (cluster.runtime_env_working_dir) and runs
+`python -m pipeline.cli <stage> <overrides> cluster.address=auto`, which joins the cluster it runs on.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
+import ipaddress
+import json
+import os
 import shlex
+import shutil
 import socket
 import sys
-import time
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.config import ConfigError
+from pipeline.config import ClusterConfig, ConfigError
 
 SUBMITTABLE = ("prepare", "train", "evaluate", "run", "sweep", "export")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# Not uploaded with the working directory.
+# Not uploaded when cluster.runtime_env_working_dir names a directory.
 EXCLUDES = [".venv", "outputs", ".git", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "mlruns"]
+# Directories that are private to one machine: other nodes never see what is written there.
+NODE_LOCAL_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# `pipeline jobs stop` sends SIGTERM: the driver asks the workers to checkpoint (see train.forward_preemption)
+# and Ray waits this long before SIGKILL (its default is 3 s, too short to write a checkpoint).
+STOP_GRACE_S = 120
+START_CLUSTER_HINT = (
+    "start one with `ray start --head --dashboard-host=0.0.0.0` (Jobs API on port 8265), reach a remote one "
+    "with `ray dashboard cluster/ray/cluster.yaml` or `kubectl port-forward svc/<cluster>-head-svc 8265:8265`, "
+    "and see cluster/README.md"
+)
 
 
-def check_reachable(address: str, timeout_s: float) -> None:
-    """Fail fast (a TCP connect with a timeout) when the Jobs API URL is wrong or the cluster is down."""
+def parse_jobs_address(address: str | None, option: str = "cluster.address="):
+    """The URL of a Ray Jobs API, checked without touching the network. `option` is how the user gave the
+    address, for the messages."""
+    if not address:
+        raise ConfigError(
+            f"no cluster address: pass {option}http://HOST:8265 (the Jobs API of a running Ray cluster); "
+            f"{START_CLUSTER_HINT}."
+        )
     url = urlparse(address)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError(
-            f"cluster.address={address} is not a Ray Jobs API URL: use http://HOST:8265 (the dashboard port of "
-            f"the head node; for KubeRay, port-forward the head service: kubectl port-forward svc/<cluster>-head-svc 8265)."
+            f"{option}{address} is not a Ray Jobs API URL: use http://HOST:8265, the dashboard port of "
+            f"the head node (not the GCS port 6379, and not `auto`, which only works on the cluster itself); "
+            f"{START_CLUSTER_HINT}."
         )
-    port = url.port or (443 if url.scheme == "https" else 80)
+    return url
+
+
+def check_jobs_address(address: str | None, timeout_s: float, option: str = "cluster.address=") -> str:
+    """The cluster's Jobs API answers at `address`; returns the Ray version it runs. Fails in timeout_s."""
+    url = parse_jobs_address(address, option)
     try:
-        with socket.create_connection((url.hostname, port), timeout=timeout_s):
-            pass
-    except OSError as err:
+        with urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=timeout_s) as answer:
+            body = answer.read()
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise ConfigError(
+                f"the Ray cluster at {address} requires a token (HTTP {err.code}): export RAY_AUTH_TOKEN=<token> "
+                f"(or write it to ~/.ray/auth_token) before `pipeline submit`."
+            ) from err
         raise ConfigError(
-            f"cannot reach the Ray cluster at {address} ({err}): check that the head node runs "
-            f"(`ray start --head --dashboard-host=0.0.0.0`) and that port {port} is reachable from here."
+            f"{address} answers HTTP {err.code} on /api/version: it is not a Ray Jobs API; use the head node's "
+            f"dashboard port (8265 unless --dashboard-port was given)."
+        ) from err
+    except http.client.HTTPException as err:  # something answers, but not HTTP (e.g. the GCS port)
+        raise ConfigError(
+            f"{address} answers, but not as a Ray Jobs API ({err!r}): use the head node's dashboard port (8265 "
+            f"unless --dashboard-port was given), not the GCS port."
+        ) from err
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({reason}, within {timeout_s:g} s): check that the head "
+            f"node runs and that port {url.port or 80} is reachable from here; {START_CLUSTER_HINT}."
+        ) from err
+    try:
+        return json.loads(body)["ray_version"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{address} answers, but not as a Ray Jobs API (no ray_version at /api/version): use the head node's "
+            f"dashboard port (8265 unless --dashboard-port was given)."
         ) from err
 
 
-def check_shared_storage(output_dir: str) -> None:
-    """output_dir is where shards, checkpoints and MLflow live: every node must see the same path."""
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", socket.gethostname()):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_shared_storage(output_dir: str, cluster: ClusterConfig) -> None:
+    """output_dir holds shards, checkpoints and the MLflow store: every node must see the same files there."""
     if "://" in output_dir:
         raise ConfigError(
-            f"output_dir={output_dir}: object-store URIs are not written directly; mount the bucket on every node "
-            f"(s3fs, gcsfuse, a CSI volume) and pass the mount path."
+            f"output_dir={output_dir} is a URI: the pipeline writes shards, DeepSpeed checkpoints and MLflow with "
+            f"file-system calls, so mount the bucket on every node (s3fs, gcsfuse, a CSI volume) and pass the "
+            f"mount path, e.g. output_dir=/shared/pipeline cluster.shared_storage=/shared."
         )
-    path = Path(output_dir)
+    path = Path(os.path.normpath(output_dir))  # /shared/../etc is not below /shared
     if not path.is_absolute():
         raise ConfigError(
-            f"output_dir={output_dir} is relative: on a cluster it must be an absolute path on storage every node "
-            f"mounts (e.g. output_dir=/shared/pipeline)."
+            f"output_dir={output_dir} is relative: the job runs on the cluster, so give an absolute path on "
+            f"storage every node mounts (e.g. output_dir=/shared/pipeline)."
         )
-    probe = path if path.exists() else path.parent
-    if not probe.is_dir():
+    shared = cluster.shared_storage
+    if shared:
+        if "://" in shared or not Path(shared).is_absolute():
+            raise ConfigError(
+                f"cluster.shared_storage={shared} must be the absolute path where every node mounts the shared "
+                f"storage (e.g. /shared)."
+            )
+        if not path.is_relative_to(shared):
+            raise ConfigError(
+                f"output_dir={output_dir} is outside cluster.shared_storage={shared}, the storage every node "
+                f"mounts: put it below, e.g. output_dir={Path(shared) / 'pipeline'}."
+            )
+        return  # the cluster mounts it; this machine need not
+    host = urlparse(cluster.address or "").hostname or ""
+    if not _is_loopback(host) and any(path.is_relative_to(d) for d in NODE_LOCAL_DIRS):
         raise ConfigError(
-            f"output_dir={output_dir} is not reachable from here ({probe} does not exist): pass a path on the shared "
-            f"file system that the cluster's nodes mount (it is checked from the submitting machine)."
+            f"output_dir={output_dir} is in a node-local directory ({', '.join(NODE_LOCAL_DIRS)}) that the nodes of "
+            f"the cluster at {cluster.address} do not share: use shared storage (and set cluster.shared_storage "
+            f"to its mount point)."
         )
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output_dir={output_dir} is not reachable from here: {existing} exists but is not a writable "
+            f"directory. Pass a path on the file system the cluster's nodes share, or set cluster.shared_storage "
+            f"to its mount point when this machine does not mount it."
+        )
+
+
+def check_job_paths(cfg) -> None:
+    """Input paths are read on the cluster, whose working directory is not this one: they must be absolute."""
+    for name, value in (("data.path", cfg.data.path), ("data.tokenizer.model_path", cfg.data.tokenizer.model_path)):
+        if value and cfg.data.source != "hf_hub" and not Path(value).expanduser().is_absolute():
+            raise ConfigError(
+                f"{name}={value} is relative: the job runs on the cluster, so give an absolute path on storage "
+                f"every node mounts."
+            )
 
 
 def compose_checked(stage: str, overrides: list[str]):
-    """Compose and validate the job's config locally; paths on the cluster (data.path) are not checked here."""
+    """Compose and validate the job's config here, as the stage will on the cluster (but input paths, which
+    live on the cluster's storage, are not looked up)."""
     from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
 
-    from pipeline.config import validate_cluster, validate_model, validate_parallel, validate_train
+    from pipeline.config import (
+        validate_cluster,
+        validate_eval,
+        validate_model,
+        validate_parallel,
+        validate_train,
+    )
     from pipeline.schema import register_schema
 
     register_schema()
     try:
         with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
             node = compose(config_name="config", overrides=overrides)
-    except Exception as err:  # Hydra's override and type errors
+        cfg = OmegaConf.to_object(node)
+    except Exception as err:  # Hydra's override grammar, unknown keys, wrong types
         raise ConfigError(f"the overrides do not compose: {err}") from err
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_object(node)
+    validate_cluster(cfg.cluster)
     validate_model(cfg.model)
     validate_parallel(cfg.parallel, cfg.model)
     validate_train(cfg.train, cfg.parallel, cfg.model)
-    validate_cluster(cfg.cluster)
+    validate_eval(cfg.eval)
+    check_job_paths(cfg)
     return cfg
 
 
 def job_entrypoint(stage: str, overrides: list[str]) -> str:
-    kept = [o for o in overrides if not o.startswith("cluster.address=")]
+    """The command the cluster runs: the same stage and overrides, joining the cluster it runs on."""
+    kept = [o for o in overrides if o.lstrip("+").split("=", 1)[0] != "cluster.address"]
     return shlex.join(["python", "-m", "pipeline.cli", stage, *kept, "cluster.address=auto"])
 
 
-def runtime_env(cfg) -> dict:
-    # PIPELINE_JOB_DIR: the job runs from the shared output_dir rather than from the unpacked code, whose
-    # directory Ray may unpack again (a new inode) when another node's runtime-env agent shares this disk.
-    return {"working_dir": str(REPO_ROOT), "excludes": EXCLUDES,
-            "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "PIPELINE_JOB_DIR": cfg.output_dir}}
+def stage_installed_layout(dest: Path) -> Path:
+    """Copy the pipeline's packages into dest as they are installed (the Hydra tree as pipeline/conf), so the
+    job imports them from its working directory whether or not the cluster has the project installed."""
+    import data_prep
+    import pipeline
+    import pipeline.conf
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "conf")
+    shutil.copytree(pipeline.__path__[0], dest / "pipeline", ignore=ignore)
+    shutil.copytree(pipeline.conf.__path__[0], dest / "pipeline" / "conf",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(data_prep.__path__[0], dest / "data_prep", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
 
 
-def _client(address: str):
+@contextmanager
+def runtime_env(cluster: ClusterConfig, output_dir: str):
+    """The job's runtime environment; an "auto" working directory is staged in a temporary directory that
+    lives until the job is submitted (the client uploads it during submit_job)."""
+    env = {
+        "env_vars": {
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",
+            "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),
+            # The job works from the shared output_dir: the unpacked code directory is private to one node.
+            "PIPELINE_JOB_DIR": output_dir,
+        }
+    }
+    source = cluster.runtime_env_working_dir
+    if source is None:
+        yield env
+    elif source == "auto":
+        with tempfile.TemporaryDirectory(prefix="pipeline-job-") as tmp:
+            yield {**env, "working_dir": str(stage_installed_layout(Path(tmp)))}
+    else:
+        if not Path(source).is_dir():
+            raise ConfigError(f"cluster.runtime_env_working_dir={source} is not a directory: fix it, or use auto.")
+        yield {**env, "working_dir": str(Path(source).resolve()), "excludes": EXCLUDES}
+
+
+def connect(address: str):
+    """A JobSubmissionClient for a Jobs API URL that answered check_jobs_address."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # connection, version or authentication errors
+        raise ConfigError(f"the Ray Jobs API at {address} refused the connection: {err}") from err
 
 
 def follow(client, job_id: str) -> str:
-    """Stream the job's logs until it ends; returns its final status."""
+    """Print the job's logs as they come until it ends; returns its final status (e.g. SUCCEEDED)."""
+    import time
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
             print(lines, end="", flush=True)
 
     asyncio.run(tail())
-    for _ in range(50):
-        status = client.get_job_status(job_id)
+    status = client.get_job_status(job_id)
+    for _ in range(100):  # the log stream can close just before the status turns terminal
         if status.is_terminal():
-            return str(status.value if hasattr(status, "value") else status)
+            break
         time.sleep(0.2)
-    return str(client.get_job_status(job_id))
+        status = client.get_job_status(job_id)
+    return str(status.value)
 
 
-def submit(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=SUBMITTABLE)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for the stage itself")
-    parser.add_argument("--no-wait", action="store_true", help="print the job id and return without tailing logs")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_intermixed_args(argv)
     try:
         cfg = compose_checked(args.stage, args.overrides)
-        if not cfg.cluster.address:
-            raise ConfigError("give the cluster's Jobs API URL: cluster=ray cluster.address=http://HOST:8265")
-        check_shared_storage(cfg.output_dir)
-        check_reachable(cfg.cluster.address, cfg.cluster.connect_timeout_s)
+        parse_jobs_address(cfg.cluster.address)
+        check_shared_storage(cfg.output_dir, cfg.cluster)
+        ray_version = check_jobs_address(cfg.cluster.address, cfg.cluster.connect_timeout_s)
+        client = connect(cfg.cluster.address)
+        entrypoint = job_entrypoint(args.stage, args.overrides)
+        with runtime_env(cfg.cluster, cfg.output_dir) as env:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
+                                       metadata={"stage": args.stage, "run_name": str(cfg.run_name)})
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    client = _client(cfg.cluster.address)
-    entrypoint = job_entrypoint(args.stage, args.overrides)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(cfg),
-                               metadata={"stage": args.stage, "run_name": cfg.run_name})
-    print(f"submitted job {job_id} to {cfg.cluster.address}: {entrypoint}", flush=True)
+    import ray
+
+    if ray_version != ray.__version__:
+        print(f"warning: the cluster runs Ray {ray_version}, this machine Ray {ray.__version__}", file=sys.stderr)
+    address = cfg.cluster.address
+    print(f"submitted job {job_id} to {address}: {entrypoint}", flush=True)
     if args.no_wait:
-        print(f"follow it with: pipeline jobs logs {job_id} --address {cfg.cluster.address}")
+        print(f"follow it with: pipeline jobs logs {job_id} --follow --address {address}")
         return 0
-    status = follow(client, job_id)
-    print(f"job {job_id} ended: {status}")
-    return 0 if status.endswith("SUCCEEDED") else 1
-
-
-def jobs(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pipeline jobs", description="Jobs on a Ray cluster (Ray Jobs API).")
-    parser.add_argument("action", choices=["list", "logs", "stop", "status"])
-    parser.add_argument("job_id", nargs="?")
-    parser.add_argument("--address", required=True, help="the cluster's Jobs API URL, http://HOST:8265")
-    parser.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
-    args = parser.parse_args(argv)
     try:
-        check_reachable(args.address, 10.0)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    client = _client(args.address)
-    if args.action == "list":
-        for info in client.list_jobs():
-            print(f"{info.submission_id}  {info.status}  {info.entrypoint}")
-        return 0
-    if not args.job_id:
-        print(f"error: pipeline jobs {args.action} needs a job id", file=sys.stderr)
-        return 2
-    if args.action == "logs":
-        if args.follow:
-            print(f"ended: {follow(client, args.job_id)}")
-        else:
-            print(client.get_job_logs(args.job_id), end="")
-    elif args.action == "status":
-        print(client.get_job_status(args.job_id))
-    else:
-        print(f"stop requested: {client.stop_job(args.job_id)}")
-    return 0
+        status = follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on. Stop it with: pipeline jobs stop {job_id} --address {address}")
+        return 130
+    print(f"job {job_id} ended: {status}")
+    return 0 if status == "SUCCEEDED" else 1

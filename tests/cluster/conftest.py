@@ -1,75 +1,117 @@
-"""A real local Ray cluster of two nodes on loopback: separate `ray start` processes, each with its own CPUs.
-It is always stopped, even when a test fails, and leaves no Ray process behind."""
+"""A real local Ray cluster of two nodes on loopback: two `ray start` processes, each with its own CPUs, temp
+directory and custom resource, as on two machines.
+
+Teardown always runs, even when a test fails, and stops exactly this cluster: every process of the two
+`ray start` sessions and their descendants (job drivers run in sessions of their own), first with SIGTERM,
+then SIGKILL. Not `ray stop --force`, which kills every Ray process of the machine, including other users'
+clusters. It then asserts that nothing of this cluster is left.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
-RAY_PROCESS_NAMES = ("raylet", "gcs_server", "dashboard", "ray::")
+
+@dataclass
+class LocalCluster:
+    jobs_url: str  # Ray Jobs API (dashboard), for `pipeline submit`
+    gcs_address: str  # for `ray start --address` / ray.init
+    node_ids: dict[str, str]  # custom resource name (head_node, second_node) -> Ray node id
+    env: dict[str, str]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def ray_processes() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        text = " ".join([proc.info["name"] or "", *(proc.info["cmdline"] or [])])
-        if any(name in text for name in RAY_PROCESS_NAMES) and "pytest" not in text:
-            found.append(proc)
-    return found
+def cluster_processes(session_ids: set[int], temp_dirs: list[str]) -> list[psutil.Process]:
+    """Living processes of the `ray start` sessions, their descendants, and anything naming our temp dirs."""
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            mine = os.getsid(proc.pid) in session_ids or any(d in " ".join(proc.info["cmdline"] or []) for d in temp_dirs)
+            if mine:
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    found[child.pid] = child
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return [p for p in found.values() if p.pid != os.getpid()]
 
 
-def _count_nodes(address: str, env: dict) -> int:
-    code = (f"import ray; ray.init(address='{address}', logging_level='ERROR'); "
-            "print(sum(n['Alive'] for n in ray.nodes()))")
+def stop_cluster(session_ids: set[int], temp_dirs: list[str]) -> list[psutil.Process]:
+    """SIGTERM, a grace period, then SIGKILL; returns what is still alive afterwards."""
+    for sig_method, grace_s in (("terminate", 5), ("kill", 10)):
+        procs = cluster_processes(session_ids, temp_dirs)
+        if not procs:
+            return []
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                getattr(proc, sig_method)()
+        psutil.wait_procs(procs, timeout=grace_s)
+    return [p for p in cluster_processes(session_ids, temp_dirs) if p.is_running()]
+
+
+def _node_ids(gcs: str, env: dict) -> dict[str, str]:
+    code = (f"import json, ray; ray.init(address='{gcs}', logging_level='ERROR', log_to_driver=False); "
+            "print(json.dumps({r: n['NodeID'] for n in ray.nodes() if n['Alive'] "
+            "for r in n['Resources'] if r in ('head_node', 'second_node')}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else {}
 
 
-@pytest.fixture
-def two_node_ray_cluster():
-    """Yields (jobs_api_url, gcs_address)."""
+def _ray_start(args: list[str], env: dict, session_ids: set[int]) -> None:
     ray = str(Path(sys.executable).with_name("ray"))
-    port, dashboard = _free_port(), _free_port()
-    # Jobs run `python` from the raylet's PATH: the project's interpreter first.
-    # Token authentication off: a throwaway cluster on loopback (real clusters keep it on; see cluster/README.md).
+    # A new session: every daemon `ray start` leaves behind keeps its id, which is how teardown finds them.
+    proc = subprocess.Popen([ray, "start", *args, "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    session_ids.add(proc.pid)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"ray start {' '.join(args)} failed:\n{output[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def two_node_ray_cluster():
+    """Shared by the tests of a module (starting it takes ~25 s on 2 cores); stopped after the last one."""
+    port, dashboard = free_port(), free_port()
+    # Jobs run `python` from the raylet's PATH: the project's interpreter first. Token authentication off: a
+    # throwaway cluster on loopback (real clusters keep it on; see cluster/README.md).
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # Short names: Ray's socket paths have a length limit.
+    temp_dirs = [tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")]
+    sessions: set[int] = set()
     gcs = f"127.0.0.1:{port}"
     try:
-        subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                        f"--temp-dir={temp_dir}", "--resources=" + json.dumps({"head_node": 1}), "--disable-usage-stats"],
-                       check=True, env=env, capture_output=True, timeout=120)
-        subprocess.run([ray, "start", f"--address={gcs}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-                        "--resources=" + json.dumps({"second_node": 1}), "--disable-usage-stats"],
-                       check=True, env=env, capture_output=True, timeout=120)
+        _ray_start(["--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    f"--temp-dir={temp_dirs[0]}", "--resources=" + json.dumps({"head_node": 1})], env, sessions)
+        _ray_start([f"--address={gcs}", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dirs[1]}",
+                    "--resources=" + json.dumps({"second_node": 1})], env, sessions)
         deadline = time.time() + 60
-        while _count_nodes(gcs, env) < 2:
-            assert time.time() < deadline, "the second Ray node did not join"
+        while len(node_ids := _node_ids(gcs, env)) < 2:
+            assert time.time() < deadline, f"the two Ray nodes did not both come up: {node_ids}"
             time.sleep(1)
-        yield f"http://127.0.0.1:{dashboard}", gcs
+        yield LocalCluster(f"http://127.0.0.1:{dashboard}", gcs, node_ids, env)
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        deadline = time.time() + 30
-        while ray_processes() and time.time() < deadline:
-            time.sleep(0.5)
-        leftovers = ray_processes()
-        for proc in leftovers:
-            proc.kill()
-        assert not leftovers, f"Ray processes left behind: {[p.pid for p in leftovers]}"
+        leftovers = stop_cluster(sessions, temp_dirs)
+        for d in temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        assert not leftovers, f"processes of the test's Ray cluster left behind: {[p.pid for p in leftovers]}"

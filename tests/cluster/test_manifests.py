@@ -1,33 +1,68 @@
-"""The cluster files parse, name the keys their engines need, and run commands the CLI has."""
+"""The cluster files parse, name the keys their engines need, and every `pipeline ...` command they (and the
+READMEs) run is a real command whose overrides compose with the Hydra config."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_module
 
 from pipeline.cli import CONFIG_STAGES
-from pipeline.submit import compose_checked
+from pipeline.config import ClusterConfig, validate_cluster
+from pipeline.schema import register_schema
+from pipeline.submit import SUBMITTABLE, compose_checked
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 TOOL_COMMANDS = {"data", "checkpoint", "scaling", "submit", "jobs"}
+HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+
+
+def compose_hydra(overrides: list[str]):
+    """Compose with the hydra node, for overrides of hydra/launcher and hydra.* keys."""
+    register_schema()
+    with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 
 def check_pipeline_command(command: str) -> None:
-    """`pipeline <stage> overrides...` (or python -m pipeline.cli ...): a real stage whose overrides compose."""
+    """`pipeline <command> ...` or `python -m pipeline.cli <command> ...`: a command the CLI has; for stages
+    (also when submitted) the overrides compose and validate as they would on the cluster."""
     words = shlex.split(command)
     if words[:3] == ["python", "-m", "pipeline.cli"]:
         words = ["pipeline", *words[3:]]
-    assert words[0] == "pipeline", command
-    stage, overrides = words[1], [w for w in words[2:] if "=" in w and not w.startswith("-")]
-    assert stage in CONFIG_STAGES or stage in TOOL_COMMANDS, command
-    if stage in CONFIG_STAGES:
-        compose_checked(stage, overrides)
+    assert words[0] == "pipeline" and len(words) > 1, command
+    command_name, args = words[1], words[2:]
+    assert command_name in CONFIG_STAGES or command_name in TOOL_COMMANDS, command
+    if command_name == "submit":
+        assert args[0] in SUBMITTABLE, command
+        command_name, args = args[0], args[1:]
+    if command_name not in CONFIG_STAGES or command_name == "params":
+        return
+    multirun = "-m" in args
+    overrides = [w for w in args if "=" in w and not w.startswith("-")]
+    if multirun:  # a sweep: each point is one value of every swept key
+        overrides = [o.split(",")[0] for o in overrides]
+    if any(o.startswith("hydra") for o in overrides):
+        if "hydra/launcher=pipeline_slurm" in overrides and not HAS_SUBMITIT:
+            return  # the launcher comes with the `cluster` extra
+        compose_hydra(overrides)
+        overrides = [o for o in overrides if not o.startswith("hydra")]
+    compose_checked(command_name, overrides)
+
+
+@pytest.mark.parametrize("name", ["local", "ray", "slurm", "kubernetes"])
+def test_cluster_configs_compose(name):
+    cfg = compose_checked("train", [f"cluster={name}"])
+    assert isinstance(cfg.cluster, ClusterConfig) and cfg.cluster.name == name
+    validate_cluster(cfg.cluster)
+    if name in ("slurm", "kubernetes"):
+        assert cfg.cluster.address == "auto"  # the pipeline runs on the cluster and joins it
 
 
 def test_kuberay_raycluster():
@@ -35,57 +70,86 @@ def test_kuberay_raycluster():
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
     head = doc["spec"]["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
-    ports = {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
-    assert 8265 in ports  # the Jobs API that `pipeline submit` talks to
+    (container,) = head["template"]["spec"]["containers"]
+    assert 8265 in {p["containerPort"] for p in container["ports"]}  # the Jobs API that `pipeline submit` uses
     groups = doc["spec"]["workerGroupSpecs"]
-    assert groups and all(g["template"]["spec"]["containers"][0]["image"] for g in groups)
+    assert groups and all(g["groupName"] and g["replicas"] >= 1 for g in groups)
+    _check_pods_mount_shared_storage([head, *groups])
 
 
 def test_kuberay_rayjob_runs_a_pipeline_stage():
     doc = yaml.safe_load((CLUSTER / "kubernetes" / "rayjob.yaml").read_text())
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
     spec = doc["spec"]
-    assert {"headGroupSpec", "workerGroupSpecs"} <= set(spec["rayClusterSpec"])
+    cluster_spec = spec["rayClusterSpec"]
+    assert {"headGroupSpec", "workerGroupSpecs"} <= set(cluster_spec)
+    _check_pods_mount_shared_storage([cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]])
     check_pipeline_command(spec["entrypoint"])
+    cfg = compose_checked("run", shlex.split(spec["entrypoint"])[2:])
+    assert cfg.cluster.address == "auto" and cfg.output_dir.startswith(cfg.cluster.shared_storage)
+
+
+def _check_pods_mount_shared_storage(groups: list[dict]) -> None:
+    """Every pod mounts the volume that output_dir lives on, at the mount point cluster=kubernetes names."""
+    shared = compose_checked("train", ["cluster=kubernetes"]).cluster.shared_storage
+    for group in groups:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["image"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert shared in mounts, group
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mounts[shared]]
+        assert volume["persistentVolumeClaim"]["claimName"]
 
 
 def test_dockerfile_installs_the_project():
     text = (CLUSTER / "kubernetes" / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.\d+", text, re.M)
-    assert "pip install" in text and "TORCH_SPEC" in text and "COPY conf" in text
+    assert re.search(r"^ARG TORCH_INDEX=", text, re.M)  # CPU or CUDA torch build
+    assert re.search(r'^RUN pip install .*"\.\[cluster\]"', text, re.M)
+    for copied in ("pyproject.toml", "pipeline", "data_prep", "conf"):
+        assert re.search(rf"^COPY .*\b{copied}\b", text, re.M), copied
 
 
 def test_ray_cluster_launcher_yaml():
     doc = yaml.safe_load((CLUSTER / "ray" / "cluster.yaml").read_text())
-    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in ("cluster_name", "max_workers", "provider", "auth", "available_node_types", "head_node_type",
+                "file_mounts", "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
         assert key in doc, key
+    assert doc["provider"]["type"]
     assert doc["head_node_type"] in doc["available_node_types"]
-    assert any("ray start --head" in c for c in doc["head_start_ray_commands"])
-    assert any("pip install" in c for c in doc["setup_commands"])
+    for node_type in doc["available_node_types"].values():
+        assert {"node_config", "resources"} <= set(node_type)
+    assert any("ray start --head" in c and "--dashboard-host=0.0.0.0" in c for c in doc["head_start_ray_commands"])
+    assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in doc["worker_start_ray_commands"])
+    mounted = next(remote for remote, local in doc["file_mounts"].items() if local == ".")
+    assert any(f"pip install -e \"{mounted}[cluster]\"" in c for c in doc["setup_commands"])
 
 
-def test_slurm_script_is_valid_bash_and_forwards_preemption():
-    script = CLUSTER / "slurm" / "pipeline.sbatch"
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    text = script.read_text()
-    assert "#SBATCH --signal=B:USR1@" in text and "trap forward USR1 TERM" in text
-    assert "start --head" in text and "--address=" in text
-    assert '-m pipeline.cli "$STAGE" "$@" cluster=slurm' in text
-    compose_checked("train", ["cluster=slurm"])
+def test_slurm_script_runs_a_stage_that_composes():
+    text = (CLUSTER / "slurm" / "pipeline.sbatch").read_text()
+    (driver,) = re.findall(r'^"\$PIPELINE_PYTHON" -m pipeline.cli .*', text, re.M)
+    assert driver.endswith('"$STAGE" "$@" cluster=slurm &')
+    check_pipeline_command("pipeline train model.n_layer=2 cluster=slurm")
 
 
+@pytest.mark.skipif(not HAS_SUBMITIT, reason="hydra-submitit-launcher is in the `cluster` extra")
 def test_submitit_launcher_config():
-    doc = yaml.safe_load((REPO / "conf" / "hydra" / "launcher" / "pipeline_slurm.yaml").read_text())
-    assert "submitit_slurm" in doc["defaults"]
-    assert doc["signal_delay_s"] > 0 and doc["nodes"] == 1
+    launcher = compose_hydra(["hydra/launcher=pipeline_slurm", "hydra.launcher.partition=gpu"]).hydra.launcher
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.nodes == 1
+    assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0  # preempted points are resubmitted
 
 
 @pytest.mark.parametrize("doc", ["cluster/README.md", "README.md"])
-def test_documented_pipeline_commands_exist(doc):
+def test_documented_pipeline_commands_exist_and_compose(doc):
     text = (REPO / doc).read_text()
     commands = re.findall(r"^\s*(pipeline [a-z]+[^\n#]*)", text, re.M)
     assert commands
+    # sbatch ... cluster/slurm/pipeline.sbatch <stage> <overrides>: the script adds cluster=slurm.
+    for stage, overrides in re.findall(r"pipeline\.sbatch ([a-z]+)([^\n#]*)", text):
+        commands.append(f"pipeline {stage} {overrides} cluster=slurm")
     for command in commands:
-        words = shlex.split(command.replace("<", "").replace(">", ""))
-        assert words[1] in CONFIG_STAGES or words[1] in TOOL_COMMANDS, command
+        if "<" in command:  # a placeholder such as <job id>
+            command = re.sub(r"<[^>]*>", "X", command)
+        check_pipeline_command(command.replace("$PWD", "/tmp"))

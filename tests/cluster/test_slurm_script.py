@@ -1,0 +1,101 @@
+"""cluster/slurm/pipeline.sbatch run under stand-ins for srun, scontrol and python: it starts a Ray head, then
+a worker per other node, waits for all of them, runs the stage as the driver, forwards Slurm's USR1 to it
+and requeues the job when the driver checkpointed (exit 75)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "cluster" / "slurm" / "pipeline.sbatch"
+
+FAKES = {
+    # srun [--option=value ...] command...: run the command here.
+    "srun": 'while [[ "$1" == --* ]]; do shift; done; exec "$@"',
+    "scontrol": 'case "$1" in show) echo "$FAKE_NODES" | tr " " "\\n";; requeue) echo "requeue $2" >> "$LOG";; esac',
+    "hostname": "echo 10.0.0.1",
+    "python": r'''
+if [ "$1 $2" = "-m ray.scripts.scripts" ]; then
+  echo "ray $*" >> "$LOG"; exec sleep 300
+elif [ "$1" = "-" ]; then
+  cat > /dev/null; echo "wait for $3 nodes at $2" >> "$LOG"
+elif [ "$1 $2" = "-m pipeline.cli" ]; then
+  trap 'echo "driver got USR1" >> "$LOG"; exit 75' USR1
+  echo "driver $*" >> "$LOG"
+  [ "$FAKE_DRIVER" = "succeeds" ] && exit 0
+  for _ in $(seq 600); do sleep 0.1; done
+fi''',
+}
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKES.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "FAKE_NODES": "n1 n2 n3",
+           "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "8",
+           "SLURM_GPUS_PER_TASK": "4", "PIPELINE_PYTHON": str(bin_dir / "python")}
+    return env, log
+
+
+def _start(env) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(SCRIPT), "train", "model.n_layer=2", "output_dir=/shared/out"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=30)
+        return proc.returncode, out
+    finally:
+        # The script's EXIT trap should have stopped its background steps; make sure (only this test's group).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_starts_ray_on_every_node_then_runs_the_stage(fake_slurm):
+    env, log = fake_slurm
+    code, out = _finish(_start({**env, "FAKE_DRIVER": "succeeds"}))
+    assert code == 0, out
+    lines = log.read_text().splitlines()
+    (head,) = [line for line in lines if "start --head" in line]
+    assert head.startswith("ray -m ray.scripts.scripts start --head --node-ip-address=10.0.0.1 --port=6379")
+    assert "--num-cpus=8 --num-gpus=4" in head and "--block" in head
+    workers = [line for line in lines if "start --address=10.0.0.1:6379" in line]
+    assert len(workers) == 2  # n2 and n3
+    # Ray starts in the background (srun steps); the script waits for the head, then for all three nodes.
+    synchronous = [line for line in lines if not line.startswith("ray ")]
+    assert synchronous == ["wait for 1 nodes at 10.0.0.1:6379", "wait for 3 nodes at 10.0.0.1:6379",
+                           "driver -m pipeline.cli train model.n_layer=2 output_dir=/shared/out cluster=slurm"]
+    assert "requeue" not in log.read_text()
+
+
+def test_forwards_preemption_and_requeues(fake_slurm):
+    env, log = fake_slurm
+    proc = _start(env)
+    deadline = time.time() + 20
+    while "driver" not in (log.read_text() if log.exists() else ""):
+        assert time.time() < deadline and proc.poll() is None, "the driver did not start"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGUSR1)  # what --signal=B:USR1@120 does
+    code, out = _finish(proc)
+    assert code == 75, out
+    assert "driver got USR1" in log.read_text()
+    assert "requeue 42" in log.read_text()
+    assert "requeueing job 42" in out
+
+
+def test_is_valid_bash_and_asks_slurm_for_the_signal():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    text = SCRIPT.read_text()
+    assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text
