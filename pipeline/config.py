@@ -35,7 +35,8 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
-    # Hidden width of the MLP; null means 4 * d_model (or 8/3 * d_model rounded for SwiGLU).
+    # Hidden width of the MLP; null means 4 * d_model for GELU and 8/3 * d_model rounded up to a multiple
+    # of 64 for SwiGLU (pipeline.model_size.mlp_width).
     d_ff: int | None = None
     dropout: float = 0.0
     bias: bool = True
@@ -89,7 +90,8 @@ class DataConfig:
     shard_tokens: int = 16_777_216
     # Undecodable bytes in the input: replace | skip (skip drops the whole document)
     on_decode_error: str = "replace"
-    # Keep document start offsets of every window (for intra-document attention masks).
+    # Also write <split>_doc_starts.npy: the token offsets where documents start (for intra-document
+    # attention masks); the EOS after every document marks the same boundaries in the tokens themselves.
     keep_doc_boundaries: bool = False
     seed: int = 1234
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -208,6 +210,12 @@ class ClusterConfig:
     placement_strategy: str = "PACK"
     # Seconds `pipeline submit` waits to reach the cluster before giving up.
     connect_timeout_s: float = 10.0
+    # What `pipeline submit` uploads as the job's working directory: "auto" is this source tree (without
+    # .venv, outputs, .git); a path uploads that directory; null uploads nothing (the image has the project).
+    runtime_env_working_dir: str | None = "auto"
+    # Absolute mount point of the storage every node of the cluster shares (e.g. /shared). When set,
+    # `pipeline submit` requires output_dir below it and trusts it even if this machine does not mount it.
+    shared_storage: str | None = None
 
 
 @dataclass
@@ -289,6 +297,7 @@ def validate_model(model: ModelConfig) -> None:
         _positive("model.d_ff", model.d_ff)
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(f"model.dropout={model.dropout} must be in [0, 1).")
+    _positive("model.init_std", model.init_std)
 
 
 def _divisors(n: int) -> list[int]:
@@ -321,13 +330,28 @@ def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
         if not data.path:
             raise ConfigError(f"data.source={data.source} needs data.path=<file, directory or glob>.")
         _check_path_exists("data.path", data.path)
+    _positive("data.shard_tokens", data.shard_tokens)
+    if "${" in str(data.output_dir):
+        raise ConfigError(
+            f"data.output_dir={data.output_dir} holds an unresolved interpolation: set data.output_dir to a "
+            f"directory (it is resolved when the config is composed by Hydra)."
+        )
     tok = data.tokenizer
     if tok.model_path is not None:
         _check_path_exists("data.tokenizer.model_path", tok.model_path)
     else:
         _positive("data.tokenizer.vocab_size", tok.vocab_size)
+        _positive("data.tokenizer.sample_sentences", tok.sample_sentences)
         if tok.vocab_size > 4_294_967_295:
             raise ConfigError(f"data.tokenizer.vocab_size={tok.vocab_size} does not fit uint32 token ids.")
+        # unk/bos/eos/pad, the user-defined symbols and, with byte fallback, one piece per byte value.
+        needed = 4 + len(tok.user_defined_symbols) + (256 if tok.byte_fallback else 0)
+        if tok.vocab_size <= needed:
+            raise ConfigError(
+                f"data.tokenizer.vocab_size={tok.vocab_size} leaves no room for learned pieces: the special "
+                f"pieces{' and the 256 byte pieces of byte_fallback' if tok.byte_fallback else ''} alone take "
+                f"{needed}: raise data.tokenizer.vocab_size well above {needed}."
+            )
 
 
 def _check_path_exists(name: str, path: str) -> None:
@@ -360,7 +384,9 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
             f"parallel.tensor_parallel={tp} does not divide model.n_head={model.n_head}: "
             f"choose a tensor-parallel degree among {', '.join(map(str, _divisors(model.n_head)))}."
         )
-    d_ff = model.d_ff or 4 * model.d_model
+    from pipeline.model_size import mlp_width  # late: model_size imports this module
+
+    d_ff = mlp_width(model)  # 8/3 d_model rounded for SwiGLU when d_ff is null
     if d_ff % tp:
         raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.d_ff={d_ff}.")
     if tp > 1 and parallel.zero_stage == 3:

@@ -95,7 +95,14 @@ def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     tag.mkdir(parents=True)
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
     if complete:
-        marker = {"step": step, "files": {"mp_rank_00_model_states.pt": 100}}
+        # the layout a default run (2 workers, ZeRO-1, no TP) records
+        marker = {
+            "step": step,
+            "world_size": 2,
+            "zero_stage": 1,
+            "tensor_parallel": 1,
+            "files": {"mp_rank_00_model_states.pt": 100},
+        }
         (tag / COMPLETE_MARKER).write_text(json.dumps(marker))
     return tag
 

@@ -97,6 +97,14 @@ def test_tensor_parallel_checks():
     validate_parallel(ParallelConfig(num_workers=4, tensor_parallel=2), model)
 
 
+def test_tensor_parallel_checks_the_swiglu_width():
+    # SwiGLU's d_ff is 8/3 d_model rounded up to 64: 256 for d_model=96 (not 4 x 96 = 384, which 3 divides).
+    swiglu = ModelConfig(n_head=3, d_model=96, activation="swiglu")
+    with pytest.raises(ConfigError, match="does not divide model.d_ff=256"):
+        validate_parallel(ParallelConfig(num_workers=3, tensor_parallel=3), swiglu)
+    validate_parallel(ParallelConfig(num_workers=3, tensor_parallel=3), dataclasses.replace(swiglu, activation="gelu"))
+
+
 def test_global_batch_must_divide_evenly():
     model = ModelConfig(context_length=128)
     parallel = ParallelConfig(num_workers=2)
