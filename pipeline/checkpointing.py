@@ -102,7 +102,10 @@ def save_checkpoint(
     rank = dist.get_rank()
     tag = tag_for(step)
     tag_dir = root / tag
-    client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+    if getattr(engine.module, "universal_checkpoint_info", None) is None:
+        # ds_to_universal needs this key; under AutoTP DeepSpeed writes its own (which TP-sliced parameters
+        # to merge and how), and a client_state key of the same name would overwrite it.
+        client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
     dist.barrier()

@@ -185,3 +185,31 @@ def test_elastic_resume_at_another_data_parallel_size(data_dir, tmp_path, saved_
     assert sorted(outcome.losses) == [3, 4, 5]
     for step in (3, 4, 5):
         assert outcome.losses[step] == pytest.approx(full_losses[step], abs=1e-4)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("saved_tp,resumed_tp", [(2, 1), (1, 2)])
+def test_elastic_resume_at_another_tensor_parallel_degree(data_dir, tmp_path, saved_tp, resumed_tp):
+    """DeepSpeed (0.19) converts AutoTP checkpoints to universal ones too (with the AutoTP metadata it stores
+    in the checkpoint): saved at tp=2 and resumed at tp=1, or back, with data-parallel size 1 both times so
+    that the global batch is unchanged, the losses continue."""
+    from pipeline.checkpointing import needs_universal, read_marker, to_universal
+
+    def at_tp(job, tp, run_dir):
+        parallel = dataclasses.replace(job.parallel, num_workers=tp, tensor_parallel=tp, zero_stage=1)
+        train = dataclasses.replace(job.train, micro_batch_size=4, global_batch_tokens=4 * 16)
+        return dataclasses.replace(job, parallel=parallel, train=train, run_dir=str(run_dir),
+                                   model=dataclasses.replace(MODEL, dropout=0.0),
+                                   ds_config=make_ds_config(train, parallel, "fp32", 1))
+
+    base = make_job(data_dir, tmp_path / "full", steps=6, save_every=3)
+    full_losses = run_distributed(train_and_report, saved_tp, at_tp(base, saved_tp, tmp_path / "full"))[0].losses
+    tag = checkpoint_root(tmp_path / "full") / "step_00000003"
+    assert needs_universal(read_marker(tag), resumed_tp, resumed_tp, 1)
+    resumed = at_tp(base, resumed_tp, tmp_path / "resumed")
+    resumed = dataclasses.replace(resumed, resume_from=str(to_universal(tag)),
+                                  ds_config={**resumed.ds_config, "checkpoint": {"load_universal": True}})
+    outcome = run_distributed(train_and_report, resumed_tp, resumed)[0]
+    assert sorted(outcome.losses) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert outcome.losses[step] == pytest.approx(full_losses[step], abs=1e-4)
