@@ -331,9 +331,16 @@ class ChinchillaFit:
 
     def compute_optimal(self, C: float) -> tuple[float, float, float]:
         """(N_opt, D_opt, predicted loss) minimising L under C = 6 N D."""
-        n_opt = self.G * (C / 6.0) ** self.a
-        d_opt = (C / 6.0) ** self.b / self.G
-        return float(n_opt), float(d_opt), float(self.loss(n_opt, d_opt))
+        # In logs: a degenerate bootstrap replicate (A or B near 0, tiny exponents) gives G = 0 or inf in
+        # floating point, and its allocation should come out as 0/inf (and land in the interval's tails), not
+        # raise in the middle of a report.
+        with np.errstate(all="ignore"):
+            log_g = (np.log(self.alpha * self.A) - np.log(self.beta * self.B)) / (self.alpha + self.beta)
+            log_c = np.log(C / 6.0)
+            n_opt = np.exp(log_g + self.a * log_c)
+            d_opt = np.exp(self.b * log_c - log_g)
+            loss = self.loss(n_opt, d_opt)
+        return float(n_opt), float(d_opt), float(loss)
 
     def bootstrap_fits(self) -> list[ChinchillaFit]:
         return [ChinchillaFit(*row, objective=float("nan"), n_points=self.n_points) for row in self.bootstrap_params]

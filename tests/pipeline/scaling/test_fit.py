@@ -135,6 +135,15 @@ def test_published_chinchilla_parameters_give_tens_of_billions_at_gopher_compute
         assert fit.loss(n_opt * factor, 5.76e23 / (6 * n_opt * factor)) > loss
 
 
+def test_degenerate_bootstrap_replicates_do_not_break_the_intervals():
+    # A replicate of a poorly constrained real sweep can drive A = exp(theta_a) to 0: G underflows to 0 in floating point.
+    good = [1.7, 400.0, 400.0, 0.34, 0.28]
+    fit = ChinchillaFit(*good, objective=0.0, n_points=12, bootstrap_params=[good, [0.0, 0.0, 17.0, 5.0, 0.1]] * 50)
+    assert fit.bootstrap_fits()[1].compute_optimal(1e21)[0] == 0.0
+    intervals = compute_optimal_interval(fit, 1e21)
+    assert intervals["N_opt"][0] == 0.0 and intervals["N_opt"][1] == pytest.approx(fit.compute_optimal(1e21)[0])
+
+
 def test_compute_optimal_allocation_and_intervals(fitted):
     C = 1e21
     n_opt, d_opt, loss = fitted.compute_optimal(C)
