@@ -26,6 +26,11 @@ def describe(dataset_dir: Path, n_windows: int = 2, top: int = 15) -> str:
     if manifest.source:
         lines.append(f"  source: {manifest.source.get('kind')} {manifest.source.get('path') or ''} "
                      f"({manifest.source.get('files')} files)")
+        if manifest.source.get("kind") == "mixture":
+            for src in manifest.source.get("sources", []):
+                lines.append(f"    {src['name']} ({src['kind']} {src['path'] or ''}), weight {src['weight']:g}: "
+                             f"{src['documents']} of {src['documents_read']} documents, "
+                             f"{sum(src['tokens'].values())} tokens ({src['token_share']:.1%} of the mix)")
     stats = manifest.stats
     for split, shards in manifest.splits.items():
         windows = sum(s.n_windows for s in shards)

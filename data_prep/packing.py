@@ -11,15 +11,19 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def join_with_eos(documents: Sequence[Sequence[int]], eos_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def join_with_eos(
+    documents: Sequence[Sequence[int]], eos_id: int, dtype: np.dtype, ends: Sequence[bool] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(stream, lengths): the documents' ids each followed by EOS as one flat array, and each document's
-    length in that stream (EOS included)."""
-    lengths = np.fromiter((len(doc) + 1 for doc in documents), dtype=np.int64, count=len(documents))
+    length in that stream (EOS included). With `ends`, only the pieces whose flag is set are followed by EOS
+    (a long document encoded in pieces gets one EOS, after its last piece)."""
+    eos = np.ones(len(documents), dtype=np.int64) if ends is None else np.asarray(ends, dtype=np.int64)
+    lengths = np.fromiter((len(doc) for doc in documents), dtype=np.int64, count=len(documents)) + eos
     stream = np.empty(int(lengths.sum()), dtype=dtype)
-    ends = np.cumsum(lengths)
-    stream[ends - 1] = eos_id
-    for doc, end, length in zip(documents, ends.tolist(), lengths.tolist(), strict=True):
-        stream[end - length : end - 1] = doc
+    ends_at = np.cumsum(lengths)
+    stream[(ends_at - 1)[eos.astype(bool)]] = eos_id
+    for doc, end, length, tail in zip(documents, ends_at.tolist(), lengths.tolist(), eos.tolist(), strict=True):
+        stream[end - length : end - tail] = doc
     return stream, lengths
 
 

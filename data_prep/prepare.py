@@ -1,13 +1,16 @@
-"""The prepare stage: corpus -> tokenizer -> parallel tokenization (Ray Data) -> packed, checksummed shards.
+"""The prepare stage: corpus -> tokenizer -> parallel tokenization (Ray actors) -> packed, checksummed shards.
 
-Outputs land in a directory named by a fingerprint of the data config. It is built under a temporary name
-and renamed when complete, so a changed config never writes over an old data set and an interrupted run
-never leaves a directory that looks complete. A re-run with the same config finds it and skips the work.
+Outputs land in a directory named by a fingerprint of the data config and of its input files (their
+names, sizes and modification times, or contents for a small corpus: data_prep.mixture.corpus_record), so
+a changed config or corpus never writes over an old data set, and an edited corpus is never mistaken for
+the one already prepared. The directory is built as `<name>-<fingerprint>.partial/` under a lock and
+renamed when complete: an interrupted run never leaves a directory that looks complete, and the next run
+resumes from the shards it had written (data_prep.journal). A re-run with the same config finds the
+finished directory and skips the work.
 
-Tokenization runs in a pool of Ray Data actors over blocks of whole documents. Each actor turns its block
-into one flat token stream per split (documents followed by EOS), so the driver receives two bytes per
-token and only cuts windows and writes shards. Blocks come back in document order, which makes the output
-byte-identical whatever the number of workers.
+The build: read the documents (one source, or a weighted mixture), split them train/validation by hash,
+train or load the tokenizer, encode the corpus in a pool of Ray actors (data_prep.encoding), and on
+the driver cut each split's token stream into windows and shards, checkpointing progress after every shard.
 """
 
 from __future__ import annotations
@@ -18,15 +21,19 @@ import io
 import logging
 import os
 import shutil
-import socket
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.packing import WindowPacker, join_with_eos
+from data_prep.encoding import TokenizerPool, can_cut_documents, make_blocks, make_segments, pool_size
+from data_prep.journal import JOURNAL, LOCK, Checkpoint, ProgressJournal, directory_lock
+from data_prep.mixture import Corpus, corpus_record, read_corpus
+from data_prep.packing import WindowPacker
 from data_prep.shards import (
     FORMAT_VERSION,
+    HEADER_BYTES,
     MANIFEST,
     SPLITS,
     TOKENIZER_FILE,
@@ -38,7 +45,6 @@ from data_prep.shards import (
     sha256_file,
     write_atomic,
 )
-from data_prep.sources import DecodeReport, read_documents
 from data_prep.tokenizer import check_round_trip, copy_tokenizer, load_tokenizer, train_tokenizer
 from pipeline.config import DataConfig, fingerprint, validate_data
 
@@ -48,21 +54,23 @@ log = logging.getLogger(__name__)
 _NOT_IN_FINGERPRINT = ("num_workers", "output_dir")
 # Bump when the same config would produce different bytes (reading, tokenizer training, packing), so that
 # a new recipe gets a new directory instead of silently reusing data sets made by the old one.
-RECIPE_VERSION = 2
-# Documents per tokenizer round-trip check.
-_ROUND_TRIP_SAMPLE = 64
-# Characters of text per block sent to a tokenizer actor: large enough to amortise the per-call cost,
-# small enough that every actor gets several blocks.
-_MIN_BLOCK_CHARS, _MAX_BLOCK_CHARS = 1 << 16, 1 << 24
+RECIPE_VERSION = 3
+# Documents per tokenizer round-trip check, and characters of each (a 50 MB document is checked by its start).
+_ROUND_TRIP_SAMPLE, _ROUND_TRIP_CHARS = 64, 1 << 14
 _PROGRESS_INTERVAL_S = 5.0
+PARTIAL_SUFFIX = ".partial"
 
 
 class DataPrepError(ValueError):
     """The data set cannot be prepared as configured."""
 
 
-def data_fingerprint(data: DataConfig) -> str:
-    return fingerprint({**_config_record(data), "format_version": FORMAT_VERSION, "recipe_version": RECIPE_VERSION})
+def data_fingerprint(data: DataConfig, corpus: list[dict] | None = None) -> str:
+    """Fingerprint of what shapes the bytes: the config (less worker count and location), the format and
+    recipe versions, and the input files (corpus_record, computed here unless given)."""
+    record = {**_config_record(data), "format_version": FORMAT_VERSION, "recipe_version": RECIPE_VERSION,
+              "corpus": corpus_record(data) if corpus is None else corpus}
+    return fingerprint(record)
 
 
 def _config_record(data: DataConfig) -> dict:
@@ -74,8 +82,8 @@ def _config_record(data: DataConfig) -> dict:
     return fields
 
 
-def dataset_dir(data: DataConfig) -> Path:
-    return Path(data.output_dir) / f"{data.name}-{data_fingerprint(data)}"
+def dataset_dir(data: DataConfig, corpus: list[dict] | None = None) -> Path:
+    return Path(data.output_dir) / f"{data.name}-{data_fingerprint(data, corpus)}"
 
 
 def is_complete(out: Path) -> bool:
@@ -106,149 +114,109 @@ def assign_splits(docs: list[str], val_fraction: float) -> np.ndarray:
     return is_val
 
 
-class TokenizeBlock:
-    """Ray Data actor: encodes a block of documents into one flat token stream per split (EOS after each
-    document), returned as bytes so that little travels back to the driver."""
-
-    def __init__(self, model_proto: bytes, dtype: str):
-        import sentencepiece as spm
-
-        self.sp = spm.SentencePieceProcessor()
-        self.sp.load_from_serialized_proto(model_proto)
-        self.eos_id = self.sp.eos_id()
-        self.dtype = np.dtype(dtype)
-
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        out: dict[str, list] = {"block": []}
-        for split in SPLITS:
-            out[split], out[f"{split}_lengths"] = [], []
-        for i in range(batch.num_rows):
-            texts = batch.column("texts")[i].as_py()
-            is_val = batch.column("is_val")[i].as_py()
-            # One thread per actor: the actor holds one CPU of the pool.
-            encoded = self.sp.encode(texts, num_threads=1)
-            out["block"].append(batch.column("block")[i].as_py())
-            for split in SPLITS:
-                want_val = split == "validation"
-                docs = [ids for ids, v in zip(encoded, is_val, strict=True) if v == want_val]
-                stream, lengths = join_with_eos(docs, self.eos_id, self.dtype)
-                out[split].append(stream.tobytes())
-                out[f"{split}_lengths"].append(lengths.astype(np.int64).tobytes())
-        return pa.table({key: pa.array(values, pa.int64() if key == "block" else pa.large_binary())
-                         for key, values in out.items()})
-
-
-def make_blocks(docs: list[str], is_val: np.ndarray, workers: int) -> list[dict]:
-    """Consecutive runs of whole documents of about the same number of characters, in document order."""
-    total = sum(len(d) for d in docs)
-    target = int(min(_MAX_BLOCK_CHARS, max(_MIN_BLOCK_CHARS, total // (4 * workers))))
-    blocks, start, size = [], 0, 0
-    for i, doc in enumerate(docs):
-        size += len(doc)
-        if size >= target or i == len(docs) - 1:
-            blocks.append({"block": len(blocks), "texts": docs[start : i + 1], "is_val": is_val[start : i + 1].tolist()})
-            start, size = i + 1, 0
-    return blocks
-
-
-def pool_size(num_workers: int | None) -> int:
-    """Tokenizer actors: data.num_workers, or every CPU of the Ray cluster, never more than it has."""
-    import ray
-
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    if num_workers is None:
-        return cpus
-    if num_workers > cpus:
-        log.warning("data.num_workers=%d but the Ray cluster has %d CPUs: using %d tokenizer actors",
-                    num_workers, cpus, cpus)
-    return min(num_workers, cpus)
-
-
-def tokenize_blocks(blocks: list[dict], model_proto: bytes, dtype: np.dtype, workers: int):
-    """Yield each block's tokenized output (a dict of bytes per split), in block order."""
-    import ray
-
-    ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
-    ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False
-    ds = ds.map_batches(
-        TokenizeBlock,
-        fn_constructor_kwargs={"model_proto": model_proto, "dtype": dtype.str},
-        compute=ray.data.ActorPoolStrategy(size=min(workers, len(blocks))),
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=1,
-    )
-    expected = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-        for row in batch.to_pylist():
-            if row["block"] != expected:  # order is what makes the output independent of the worker count
-                raise RuntimeError(f"Ray Data returned block {row['block']} where block {expected} was due")
-            expected += 1
-            yield row
-    if expected != len(blocks):
-        raise RuntimeError(f"Ray Data returned {expected} of {len(blocks)} blocks")
-
-
 @dataclasses.dataclass
 class SplitWriter:
-    """Packs one split's token stream into windows and shards; remembers where documents start."""
+    """Packs one split's token stream into windows and shards, and counts what went in. After a resume,
+    the first `skip_tokens` tokens of the stream are already in the shards written before."""
 
     packer: WindowPacker
     shards: ShardWriter
     documents: int = 0
     tokens: int = 0
-    doc_starts: list[np.ndarray] = dataclasses.field(default_factory=list)
+    source_tokens: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    skip_tokens: int = 0
 
-    def add(self, stream: np.ndarray, lengths: np.ndarray, keep_doc_starts: bool) -> None:
-        if keep_doc_starts and len(lengths):
-            self.doc_starts.append(self.tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]]))
-        self.documents += len(lengths)
+    def add(self, stream: np.ndarray, documents: int, source_tokens: np.ndarray) -> None:
+        self.documents += documents
         self.tokens += len(stream)
+        self.source_tokens += source_tokens
+        if self.skip_tokens:
+            dropped = min(self.skip_tokens, len(stream))
+            stream, self.skip_tokens = stream[dropped:], self.skip_tokens - dropped
         self.shards.add(self.packer.push(stream))
 
 
 def prepare(data: DataConfig) -> Path:
     """Prepare the data set of this config (or find it prepared) and return its directory."""
     validate_data(data)
-    out = dataset_dir(data)
-    reason = incomplete_reason(out)
-    if reason is None:
-        _check_same_tokenizer(data, out)
-        log.info("data set %s is already prepared (manifest and shards complete): skipping", out)
+    corpus = corpus_record(data)
+    out = dataset_dir(data, corpus)
+    if _already_prepared(data, out):
         return out
-    if out.exists():
-        log.info("%s exists but is incomplete (%s): preparing it again", out, reason)
-    started = time.time()
-    docs, report = read_documents(data)
-    is_val = assign_splits(docs, data.val_fraction)
-    n_val = int(is_val.sum())
-    log.info("read %d documents (%d train, %d validation) from %d files of %s in %.1fs",
-             len(docs), len(docs) - n_val, n_val, report.files, data.source, time.time() - started)
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
-    tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        sp = _make_tokenizer(data, docs, is_val, tmp / TOKENIZER_FILE)
-        writers, seconds = _tokenize_and_write(data, docs, is_val, sp, tmp)
-        manifest = _manifest(data, sp, tmp, writers, report)
-        write_atomic(tmp / MANIFEST, manifest.to_json())
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _log_summary(out, manifest, time.time() - started, seconds)
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    with directory_lock(partial):
+        if _already_prepared(data, out):  # another run finished it while this one waited
+            shutil.rmtree(partial, ignore_errors=True)
+            return out
+        if out.exists():
+            log.info("%s exists but is incomplete (%s): preparing it again", out, incomplete_reason(out))
+        started = time.time()
+        try:
+            manifest, tokenize_seconds = _build(data, partial, {"dataset": out.name}, fingerprint(corpus))
+        except ValueError:
+            shutil.rmtree(partial, ignore_errors=True)  # the input or the config is at fault: nothing to resume
+            raise
+        except BaseException:
+            log.warning("prepare stopped: the complete shards stay in %s; run the same command again to resume",
+                        partial)
+            raise
+        _publish(partial, out)
+    _log_summary(out, manifest, time.time() - started, tokenize_seconds)
     return out
 
 
-def _make_tokenizer(data: DataConfig, docs: list[str], is_val: np.ndarray, path: Path):
+def _already_prepared(data: DataConfig, out: Path) -> bool:
+    if incomplete_reason(out) is not None:
+        return False
+    _check_same_tokenizer(data, out)
+    log.info("data set %s is already prepared (manifest and shards complete): skipping", out)
+    return True
+
+
+def _build(data: DataConfig, partial: Path, key: dict, corpus_fingerprint: str) -> tuple[Manifest, float]:
+    workers = pool_size(data.num_workers)
+    pool = None
+    if data.tokenizer.model_path:  # the model is known: its actors start while the corpus is read
+        model = load_tokenizer(data.tokenizer.model_path)
+        pool = TokenizerPool(model.serialized_model_proto(), dtype_for_vocab(model.get_piece_size()), workers)
+    try:
+        t0 = time.time()
+        corpus = read_corpus(data)
+        docs = corpus.documents
+        is_val = assign_splits(docs, data.val_fraction)
+        n_val = int(is_val.sum())
+        log.info("read %d documents (%d train, %d validation) from %d files in %.1fs",
+                 len(docs), len(docs) - n_val, n_val, corpus.report.files, time.time() - t0)
+        journal = ProgressJournal.open(partial, {**key, "documents": _documents_digest(corpus, is_val)})
+        sp = _make_tokenizer(data, docs, is_val, journal)
+        if pool is None:
+            pool = TokenizerPool(sp.serialized_model_proto(), dtype_for_vocab(sp.get_piece_size()), workers)
+        writers, seconds = _tokenize_and_write(data, corpus, is_val, sp, journal, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+    manifest = _manifest(data, sp, partial, writers, corpus, corpus_fingerprint)
+    write_atomic(partial / MANIFEST, manifest.to_json())
+    return manifest, seconds
+
+
+def _documents_digest(corpus: Corpus, is_val: np.ndarray) -> str:
+    """A cheap digest of the documents read (lengths, splits, sources): a journal left by another corpus
+    under the same directory name (a corpus edited within a second, a hub data set) is not resumed."""
+    digest = hashlib.sha256(np.array([len(d) for d in corpus.documents], dtype=np.int64).tobytes())
+    digest.update(is_val.tobytes())
+    digest.update(corpus.source_of.tobytes())
+    return digest.hexdigest()
+
+
+def _make_tokenizer(data: DataConfig, docs: list[str], is_val: np.ndarray, journal: ProgressJournal):
     tok = data.tokenizer
-    if tok.model_path:
+    path = journal.directory / TOKENIZER_FILE
+    if journal.tokenizer_sha256:
+        source = "of the interrupted run"
+        log.info("reusing the tokenizer of the interrupted run in %s", journal.directory)
+    elif tok.model_path:
         copy_tokenizer(tok.model_path, path)
         source = tok.model_path
     else:
@@ -258,40 +226,109 @@ def _make_tokenizer(data: DataConfig, docs: list[str], is_val: np.ndarray, path:
         source = "trained on the training split"
     sp = load_tokenizer(path)
     step = max(1, len(docs) // _ROUND_TRIP_SAMPLE)
-    check_round_trip(sp, docs[::step][:_ROUND_TRIP_SAMPLE], source)
+    check_round_trip(sp, [d[:_ROUND_TRIP_CHARS] for d in docs[::step][:_ROUND_TRIP_SAMPLE]], source)
+    if not journal.tokenizer_sha256:
+        journal.tokenizer_sha256 = sha256_file(path)
+        journal.save()
     return sp
 
 
-def _tokenize_and_write(data: DataConfig, docs: list[str], is_val: np.ndarray, sp, tmp: Path):
-    vocab_size = sp.get_piece_size()
-    dtype = dtype_for_vocab(vocab_size)
+def _tokenize_and_write(data: DataConfig, corpus: Corpus, is_val: np.ndarray, sp, journal: ProgressJournal,
+                        pool: TokenizerPool):
+    dtype = dtype_for_vocab(sp.get_piece_size())
     window = data.context_length + 1
     shard_windows = max(1, data.shard_tokens // window)
-    writers = {
-        s: SplitWriter(WindowPacker(window, sp.eos_id(), dtype), ShardWriter(tmp, s, window, dtype, shard_windows))
-        for s in SPLITS
-    }
-    workers = pool_size(data.num_workers)
-    blocks = make_blocks(docs, is_val, workers)
-    log.info("tokenizing %d documents in %d blocks with %d Ray Data actors", len(docs), len(blocks), workers)
-    t0 = last_report = time.time()
-    done_docs = 0
-    for row in tokenize_blocks(blocks, sp.serialized_model_proto(), dtype, workers):
+    segments = make_segments(corpus.documents, can_cut_documents(sp.serialized_model_proto()))
+    piece_val = is_val[segments.document]
+    piece_source = corpus.source_of[segments.document]
+    n_sources = len(corpus.sources)
+
+    kept = journal.verify_shards(dtype)
+    if not journal.checkpoints:
+        zeros = {s: 0 for s in SPLITS}
+        journal.checkpoints.append(Checkpoint(0, dict(zeros), dict(zeros), {s: [0] * n_sources for s in SPLITS}))
+        journal.save()
+    start = journal.restart_point()
+    writers = {}
+    for split in SPLITS:
+        shards = ShardWriter(journal.directory, split, window, dtype, shard_windows, journal.shards[split])
+        journal.shards[split] = shards.shards  # the journal always lists what the writer has written
+        done = sum(x.n_tokens for x in shards.shards)
+        writers[split] = SplitWriter(
+            WindowPacker(window, sp.eos_id(), dtype), shards, start.documents[split], start.tokens[split],
+            np.array(start.source_tokens[split], dtype=np.int64), skip_tokens=done - start.tokens[split],
+        )
+    if kept or start.segment:
+        log.info("resuming an interrupted run: reused %d complete shards (%s); tokenizing again from piece %d "
+                 "of %d", kept, ", ".join(f"{s} {len(journal.shards[s])}" for s in SPLITS), start.segment,
+                 len(segments))
+
+    workers = len(pool.actors)
+    blocks = make_blocks(segments, piece_val, workers, start.segment)
+    ranges = [(b["first"], b["stop"]) for b in blocks]
+    log.info("tokenizing %d documents in %d blocks with %d Ray actors", len(corpus.documents), len(blocks), workers)
+    done_chars = sum(len(t) for t in segments.texts[: start.segment])
+    progress = TokenizeProgress(sum(len(t) for t in segments.texts), done_chars)
+    for row in pool.map(blocks):
+        first, stop = ranges[row["block"]]
+        written = sum(len(w.shards.shards) for w in writers.values())
+        tokens = 0
         for split in SPLITS:
-            stream = np.frombuffer(row[split], dtype=dtype)
-            lengths = np.frombuffer(row[f"{split}_lengths"], dtype=np.int64)
-            writers[split].add(stream, lengths, data.keep_doc_boundaries)
-            done_docs += len(lengths)
-        if time.time() - last_report > _PROGRESS_INTERVAL_S:
-            tokens = sum(w.tokens for w in writers.values())
-            log.info("tokenized %d of %d documents, %d tokens (%.0f tokens/s)",
-                     done_docs, len(docs), tokens, tokens / (time.time() - t0))
-            last_report = time.time()
-    seconds = time.time() - t0
-    for split, writer in writers.items():
+            mine = piece_val[first:stop] == (split == "validation")
+            per_source = np.bincount(piece_source[first:stop][mine], weights=row[f"{split}_lengths"],
+                                     minlength=n_sources)
+            stream = row[split]
+            writers[split].add(stream, int(segments.ends_document[first:stop][mine].sum()), per_source.astype(np.int64))
+            tokens += len(stream)
+        journal.checkpoints.append(Checkpoint(
+            stop, {s: w.tokens for s, w in writers.items()}, {s: w.documents for s, w in writers.items()},
+            {s: w.source_tokens.tolist() for s, w in writers.items()},
+        ))
+        if sum(len(w.shards.shards) for w in writers.values()) > written:
+            journal.save()
+        progress.update(sum(len(t) for t in segments.texts[first:stop]), tokens)
+    progress.close()
+    for writer in writers.values():
         writer.shards.close()
-        if data.keep_doc_boundaries:
-            _write_doc_starts(tmp, split, writer)
+    journal.save()
+    _check_splits(data, writers, window)
+    if data.keep_doc_boundaries:
+        for split, writer in writers.items():
+            _write_doc_starts(journal.directory, split, writer, sp.eos_id())
+    return writers, progress.seconds
+
+
+class TokenizeProgress:
+    """A progress bar on stderr (when it is a terminal) and a log line every few seconds, with tokens/s."""
+
+    def __init__(self, total_chars: int, done_chars: int):
+        from tqdm import tqdm
+
+        self.t0 = self.last_log = time.time()
+        self.total_chars, self.done_chars, self.tokens = total_chars, done_chars, 0
+        self.bar = tqdm(total=total_chars, initial=done_chars, unit="char", unit_scale=True, desc="tokenize",
+                        file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
+    @property
+    def seconds(self) -> float:
+        return time.time() - self.t0
+
+    def update(self, chars: int, tokens: int) -> None:
+        self.done_chars += chars
+        self.tokens += tokens
+        rate = self.tokens / max(self.seconds, 1e-9)
+        self.bar.set_postfix_str(f"{rate / 1e6:.2f}M tokens/s", refresh=False)
+        self.bar.update(chars)
+        if time.time() - self.last_log > _PROGRESS_INTERVAL_S:
+            log.info("tokenized %.1f%% of the corpus: %d tokens (%.0f tokens/s)",
+                     100 * self.done_chars / max(self.total_chars, 1), self.tokens, rate)
+            self.last_log = time.time()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _check_splits(data: DataConfig, writers: dict[str, SplitWriter], window: int) -> None:
     train = writers["train"]
     if not train.shards.shards:
         raise DataPrepError(
@@ -304,20 +341,28 @@ def _tokenize_and_write(data: DataConfig, docs: list[str], is_val: np.ndarray, s
             "the validation split holds %d tokens of %d documents, not one window of %d tokens: validation loss "
             "cannot be measured; raise data.val_fraction", val.tokens, val.documents, window,
         )
-    return writers, seconds
 
 
-def _write_doc_starts(tmp: Path, split: str, writer: SplitWriter) -> None:
-    kept = writer.packer.window_length * sum(s.n_windows for s in writer.shards.shards)
-    starts = np.concatenate(writer.doc_starts) if writer.doc_starts else np.empty(0, dtype=np.int64)
+def _write_doc_starts(directory: Path, split: str, writer: SplitWriter, eos_id: int) -> None:
+    """The offsets in the split's window stream where documents start: 0 and just after every EOS (the
+    tokenizer never emits EOS inside a document), read back from the shards."""
+    starts, offset = [np.zeros(1, dtype=np.int64)], 0
+    for info in writer.shards.shards:
+        tokens = np.memmap(directory / info.file, dtype=writer.shards.dtype, mode="r", offset=HEADER_BYTES,
+                           shape=(info.n_tokens,))
+        starts.append(np.flatnonzero(tokens == eos_id).astype(np.int64) + offset + 1)
+        offset += info.n_tokens
+    starts = np.concatenate(starts)
     buffer = io.BytesIO()
-    np.save(buffer, starts[starts < kept].astype(np.int64))
-    write_atomic(tmp / f"{split}_doc_starts.npy", buffer.getvalue())
+    np.save(buffer, starts[starts < offset])
+    write_atomic(directory / f"{split}_doc_starts.npy", buffer.getvalue())
 
 
-def _manifest(data: DataConfig, sp, tmp: Path, writers: dict[str, SplitWriter], report: DecodeReport) -> Manifest:
+def _manifest(data: DataConfig, sp, directory: Path, writers: dict[str, SplitWriter], corpus: Corpus,
+              corpus_fingerprint: str) -> Manifest:
     window = data.context_length + 1
     shards = {s: w.shards.shards for s, w in writers.items()}
+    report = corpus.report
     stats = {
         "documents": {s: w.documents for s, w in writers.items()},
         "tokens": {s: w.tokens for s, w in writers.items()},
@@ -330,47 +375,35 @@ def _manifest(data: DataConfig, sp, tmp: Path, writers: dict[str, SplitWriter], 
     doc_starts = {}
     if data.keep_doc_boundaries:
         for split in SPLITS:
-            path = tmp / f"{split}_doc_starts.npy"
+            path = directory / f"{split}_doc_starts.npy"
             doc_starts[split] = {"file": path.name, "n_documents": int(np.load(path).shape[0]),
                                  "sha256": sha256_file(path)}
+    total_tokens = max(1, sum(w.tokens for w in writers.values()))
+    sources = []
+    for i, src in enumerate(corpus.sources):
+        tokens = {s: int(w.source_tokens[i]) for s, w in writers.items()}
+        sources.append({
+            "name": src.name, "kind": src.kind, "path": src.path, "weight": src.weight, "files": src.files,
+            "documents_read": src.documents_read, "documents": src.documents, "tokens": tokens,
+            "token_share": round(sum(tokens.values()) / total_tokens, 6),
+        })
     return Manifest(
         format_version=FORMAT_VERSION, vocab_size=sp.get_piece_size(), dtype=dtype_for_vocab(sp.get_piece_size()).str,
-        window_length=window, tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(tmp / TOKENIZER_FILE),
+        window_length=window, tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(directory / TOKENIZER_FILE),
         bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id(), unk_id=sp.unk_id(),
         splits=shards, stats=stats, config=_config_record(data), doc_starts=doc_starts,
-        source={"kind": data.source, "path": data.path, "files": report.files},
+        source={"kind": data.source, "path": data.path if data.source != "mixture" else None, "files": report.files,
+                "corpus_fingerprint": corpus_fingerprint, "sources": sources},
     )
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory to its final name, unless another run got there first."""
+def _publish(partial: Path, out: Path) -> None:
+    """Rename the finished partial directory to its final name (the lock is held by the caller)."""
+    for name in (JOURNAL, LOCK):
+        (partial / name).unlink(missing_ok=True)
     if out.exists():
-        if incomplete_reason(out) is None:  # a concurrent run with the same config finished first
-            log.info("%s was completed by another run meanwhile: keeping it", out)
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        shutil.rmtree(out)  # an incomplete leftover of an interrupted attempt with this config
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if incomplete_reason(out) is not None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary directories left by killed runs of this config on this host."""
-    prefix = f"{out.name}.tmp-{socket.gethostname()}-"
-    for path in out.parent.glob(f"{out.name}.tmp-*"):
-        if not path.name.startswith(prefix):
-            continue
-        try:
-            os.kill(int(path.name[len(prefix):]), 0)
-        except ProcessLookupError:
-            log.info("removing %s, left by an interrupted run", path)
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, PermissionError):
-            continue
+        shutil.rmtree(out)  # an incomplete leftover (complete ones are found before the lock is taken)
+    os.replace(partial, out)
 
 
 def _check_same_tokenizer(data: DataConfig, out: Path) -> None:
@@ -397,3 +430,8 @@ def _log_summary(out: Path, manifest: Manifest, seconds: float, tokenize_seconds
         stats["windows"]["validation"], manifest.window_length, stats["dropped_tail_tokens"]["train"],
         stats["dropped_tail_tokens"]["validation"], total / max(tokenize_seconds, 1e-9),
     )
+    if manifest.source.get("kind") == "mixture":
+        for src in manifest.source["sources"]:
+            log.info("  source %s (weight %g): %d of %d documents, %d tokens (%.1f%% of the mix)", src["name"],
+                     src["weight"], src["documents"], src["documents_read"], sum(src["tokens"].values()),
+                     100 * src["token_share"])

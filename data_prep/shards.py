@@ -173,7 +173,9 @@ def write_atomic(path: Path, *parts: bytes | memoryview | str) -> None:
 class ShardWriter:
     """Accumulates windows of one split and writes them as shards of at most shard_windows windows."""
 
-    def __init__(self, out_dir: Path, split: str, window_length: int, dtype: np.dtype, shard_windows: int):
+    def __init__(self, out_dir: Path, split: str, window_length: int, dtype: np.dtype, shard_windows: int,
+                 written: list[ShardInfo] | None = None):
+        """`written`: shards of this split already on disk (a resumed run); new shards follow them."""
         self.out_dir = Path(out_dir)
         self.split = split
         self.window_length = window_length
@@ -181,7 +183,7 @@ class ShardWriter:
         self.shard_windows = max(1, shard_windows)
         self.pending: list[np.ndarray] = []
         self.pending_windows = 0
-        self.shards: list[ShardInfo] = []
+        self.shards: list[ShardInfo] = list(written or [])
 
     def add(self, windows: np.ndarray) -> None:
         if windows.size == 0:

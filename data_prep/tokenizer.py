@@ -16,6 +16,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from data_prep.encoding import cut_points
 from pipeline.config import TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 _SPECIAL_PIECES = 4
 _BYTE_PIECES = 256
-# SentencePiece skips longer training sentences; long lines are rare in prose and still get encoded.
+# SentencePiece skips longer training sentences; longer lines are cut (training_sentences).
 _MAX_SENTENCE_BYTES = 16_384
 
 
@@ -37,8 +38,20 @@ def minimum_vocab_size(tok: TokenizerConfig) -> int:
 
 
 def training_sentences(documents: Iterable[str]) -> list[str]:
-    """The lines of the documents (SentencePiece learns from sentences; "\n" is a user-defined piece)."""
-    return [line for doc in documents for line in doc.split("\n") if line.strip()]
+    """The lines of the documents (SentencePiece learns from sentences; "\n" is a user-defined piece). A line
+    too long for SentencePiece's trainer, which would skip it, is cut before spaces into several sentences."""
+    longest = _MAX_SENTENCE_BYTES // 4  # characters that surely fit, at up to 4 UTF-8 bytes each
+    sentences = []
+    for doc in documents:
+        for line in doc.split("\n"):
+            if not line.strip():
+                continue
+            if len(line) <= longest:
+                sentences.append(line)
+                continue
+            bounds = [0, *cut_points(line, longest), len(line)]
+            sentences.extend(p for a, b in zip(bounds, bounds[1:], strict=False) if (p := line[a:b]).strip())
+    return sentences
 
 
 def train_tokenizer(documents: Iterable[str], tok: TokenizerConfig, out_path: Path, seed: int) -> Path:

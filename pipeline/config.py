@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,11 +69,32 @@ class TokenizerConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One corpus of a weighted mixture (data.source=mixture)."""
+
+    # Unique name of the source, used in the manifest's per-source statistics.
+    name: str = "source"
+    # shakespeare | text | jsonl | parquet | hf_disk | hf_hub
+    source: str = "text"
+    # File, directory or glob (hub name for hf_hub); null for the built-in Shakespeare plays.
+    path: str | None = None
+    # Field holding the document text in jsonl / parquet / Hugging Face sources.
+    text_field: str = "text"
+    # How a text file splits into documents: file | line | blank_line
+    doc_split: str = "file"
+    # Sampling rate per document, relative to the source's own size: each document appears floor(weight)
+    # times, and a seeded choice of exactly round(frac(weight) x documents) of them once more. 1.0 takes the
+    # source as it is, 2.0 repeats every document twice, 0.5 keeps half of them. A source's share of the mix
+    # is therefore weight x its size; the manifest reports the documents and tokens each source contributed.
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     """Where the corpus comes from and how it is cut into training windows."""
 
     name: str = "shakespeare"
-    # shakespeare | text | jsonl | parquet | hf_disk | hf_hub
+    # shakespeare | text | jsonl | parquet | hf_disk | hf_hub | mixture (the sources of data.mixture)
     source: str = "shakespeare"
     # File, directory or glob of the corpus; null for the built-in Shakespeare plays.
     path: str | None = None
@@ -80,6 +102,9 @@ class DataConfig:
     text_field: str = "text"
     # How a text file splits into documents: file | line | blank_line
     doc_split: str = "file"
+    # With source=mixture: the sources and their weights (see SourceConfig.weight); the fields above
+    # (path, text_field, doc_split) are then unused. Mixed documents are interleaved in a seeded order.
+    mixture: list[SourceConfig] = field(default_factory=list)
     # Tokens per window minus one (windows hold context_length + 1 tokens); follows the model.
     context_length: int = 128
     # Fraction of documents (by hash) that go to the validation split.
@@ -93,9 +118,12 @@ class DataConfig:
     # Also write <split>_doc_starts.npy: the token offsets where documents start (for intra-document
     # attention masks); the EOS after every document marks the same boundaries in the tokens themselves.
     keep_doc_boundaries: bool = False
+    # Seeds tokenizer training and the mixture's sampling and interleaving.
     seed: int = 1234
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    # Root of prepared data sets; each config gets its own fingerprinted directory below it.
+    # Root of prepared data sets; each config gets its own directory below it, named by a fingerprint of the
+    # config and of the input files (path, size, mtime; contents when the corpus is under 32 MB), so an edited
+    # corpus is prepared anew instead of reusing the old data set.
     output_dir: str = "${output_dir}/data"
 
 
@@ -305,7 +333,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
-    _choice("data.source", data.source, SOURCES)
+    _choice("data.source", data.source, (*SOURCES, "mixture"))
     _choice("data.doc_split", data.doc_split, DOC_SPLITS)
     _choice("data.on_decode_error", data.on_decode_error, ("replace", "skip"))
     _choice("data.tokenizer.type", data.tokenizer.type, ("bpe", "unigram"))
@@ -320,16 +348,15 @@ def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
         raise ConfigError(f"data.val_fraction={data.val_fraction} must be in [0, 1).")
     if data.num_workers is not None:
         _positive("data.num_workers", data.num_workers)
-    if data.source == "shakespeare":
-        if data.path is not None:
-            _check_path_exists("data.path", data.path)
-    elif data.source == "hf_hub":
-        if not data.path:
-            raise ConfigError("data.source=hf_hub needs data.path=<dataset name on the hub>.")
+    if data.source == "mixture":
+        _validate_mixture(data.mixture)
+    elif data.mixture:
+        raise ConfigError(
+            f"data.mixture lists {len(data.mixture)} sources but data.source={data.source}: set data.source=mixture "
+            f"to mix them, or data.mixture=[] to read data.path alone."
+        )
     else:
-        if not data.path:
-            raise ConfigError(f"data.source={data.source} needs data.path=<file, directory or glob>.")
-        _check_path_exists("data.path", data.path)
+        _check_source_path("data", data.source, data.path)
     _positive("data.shard_tokens", data.shard_tokens)
     if "${" in str(data.output_dir):
         raise ConfigError(
@@ -352,6 +379,45 @@ def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
                 f"pieces{' and the 256 byte pieces of byte_fallback' if tok.byte_fallback else ''} alone take "
                 f"{needed}: raise data.tokenizer.vocab_size well above {needed}."
             )
+
+
+def _check_source_path(prefix: str, source: str, path: str | None) -> None:
+    """The corpus named by prefix.source / prefix.path exists (prefix: data or data.mixture.<i>)."""
+    if source == "shakespeare":
+        if path is not None:
+            _check_path_exists(f"{prefix}.path", path)
+    elif source == "hf_hub":
+        if not path:
+            raise ConfigError(f"{prefix}.source=hf_hub needs {prefix}.path=<dataset name on the hub>.")
+    else:
+        if not path:
+            raise ConfigError(f"{prefix}.source={source} needs {prefix}.path=<file, directory or glob>.")
+        _check_path_exists(f"{prefix}.path", path)
+
+
+def _validate_mixture(mixture: list[SourceConfig]) -> None:
+    if not mixture:
+        raise ConfigError(
+            "data.source=mixture but data.mixture is empty: list the sources, e.g. data=mixture "
+            "(conf/data/mixture.yaml), or set data.source to a single source."
+        )
+    names = [src.name for src in mixture]
+    for i, src in enumerate(mixture):
+        prefix = f"data.mixture.{i}"
+        if not src.name or src.name in names[:i]:
+            problem = "empty" if not src.name else "taken by an earlier source"
+            raise ConfigError(
+                f"{prefix}.name={src.name!r} is {problem}: give every source of the mixture its own name (the "
+                f"manifest reports statistics by name)."
+            )
+        _choice(f"{prefix}.source", src.source, SOURCES)
+        _choice(f"{prefix}.doc_split", src.doc_split, DOC_SPLITS)
+        if not math.isfinite(src.weight) or src.weight <= 0:
+            raise ConfigError(
+                f"{prefix}.weight={src.weight} must be a positive number (1.0 takes the source as it is, 2.0 "
+                f"repeats it twice, 0.5 keeps half): remove the source to leave it out."
+            )
+        _check_source_path(prefix, src.source, src.path)
 
 
 def _check_path_exists(name: str, path: str) -> None:

@@ -15,13 +15,13 @@ TINY = [
     "model.n_head=4",
     "model.d_ff=256",
     "data.tokenizer.vocab_size=512",
-    "train.max_steps=40",
-    "train.warmup_steps=4",
+    "train.max_steps=200",
+    "train.warmup_steps=10",
     "train.lr=1e-2",
     "train.micro_batch_size=8",
     "train.global_batch_tokens=2048",
-    "train.log_interval_steps=10",
-    "train.eval_interval_steps=20",
+    "train.log_interval_steps=50",
+    "train.eval_interval_steps=100",
     "eval.max_tokens=20000",
     "eval.num_samples=2",
     "eval.max_new_tokens=20",
@@ -57,21 +57,21 @@ def test_pipeline_run_end_to_end(tmp_path):
         assert key in metrics, key
     assert run.data.params["model.n_layer"] == "2"
     assert run.data.params["parallel.num_workers"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "interval_val_loss")] == [20, 40]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "interval_val_loss")] == [100, 200]
     history = client.get_metric_history(run.info.run_id, "train_loss")
-    assert [m.step for m in history] == [10, 20, 30, 40]
+    assert [m.step for m in history] == [50, 100, 150, 200]
     assert history[-1].value < history[0].value
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"tokenizer", "samples", "plots"} <= artifacts
     ckpts = out / "runs" / "tiny-shakespeare" / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_00000040"
-    assert (ckpts / "step_00000040" / "COMPLETE").is_file()
+    assert (ckpts / "latest").read_text().strip() == "step_00000200"
+    assert (ckpts / "step_00000200" / "COMPLETE").is_file()
 
     # The checkpoint tools: inspect lists and verifies; consolidate writes weights the model loads.
     inspect = subprocess.run([sys.executable, "-m", "pipeline.cli", "checkpoint", "inspect", str(ckpts)],
                              capture_output=True, text=True, timeout=120)
     assert inspect.returncode == 0, inspect.stderr
-    assert "step 40" in inspect.stdout and "ZeRO stage 1" in inspect.stdout and "sizes verified" in inspect.stdout
+    assert "step 200" in inspect.stdout and "ZeRO stage 1" in inspect.stdout and "sizes verified" in inspect.stdout
     out_file = tmp_path / "weights.safetensors"
     consolidate = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "checkpoint", "consolidate", str(ckpts), "--out", str(out_file)],
@@ -106,7 +106,7 @@ def test_torchrun_launch_trains_on_prepared_data(tmp_path):
     from pathlib import Path
 
     out = tmp_path / "out"
-    overrides = [*TINY, f"output_dir={out}", "train.max_steps=6", "run_name=torchrun"]
+    overrides = [*TINY, f"output_dir={out}", "train.max_steps=6", "train.warmup_steps=2", "run_name=torchrun"]
     prep = subprocess.run([sys.executable, "-m", "pipeline.cli", "prepare", *overrides],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert prep.returncode == 0, prep.stderr[-4000:]

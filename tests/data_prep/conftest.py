@@ -41,3 +41,9 @@ def make_corpus(root, n_docs: int = 60, lines: int = 12, seed: int = 0):
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def corpus_maker():
+    """make_corpus, for tests that need corpora of their own."""
+    return make_corpus

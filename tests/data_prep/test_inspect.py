@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-import data_prep.prepare as prepare_module
+import data_prep.encoding as encoding_module
 from data_prep.inspect import main as inspect_main
 from data_prep.prepare import prepare
 from pipeline.config import DataConfig, TokenizerConfig
@@ -17,7 +17,7 @@ def dataset(corpus, tmp_path_factory, ray_local):
     cfg = DataConfig(name="t", source="text", path=str(corpus), context_length=16, val_fraction=0.1,
                      output_dir=str(tmp_path_factory.mktemp("inspect")), tokenizer=TokenizerConfig(vocab_size=400))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prepare_module, "_MIN_BLOCK_CHARS", 2000)
+        mp.setattr(encoding_module, "_MIN_BLOCK_CHARS", 2000)
         return prepare(cfg)
 
 

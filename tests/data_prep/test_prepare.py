@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
+import random
+import re
 import shutil
+import sys
+import time
 
 import numpy as np
 import pytest
 
+import data_prep.encoding as encoding_module
 import data_prep.prepare as prepare_module
-from data_prep.prepare import DataPrepError, assign_splits, dataset_dir, make_blocks, prepare, split_of
+from data_prep.encoding import make_blocks, make_segments
+from data_prep.journal import ProgressJournal
+from data_prep.prepare import DataPrepError, assign_splits, dataset_dir, prepare, split_of
 from data_prep.shards import WindowDataset, load_manifest
 from data_prep.sources import read_documents
 from data_prep.tokenizer import TokenizerError, load_tokenizer
@@ -26,14 +35,14 @@ def text_config(corpus, out, **kw) -> DataConfig:
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Blocks of a few documents, so that two actors really share the work on a small corpus."""
-    monkeypatch.setattr(prepare_module, "_MIN_BLOCK_CHARS", 2000)
+    monkeypatch.setattr(encoding_module, "_MIN_BLOCK_CHARS", 2000)
 
 
 @pytest.fixture(scope="module")
 def prepared(corpus, tmp_path_factory, ray_local):
     """One data set shared by the tests that only read it."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prepare_module, "_MIN_BLOCK_CHARS", 2000)
+        mp.setattr(encoding_module, "_MIN_BLOCK_CHARS", 2000)
         cfg = text_config(corpus, tmp_path_factory.mktemp("prepared"), keep_doc_boundaries=True)
         return cfg, prepare(cfg)
 
@@ -72,7 +81,7 @@ def test_doc_starts_point_just_after_each_eos(prepared):
 
 def test_output_is_byte_identical_with_one_or_two_workers(corpus, tmp_path, ray_local):
     cfg = text_config(corpus, tmp_path / "one", num_workers=1)
-    assert len(make_blocks(read_documents(cfg)[0], np.zeros(60, bool), 2)) > 4
+    assert len(make_blocks(make_segments(read_documents(cfg)[0], cut=True), np.zeros(60, bool), 2)) > 4
     one = prepare(cfg)
     two = prepare(dataclasses.replace(cfg, num_workers=2, output_dir=str(tmp_path / "two")))
     assert one.name == two.name  # neither the worker count nor the location is part of the fingerprint
@@ -161,11 +170,155 @@ def test_default_config_prepares_the_plays(tmp_path, ray_local):
     out = prepare(DataConfig(output_dir=str(tmp_path)))
     manifest = load_manifest(out)
     assert (manifest.vocab_size, manifest.window_length, manifest.dtype) == (4096, 129, "<u2")
-    assert manifest.source == {"kind": "shakespeare", "path": None, "files": 38}
+    assert (manifest.source["kind"], manifest.source["path"], manifest.source["files"]) == ("shakespeare", None, 38)
     stats = manifest.stats
+    [plays] = manifest.source["sources"]
+    assert plays["documents"] == plays["documents_read"] == sum(stats["documents"].values())
+    assert sum(plays["tokens"].values()) == sum(stats["tokens"].values()) and plays["token_share"] == 1.0
     assert 1_400_000 < stats["tokens"]["train"] < 2_000_000  # about 3 characters per token
     assert 0.02 < stats["documents"]["validation"] / stats["documents"]["train"] < 0.09
     sp = load_tokenizer(manifest.tokenizer_path)
     first = sp.decode(WindowDataset(out, "train").windows(np.array([0]))[0].tolist())
     docs, _ = read_documents(DataConfig())
     assert any(d.startswith(first) for d in docs)  # the first window is the start of a scene, exactly
+
+
+class SimulatedCrash(RuntimeError):
+    """Stands for a kill: raised right after the progress journal was written."""
+
+
+def test_interrupted_run_resumes_from_its_shards_and_writes_the_same_bytes(corpus, tmp_path, ray_local, monkeypatch,
+                                                                         caplog):
+    cfg = text_config(corpus, tmp_path / "run", shard_tokens=17 * 20, keep_doc_boundaries=True)
+    reference = prepare(dataclasses.replace(cfg, output_dir=str(tmp_path / "reference")))
+    original_save = ProgressJournal.save
+
+    def save_then_crash(journal):
+        original_save(journal)
+        if len(journal.shards["train"]) >= 6:
+            raise SimulatedCrash("killed after the journal recorded 6 shards")
+
+    monkeypatch.setattr(ProgressJournal, "save", save_then_crash)
+    with pytest.raises(SimulatedCrash):
+        prepare(cfg)
+    monkeypatch.setattr(ProgressJournal, "save", original_save)
+    out = dataset_dir(cfg)
+    partial = out.with_name(out.name + ".partial")
+    assert not out.exists() and (partial / "progress.json").is_file()
+    journal = json.loads((partial / "progress.json").read_text())
+    journaled = {s: [x["file"] for x in journal["shards"][s]] for s in ("train", "validation")}
+    assert len(journaled["train"]) >= 6
+    # The last journaled training shard is damaged meanwhile: it and those after it are written again.
+    damaged = journaled["train"][-1]
+    data = bytearray((partial / damaged).read_bytes())
+    data[-1] ^= 0xFF
+    (partial / damaged).write_bytes(bytes(data))
+    reused = len(journaled["train"]) - 1 + len(journaled["validation"])
+
+    monkeypatch.setattr(prepare_module, "_PROGRESS_INTERVAL_S", 0.0)
+    with caplog.at_level("INFO", logger="data_prep"):
+        assert prepare(dataclasses.replace(cfg, num_workers=1)) == out  # another worker count, same bytes
+    assert f"reused {reused} complete shards" in caplog.text
+    assert f"{damaged} does not match the journal" in caplog.text
+    assert "reusing the tokenizer of the interrupted run" in caplog.text
+    restart = int(re.search(r"tokenizing again from piece (\d+)", caplog.text).group(1))
+    assert restart > 0  # not from the start
+    assert re.search(r"tokenized [\d.]+% of the corpus: \d+ tokens \(\d+ tokens/s\)", caplog.text)
+    assert not partial.exists()
+    files = sorted(p.name for p in reference.iterdir())
+    assert files == sorted(p.name for p in out.iterdir())
+    for name in files:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_a_50_mb_single_line_document_is_encoded_in_pieces_across_the_actors(prepared, tmp_path, ray_local, caplog):
+    from conftest import WORDS
+
+    _, first = prepared
+    rng = random.Random(0)
+    text = " ".join(rng.choices(WORDS, k=12_200_000))
+    assert len(text) >= 50_000_000 and "\n" not in text
+    (tmp_path / "big.txt").write_text(text)
+    cfg = DataConfig(name="big", source="text", path=str(tmp_path / "big.txt"), doc_split="line", val_fraction=0.0,
+                     context_length=128, output_dir=str(tmp_path / "out"), num_workers=2,
+                     tokenizer=TokenizerConfig(model_path=str(first / "tokenizer.model")))
+    with caplog.at_level("INFO", logger="data_prep"):
+        out = prepare(cfg)
+    pieces = int(re.search(r"1 documents longer than \d+ characters are encoded in (\d+) pieces", caplog.text).group(1))
+    assert pieces >= 40
+    manifest = load_manifest(out)
+    stats = manifest.stats
+    assert stats["documents"] == {"train": 1, "validation": 0}
+    assert stats["tokens"]["train"] == stats["windows"]["train"] * 129 + stats["dropped_tail_tokens"]["train"]
+    sp = load_tokenizer(out / "tokenizer.model")
+    train = WindowDataset(out, "train")
+    head = sp.decode(train.windows(np.arange(50)).reshape(-1).tolist())
+    assert text.startswith(head)
+    last = train.windows(np.array([len(train) - 1]))[0].tolist()
+    tail = sp.decode([t for t in last if t != manifest.eos_id])
+    assert text.rfind(tail) >= len(text) - 2 * 129 * 8  # the pieces come back in order, up to the end
+    assert sum(int((shard == manifest.eos_id).sum()) for shard in train.arrays) <= 1  # one EOS, at the very end
+
+
+def test_vocabulary_beyond_uint16_gives_uint32_shards_end_to_end(prepared, tmp_path, ray_local):
+    from sentencepiece import sentencepiece_model_pb2
+
+    _, first = prepared
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString((first / "tokenizer.model").read_bytes())
+    user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    for i in range(66_000):  # user-defined pieces: matched whole wherever the text holds them
+        piece = model.pieces.add()
+        piece.piece, piece.score, piece.type = f"<w{i}>", 0.0, user_defined
+    (tmp_path / "big_vocab.model").write_bytes(model.SerializeToString())
+    (tmp_path / "c").mkdir()
+    rng = random.Random(0)
+    for d in range(20):
+        words = [f"<w{rng.randrange(66_000)}>" if rng.random() < 0.3 else rng.choice(["the", "king", "love"])
+                 for _ in range(200)]
+        (tmp_path / "c" / f"{d}.txt").write_text(" ".join(words))
+    cfg = DataConfig(name="wide", source="text", path=str(tmp_path / "c"), context_length=16, val_fraction=0.1,
+                     output_dir=str(tmp_path / "out"),
+                     tokenizer=TokenizerConfig(model_path=str(tmp_path / "big_vocab.model")))
+    out = prepare(cfg)
+    manifest = load_manifest(out)
+    assert manifest.vocab_size == 400 + 66_000 and manifest.dtype == "<u4"
+    train = WindowDataset(out, "train")
+    tokens = train.windows(np.arange(len(train)))
+    assert tokens.max() > 65_535
+    sp = load_tokenizer(out / "tokenizer.model")
+    docs = {p.read_text() for p in (tmp_path / "c").iterdir()}
+    first_doc = sp.decode(tokens.reshape(-1)[: list(tokens.reshape(-1)).index(manifest.eos_id)].tolist())
+    assert first_doc in docs
+    assert (out / "train_00000.bin").stat().st_size == 64 + 4 * train.shards[0].n_tokens
+
+
+def test_progress_bar_shows_tokens_per_second_on_a_terminal(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress = prepare_module.TokenizeProgress(total_chars=1000, done_chars=100)
+    time.sleep(0.2)  # past tqdm's minimum refresh interval
+    progress.update(400, 2_000_000)
+    progress.close()
+    shown = terminal.getvalue()
+    assert "tokenize" in shown and "50%" in shown and re.search(r"[\d.]+M tokens/s", shown)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar (the log line remains)
+    quiet = prepare_module.TokenizeProgress(total_chars=1000, done_chars=0)
+    quiet.update(1000, 10)
+    quiet.close()
+    assert sys.stderr.getvalue() == ""
+
+
+@pytest.mark.parametrize("policy", ["replace", "skip"])
+def test_undecodable_bytes_are_counted_in_the_manifest(corpus, tmp_path, ray_local, policy):
+    shutil.copytree(corpus, tmp_path / "c")
+    (tmp_path / "c" / "broken.txt").write_bytes(b"the king \xff\xfe and the \xc3\x28 queen " * 20)
+    out = prepare(text_config(tmp_path / "c", tmp_path / "out", on_decode_error=policy))
+    stats = load_manifest(out).stats
+    assert (stats["undecodable_bytes"], stats["undecodable_documents"]) == (60, 1)
+    assert stats["skipped_documents"] == (1 if policy == "skip" else 0)
+    assert sum(stats["documents"].values()) == 60 + (policy == "replace")
