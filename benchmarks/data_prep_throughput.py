@@ -13,7 +13,8 @@ data.tokenizer.model_path. Measurements on the same documents:
   shorter inputs), the stricter baseline;
 - pipeline: `data_prep.prepare.prepare` with data.num_workers=N on a Ray started beforehand (the start of
   its tokenizer actors included): reading the jsonl files, the split by hash, tokenization in the actor pool,
-  packing, shard writing with sha256 and fsync, the manifest.
+  packing, shard writing with sha256 and fsync, the manifest; once with Ray Data driving the actors (what
+  data.tokenize_engine=auto picks for this much text) and once with the plain actor pool.
 
 Tokens are counted as the pipeline does (one EOS per document). The report gives tokens/s of each and the
 pipeline's ratio to each (target: >= 0.7 of raw encode on the same cores). Raw and pipeline runs alternate
@@ -25,6 +26,7 @@ and the medians are reported: on a shared 2-core VM single measurements swing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -129,7 +131,8 @@ def main() -> None:
 
     n = args.workers
     labels = {"raw_1": "raw encode, 1 process", f"raw_{n}": f"raw encode, {n} processes",
-              f"raw_{n}_pieces": f"raw encode, {n} proc., same pieces", "pipeline": f"pipeline prepare, {n} workers"}
+              f"raw_{n}_pieces": f"raw encode, {n} proc., same pieces", "pipeline": f"pipeline, {n} workers, Ray Data",
+              "pipeline_actors": f"pipeline, {n} workers, plain actors"}
     results: dict[str, list[tuple[int, float]]] = {key: [] for key in labels}
     root = Path(tempfile.mkdtemp(dir=args.dir))
     try:
@@ -149,7 +152,8 @@ def main() -> None:
             results["raw_1"].append(raw_single(str(model)))
             results[f"raw_{n}"].append(raw_parallel(raw_pool, n, "documents"))
             results[f"raw_{n}_pieces"].append(raw_parallel(raw_pool, n, "pieces"))
-            results["pipeline"].append(pipeline(cfg))
+            results["pipeline"].append(pipeline(dataclasses.replace(cfg, tokenize_engine="ray_data")))
+            results["pipeline_actors"].append(pipeline(dataclasses.replace(cfg, tokenize_engine="actors")))
         raw_pool.close()
         raw_pool.join()
         ray.shutdown()
@@ -172,6 +176,8 @@ def main() -> None:
         "workers": n,
         **{f"{key}_tokens_per_s": [round(t / s) for t, s in runs] for key, runs in results.items()},
         "pipeline_seconds": [round(s, 2) for _, s in results["pipeline"]],
+        "pipeline_actors_seconds": [round(s, 2) for _, s in results["pipeline_actors"]],
+        f"ratio_pipeline_actors_over_raw_{n}": round(rates["pipeline_actors"] / rates[f"raw_{n}"], 3),
         "ratio_pipeline_over_raw_1": round(rates["pipeline"] / rates["raw_1"], 3),
         f"ratio_pipeline_over_raw_{n}": round(rates["pipeline"] / rates[f"raw_{n}"], 3),
         f"ratio_pipeline_over_raw_{n}_pieces": round(rates["pipeline"] / rates[f"raw_{n}_pieces"], 3),

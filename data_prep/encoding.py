@@ -8,12 +8,15 @@ than whole (SentencePiece slows down on very long inputs). Where no such space l
 (text without spaces), the cut falls at the piece length; the result is still deterministic. Models that
 add a dummy prefix or treat whitespace as a suffix are never cut.
 
-The pool is made of plain Ray actors, fed by the driver with a few blocks in flight each. (Ray Data's
-map_batches took 3 to 7 s before its first result on 2 cores, and copied the whole corpus into the object
-store; the plain pool starts in under a second, while the corpus is read.) Each actor turns its block into
-one flat token stream per split (pieces followed by EOS where a document ends), so the driver receives a
-few bytes per token and only cuts windows and writes shards. Blocks come back in corpus order, which makes
-the output byte-identical whatever the number of workers.
+Two engines drive the same actor class (data.tokenize_engine): Ray Data's map_batches over an
+ActorPoolStrategy (streaming execution with backpressure and retries, the engine for large corpora and
+many nodes), and a plain pool of Ray actors fed by the driver with a few blocks in flight each. Ray Data's
+streaming executor takes about 6 s to start on 2 cores (the default corpus then prepares in 8 s instead of
+2 s), so `auto` picks it from RAY_DATA_MIN_CHARS of text on, where that cost is small beside the encoding.
+Each actor turns its block into one flat token stream per split (pieces followed by EOS where a document
+ends), so the driver receives a few bytes per token and only cuts windows and writes shards. Blocks come back
+in corpus order with either engine, which makes the output byte-identical whatever the engine or the number
+of workers.
 """
 
 from __future__ import annotations
@@ -40,6 +43,15 @@ _SEGMENT_CHARS = 1 << 14
 _ENCODE_BATCH_CHARS = 1 << 21
 # Blocks queued per actor: one being encoded, one waiting, so that no actor idles between blocks.
 _BLOCKS_PER_ACTOR = 2
+# data.tokenize_engine=auto uses Ray Data from this much text on (characters), plain actors below.
+RAY_DATA_MIN_CHARS = 32 << 20
+
+
+def tokenize_engine(configured: str, total_chars: int) -> str:
+    """The engine that runs: the configured one, or for `auto` Ray Data from RAY_DATA_MIN_CHARS on."""
+    if configured != "auto":
+        return configured
+    return "ray_data" if total_chars >= RAY_DATA_MIN_CHARS else "actors"
 
 
 @dataclass
@@ -184,10 +196,13 @@ class TokenizerPool:
     block order, with up to _BLOCKS_PER_ACTOR blocks in flight per actor: the driver sends a block when one
     comes back, so the object store holds a few blocks at a time, never the whole corpus."""
 
+    engine = "actors"
+
     def __init__(self, model_proto: bytes, dtype: np.dtype, workers: int):
         import ray
 
         actor_class = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(TokenizeBlock)
+        self.workers = workers
         self.actors = [actor_class.remote(model_proto, np.dtype(dtype).str) for _ in range(workers)]
 
     def map(self, blocks: list[dict]) -> Iterator[dict]:
@@ -216,6 +231,70 @@ class TokenizerPool:
         self.actors = []
 
     def __enter__(self) -> TokenizerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _ArrowTokenizeBlock(TokenizeBlock):
+    """TokenizeBlock for Ray Data's map_batches: one Arrow row per block in, one row of bytes out."""
+
+    def __call__(self, batch):  # type: ignore[override]
+        import pyarrow as pa
+
+        rows = [TokenizeBlock.__call__(self, {k: batch.column(k)[i].as_py() for k in batch.column_names})
+                for i in range(batch.num_rows)]
+        cols = {"block": pa.array([r["block"] for r in rows], pa.int64())}
+        for split in SPLITS:
+            for key in (split, f"{split}_lengths"):
+                cols[key] = pa.array([r[key].tobytes() for r in rows], pa.large_binary())
+        return pa.table(cols)
+
+
+class RayDataTokenizerPool:
+    """The same actors through Ray Data: map_batches over the blocks with an ActorPoolStrategy of `workers`
+    actors, results in block order (preserve_order). Ray Data schedules the actors over the cluster's nodes,
+    holds a bounded number of blocks in flight and restarts failed actors."""
+
+    engine = "ray_data"
+
+    def __init__(self, model_proto: bytes, dtype: np.dtype, workers: int):
+        self.model_proto, self.dtype, self.workers = model_proto, np.dtype(dtype), workers
+
+    def map(self, blocks: list[dict]) -> Iterator[dict]:
+        """Each block's tokenized output (see TokenizeBlock.__call__), in block order."""
+        import ray
+
+        if not blocks:
+            return
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        ds = ray.data.from_items(blocks, override_num_blocks=len(blocks)).map_batches(
+            _ArrowTokenizeBlock, fn_constructor_kwargs={"model_proto": self.model_proto, "dtype": self.dtype.str},
+            compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(blocks))),
+            batch_size=1, batch_format="pyarrow", num_cpus=1,
+        )
+        expected = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            for i in range(batch.num_rows):
+                expected += 1
+                row = {"block": batch.column("block")[i].as_py()}
+                for split in SPLITS:
+                    row[split] = np.frombuffer(batch.column(split)[i].as_py(), dtype=self.dtype)
+                    row[f"{split}_lengths"] = np.frombuffer(batch.column(f"{split}_lengths")[i].as_py(), np.int64)
+                if row["block"] != expected - 1:  # the order is what makes the bytes independent of the run
+                    raise RuntimeError(f"Ray Data returned block {row['block']} where block {expected - 1} was due")
+                yield row
+        if expected != len(blocks):
+            raise RuntimeError(f"Ray Data returned {expected} of {len(blocks)} blocks")
+
+    def close(self) -> None:
+        """Nothing to release: Ray Data ends its actors when the iteration ends."""
+
+    def __enter__(self) -> RayDataTokenizerPool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,4 +1,4 @@
-"""The prepare stage: corpus -> tokenizer -> parallel tokenization (Ray actors) -> packed, checksummed shards.
+"""The prepare stage: corpus -> tokenizer -> parallel tokenization (Ray Data or Ray actors) -> packed, checksummed shards.
 
 Outputs land in a directory named by a fingerprint of the data config and of its input files (their
 names, sizes and modification times, or contents for a small corpus: data_prep.mixture.corpus_record), so
@@ -9,7 +9,7 @@ resumes from the shards it had written (data_prep.journal). A re-run with the sa
 finished directory and skips the work.
 
 The build: read the documents (one source, or a weighted mixture), split them train/validation by hash,
-train or load the tokenizer, encode the corpus in a pool of Ray actors (data_prep.encoding), and on
+train or load the tokenizer, encode the corpus in a pool of Ray actors, driven by Ray Data or directly (data_prep.encoding), and on
 the driver cut each split's token stream into windows and shards, checkpointing progress after every shard.
 """
 
@@ -27,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.encoding import TokenizerPool, can_cut_documents, make_blocks, make_segments, pool_size
+from data_prep.encoding import (
+    RayDataTokenizerPool,
+    TokenizerPool,
+    can_cut_documents,
+    make_blocks,
+    make_segments,
+    pool_size,
+    tokenize_engine,
+)
 from data_prep.journal import JOURNAL, LOCK, Checkpoint, ProgressJournal, directory_lock
 from data_prep.mixture import Corpus, corpus_record, read_corpus
 from data_prep.packing import WindowPacker
@@ -51,7 +59,7 @@ from pipeline.config import DataConfig, fingerprint, validate_data
 log = logging.getLogger(__name__)
 
 # Fields that do not change the bytes written.
-_NOT_IN_FINGERPRINT = ("num_workers", "output_dir")
+_NOT_IN_FINGERPRINT = ("num_workers", "tokenize_engine", "output_dir")
 # Bump when the same config would produce different bytes (reading, tokenizer training, packing), so that
 # a new recipe gets a new directory instead of silently reusing data sets made by the old one.
 RECIPE_VERSION = 3
@@ -177,7 +185,8 @@ def _already_prepared(data: DataConfig, out: Path) -> bool:
 def _build(data: DataConfig, partial: Path, key: dict, corpus_fingerprint: str) -> tuple[Manifest, float]:
     workers = pool_size(data.num_workers)
     pool = None
-    if data.tokenizer.model_path:  # the model is known: its actors start while the corpus is read
+    if data.tokenizer.model_path and data.tokenize_engine != "ray_data":
+        # The model is known: plain actors start while the corpus is read.
         model = load_tokenizer(data.tokenizer.model_path)
         pool = TokenizerPool(model.serialized_model_proto(), dtype_for_vocab(model.get_piece_size()), workers)
     try:
@@ -190,8 +199,13 @@ def _build(data: DataConfig, partial: Path, key: dict, corpus_fingerprint: str) 
                  len(docs), len(docs) - n_val, n_val, corpus.report.files, time.time() - t0)
         journal = ProgressJournal.open(partial, {**key, "documents": _documents_digest(corpus, is_val)})
         sp = _make_tokenizer(data, docs, is_val, journal)
-        if pool is None:
-            pool = TokenizerPool(sp.serialized_model_proto(), dtype_for_vocab(sp.get_piece_size()), workers)
+        proto, dtype = sp.serialized_model_proto(), dtype_for_vocab(sp.get_piece_size())
+        if tokenize_engine(data.tokenize_engine, sum(len(d) for d in docs)) == "ray_data":
+            if pool is not None:
+                pool.close()
+            pool = RayDataTokenizerPool(proto, dtype, workers)
+        elif pool is None:
+            pool = TokenizerPool(proto, dtype, workers)
         writers, seconds = _tokenize_and_write(data, corpus, is_val, sp, journal, pool)
     finally:
         if pool is not None:
@@ -263,10 +277,10 @@ def _tokenize_and_write(data: DataConfig, corpus: Corpus, is_val: np.ndarray, sp
                  "of %d", kept, ", ".join(f"{s} {len(journal.shards[s])}" for s in SPLITS), start.segment,
                  len(segments))
 
-    workers = len(pool.actors)
-    blocks = make_blocks(segments, piece_val, workers, start.segment)
+    blocks = make_blocks(segments, piece_val, pool.workers, start.segment)
     ranges = [(b["first"], b["stop"]) for b in blocks]
-    log.info("tokenizing %d documents in %d blocks with %d Ray actors", len(corpus.documents), len(blocks), workers)
+    log.info("tokenizing %d documents in %d blocks with %d Ray actors (%s)", len(corpus.documents), len(blocks),
+             pool.workers, pool.engine)
     done_chars = sum(len(t) for t in segments.texts[: start.segment])
     progress = TokenizeProgress(sum(len(t) for t in segments.texts), done_chars)
     for row in pool.map(blocks):

@@ -1,4 +1,4 @@
-"""The whole pipeline through the real CLI: prepare (Ray Data) -> train (Ray Train, 2 DeepSpeed workers)
+"""The whole pipeline through the real CLI: prepare (tokenizer actors on Ray) -> train (Ray Train, 2 DeepSpeed workers)
 -> evaluate, with the results in a local MLflow store."""
 
 from __future__ import annotations

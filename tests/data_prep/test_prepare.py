@@ -16,7 +16,7 @@ import pytest
 
 import data_prep.encoding as encoding_module
 import data_prep.prepare as prepare_module
-from data_prep.encoding import make_blocks, make_segments
+from data_prep.encoding import RAY_DATA_MIN_CHARS, make_blocks, make_segments, tokenize_engine
 from data_prep.journal import ProgressJournal
 from data_prep.prepare import DataPrepError, assign_splits, dataset_dir, prepare, split_of
 from data_prep.shards import WindowDataset, load_manifest
@@ -79,16 +79,28 @@ def test_doc_starts_point_just_after_each_eos(prepared):
     assert np.array_equal(starts, expected[expected < len(tokens)])
 
 
-def test_output_is_byte_identical_with_one_or_two_workers(corpus, tmp_path, ray_local):
-    cfg = text_config(corpus, tmp_path / "one", num_workers=1)
+def test_output_is_byte_identical_with_one_or_two_workers_and_either_engine(corpus, tmp_path, ray_local, caplog):
+    cfg = text_config(corpus, tmp_path / "one", num_workers=1, tokenize_engine="actors")
     assert len(make_blocks(make_segments(read_documents(cfg)[0], cut=True), np.zeros(60, bool), 2)) > 4
     one = prepare(cfg)
     two = prepare(dataclasses.replace(cfg, num_workers=2, output_dir=str(tmp_path / "two")))
-    assert one.name == two.name  # neither the worker count nor the location is part of the fingerprint
+    with caplog.at_level("INFO", logger="data_prep.prepare"):
+        ray_data = prepare(dataclasses.replace(cfg, num_workers=2, tokenize_engine="ray_data",
+                                               output_dir=str(tmp_path / "ray_data")))
+    assert "with 2 Ray actors (ray_data)" in caplog.text
+    # Neither the worker count, the engine nor the location is part of the fingerprint.
+    assert one.name == two.name == ray_data.name
     files = sorted(p.name for p in one.iterdir())
-    assert files == sorted(p.name for p in two.iterdir()) and "tokenizer.model" in files
+    assert files == sorted(p.name for p in two.iterdir()) == sorted(p.name for p in ray_data.iterdir())
+    assert "tokenizer.model" in files
     for name in files:
-        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+        assert (one / name).read_bytes() == (two / name).read_bytes() == (ray_data / name).read_bytes(), name
+
+
+def test_auto_engine_is_ray_data_for_large_corpora():
+    assert tokenize_engine("auto", RAY_DATA_MIN_CHARS) == "ray_data"
+    assert tokenize_engine("auto", RAY_DATA_MIN_CHARS - 1) == "actors"
+    assert tokenize_engine("ray_data", 10) == "ray_data" and tokenize_engine("actors", 1 << 40) == "actors"
 
 
 def test_rerun_skips_and_changed_config_writes_elsewhere(prepared, caplog):

@@ -88,6 +88,12 @@ def test_missing_data_path_is_named():
         validate(cfg)
 
 
+def test_unknown_tokenize_engine_is_refused():
+    cfg = compose_config(["data.tokenize_engine=spark"])
+    with pytest.raises(ConfigError, match="data.tokenize_engine='spark' is not one of auto, ray_data, actors"):
+        validate(cfg)
+
+
 def test_tensor_parallel_checks():
     model = ModelConfig(n_head=4, d_model=128)
     with pytest.raises(ConfigError, match="does not divide model.n_head"):
