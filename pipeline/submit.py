@@ -150,9 +150,16 @@ def check_shared_storage(output_dir: str, cluster: ClusterConfig) -> None:
 
 
 def check_job_paths(cfg) -> None:
-    """Input paths are read on the cluster, whose working directory is not this one: they must be absolute."""
-    for name, value in (("data.path", cfg.data.path), ("data.tokenizer.model_path", cfg.data.tokenizer.model_path)):
-        if value and cfg.data.source != "hf_hub" and not Path(value).expanduser().is_absolute():
+    """Input paths are read on the cluster, whose working directory is not this one: they must be absolute
+    (hub names of hf_hub sources are not paths)."""
+    data = cfg.data
+    paths = [("data.tokenizer.model_path", data.tokenizer.model_path)]
+    if data.source == "mixture":
+        paths += [(f"data.mixture.{i}.path", src.path) for i, src in enumerate(data.mixture) if src.source != "hf_hub"]
+    elif data.source != "hf_hub":
+        paths.append(("data.path", data.path))
+    for name, value in paths:
+        if value and not Path(value).expanduser().is_absolute():
             raise ConfigError(
                 f"{name}={value} is relative: the job runs on the cluster, so give an absolute path on storage "
                 f"every node mounts."

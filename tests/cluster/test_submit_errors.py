@@ -79,6 +79,7 @@ def test_invalid_config_is_refused_before_the_cluster_is_contacted(tmp_path):
     (["output_dir=/data/out", "cluster.shared_storage=/shared"], "is outside cluster.shared_storage=/shared"),
     (["output_dir=/tmp/out", "cluster.address=http://10.1.2.3:8265"], "node-local directory"),
     (["data.source=text", "data.path=corpus.txt", "output_dir={tmp}"], "data.path=corpus.txt is relative"),
+    (["data=mixture", "output_dir={tmp}"], "data.mixture.1.path=corpus/notes is relative"),
 ])
 def test_storage_the_cluster_cannot_share(tmp_path, overrides, message):
     overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
