@@ -24,7 +24,10 @@ FAKES = {
 if [ "$1 $2" = "-m ray.scripts.scripts" ]; then
   echo "ray $*" >> "$LOG"; exec sleep 300
 elif [ "$1" = "-" ]; then
-  cat > /dev/null; echo "wait for $3 nodes at $2" >> "$LOG"
+  # wait_for_nodes: like the real one, return once $3 Ray nodes have started (or after 10 s).
+  cat > /dev/null
+  for _ in $(seq 100); do [ "$(grep -c ' start ' "$LOG" 2>/dev/null)" -ge "$3" ] && break; sleep 0.1; done
+  echo "wait for $3 nodes at $2" >> "$LOG"
 elif [ "$1 $2" = "-m pipeline.cli" ]; then
   trap 'echo "driver got USR1" >> "$LOG"; exit 75' USR1
   echo "driver $*" >> "$LOG"
