@@ -13,11 +13,24 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def measure_peak_tflops(precision: str, device: torch.device, size: int = 1024, trials: int = 5) -> float:
     """Dense matmul throughput of this worker in TFLOP/s: the denominator of MFU when none is configured.
 
-    The best of several short trials, so that a moment of contention does not lower the peak.
+    The best of several short trials, so that a moment of contention does not lower the peak. The matrices
+    are `size` square, or smaller where one product would take over 50 ms (bf16 on a CPU without bf16
+    instructions runs at a few GFLOP/s: a 2048-square product there takes seconds).
     """
     dtype = DTYPES[precision]
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    n = min(size, 256)
+    while n < size:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        a @ a  # warm-up (thread pools, kernels)
+        _sync(device)
+        start = time.perf_counter()
+        a @ a
+        _sync(device)
+        if time.perf_counter() - start > 0.05:
+            break
+        n *= 2
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
     best = 0.0
     for _ in range(trials):
@@ -26,7 +39,7 @@ def measure_peak_tflops(precision: str, device: torch.device, size: int = 1024, 
         for _ in range(4):
             a @ b
         _sync(device)
-        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e12)
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start) / 1e12)
     return best
 
 
