@@ -54,7 +54,7 @@ from data_prep.shards import (
     write_atomic,
 )
 from data_prep.tokenizer import check_round_trip, copy_tokenizer, load_tokenizer, train_tokenizer
-from pipeline.config import DataConfig, fingerprint, validate_data
+from pipeline.config import DataConfig, PipelineError, fingerprint, validate_data
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ _PROGRESS_INTERVAL_S = 5.0
 PARTIAL_SUFFIX = ".partial"
 
 
-class DataPrepError(ValueError):
+class DataPrepError(PipelineError, ValueError):
     """The data set cannot be prepared as configured."""
 
 

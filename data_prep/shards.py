@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import PipelineError
+
 MAGIC = b"GPTWINDS"
 FORMAT_VERSION = 1
 HEADER_BYTES = 64
@@ -26,7 +28,7 @@ TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "validation")
 
 
-class ShardError(RuntimeError):
+class ShardError(PipelineError, RuntimeError):
     """A shard that is missing, truncated, corrupted or of an unknown format."""
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import DataConfig, SourceConfig
+from pipeline.config import DataConfig, PipelineError, SourceConfig
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ _SCENE_HEADING = re.compile(r"^#{1,6}\s+(SCENE|PROLOGUE|EPILOGUE|INDUCTION)\b", 
 _HEADING = re.compile(r"^#{1,6}\s")
 
 
-class SourceError(ValueError):
+class SourceError(PipelineError, ValueError):
     """The corpus cannot be read as configured."""
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from data_prep.encoding import cut_points
-from pipeline.config import TokenizerConfig
+from pipeline.config import PipelineError, TokenizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ _BYTE_PIECES = 256
 _MAX_SENTENCE_BYTES = 16_384
 
 
-class TokenizerError(ValueError):
+class TokenizerError(PipelineError, ValueError):
     """A tokenizer that cannot be trained or used as configured."""
 
 

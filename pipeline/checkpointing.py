@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.config import PipelineError
+
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
@@ -135,7 +137,7 @@ def _prune(root: Path, keep_last: int) -> None:
         log.info("deleted old checkpoint %s (keeping the last %d)", tag, keep_last)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PipelineError, RuntimeError):
     """A checkpoint that is incomplete, truncated or damaged."""
 
 

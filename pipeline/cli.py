@@ -66,12 +66,13 @@ def load_config(cfg_node, stage: str = "run"):
     """
     from omegaconf import OmegaConf
 
-    from pipeline.config import validate, validate_model
+    from pipeline.config import validate, validate_known_keys, validate_model
 
     OmegaConf.set_readonly(cfg_node, False)
     cfg_node.output_dir = str(Path(cfg_node.output_dir).expanduser().resolve())
     cfg = OmegaConf.to_object(cfg_node)
     if stage == "params":
+        validate_known_keys(cfg)
         validate_model(cfg.model)
     else:
         validate(cfg)
@@ -117,7 +118,7 @@ def _hydra_main(stage: str, overrides: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from pipeline.config import ConfigError
+    from pipeline.config import PipelineError
     from pipeline.schema import register_schema
 
     register_schema()
@@ -126,7 +127,9 @@ def _hydra_main(stage: str, overrides: list[str]) -> None:
         try:
             cfg = load_config(cfg_node, stage)
             run_stage(stage, cfg)
-        except ConfigError as err:  # also raised by checks that need the data set or the machine
+        # Bad config or input found by a check that needs the data set, the machine or files on disk: the
+        # message names the fix, a traceback would only bury it.
+        except (PipelineError, FileNotFoundError) as err:
             _fail(str(err))
 
     sys.argv = [f"pipeline {stage}", *overrides]

@@ -20,7 +20,12 @@ from typing import Any
 from omegaconf import MISSING  # noqa: F401  (re-exported for YAML schemas)
 
 
-class ConfigError(ValueError):
+class PipelineError(Exception):
+    """A problem the user can fix (bad config, bad input, damaged files): the CLI prints its message alone,
+    without a traceback. Each error class of the pipeline derives from it."""
+
+
+class ConfigError(PipelineError, ValueError):
     """A configuration problem found before any work started."""
 
 
@@ -543,8 +548,36 @@ def validate_cluster(cluster: ClusterConfig) -> None:
     _choice("cluster.placement_strategy", cluster.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
 
 
+def unknown_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted names of attributes that a `+key=value` override added to the schema's dataclasses.
+
+    Hydra lets `+key` append to a structured config, and OmegaConf.to_object then sets the stray key as an
+    attribute of the dataclass; nothing reads it, so a misspelt `+trian.max_steps=5` would be silently ignored.
+    """
+    if not hasattr(obj, "__dataclass_fields__"):
+        if isinstance(obj, list):
+            return [k for i, item in enumerate(obj) for k in unknown_keys(item, f"{prefix}{i}.")]
+        return []
+    known = obj.__dataclass_fields__
+    found = [f"{prefix}{name}" for name in vars(obj) if name not in known]
+    for name in known:
+        found += unknown_keys(getattr(obj, name), f"{prefix}{name}.")
+    return found
+
+
+def validate_known_keys(cfg: Any) -> None:
+    stray = unknown_keys(cfg)
+    if stray:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(stray)}: the schema (pipeline/config.py) has no such field, so the "
+            f"value would be ignored. Check the spelling (`pipeline train --cfg job` prints every key) and drop "
+            f"the leading '+'."
+        )
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Every cross-field check, run before any stage does work."""
+    validate_known_keys(cfg)
     validate_cluster(cfg.cluster)
     validate_model(cfg.model)
     validate_data(cfg.data, cfg.model)

@@ -175,6 +175,7 @@ def compose_checked(stage: str, overrides: list[str]):
     from pipeline.config import (
         validate_cluster,
         validate_eval,
+        validate_known_keys,
         validate_model,
         validate_parallel,
         validate_train,
@@ -188,6 +189,7 @@ def compose_checked(stage: str, overrides: list[str]):
         cfg = OmegaConf.to_object(node)
     except Exception as err:  # Hydra's override grammar, unknown keys, wrong types
         raise ConfigError(f"the overrides do not compose: {err}") from err
+    validate_known_keys(cfg)
     validate_cluster(cfg.cluster)
     validate_model(cfg.model)
     validate_parallel(cfg.parallel, cfg.model)

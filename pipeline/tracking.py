@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,11 @@ def artifact_root(output_dir: str | Path) -> str:
 
 
 def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri} --port 5000"
+    """The command that opens the MLflow UI on `uri`, runnable as printed: the `mlflow` of this environment
+    (e.g. .venv/bin/mlflow after `make run`, which does not activate the virtualenv)."""
+    beside = Path(sys.executable).with_name("mlflow")
+    mlflow = str(beside) if beside.is_file() else "mlflow"
+    return f"{mlflow} ui --backend-store-uri {uri} --port 5000"
 
 
 class Tracker:

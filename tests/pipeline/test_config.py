@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,17 @@ def test_unknown_key_is_refused():
         compose_config(["nonsense=1"])
 
 
+def test_appended_unknown_keys_are_refused_by_validation():
+    """`+key=value` slips past Hydra's schema (it appends); validation names every stray key instead."""
+    cfg = compose_config(["data=mixture", f"data.mixture.1.path={REPO / 'README.md'}", "+nonsense=1",
+                          "+train.max_stepz=5", "+data.mixture.0.wieght=2"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    for key in ("nonsense", "train.max_stepz", "data.mixture.0.wieght"):
+        assert key in str(err.value)
+    validate(compose_config(["train.max_steps=50"]))  # a known key is still fine
+
+
 def test_wrong_type_is_refused():
     with pytest.raises(Exception, match="n_head"):
         compose_config(["model.n_head=abc"])
@@ -133,13 +145,16 @@ def test_cli_reports_bad_values_fast_and_writes_nothing(tmp_path):
         ("model.n_head=5", "not divisible by model.n_head=5"),
         ("data.path=/nonexistent", "data.path=/nonexistent does not exist"),
         ("nonsense=1", "nonsense"),
+        ("+nonsense=1", "unknown config key(s) nonsense"),
     ]:
+        started = time.monotonic()
         proc = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "train", override, f"output_dir={tmp_path / 'out'}"],
             capture_output=True, text=True, timeout=60, cwd=tmp_path,
         )
         assert proc.returncode != 0
         assert expected in proc.stderr
+        assert time.monotonic() - started < 10, f"{override} took over 10 s to be refused"
     assert list(tmp_path.iterdir()) == []
 
 
