@@ -104,12 +104,20 @@ def save_checkpoint(
     rank = dist.get_rank()
     tag = tag_for(step)
     tag_dir = root / tag
+    if rank == 0 and tag_dir.exists():
+        # A tag written before (a run resumed from an older checkpoint reaches this step again): remove it
+        # first, so that its COMPLETE marker cannot vouch for a half-written rewrite and no file of another
+        # layout stays behind in it.
+        log.info("rewriting checkpoint %s", tag_dir)
+        shutil.rmtree(tag_dir)
+    dist.barrier()
     if getattr(engine.module, "universal_checkpoint_info", None) is None:
         # ds_to_universal needs this key; under AutoTP DeepSpeed writes its own (which TP-sliced parameters
         # to merge and how), and a client_state key of the same name would overwrite it.
         client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    _fsync_files(tag_dir)
     dist.barrier()
     if rank == 0:
         # layout (ZeRO stage, tensor-parallel degree, precision) tells readers how to consolidate the shards.
@@ -129,12 +137,37 @@ def save_checkpoint(
     return tag_dir
 
 
+def _fsync_files(tag_dir: Path) -> None:
+    """Flush every file of the tag to stable storage before the marker vouches for them. Each rank runs it
+    (on a shared file system a rank can only flush what its own node wrote); files already on disk cost
+    little."""
+    for path in tag_dir.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(tag_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _prune(root: Path, keep_last: int) -> None:
-    if keep_last <= 0:
+    """Keep the last `keep_last` complete checkpoints (0: all). Delete older ones, their universal
+    conversions, and incomplete tags older than the newest complete one (left by a crash while writing)."""
+    complete = complete_tags(root)
+    if not complete:
         return
-    for tag in complete_tags(root)[:-keep_last]:
+    doomed = complete[:-keep_last] if keep_last > 0 else []
+    doomed += [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+               and not is_complete(p) and p.name < complete[-1]]
+    for tag in doomed:
         shutil.rmtree(root / tag, ignore_errors=True)
-        log.info("deleted old checkpoint %s (keeping the last %d)", tag, keep_last)
+        shutil.rmtree(root / UNIVERSAL_DIR / tag, ignore_errors=True)
+        log.info("deleted old checkpoint %s (keeping the last %d complete ones)", tag, keep_last)
 
 
 class CheckpointError(PipelineError, RuntimeError):
@@ -155,6 +188,40 @@ def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
                 f"as {size}): resume from an older checkpoint (train.resume=<older tag>) or delete {tag_dir}"
             )
     return marker
+
+
+# Environment variable naming further Python globals (module.Name, comma-separated) that a checkpoint the
+# user trusts may pickle, e.g. one written by another DeepSpeed version.
+TRUSTED_GLOBALS_ENV = "PIPELINE_TRUSTED_PICKLE_GLOBALS"
+
+
+def _deepspeed_pickle_classes() -> list[type]:
+    """The classes DeepSpeed pickles into its checkpoint files besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_pickles(tag_dir: Path) -> None:
+    """Refuse a checkpoint whose pickles name any Python global beyond tensors, plain data and DeepSpeed's
+    own state classes, before anything unpickles it: DeepSpeed's loaders use torch.load(weights_only=False),
+    and a crafted file runs code on load. Scanning reads only the pickles, not the tensor data."""
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _deepspeed_pickle_classes()}
+    allowed |= {name.strip() for name in os.environ.get(TRUSTED_GLOBALS_ENV, "").split(",") if name.strip()}
+    for path in sorted(tag_dir.rglob("*.pt")):
+        try:
+            unknown = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed)
+        except Exception as err:  # not a torch.save zip file at all
+            raise CheckpointError(f"checkpoint file {path} is not a readable torch file ({err}): resume from "
+                                  f"another checkpoint") from err
+        if unknown:
+            raise CheckpointError(
+                f"checkpoint file {path} pickles Python objects this pipeline does not write ({', '.join(unknown)}); "
+                f"loading it could run arbitrary code, so it is refused. If you trust its source, allow them with "
+                f"{TRUSTED_GLOBALS_ENV}={','.join(unknown)}."
+            )
 
 
 def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
@@ -184,6 +251,7 @@ def read_marker(tag_dir: Path) -> dict[str, Any]:
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights from a sharded checkpoint, in one process (no distributed setup)."""
     marker = verify_checkpoint(tag_dir)
+    check_pickles(tag_dir)
     tp = marker.get("tensor_parallel", 1)
     if tp > 1:
         return _merge_tensor_parallel(tag_dir, tp)
@@ -200,9 +268,8 @@ def _load_model_states(tag_dir: Path, mp_rank: int) -> dict[str, torch.Tensor]:
     path = tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint shard {path} is missing: the checkpoint is incomplete or damaged.")
-    # DeepSpeed's model-state files hold Python objects besides tensors (its config, versions), so they
-    # cannot be read with weights_only=True; they come from our own run directory.
-    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    with torch.serialization.safe_globals(_deepspeed_pickle_classes()):
+        return torch.load(path, map_location="cpu", weights_only=True)["module"]
 
 
 def _merge_tensor_parallel(tag_dir: Path, tp: int) -> dict[str, torch.Tensor]:
@@ -248,8 +315,13 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     if resume == "auto":
         return latest_complete(root)
     tag_dir = Path(resume)
+    if (checkpoint_root(tag_dir) / LATEST_FILE).is_file():  # a run directory
+        tag_dir = checkpoint_root(tag_dir)
     if (tag_dir / LATEST_FILE).is_file():  # a checkpoints directory rather than a tag
         tag_dir = latest_complete(tag_dir)
+        if tag_dir is None:
+            raise CheckpointError(f"train.resume={resume} holds no complete checkpoint: pass a complete one or "
+                                  f"train.resume=none")
     read_marker(tag_dir)
     return tag_dir
 

@@ -51,14 +51,19 @@ def main(argv: list[str] | None = None) -> None:
     if not (data_dir / "manifest.json").is_file():
         raise ConfigError(f"no prepared data at {data_dir}: run `pipeline prepare` with the same data overrides first.")
     _init_distributed(cfg.parallel)
+    rank = dist.get_rank()
+    if rank != 0:
+        dist.barrier()  # rank 0 resolves the resume first: a universal conversion runs once, not on every rank
     job = check_resume(cfg, build_job(cfg, data_dir, None, None))
+    if rank == 0:
+        dist.barrier()
     tracker = None
-    if dist.get_rank() == 0:
+    if rank == 0:
         (run_dir_for(cfg) / PREEMPT_FILE).unlink(missing_ok=True)
         tracker = open_run(cfg, job, data_dir)
-    ids = [tracker.uri, tracker.run_id] if tracker else [None, None]
+    ids = [tracker.uri, tracker.run_id, job.job_id] if tracker else [None, None, None]
     dist.broadcast_object_list(ids, src=0)
-    job = dataclasses.replace(job, tracking_uri=ids[0], mlflow_run_id=ids[1])
+    job = dataclasses.replace(job, tracking_uri=ids[0], mlflow_run_id=ids[1], job_id=ids[2])
     outcome = train_worker(job)
     if outcome.preempted:
         if tracker:

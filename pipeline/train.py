@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import signal
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,30 +42,37 @@ def model_for_data(model: ModelConfig, vocab_size: int) -> ModelConfig:
 
 # Train settings that do not change the numbers a run computes.
 _NOT_MATH = ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints", "resume", "eval_interval_steps",
-             "eval_batches", "peak_tflops", "allow_config_change", "max_failures", "max_steps", "compile")
+             "eval_batches", "peak_tflops", "allow_config_change", "max_failures", "compile")
 
 
-def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path) -> dict:
-    """What changes the numbers a run computes (not logging, not where it saves, not how long it runs)."""
-    train = {k: v for k, v in asdict(cfg.train).items() if k not in _NOT_MATH}
-    return {"model": asdict(model), "train": train, "data": data_dir.name}
+def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precision: str, tokenizer_sha256: str) -> dict:
+    """What changes the numbers a run computes (not logging, not where it saves). The run's length counts
+    too unless the schedule is constant: cosine and WSD stretch over train.max_steps, so a longer run has
+    another learning rate at every step after warm-up."""
+    not_math = _NOT_MATH + (("max_steps",) if cfg.train.schedule == "constant" else ())
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in not_math}
+    return {"model": asdict(model), "train": train, "data": data_dir.name, "precision": precision,
+            "tokenizer_sha256": tokenizer_sha256}
 
 
 def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
     """Resolve train.resume on the driver and refuse a checkpoint trained with different math."""
     from pipeline.checkpointing import (
+        check_pickles,
         checkpoint_root,
         config_differences,
         needs_universal,
-        read_marker,
         resolve_resume,
         to_universal,
+        verify_checkpoint,
     )
 
     tag_dir = resolve_resume(cfg.train.resume, checkpoint_root(run_dir_for(cfg)))
     if tag_dir is None:
         return job
-    saved = read_marker(tag_dir).get("client_state", {}).get("math_config")
+    marker = verify_checkpoint(tag_dir)  # a missing or truncated file is named here, before workers start
+    check_pickles(tag_dir)  # and a file that would run code when DeepSpeed unpickles it is refused
+    saved = marker.get("client_state", {}).get("math_config")
     differences = config_differences(saved, job.math_config) if saved is not None else []
     if differences and not cfg.train.allow_config_change:
         raise ConfigError(
@@ -74,7 +82,6 @@ def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
         )
     if differences:
         log.warning("resuming %s despite config changes: %s", tag_dir, "; ".join(differences))
-    marker = read_marker(tag_dir)
     parallel = cfg.parallel
     if needs_universal(marker, parallel.num_workers, parallel.tensor_parallel, parallel.zero_stage):
         # Elastic resume: another data-parallel size or ZeRO stage than the checkpoint was saved with.
@@ -103,6 +110,7 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
     model = model_for_data(cfg.model, manifest.vocab_size)
     precision = resolve_precision(cfg.parallel)
     accum = grad_accumulation_steps(cfg.train, cfg.parallel, model.context_length)
+    math = math_config(cfg, model, data_dir, precision, manifest.tokenizer_sha256)
     return TrainJob(
         model=model,
         train=cfg.train,
@@ -113,9 +121,10 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
         grad_accum_steps=accum,
         ds_config=make_ds_config(cfg.train, cfg.parallel, precision, accum),
         flops_per_token=training_flops_per_token(model),
-        config_fingerprint=fingerprint(math_config(cfg, model, data_dir)),
-        math_config=math_config(cfg, model, data_dir),
+        config_fingerprint=fingerprint(math),
+        math_config=math,
         tokenizer_sha256=manifest.tokenizer_sha256,
+        job_id=uuid.uuid4().hex,
         tracking_uri=tracking_uri,
         mlflow_run_id=run_id,
     )

@@ -47,9 +47,13 @@ class TrainJob:
     tokenizer_sha256: str
     # A checkpoint tag to load (resolved on the driver from train.resume), and whether it is universal.
     resume_from: str | None = None
+    # Unique id of this training job (set on the driver), kept in its checkpoints: a worker group that Ray
+    # restarts after a failure continues from the job's own newest checkpoint, not from resume_from again.
+    job_id: str = ""
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
-    # Per-step losses (rank 0) are returned to the driver when true; used by equivalence tests.
+    # Per-step losses and gradient norms (rank 0) are returned to the driver when true; used by equivalence
+    # tests.
     record_losses: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -64,6 +68,13 @@ class TrainOutcome:
     resumed_from: str | None
     # Ray node id of every rank (filled in under Ray Train).
     worker_nodes: list[str] | None = None
+    # Gradient norm (before clipping) of every step, when job.record_losses.
+    grad_norms: dict[int, float] = field(default_factory=dict)
+    # Elements of the parameters this rank's module holds: fewer than the model's under tensor parallelism
+    # (AutoTP shards the projections), 0 under ZeRO-3 (DeepSpeed keeps only flat partitions).
+    local_parameters: int = 0
+    # Tokens/s from the end of the run's second step to its end: the steady rate, without start-up.
+    steady_tokens_per_s: float = 0.0
 
 
 def seed_everything(seed: int) -> None:
@@ -93,10 +104,28 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return t.item() / dist.get_world_size()
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
-    """Global L2 norm of the (data-parallel averaged) gradients, before clipping."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0
+def _grad_norm(module: torch.nn.Module, tp: int) -> float:
+    """Global L2 norm of the (data-parallel averaged) gradients, before clipping, where DeepSpeed reports none
+    (ZeRO-0). Under AutoTP a sharded weight (DeepSpeed marks it `tensor_model_parallel`) contributes the sum
+    over the tensor-parallel group; a replicated one (norms, embeddings, row-parallel biases) counts once."""
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in module.parameters():
+        if p.grad is None:
+            continue
+        square = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "tensor_model_parallel", False):
+            sharded += square
+        else:
+            replicated += square
+    if tp > 1:
+        from deepspeed.utils import groups
+
+        device = next(module.parameters()).device
+        sharded = sharded.to(device)
+        dist.all_reduce(sharded, group=groups.get_tensor_model_parallel_group())
+        sharded = sharded.cpu()
+    return float((sharded + replicated).sqrt())
 
 
 class PreemptionFlag:
@@ -139,11 +168,30 @@ def interval_validation_loss(engine, dataset, micro_batch: int, n_batches: int, 
     return total / max(1, count)
 
 
+def resume_point(job: TrainJob, ckpt_root: Path) -> tuple[Path | None, dict]:
+    """The checkpoint this worker group starts from, and the DeepSpeed config to load it with.
+
+    The job's own newest checkpoint comes first (a restart after a failure, even of a job that began from an
+    explicit or universal checkpoint); then the checkpoint the driver resolved; then, for train.resume=auto,
+    the latest complete one of the run directory."""
+    from pipeline.checkpointing import latest_complete, read_marker
+
+    latest = latest_complete(ckpt_root)
+    if latest is not None and job.job_id and read_marker(latest).get("client_state", {}).get("job_id") == job.job_id:
+        # Saved by this job at its own layout: a plain load, not a universal one.
+        return latest, {k: v for k, v in job.ds_config.items() if k != "checkpoint"}
+    if job.resume_from is not None:
+        return Path(job.resume_from), job.ds_config
+    if job.train.resume == "auto":
+        return latest, job.ds_config
+    return None, job.ds_config
+
+
 def train_worker(job: TrainJob) -> TrainOutcome:
     import deepspeed
 
     from data_prep.shards import WindowDataset
-    from pipeline.checkpointing import checkpoint_root, latest_complete, load_checkpoint, save_checkpoint
+    from pipeline.checkpointing import checkpoint_root, load_checkpoint, save_checkpoint
     from pipeline.data_loader import RankBatches
     from pipeline.model import GPT
     from pipeline.optimizer import build_optimizer, build_scheduler
@@ -158,6 +206,8 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     device = _device(job.parallel)
     train = job.train
 
+    ckpt_root = checkpoint_root(Path(job.run_dir))
+    tag_dir, ds_config = resume_point(job, ckpt_root)
     seed_everything(train.seed)  # identical initial weights on every rank
     model = GPT(job.model)
     if job.parallel.activation_checkpointing:
@@ -167,7 +217,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
         model=model,
         optimizer=lambda _params: build_optimizer(model, train),
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, train),
-        config=job.ds_config,
+        config=ds_config,
     )
     if train.compile:
         engine.compile()
@@ -180,16 +230,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
         dp_size=dp_size,
         dp_rank=dp_rank,
     )
-    ckpt_root = checkpoint_root(Path(job.run_dir))
     start_step, resumed_from = 0, None
-    # train.resume=auto looks at the run directory now, so that a worker group Ray restarts after a failure
-    # continues from the newest checkpoint; an explicit path comes resolved from the driver.
-    if job.resume_from is not None:
-        tag_dir = Path(job.resume_from)
-    elif train.resume == "auto":
-        tag_dir = latest_complete(ckpt_root)
-    else:
-        tag_dir = None
     if tag_dir is not None:
         state = load_checkpoint(engine, tag_dir)
         start_step = int(state["step"])
@@ -216,6 +257,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
             "data_seed": train.seed,
             "config_fingerprint": job.config_fingerprint,
             "tokenizer_sha256": job.tokenizer_sha256,
+            "job_id": job.job_id,
             "world_size": world,
             "tensor_parallel": tp,
             "math_config": job.math_config,
@@ -224,31 +266,39 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     layout = {"zero_stage": job.parallel.zero_stage, "tensor_parallel": tp, "precision": job.precision}
     tokens_per_step = batches.global_batch * job.model.context_length
     losses: dict[int, float] = {}
+    grad_norms: dict[int, float] = {}
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
     tokens_per_s = 0.0
+    steady_start = None
     engine.train()
     for step in range(start_step, train.max_steps):
         step_start = time.perf_counter()
         step_loss = 0.0
         plain_grad_norm = None
+        done = step + 1
+        log_now = done % train.log_interval_steps == 0 or done == train.max_steps
         for micro_step in range(job.grad_accum_steps):
             inputs, targets = batches.micro_batch_at(step, micro_step)
             _, loss = engine(inputs.to(device), targets.to(device))
             engine.backward(loss)
-            if micro_step == job.grad_accum_steps - 1 and job.parallel.zero_stage == 0 and tp == 1:
-                plain_grad_norm = _grad_norm(engine.module)  # DeepSpeed reports none without ZeRO
+            last_micro = micro_step == job.grad_accum_steps - 1
+            if last_micro and job.parallel.zero_stage == 0 and (log_now or job.record_losses):
+                plain_grad_norm = _grad_norm(engine.module, tp)  # DeepSpeed reports none without ZeRO
             engine.step()
             step_loss += loss.item() / job.grad_accum_steps
         step_loss = _mean_over_ranks(step_loss, device)
         losses[step] = step_loss
         window_loss += step_loss
         window_steps += 1
-        done = step + 1
-        if done % train.log_interval_steps == 0 or done == train.max_steps:
+        if done == start_step + 2:
+            steady_start = time.perf_counter()
+        grad_norm = engine.get_global_grad_norm() if (log_now or job.record_losses) else None
+        grad_norm = plain_grad_norm if grad_norm is None else grad_norm
+        if job.record_losses and grad_norm is not None:
+            grad_norms[step] = float(grad_norm)
+        if log_now:
             elapsed = time.perf_counter() - window_start
             tokens_per_s = tokens_per_step * window_steps / elapsed
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = plain_grad_norm if grad_norm is None else grad_norm
             metrics = {
                 "train_loss": window_loss / window_steps,
                 "lr": engine.get_lr()[0],
@@ -279,11 +329,15 @@ def train_worker(job: TrainJob) -> TrainOutcome:
                 log.warning("preempted: saved %s at step %d; exiting with code %d", tag, done, PREEMPTED_EXIT_CODE)
                 if tracker:
                     tracker.set_tags({"preempted_at_step": str(done)})
-            return TrainOutcome(done, losses if job.record_losses else {}, True, str(tag), tokens_per_s, resumed_from)
+            return TrainOutcome(done, losses if job.record_losses else {}, True, str(tag), tokens_per_s, resumed_from,
+                                grad_norms=grad_norms)
         if train.save_interval_steps and done % train.save_interval_steps == 0 and done < train.max_steps:
             save_checkpoint(engine, ckpt_root, done, client_state(done), train.keep_last_checkpoints, layout)
 
     final_step = max(start_step, train.max_steps)
+    steady_steps = final_step - (start_step + 2)
+    steady_tokens_per_s = (tokens_per_step * steady_steps / (time.perf_counter() - steady_start)
+                           if steady_start is not None and steady_steps > 0 else tokens_per_s)
     if start_step >= train.max_steps:
         last_tag = Path(resumed_from)  # the checkpoint already holds the finished run: nothing to train
         if rank == 0:
@@ -301,4 +355,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
         checkpoint=str(last_tag),
         tokens_per_s=tokens_per_s,
         resumed_from=resumed_from,
+        grad_norms=grad_norms,
+        local_parameters=sum(p.numel() for p in engine.module.parameters()),
+        steady_tokens_per_s=steady_tokens_per_s,
     )

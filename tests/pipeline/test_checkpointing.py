@@ -58,42 +58,123 @@ def train_and_report(job):
     return train_worker(job)
 
 
+def crash_while_saving(job, crash_step: int):
+    """train_worker, but every rank dies (as in a node failure) in the middle of writing the checkpoint of
+    crash_step: after DeepSpeed wrote its shards, before the COMPLETE marker."""
+    import os
+
+    from pipeline import checkpointing
+    from pipeline.train_loop import train_worker
+
+    flush = checkpointing._fsync_files
+
+    def dying(tag_dir):
+        if tag_dir.name == checkpointing.tag_for(crash_step):
+            os._exit(17)
+        flush(tag_dir)
+
+    checkpointing._fsync_files = dying
+    return train_worker(job)
+
+
+def signal_after_step(job, signum: int, step: int):
+    """train_worker, with rank 1 sending itself `signum` (what Slurm sends) right after step `step`."""
+    import os
+
+    import torch.distributed as dist
+
+    from pipeline.train_loop import PreemptionFlag, train_worker
+
+    check = PreemptionFlag.any_rank
+    calls = {"n": 0}
+
+    def any_rank(self, device):
+        calls["n"] += 1
+        if calls["n"] == step and dist.get_rank() == 1:
+            os.kill(os.getpid(), signum)
+        return check(self, device)
+
+    PreemptionFlag.any_rank = any_rank
+    return train_worker(job)
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+    """Six steps in one go, checkpoints at steps 3 and 6; dropout on, so resuming needs every rank's RNG."""
+    job = make_job(data_dir, tmp_path_factory.mktemp("full"), steps=6, save_every=3)
+    return job, run_distributed(train_and_report, 2, job)[0].losses
+
+
+def final_weights(run_dir) -> dict:
+    return consolidated_state_dict(latest_complete(checkpoint_root(Path(run_dir))))
+
+
 @pytest.mark.distributed
-def test_stop_and_resume_is_exact(data_dir, tmp_path):
+def test_stop_and_resume_is_exact(full_run, tmp_path):
     """2S steps in one go vs S steps, a stop, and a resume: identical losses and bitwise identical weights.
     Dropout is on, so the RNG state of every rank must come back too."""
-    full = make_job(data_dir, tmp_path / "full", steps=6, save_every=3)
-    full_losses = run_distributed(train_and_report, 2, full)[0].losses
+    full, full_losses = full_run
     resumed_dir = tmp_path / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
-    shutil.copytree(checkpoint_root(tmp_path / "full") / "step_00000003", resumed_dir / "step_00000003")
+    shutil.copytree(checkpoint_root(Path(full.run_dir)) / "step_00000003", resumed_dir / "step_00000003")
     (resumed_dir / "latest").write_text("step_00000003")
     outcome = run_distributed(train_and_report, 2, dataclasses.replace(full, run_dir=str(tmp_path / "resumed")))[0]
     assert outcome.resumed_from.endswith("step_00000003")
     assert sorted(outcome.losses) == [3, 4, 5]
     assert [outcome.losses[s] for s in (3, 4, 5)] == [full_losses[s] for s in (3, 4, 5)]
-    ours = consolidated_state_dict(latest_complete(resumed_dir))
-    theirs = consolidated_state_dict(latest_complete(checkpoint_root(tmp_path / "full")))
+    ours, theirs = final_weights(tmp_path / "resumed"), final_weights(full.run_dir)
     for name in theirs:
         assert torch.equal(ours[name], theirs[name]), name
 
 
 @pytest.mark.distributed
-def test_preemption_request_saves_and_stops_within_a_step(data_dir, tmp_path):
-    from pipeline.train_loop import PREEMPT_FILE
+def test_crash_while_writing_leaves_the_previous_checkpoint_latest_and_resumable(full_run, tmp_path):
+    """A real run dies while writing its step-6 checkpoint: step 3 stays `latest`; the same job resumes from
+    it and ends with the uninterrupted run's losses and weights; then a truncated file of a real checkpoint
+    is named before any worker starts."""
+    from pipeline.config import PipelineConfig
+    from pipeline.train import check_resume
+
+    full, full_losses = full_run
+    run_dir = tmp_path / "runs" / "r"
+    job = dataclasses.replace(full, run_dir=str(run_dir))
+    with pytest.raises(RuntimeError, match="died without a result"):
+        run_distributed(crash_while_saving, 2, job, 6)
+    root = checkpoint_root(run_dir)
+    assert (root / "step_00000006").is_dir() and not (root / "step_00000006" / COMPLETE_MARKER).exists()
+    assert (root / "latest").read_text() == "step_00000003"
+    assert latest_complete(root).name == "step_00000003" and complete_tags(root) == ["step_00000003"]
+
+    outcome = run_distributed(train_and_report, 2, job)[0]  # train.resume=auto
+    assert outcome.resumed_from.endswith("step_00000003")
+    assert [outcome.losses[s] for s in (3, 4, 5)] == [full_losses[s] for s in (3, 4, 5)]
+    ours, theirs = final_weights(run_dir), final_weights(full.run_dir)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+    shard = sorted((root / "step_00000006").glob("*optim_states.pt"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    cfg = PipelineConfig(output_dir=str(tmp_path), run_name="r")
+    with pytest.raises(CheckpointError, match=f"{shard.name} is truncated"):
+        check_resume(cfg, job)
+
+
+@pytest.mark.distributed
+def test_a_signal_saves_at_the_next_step_boundary(data_dir, tmp_path):
+    """SIGUSR1 (Slurm's warning before the time limit) reaching one rank after step 4: every rank saves the
+    step-4 checkpoint and stops there, not a step later."""
+    import signal
 
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / PREEMPT_FILE).touch()  # as the driver does on SIGTERM
-    outcome = run_distributed(train_and_report, 2, make_job(data_dir, run_dir, steps=50))[0]
-    assert outcome.preempted and outcome.final_step == 1
-    assert latest_complete(checkpoint_root(run_dir)).name == "step_00000001"
+    outcome = run_distributed(signal_after_step, 2, make_job(data_dir, run_dir, steps=50), signal.SIGUSR1, 4)[0]
+    assert outcome.preempted and outcome.final_step == 4
+    assert latest_complete(checkpoint_root(run_dir)).name == "step_00000004"
 
 
 def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     tag = root / f"step_{step:08d}"
     tag.mkdir(parents=True)
-    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    torch.save({"module": {"w": torch.zeros(4)}}, tag / "mp_rank_00_model_states.pt")
     if complete:
         # the layout a default run (2 workers, ZeRO-1, no TP) records
         marker = {
@@ -101,7 +182,7 @@ def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
             "world_size": 2,
             "zero_stage": 1,
             "tensor_parallel": 1,
-            "files": {"mp_rank_00_model_states.pt": 100},
+            "files": {"mp_rank_00_model_states.pt": (tag / "mp_rank_00_model_states.pt").stat().st_size},
         }
         (tag / COMPLETE_MARKER).write_text(json.dumps(marker))
     return tag
@@ -118,12 +199,74 @@ def test_interrupted_write_leaves_the_previous_checkpoint_latest(tmp_path):
     assert latest_complete(root).name == "step_00000010"
 
 
+def test_a_restarted_worker_group_continues_from_its_own_newest_checkpoint(tmp_path):
+    """After an elastic (universal) or explicit resume, a worker group that Ray restarts after a failure must
+    not go back to the checkpoint the job began from: the job's own newer checkpoints come first."""
+    from pipeline.train_loop import resume_point
+
+    run_dir = tmp_path / "run"
+    root = checkpoint_root(run_dir)
+
+    def stamp(tag, job_id):
+        marker = json.loads((tag / COMPLETE_MARKER).read_text())
+        marker["client_state"] = {"job_id": job_id}
+        (tag / COMPLETE_MARKER).write_text(json.dumps(marker))
+
+    universal = fake_checkpoint(root / "universal", 10)
+    stamp(fake_checkpoint(root, 10), "earlier job")
+    (root / "latest").write_text("step_00000010")
+    job = dataclasses.replace(make_job(tmp_path, run_dir), job_id="this job", resume_from=str(universal),
+                              ds_config={"train_batch_size": 4, "checkpoint": {"load_universal": True}})
+    assert resume_point(job, root) == (universal, job.ds_config)  # the first start
+    stamp(fake_checkpoint(root, 20), "this job")
+    (root / "latest").write_text("step_00000020")
+    assert resume_point(job, root) == (root / "step_00000020", {"train_batch_size": 4})  # after a restart
+    fresh = dataclasses.replace(job, resume_from=None, train=dataclasses.replace(job.train, resume="none"))
+    assert resume_point(fresh, root)[0] == root / "step_00000020"  # resume=none restarts keep their progress too
+    other = dataclasses.replace(fresh, job_id="another job")
+    assert resume_point(other, root)[0] is None
+
+
+def test_pruning_keeps_the_last_k_and_clears_crash_leftovers(tmp_path):
+    from pipeline.checkpointing import UNIVERSAL_DIR, _prune
+
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30, 40):
+        fake_checkpoint(root, step)
+    fake_checkpoint(root, 25, complete=False)  # a crash while writing step 25
+    fake_checkpoint(root, 50, complete=False)  # being written now
+    fake_checkpoint(root / UNIVERSAL_DIR, 10)
+    _prune(root, keep_last=2)
+    assert complete_tags(root) == ["step_00000030", "step_00000040"]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == [
+        "step_00000030", "step_00000040", "step_00000050"]
+    assert not (root / UNIVERSAL_DIR / "step_00000010").exists()
+    _prune(root, keep_last=0)  # 0 keeps every complete checkpoint
+    assert complete_tags(root) == ["step_00000030", "step_00000040"]
+
+
 def test_truncated_checkpoint_file_is_named(tmp_path):
     tag = fake_checkpoint(tmp_path / "checkpoints", 5)
     verify_checkpoint(tag)
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 60)
     with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt is truncated"):
         verify_checkpoint(tag)
+
+
+def test_a_checkpoint_that_pickles_code_is_refused_before_anything_loads_it(tmp_path, monkeypatch):
+    import os
+
+    from pipeline.checkpointing import TRUSTED_GLOBALS_ENV, check_pickles
+
+    tag = tmp_path / "step_00000001"
+    tag.mkdir()
+    torch.save({"module": {"w": torch.zeros(2)}, "ds_version": "0.19"}, tag / "mp_rank_00_model_states.pt")
+    check_pickles(tag)  # tensors and plain data pass
+    torch.save({"optimizer": {}, "hook": os.system}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match=r"optim_states.pt pickles .*posix.system.*could run arbitrary code"):
+        check_pickles(tag)
+    monkeypatch.setenv(TRUSTED_GLOBALS_ENV, "posix.system")  # the user's explicit trust
+    check_pickles(tag)
 
 
 def test_config_differences_list_every_changed_key():
@@ -151,18 +294,44 @@ def test_resume_with_changed_math_is_refused_unless_allowed(tmp_path):
     assert check_resume(allowed, job).resume_from is None  # auto: the worker picks the latest itself
 
 
-def elastic_job(job, run_dir, workers, micro):
-    """The driver's elastic path (pipeline.train.check_resume) for a test-made job."""
-    from pipeline.checkpointing import needs_universal, read_marker, to_universal
+def test_math_config_holds_what_changes_the_numbers(tmp_path):
+    """The schedule's length, the precision and the tokenizer are part of the math; logging is not."""
+    from pipeline.config import PipelineConfig
+    from pipeline.train import math_config
 
-    tag = latest_complete(checkpoint_root(Path(run_dir)))
+    cfg = PipelineConfig()
+    base = math_config(cfg, MODEL, tmp_path, "bf16", "abc")
+
+    def changed(**train):
+        other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+        return config_differences(base, math_config(other, MODEL, tmp_path, "bf16", "abc"))
+
+    assert changed(max_steps=cfg.train.max_steps * 2) == [
+        f"train.max_steps: {cfg.train.max_steps} -> {cfg.train.max_steps * 2}"]
+    assert changed(log_interval_steps=1, save_interval_steps=7, keep_last_checkpoints=1) == []
+    constant = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, schedule="constant"))
+    longer = dataclasses.replace(constant, train=dataclasses.replace(constant.train, max_steps=10_000))
+    assert config_differences(math_config(constant, MODEL, tmp_path, "bf16", "abc"),
+                              math_config(longer, MODEL, tmp_path, "bf16", "abc")) == []
+    assert config_differences(base, math_config(cfg, MODEL, tmp_path, "fp32", "def")) == [
+        "precision: 'bf16' -> 'fp32'", "tokenizer_sha256: 'abc' -> 'def'"]
+
+
+def elastic_job(job, output_dir: Path, run_name: str, workers: int, micro: int, tp: int = 1):
+    """The job resized to `workers` ranks (tensor-parallel degree tp), resumed the way the driver does it:
+    pipeline.train.check_resume finds the run's latest checkpoint, sees the other layout and converts it."""
+    from pipeline.config import PipelineConfig
+    from pipeline.train import check_resume
+
     train = dataclasses.replace(job.train, micro_batch_size=micro)
-    parallel = dataclasses.replace(job.parallel, num_workers=workers)
-    resized = dataclasses.replace(job, train=train, parallel=parallel, run_dir=str(run_dir),
+    parallel = dataclasses.replace(job.parallel, num_workers=workers, tensor_parallel=tp)
+    resized = dataclasses.replace(job, train=train, parallel=parallel, run_dir=str(output_dir / "runs" / run_name),
                                   ds_config=make_ds_config(train, parallel, "fp32", 1))
-    assert needs_universal(read_marker(tag), workers, 1, job.parallel.zero_stage)
-    return dataclasses.replace(resized, resume_from=str(to_universal(tag)),
-                               ds_config={**resized.ds_config, "checkpoint": {"load_universal": True}})
+    cfg = PipelineConfig(output_dir=str(output_dir), run_name=run_name, train=train, parallel=parallel)
+    resumed = check_resume(cfg, resized)
+    assert resumed.ds_config["checkpoint"] == {"load_universal": True}
+    assert Path(resumed.resume_from).parent.name == "universal"
+    return resumed
 
 
 @pytest.mark.distributed
@@ -176,11 +345,11 @@ def test_elastic_resume_at_another_data_parallel_size(data_dir, tmp_path, saved_
                               ds_config=make_ds_config(dataclasses.replace(job.train, micro_batch_size=4 // saved_workers),
                                                        job.parallel, "fp32", 1))
     full_losses = run_distributed(train_and_report, saved_workers, job)[0].losses
-    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir = tmp_path / "runs" / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(checkpoint_root(tmp_path / "full") / "step_00000003", resumed_dir / "step_00000003")
     (resumed_dir / "latest").write_text("step_00000003")
-    resumed = elastic_job(job, tmp_path / "resumed", resumed_workers, 4 // resumed_workers)
+    resumed = elastic_job(job, tmp_path, "resumed", resumed_workers, 4 // resumed_workers)
     outcome = run_distributed(train_and_report, resumed_workers, resumed)[0]
     assert sorted(outcome.losses) == [3, 4, 5]
     for step in (3, 4, 5):
@@ -192,8 +361,7 @@ def test_elastic_resume_at_another_data_parallel_size(data_dir, tmp_path, saved_
 def test_elastic_resume_at_another_tensor_parallel_degree(data_dir, tmp_path, saved_tp, resumed_tp):
     """DeepSpeed (0.19) converts AutoTP checkpoints to universal ones too (with the AutoTP metadata it stores
     in the checkpoint): saved at tp=2 and resumed at tp=1, or back, with data-parallel size 1 both times so
-    that the global batch is unchanged, the losses continue."""
-    from pipeline.checkpointing import needs_universal, read_marker, to_universal
+    that the global batch is unchanged, the losses continue. The resume names the checkpoint explicitly."""
 
     def at_tp(job, tp, run_dir):
         parallel = dataclasses.replace(job.parallel, num_workers=tp, tensor_parallel=tp, zero_stage=1)
@@ -202,13 +370,11 @@ def test_elastic_resume_at_another_tensor_parallel_degree(data_dir, tmp_path, sa
                                    model=dataclasses.replace(MODEL, dropout=0.0),
                                    ds_config=make_ds_config(train, parallel, "fp32", 1))
 
-    base = make_job(data_dir, tmp_path / "full", steps=6, save_every=3)
-    full_losses = run_distributed(train_and_report, saved_tp, at_tp(base, saved_tp, tmp_path / "full"))[0].losses
+    saved = at_tp(make_job(data_dir, tmp_path / "full", steps=6, save_every=3), saved_tp, tmp_path / "full")
+    full_losses = run_distributed(train_and_report, saved_tp, saved)[0].losses
     tag = checkpoint_root(tmp_path / "full") / "step_00000003"
-    assert needs_universal(read_marker(tag), resumed_tp, resumed_tp, 1)
-    resumed = at_tp(base, resumed_tp, tmp_path / "resumed")
-    resumed = dataclasses.replace(resumed, resume_from=str(to_universal(tag)),
-                                  ds_config={**resumed.ds_config, "checkpoint": {"load_universal": True}})
+    explicit = dataclasses.replace(saved, train=dataclasses.replace(saved.train, resume=str(tag)))
+    resumed = elastic_job(explicit, tmp_path, "resumed", resumed_tp, 4, tp=resumed_tp)
     outcome = run_distributed(train_and_report, resumed_tp, resumed)[0]
     assert sorted(outcome.losses) == [3, 4, 5]
     for step in (3, 4, 5):

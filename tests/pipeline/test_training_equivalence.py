@@ -50,10 +50,17 @@ def train_and_report(job):
     return train_worker(job)
 
 
+def outcomes_of(job):
+    return run_distributed(train_and_report, job.parallel.num_workers, job)
+
+
 def losses_of(job) -> list[float]:
-    outcomes = run_distributed(train_and_report, job.parallel.num_workers, job)
-    losses = outcomes[0].losses
+    losses = outcomes_of(job)[0].losses
     return [losses[s] for s in range(STEPS)]
+
+
+def grad_norms_of(outcome) -> list[float]:
+    return [outcome.grad_norms[s] for s in range(STEPS)]
 
 
 def weights_of(job):
@@ -67,7 +74,13 @@ def weights_of(job):
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
     job = make_job(data_dir, tmp_path_factory.mktemp("ref"), workers=1, micro=4)
-    return job, losses_of(job)
+    (outcome,) = outcomes_of(job)
+    reference_grad_norms[:] = grad_norms_of(outcome)
+    return job, [outcome.losses[s] for s in range(STEPS)]
+
+
+# Per-step gradient norms of the reference run (ZeRO-0, one rank), filled in by the fixture.
+reference_grad_norms: list[float] = []
 
 
 def assert_same(losses, expected, rel=1e-5):
@@ -101,15 +114,29 @@ def test_gradient_accumulation_equals_a_larger_micro_batch(reference, data_dir, 
 def test_zero_stages_equal_zero_0(reference, data_dir, tmp_path, zero):
     ref_job, expected = reference
     job = make_job(data_dir, tmp_path, workers=2, micro=2, zero=zero)
-    assert_same(losses_of(job), expected)
+    outcome = outcomes_of(job)[0]
+    assert_same([outcome.losses[s] for s in range(STEPS)], expected)
+    # DeepSpeed's gradient norm (ZeRO >= 1) equals the one the loop computes at ZeRO-0, which is logged.
+    assert_same(grad_norms_of(outcome), reference_grad_norms, rel=1e-4)
     # The consolidated checkpoint holds the same weights as the reference run's.
     assert_same_weights(weights_of(job), weights_of(ref_job))
 
 
 def test_tensor_parallel_two_equals_one(reference, data_dir, tmp_path):
+    from pipeline.model_size import count_parameters
+
     ref_job, expected = reference
     job = make_job(data_dir, tmp_path, workers=2, tp=2, micro=4)
-    assert_same(losses_of(job), expected)
+    outcomes = outcomes_of(job)
+    assert_same([outcomes[0].losses[s] for s in range(STEPS)], expected)
+    # Really sharded, not two replicas on the same batches: each rank holds half of every projection
+    # (Q, K, V, O, up, down: 2 x 2 x (4 d^2 + 2 d d_ff) / 2 fewer elements; column-parallel biases halve too).
+    full = count_parameters(MODEL).total
+    d, d_ff, layers = MODEL.d_model, MODEL.d_ff, MODEL.n_layer
+    halved = layers * (4 * d * d + 2 * d * d_ff + 3 * d + d_ff) // 2
+    assert [o.local_parameters for o in outcomes] == [full - halved] * 2
+    # The gradient norm sums the shards over the tensor-parallel group and counts replicated weights once.
+    assert_same(grad_norms_of(outcomes[0]), reference_grad_norms, rel=1e-4)
     assert_same_weights(weights_of(job), weights_of(ref_job))
 
 
