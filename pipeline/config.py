@@ -153,8 +153,10 @@ class ParallelConfig:
     precision: str = "auto"
     # Recompute each block's activations in the backward pass.
     activation_checkpointing: bool = False
-    # Use one GPU per worker (NCCL); false trains on CPU with gloo.
+    # Train on GPUs (NCCL); false trains on CPU with gloo.
     use_gpu: bool = False
+    # GPUs reserved for each worker when use_gpu (a worker drives one device; more reserves whole GPUs for it).
+    gpus_per_worker: float = 1.0
     # CPU cores reserved for each worker.
     cpus_per_worker: int = 1
 
@@ -248,6 +250,9 @@ class ClusterConfig:
     num_cpus: int | None = None
     # How training workers are placed on nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD.
     placement_strategy: str = "PACK"
+    # Exactly this many training workers on each node (null: as the placement strategy puts them): the
+    # workers fill num_workers / workers_per_node nodes of the cluster, chosen among those with room.
+    workers_per_node: int | None = None
     # Seconds `pipeline submit` waits to reach the cluster before giving up.
     connect_timeout_s: float = 10.0
     # What `pipeline submit` uploads as the job's working directory: "auto" is this source tree (without
@@ -277,6 +282,10 @@ class SweepConfig:
     # Budgets (FLOPs) at which the fit predicts compute-optimal N, D and loss.
     predict_flops: list[float] = field(default_factory=lambda: [1e21, 5.76e23])
     n_bootstrap: int = 200
+    # Train only this point of the grid (0-based, in the order `pipeline sweep` logs them), so that Hydra
+    # multirun runs each point as its own job: pipeline sweep -m sweep=isoflop_tiny 'sweep.point=range(12)'
+    # (with hydra/launcher=pipeline_slurm, as Slurm jobs). The job that completes the grid fits it.
+    point: int | None = None
 
 
 @dataclass
@@ -453,6 +462,8 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
     _positive("parallel.num_workers", parallel.num_workers)
     _positive("parallel.tensor_parallel", parallel.tensor_parallel)
     _positive("parallel.cpus_per_worker", parallel.cpus_per_worker)
+    if parallel.gpus_per_worker <= 0:
+        raise ConfigError(f"parallel.gpus_per_worker={parallel.gpus_per_worker} must be > 0.")
     _choice("parallel.precision", parallel.precision, PRECISIONS)
     if parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} must be 0, 1, 2 or 3.")
@@ -542,10 +553,26 @@ def validate_sweep(sweep: SweepConfig) -> None:
         raise ConfigError("sweep.kind=isoflop needs sweep.budgets_flops (compute budgets in FLOPs).")
     if sweep.kind == "grid" and not sweep.tokens:
         raise ConfigError("sweep.kind=grid needs sweep.tokens (training tokens per run).")
+    n_points = len(sweep.d_models) * len(sweep.budgets_flops if sweep.kind == "isoflop" else sweep.tokens)
+    if sweep.point is not None and not 0 <= sweep.point < n_points:
+        raise ConfigError(f"sweep.point={sweep.point} is outside the grid of sweep {sweep.name}, which has {n_points} "
+                          f"points: use 0 .. {n_points - 1} (e.g. 'sweep.point=range({n_points})' with -m).")
 
 
 def validate_cluster(cluster: ClusterConfig) -> None:
     _choice("cluster.placement_strategy", cluster.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    if cluster.workers_per_node is not None:
+        _positive("cluster.workers_per_node", cluster.workers_per_node)
+
+
+def validate_placement(cluster: ClusterConfig, parallel: ParallelConfig) -> None:
+    per_node = cluster.workers_per_node
+    if per_node is not None and parallel.num_workers % per_node:
+        raise ConfigError(
+            f"parallel.num_workers={parallel.num_workers} is not a multiple of cluster.workers_per_node={per_node}: "
+            f"every node gets the same number of workers; use parallel.num_workers="
+            f"{per_node * max(1, round(parallel.num_workers / per_node))} or another workers_per_node."
+        )
 
 
 def unknown_keys(obj: Any, prefix: str = "") -> list[str]:
@@ -579,6 +606,7 @@ def validate(cfg: PipelineConfig) -> None:
     """Every cross-field check, run before any stage does work."""
     validate_known_keys(cfg)
     validate_cluster(cfg.cluster)
+    validate_placement(cfg.cluster, cfg.parallel)
     validate_model(cfg.model)
     validate_data(cfg.data, cfg.model)
     validate_parallel(cfg.parallel, cfg.model)

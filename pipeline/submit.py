@@ -33,7 +33,7 @@ SUBMITTABLE = ("prepare", "train", "evaluate", "run", "sweep", "export")
 EXCLUDES = [".venv", "outputs", ".git", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "mlruns"]
 # Directories that are private to one machine: other nodes never see what is written there.
 NODE_LOCAL_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
-# `pipeline jobs stop` sends SIGTERM: the driver asks the workers to checkpoint (see train.forward_preemption)
+# `pipeline jobs stop` sends SIGTERM: the driver asks the workers to checkpoint (see train.PreemptionForwarder)
 # and Ray waits this long before SIGKILL (its default is 3 s, too short to write a checkpoint).
 STOP_GRACE_S = 120
 START_CLUSTER_HINT = (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -153,20 +152,49 @@ def _ray_worker(config: dict) -> None:
         write_atomic(Path(job.run_dir) / OUTCOME_FILE, json.dumps(asdict(outcome)))
 
 
-def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0, placement_strategy: str = "PACK") -> TrainOutcome:
+def worker_resources(parallel) -> dict[str, float]:
+    resources = {"CPU": float(parallel.cpus_per_worker)}
+    if parallel.use_gpu:
+        resources["GPU"] = float(parallel.gpus_per_worker)
+    return resources
+
+
+def workers_on_nodes(parallel, workers_per_node: int) -> list[dict[str, str]]:
+    """One Ray label selector per worker that puts exactly workers_per_node of them on each of the first
+    num_workers / workers_per_node alive nodes with room for them (by node id, head first)."""
+    import ray
+    from ray.util.placement_group import NODE_ID_LABEL_KEY
+
+    need = {k: v * workers_per_node for k, v in worker_resources(parallel).items()}
+    nodes = [n for n in ray.nodes() if n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in need.items())]
+    nodes.sort(key=lambda n: (not n["Resources"].get("node:__internal_head__"), n["NodeID"]))
+    n_nodes = parallel.num_workers // workers_per_node
+    if len(nodes) < n_nodes:
+        raise ConfigError(
+            f"cluster.workers_per_node={workers_per_node} with parallel.num_workers={parallel.num_workers} needs "
+            f"{n_nodes} nodes with {need} each, but the Ray cluster has {len(nodes)} such nodes: add nodes, or "
+            f"lower parallel.num_workers or the resources per worker."
+        )
+    return [{NODE_ID_LABEL_KEY: nodes[i // workers_per_node]["NodeID"]} for i in range(parallel.num_workers)]
+
+
+def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0, placement_strategy: str = "PACK",
+               workers_per_node: int | None = None) -> TrainOutcome:
     """Run train_worker on parallel.num_workers Ray Train workers and return rank 0's outcome."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     parallel = job.parallel
+    placement = {} if workers_per_node is None else {"label_selector": workers_on_nodes(parallel, workers_per_node)}
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(
             num_workers=parallel.num_workers,
             use_gpu=parallel.use_gpu,
-            resources_per_worker={"CPU": parallel.cpus_per_worker},
+            resources_per_worker=worker_resources(parallel),
             placement_strategy=placement_strategy,
+            **placement,
         ),
         torch_config=TorchConfig(backend="nccl" if parallel.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -185,26 +213,42 @@ def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0, placement_st
     return TrainOutcome(**outcome)
 
 
-@contextlib.contextmanager
-def forward_preemption(run_dir: Path):
+class PreemptionForwarder:
     """While Ray workers train, SIGTERM/SIGUSR1 to this driver (Slurm, Kubernetes) become a PREEMPT file in
-    the run directory, which every worker checks at each step boundary."""
-    from pipeline.train_loop import PREEMPT_FILE
+    the run directory, which every worker checks at each step boundary.
 
-    flag = run_dir / PREEMPT_FILE
-    flag.unlink(missing_ok=True)  # a leftover from an earlier preemption must not stop this run
+    A Python handler that was installed before (submitit's, which requeues a Hydra sweep point as a new Slurm
+    job) is not lost: `hand_over()`, called once the workers saved their checkpoint, passes it the signal."""
 
-    def handler(signum, frame):
+    def __init__(self, run_dir: Path):
+        from pipeline.train_loop import PREEMPT_FILE
+
+        self.flag = run_dir / PREEMPT_FILE
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
         log.warning("received signal %d: asking the workers to checkpoint and stop", signum)
-        flag.touch()
+        self.received = signum
+        self.flag.touch()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
+    def __enter__(self) -> PreemptionForwarder:
+        self.flag.unlink(missing_ok=True)  # a leftover from an earlier preemption must not stop this run
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self.previous.items():
             signal.signal(sig, old)
-        flag.unlink(missing_ok=True)
+        self.flag.unlink(missing_ok=True)
+
+    def hand_over(self) -> None:
+        """Call the handler that was there before for the signal received, if it was a Python function."""
+        previous = self.previous.get(self.received) if self.received is not None else None
+        if callable(previous):
+            log.warning("checkpoint saved; passing signal %d on to the handler installed before (%s)",
+                        self.received, getattr(previous, "__qualname__", previous))
+            previous(self.received, None)
 
 
 def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path, tags: dict[str, str] | None = None):
@@ -236,15 +280,17 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
         job.precision, job.grad_accum_steps, run_dir,
     )
     try:
-        with forward_preemption(run_dir):
+        with PreemptionForwarder(run_dir) as forwarder:
             outcome = launch_ray(job, run_dir, max_failures=cfg.train.max_failures,
-                                 placement_strategy=cfg.cluster.placement_strategy)
+                                 placement_strategy=cfg.cluster.placement_strategy,
+                                 workers_per_node=cfg.cluster.workers_per_node)
     except BaseException:
         tracker.close("FAILED")
         raise
     if outcome.preempted:
         tracker.set_tags({"checkpoint": outcome.checkpoint})
         tracker.close("KILLED")
+        forwarder.hand_over()  # e.g. submitit requeues the job here (and exits)
         raise Preempted(outcome)
     finish_run(tracker, outcome, run_dir, cfg.run_name)
     return outcome

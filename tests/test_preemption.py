@@ -43,3 +43,30 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {tag}" in resumed.stdout + resumed.stderr
     assert latest_complete(out / "runs" / "tiny-shakespeare" / "checkpoints").name == "step_00000300"
+
+
+def test_a_handler_installed_before_gets_the_signal_after_the_checkpoint(tmp_path):
+    """Under hydra-submitit-launcher, submitit's USR1 handler requeues the sweep point as a new Slurm job: the
+    driver first turns the signal into a PREEMPT file for the workers, then, with the checkpoint saved,
+    passes the signal on to that handler; with no Python handler before it, nothing is called."""
+    import os
+
+    from pipeline.train import PreemptionForwarder
+    from pipeline.train_loop import PREEMPT_FILE
+
+    calls = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
+    try:
+        with PreemptionForwarder(tmp_path) as forwarder:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert (tmp_path / PREEMPT_FILE).exists() and calls == []  # the workers are asked first
+            forwarder.hand_over()
+        assert calls == [signal.SIGUSR1]
+        assert not (tmp_path / PREEMPT_FILE).exists()
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        with PreemptionForwarder(tmp_path) as forwarder:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            forwarder.hand_over()  # SIG_DFL is not called (it would kill the process)
+        assert calls == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, before)

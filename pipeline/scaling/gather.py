@@ -36,7 +36,7 @@ def gather_points(uri: str, sweep_id: str) -> list[ScalingPoint]:
         m = run.data.metrics
         if {"N", "D", "final_val_loss"} <= set(m):
             points.append(ScalingPoint(N=m["N"], D=m["D"], loss=m["final_val_loss"], C=m.get("C_budget"),
-                                       budget=run.info.run_name))
+                                       budget=run.info.run_name, N_nonembedding=m.get("N_nonembedding")))
     if not points:
         raise ValueError(f"sweep {sweep_id!r} has no finished runs with N, D and final_val_loss in {uri}")
     return sorted(points, key=lambda p: (p.compute(), p.N))

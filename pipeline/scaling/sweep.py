@@ -3,11 +3,18 @@
 Each point is one training run (a child MLflow run of the sweep's parent run) recording N (total and
 non-embedding), D, C, its compute budget and the final validation loss. The fits, intervals, predictions
 and plots go to the parent run.
+
+One process trains the whole grid in turn; with sweep.point=i it trains only point i, so that Hydra multirun
+(`pipeline sweep -m sweep=isoflop_tiny 'sweep.point=range(12)'`, locally or with a Slurm launcher) runs
+every point as its own job. The points of one grid share the sweep id (a fingerprint of what they train) and
+so the parent run, and the job that completes the grid fits it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import time
 from pathlib import Path
@@ -63,13 +70,57 @@ def point_config(cfg: PipelineConfig, point: SweepPoint, sweep_id: str) -> Pipel
                                run_name=f"{sweep_id}-{budget}-{point.model.name}".replace("+", ""))
 
 
+def sweep_id_of(cfg: PipelineConfig, points: list[SweepPoint]) -> str:
+    """Named by what the grid trains, so that running the same sweep again (or its points as separate jobs)
+    reuses the runs that finished (train.resume=auto) and the same parent run."""
+    return f"{cfg.sweep.name}-{fingerprint([dataclasses.asdict(p.model) | {'steps': p.steps} for p in points], 8)}"
+
+
+def open_parent(cfg: PipelineConfig, sweep_id: str, points: list[SweepPoint]):
+    """The sweep's parent MLflow run, created once even when several point jobs start together."""
+    from pipeline.tracking import Tracker
+
+    parent_dir = Path(cfg.output_dir) / "sweeps" / sweep_id
+    parent_dir.mkdir(parents=True, exist_ok=True)
+    with open(parent_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        parent = Tracker.open(cfg.tracking, cfg.output_dir, parent_dir, sweep_id, tags={"sweep_id": sweep_id})
+        parent.log_params({"sweep.name": cfg.sweep.name, "sweep.kind": cfg.sweep.kind, "sweep.points": len(points),
+                           "sweep.d_models": cfg.sweep.d_models, "sweep.budgets_flops": cfg.sweep.budgets_flops})
+    return parent
+
+
+def train_point(cfg: PipelineConfig, data_dir: Path, point: SweepPoint, sweep_id: str, parent_run_id: str) -> float:
+    """Train and evaluate one point as a child run of the sweep; record N, D, C and the final loss on it."""
+    from pipeline.evaluate import evaluate
+    from pipeline.tracking import Tracker
+    from pipeline.train import train
+
+    child = point_config(cfg, point, sweep_id)
+    train(child, data_dir, tags={"sweep_id": sweep_id, "mlflow.parentRunId": parent_run_id})
+    metrics = evaluate(child, data_dir)
+    record = Tracker.open(cfg.tracking, cfg.output_dir, Path(cfg.output_dir) / "runs" / child.run_name, child.run_name)
+    record.log({"N": point.n_params, "N_nonembedding": point.n_nonembedding, "D": point.tokens,
+                "C": point.compute, "C_budget": point.budget or point.compute,
+                "final_val_loss": metrics["val_loss"]}, step=point.steps)
+    record.close()
+    return metrics["val_loss"]
+
+
+def finished_points(cfg: PipelineConfig, sweep_id: str) -> int:
+    from pipeline.scaling.gather import gather_points
+    from pipeline.tracking import tracking_uri
+
+    with contextlib.suppress(ValueError):  # none finished yet
+        return len(gather_points(tracking_uri(cfg.tracking, cfg.output_dir), sweep_id))
+    return 0
+
+
 def run_sweep(cfg: PipelineConfig) -> dict:
     from data_prep.shards import load_manifest
     from pipeline.config import validate, validate_sweep
-    from pipeline.evaluate import evaluate
     from pipeline.stages import prepare_stage
-    from pipeline.tracking import Tracker, ui_command
-    from pipeline.train import train
+    from pipeline.tracking import ui_command
 
     validate_sweep(cfg.sweep)
     data_dir = prepare_stage(cfg)
@@ -77,34 +128,57 @@ def run_sweep(cfg: PipelineConfig) -> dict:
     points = plan_points(cfg, vocab)
     for point in points:  # every point's config is checked before the first one trains
         validate(point_config(cfg, point, "check"))
-    # Named by what it trains, so that running the same sweep again reuses the runs that finished
-    # (train.resume=auto) instead of starting over.
-    sweep_id = f"{cfg.sweep.name}-{fingerprint([dataclasses.asdict(p.model) | {'steps': p.steps} for p in points], 8)}"
-    parent_dir = Path(cfg.output_dir) / "sweeps" / sweep_id
-    parent = Tracker.open(cfg.tracking, cfg.output_dir, parent_dir, sweep_id, tags={"sweep_id": sweep_id})
-    parent.log_params({"sweep.name": cfg.sweep.name, "sweep.kind": cfg.sweep.kind, "sweep.points": len(points),
-                       "sweep.d_models": cfg.sweep.d_models, "sweep.budgets_flops": cfg.sweep.budgets_flops})
-    log.info("sweep %s: %d runs", sweep_id, len(points))
+    sweep_id = sweep_id_of(cfg, points)
+    parent = open_parent(cfg, sweep_id, points)
+    chosen = range(len(points)) if cfg.sweep.point is None else [cfg.sweep.point]
+    log.info("sweep %s: %d runs%s", sweep_id, len(points),
+             "" if cfg.sweep.point is None else f"; this job trains point {cfg.sweep.point}")
     started = time.time()
-    for i, point in enumerate(points, 1):
-        child = point_config(cfg, point, sweep_id)
-        log.info("sweep point %d/%d: %s, N=%d, D=%d tokens (%d steps), C=%.3g", i, len(points), child.run_name,
-                 point.n_params, point.tokens, point.steps, point.compute)
-        tags = {"sweep_id": sweep_id, "mlflow.parentRunId": parent.run_id}
-        train(child, data_dir, tags=tags)
-        metrics = evaluate(child, data_dir)
-        record = Tracker.open(cfg.tracking, cfg.output_dir, Path(cfg.output_dir) / "runs" / child.run_name,
-                              child.run_name)
-        record.log({"N": point.n_params, "N_nonembedding": point.n_nonembedding, "D": point.tokens,
-                    "C": point.compute, "C_budget": point.budget or point.compute,
-                    "final_val_loss": metrics["val_loss"]}, step=point.steps)
-        record.close()
-    log.info("sweep trained %d runs in %.0f s", len(points), time.time() - started)
+    for i in chosen:
+        point = points[i]
+        log.info("sweep point %d (of 0..%d): %s, N=%d, D=%d tokens (%d steps), C=%.3g", i, len(points) - 1,
+                 point_config(cfg, point, sweep_id).run_name, point.n_params, point.tokens, point.steps, point.compute)
+        train_point(cfg, data_dir, point, sweep_id, parent.run_id)
+    log.info("sweep trained %d run(s) in %.0f s", len(chosen), time.time() - started)
+    done = finished_points(cfg, sweep_id)
+    if done < len(points):
+        print(f"Sweep {sweep_id}: {done} of {len(points)} points finished; the job that finishes the last one fits "
+              f"the grid (or run `pipeline scaling fit sweep={sweep_id}` on what is there).")
+        return {"sweep_id": sweep_id, "finished_points": done}
     parent.close()
     report = fit_sweep(cfg, sweep_id)
     print(f"Sweep {sweep_id}: parent MLflow run {parent.run_id}. Open with: "
           f"{ui_command(parent.uri)}")
     return report
+
+
+def _with_interval(metrics: dict, name: str, value, interval) -> None:
+    metrics[name] = value
+    if interval:
+        metrics[f"{name}_lo"], metrics[f"{name}_hi"] = interval
+
+
+def report_metrics(report: dict) -> dict[str, float]:
+    """The fit report as flat MLflow metrics: approach 3's parameters, approach 2's and Kaplan's exponents,
+    the compute-optimal predictions, each with its interval (`_lo`, `_hi`) where the report has one."""
+    metrics: dict[str, float] = {}
+    a3 = report.get("approach3", {})
+    if "error" not in a3:
+        for k in ("E", "A", "B", "alpha", "beta", "a", "b", "G"):
+            _with_interval(metrics, f"fit_{k}", a3[k], a3["intervals"].get(k))
+        for p in report.get("predictions", []):
+            tag = f"{p['C']:.3g}".replace("+", "")
+            for key, name in (("N_opt", "N_opt"), ("D_opt", "D_opt"), ("loss", "loss")):
+                _with_interval(metrics, f"pred_{name}_C{tag}", p[key], p["intervals"].get(key))
+    a2 = report.get("approach2", {})
+    if "error" not in a2:
+        _with_interval(metrics, "approach2_a", a2["a"], a2["a_interval"])
+        _with_interval(metrics, "approach2_b", a2["b"], a2["b_interval"])
+    kaplan = report.get("kaplan", {})
+    if "error" not in kaplan:
+        _with_interval(metrics, "kaplan_alpha_N", kaplan["alpha_N"], kaplan["alpha_N_interval"])
+        _with_interval(metrics, "kaplan_alpha_C", kaplan["alpha_C"], kaplan["alpha_C_interval"])
+    return {k: v for k, v in metrics.items() if v is not None}
 
 
 def fit_sweep(cfg: PipelineConfig, sweep_id: str) -> dict:
@@ -120,20 +194,7 @@ def fit_sweep(cfg: PipelineConfig, sweep_id: str) -> dict:
     (Path(cfg.output_dir) / "scaling" / "latest").write_text(sweep_id)
     parent = Tracker(uri, parent_run(uri, sweep_id))
     parent.client.update_run(parent.run_id, status="RUNNING")
-    metrics = {}
-    a3 = report.get("approach3", {})
-    if "error" not in a3:
-        metrics.update({f"fit_{k}": a3[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")})
-        for name, (lo, hi) in a3["intervals"].items():
-            metrics[f"fit_{name}_lo"], metrics[f"fit_{name}_hi"] = lo, hi
-        for p in report.get("predictions", []):
-            tag = f"{p['C']:.3g}".replace("+", "")
-            metrics.update({f"pred_N_opt_C{tag}": p["N_opt"], f"pred_D_opt_C{tag}": p["D_opt"],
-                            f"pred_loss_C{tag}": p["loss"]})
-    a2 = report.get("approach2", {})
-    if "error" not in a2:
-        metrics.update({"approach2_a": a2["a"], "approach2_b": a2["b"]})
-    parent.log(metrics, step=0)
+    parent.log(report_metrics(report), step=0)
     for name in ["scaling_fit.json", "points.csv", *report["plots"]]:
         parent.log_artifact(out_dir / name, "scaling")
     parent.close()

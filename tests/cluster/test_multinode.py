@@ -48,9 +48,10 @@ def mlflow_run(output_dir: Path, run_name: str):
 
 def test_submit_runs_training_across_both_nodes(two_node_ray_cluster, shared_dir):
     cluster = two_node_ray_cluster
-    # STRICT_SPREAD: at most one worker per node, so the two workers must land on the two nodes.
+    # One worker per node: the two workers must land on the two nodes, although the default placement
+    # strategy (PACK) would put both on one node, which has room for them.
     submit = pipeline("submit", "run", *TINY, "cluster=ray", f"cluster.address={cluster.jobs_url}",
-                      "cluster.placement_strategy=STRICT_SPREAD", f"output_dir={shared_dir}", timeout=900)
+                      "cluster.workers_per_node=1", f"output_dir={shared_dir}", timeout=900)
     assert submit.returncode == 0, submit.stdout[-6000:] + submit.stderr[-3000:]
     job_id = re.search(r"submitted job (\S+) to", submit.stdout).group(1)
     assert f"job {job_id} ended: SUCCEEDED" in submit.stdout
@@ -63,7 +64,8 @@ def test_submit_runs_training_across_both_nodes(two_node_ray_cluster, shared_dir
 
     run = mlflow_run(shared_dir, "tiny-shakespeare")
     assert run.info.status == "FINISHED"
-    assert run.data.params["cluster.placement_strategy"] == "STRICT_SPREAD"
+    assert run.data.params["cluster.placement_strategy"] == "PACK"
+    assert run.data.params["cluster.workers_per_node"] == "1"
     assert "val_loss" in run.data.metrics
     worker_nodes = run.data.tags["ray_worker_nodes"].split(",")  # rank 0's node, rank 1's node
     assert sorted(worker_nodes) == sorted(cluster.node_ids.values()), (worker_nodes, cluster.node_ids)

@@ -54,7 +54,7 @@ def test_overrides_reach_nested_fields_and_interpolations():
 
 @pytest.mark.parametrize(
     "group,option",
-    [(p.parent.name, p.stem) for p in sorted(CONF.glob("*/*.yaml")) if p.parent.name not in ("sweep",)],
+    [(p.parent.name, p.stem) for p in sorted(CONF.glob("*/*.yaml"))],
 )
 def test_every_shipped_config_composes(group, option):
     overrides = [f"{group}={option}"]
@@ -65,6 +65,17 @@ def test_every_shipped_config_composes(group, option):
         from pipeline.config import validate_model
 
         validate_model(cfg.model)
+    if group == "sweep" and option != "none":
+        from pipeline.config import validate_sweep
+        from pipeline.scaling.sweep import plan_points
+
+        validate(cfg)
+        validate_sweep(cfg.sweep)
+        points = plan_points(cfg, cfg.data.tokenizer.vocab_size)
+        assert len({p.n_params for p in points}) >= 3  # at least three model sizes
+        if cfg.sweep.kind == "isoflop":
+            assert len(cfg.sweep.budgets_flops) >= 3
+            assert all(p.compute == pytest.approx(p.budget, rel=0.05) for p in points)
 
 
 def test_unknown_key_is_refused():
@@ -113,6 +124,20 @@ def test_tensor_parallel_checks():
     with pytest.raises(ConfigError, match="not divisible by parallel.tensor_parallel"):
         validate_parallel(ParallelConfig(num_workers=3, tensor_parallel=2), model)
     validate_parallel(ParallelConfig(num_workers=4, tensor_parallel=2), model)
+
+
+def test_workers_per_node_must_divide_the_workers():
+    from pipeline.config import ClusterConfig, validate_placement
+    from pipeline.train import worker_resources
+
+    with pytest.raises(ConfigError, match=r"num_workers=6 is not a multiple of cluster.workers_per_node=4.*num_workers=8"):
+        validate_placement(ClusterConfig(workers_per_node=4), ParallelConfig(num_workers=6))
+    validate_placement(ClusterConfig(workers_per_node=4), ParallelConfig(num_workers=8))
+    cfg = compose_config(["cluster.workers_per_node=3", "parallel.num_workers=4"])
+    with pytest.raises(ConfigError, match="workers_per_node=3"):
+        validate(cfg)
+    assert worker_resources(ParallelConfig(use_gpu=True, gpus_per_worker=2, cpus_per_worker=8)) == {"CPU": 8, "GPU": 2}
+    assert worker_resources(ParallelConfig(cpus_per_worker=2)) == {"CPU": 2}
 
 
 def test_tensor_parallel_checks_the_swiglu_width():

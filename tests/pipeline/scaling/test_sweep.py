@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -40,6 +41,56 @@ def test_sweep_validation_names_the_problem():
         validate_sweep(SweepConfig())
     with pytest.raises(ConfigError, match="budgets_flops"):
         validate_sweep(SweepConfig(name="x", d_models=[32]))
+    grid = SweepConfig(name="x", budgets_flops=[1e11, 3e11], d_models=[16, 32, 64])
+    validate_sweep(dataclasses.replace(grid, point=5))
+    with pytest.raises(ConfigError, match=r"sweep.point=6 is outside .* 6 points: use 0 .. 5"):
+        validate_sweep(dataclasses.replace(grid, point=6))
+
+
+def test_fit_sweep_reads_the_child_runs_from_mlflow_and_logs_to_the_parent(tmp_path):
+    """The MLflow side of a sweep without training: child runs carrying N, D, C and the final loss, as
+    `pipeline sweep` records them, are gathered by sweep id or parent run id, fitted, and the fit, intervals,
+    predictions and plots land on the parent run."""
+    from mlflow.tracking import MlflowClient
+    from scaling_synthetic import TRUE, isoflop_points
+
+    from pipeline.scaling.gather import gather_points
+    from pipeline.scaling.sweep import fit_sweep, open_parent
+    from pipeline.tracking import tracking_uri
+
+    cfg = PipelineConfig(output_dir=str(tmp_path), sweep=SweepConfig(name="s", predict_flops=[1e21], n_bootstrap=30))
+    parent = open_parent(cfg, "s-0123abcd", [])
+    assert open_parent(cfg, "s-0123abcd", []).run_id == parent.run_id  # a second point job finds the same parent
+    client = MlflowClient(tracking_uri(cfg.tracking, cfg.output_dir))
+    experiment = client.get_run(parent.run_id).info.experiment_id
+    rng = np.random.default_rng(0)
+    points = [dataclasses.replace(p, loss=p.loss * np.exp(rng.normal(0, 0.002)))
+              for p in isoflop_points(budgets=(1e18, 1e19, 1e20), sizes=5)]
+    for i, p in enumerate(points):
+        child = client.create_run(experiment, run_name=f"s-0123abcd-{i}",
+                                  tags={"mlflow.parentRunId": parent.run_id, "sweep_id": "s-0123abcd"})
+        for key, value in {"N": p.N, "N_nonembedding": 0.9 * p.N, "D": p.D, "C": 6 * p.N * p.D, "C_budget": p.C,
+                           "final_val_loss": p.loss}.items():
+            client.log_metric(child.info.run_id, key, value, step=1)
+        client.set_terminated(child.info.run_id)
+    client.create_run(experiment, run_name="unrelated")  # not a child: ignored
+
+    gathered = gather_points(tracking_uri(cfg.tracking, cfg.output_dir), "s-0123abcd")
+    assert len(gathered) == len(points) and all(g.N_nonembedding == pytest.approx(0.9 * g.N) for g in gathered)
+    for name in ("s-0123abcd", parent.run_id):  # by sweep id or by parent run id
+        report = fit_sweep(cfg, name)
+        assert report["approach3"]["alpha"] == pytest.approx(TRUE["alpha"], rel=0.05)  # 15 noisy points
+    run = client.get_run(parent.run_id)
+    m = run.data.metrics
+    for name in ("E", "alpha", "beta"):  # the report's numbers, with their bootstrap intervals
+        assert m[f"fit_{name}"] == pytest.approx(report["approach3"][name])
+        assert m[f"fit_{name}_lo"] < m[f"fit_{name}"] < m[f"fit_{name}_hi"]
+    assert m["pred_N_opt_C1e21"] > 0 and m["pred_N_opt_C1e21_lo"] <= m["pred_N_opt_C1e21"] <= m["pred_N_opt_C1e21_hi"]
+    assert {"approach2_a", "approach2_a_lo", "approach2_a_hi", "kaplan_alpha_N", "kaplan_alpha_C"} <= set(m)
+    assert run.data.tags["sweep_id"] == "s-0123abcd" and run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.run_id, "scaling")}
+    assert {f"scaling/{n}" for n in ("scaling_fit.json", "points.csv", "loss_vs_n.png", "isoflop.png",
+                                      "frontier.png")} <= artifacts
 
 
 def test_scaling_fit_and_predict_commands_on_a_csv(tmp_path):
