@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,9 +42,20 @@ Cluster (Ray Jobs API):
 Add --cfg job to a stage to print the composed config instead of running it.
 """
 
+# What a Hydra override looks like (key=value, +key=, ~key, group@pkg=): anything else after `generate` is
+# the prompt.
+OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")
+
 CONFIG_STAGES = ("prepare", "train", "evaluate", "run", "params", "sweep", "generate", "export")
 
 log = logging.getLogger("pipeline")
+
+
+def quote_override_value(text: str) -> str:
+    """text as a single-quoted Hydra override value that composes back to exactly text. Hydra keeps
+    backslashes literally except before a quote (where pairs halve), and "${" would start an interpolation."""
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
 def _setup_logging() -> None:
@@ -171,10 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(checkpoint_main(rest))
     if command not in CONFIG_STAGES:
         _fail(f"unknown command {command!r}.\n\n{USAGE}")
-    if command == "generate" and rest and "=" not in rest[0]:
-        # The prompt is free text: quote it for Hydra's override grammar.
-        prompt = rest[0].replace("\\", "\\\\").replace("'", "\\'")
-        rest = [f"eval.prompt='{prompt}'", *rest[1:]]
+    if command == "generate" and rest and not OVERRIDE.match(rest[0]):
+        rest = [f"eval.prompt={quote_override_value(rest[0])}", *rest[1:]]
     _hydra_main(command, rest)
 
 

@@ -8,13 +8,17 @@ tokenizer) that loads with `from_pretrained` and generates.
   W_K are permuted within each head, which leaves every attention score unchanged.
 - Anything else stops with a message naming the mismatching fields.
 
-The tokenizer is the SentencePiece model itself behind transformers' `BertGenerationTokenizer` (a plain
-SentencePiece wrapper): token ids are exactly the pipeline's.
+The tokenizer is a transformers fast tokenizer (tokenizer.json) built from the SentencePiece model by
+transformers' own converter, which follows the model's settings (normalizer, whitespace escaping, byte
+fallback, user-defined pieces such as "\n"): a BPE model encodes to exactly the pipeline's ids and decodes to
+exactly SentencePiece's text (bytes and leading spaces included); a unigram model can differ where two
+segmentations score the same. The SentencePiece model itself is kept beside it as tokenizer.model.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -121,9 +125,29 @@ def to_hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[
     return build(cfg, {k: v.float() for k, v in state.items()}, special).eval()
 
 
-def export(cfg: PipelineConfig, data_dir: Path, out_dir: Path | None = None) -> Path:
-    from transformers import BertGenerationTokenizer
+def hf_tokenizer(sp_model: Path):
+    """A transformers fast tokenizer equivalent to the SentencePiece model at sp_model (see the module doc)."""
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
 
+    if not hasattr(SpmConverter, "build_tokenizer_from_spm_proto"):
+        raise ConfigError("this transformers is too old to convert a SentencePiece model: pip install 'transformers>=5'")
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(sp_model).read_bytes())
+    bpe = proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)} if bpe else [(p.piece, p.score) for p in proto.pieces]
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", clean_up_tokenization_spaces=False)
+
+
+def export(cfg: PipelineConfig, data_dir: Path, out_dir: Path | None = None) -> Path:
+    try:
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise ConfigError("pipeline export needs transformers: pip install 'transformers>=5' "
+                          "(or the project's dev extra)") from err
     from data_prep.shards import load_manifest
     from pipeline.checkpointing import checkpoint_root, consolidated_state_dict, latest_complete, read_marker
     from pipeline.train import model_for_data, run_dir_for
@@ -138,9 +162,8 @@ def export(cfg: PipelineConfig, data_dir: Path, out_dir: Path | None = None) -> 
     model = to_hf_model(model_cfg, consolidated_state_dict(tag_dir), special)
     out_dir = out_dir or run_dir_for(cfg) / "hf" / tag_dir.name
     model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer = BertGenerationTokenizer(vocab_file=str(manifest.tokenizer_path), bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<pad>", sep_token="</s>")
-    tokenizer.save_pretrained(out_dir)
+    hf_tokenizer(manifest.tokenizer_path).save_pretrained(out_dir)
+    shutil.copy2(manifest.tokenizer_path, out_dir / "tokenizer.model")
     log.info("exported step %d of %s as %s to %s", read_marker(tag_dir)["step"], cfg.run_name,
              type(model).__name__, out_dir)
     return out_dir

@@ -74,6 +74,8 @@ def generate(
     generator = torch.Generator(device="cpu")
     if seed is not None:
         generator.manual_seed(seed)
+    else:
+        generator.seed()  # a fresh Generator starts from a fixed seed: draw a non-deterministic one
     was_training = model.training
     model.eval()
     try:

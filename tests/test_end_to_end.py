@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 TINY = [
     "model.context_length=64",
@@ -52,8 +53,9 @@ def test_pipeline_run_end_to_end(tmp_path):
     metrics = run.data.metrics
     # The model learned context: it beats a unigram model of the same tokens.
     assert metrics["val_loss"] < metrics["unigram_val_loss"] - 0.1
-    assert metrics["val_perplexity"] == pytest.approx(2.718281828 ** metrics["val_loss"], rel=1e-6)
-    for key in ("train_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "memory_mb"):
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [200]  # the checkpoint's step
+    assert 0 < metrics["val_bits_per_byte"] < metrics["val_loss"] / 0.6931  # nats/token over ln 2, > 1 byte/token
+    for key in ("train_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "memory_mb", "step_time_s"):
         assert key in metrics, key
     assert run.data.params["model.n_layer"] == "2"
     assert run.data.params["parallel.num_workers"] == "2"
@@ -90,13 +92,29 @@ def test_pipeline_run_end_to_end(tmp_path):
     assert export.returncode == 0, export.stderr[-3000:]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # The exported model and tokenizer, loaded as a user would, continue the prompt greedily as we do.
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    ids = hf_tok("ROMEO:", return_tensors="pt", add_special_tokens=False).input_ids
-    assert hf_model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] > ids.shape[1]
+    ids = hf_tok("ROMEO: it's", return_tensors="pt", add_special_tokens=False).input_ids
+    hf_text = hf_tok.decode(hf_model.generate(ids, max_new_tokens=8, do_sample=False)[0])
+    ours = gen.stdout.split("--- sample 0 ---\n", 1)[1]
+    assert hf_text.rstrip("\n") == ours.rstrip("\n")
+
+    from pipeline.checkpointing import consolidated_state_dict
+
     weights = load_file(out_file)
+    expected = consolidated_state_dict(ckpts / "step_00000200")
+    assert weights.keys() == expected.keys()
+    assert all(weights[k].dtype == torch.float32 and torch.equal(weights[k], expected[k]) for k in expected)
     assert weights["tok_emb.weight"].shape == (512, 64)
-    assert weights["tok_emb.weight"].dtype.is_floating_point
+
+    # lm-eval-harness on the exported model, offline, with the result logged to the training run.
+    tasks = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", *TINY, f"output_dir={out}",
+                            "eval.tasks=[shakespeare_next_line]", "eval.tasks_limit=8", "eval.num_samples=0"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert tasks.returncode == 0, tasks.stderr[-3000:]
+    acc = client.get_metric_history(run.info.run_id, "lm_eval.shakespeare_next_line.acc")
+    assert [m.step for m in acc] == [200] and 0.0 <= acc[0].value <= 1.0
 
 
 @pytest.mark.distributed

@@ -27,14 +27,49 @@ def random_model(**kw) -> tuple[ModelConfig, GPT]:
     dict(pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False),  # Llama
     dict(pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=False),
 ], ids=["gpt2", "gpt2-nobias-untied", "llama", "llama-untied"])
-def test_exported_logits_match_within_1e_4(kw):
+def test_exported_logits_match_within_1e_4(kw, tmp_path):
+    """Through the files a user gets: save_pretrained (config.json + safetensors), then from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
     cfg, model = random_model(**kw)
-    hf = to_hf_model(cfg, model.state_dict())
+    to_hf_model(cfg, model.state_dict()).save_pretrained(tmp_path, safe_serialization=True)
+    assert (tmp_path / "model.safetensors").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == ("LlamaForCausalLM" if kw.get("pos_encoding") == "rotary" else "GPT2LMHeadModel")
     ids = torch.randint(0, 211, (3, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, _ = model(ids)
         theirs = hf(input_ids=ids).logits
-    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (ours - theirs).abs().max()
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def plays_tokenizer(tmp_path_factory):
+    from data_prep.sources import shakespeare_documents
+    from data_prep.tokenizer import train_tokenizer
+    from pipeline.config import TokenizerConfig
+
+    docs = list(shakespeare_documents())[:40]
+    return docs, train_tokenizer(docs, TokenizerConfig(vocab_size=400), tmp_path_factory.mktemp("tok") / "t.model", seed=0)
+
+
+def test_exported_tokenizer_encodes_and_decodes_like_sentencepiece(plays_tokenizer, tmp_path):
+    """AutoTokenizer on the export: the pipeline's ids for every text, and back to the same text, bytes of
+    characters the vocabulary lacks (byte fallback) and leading spaces included."""
+    from transformers import AutoTokenizer
+
+    from data_prep.tokenizer import load_tokenizer
+    from pipeline.export import hf_tokenizer
+
+    docs, path = plays_tokenizer
+    hf_tokenizer(path).save_pretrained(tmp_path)
+    hf, sp = AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(path)
+    texts = [*docs, "  two leading spaces,\n\nblank lines", "émigré naïveté 😀 中文", "tabs\tand\u00a0nbsp "]
+    for text in texts:
+        ids = sp.encode(text)
+        assert hf.encode(text, add_special_tokens=False) == ids, text[:40]
+        assert hf.decode(ids) == sp.decode(ids) == text, text[:40]
+    assert (hf.eos_token_id, hf.pad_token_id, hf.bos_token_id) == (sp.eos_id(), sp.pad_id(), sp.bos_id())
 
 
 def test_exported_model_generates_like_ours():
@@ -53,24 +88,19 @@ def test_unsupported_architecture_is_named():
         architecture(ModelConfig(pos_encoding="sinusoidal"))
 
 
-def test_lm_eval_runs_a_local_task_on_an_exported_model(tmp_path):
+def test_lm_eval_runs_a_local_task_on_an_exported_model(plays_tokenizer, tmp_path):
     """The downstream hook end to end, offline: export, lm-eval-harness on the shipped local task."""
-    from transformers import BertGenerationTokenizer
-
-    from data_prep.sources import shakespeare_documents
-    from data_prep.tokenizer import load_tokenizer, train_tokenizer
-    from pipeline.config import TokenizerConfig
+    from data_prep.tokenizer import load_tokenizer
     from pipeline.downstream import run_lm_eval
+    from pipeline.export import hf_tokenizer
 
-    docs = list(shakespeare_documents())[:40]
-    sp_path = train_tokenizer(docs, TokenizerConfig(vocab_size=400), tmp_path / "tok.model", seed=0)
+    _, sp_path = plays_tokenizer
     vocab = load_tokenizer(sp_path).get_piece_size()
     cfg = ModelConfig(vocab_size=vocab, context_length=128, n_layer=1, n_head=2, d_model=32)
     torch.manual_seed(0)
     hf = to_hf_model(cfg, GPT(cfg).state_dict(), {"eos_token_id": 2, "pad_token_id": 3, "bos_token_id": 1})
     hf.save_pretrained(tmp_path / "hf")
-    BertGenerationTokenizer(vocab_file=str(sp_path), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(tmp_path / "hf")
+    hf_tokenizer(sp_path).save_pretrained(tmp_path / "hf")
     results = run_lm_eval(tmp_path / "hf", ["shakespeare_next_line"], tmp_path / "work", limit=8)
     assert 0.0 <= results["shakespeare_next_line"]["acc"] <= 1.0
     assert (tmp_path / "work" / "lm_eval_results.json").is_file()
