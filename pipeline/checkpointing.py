@@ -329,6 +329,13 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 UNIVERSAL_DIR = "universal"
 
 
+def zero_stage_change_supported(saved_stage: int, zero_stage: int) -> bool:
+    """Whether DeepSpeed resumes a checkpoint of saved_stage at zero_stage. Through the universal checkpoint
+    stages 1 and 2 interchange (exactly, in fp32); 0 -> 1, 1 -> 0, 1 -> 3 and 3 -> 1 fail (DeepSpeed 0.19.8:
+    ZeRO-0 has no optimizer shards to convert, and ZeRO-3 partitions the weights themselves)."""
+    return saved_stage == zero_stage or {saved_stage, zero_stage} <= {1, 2}
+
+
 def needs_universal(marker: dict[str, Any], world_size: int, tensor_parallel: int, zero_stage: int) -> bool:
     """Whether loading this checkpoint at the given layout needs DeepSpeed's universal conversion: ZeRO
     shards the optimizer state by data-parallel rank, so another data-parallel size (or stage) cannot load

@@ -64,6 +64,7 @@ def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
         resolve_resume,
         to_universal,
         verify_checkpoint,
+        zero_stage_change_supported,
     )
 
     tag_dir = resolve_resume(cfg.train.resume, checkpoint_root(run_dir_for(cfg)))
@@ -82,6 +83,14 @@ def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
     if differences:
         log.warning("resuming %s despite config changes: %s", tag_dir, "; ".join(differences))
     parallel = cfg.parallel
+    saved_stage = marker.get("zero_stage", 0)
+    if not zero_stage_change_supported(saved_stage, parallel.zero_stage):
+        raise ConfigError(
+            f"the checkpoint {tag_dir} was saved at ZeRO stage {saved_stage}, and DeepSpeed cannot resume it at "
+            f"parallel.zero_stage={parallel.zero_stage} (only stages 1 and 2 convert into each other): resume with "
+            f"parallel.zero_stage={saved_stage} (any data-parallel size and tensor-parallel degree work), or start "
+            f"a new run (run_name=... or train.resume=none)."
+        )
     if needs_universal(marker, parallel.num_workers, parallel.tensor_parallel, parallel.zero_stage):
         # Elastic resume: another data-parallel size or ZeRO stage than the checkpoint was saved with.
         universal = to_universal(tag_dir)

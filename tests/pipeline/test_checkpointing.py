@@ -317,14 +317,29 @@ def test_math_config_holds_what_changes_the_numbers(tmp_path):
         "precision: 'bf16' -> 'fp32'", "tokenizer_sha256: 'abc' -> 'def'"]
 
 
-def elastic_job(job, output_dir: Path, run_name: str, workers: int, micro: int, tp: int = 1):
-    """The job resized to `workers` ranks (tensor-parallel degree tp), resumed the way the driver does it:
-    pipeline.train.check_resume finds the run's latest checkpoint, sees the other layout and converts it."""
+def test_a_zero_stage_change_deepspeed_cannot_load_is_refused_before_workers_start(tmp_path):
+    from pipeline.config import ConfigError, PipelineConfig
+    from pipeline.train import check_resume
+
+    job = make_job(tmp_path, tmp_path / "runs" / "r")
+    fake_checkpoint(tmp_path / "runs" / "r" / "checkpoints", 3)  # saved at ZeRO-1 on 2 workers
+    for stage in (0, 3):
+        cfg = PipelineConfig(output_dir=str(tmp_path), run_name="r",
+                             parallel=dataclasses.replace(job.parallel, zero_stage=stage))
+        with pytest.raises(ConfigError, match=rf"ZeRO stage 1, .* parallel.zero_stage={stage} .*zero_stage=1 "):
+            check_resume(cfg, job)
+
+
+def elastic_job(job, output_dir: Path, run_name: str, workers: int, micro: int, tp: int = 1, zero: int | None = None):
+    """The job resized to `workers` ranks (tensor-parallel degree tp, ZeRO stage zero), resumed the way the
+    driver does it: pipeline.train.check_resume finds the run's latest checkpoint, sees the other layout and
+    converts it."""
     from pipeline.config import PipelineConfig
     from pipeline.train import check_resume
 
     train = dataclasses.replace(job.train, micro_batch_size=micro)
-    parallel = dataclasses.replace(job.parallel, num_workers=workers, tensor_parallel=tp)
+    parallel = dataclasses.replace(job.parallel, num_workers=workers, tensor_parallel=tp,
+                                   zero_stage=job.parallel.zero_stage if zero is None else zero)
     resized = dataclasses.replace(job, train=train, parallel=parallel, run_dir=str(output_dir / "runs" / run_name),
                                   ds_config=make_ds_config(train, parallel, "fp32", 1))
     cfg = PipelineConfig(output_dir=str(output_dir), run_name=run_name, train=train, parallel=parallel)
@@ -335,10 +350,12 @@ def elastic_job(job, output_dir: Path, run_name: str, workers: int, micro: int, 
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("saved_workers,resumed_workers", [(2, 1), (1, 2)])
-def test_elastic_resume_at_another_data_parallel_size(data_dir, tmp_path, saved_workers, resumed_workers):
-    """Saved at one data-parallel size, resumed at another through DeepSpeed's universal checkpoint; the
-    global batch (and so the data position) stays the same, and the losses continue."""
+@pytest.mark.parametrize("saved_workers,resumed_workers,resumed_zero", [(2, 1, 1), (1, 2, 1), (2, 1, 2)])
+def test_elastic_resume_at_another_data_parallel_size(data_dir, tmp_path, saved_workers, resumed_workers,
+                                                      resumed_zero):
+    """Saved at one data-parallel size (ZeRO-1), resumed at another (and at ZeRO-2) through DeepSpeed's
+    universal checkpoint; the global batch (and so the data position) stays the same, and the losses
+    continue."""
     job = dataclasses.replace(make_job(data_dir, tmp_path / "full", steps=6, save_every=3, workers=saved_workers))
     job = dataclasses.replace(job, model=dataclasses.replace(MODEL, dropout=0.0))
     job = dataclasses.replace(job, train=dataclasses.replace(job.train, micro_batch_size=4 // saved_workers),
@@ -349,7 +366,7 @@ def test_elastic_resume_at_another_data_parallel_size(data_dir, tmp_path, saved_
     resumed_dir.mkdir(parents=True)
     shutil.copytree(checkpoint_root(tmp_path / "full") / "step_00000003", resumed_dir / "step_00000003")
     (resumed_dir / "latest").write_text("step_00000003")
-    resumed = elastic_job(job, tmp_path, "resumed", resumed_workers, 4 // resumed_workers)
+    resumed = elastic_job(job, tmp_path, "resumed", resumed_workers, 4 // resumed_workers, zero=resumed_zero)
     outcome = run_distributed(train_and_report, resumed_workers, resumed)[0]
     assert sorted(outcome.losses) == [3, 4, 5]
     for step in (3, 4, 5):
