@@ -117,3 +117,31 @@ def test_scaling_fit_and_predict_commands_on_a_csv(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert predict.returncode == 0, predict.stderr
     assert "N_opt=" in predict.stdout and "[" in predict.stdout
+
+
+@pytest.mark.distributed
+def test_hydra_multirun_trains_each_point_as_its_own_job_under_one_parent(tmp_path):
+    """`pipeline sweep -m ... sweep.point=range(n)`: every Hydra job trains one point (real training through Ray
+    and DeepSpeed), all points are children of one parent run, and the job that finishes the grid fits it."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "sweep", "-m", "sweep=isoflop_tiny", "sweep.point=range(2)",
+         "sweep.budgets_flops=[1e9]", "sweep.d_models=[4,8]", "eval.max_tokens=4096", f"output_dir={out}"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 of 2 points finished" in proc.stdout  # the first job leaves the fit to the last one
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert all({"N", "N_nonembedding", "D", "C", "final_val_loss"} <= set(r.data.metrics) for r in children)
+    assert {r.data.metrics["N"] for r in children} == {2556, 5496}
+    sweep_id = parents[0].data.tags["sweep_id"]
+    report = json.loads((out / "scaling" / sweep_id / "scaling_fit.json").read_text())
+    assert report["n_points"] == 2  # fitted by the second job (too few points for approach 3, said so)
+    assert "at least 5 runs" in report["approach3"]["error"]
