@@ -10,12 +10,14 @@ from pipeline.config import TrainConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay 2-D weight matrices; skip norms, biases and embeddings (token and position tables)."""
+    """Decay 2-D weight matrices; skip norms, biases and embeddings: the token and position tables and the
+    unembedding (lm_head), which is the token table itself when tied, so that tying does not change what
+    decays."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_embedding = "tok_emb" in name or "pos_emb" in name
+        is_embedding = any(table in name for table in ("tok_emb", "pos_emb", "lm_head"))
         if param.dim() >= 2 and not is_embedding:
             decay.append(param)
         else:

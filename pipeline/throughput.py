@@ -10,13 +10,15 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def measure_peak_tflops(precision: str, device: torch.device, size: int = 1024, trials: int = 5) -> float:
+def measure_peak_tflops(precision: str, device: torch.device, size: int | None = None, trials: int = 5) -> float:
     """Dense matmul throughput of this worker in TFLOP/s: the denominator of MFU when none is configured.
 
     The best of several short trials, so that a moment of contention does not lower the peak. The matrices
-    are `size` square, or smaller where one product would take over 50 ms (bf16 on a CPU without bf16
+    are `size` square (default 1024 on a CPU, 8192 on a GPU, which small products leave far from its peak and
+    so would overstate MFU), or smaller where one product would take over 50 ms (bf16 on a CPU without bf16
     instructions runs at a few GFLOP/s: a 2048-square product there takes seconds).
     """
+    size = size or (8192 if device.type == "cuda" else 1024)
     dtype = DTYPES[precision]
     n = min(size, 256)
     while n < size:

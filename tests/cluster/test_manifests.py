@@ -30,6 +30,15 @@ def compose_hydra(overrides: list[str]):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 
+def first_sweep_value(override: str) -> str:
+    """key=a,b,c -> key=a; key=range(n) -> key=0; key=range(a,b) -> key=a; anything else unchanged."""
+    key, value = override.split("=", 1)
+    swept = re.fullmatch(r"range\((\d+)(?:\s*,\s*\d+)*\)", value)
+    if swept:
+        return f"{key}={0 if ',' not in value else swept.group(1)}"
+    return f"{key}={value.split(',')[0]}" if "[" not in value else override
+
+
 def check_pipeline_command(command: str) -> None:
     """`pipeline <command> ...` or `python -m pipeline.cli <command> ...`: a command the CLI has; for stages
     (also when submitted) the overrides compose and validate as they would on the cluster."""
@@ -46,8 +55,8 @@ def check_pipeline_command(command: str) -> None:
         return
     multirun = "-m" in args
     overrides = [w for w in args if "=" in w and not w.startswith("-")]
-    if multirun:  # a sweep: each point is one value of every swept key
-        overrides = [o.split(",")[0] for o in overrides]
+    if multirun:  # a sweep: each point is one value of every swept key (the first of a list or a range)
+        overrides = [first_sweep_value(o) for o in overrides]
     if any(o.startswith("hydra") for o in overrides):
         if "hydra/launcher=pipeline_slurm" in overrides and not HAS_SUBMITIT:
             return  # the launcher comes with the `cluster` extra

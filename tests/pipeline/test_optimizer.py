@@ -36,3 +36,20 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 4  # embedding, linear bias, norm weight and bias
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_weight_decay_on_the_real_model_covers_exactly_its_projections(tie):
+    from pipeline.config import ModelConfig
+    from pipeline.model import GPT
+
+    model = GPT(ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=2, d_model=16, norm="rmsnorm",
+                            pos_encoding="learned", tie_embeddings=tie))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    assert decayed == sorted(f"blocks.{i}.{m}.weight" for i in range(2)
+                             for m in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+                                       "mlp.up_proj", "mlp.down_proj"))
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

@@ -31,12 +31,13 @@ def data_dir(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("data"), windows, vocab_size=64, val_windows=16)
 
 
-def make_job(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4, accum=1, precision="fp32"):
+def make_job(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4, accum=1, precision="fp32", recompute=False):
     from pipeline.train_loop import TrainJob
 
     train = TrainConfig(max_steps=STEPS, micro_batch_size=micro, warmup_steps=1, lr=1e-2, resume="none",
                         global_batch_tokens=micro * accum * (workers // tp) * 16, log_interval_steps=1, peak_tflops=1.0)
-    parallel = ParallelConfig(num_workers=workers, tensor_parallel=tp, zero_stage=zero, precision=precision)
+    parallel = ParallelConfig(num_workers=workers, tensor_parallel=tp, zero_stage=zero, precision=precision,
+                              activation_checkpointing=recompute)
     return TrainJob(
         model=MODEL, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
         precision=precision, grad_accum_steps=accum, ds_config=make_ds_config(train, parallel, precision, accum),
@@ -120,6 +121,13 @@ def test_zero_stages_equal_zero_0(reference, data_dir, tmp_path, zero):
     assert_same(grad_norms_of(outcome), reference_grad_norms, rel=1e-4)
     # The consolidated checkpoint holds the same weights as the reference run's.
     assert_same_weights(weights_of(job), weights_of(ref_job))
+
+
+def test_activation_checkpointing_under_zero_3_equals_zero_0(reference, data_dir, tmp_path):
+    """Recomputing each block in the backward pass, with ZeRO-3 gathering the weights again for it, changes
+    nothing but memory."""
+    _, expected = reference
+    assert_same(losses_of(make_job(data_dir, tmp_path, workers=2, micro=2, zero=3, recompute=True)), expected)
 
 
 def test_tensor_parallel_two_equals_one(reference, data_dir, tmp_path):
