@@ -226,8 +226,10 @@ class PreemptionForwarder:
     """While Ray workers train, SIGTERM/SIGUSR1 to this driver (Slurm, Kubernetes) become a PREEMPT file in
     the run directory, which every worker checks at each step boundary.
 
-    A Python handler that was installed before (submitit's, which requeues a Hydra sweep point as a new Slurm
-    job) is not lost: `hand_over()`, called once the workers saved their checkpoint, passes it the signal."""
+    A Python handler of SIGUSR1 that was installed before (submitit's, which requeues a Hydra sweep point as a
+    new Slurm job when the time limit nears) is not lost: `hand_over()`, called once the workers saved their
+    checkpoint, passes it the signal. SIGTERM is not handed over: the handler before ours is Ray's, which
+    would end the driver with code 15 instead of 75 (what the sbatch script requeues on)."""
 
     def __init__(self, run_dir: Path):
         from pipeline.train_loop import PREEMPT_FILE
@@ -252,8 +254,9 @@ class PreemptionForwarder:
         self.flag.unlink(missing_ok=True)
 
     def hand_over(self) -> None:
-        """Call the handler that was there before for the signal received, if it was a Python function."""
-        previous = self.previous.get(self.received) if self.received is not None else None
+        """Call the SIGUSR1 handler that was there before, if the signal received was SIGUSR1 and the handler
+        a Python function."""
+        previous = self.previous.get(signal.SIGUSR1) if self.received == signal.SIGUSR1 else None
         if callable(previous):
             log.warning("checkpoint saved; passing signal %d on to the handler installed before (%s)",
                         self.received, getattr(previous, "__qualname__", previous))

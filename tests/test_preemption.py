@@ -56,7 +56,13 @@ def test_a_handler_installed_before_gets_the_signal_after_the_checkpoint(tmp_pat
 
     calls = []
     before = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
+    before_term = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
     try:
+        with PreemptionForwarder(tmp_path) as forwarder:  # SIGTERM: ours alone (Ray's handler would exit 15)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert (tmp_path / PREEMPT_FILE).exists()
+            forwarder.hand_over()
+        assert calls == []
         with PreemptionForwarder(tmp_path) as forwarder:
             os.kill(os.getpid(), signal.SIGUSR1)
             assert (tmp_path / PREEMPT_FILE).exists() and calls == []  # the workers are asked first
@@ -70,3 +76,4 @@ def test_a_handler_installed_before_gets_the_signal_after_the_checkpoint(tmp_pat
         assert calls == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, before)
+        signal.signal(signal.SIGTERM, before_term)

@@ -48,10 +48,11 @@ def mlflow_run(output_dir: Path, run_name: str):
 
 def test_submit_runs_training_across_both_nodes(two_node_ray_cluster, shared_dir):
     cluster = two_node_ray_cluster
-    # One worker per node: the two workers must land on the two nodes, although the default placement
-    # strategy (PACK) would put both on one node, which has room for them.
+    # One worker per node: the two workers must land on the two nodes, although the placement strategy PACK
+    # would put both on one node, which has room for them.
     submit = pipeline("submit", "run", *TINY, "cluster=ray", f"cluster.address={cluster.jobs_url}",
-                      "cluster.workers_per_node=1", f"output_dir={shared_dir}", timeout=900)
+                      "cluster.workers_per_node=1", "cluster.placement_strategy=PACK", f"output_dir={shared_dir}",
+                      timeout=900)
     assert submit.returncode == 0, submit.stdout[-6000:] + submit.stderr[-3000:]
     job_id = re.search(r"submitted job (\S+) to", submit.stdout).group(1)
     assert f"job {job_id} ended: SUCCEEDED" in submit.stdout
