@@ -184,6 +184,8 @@ def main() -> None:
         "target_ratio_over_raw_same_cores": 0.7,
         "same_token_count": len(set(tokens.values())) == 1,
     }, indent=2))
+    if len(set(tokens.values())) != 1:
+        raise SystemExit(f"the measurements counted different tokens ({tokens}): the ratios compare unlike work")
 
 
 if __name__ == "__main__":

@@ -70,12 +70,15 @@ class Segments:
 
 def can_cut_documents(model_proto: bytes) -> bool:
     """Whether cutting before a space leaves a model's tokens unchanged: not with a dummy prefix (each piece
-    would gain a leading space) nor with whitespace treated as a suffix."""
+    would gain a leading space), nor with whitespace treated as a suffix, nor for a model trained without
+    splitting at whitespace (its pieces may span a space)."""
     from sentencepiece import sentencepiece_model_pb2
 
     model = sentencepiece_model_pb2.ModelProto()
     model.ParseFromString(model_proto)
-    return not model.normalizer_spec.add_dummy_prefix and not model.trainer_spec.treat_whitespace_as_suffix
+    trainer = model.trainer_spec
+    return (not model.normalizer_spec.add_dummy_prefix and not trainer.treat_whitespace_as_suffix
+            and trainer.split_by_whitespace)
 
 
 def cut_points(text: str, size: int) -> list[int]:

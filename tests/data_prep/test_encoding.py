@@ -71,6 +71,21 @@ def test_models_with_a_dummy_prefix_are_never_cut(corpus, tmp_path):
     assert len(make_segments([long_text(20_000)], cut=False, segment_chars=1000)) == 1
 
 
+def test_models_whose_pieces_may_span_spaces_are_never_cut(corpus, tmp_path):
+    docs = [p.read_text() for p in sorted(corpus.iterdir())]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(training_sentences(docs)), model_prefix=str(tmp_path / "w"),
+                                   vocab_size=200, add_dummy_prefix=False, split_by_whitespace=False, minloglevel=2)
+    assert not can_cut_documents(load_tokenizer(tmp_path / "w.model").serialized_model_proto())
+
+
+def test_tokenizer_actors_follow_the_config_and_the_cluster(ray_local, caplog):
+    from data_prep.encoding import pool_size
+
+    assert pool_size(None) == 2  # every CPU of the (2-CPU) Ray cluster
+    assert pool_size(1) == 1
+    assert pool_size(5) == 2 and "data.num_workers=5 but the Ray cluster has 2 CPUs" in caplog.text
+
+
 def test_blocks_cover_every_piece_once_in_order(monkeypatch):
     monkeypatch.setattr(encoding_module, "_MIN_BLOCK_CHARS", 2000)
     docs = [long_text(n, seed=n) for n in (100, 30_000, 50, 9_000, 700)]
