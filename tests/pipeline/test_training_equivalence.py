@@ -130,6 +130,14 @@ def test_activation_checkpointing_under_zero_3_equals_zero_0(reference, data_dir
     assert_same(losses_of(make_job(data_dir, tmp_path, workers=2, micro=2, zero=3, recompute=True)), expected)
 
 
+def test_torch_compile_gives_the_same_losses(reference, data_dir, tmp_path):
+    """train.compile=true (DeepSpeed's engine.compile, torch.compile with Inductor on CPU): same numbers."""
+    _, expected = reference
+    job = make_job(data_dir, tmp_path, workers=1, micro=4)
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, compile=True))
+    assert_same(losses_of(job), expected)
+
+
 def test_tensor_parallel_two_equals_one(reference, data_dir, tmp_path):
     from pipeline.model_size import count_parameters
 
