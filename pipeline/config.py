@@ -283,7 +283,7 @@ class SweepConfig:
     predict_flops: list[float] = field(default_factory=lambda: [1e21, 5.76e23])
     n_bootstrap: int = 200
     # Train only this point of the grid (0-based, in the order `pipeline sweep` logs them), so that Hydra
-    # multirun runs each point as its own job: pipeline sweep -m sweep=isoflop_tiny 'sweep.point=range(12)'
+    # multirun runs each point as its own job: pipeline sweep -m sweep=isoflop_tiny 'sweep.point=range(15)'
     # (with hydra/launcher=pipeline_slurm, as Slurm jobs). The job that completes the grid fits it.
     point: int | None = None
 

@@ -5,7 +5,7 @@ non-embedding), D, C, its compute budget and the final validation loss. The fits
 and plots go to the parent run.
 
 One process trains the whole grid in turn; with sweep.point=i it trains only point i, so that Hydra multirun
-(`pipeline sweep -m sweep=isoflop_tiny 'sweep.point=range(12)'`, locally or with a Slurm launcher) runs
+(`pipeline sweep -m sweep=isoflop_tiny 'sweep.point=range(15)'`, locally or with a Slurm launcher) runs
 every point as its own job. The points of one grid share the sweep id (a fingerprint of what they train) and
 so the parent run, and the job that completes the grid fits it.
 """
