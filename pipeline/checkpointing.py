@@ -141,18 +141,12 @@ def _fsync_files(tag_dir: Path) -> None:
     """Flush every file of the tag to stable storage before the marker vouches for them. Each rank runs it
     (on a shared file system a rank can only flush what its own node wrote); files already on disk cost
     little."""
-    for path in tag_dir.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(tag_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for path in [*(p for p in tag_dir.iterdir() if p.is_file()), tag_dir]:  # the directory: its new entries
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _prune(root: Path, keep_last: int) -> None:
