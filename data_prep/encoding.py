@@ -10,9 +10,13 @@ add a dummy prefix or treat whitespace as a suffix are never cut.
 
 Two engines drive the same actor class (data.tokenize_engine): Ray Data's map_batches over an
 ActorPoolStrategy (streaming execution with backpressure and retries, the engine for large corpora and
-many nodes), and a plain pool of Ray actors fed by the driver with a few blocks in flight each. Ray Data's
-streaming executor takes about 6 s to start on 2 cores (the default corpus then prepares in 8 s instead of
-2 s), so `auto` picks it from RAY_DATA_MIN_CHARS of text on, where that cost is small beside the encoding.
+many nodes), and a plain pool of Ray actors fed by the driver with a few blocks in flight each. Once
+running both encode at the same speed, but Ray Data costs a fixed 3.5-4.5 s more to start on 2 cores
+(its executor, its helper actors and fresh worker processes importing ray.data: the first block comes back
+4-6 s after the start against about 1.3 s with plain actors; measured 29.3 s against 24.8 s for 200 MB of
+text with 2 workers, benchmarks/data_prep_throughput.py). So `auto` picks Ray Data from
+RAY_DATA_MIN_CHARS_PER_WORKER characters per tokenizer actor on (about 35 s of encoding per actor), where
+that start is about a tenth of the run or less, and plain actors below.
 Each actor turns its block into one flat token stream per split (pieces followed by EOS where a document
 ends), so the driver receives a few bytes per token and only cuts windows and writes shards. Blocks come back
 in corpus order with either engine, which makes the output byte-identical whatever the engine or the number
@@ -43,15 +47,17 @@ _SEGMENT_CHARS = 1 << 14
 _ENCODE_BATCH_CHARS = 1 << 21
 # Blocks queued per actor: one being encoded, one waiting, so that no actor idles between blocks.
 _BLOCKS_PER_ACTOR = 2
-# data.tokenize_engine=auto uses Ray Data from this much text on (characters), plain actors below.
-RAY_DATA_MIN_CHARS = 32 << 20
+# data.tokenize_engine=auto uses Ray Data from this much text per tokenizer actor on (characters), plain
+# actors below (see the module docstring).
+RAY_DATA_MIN_CHARS_PER_WORKER = 160 << 20
 
 
-def tokenize_engine(configured: str, total_chars: int) -> str:
-    """The engine that runs: the configured one, or for `auto` Ray Data from RAY_DATA_MIN_CHARS on."""
+def tokenize_engine(configured: str, total_chars: int, workers: int) -> str:
+    """The engine that runs: the configured one, or for `auto` Ray Data from RAY_DATA_MIN_CHARS_PER_WORKER
+    characters per actor on."""
     if configured != "auto":
         return configured
-    return "ray_data" if total_chars >= RAY_DATA_MIN_CHARS else "actors"
+    return "ray_data" if total_chars >= RAY_DATA_MIN_CHARS_PER_WORKER * max(1, workers) else "actors"
 
 
 @dataclass

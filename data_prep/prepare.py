@@ -59,7 +59,7 @@ from pipeline.config import DataConfig, PipelineError, fingerprint, validate_dat
 log = logging.getLogger(__name__)
 
 # Fields that do not change the bytes written.
-_NOT_IN_FINGERPRINT = ("num_workers", "tokenize_engine", "output_dir")
+_NOT_IN_FINGERPRINT = ("num_workers", "tokenize_engine", "output_dir", "verify_checksums")
 # Bump when the same config would produce different bytes (reading, tokenizer training, packing), so that
 # a new recipe gets a new directory instead of silently reusing data sets made by the old one.
 RECIPE_VERSION = 3
@@ -186,7 +186,8 @@ def _build(data: DataConfig, partial: Path, key: dict, corpus_fingerprint: str) 
     workers = pool_size(data.num_workers)
     pool = None
     if data.tokenizer.model_path and data.tokenize_engine != "ray_data":
-        # The model is known: plain actors start while the corpus is read.
+        # The model is known: plain actors start while the corpus is read (closed again if `auto` then
+        # picks Ray Data for a corpus this large).
         model = load_tokenizer(data.tokenizer.model_path)
         pool = TokenizerPool(model.serialized_model_proto(), dtype_for_vocab(model.get_piece_size()), workers)
     try:
@@ -200,7 +201,7 @@ def _build(data: DataConfig, partial: Path, key: dict, corpus_fingerprint: str) 
         journal = ProgressJournal.open(partial, {**key, "documents": _documents_digest(corpus, is_val)})
         sp = _make_tokenizer(data, docs, is_val, journal)
         proto, dtype = sp.serialized_model_proto(), dtype_for_vocab(sp.get_piece_size())
-        if tokenize_engine(data.tokenize_engine, sum(len(d) for d in docs)) == "ray_data":
+        if tokenize_engine(data.tokenize_engine, sum(len(d) for d in docs), workers) == "ray_data":
             if pool is not None:
                 pool.close()
             pool = RayDataTokenizerPool(proto, dtype, workers)

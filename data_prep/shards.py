@@ -8,6 +8,7 @@ name, fsynced and renamed; manifest.json is written last.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -298,6 +299,45 @@ def write_synthetic_dataset(
     )
     write_atomic(root / MANIFEST, manifest.to_json())
     return root
+
+
+VERIFIED_STAMP = ".verified.json"
+
+
+def check_dataset_checksums(dataset_dir: Path) -> int:
+    """Check the sha256 of every shard and of the tokenizer before training reads them; ShardError names the
+    first bad file. Files already verified with the same size and modification time (recorded in
+    VERIFIED_STAMP beside the manifest) are not hashed again, so a resumed run does not re-read a large data
+    set. Returns the number of files hashed now."""
+    dataset_dir = Path(dataset_dir)
+    manifest = load_manifest(dataset_dir)
+    stamp_path = dataset_dir / VERIFIED_STAMP
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    files = [(manifest.tokenizer_file, manifest.tokenizer_sha256, None)]
+    files += [(info.file, info.sha256, info) for shards in manifest.splits.values() for info in shards]
+    verified, hashed = {}, 0
+    for name, sha256, info in files:
+        path = dataset_dir / name
+        if info is not None:
+            WindowDataset._open_shard(path, info, manifest.window_length, np.dtype(manifest.dtype))
+        elif not path.is_file():
+            raise ShardError(f"tokenizer {path} is missing: the data set is incomplete; re-run `pipeline prepare`")
+        st = path.stat()
+        key = [st.st_size, st.st_mtime_ns, sha256]
+        if stamp.get(name) != key:
+            hashed += 1
+            if sha256_file(path) != sha256:
+                what = "shard" if info is not None else "tokenizer"
+                raise ShardError(f"{what} {path} fails its checksum (sha256 differs from the manifest): it is "
+                                 f"corrupted; delete {dataset_dir} and re-run `pipeline prepare`")
+        verified[name] = key
+    if hashed:
+        with contextlib.suppress(OSError):  # a read-only data set: verified again next time
+            write_atomic(stamp_path, json.dumps(verified, indent=0))
+    return hashed
 
 
 def verify_dataset(dataset_dir: Path) -> list[str]:

@@ -120,9 +120,13 @@ class DataConfig:
     # Tokenizer actors in the pool; null uses every CPU Ray offers.
     num_workers: int | None = 2
     # How the actors are driven: ray_data (Ray Data map_batches over an actor pool: streaming execution with
-    # backpressure, for large corpora and many nodes; about 6 s to start) | actors (plain Ray actors fed by the
-    # driver; starts in under a second) | auto (ray_data from 32 MB of text, actors below). Same bytes either way.
+    # backpressure, for large corpora and many nodes; about 4 s longer to start on 2 cores) | actors (plain Ray
+    # actors fed by the driver; start in about a second) | auto (ray_data from 160 MiB of text per actor, actors
+    # below). Same bytes either way.
     tokenize_engine: str = "auto"
+    # Check every shard's sha256 against the manifest before training reads it (files verified before with
+    # the same size and mtime are skipped, so a resume does not hash them again); false skips the check.
+    verify_checksums: bool = True
     # Target shard size in tokens.
     shard_tokens: int = 16_777_216
     # Undecodable bytes in the input: replace | skip (skip drops the whole document)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import signal
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -104,11 +105,16 @@ def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
 
 
 def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run_id: str | None) -> TrainJob:
-    from data_prep.shards import load_manifest
+    from data_prep.shards import check_dataset_checksums, load_manifest
     from pipeline.ds_config import make_ds_config, resolve_precision
     from pipeline.model_size import training_flops_per_token
 
     manifest = load_manifest(data_dir)
+    if cfg.data.verify_checksums:
+        t0 = time.time()
+        hashed = check_dataset_checksums(data_dir)
+        if hashed:
+            log.info("verified the sha256 of %d files of %s in %.1fs", hashed, data_dir, time.time() - t0)
     if manifest.window_length != cfg.model.context_length + 1:
         raise ConfigError(
             f"the data set {data_dir} holds windows of {manifest.window_length} tokens but the model needs "

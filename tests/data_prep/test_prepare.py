@@ -16,7 +16,7 @@ import pytest
 
 import data_prep.encoding as encoding_module
 import data_prep.prepare as prepare_module
-from data_prep.encoding import RAY_DATA_MIN_CHARS, make_blocks, make_segments, tokenize_engine
+from data_prep.encoding import RAY_DATA_MIN_CHARS_PER_WORKER, make_blocks, make_segments, tokenize_engine
 from data_prep.journal import ProgressJournal
 from data_prep.prepare import DataPrepError, assign_splits, dataset_dir, prepare, split_of
 from data_prep.shards import WindowDataset, load_manifest
@@ -98,9 +98,11 @@ def test_output_is_byte_identical_with_one_or_two_workers_and_either_engine(corp
 
 
 def test_auto_engine_is_ray_data_for_large_corpora():
-    assert tokenize_engine("auto", RAY_DATA_MIN_CHARS) == "ray_data"
-    assert tokenize_engine("auto", RAY_DATA_MIN_CHARS - 1) == "actors"
-    assert tokenize_engine("ray_data", 10) == "ray_data" and tokenize_engine("actors", 1 << 40) == "actors"
+    per_worker = RAY_DATA_MIN_CHARS_PER_WORKER
+    assert tokenize_engine("auto", 2 * per_worker, 2) == "ray_data"
+    assert tokenize_engine("auto", 2 * per_worker - 1, 2) == "actors"
+    assert tokenize_engine("auto", 2 * per_worker, 4) == "actors"  # more actors encode it faster: plain ones
+    assert tokenize_engine("ray_data", 10, 2) == "ray_data" and tokenize_engine("actors", 1 << 40, 2) == "actors"
 
 
 def test_rerun_skips_and_changed_config_writes_elsewhere(prepared, caplog):

@@ -11,9 +11,11 @@ import pytest
 from data_prep.shards import (
     HEADER_BYTES,
     MAGIC,
+    VERIFIED_STAMP,
     ShardError,
     ShardWriter,
     WindowDataset,
+    check_dataset_checksums,
     dtype_for_vocab,
     encode_header,
     incomplete_reason,
@@ -143,6 +145,31 @@ def test_corruption_is_caught_by_verify(tmp_path):
     WindowDataset(root, "validation").verify()
     problems = verify_dataset(root)
     assert len(problems) == 1 and "train_00000.bin fails its checksum" in problems[0]
+
+
+def test_checksums_checked_before_training_hash_each_file_once(tmp_path):
+    root, _ = make_dataset(tmp_path)
+    assert check_dataset_checksums(root) == 3  # tokenizer, train and validation shard
+    assert check_dataset_checksums(root) == 0  # all recorded in the stamp with their size and mtime
+    stamp = json.loads((root / VERIFIED_STAMP).read_text())
+    assert set(stamp) == {"tokenizer.model", "train_00000.bin", "validation_00000.bin"}
+    # A byte flipped after the stamp changes the file's mtime: hashed again, and caught.
+    flip_byte(root / "validation_00000.bin", HEADER_BYTES + 1)
+    with pytest.raises(ShardError, match="validation_00000.bin fails its checksum"):
+        check_dataset_checksums(root)
+    flip_byte(root / "validation_00000.bin", HEADER_BYTES + 1)  # repaired
+    assert check_dataset_checksums(root) == 1
+
+
+def test_checksum_check_without_a_writable_stamp(tmp_path):
+    root, _ = make_dataset(tmp_path)
+    flip_byte(root / "tokenizer.model", 0)
+    with pytest.raises(ShardError, match="tokenizer .*tokenizer.model fails its checksum"):
+        check_dataset_checksums(root)
+    flip_byte(root / "tokenizer.model", 0)
+    (root / VERIFIED_STAMP).mkdir()  # the stamp cannot be written (as on read-only storage): checked every time
+    assert check_dataset_checksums(root) == 3
+    assert check_dataset_checksums(root) == 3
 
 
 def test_damaged_manifest_is_explained(tmp_path):
