@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from data_prep.sources import SourceError, read_documents, split_scenes
@@ -146,3 +148,20 @@ def test_hf_hub_failure_says_what_to_do_offline(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SourceError, match="could not load 'someone/corpus'.*data.source=hf_disk"):
         read_documents(DataConfig(source="hf_hub", path="someone/corpus"))
+
+
+def test_hf_hub_source_reads_what_load_dataset_returns(tmp_path, monkeypatch):
+    """The hub path through the real datasets.load_dataset, offline: a data set repository laid out as on the
+    hub (data files in a directory), named by its local path instead of a hub id."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "someone-corpus"
+    (repo / "data").mkdir(parents=True)
+    lines = [{"text": "first document"}, {"text": ""}, {"text": "second one"}]
+    (repo / "data" / "train-00000.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    docs, report = read_documents(DataConfig(source="hf_hub", path=str(repo)))
+    assert docs == ["first document", "second one"] and report.files == 1
+    with pytest.raises(SourceError, match=r"no column 'body' \(columns: text\)"):
+        read_documents(DataConfig(source="hf_hub", path=str(repo), text_field="body"))
