@@ -98,9 +98,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int, layout: dict[str, Any] | None = None
+    engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int, layout: dict[str, Any] | None = None,
+    store=None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the tag directory."""
+    """Collective: every rank calls it. Returns the tag directory. With `store` (pipeline.storage.ObjectStore)
+    the first rank of each node uploads its node's files, then rank 0 the marker and `latest`."""
     rank = dist.get_rank()
     tag = tag_for(step)
     tag_dir = root / tag
@@ -119,6 +121,12 @@ def save_checkpoint(
     torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
     _fsync_files(tag_dir)
     dist.barrier()
+    if store is not None:
+        from pipeline.storage import push_checkpoint_files, run_rel
+
+        if is_node_leader():
+            push_checkpoint_files(store, root.parent, tag_dir)
+        dist.barrier()
     if rank == 0:
         # layout (ZeRO stage, tensor-parallel degree, precision) tells readers how to consolidate the shards.
         marker = {
@@ -127,12 +135,21 @@ def save_checkpoint(
             "saved_at": time.time(),
             **(layout or {}),
             "client_state": {k: v for k, v in client_state.items() if k != "universal_checkpoint_info"},
-            # Sizes of every file, so that a truncated or missing shard is named at load time.
-            "files": {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()},
+            # Sizes of every file, so that a truncated or missing shard is named at load time (with a store:
+            # every node's files, as uploaded).
+            "files": ({p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()} if store is None
+                      else dict(sorted(store.files(run_rel(root.parent, tag_dir)).items()))),
         }
         _atomic_write(tag_dir / COMPLETE_MARKER, json.dumps(marker))
         _atomic_write(root / LATEST_FILE, tag)
-        _prune(root, keep_last)
+        if store is not None:
+            from pipeline.storage import push_checkpoint_marker
+
+            push_checkpoint_marker(store, root.parent, tag_dir)
+        for old_tag in _prune(root, keep_last):
+            if store is not None:
+                store.delete_dir(run_rel(root.parent, root / old_tag))
+                store.delete_dir(run_rel(root.parent, root / UNIVERSAL_DIR / old_tag))
     dist.barrier()
     return tag_dir
 
@@ -149,12 +166,18 @@ def _fsync_files(tag_dir: Path) -> None:
             os.close(fd)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def is_node_leader() -> bool:
+    """Whether this rank is the first of its node (LOCAL_RANK, set by Ray Train and torchrun; without it,
+    rank 0 stands for the only node)."""
+    return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+
+
+def _prune(root: Path, keep_last: int) -> list[str]:
     """Keep the last `keep_last` complete checkpoints (0: all). Delete older ones, their universal
     conversions, and incomplete tags older than the newest complete one (left by a crash while writing)."""
     complete = complete_tags(root)
     if not complete:
-        return
+        return []
     doomed = complete[:-keep_last] if keep_last > 0 else []
     doomed += [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
                and not is_complete(p) and p.name < complete[-1]]
@@ -162,6 +185,7 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(root / tag, ignore_errors=True)
         shutil.rmtree(root / UNIVERSAL_DIR / tag, ignore_errors=True)
         log.info("deleted old checkpoint %s (keeping the last %d complete ones)", tag, keep_last)
+    return doomed
 
 
 class CheckpointError(PipelineError, RuntimeError):

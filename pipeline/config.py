@@ -265,6 +265,10 @@ class ClusterConfig:
     # Absolute mount point of the storage every node of the cluster shares (e.g. /shared). When set,
     # `pipeline submit` requires output_dir below it and trusts it even if this machine does not mount it.
     shared_storage: str | None = None
+    # An object store that keeps the data sets and checkpoints for nodes that share no file system
+    # (s3://bucket/prefix, gs://..., hdfs://..., file:///...; pipeline.storage): output_dir is then a
+    # working directory on each node, and `pipeline submit` checks that the store is writable.
+    storage_uri: str | None = None
 
 
 @dataclass

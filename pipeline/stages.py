@@ -11,11 +11,37 @@ log = logging.getLogger(__name__)
 
 
 def prepare_stage(cfg: PipelineConfig) -> Path:
-    from data_prep.prepare import prepare
+    """The data set of cfg.data, prepared here, found prepared, or (with cluster.storage_uri) downloaded
+    from the object store; a data set prepared here is uploaded there."""
+    from data_prep.prepare import dataset_dir, prepare
     from pipeline.ray_runtime import ensure_ray
+    from pipeline.storage import pull_dataset, push_dataset, store_for
 
+    store = store_for(cfg.cluster.storage_uri)
+    if store is not None:
+        target = dataset_dir(cfg.data)
+        if pull_dataset(store, target):
+            log.info("using the data set %s from %s", target.name, store.uri)
     ensure_ray(cfg.cluster)
-    return prepare(cfg.data)
+    out = prepare(cfg.data)  # a no-op when complete
+    if store is not None:
+        push_dataset(store, out)
+    return out
+
+
+def pull_run(cfg: PipelineConfig) -> Path:
+    """With cluster.storage_uri: the data set and the run's newest checkpoint from the object store, where
+    this machine lacks them (for the stages that read a trained run). Returns the data set directory."""
+    from data_prep.prepare import dataset_dir
+    from pipeline.storage import pull_dataset, pull_latest_checkpoint, store_for
+    from pipeline.train import run_dir_for
+
+    data_dir = dataset_dir(cfg.data)
+    store = store_for(cfg.cluster.storage_uri)
+    if store is not None:
+        pull_dataset(store, data_dir)
+        pull_latest_checkpoint(store, run_dir_for(cfg))
+    return data_dir
 
 
 def train_stage(cfg: PipelineConfig):
@@ -29,10 +55,9 @@ def train_stage(cfg: PipelineConfig):
 
 
 def evaluate_stage(cfg: PipelineConfig) -> dict[str, float]:
-    from data_prep.prepare import dataset_dir
     from pipeline.evaluate import evaluate
 
-    data_dir = dataset_dir(cfg.data)
+    data_dir = pull_run(cfg)
     if not (data_dir / "manifest.json").is_file():
         raise FileNotFoundError(
             f"no prepared data set at {data_dir}: run `pipeline prepare` (or `pipeline run`) with the same "
@@ -43,10 +68,9 @@ def evaluate_stage(cfg: PipelineConfig) -> dict[str, float]:
 
 def generate_stage(cfg: PipelineConfig) -> list[str]:
     """Sample from the trained run (the prompt comes from the command line or eval.prompt)."""
-    from data_prep.prepare import dataset_dir
     from pipeline.evaluate import generate_text
 
-    texts = generate_text(cfg, dataset_dir(cfg.data), cfg.eval.prompt)
+    texts = generate_text(cfg, pull_run(cfg), cfg.eval.prompt)
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{text}")
     return texts
@@ -54,10 +78,9 @@ def generate_stage(cfg: PipelineConfig) -> list[str]:
 
 def export_stage(cfg: PipelineConfig) -> Path:
     """The run's latest checkpoint as a Hugging Face transformers directory."""
-    from data_prep.prepare import dataset_dir
     from pipeline.export import export
 
-    out = export(cfg, dataset_dir(cfg.data), Path(cfg.eval.export_dir) if cfg.eval.export_dir else None)
+    out = export(cfg, pull_run(cfg), Path(cfg.eval.export_dir) if cfg.eval.export_dir else None)
     print(f"Exported to {out}: load it with transformers' AutoModelForCausalLM.from_pretrained('{out}') "
           f"and AutoTokenizer.from_pretrained('{out}').")
     return out

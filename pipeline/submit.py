@@ -107,12 +107,15 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_shared_storage(output_dir: str, cluster: ClusterConfig) -> None:
-    """output_dir holds shards, checkpoints and the MLflow store: every node must see the same files there."""
+    """output_dir holds shards, checkpoints and the MLflow store: every node must see the same files there,
+    unless cluster.storage_uri names an object store that keeps them (pipeline.storage): then it must be
+    writable from here within cluster.connect_timeout_s, and output_dir is a working directory per node."""
     if "://" in output_dir:
         raise ConfigError(
             f"output_dir={output_dir} is a URI: the pipeline writes shards, DeepSpeed checkpoints and MLflow with "
-            f"file-system calls, so mount the bucket on every node (s3fs, gcsfuse, a CSI volume) and pass the "
-            f"mount path, e.g. output_dir=/shared/pipeline cluster.shared_storage=/shared."
+            f"file-system calls. Keep output_dir a local path and pass the bucket as cluster.storage_uri "
+            f"(e.g. output_dir=/tmp/pipeline cluster.storage_uri={output_dir}): data sets and checkpoints are "
+            f"then kept there; or mount the bucket on every node and pass the mount path."
         )
     path = Path(os.path.normpath(output_dir))  # /shared/../etc is not below /shared
     if not path.is_absolute():
@@ -120,6 +123,11 @@ def check_shared_storage(output_dir: str, cluster: ClusterConfig) -> None:
             f"output_dir={output_dir} is relative: the job runs on the cluster, so give an absolute path on "
             f"storage every node mounts (e.g. output_dir=/shared/pipeline)."
         )
+    if cluster.storage_uri:
+        from pipeline.storage import ObjectStore
+
+        ObjectStore(cluster.storage_uri).check(cluster.connect_timeout_s)
+        return  # data sets and checkpoints live in the store; output_dir may be node-local
     shared = cluster.shared_storage
     if shared:
         if "://" in shared or not Path(shared).is_absolute():

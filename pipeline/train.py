@@ -67,7 +67,16 @@ def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
         verify_checkpoint,
         zero_stage_change_supported,
     )
+    from pipeline.storage import (
+        pull_latest_checkpoint,
+        push_checkpoint_files,
+        push_checkpoint_marker,
+        store_for,
+    )
 
+    store = store_for(cfg.cluster.storage_uri)
+    if store is not None and cfg.train.resume == "auto":
+        pull_latest_checkpoint(store, run_dir_for(cfg))  # a job on a fresh node resumes from the store
     tag_dir = resolve_resume(cfg.train.resume, checkpoint_root(run_dir_for(cfg)))
     if tag_dir is None:
         return job
@@ -95,6 +104,9 @@ def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
     if needs_universal(marker, parallel.num_workers, parallel.tensor_parallel, parallel.zero_stage):
         # Elastic resume: another data-parallel size or ZeRO stage than the checkpoint was saved with.
         universal = to_universal(tag_dir)
+        if store is not None and universal.is_relative_to(run_dir_for(cfg)):  # for the workers of other nodes
+            push_checkpoint_files(store, run_dir_for(cfg), universal)
+            push_checkpoint_marker(store, run_dir_for(cfg), universal, latest=False)
         ds_config = {**job.ds_config, "checkpoint": {"load_universal": True}}
         log.info("resuming %s (saved at world size %d, ZeRO-%d) at world size %d, ZeRO-%d through %s",
                  tag_dir, marker["world_size"], marker.get("zero_stage", 0), parallel.num_workers,
@@ -131,6 +143,7 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
         parallel=cfg.parallel,
         data_dir=str(data_dir),
         run_dir=str(run_dir_for(cfg)),
+        storage_uri=cfg.cluster.storage_uri,
         precision=precision,
         grad_accum_steps=accum,
         ds_config=make_ds_config(cfg.train, cfg.parallel, precision, accum),

@@ -56,6 +56,8 @@ class TrainJob:
     # tests.
     record_losses: bool = False
     extra: dict = field(default_factory=dict)
+    # cluster.storage_uri: the object store that holds the data set and the checkpoints (pipeline.storage).
+    storage_uri: str | None = None
 
 
 @dataclass
@@ -187,6 +189,24 @@ def resume_point(job: TrainJob, ckpt_root: Path) -> tuple[Path | None, dict]:
     return None, job.ds_config
 
 
+def _pull_from_store(job: TrainJob):
+    """Collective: the first worker of each node downloads what its node lacks of the data set, the run's
+    newest checkpoint in the store and the checkpoint the driver resolved (pipeline.storage); the others
+    wait. Returns the store, for the uploads of new checkpoints."""
+    from pipeline.checkpointing import is_node_leader
+    from pipeline.storage import ObjectStore, pull_checkpoint, pull_dataset, pull_latest_checkpoint
+
+    store = ObjectStore(job.storage_uri)
+    run_dir = Path(job.run_dir)
+    if is_node_leader():
+        pull_dataset(store, Path(job.data_dir))
+        pull_latest_checkpoint(store, run_dir)
+        if job.resume_from and Path(job.resume_from).is_relative_to(run_dir):
+            pull_checkpoint(store, run_dir, Path(job.resume_from))
+    dist.barrier()
+    return store
+
+
 def train_worker(job: TrainJob) -> TrainOutcome:
     import deepspeed
 
@@ -207,6 +227,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     train = job.train
 
     ckpt_root = checkpoint_root(Path(job.run_dir))
+    store = _pull_from_store(job) if job.storage_uri else None
     tag_dir, ds_config = resume_point(job, ckpt_root)
     seed_everything(train.seed)  # identical initial weights on every rank
     model = GPT(job.model)
@@ -324,7 +345,8 @@ def train_worker(job: TrainJob) -> TrainOutcome:
                 if tracker:
                     tracker.log({"interval_val_loss": val_loss}, step=done)
         if done < train.max_steps and preemption.any_rank(device):
-            tag = save_checkpoint(engine, ckpt_root, done, client_state(done), train.keep_last_checkpoints, layout)
+            tag = save_checkpoint(engine, ckpt_root, done, client_state(done), train.keep_last_checkpoints, layout,
+                                  store)
             if rank == 0:
                 log.warning("preempted: saved %s at step %d; exiting with code %d", tag, done, PREEMPTED_EXIT_CODE)
                 if tracker:
@@ -332,7 +354,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
             return TrainOutcome(done, losses if job.record_losses else {}, True, str(tag), tokens_per_s, resumed_from,
                                 grad_norms=grad_norms)
         if train.save_interval_steps and done % train.save_interval_steps == 0 and done < train.max_steps:
-            save_checkpoint(engine, ckpt_root, done, client_state(done), train.keep_last_checkpoints, layout)
+            save_checkpoint(engine, ckpt_root, done, client_state(done), train.keep_last_checkpoints, layout, store)
 
     final_step = max(start_step, train.max_steps)
     steady_steps = final_step - (start_step + 2)
@@ -344,7 +366,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
             log.info("the run already reached step %d at %s; nothing to train", start_step, resumed_from)
     else:
         last_tag = save_checkpoint(
-            engine, ckpt_root, final_step, client_state(final_step), train.keep_last_checkpoints, layout
+            engine, ckpt_root, final_step, client_state(final_step), train.keep_last_checkpoints, layout, store
         )
     if tracker:
         tracker.log({"final_step": final_step}, step=final_step)

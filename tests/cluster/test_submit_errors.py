@@ -74,7 +74,11 @@ def test_invalid_config_is_refused_before_the_cluster_is_contacted(tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["output_dir=relative/out"], "output_dir=relative/out is relative"),
-    (["output_dir=s3://bucket/out"], "is a URI: the pipeline writes shards"),
+    (["output_dir=s3://bucket/out"], "pass the bucket as cluster.storage_uri"),
+    (["output_dir=/tmp/out", "cluster.storage_uri=ftp://host/x"], "is not an object store URI"),
+    # Nothing listens on port 1: the store's probe write fails (or times out) within cluster.connect_timeout_s.
+    (["output_dir=/tmp/out", "cluster.storage_uri='s3://bucket/p?endpoint_override=127.0.0.1:1&scheme=http'",
+      "cluster.connect_timeout_s=5"], "cluster.storage_uri=s3://bucket/p"),
     (["output_dir=/etc/hostname/out"], "is not reachable from here: /etc/hostname exists but is not a writable"),
     (["output_dir=/data/out", "cluster.shared_storage=/shared"], "is outside cluster.shared_storage=/shared"),
     (["output_dir=/tmp/out", "cluster.address=http://10.1.2.3:8265"], "node-local directory"),
@@ -93,6 +97,14 @@ def test_storage_under_shared_mount_is_trusted_without_mounting_it_here(tmp_path
     proc, seconds = pipeline("submit", "train", "cluster=ray", f"cluster.address={UNREACHABLE}",
                              "output_dir=/shared/pipeline", "cluster.shared_storage=/shared", cwd=tmp_path)
     refused(proc, seconds, "cannot reach the Ray cluster")
+
+
+def test_storage_in_an_object_store_lets_output_dir_be_node_local(tmp_path):
+    # A writable store: output_dir may be node-local (/tmp) even for a remote cluster; the check moves on.
+    proc, seconds = pipeline("submit", "train", "cluster=ray", f"cluster.address={UNREACHABLE}",
+                             "output_dir=/tmp/pipeline", f"cluster.storage_uri=file://{tmp_path}/bucket", cwd=tmp_path)
+    refused(proc, seconds, "cannot reach the Ray cluster")
+    assert not list((tmp_path / "bucket").iterdir())  # the probe object was removed
 
 
 def test_jobs_refuses_bad_addresses(tmp_path):

@@ -1,0 +1,280 @@
+"""Durable copies of data sets and checkpoints in an object store (cluster.storage_uri: s3://, gs://, hdfs://,
+file://), for clusters whose nodes share no file system.
+
+output_dir stays a working directory on each node (it may be node-local). With cluster.storage_uri set:
+
+- `pipeline prepare` uploads the finished data set to <uri>/data/<name>-<fingerprint>/ (the manifest
+  last: a data set without one is incomplete), and a node that lacks a data set the store holds downloads
+  it instead of preparing it again;
+- each checkpoint goes to <uri>/runs/<run_name>/checkpoints/<tag>/: every node's first worker uploads the
+  files written on its node, then rank 0 uploads the COMPLETE marker (listing every file of every node)
+  and `latest`; old tags are deleted there as they are locally;
+- before training, evaluation or export reads a checkpoint, the newest complete one in the store is
+  downloaded to every node that lacks it (whole tag; marker last, into a temporary directory renamed
+  into place), so a job on fresh nodes, or a worker group that Ray restarted elsewhere, resumes.
+
+Files go through pyarrow.fs (which Ray already uses), in the calling process; uploads are synchronous, so
+a checkpoint counts only once it is in the store. The MLflow store is not mirrored: point tracking.uri
+at an MLflow server on such clusters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+from pipeline.config import ConfigError, PipelineError
+
+log = logging.getLogger(__name__)
+
+DATA_PREFIX = "data"
+RUNS_PREFIX = "runs"
+SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "file")
+
+
+class StorageError(PipelineError, RuntimeError):
+    """The object store cannot be reached, read or written."""
+
+
+def _fs_module():
+    import pyarrow.fs
+
+    return pyarrow.fs
+
+
+def parse_storage_uri(uri: str, option: str = "cluster.storage_uri"):
+    """(pyarrow file system, base path) for an object store URI; ConfigError naming the problem otherwise."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme not in SCHEMES:
+        raise ConfigError(
+            f"{option}={uri} is not an object store URI: use s3://bucket/prefix, gs://bucket/prefix, "
+            f"hdfs://host/path or file:///absolute/path (options such as "
+            f"?endpoint_override=host:9000&scheme=http go after the path)."
+        )
+    try:
+        fs, path = _fs_module().FileSystem.from_uri(uri)
+    except Exception as err:  # pyarrow raises ArrowInvalid, ArrowNotImplementedError, OSError, ...
+        raise ConfigError(f"{option}={uri} cannot be opened ({type(err).__name__}: {err}).") from err
+    return fs, path.rstrip("/")
+
+
+class ObjectStore:
+    """A prefix of an object store, addressed by relative paths ("data/<name>/manifest.json")."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.base = parse_storage_uri(uri)
+
+    def path(self, rel: str) -> str:
+        return f"{self.base}/{rel}".rstrip("/") if rel else self.base
+
+    def exists(self, rel: str) -> bool:
+        fs = _fs_module()
+        return self._call(self.fs.get_file_info, self.path(rel)).type != fs.FileType.NotFound
+
+    def read_text(self, rel: str) -> str | None:
+        if not self.exists(rel):
+            return None
+        with self._call(self.fs.open_input_stream, self.path(rel)) as f:
+            return f.read().decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        self._call(self.fs.create_dir, self.path(rel).rsplit("/", 1)[0], recursive=True)
+        with self._call(self.fs.open_output_stream, self.path(rel)) as f:
+            f.write(text.encode())
+
+    def files(self, rel: str) -> dict[str, int]:
+        """{path relative to rel: size} of every file below rel ({} when there is none)."""
+        fs = _fs_module()
+        root = self.path(rel)
+        infos = self._call(self.fs.get_file_info, fs.FileSelector(root, recursive=True, allow_not_found=True))
+        return {i.path[len(root) + 1:]: i.size for i in infos if i.type == fs.FileType.File}
+
+    def upload_dir(self, local: Path, rel: str, marker: str | None = None, only: set[str] | None = None) -> int:
+        """Copy the files below `local` to rel (those already there at the same size are skipped), `marker`
+        last (when given and present). `only`: names relative to local to upload (default: all). Returns
+        the number of files copied."""
+        fs = _fs_module()
+        remote = self.files(rel)
+        names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+        names = [n for n in names if (only is None or n in only) and n != marker and not n.startswith(".")]
+        if marker and (local / marker).is_file():
+            names.append(marker)
+        copied = 0
+        for name in names:
+            src = local / name
+            if name != marker and remote.get(name) == src.stat().st_size:
+                continue
+            dst = self.path(f"{rel}/{name}")
+            self._call(self.fs.create_dir, dst.rsplit("/", 1)[0], recursive=True)
+            self._call(fs.copy_files, str(src), dst, source_filesystem=fs.LocalFileSystem(),
+                       destination_filesystem=self.fs)
+            copied += 1
+        return copied
+
+    def download_dir(self, rel: str, local: Path, marker: str) -> bool:
+        """Copy rel to `local` if the store holds it complete (its marker present): into a temporary
+        sibling, the marker last, then renamed into place (replacing an incomplete local copy). False when
+        the store has no complete copy."""
+        fs = _fs_module()
+        files = self.files(rel)
+        if marker not in files:
+            return False
+        tmp = local.with_name(f".{local.name}.download-{uuid.uuid4().hex[:8]}")
+        try:
+            for name in [*sorted(n for n in files if n != marker), marker]:
+                dst = tmp / name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                self._call(fs.copy_files, self.path(f"{rel}/{name}"), str(dst), source_filesystem=self.fs,
+                           destination_filesystem=fs.LocalFileSystem())
+            if local.exists():
+                shutil.rmtree(local)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, local)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("downloaded %d files of %s to %s", len(files), self.path(rel), local)
+        return True
+
+    def delete_dir(self, rel: str) -> None:
+        if self.exists(rel):
+            self._call(self.fs.delete_dir, self.path(rel))
+
+    def check(self, timeout_s: float) -> None:
+        """Write, read back and delete a probe object within timeout_s; ConfigError saying what failed."""
+        probe = f".pipeline-probe-{uuid.uuid4().hex}"
+
+        def round_trip() -> None:
+            self.write_text(probe, "ok")
+            if self.read_text(probe) != "ok":
+                raise StorageError(f"{self.path(probe)} did not read back what was written")
+            self._call(self.fs.delete_file, self.path(probe))
+
+        # A daemon thread: a store that never answers must not hold the process at exit either.
+        result: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                round_trip()
+                result.append(None)
+            except BaseException as err:  # handed to the caller below
+                result.append(err)
+
+        thread = threading.Thread(target=run, name="storage-check", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        if not result:
+            raise ConfigError(
+                f"cluster.storage_uri={self.uri} did not answer within {timeout_s:g} s: check the endpoint "
+                f"(endpoint_override=...), the network path to it and the credentials of this machine."
+            )
+        if isinstance(result[0], (StorageError, OSError)):
+            raise ConfigError(
+                f"cluster.storage_uri={self.uri} is not writable from here ({result[0]}): check that the bucket "
+                f"exists, the credentials (AWS_ACCESS_KEY_ID / GOOGLE_APPLICATION_CREDENTIALS ...) and their "
+                f"permissions."
+            ) from result[0]
+        if result[0] is not None:
+            raise result[0]
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as err:
+            raise StorageError(f"object store {self.uri}: {err}") from err
+
+
+def store_for(storage_uri: str | None) -> ObjectStore | None:
+    return ObjectStore(storage_uri) if storage_uri else None
+
+
+def dataset_rel(dataset_dir: Path) -> str:
+    return f"{DATA_PREFIX}/{Path(dataset_dir).name}"
+
+
+def run_rel(run_dir: Path, local: Path) -> str:
+    """Where a path below a run directory lives in the store: runs/<run_name>/<the same relative path>."""
+    run_dir = Path(run_dir)
+    rel = Path(local).relative_to(run_dir)
+    return f"{RUNS_PREFIX}/{run_dir.name}" + ("" if rel == Path(".") else f"/{rel.as_posix()}")
+
+
+def _locked(local: Path):
+    from data_prep.journal import directory_lock
+
+    return directory_lock(local.with_name(f".{local.name}.pulling"))
+
+
+def pull_dataset(store: ObjectStore, dataset_dir: Path) -> bool:
+    """Download the data set from the store unless this node holds it complete. True if downloaded."""
+    from data_prep.shards import MANIFEST, incomplete_reason
+
+    dataset_dir = Path(dataset_dir)
+    if incomplete_reason(dataset_dir) is None:
+        return False
+    with _locked(dataset_dir):
+        if incomplete_reason(dataset_dir) is None:  # another worker of this node fetched it meanwhile
+            return False
+        return store.download_dir(dataset_rel(dataset_dir), dataset_dir, MANIFEST)
+
+
+def push_dataset(store: ObjectStore, dataset_dir: Path) -> int:
+    """Upload a complete local data set the store lacks (manifest last). Returns the files copied."""
+    from data_prep.shards import MANIFEST
+
+    if store.exists(f"{dataset_rel(dataset_dir)}/{MANIFEST}"):
+        return 0
+    copied = store.upload_dir(Path(dataset_dir), dataset_rel(dataset_dir), marker=MANIFEST)
+    log.info("uploaded the data set %s to %s (%d files)", dataset_dir.name, store.path(dataset_rel(dataset_dir)), copied)
+    return copied
+
+
+def pull_checkpoint(store: ObjectStore, run_dir: Path, tag_dir: Path) -> bool:
+    """Download one checkpoint tag (or universal tag) of the run unless this node holds it complete."""
+    from pipeline.checkpointing import COMPLETE_MARKER, is_complete
+
+    if is_complete(tag_dir):
+        return False
+    with _locked(tag_dir):
+        if is_complete(tag_dir):
+            return False
+        return store.download_dir(run_rel(run_dir, tag_dir), tag_dir, COMPLETE_MARKER)
+
+
+def pull_latest_checkpoint(store: ObjectStore, run_dir: Path) -> Path | None:
+    """Make the newest complete checkpoint the store knows for this run (its `latest`) present here, and
+    `latest` name it locally when it is newer than this node's. Returns its local tag directory, if any."""
+    from pipeline.checkpointing import LATEST_FILE, _atomic_write, checkpoint_root, latest_complete
+
+    root = checkpoint_root(Path(run_dir))
+    tag = (store.read_text(run_rel(run_dir, root / LATEST_FILE)) or "").strip()
+    local = latest_complete(root)
+    if not tag or (local is not None and local.name >= tag):
+        return local
+    if not pull_checkpoint(store, run_dir, root / tag) and not (root / tag).is_dir():
+        log.warning("%s names %s, which the store does not hold complete", store.path(run_rel(run_dir, root)), tag)
+        return local
+    _atomic_write(root / LATEST_FILE, tag)
+    return root / tag
+
+
+def push_checkpoint_files(store: ObjectStore, run_dir: Path, tag_dir: Path) -> int:
+    """Upload the files of a checkpoint tag present on this node, except its marker."""
+    from pipeline.checkpointing import COMPLETE_MARKER
+
+    names = {str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file()} - {COMPLETE_MARKER}
+    return store.upload_dir(tag_dir, run_rel(run_dir, tag_dir), only=names)
+
+
+def push_checkpoint_marker(store: ObjectStore, run_dir: Path, tag_dir: Path, latest: bool = True) -> None:
+    """After every node uploaded its files: the marker, then (for a training tag) `latest`."""
+    from pipeline.checkpointing import COMPLETE_MARKER, LATEST_FILE
+
+    rel = run_rel(run_dir, tag_dir)
+    store.upload_dir(tag_dir, rel, marker=COMPLETE_MARKER, only=set())
+    if latest:
+        store.write_text(run_rel(run_dir, tag_dir.parent / LATEST_FILE), tag_dir.name)

@@ -1,0 +1,131 @@
+"""The object-store copies of data sets and checkpoints (cluster.storage_uri), through pyarrow.fs on file://."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data_prep.shards import MANIFEST, write_synthetic_dataset
+from pipeline.checkpointing import COMPLETE_MARKER, LATEST_FILE, checkpoint_root, latest_complete
+from pipeline.config import ConfigError
+from pipeline.storage import (
+    ObjectStore,
+    StorageError,
+    pull_dataset,
+    pull_latest_checkpoint,
+    push_checkpoint_files,
+    push_checkpoint_marker,
+    push_dataset,
+)
+
+
+@pytest.fixture
+def store(tmp_path):
+    (tmp_path / "bucket").mkdir()
+    return ObjectStore(f"file://{tmp_path}/bucket")
+
+
+def fake_tag(run_dir, step, files):
+    tag = checkpoint_root(run_dir) / f"step_{step:08d}"
+    tag.mkdir(parents=True)
+    for name, data in files.items():
+        (tag / name).write_bytes(data)
+    return tag
+
+
+def test_a_data_set_goes_up_once_and_comes_down_whole(store, tmp_path):
+    windows = np.random.default_rng(0).integers(0, 300, size=(20, 9))
+    local = write_synthetic_dataset(tmp_path / "a" / "ds-abc", windows, 300, val_windows=2)
+    assert push_dataset(store, local) == 4  # two shards, the tokenizer, the manifest
+    assert push_dataset(store, local) == 0  # already there
+    elsewhere = tmp_path / "b" / "ds-abc"
+    assert pull_dataset(store, elsewhere)
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(p.name for p in local.iterdir())
+    assert all((elsewhere / p.name).read_bytes() == p.read_bytes() for p in local.iterdir())
+    assert not pull_dataset(store, elsewhere)  # complete here: nothing to fetch
+
+
+def test_a_data_set_without_its_manifest_in_the_store_is_not_fetched(store, tmp_path):
+    windows = np.random.default_rng(0).integers(0, 300, size=(20, 9))
+    local = write_synthetic_dataset(tmp_path / "a" / "ds-abc", windows, 300)
+    store.upload_dir(local, "data/ds-abc", only={"train_00000.bin"})  # an upload cut short: no manifest
+    assert not store.exists(f"data/ds-abc/{MANIFEST}")
+    assert not pull_dataset(store, tmp_path / "b" / "ds-abc")
+    assert not (tmp_path / "b" / "ds-abc").exists()
+
+
+def test_checkpoints_resume_on_a_machine_that_never_saw_them(store, tmp_path):
+    run = tmp_path / "a" / "runs" / "r"
+    for step in (2, 4):
+        tag = fake_tag(run, step, {"mp_rank_00_model_states.pt": b"m" * step, "rng_rank0.pt": b"r"})
+        push_checkpoint_files(store, run, tag)
+        assert not store.exists(f"runs/r/checkpoints/{tag.name}/{COMPLETE_MARKER}")  # files first
+        (tag / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+        push_checkpoint_marker(store, run, tag)
+    assert store.read_text(f"runs/r/checkpoints/{LATEST_FILE}") == "step_00000004"
+
+    fresh = tmp_path / "b" / "runs" / "r"
+    tag = pull_latest_checkpoint(store, fresh)
+    assert tag == checkpoint_root(fresh) / "step_00000004" == latest_complete(checkpoint_root(fresh))
+    assert (tag / "mp_rank_00_model_states.pt").read_bytes() == b"mmmm"
+    assert not list(tag.parent.glob(".*download*"))  # the temporary directory is gone
+    assert pull_latest_checkpoint(store, fresh) == tag  # up to date: nothing fetched
+
+    # A newer checkpoint whose marker never reached the store is not used; the complete one is.
+    newer = fake_tag(run, 6, {"mp_rank_00_model_states.pt": b"x"})
+    push_checkpoint_files(store, run, newer)
+    store.write_text(f"runs/r/checkpoints/{LATEST_FILE}", newer.name)
+    assert pull_latest_checkpoint(store, tmp_path / "c" / "runs" / "r") is None
+    assert pull_latest_checkpoint(store, fresh) == tag
+
+
+def test_bad_uris_and_unwritable_stores_are_refused(store, tmp_path):
+    with pytest.raises(ConfigError, match="not an object store URI"):
+        ObjectStore("ftp://host/x")
+    with pytest.raises(ConfigError, match="not an object store URI"):
+        ObjectStore("/plain/path")
+    store.check(timeout_s=10)  # writable: the probe object is written, read back and deleted
+    assert not list((tmp_path / "bucket").iterdir())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is not writable from here"):
+        ObjectStore(f"file://{tmp_path}/file/below").check(timeout_s=10)
+    with pytest.raises(StorageError, match="object store"):
+        ObjectStore(f"file://{tmp_path}/file/below").write_text("a", "b")
+
+
+@pytest.mark.distributed
+def test_a_run_continues_from_the_store_on_a_machine_with_an_empty_output_dir(tmp_path):
+    """Two `pipeline train` jobs that share only the object store, as two jobs on fresh nodes would: the
+    second downloads the data set instead of preparing it, and resumes from the first one's checkpoint."""
+    import subprocess
+    import sys
+
+    from test_end_to_end import TINY
+
+    (tmp_path / "bucket").mkdir()
+    store = ObjectStore(f"file://{tmp_path}/bucket")
+    args = [*TINY, "train.schedule=constant", "train.warmup_steps=2", "train.save_interval_steps=4", "train.eval_interval_steps=0",
+            "train.log_interval_steps=4", f"cluster.storage_uri=file://{tmp_path}/bucket"]
+
+    def train(out, steps):
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *args, f"train.max_steps={steps}",
+                               f"output_dir={out}"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        return proc.stdout + proc.stderr
+
+    train(tmp_path / "first", 8)
+    [dataset] = [name for name in store.files("data") if name.endswith(MANIFEST)]
+    assert store.read_text("runs/tiny-shakespeare/checkpoints/latest") == "step_00000008"
+    marker = json.loads(store.read_text(f"runs/tiny-shakespeare/checkpoints/step_00000008/{COMPLETE_MARKER}"))
+    stored = store.files("runs/tiny-shakespeare/checkpoints/step_00000008")
+    assert marker["files"] == {k: v for k, v in stored.items() if k != COMPLETE_MARKER}  # both ranks' files
+
+    second = tmp_path / "second"
+    log = train(second, 12)
+    assert f"using the data set {dataset.split('/')[0]} from file://" in log
+    assert "trained a bpe tokenizer" not in log  # downloaded, not prepared again
+    assert f"resumed from {second / 'runs' / 'tiny-shakespeare' / 'checkpoints' / 'step_00000008'}" in log
+    assert latest_complete(checkpoint_root(second / "runs" / "tiny-shakespeare")).name == "step_00000012"
+    assert store.read_text("runs/tiny-shakespeare/checkpoints/latest") == "step_00000012"
