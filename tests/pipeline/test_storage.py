@@ -1,8 +1,14 @@
-"""The object-store copies of data sets and checkpoints (cluster.storage_uri), through pyarrow.fs on file://."""
+"""The object-store copies of data sets and checkpoints (cluster.storage_uri), through pyarrow.fs on file:// and
+on s3:// against a local S3 API server (moto)."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,10 +27,48 @@ from pipeline.storage import (
 )
 
 
-@pytest.fixture
-def store(tmp_path):
-    (tmp_path / "bucket").mkdir()
-    return ObjectStore(f"file://{tmp_path}/bucket")
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """host:port of a moto S3 server on loopback with a bucket named `bucket`; stopped even on failure."""
+    import pyarrow.fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED")}
+    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_EC2_METADATA_DISABLED="true")
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "the moto S3 server did not start"
+                time.sleep(0.1)
+        pyarrow.fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                                allow_bucket_creation=True).create_dir("bucket")
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        (tmp_path / "bucket").mkdir()
+        return ObjectStore(f"file://{tmp_path}/bucket")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    # A fresh prefix per test in the one bucket.
+    return ObjectStore(f"s3://bucket/{tmp_path.name}?endpoint_override={endpoint}&scheme=http&region=us-east-1")
 
 
 def fake_tag(run_dir, step, files):
@@ -81,13 +125,21 @@ def test_checkpoints_resume_on_a_machine_that_never_saw_them(store, tmp_path):
     assert pull_latest_checkpoint(store, fresh) == tag
 
 
-def test_bad_uris_and_unwritable_stores_are_refused(store, tmp_path):
+def test_the_probe_of_a_writable_store_leaves_nothing_behind(store):
+    store.check(timeout_s=10)  # the probe object is written, read back and deleted
+    assert store.files("") == {}
+
+
+def test_a_missing_bucket_is_named(s3_endpoint):
+    with pytest.raises(ConfigError, match="is not writable from here .*Bucket 'nobucket' not found"):
+        ObjectStore(f"s3://nobucket/p?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1").check(10)
+
+
+def test_bad_uris_and_unwritable_stores_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="not an object store URI"):
         ObjectStore("ftp://host/x")
     with pytest.raises(ConfigError, match="not an object store URI"):
         ObjectStore("/plain/path")
-    store.check(timeout_s=10)  # writable: the probe object is written, read back and deleted
-    assert not list((tmp_path / "bucket").iterdir())
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is not writable from here"):
         ObjectStore(f"file://{tmp_path}/file/below").check(timeout_s=10)
