@@ -4,6 +4,7 @@ evaluate run whose two training workers land on different nodes, a training job 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -50,9 +51,13 @@ def test_submit_runs_training_across_both_nodes(two_node_ray_cluster, shared_dir
     cluster = two_node_ray_cluster
     # One worker per node: the two workers must land on the two nodes, although the placement strategy PACK
     # would put both on one node, which has room for them.
+    # The data set and checkpoints also go to an object store (file:// here): each node's first worker
+    # uploads its node's checkpoint files, then rank 0 the marker.
+    bucket = shared_dir.parent / "bucket"
+    bucket.mkdir()
     submit = pipeline("submit", "run", *TINY, "cluster=ray", f"cluster.address={cluster.jobs_url}",
                       "cluster.workers_per_node=1", "cluster.placement_strategy=PACK", f"output_dir={shared_dir}",
-                      timeout=900)
+                      f"cluster.storage_uri=file://{bucket}", timeout=900)
     assert submit.returncode == 0, submit.stdout[-6000:] + submit.stderr[-3000:]
     job_id = re.search(r"submitted job (\S+) to", submit.stdout).group(1)
     assert f"job {job_id} ended: SUCCEEDED" in submit.stdout
@@ -70,6 +75,16 @@ def test_submit_runs_training_across_both_nodes(two_node_ray_cluster, shared_dir
     assert "val_loss" in run.data.metrics
     worker_nodes = run.data.tags["ray_worker_nodes"].split(",")  # rank 0's node, rank 1's node
     assert sorted(worker_nodes) == sorted(cluster.node_ids.values()), (worker_nodes, cluster.node_ids)
+
+    from pipeline.storage import ObjectStore
+
+    store = ObjectStore(f"file://{bucket}")
+    assert any(name.endswith("/manifest.json") for name in store.files("data"))
+    tag = store.read_text("runs/tiny-shakespeare/checkpoints/latest")
+    stored = store.files(f"runs/tiny-shakespeare/checkpoints/{tag}")
+    marker = json.loads(store.read_text(f"runs/tiny-shakespeare/checkpoints/{tag}/COMPLETE"))
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(stored)
+    assert marker["files"] == {k: v for k, v in stored.items() if k != "COMPLETE"}
 
 
 def test_jobs_stop_checkpoints_before_the_job_ends(two_node_ray_cluster, shared_dir):
