@@ -112,6 +112,11 @@ def save_checkpoint(
         # layout stays behind in it.
         log.info("rewriting checkpoint %s", tag_dir)
         shutil.rmtree(tag_dir)
+    if rank == 0 and store is not None:
+        from pipeline.storage import run_rel
+
+        # Likewise in the store (uploads skip files already there at the same size).
+        store.delete_dir(run_rel(root.parent, tag_dir))
     dist.barrier()
     if getattr(engine.module, "universal_checkpoint_info", None) is None:
         # ds_to_universal needs this key; under AutoTP DeepSpeed writes its own (which TP-sliced parameters

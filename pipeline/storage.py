@@ -92,13 +92,13 @@ class ObjectStore:
         fs = _fs_module()
         root = self.path(rel)
         infos = self._call(self.fs.get_file_info, fs.FileSelector(root, recursive=True, allow_not_found=True))
-        return {i.path[len(root) + 1:]: i.size for i in infos if i.type == fs.FileType.File}
+        return {i.path[len(root) + 1:]: i.size for i in infos
+                if i.type == fs.FileType.File and not i.base_name.startswith(".")}  # not temporary uploads
 
     def upload_dir(self, local: Path, rel: str, marker: str | None = None, only: set[str] | None = None) -> int:
         """Copy the files below `local` to rel (those already there at the same size are skipped), `marker`
         last (when given and present). `only`: names relative to local to upload (default: all). Returns
         the number of files copied."""
-        fs = _fs_module()
         remote = self.files(rel)
         names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
         names = [n for n in names if (only is None or n in only) and n != marker and not n.startswith(".")]
@@ -109,12 +109,23 @@ class ObjectStore:
             src = local / name
             if name != marker and remote.get(name) == src.stat().st_size:
                 continue
-            dst = self.path(f"{rel}/{name}")
-            self._call(self.fs.create_dir, dst.rsplit("/", 1)[0], recursive=True)
-            self._call(fs.copy_files, str(src), dst, source_filesystem=fs.LocalFileSystem(),
-                       destination_filesystem=self.fs)
+            self._put(src, self.path(f"{rel}/{name}"))
             copied += 1
         return copied
+
+    def _put(self, src: Path, dst: str) -> None:
+        """Copy one local file to dst. S3 and GCS make an object visible only once whole; elsewhere (local
+        and mounted file systems, HDFS) the copy goes to a hidden temporary name first and is then renamed,
+        so that a reader (or a second node uploading the same file) never sees it half-written."""
+        fs = _fs_module()
+        self._call(self.fs.create_dir, dst.rsplit("/", 1)[0], recursive=True)
+        atomic = self.fs.type_name in ("s3", "gcs")
+        parent, _, name = dst.rpartition("/")
+        target = dst if atomic else f"{parent}/.{name}.upload-{uuid.uuid4().hex[:8]}"
+        self._call(fs.copy_files, str(src), target, source_filesystem=fs.LocalFileSystem(),
+                   destination_filesystem=self.fs)
+        if not atomic:
+            self._call(self.fs.move, target, dst)
 
     def download_dir(self, rel: str, local: Path, marker: str) -> bool:
         """Copy rel to `local` if the store holds it complete (its marker present): into a temporary

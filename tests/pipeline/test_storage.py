@@ -91,6 +91,20 @@ def test_a_data_set_goes_up_once_and_comes_down_whole(store, tmp_path):
     assert not pull_dataset(store, elsewhere)  # complete here: nothing to fetch
 
 
+def test_an_upload_cut_short_leaves_only_a_hidden_file_that_nothing_reads(tmp_path):
+    bucket = tmp_path / "bucket"
+    store = ObjectStore(f"file://{bucket}")
+    tag = fake_tag(tmp_path / "runs" / "r", 2, {"a.pt": b"a" * 10, COMPLETE_MARKER: b"{}"})
+    (bucket / "runs/r/checkpoints/step_00000002").mkdir(parents=True)
+    (bucket / "runs/r/checkpoints/step_00000002/.a.pt.upload-dead").write_bytes(b"a" * 3)  # a crashed upload
+    assert store.files("runs/r/checkpoints/step_00000002") == {}
+    push_checkpoint_files(store, tmp_path / "runs" / "r", tag)
+    push_checkpoint_marker(store, tmp_path / "runs" / "r", tag)
+    assert store.files("runs/r/checkpoints/step_00000002") == {"a.pt": 10, COMPLETE_MARKER: 2}
+    pulled = pull_latest_checkpoint(store, tmp_path / "fresh" / "runs" / "r")
+    assert sorted(p.name for p in pulled.iterdir()) == [COMPLETE_MARKER, "a.pt"]
+
+
 def test_a_data_set_without_its_manifest_in_the_store_is_not_fetched(store, tmp_path):
     windows = np.random.default_rng(0).integers(0, 300, size=(20, 9))
     local = write_synthetic_dataset(tmp_path / "a" / "ds-abc", windows, 300)
