@@ -14,7 +14,7 @@ many nodes), and a plain pool of Ray actors fed by the driver with a few blocks 
 running both encode at the same speed, but Ray Data costs a fixed 3.5-4.5 s more to start on 2 cores
 (its executor, its helper actors and fresh worker processes importing ray.data: the first block comes back
 4-6 s after the start against about 1.3 s with plain actors; measured 29.3 s against 24.8 s for 200 MB of
-text with 2 workers, benchmarks/data_prep_throughput.py). So `auto` picks Ray Data from
+text with 2 workers, 60.6 s against 52.0 s for 403 MB, benchmarks/data_prep_throughput.py). So `auto` picks Ray Data from
 RAY_DATA_MIN_CHARS_PER_WORKER characters per tokenizer actor on (about 35 s of encoding per actor), where
 that start is about a tenth of the run or less, and plain actors below.
 Each actor turns its block into one flat token stream per split (pieces followed by EOS where a document
