@@ -11,7 +11,7 @@ import io
 import logging
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
@@ -37,33 +37,42 @@ def minimum_vocab_size(tok: TokenizerConfig) -> int:
     return _SPECIAL_PIECES + len(tok.user_defined_symbols) + (_BYTE_PIECES if tok.byte_fallback else 0)
 
 
-def training_sentences(documents: Iterable[str]) -> list[str]:
-    """The lines of the documents (SentencePiece learns from sentences; "\n" is a user-defined piece). A line
-    too long for SentencePiece's trainer, which would skip it, is cut before spaces into several sentences."""
+def training_sentences(documents: Iterable[str]) -> Iterator[str]:
+    """The lines of the documents (SentencePiece learns from sentences; "\n" is a user-defined piece), as a
+    stream: SentencePiece keeps only its sample (input_sentence_size) of them in memory. A line too long for
+    SentencePiece's trainer, which would skip it, is cut before spaces into several sentences."""
     longest = _MAX_SENTENCE_BYTES // 4  # characters that surely fit, at up to 4 UTF-8 bytes each
-    sentences = []
     for doc in documents:
         for line in doc.split("\n"):
             if not line.strip():
                 continue
             if len(line) <= longest:
-                sentences.append(line)
+                yield line
                 continue
             bounds = [0, *cut_points(line, longest), len(line)]
-            sentences.extend(p for a, b in zip(bounds, bounds[1:], strict=False) if (p := line[a:b]).strip())
-    return sentences
+            yield from (p for a, b in zip(bounds, bounds[1:], strict=False) if (p := line[a:b]).strip())
 
 
 def train_tokenizer(documents: Iterable[str], tok: TokenizerConfig, out_path: Path, seed: int) -> Path:
     """Train a SentencePiece model on the lines of `documents` and write it to out_path."""
-    lines = training_sentences(documents)
-    if not lines:
+    sentences = training_sentences(documents)
+    first = next(sentences, None)
+    if first is None:
         raise TokenizerError("no text to train the tokenizer on: the corpus (training split) is empty")
+    count = 1
+
+    def stream() -> Iterator[str]:
+        nonlocal count
+        yield first
+        for sentence in sentences:
+            count += 1
+            yield sentence
+
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
+            sentence_iterator=stream(),
             model_writer=model,
             model_type=tok.type,
             vocab_size=tok.vocab_size,
@@ -84,7 +93,7 @@ def train_tokenizer(documents: Iterable[str], tok: TokenizerConfig, out_path: Pa
             minloglevel=2,
         )
     except RuntimeError as err:
-        raise _explain_training_error(str(err), tok, len(lines)) from err
+        raise _explain_training_error(str(err), tok, count) from err
     out_path = Path(out_path)
     out_path.write_bytes(model.getvalue())
     return out_path

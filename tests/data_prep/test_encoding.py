@@ -103,7 +103,7 @@ def test_blocks_cover_every_piece_once_in_order(monkeypatch):
 
 def test_long_lines_still_train_the_tokenizer(tmp_path):
     text = long_text(200_000, seed=3).replace("\n", " ")  # one line of 200 KB: SentencePiece skips such lines
-    sentences = training_sentences([text])
+    sentences = list(training_sentences([text]))
     assert len(sentences) > 40 and all(len(s) <= 4096 for s in sentences)
     path = train_tokenizer([text], TokenizerConfig(vocab_size=300), tmp_path / "t.model", seed=0)
     sp = load_tokenizer(path)
