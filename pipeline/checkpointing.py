@@ -112,6 +112,8 @@ def save_checkpoint(
         # layout stays behind in it.
         log.info("rewriting checkpoint %s", tag_dir)
         shutil.rmtree(tag_dir)
+    elif store is not None and is_node_leader() and tag_dir.exists():  # other nodes' copies, which they upload
+        shutil.rmtree(tag_dir, ignore_errors=True)
     if rank == 0 and store is not None:
         from pipeline.storage import run_rel
 
@@ -156,7 +158,20 @@ def save_checkpoint(
                 store.delete_dir(run_rel(root.parent, root / old_tag))
                 store.delete_dir(run_rel(root.parent, root / UNIVERSAL_DIR / old_tag))
     dist.barrier()
+    if store is not None and rank != 0 and is_node_leader():
+        # Without a shared file system the other nodes' tags carry no marker (the store holds it): keep
+        # only their newest keep_last, which are staging copies of what is in the store.
+        prune_staging(root, keep_last)
     return tag_dir
+
+
+def prune_staging(root: Path, keep_last: int) -> list[str]:
+    """Delete all but the newest keep_last checkpoint tags (0: keep all) of root, complete or not."""
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")) if root.is_dir() else []
+    doomed = tags[:-keep_last] if keep_last > 0 else []
+    for tag in doomed:
+        shutil.rmtree(root / tag, ignore_errors=True)
+    return doomed
 
 
 def _fsync_files(tag_dir: Path) -> None:

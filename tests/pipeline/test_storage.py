@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from data_prep.shards import MANIFEST, write_synthetic_dataset
-from pipeline.checkpointing import COMPLETE_MARKER, LATEST_FILE, checkpoint_root, latest_complete
+from pipeline.checkpointing import (
+    COMPLETE_MARKER,
+    LATEST_FILE,
+    checkpoint_root,
+    latest_complete,
+    prune_staging,
+)
 from pipeline.config import ConfigError
 from pipeline.storage import (
     ObjectStore,
@@ -103,6 +109,15 @@ def test_an_upload_cut_short_leaves_only_a_hidden_file_that_nothing_reads(tmp_pa
     assert store.files("runs/r/checkpoints/step_00000002") == {"a.pt": 10, COMPLETE_MARKER: 2}
     pulled = pull_latest_checkpoint(store, tmp_path / "fresh" / "runs" / "r")
     assert sorted(p.name for p in pulled.iterdir()) == [COMPLETE_MARKER, "a.pt"]
+
+
+def test_nodes_without_markers_keep_only_their_newest_staging_copies(tmp_path):
+    run = tmp_path / "runs" / "r"
+    for step in (2, 4, 6, 8):
+        fake_tag(run, step, {"zero_pp_rank_1_mp_rank_00_optim_states.pt": b"o"})  # rank 1's node: no marker
+    assert prune_staging(checkpoint_root(run), keep_last=2) == ["step_00000002", "step_00000004"]
+    assert sorted(p.name for p in checkpoint_root(run).iterdir()) == ["step_00000006", "step_00000008"]
+    assert prune_staging(checkpoint_root(run), keep_last=0) == []  # 0 keeps every checkpoint
 
 
 def test_a_data_set_without_its_manifest_in_the_store_is_not_fetched(store, tmp_path):
