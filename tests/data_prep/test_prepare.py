@@ -336,3 +336,29 @@ def test_undecodable_bytes_are_counted_in_the_manifest(corpus, tmp_path, ray_loc
     assert (stats["undecodable_bytes"], stats["undecodable_documents"]) == (60, 1)
     assert stats["skipped_documents"] == (1 if policy == "skip" else 0)
     assert sum(stats["documents"].values()) == 60 + (policy == "replace")
+
+
+def test_a_unigram_tokenizer_gives_the_same_tokens_for_documents_cut_in_pieces(corpus, tmp_path, ray_local,
+                                                                               monkeypatch, caplog):
+    """data.tokenizer.type=unigram end to end; documents longer than the piece size are cut before spaces and
+    still give the tokens of the whole document (pieces never span a space for a model split at whitespace)."""
+    monkeypatch.setattr(encoding_module, "_SEGMENT_CHARS", 300)
+    cfg = text_config(corpus, tmp_path, val_fraction=0.0, tokenizer=TokenizerConfig(type="unigram", vocab_size=340))
+    with caplog.at_level("INFO", logger="data_prep"):
+        out = prepare(cfg)
+    assert re.search(r"\d+ documents longer than 300 characters are encoded in \d+ pieces", caplog.text)
+    manifest = load_manifest(out)
+    sp = load_tokenizer(manifest.tokenizer_path)
+    assert sp.serialized_model_proto() == (out / "tokenizer.model").read_bytes()
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(sp.serialized_model_proto())
+    assert model.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM
+    docs, _ = read_documents(cfg)
+    assert max(len(d) for d in docs) > 300
+    expected = [t for d in docs for t in [*sp.encode(d), sp.eos_id()]]
+    ds = WindowDataset(out, "train")
+    stream = ds.windows(np.arange(len(ds))).reshape(-1).tolist()
+    assert len(stream) > 0 and stream == expected[: len(stream)]
+    assert manifest.stats["tokens"]["train"] == len(expected)
