@@ -221,8 +221,9 @@ def _locked(local: Path):
 
 
 def pull_dataset(store: ObjectStore, dataset_dir: Path) -> bool:
-    """Download the data set from the store unless this node holds it complete. True if downloaded."""
-    from data_prep.shards import MANIFEST, incomplete_reason
+    """Download the data set from the store unless this node holds it complete, and check every file's sha256
+    against the manifest (ShardError names a file damaged on the way). True if downloaded."""
+    from data_prep.shards import MANIFEST, check_dataset_checksums, incomplete_reason
 
     dataset_dir = Path(dataset_dir)
     if incomplete_reason(dataset_dir) is None:
@@ -230,7 +231,10 @@ def pull_dataset(store: ObjectStore, dataset_dir: Path) -> bool:
     with _locked(dataset_dir):
         if incomplete_reason(dataset_dir) is None:  # another worker of this node fetched it meanwhile
             return False
-        return store.download_dir(dataset_rel(dataset_dir), dataset_dir, MANIFEST)
+        if not store.download_dir(dataset_rel(dataset_dir), dataset_dir, MANIFEST):
+            return False
+    check_dataset_checksums(dataset_dir)
+    return True
 
 
 def push_dataset(store: ObjectStore, dataset_dir: Path) -> int:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from data_prep.shards import MANIFEST, write_synthetic_dataset
+from data_prep.shards import MANIFEST, ShardError, write_synthetic_dataset
 from pipeline.checkpointing import (
     COMPLETE_MARKER,
     LATEST_FILE,
@@ -92,9 +92,21 @@ def test_a_data_set_goes_up_once_and_comes_down_whole(store, tmp_path):
     assert push_dataset(store, local) == 0  # already there
     elsewhere = tmp_path / "b" / "ds-abc"
     assert pull_dataset(store, elsewhere)
-    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(p.name for p in local.iterdir())
+    names = sorted(p.name for p in local.iterdir())
+    assert sorted(p.name for p in elsewhere.iterdir() if p.name != ".verified.json") == names
     assert all((elsewhere / p.name).read_bytes() == p.read_bytes() for p in local.iterdir())
     assert not pull_dataset(store, elsewhere)  # complete here: nothing to fetch
+    assert (elsewhere / ".verified.json").is_file()  # its checksums were checked after the download
+
+    # A shard damaged in the store (or on the way) is named after the download.
+    damaged = local.parent / "copy" / "ds-abc"
+    shard = local / "train_00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "bad.bin").write_bytes(bytes(data))
+    store._put(tmp_path / "bad.bin", store.path("data/ds-abc/train_00000.bin"))
+    with pytest.raises(ShardError, match="train_00000.bin fails its checksum"):
+        pull_dataset(store, damaged)
 
 
 def test_an_upload_cut_short_leaves_only_a_hidden_file_that_nothing_reads(tmp_path):
