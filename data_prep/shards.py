@@ -273,9 +273,7 @@ class WindowDataset:
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest; ShardError names the first bad shard."""
         for info in self.shards:
-            path = self.dataset_dir / info.file
-            if sha256_file(path) != info.sha256:
-                raise ShardError(f"shard {path} fails its checksum: it is corrupted; re-run `pipeline prepare`")
+            _check_sha256(self.dataset_dir, self.dataset_dir / info.file, info.sha256, info)
 
 
 def write_synthetic_dataset(
@@ -304,6 +302,29 @@ def write_synthetic_dataset(
 VERIFIED_STAMP = ".verified.json"
 
 
+def _manifest_files(manifest: Manifest) -> list[tuple[str, str, ShardInfo | None]]:
+    """(file name, sha256, shard info or None for the tokenizer) of every file the training reads."""
+    files: list[tuple[str, str, ShardInfo | None]] = [(manifest.tokenizer_file, manifest.tokenizer_sha256, None)]
+    return files + [(info.file, info.sha256, info) for shards in manifest.splits.values() for info in shards]
+
+
+def _check_present(dataset_dir: Path, manifest: Manifest, name: str, info: ShardInfo | None) -> Path:
+    """The file's path, after checking that it is there (and a shard's size and header); ShardError if not."""
+    path = dataset_dir / name
+    if info is not None:
+        WindowDataset._open_shard(path, info, manifest.window_length, np.dtype(manifest.dtype))
+    elif not path.is_file():
+        raise ShardError(f"tokenizer {path} is missing: the data set is incomplete; re-run `pipeline prepare`")
+    return path
+
+
+def _check_sha256(dataset_dir: Path, path: Path, sha256: str, info: ShardInfo | None) -> None:
+    if sha256_file(path) != sha256:
+        what = "shard" if info is not None else "tokenizer"
+        raise ShardError(f"{what} {path} fails its checksum (sha256 differs from the manifest): it is "
+                         f"corrupted; delete {dataset_dir} and re-run `pipeline prepare`")
+
+
 def check_dataset_checksums(dataset_dir: Path) -> int:
     """Check the sha256 of every shard and of the tokenizer before training reads them; ShardError names the
     first bad file. Files already verified with the same size and modification time (recorded in
@@ -316,23 +337,14 @@ def check_dataset_checksums(dataset_dir: Path) -> int:
         stamp = json.loads(stamp_path.read_text())
     except (OSError, ValueError):
         stamp = {}
-    files = [(manifest.tokenizer_file, manifest.tokenizer_sha256, None)]
-    files += [(info.file, info.sha256, info) for shards in manifest.splits.values() for info in shards]
     verified, hashed = {}, 0
-    for name, sha256, info in files:
-        path = dataset_dir / name
-        if info is not None:
-            WindowDataset._open_shard(path, info, manifest.window_length, np.dtype(manifest.dtype))
-        elif not path.is_file():
-            raise ShardError(f"tokenizer {path} is missing: the data set is incomplete; re-run `pipeline prepare`")
+    for name, sha256, info in _manifest_files(manifest):
+        path = _check_present(dataset_dir, manifest, name, info)
         st = path.stat()
         key = [st.st_size, st.st_mtime_ns, sha256]
         if stamp.get(name) != key:
             hashed += 1
-            if sha256_file(path) != sha256:
-                what = "shard" if info is not None else "tokenizer"
-                raise ShardError(f"{what} {path} fails its checksum (sha256 differs from the manifest): it is "
-                                 f"corrupted; delete {dataset_dir} and re-run `pipeline prepare`")
+            _check_sha256(dataset_dir, path, sha256, info)
         verified[name] = key
     if hashed:
         with contextlib.suppress(OSError):  # a read-only data set: verified again next time
@@ -348,19 +360,11 @@ def verify_dataset(dataset_dir: Path) -> list[str]:
     except (FileNotFoundError, ShardError) as err:
         return [str(err)]
     problems = []
-    if not manifest.tokenizer_path.is_file():
-        problems.append(f"tokenizer {manifest.tokenizer_path} is missing")
-    elif sha256_file(manifest.tokenizer_path) != manifest.tokenizer_sha256:
-        problems.append(f"tokenizer {manifest.tokenizer_path} fails its checksum: it was changed or corrupted")
-    for split in manifest.splits:
-        for info in manifest.splits[split]:
-            path = dataset_dir / info.file
-            try:
-                WindowDataset._open_shard(path, info, manifest.window_length, np.dtype(manifest.dtype))
-                if sha256_file(path) != info.sha256:
-                    raise ShardError(f"shard {path} fails its checksum: it is corrupted; re-run `pipeline prepare`")
-            except ShardError as err:
-                problems.append(str(err))
+    for name, sha256, info in _manifest_files(manifest):
+        try:
+            _check_sha256(dataset_dir, _check_present(dataset_dir, manifest, name, info), sha256, info)
+        except ShardError as err:
+            problems.append(str(err))
     for entry in manifest.doc_starts.values():
         path = dataset_dir / entry["file"]
         if not path.is_file() or sha256_file(path) != entry["sha256"]:
