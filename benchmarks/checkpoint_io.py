@@ -1,7 +1,7 @@
 """Checkpoint write and read throughput (MB/s) beside the disk's sequential write rate, in one run.
 
 A DeepSpeed engine (1 rank, gloo, ZeRO stage from --zero) holds a GPT with >= 100 MB of state (weights plus
-AdamW moments); its sharded checkpoint is saved through pipeline.checkpointing (which marks it complete)
+AdamW moments); its sharded checkpoint is saved through pipeline.checkpoint.save_load (which marks it complete)
 and flushed to disk (every file fsynced before the COMPLETE marker), then loaded back cold: the checkpoint's
 pages are dropped from the page cache first (posix_fadvise DONTNEED), so the read comes from the disk. The disk
 baselines write the same number of bytes sequentially with fsync, and read them back cold. Save, load and the
@@ -74,10 +74,10 @@ def main() -> None:
 
     import deepspeed
 
-    from pipeline.checkpointing import load_checkpoint, save_checkpoint
+    from pipeline.checkpoint.save_load import load_checkpoint, save_checkpoint
     from pipeline.config import ModelConfig, TrainConfig
-    from pipeline.model import GPT
-    from pipeline.optimizer import build_optimizer
+    from pipeline.model.gpt import GPT
+    from pipeline.train.optimizer import build_optimizer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29588", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo")

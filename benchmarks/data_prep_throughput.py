@@ -48,7 +48,7 @@ _SP = None
 
 def build_corpus(root: Path, mb: float) -> tuple[list[str], int]:
     """(scenes, copies): the plays' scenes, repeated until they hold >= mb MB of UTF-8, one jsonl file per copy."""
-    from data_prep.sources import read_documents
+    from data_prep.mixture import read_documents
     from pipeline.config import DataConfig
 
     scenes, _ = read_documents(DataConfig())

@@ -13,8 +13,8 @@ import time
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.generation import generate
-from pipeline.model import GPT
+from pipeline.model.generation import generate
+from pipeline.model.gpt import GPT
 
 
 def main() -> None:

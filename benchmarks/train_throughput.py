@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, ParallelConfig, TrainConfig
-from pipeline.model_size import training_flops_per_token
+from pipeline.model.size import training_flops_per_token
 
 
 def synthetic_dataset(root: Path, vocab: int, window: int, n_windows: int) -> Path:
@@ -34,8 +34,8 @@ def synthetic_dataset(root: Path, vocab: int, window: int, n_windows: int) -> Pa
 
 
 def bare_loop(model_cfg: ModelConfig, train: TrainConfig, windows: np.ndarray, precision: str) -> float:
-    from pipeline.model import GPT
-    from pipeline.optimizer import build_optimizer
+    from pipeline.model.gpt import GPT
+    from pipeline.train.optimizer import build_optimizer
 
     torch.manual_seed(train.seed)
     model = GPT(model_cfg)
@@ -59,9 +59,10 @@ def bare_loop(model_cfg: ModelConfig, train: TrainConfig, windows: np.ndarray, p
 
 
 def pipeline_worker(model_cfg: ModelConfig, train: TrainConfig, data_dir: Path, run_dir: Path, precision: str) -> float:
-    from pipeline.ds_config import make_ds_config
-    from pipeline.model_size import training_flops_per_token
-    from pipeline.train_loop import TrainJob, train_worker
+    from pipeline.model.size import training_flops_per_token
+    from pipeline.train.ds_config import make_ds_config
+    from pipeline.train.job import TrainJob
+    from pipeline.train.worker import train_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29577", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     # The same CPU threads as the bare loop (a training worker otherwise uses parallel.cpus_per_worker).
@@ -83,7 +84,7 @@ def measure(kind: str, args) -> float:
                         global_batch_tokens=args.batch * args.context, log_interval_steps=args.steps)
     windows = np.random.default_rng(0).integers(0, 8192, size=(args.batch * args.steps, args.context + 1))
     if kind.startswith("peak"):
-        from pipeline.throughput import measure_peak_tflops
+        from pipeline.train.throughput import measure_peak_tflops
 
         precision = "bf16" if kind == "peak_bf16" else args.precision
         return measure_peak_tflops(precision, torch.device("cpu"), size=2048, trials=10)

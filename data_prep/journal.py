@@ -12,21 +12,17 @@ uninterrupted run: the stream is a function of the corpus alone, not of where it
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import logging
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from data_prep.shards import SPLITS, TOKENIZER_FILE, ShardInfo, sha256_file, shard_bytes, write_atomic
+from data_prep.shards import SPLITS, TOKENIZER_FILE, ShardInfo, sha256_file, shard_bytes
+from pipeline.files import LOCK, write_atomic
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "progress.json"
-LOCK = ".lock"
 
 
 @dataclasses.dataclass
@@ -123,33 +119,3 @@ def _read(path: Path) -> dict | None:
     if not isinstance(record, dict) or not {"key", "shards", "checkpoints"} <= record.keys():
         return None
     return record
-
-
-@contextmanager
-def directory_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on directory/.lock (creating the directory), so that two runs of the same config
-    never write the same partial data set; a second run waits for the first."""
-    directory = Path(directory)
-    while True:
-        directory.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # removed by the holder between the two calls
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another run is preparing %s: waiting for it to finish", directory)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        # The holder may have published (renamed) or removed the directory meanwhile: lock the current file.
-        try:
-            current = os.stat(directory / LOCK).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(fd)
-    try:
-        yield
-    finally:
-        os.close(fd)

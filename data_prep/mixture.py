@@ -131,3 +131,10 @@ def _listed_files(src: SourceConfig, where: str) -> tuple[str | None, list[tuple
         stat = path.stat()
         listed.append((str(path.relative_to(root)) if root else str(path), stat.st_size, path, stat.st_mtime_ns))
     return None, listed
+
+
+def read_documents(data: DataConfig) -> tuple[list[str], DecodeReport]:
+    """All non-empty documents of the configured corpus, in a deterministic order (a mixture: sampled by
+    weight and interleaved, see data_prep.mixture)."""
+    corpus = read_corpus(data)
+    return corpus.documents, corpus.report

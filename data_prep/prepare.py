@@ -36,7 +36,7 @@ from data_prep.encoding import (
     pool_size,
     tokenize_engine,
 )
-from data_prep.journal import JOURNAL, LOCK, Checkpoint, ProgressJournal, directory_lock
+from data_prep.journal import JOURNAL, Checkpoint, ProgressJournal
 from data_prep.mixture import Corpus, corpus_record, read_corpus
 from data_prep.packing import WindowPacker
 from data_prep.shards import (
@@ -51,10 +51,10 @@ from data_prep.shards import (
     incomplete_reason,
     load_manifest,
     sha256_file,
-    write_atomic,
 )
 from data_prep.tokenizer import check_round_trip, copy_tokenizer, load_tokenizer, train_tokenizer
 from pipeline.config import DataConfig, PipelineError, fingerprint, validate_data
+from pipeline.files import LOCK, directory_lock, write_atomic
 
 log = logging.getLogger(__name__)
 

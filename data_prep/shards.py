@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import PipelineError
+from pipeline.files import write_atomic
 
 MAGIC = b"GPTWINDS"
 FORMAT_VERSION = 1
@@ -159,18 +159,6 @@ def incomplete_reason(dataset_dir: Path) -> str | None:
         if not (Path(dataset_dir) / entry["file"]).is_file():
             return f"{Path(dataset_dir) / entry['file']} is missing"
     return None
-
-
-def write_atomic(path: Path, *parts: bytes | memoryview | str) -> None:
-    """Write parts to a temporary name, fsync, then rename: a reader sees the whole file or none of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        for part in parts:
-            f.write(part.encode() if isinstance(part, str) else part)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ShardWriter:

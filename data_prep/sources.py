@@ -286,15 +286,6 @@ def read_source(src: SourceConfig, on_decode_error: str, where: str = "data") ->
     return docs, report
 
 
-def read_documents(data: DataConfig) -> tuple[list[str], DecodeReport]:
-    """All non-empty documents of the configured corpus, in a deterministic order (a mixture: sampled by
-    weight and interleaved, see data_prep.mixture)."""
-    from data_prep.mixture import read_corpus
-
-    corpus = read_corpus(data)
-    return corpus.documents, corpus.report
-
-
 def input_files(src: SourceConfig, where: str = "data") -> tuple[Path | None, list[Path]]:
     """(root, files) that a source reads, for the corpus fingerprint: root is the directory that file names
     are taken relative to (None: kept as listed). A hub data set has no local files."""

@@ -71,32 +71,12 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def load_config(cfg_node, stage: str = "run"):
-    """Hydra DictConfig -> validated PipelineConfig with absolute output paths.
-
-    `params` only needs a valid model; every other stage validates the whole config.
-    """
-    from omegaconf import OmegaConf
-
-    from pipeline.config import validate, validate_known_keys, validate_model
-
-    OmegaConf.set_readonly(cfg_node, False)
-    cfg_node.output_dir = str(Path(cfg_node.output_dir).expanduser().resolve())
-    cfg = OmegaConf.to_object(cfg_node)
-    if stage == "params":
-        validate_known_keys(cfg)
-        validate_model(cfg.model)
-    else:
-        validate(cfg)
-    return cfg
-
-
 def run_stage(stage: str, cfg) -> None:
     """Dispatch one config stage; `run` chains prepare, train and evaluate."""
     if stage == "params":
         import dataclasses
 
-        from pipeline.model_size import format_breakdown
+        from pipeline.model.size import format_breakdown
 
         model = cfg.model
         if model.vocab_size is None:  # follows the tokenizer: count with the configured tokenizer size
@@ -130,14 +110,20 @@ def _hydra_main(stage: str, overrides: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
 
+    from pipeline.compose import (
+        CONFIG_NAME,
+        CONFIG_PATH,
+        HYDRA_VERSION_BASE,
+        register_schema,
+        to_pipeline_config,
+    )
     from pipeline.config import PipelineError
-    from pipeline.schema import register_schema
 
     register_schema()
 
     def task(cfg_node: DictConfig) -> None:
         try:
-            cfg = load_config(cfg_node, stage)
+            cfg = to_pipeline_config(cfg_node, stage)
             run_stage(stage, cfg)
         # Bad config or input found by a check that needs the data set, the machine or files on disk: the
         # message names the fix, a traceback would only bury it.
@@ -145,7 +131,7 @@ def _hydra_main(stage: str, overrides: list[str]) -> None:
             _fail(str(err))
 
     sys.argv = [f"pipeline {stage}", *overrides]
-    hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")(task)()
+    hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name=CONFIG_NAME)(task)()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,11 +152,11 @@ def main(argv: list[str] | None = None) -> None:
             _fail("usage: pipeline data inspect <dataset dir> [--verify]")
         sys.exit(inspect_main(rest[1:]))
     if command == "submit":
-        from pipeline.submit import main as submit_main
+        from pipeline.cluster.submit import main as submit_main
 
         sys.exit(submit_main(rest))
     if command == "jobs":
-        from pipeline.jobs import main as jobs_main
+        from pipeline.cluster.jobs import main as jobs_main
 
         sys.exit(jobs_main(rest))
     if command == "scaling":
@@ -178,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(scaling_main(rest))
     if command == "checkpoint":
-        from pipeline.checkpoint_cli import main as checkpoint_main
+        from pipeline.checkpoint.cli import main as checkpoint_main
 
         sys.exit(checkpoint_main(rest))
     if command not in CONFIG_STAGES:

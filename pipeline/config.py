@@ -42,7 +42,7 @@ class ModelConfig:
     n_head: int = 4
     d_model: int = 128
     # Hidden width of the MLP; null means 4 * d_model for GELU and 8/3 * d_model rounded up to a multiple
-    # of 64 for SwiGLU (pipeline.model_size.mlp_width).
+    # of 64 for SwiGLU (mlp_width below).
     d_ff: int | None = None
     dropout: float = 0.0
     bias: bool = True
@@ -266,7 +266,7 @@ class ClusterConfig:
     # `pipeline submit` requires output_dir below it and trusts it even if this machine does not mount it.
     shared_storage: str | None = None
     # An object store that keeps the data sets and checkpoints for nodes that share no file system
-    # (s3://bucket/prefix, gs://..., hdfs://..., file:///...; pipeline.storage): output_dir is then a
+    # (s3://bucket/prefix, gs://..., hdfs://..., file:///...; pipeline.cluster.storage): output_dir is then a
     # working directory on each node, and `pipeline submit` checks that the store is writable.
     storage_uri: str | None = None
 
@@ -310,6 +310,17 @@ class PipelineConfig:
     output_dir: str = "outputs"
     # Name of the training run; its checkpoints live in <output_dir>/runs/<run_name>.
     run_name: str = "${model.name}-${data.name}"
+
+
+def mlp_width(cfg: ModelConfig) -> int:
+    """The MLP's hidden width d_ff. When model.d_ff is null: 4 * d_model for GELU; for SwiGLU 8/3 * d_model
+    rounded up to a multiple of 64 (three matrices of 8/3 d_model hold as many parameters as GELU's two of
+    4 d_model, as in PaLM and Llama; the rounding keeps matrix shapes friendly to the hardware)."""
+    if cfg.d_ff is not None:
+        return cfg.d_ff
+    if cfg.activation == "swiglu":
+        return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+    return 4 * cfg.d_model
 
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
@@ -486,8 +497,6 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
             f"parallel.tensor_parallel={tp} does not divide model.n_head={model.n_head}: "
             f"choose a tensor-parallel degree among {', '.join(map(str, _divisors(model.n_head)))}."
         )
-    from pipeline.model_size import mlp_width  # late: model_size imports this module
-
     d_ff = mlp_width(model)  # 8/3 d_model rounded for SwiGLU when d_ff is null
     if d_ff % tp:
         raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.d_ff={d_ff}.")
@@ -617,6 +626,22 @@ def validate(cfg: PipelineConfig) -> None:
     validate_placement(cfg.cluster, cfg.parallel)
     validate_model(cfg.model)
     validate_data(cfg.data, cfg.model)
+    validate_parallel(cfg.parallel, cfg.model)
+    validate_train(cfg.train, cfg.parallel, cfg.model)
+    validate_eval(cfg.eval)
+
+
+def run_dir_for(cfg: PipelineConfig) -> Path:
+    """<output_dir>/runs/<run_name>: the run's checkpoints, MLflow run id, exports and Ray Train files."""
+    return Path(cfg.output_dir) / "runs" / cfg.run_name
+
+
+def validate_for_submit(cfg: PipelineConfig) -> None:
+    """The checks of `validate` that hold wherever the job runs: input paths and output_dir live on the
+    cluster's storage, so `pipeline submit` does not look them up here (it checks them with its own rules)."""
+    validate_known_keys(cfg)
+    validate_cluster(cfg.cluster)
+    validate_model(cfg.model)
     validate_parallel(cfg.parallel, cfg.model)
     validate_train(cfg.train, cfg.parallel, cfg.model)
     validate_eval(cfg.eval)

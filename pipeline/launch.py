@@ -18,29 +18,19 @@ import sys
 log = logging.getLogger("pipeline.launch")
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from pipeline.cli import load_config
-    from pipeline.schema import register_schema
-
-    register_schema()
-    with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
-        node = hydra_compose(config_name="config", overrides=overrides)
-    return load_config(node)
-
-
 def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     from data_prep.prepare import dataset_dir
-    from pipeline.config import ConfigError
-    from pipeline.train import build_job, check_resume, finish_run, open_run, run_dir_for
-    from pipeline.train_loop import PREEMPT_FILE, PREEMPTED_EXIT_CODE, _init_distributed, train_worker
+    from pipeline.compose import compose_config
+    from pipeline.config import ConfigError, run_dir_for
+    from pipeline.train.distributed import init_distributed
+    from pipeline.train.driver import build_job, check_resume, finish_run, open_run
+    from pipeline.train.preemption import PREEMPT_FILE, PREEMPTED_EXIT_CODE
+    from pipeline.train.worker import train_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = compose(list(sys.argv[1:] if argv is None else argv))
+    cfg = compose_config(list(sys.argv[1:] if argv is None else argv))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != cfg.parallel.num_workers:
         raise ConfigError(
@@ -50,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = dataset_dir(cfg.data)
     if not (data_dir / "manifest.json").is_file():
         raise ConfigError(f"no prepared data at {data_dir}: run `pipeline prepare` with the same data overrides first.")
-    _init_distributed(cfg.parallel)
+    init_distributed(cfg.parallel)
     rank = dist.get_rank()
     if rank != 0:
         dist.barrier()  # rank 0 resolves the resume first: a universal conversion runs once, not on every rank

@@ -1,11 +1,15 @@
-"""One function per stage; `run_pipeline` only chains them."""
+"""One function per stage; `run_pipeline` only chains them.
+
+The heavy libraries (torch, Ray, DeepSpeed) are imported inside the stage functions: the CLI validates the
+config first and fails on a bad override in about a second.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, run_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -14,8 +18,9 @@ def prepare_stage(cfg: PipelineConfig) -> Path:
     """The data set of cfg.data, prepared here, found prepared, or (with cluster.storage_uri) downloaded
     from the object store; a data set prepared here is uploaded there."""
     from data_prep.prepare import dataset_dir, prepare
-    from pipeline.ray_runtime import ensure_ray
-    from pipeline.storage import pull_dataset, push_dataset, store_for
+    from pipeline.cluster.ray_runtime import ensure_ray
+    from pipeline.cluster.storage import store_for
+    from pipeline.data.store_sync import pull_dataset, push_dataset
 
     store = store_for(cfg.cluster.storage_uri)
     if store is not None:
@@ -33,8 +38,9 @@ def pull_run(cfg: PipelineConfig) -> Path:
     """With cluster.storage_uri: the data set and the run's newest checkpoint from the object store, where
     this machine lacks them (for the stages that read a trained run). Returns the data set directory."""
     from data_prep.prepare import dataset_dir
-    from pipeline.storage import pull_dataset, pull_latest_checkpoint, store_for
-    from pipeline.train import run_dir_for
+    from pipeline.checkpoint.store_sync import pull_latest_checkpoint
+    from pipeline.cluster.storage import store_for
+    from pipeline.data.store_sync import pull_dataset
 
     data_dir = dataset_dir(cfg.data)
     store = store_for(cfg.cluster.storage_uri)
@@ -46,8 +52,8 @@ def pull_run(cfg: PipelineConfig) -> Path:
 
 def train_stage(cfg: PipelineConfig):
     """Prepare the data if needed (a no-op when its shards are complete), then train."""
-    from pipeline.ds_config import resolve_precision
-    from pipeline.train import train
+    from pipeline.train.driver import train
+    from pipeline.train.ds_config import resolve_precision
 
     resolve_precision(cfg.parallel)  # precision the device cannot do: fail before any work
     data_dir = prepare_stage(cfg)
@@ -55,7 +61,7 @@ def train_stage(cfg: PipelineConfig):
 
 
 def evaluate_stage(cfg: PipelineConfig) -> dict[str, float]:
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.evaluate import evaluate
 
     data_dir = pull_run(cfg)
     if not (data_dir / "manifest.json").is_file():
@@ -68,7 +74,7 @@ def evaluate_stage(cfg: PipelineConfig) -> dict[str, float]:
 
 def generate_stage(cfg: PipelineConfig) -> list[str]:
     """Sample from the trained run (the prompt comes from the command line or eval.prompt)."""
-    from pipeline.evaluate import generate_text
+    from pipeline.evaluation.evaluate import generate_text
 
     texts = generate_text(cfg, pull_run(cfg), cfg.eval.prompt)
     for i, text in enumerate(texts):
@@ -78,7 +84,7 @@ def generate_stage(cfg: PipelineConfig) -> list[str]:
 
 def export_stage(cfg: PipelineConfig) -> Path:
     """The run's latest checkpoint as a Hugging Face transformers directory."""
-    from pipeline.export import export
+    from pipeline.evaluation.export import export
 
     out = export(cfg, pull_run(cfg), Path(cfg.eval.export_dir) if cfg.eval.export_dir else None)
     print(f"Exported to {out}: load it with transformers' AutoModelForCausalLM.from_pretrained('{out}') "

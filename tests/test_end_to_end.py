@@ -100,7 +100,7 @@ def test_pipeline_run_end_to_end(tmp_path):
     ours = gen.stdout.split("--- sample 0 ---\n", 1)[1]
     assert hf_text.rstrip("\n") == ours.rstrip("\n")
 
-    from pipeline.checkpointing import consolidated_state_dict
+    from pipeline.checkpoint.consolidate import consolidated_state_dict
 
     weights = load_file(out_file)
     expected = consolidated_state_dict(ckpts / "step_00000200")

@@ -14,7 +14,8 @@ import pytest
 import torch
 from test_end_to_end import TINY
 
-from pipeline.checkpointing import consolidated_state_dict, latest_complete
+from pipeline.checkpoint.consolidate import consolidated_state_dict
+from pipeline.checkpoint.layout import latest_complete
 
 pytestmark = pytest.mark.distributed
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from test_end_to_end import TINY
 
-from pipeline.checkpointing import latest_complete
+from pipeline.checkpoint.layout import latest_complete
 
 pytestmark = pytest.mark.distributed
 
@@ -51,8 +51,7 @@ def test_a_handler_installed_before_gets_the_signal_after_the_checkpoint(tmp_pat
     passes the signal on to that handler; with no Python handler before it, nothing is called."""
     import os
 
-    from pipeline.train import PreemptionForwarder
-    from pipeline.train_loop import PREEMPT_FILE
+    from pipeline.train.preemption import PREEMPT_FILE, PreemptionForwarder
 
     calls = []
     before = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))

@@ -14,7 +14,7 @@ several layers and heads in models of a few hundred thousand parameters.
 Parameter counts here are the usual analytic approximation (weight matrices only, no biases or norms):
     non-embedding  n_layer (4 d_model^2 + 2 d_model d_ff)    = 12 n_layer d_model^2 with d_ff = 4 d_model
     embedding      vocab_size d_model, twice when the unembedding is not tied
-pipeline.model_size.count_parameters gives exact counts of the built model; sweeps that train use those.
+pipeline.model.size.count_parameters gives exact counts of the built model; sweeps that train use those.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ class SweepPoint:
 
 
 def plan_points(cfg: PipelineConfig, vocab_size: int) -> list[SweepPoint]:
-    from pipeline.model_size import count_parameters
+    from pipeline.model.size import count_parameters
 
     sweep, batch_tokens = cfg.sweep, cfg.train.global_batch_tokens
     points = []
@@ -92,9 +92,9 @@ def open_parent(cfg: PipelineConfig, sweep_id: str, points: list[SweepPoint]):
 
 def train_point(cfg: PipelineConfig, data_dir: Path, point: SweepPoint, sweep_id: str, parent_run_id: str) -> float:
     """Train and evaluate one point as a child run of the sweep; record N, D, C and the final loss on it."""
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.evaluate import evaluate
     from pipeline.tracking import Tracker
-    from pipeline.train import train
+    from pipeline.train.driver import train
 
     child = point_config(cfg, point, sweep_id)
     train(child, data_dir, tags={"sweep_id": sweep_id, "mlflow.parentRunId": parent_run_id})

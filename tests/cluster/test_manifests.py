@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_module
 
 from pipeline.cli import CONFIG_STAGES
+from pipeline.cluster.submit import SUBMITTABLE, compose_checked
+from pipeline.compose import compose_node
 from pipeline.config import ClusterConfig, validate_cluster
-from pipeline.schema import register_schema
-from pipeline.submit import SUBMITTABLE, compose_checked
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -25,9 +24,7 @@ HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher")
 
 def compose_hydra(overrides: list[str]):
     """Compose with the hydra node, for overrides of hydra/launcher and hydra.* keys."""
-    register_schema()
-    with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    return compose_node(overrides, with_hydra=True)
 
 
 def first_sweep_value(override: str) -> str:

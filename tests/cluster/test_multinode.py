@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpointing import latest_complete
+from pipeline.checkpoint.layout import latest_complete
 
 pytestmark = pytest.mark.distributed
 
@@ -76,7 +76,7 @@ def test_submit_runs_training_across_both_nodes(two_node_ray_cluster, shared_dir
     worker_nodes = run.data.tags["ray_worker_nodes"].split(",")  # rank 0's node, rank 1's node
     assert sorted(worker_nodes) == sorted(cluster.node_ids.values()), (worker_nodes, cluster.node_ids)
 
-    from pipeline.storage import ObjectStore
+    from pipeline.cluster.storage import ObjectStore
 
     store = ObjectStore(f"file://{bucket}")
     assert any(name.endswith("/manifest.json") for name in store.files("data"))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cluster.submit import EXCLUDES, STOP_GRACE_S, compose_checked, job_entrypoint, runtime_env
 from pipeline.config import ClusterConfig, ConfigError
-from pipeline.submit import EXCLUDES, STOP_GRACE_S, compose_checked, job_entrypoint, runtime_env
 
 
 def test_entrypoint_keeps_the_overrides_and_joins_the_cluster():

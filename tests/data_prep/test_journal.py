@@ -7,8 +7,9 @@ import time
 
 import numpy as np
 
-from data_prep.journal import JOURNAL, LOCK, Checkpoint, ProgressJournal, directory_lock
+from data_prep.journal import JOURNAL, Checkpoint, ProgressJournal
 from data_prep.shards import TOKENIZER_FILE, ShardWriter, sha256_file
+from pipeline.files import LOCK, directory_lock
 
 
 def checkpoint(segment, train, val):

@@ -18,9 +18,9 @@ import data_prep.encoding as encoding_module
 import data_prep.prepare as prepare_module
 from data_prep.encoding import RAY_DATA_MIN_CHARS_PER_WORKER, make_blocks, make_segments, tokenize_engine
 from data_prep.journal import ProgressJournal
+from data_prep.mixture import read_documents
 from data_prep.prepare import DataPrepError, assign_splits, dataset_dir, prepare, split_of
 from data_prep.shards import WindowDataset, load_manifest
-from data_prep.sources import read_documents
 from data_prep.tokenizer import TokenizerError, load_tokenizer
 from pipeline.config import DataConfig, TokenizerConfig
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from data_prep.sources import SourceError, read_documents, split_scenes
+from data_prep.mixture import read_documents
+from data_prep.sources import SourceError, split_scenes
 from pipeline.config import DataConfig
 
 PLAY = """# A Play

@@ -12,18 +12,18 @@ import pytest
 import torch
 from distributed_helpers import run_distributed
 
-from pipeline.checkpointing import (
+from pipeline.checkpoint.consolidate import consolidated_state_dict
+from pipeline.checkpoint.layout import (
     COMPLETE_MARKER,
     CheckpointError,
     checkpoint_root,
     complete_tags,
-    config_differences,
-    consolidated_state_dict,
     latest_complete,
     verify_checkpoint,
 )
+from pipeline.checkpoint.resume import config_differences
 from pipeline.config import ModelConfig, ParallelConfig, TrainConfig
-from pipeline.ds_config import make_ds_config
+from pipeline.train.ds_config import make_ds_config
 
 MODEL = ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4, d_model=32, d_ff=64, dropout=0.1)
 
@@ -38,7 +38,7 @@ def data_dir(tmp_path_factory):
 
 
 def make_job(data_dir, run_dir, *, steps=6, save_every=0, zero=1, workers=2):
-    from pipeline.train_loop import TrainJob
+    from pipeline.train.job import TrainJob
 
     train = TrainConfig(max_steps=steps, micro_batch_size=2, warmup_steps=1, lr=1e-2, save_interval_steps=save_every,
                         keep_last_checkpoints=10, global_batch_tokens=2 * workers * 16, log_interval_steps=1,
@@ -53,7 +53,7 @@ def make_job(data_dir, run_dir, *, steps=6, save_every=0, zero=1, workers=2):
 
 
 def train_and_report(job):
-    from pipeline.train_loop import train_worker
+    from pipeline.train.worker import train_worker
 
     return train_worker(job)
 
@@ -63,17 +63,18 @@ def crash_while_saving(job, crash_step: int):
     crash_step: after DeepSpeed wrote its shards, before the COMPLETE marker."""
     import os
 
-    from pipeline import checkpointing
-    from pipeline.train_loop import train_worker
+    from pipeline.checkpoint import save_load
+    from pipeline.checkpoint.layout import tag_for
+    from pipeline.train.worker import train_worker
 
-    flush = checkpointing._fsync_files
+    flush = save_load.fsync_files
 
     def dying(tag_dir):
-        if tag_dir.name == checkpointing.tag_for(crash_step):
+        if tag_dir.name == tag_for(crash_step):
             os._exit(17)
         flush(tag_dir)
 
-    checkpointing._fsync_files = dying
+    save_load.fsync_files = dying
     return train_worker(job)
 
 
@@ -83,7 +84,8 @@ def signal_after_step(job, signum: int, step: int):
 
     import torch.distributed as dist
 
-    from pipeline.train_loop import PreemptionFlag, train_worker
+    from pipeline.train.preemption import PreemptionFlag
+    from pipeline.train.worker import train_worker
 
     check = PreemptionFlag.any_rank
     calls = {"n": 0}
@@ -133,7 +135,7 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_latest_and_resumable
     it and ends with the uninterrupted run's losses and weights; then a truncated file of a real checkpoint
     is named before any worker starts."""
     from pipeline.config import PipelineConfig
-    from pipeline.train import check_resume
+    from pipeline.train.driver import check_resume
 
     full, full_losses = full_run
     run_dir = tmp_path / "runs" / "r"
@@ -202,7 +204,7 @@ def test_interrupted_write_leaves_the_previous_checkpoint_latest(tmp_path):
 def test_a_restarted_worker_group_continues_from_its_own_newest_checkpoint(tmp_path):
     """After an elastic (universal) or explicit resume, a worker group that Ray restarts after a failure must
     not go back to the checkpoint the job began from: the job's own newer checkpoints come first."""
-    from pipeline.train_loop import resume_point
+    from pipeline.train.worker import resume_point
 
     run_dir = tmp_path / "run"
     root = checkpoint_root(run_dir)
@@ -228,7 +230,7 @@ def test_a_restarted_worker_group_continues_from_its_own_newest_checkpoint(tmp_p
 
 
 def test_pruning_keeps_the_last_k_and_clears_crash_leftovers(tmp_path):
-    from pipeline.checkpointing import UNIVERSAL_DIR, _prune
+    from pipeline.checkpoint.layout import UNIVERSAL_DIR, prune_old
 
     root = tmp_path / "checkpoints"
     for step in (10, 20, 30, 40):
@@ -236,12 +238,12 @@ def test_pruning_keeps_the_last_k_and_clears_crash_leftovers(tmp_path):
     fake_checkpoint(root, 25, complete=False)  # a crash while writing step 25
     fake_checkpoint(root, 50, complete=False)  # being written now
     fake_checkpoint(root / UNIVERSAL_DIR, 10)
-    _prune(root, keep_last=2)
+    prune_old(root, keep_last=2)
     assert complete_tags(root) == ["step_00000030", "step_00000040"]
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == [
         "step_00000030", "step_00000040", "step_00000050"]
     assert not (root / UNIVERSAL_DIR / "step_00000010").exists()
-    _prune(root, keep_last=0)  # 0 keeps every complete checkpoint
+    prune_old(root, keep_last=0)  # 0 keeps every complete checkpoint
     assert complete_tags(root) == ["step_00000030", "step_00000040"]
 
 
@@ -256,7 +258,7 @@ def test_truncated_checkpoint_file_is_named(tmp_path):
 def test_a_checkpoint_that_pickles_code_is_refused_before_anything_loads_it(tmp_path, monkeypatch):
     import os
 
-    from pipeline.checkpointing import TRUSTED_GLOBALS_ENV, check_pickles
+    from pipeline.checkpoint.pickles import TRUSTED_GLOBALS_ENV, check_pickles
 
     tag = tmp_path / "step_00000001"
     tag.mkdir()
@@ -278,7 +280,7 @@ def test_config_differences_list_every_changed_key():
 
 def test_resume_with_changed_math_is_refused_unless_allowed(tmp_path):
     from pipeline.config import PipelineConfig
-    from pipeline.train import check_resume
+    from pipeline.train.driver import check_resume
 
     cfg = PipelineConfig(output_dir=str(tmp_path), run_name="r")
     job = make_job(tmp_path, tmp_path / "runs" / "r")
@@ -297,7 +299,7 @@ def test_resume_with_changed_math_is_refused_unless_allowed(tmp_path):
 def test_math_config_holds_what_changes_the_numbers(tmp_path):
     """The schedule's length, the precision and the tokenizer are part of the math; logging is not."""
     from pipeline.config import PipelineConfig
-    from pipeline.train import math_config
+    from pipeline.train.driver import math_config
 
     cfg = PipelineConfig()
     base = math_config(cfg, MODEL, tmp_path, "bf16", "abc")
@@ -319,7 +321,7 @@ def test_math_config_holds_what_changes_the_numbers(tmp_path):
 
 def test_a_zero_stage_change_deepspeed_cannot_load_is_refused_before_workers_start(tmp_path):
     from pipeline.config import ConfigError, PipelineConfig
-    from pipeline.train import check_resume
+    from pipeline.train.driver import check_resume
 
     job = make_job(tmp_path, tmp_path / "runs" / "r")
     fake_checkpoint(tmp_path / "runs" / "r" / "checkpoints", 3)  # saved at ZeRO-1 on 2 workers
@@ -335,7 +337,7 @@ def elastic_job(job, output_dir: Path, run_name: str, workers: int, micro: int, 
     driver does it: pipeline.train.check_resume finds the run's latest checkpoint, sees the other layout and
     converts it."""
     from pipeline.config import PipelineConfig
-    from pipeline.train import check_resume
+    from pipeline.train.driver import check_resume
 
     train = dataclasses.replace(job.train, micro_batch_size=micro)
     parallel = dataclasses.replace(job.parallel, num_workers=workers, tensor_parallel=tp,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from pipeline.cli import OVERRIDE, quote_override_value
-from pipeline.schema import register_schema
+from pipeline.compose import compose_node
 
 
 @pytest.mark.parametrize("prompt", [
@@ -15,9 +14,7 @@ from pipeline.schema import register_schema
     "two \\\\ before 'quotes'", "unicode: naïve — 中文",
 ])
 def test_a_prompt_composes_back_to_itself(prompt):
-    register_schema()
-    with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
-        node = compose(config_name="config", overrides=[f"eval.prompt={quote_override_value(prompt)}"])
+    node = compose_node([f"eval.prompt={quote_override_value(prompt)}"])
     assert OmegaConf.to_object(node).eval.prompt == prompt
 
 

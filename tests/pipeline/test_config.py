@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from pipeline.compose import compose_node
 from pipeline.config import (
     ConfigError,
     ModelConfig,
@@ -23,17 +23,13 @@ from pipeline.config import (
     validate_parallel,
     validate_train,
 )
-from pipeline.schema import register_schema
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 
 
 def compose_config(overrides: list[str]) -> PipelineConfig:
-    register_schema()
-    with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
-        node = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_object(node)
+    return OmegaConf.to_object(compose_node(overrides))
 
 
 def test_default_config_is_valid():
@@ -128,7 +124,7 @@ def test_tensor_parallel_checks():
 
 def test_workers_per_node_must_divide_the_workers():
     from pipeline.config import ClusterConfig, validate_placement
-    from pipeline.train import worker_resources
+    from pipeline.train.ray_launch import worker_resources
 
     with pytest.raises(ConfigError, match=r"num_workers=6 is not a multiple of cluster.workers_per_node=4.*num_workers=8"):
         validate_placement(ClusterConfig(workers_per_node=4), ParallelConfig(num_workers=6))
@@ -159,7 +155,7 @@ def test_global_batch_must_divide_evenly():
 
 
 def test_fp16_on_cpu_is_refused_before_workers_start():
-    from pipeline.ds_config import resolve_precision
+    from pipeline.train.ds_config import resolve_precision
 
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         resolve_precision(ParallelConfig(precision="fp16", use_gpu=False))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data_loader import RankBatches, WindowOrder
+from pipeline.data.loader import RankBatches, WindowOrder
 
 
 class ArrayWindows:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import ParallelConfig, TrainConfig
-from pipeline.ds_config import AUTOTP_LAYER_SPECS, make_ds_config, resolve_precision
+from pipeline.model.tensor_parallel import AUTOTP_LAYER_SPECS
+from pipeline.train.ds_config import make_ds_config, resolve_precision
 
 
 def test_fp16_gets_dynamic_loss_scaling_that_deepspeed_accepts():
@@ -31,7 +32,7 @@ def test_batch_clipping_zero_and_tensor_parallel_follow_the_config():
 
 
 def test_auto_precision_falls_back_to_fp32_on_a_cpu_without_bf16(monkeypatch):
-    import pipeline.ds_config as ds_config
+    import pipeline.train.ds_config as ds_config
 
     monkeypatch.setattr(ds_config, "cpu_supports_bf16", lambda: False)
     assert resolve_precision(ParallelConfig(precision="auto")) == "fp32"

@@ -10,8 +10,8 @@ import torch
 
 from data_prep.shards import WindowDataset, write_synthetic_dataset
 from pipeline.config import ModelConfig
-from pipeline.evaluate import token_counts, unigram_totals, validation_totals
-from pipeline.model import GPT
+from pipeline.evaluation.evaluate import token_counts, unigram_totals, validation_totals
+from pipeline.model.gpt import GPT
 
 
 @pytest.fixture

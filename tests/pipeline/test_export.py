@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.export import architecture, to_hf_model
-from pipeline.model import GPT
+from pipeline.evaluation.export import architecture, to_hf_model
+from pipeline.model.gpt import GPT
 
 
 def random_model(**kw) -> tuple[ModelConfig, GPT]:
@@ -59,7 +59,7 @@ def test_exported_tokenizer_encodes_and_decodes_like_sentencepiece(plays_tokeniz
     from transformers import AutoTokenizer
 
     from data_prep.tokenizer import load_tokenizer
-    from pipeline.export import hf_tokenizer
+    from pipeline.evaluation.export import hf_tokenizer
 
     docs, path = plays_tokenizer
     hf_tokenizer(path).save_pretrained(tmp_path)
@@ -73,7 +73,7 @@ def test_exported_tokenizer_encodes_and_decodes_like_sentencepiece(plays_tokeniz
 
 
 def test_exported_model_generates_like_ours():
-    from pipeline.generation import generate
+    from pipeline.model.generation import generate
 
     cfg, model = random_model()
     hf = to_hf_model(cfg, model.state_dict(), {"eos_token_id": 2, "pad_token_id": 3})
@@ -91,8 +91,8 @@ def test_unsupported_architecture_is_named():
 def test_lm_eval_runs_a_local_task_on_an_exported_model(plays_tokenizer, tmp_path):
     """The downstream hook end to end, offline: export, lm-eval-harness on the shipped local task."""
     from data_prep.tokenizer import load_tokenizer
-    from pipeline.downstream import run_lm_eval
-    from pipeline.export import hf_tokenizer
+    from pipeline.evaluation.downstream import run_lm_eval
+    from pipeline.evaluation.export import hf_tokenizer
 
     _, sp_path = plays_tokenizer
     vocab = load_tokenizer(sp_path).get_piece_size()

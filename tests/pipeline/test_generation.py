@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.generation import filter_logits, generate
-from pipeline.model import GPT
+from pipeline.model.generation import filter_logits, generate
+from pipeline.model.gpt import GPT
 
 
 def tiny_model(**kw) -> GPT:

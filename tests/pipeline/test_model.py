@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.config import ModelConfig
-from pipeline.ds_config import AUTOTP_LAYER_SPECS
-from pipeline.model import GPT, mlp_width
+from pipeline.config import ModelConfig, mlp_width
+from pipeline.model.gpt import GPT
+from pipeline.model.tensor_parallel import AUTOTP_LAYER_SPECS
 
 OPTIONS = list(itertools.product(["learned", "sinusoidal", "rotary"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"]))
 VOCAB = 101
@@ -211,7 +211,7 @@ def test_tensor_parallel_shards_sum_to_the_full_layer(pos, act):
     x = torch.randn(2, 10, 32)
     rotary = None
     if pos == "rotary":
-        from pipeline.model import rotary_angles
+        from pipeline.model.gpt import rotary_angles
 
         rotary = rotary_angles(torch.arange(10), 8)
     with torch.no_grad():

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.config import ModelConfig, validate_model
-from pipeline.model_size import count_parameters, format_breakdown, training_flops_per_token
+from pipeline.model.size import count_parameters, format_breakdown, training_flops_per_token
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 OPTIONS = list(itertools.product(["learned", "sinusoidal", "rotary"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"]))
@@ -27,7 +27,7 @@ def small(**kw) -> ModelConfig:
 @pytest.mark.parametrize("pos,norm,act", OPTIONS)
 @pytest.mark.parametrize("bias,tied", [(True, True), (False, False), (True, False), (False, True)])
 def test_parameter_count_matches_the_module(pos, norm, act, bias, tied):
-    from pipeline.model import GPT
+    from pipeline.model.gpt import GPT
 
     cfg = small(pos_encoding=pos, norm=norm, activation=act, bias=bias, tie_embeddings=tied)
     model = GPT(cfg)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.optimizer import lr_multiplier, param_groups
+from pipeline.train.optimizer import lr_multiplier, param_groups
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -41,7 +41,7 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
 @pytest.mark.parametrize("tie", [True, False])
 def test_weight_decay_on_the_real_model_covers_exactly_its_projections(tie):
     from pipeline.config import ModelConfig
-    from pipeline.model import GPT
+    from pipeline.model.gpt import GPT
 
     model = GPT(ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=2, d_model=16, norm="rmsnorm",
                             pos_encoding="learned", tie_embeddings=tie))

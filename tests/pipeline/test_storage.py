@@ -14,23 +14,21 @@ import numpy as np
 import pytest
 
 from data_prep.shards import MANIFEST, ShardError, write_synthetic_dataset
-from pipeline.checkpointing import (
+from pipeline.checkpoint.layout import (
     COMPLETE_MARKER,
     LATEST_FILE,
     checkpoint_root,
     latest_complete,
     prune_staging,
 )
-from pipeline.config import ConfigError
-from pipeline.storage import (
-    ObjectStore,
-    StorageError,
-    pull_dataset,
+from pipeline.checkpoint.store_sync import (
     pull_latest_checkpoint,
     push_checkpoint_files,
     push_checkpoint_marker,
-    push_dataset,
 )
+from pipeline.cluster.storage import ObjectStore, StorageError
+from pipeline.config import ConfigError
+from pipeline.data.store_sync import pull_dataset, push_dataset
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from data_prep.shards import HEADER_BYTES, VERIFIED_STAMP, ShardError, write_synthetic_dataset
 from pipeline.config import DataConfig, ModelConfig, PipelineConfig
-from pipeline.train import build_job
+from pipeline.train.driver import build_job
 
 
 def test_a_corrupted_shard_stops_training_before_workers(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from distributed_helpers import run_distributed
 
 from pipeline.config import ModelConfig, ParallelConfig, TrainConfig
-from pipeline.ds_config import make_ds_config
+from pipeline.train.ds_config import make_ds_config
 
 pytestmark = pytest.mark.distributed
 
@@ -32,7 +32,7 @@ def data_dir(tmp_path_factory):
 
 
 def make_job(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4, accum=1, precision="fp32", recompute=False):
-    from pipeline.train_loop import TrainJob
+    from pipeline.train.job import TrainJob
 
     train = TrainConfig(max_steps=STEPS, micro_batch_size=micro, warmup_steps=1, lr=1e-2, resume="none",
                         global_batch_tokens=micro * accum * (workers // tp) * 16, log_interval_steps=1, peak_tflops=1.0)
@@ -46,7 +46,7 @@ def make_job(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4, accum=1, pr
 
 
 def train_and_report(job):
-    from pipeline.train_loop import train_worker
+    from pipeline.train.worker import train_worker
 
     return train_worker(job)
 
@@ -67,7 +67,8 @@ def grad_norms_of(outcome) -> list[float]:
 def weights_of(job):
     from pathlib import Path
 
-    from pipeline.checkpointing import checkpoint_root, consolidated_state_dict, latest_complete
+    from pipeline.checkpoint.consolidate import consolidated_state_dict
+    from pipeline.checkpoint.layout import checkpoint_root, latest_complete
 
     return consolidated_state_dict(latest_complete(checkpoint_root(Path(job.run_dir))))
 
@@ -139,7 +140,7 @@ def test_torch_compile_gives_the_same_losses(reference, data_dir, tmp_path):
 
 
 def test_tensor_parallel_two_equals_one(reference, data_dir, tmp_path):
-    from pipeline.model_size import count_parameters
+    from pipeline.model.size import count_parameters
 
     ref_job, expected = reference
     job = make_job(data_dir, tmp_path, workers=2, tp=2, micro=4)

@@ -5,17 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import ConfigError, ParallelConfig, TrainConfig
-
-# AutoTP partition specs: they match the module names of pipeline.model.GPT. Column-parallel layers split
-# their output features (q/k/v heads, MLP hidden units); row-parallel layers split their input features
-# and all-reduce the result.
-AUTOTP_LAYER_SPECS = [
-    {"patterns": [r".*\.o_proj\.weight$", r".*\.down_proj\.weight$"], "partition_type": "row"},
-    {
-        "patterns": [r".*\.[qkv]_proj\.weight$", r".*\.up_proj\.weight$", r".*\.gate_proj\.weight$"],
-        "partition_type": "column",
-    },
-]
+from pipeline.model.tensor_parallel import AUTOTP_LAYER_SPECS
 
 
 def cpu_supports_bf16() -> bool:
@@ -56,7 +46,7 @@ def make_ds_config(
         "train_batch_size": train.micro_batch_size * grad_accum_steps * parallel.num_workers,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": parallel.zero_stage},
-        # The optimizer is torch AdamW built by pipeline.optimizer (param groups, decoupled decay);
+        # The optimizer is torch AdamW built by pipeline.train.optimizer (param groups, decoupled decay);
         # ZeRO partitions it like any other.
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16"},

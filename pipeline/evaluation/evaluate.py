@@ -14,7 +14,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import PipelineConfig
+from data_prep.shards import WindowDataset, load_manifest
+from data_prep.tokenizer import load_tokenizer
+from pipeline.checkpoint.consolidate import consolidated_state_dict
+from pipeline.checkpoint.layout import read_marker, require_latest
+from pipeline.config import EvalConfig, PipelineConfig, run_dir_for
+from pipeline.data.loader import window_batches
+from pipeline.evaluation.downstream import run_lm_eval
+from pipeline.evaluation.export import export
+from pipeline.model.generation import generate
+from pipeline.model.gpt import GPT
+from pipeline.model.size import model_for_data
+from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +59,6 @@ def token_byte_lengths(sp) -> np.ndarray:
             continue
         lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
     return lengths
-
-
-def window_batches(dataset, batch_size: int, max_tokens: int | None):
-    """Consecutive validation windows, in order, up to a token budget."""
-    n = len(dataset)
-    if max_tokens is not None:
-        n = min(n, max(1, math.ceil(max_tokens / (dataset.window_length - 1))))
-    for start in range(0, n, batch_size):
-        windows = dataset.windows(np.arange(start, min(n, start + batch_size)))
-        tokens = torch.from_numpy(windows.astype(np.int64, copy=False))
-        yield tokens[:, :-1], tokens[:, 1:]
 
 
 @torch.no_grad()
@@ -97,53 +97,36 @@ def token_counts(dataset, vocab_size: int) -> np.ndarray:
 
 
 def load_trained_model(model_cfg, tag_dir: Path):
-    from pipeline.checkpointing import consolidated_state_dict
-    from pipeline.model import GPT
-
     model = GPT(model_cfg)
     model.load_state_dict(consolidated_state_dict(tag_dir))
     model.eval()
     return model
 
 
-def generate_text(cfg: PipelineConfig, data_dir: Path, prompt: str) -> list[str]:
-    """`pipeline generate`: samples from the run's latest checkpoint with the eval.* sampling settings."""
-    from data_prep.shards import load_manifest
-    from data_prep.tokenizer import load_tokenizer
-    from pipeline.checkpointing import checkpoint_root, latest_complete
-    from pipeline.generation import generate
-    from pipeline.train import model_for_data, run_dir_for
-
-    tag_dir = latest_complete(checkpoint_root(run_dir_for(cfg)))
-    if tag_dir is None:
-        raise FileNotFoundError(f"no complete checkpoint for run {cfg.run_name}: train it first")
-    manifest = load_manifest(data_dir)
-    sp = load_tokenizer(manifest.tokenizer_path)
-    model = load_trained_model(model_for_data(cfg.model, manifest.vocab_size), tag_dir)
+def sample_texts(model, sp, prompt: str, ev: EvalConfig, eos_id: int, n_samples: int) -> list[str]:
+    """n_samples continuations of prompt (prompt included), with the eval.* sampling settings; sample i draws
+    with seed eval.seed + i."""
     prompt_ids = sp.encode(prompt)
     texts = []
-    for i in range(max(1, cfg.eval.num_samples)):
-        new = generate(model, prompt_ids, cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
-                       top_k=cfg.eval.top_k, top_p=cfg.eval.top_p, eos_id=manifest.eos_id, seed=cfg.eval.seed + i)
+    for i in range(n_samples):
+        new = generate(model, prompt_ids, ev.max_new_tokens, temperature=ev.temperature, top_k=ev.top_k,
+                       top_p=ev.top_p, eos_id=eos_id, seed=ev.seed + i)
         texts.append(sp.decode(prompt_ids + new))
     return texts
 
 
-def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
-    from data_prep.shards import WindowDataset, load_manifest
-    from data_prep.tokenizer import load_tokenizer
-    from pipeline.checkpointing import checkpoint_root, latest_complete, read_marker
-    from pipeline.generation import generate
-    from pipeline.tracking import Tracker
-    from pipeline.train import model_for_data, run_dir_for
+def generate_text(cfg: PipelineConfig, data_dir: Path, prompt: str) -> list[str]:
+    """`pipeline generate`: samples from the run's latest checkpoint with the eval.* sampling settings."""
+    tag_dir = require_latest(run_dir_for(cfg))
+    manifest = load_manifest(data_dir)
+    model = load_trained_model(model_for_data(cfg.model, manifest.vocab_size), tag_dir)
+    return sample_texts(model, load_tokenizer(manifest.tokenizer_path), prompt, cfg.eval, manifest.eos_id,
+                        max(1, cfg.eval.num_samples))
 
+
+def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
     run_dir = run_dir_for(cfg)
-    tag_dir = latest_complete(checkpoint_root(run_dir))
-    if tag_dir is None:
-        raise FileNotFoundError(
-            f"no complete checkpoint in {checkpoint_root(run_dir)}: run `pipeline train` with the same "
-            f"overrides first (run_name={cfg.run_name})."
-        )
+    tag_dir = require_latest(run_dir)
     step = int(read_marker(tag_dir)["step"])
     manifest = load_manifest(data_dir)
     sp = load_tokenizer(manifest.tokenizer_path)
@@ -171,23 +154,12 @@ def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
         step, totals.mean_loss, totals.perplexity, totals.bits_per_byte, totals.tokens, unigram.mean_loss,
     )
 
-    samples = []
-    prompt_ids = sp.encode(cfg.eval.prompt)
-    for i in range(cfg.eval.num_samples):
-        new_ids = generate(
-            model, prompt_ids, cfg.eval.max_new_tokens,
-            temperature=cfg.eval.temperature, top_k=cfg.eval.top_k, top_p=cfg.eval.top_p,
-            eos_id=manifest.eos_id, seed=cfg.eval.seed + i,
-        )
-        samples.append(sp.decode(prompt_ids + new_ids))
+    samples = sample_texts(model, sp, cfg.eval.prompt, cfg.eval, manifest.eos_id, cfg.eval.num_samples)
     text = "\n\n".join(f"--- sample {i} (step {step}) ---\n{s}" for i, s in enumerate(samples))
     print(text)
 
     tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir, cfg.run_name)
     if cfg.eval.tasks:
-        from pipeline.downstream import run_lm_eval
-        from pipeline.export import export
-
         hf_dir = export(cfg, data_dir)
         downstream = run_lm_eval(hf_dir, cfg.eval.tasks, hf_dir.parent / f"lm_eval_{tag_dir.name}", cfg.eval.tasks_limit)
         for task, values in downstream.items():

@@ -1,4 +1,5 @@
-"""Batches of (input, target) windows for one data-parallel rank.
+"""Batches of (input, target) windows: the training order of one data-parallel rank (RankBatches), and
+consecutive windows in file order for validation (window_batches).
 
 One global, seeded order of windows per epoch; the position in it is the number of samples consumed.
 Optimizer step k consumes samples [k*G, (k+1)*G) with G = micro_batch * grad_accum * dp; micro-step m of
@@ -8,6 +9,7 @@ the same samples at every step, and a resume at another data-parallel size conti
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -73,3 +75,14 @@ class RankBatches:
         windows = self.dataset.windows(self.order.indices(self.first_sample(step, micro_step), self.micro_batch))
         tokens = torch.from_numpy(windows.astype(np.int64, copy=False))
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def window_batches(dataset, batch_size: int, max_tokens: int | None):
+    """Consecutive validation windows, in order, up to a token budget."""
+    n = len(dataset)
+    if max_tokens is not None:
+        n = min(n, max(1, math.ceil(max_tokens / (dataset.window_length - 1))))
+    for start in range(0, n, batch_size):
+        windows = dataset.windows(np.arange(start, min(n, start + batch_size)))
+        tokens = torch.from_numpy(windows.astype(np.int64, copy=False))
+        yield tokens[:, :-1], tokens[:, 1:]

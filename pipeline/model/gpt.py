@@ -26,10 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import ModelConfig
-from pipeline.model_size import mlp_width
+from pipeline.config import ModelConfig, mlp_width
 
-__all__ = ["GPT", "KVCache", "LayerKVCache", "mlp_width"]
+__all__ = ["GPT", "KVCache", "LayerKVCache"]
 
 
 # --- positions -------------------------------------------------------------------------------------------

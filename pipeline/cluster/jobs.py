@@ -10,8 +10,8 @@ import argparse
 import os
 import sys
 
+from pipeline.cluster.submit import check_jobs_address, connect, follow
 from pipeline.config import ConfigError
-from pipeline.submit import check_jobs_address, connect, follow
 
 
 def default_address() -> str | None:

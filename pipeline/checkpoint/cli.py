@@ -7,23 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-
-def _tag_dir(path: str) -> Path:
-    from pipeline.checkpointing import LATEST_FILE, latest_complete
-
-    p = Path(path)
-    if (p / LATEST_FILE).is_file() or (p / "checkpoints").is_dir():
-        root = p if (p / LATEST_FILE).is_file() else p / "checkpoints"
-        tag = latest_complete(root)
-        if tag is None:
-            raise SystemExit(f"error: no complete checkpoint under {root}")
-        return tag
-    return p
+from pipeline.checkpoint.consolidate import consolidated_state_dict
+from pipeline.checkpoint.layout import CheckpointError, find_tag, verify_checkpoint
 
 
 def inspect(tag_dir: Path) -> str:
-    from pipeline.checkpointing import verify_checkpoint
-
     marker = verify_checkpoint(tag_dir)
     state = marker.get("client_state", {})
     lines = [
@@ -46,8 +34,6 @@ def consolidate(tag_dir: Path, out: Path) -> Path:
     """All shards merged into full fp32 weights (DeepSpeed's zero_to_fp32 for ZeRO; AutoTP shards concatenated)."""
     from safetensors.torch import save_file
 
-    from pipeline.checkpointing import consolidated_state_dict
-
     state = consolidated_state_dict(tag_dir)
     # safetensors stores no aliases: tied weights are written as separate (equal) tensors.
     save_file({k: v.contiguous().clone() for k, v in state.items()}, str(out), metadata={"source": str(tag_dir)})
@@ -63,10 +49,8 @@ def main(argv: list[str]) -> int:
     p_cons.add_argument("path")
     p_cons.add_argument("--out", type=Path, default=None, help="output file (default: <tag>/model_fp32.safetensors)")
     args = parser.parse_args(argv)
-    from pipeline.checkpointing import CheckpointError
-
     try:
-        tag_dir = _tag_dir(args.path)
+        tag_dir = find_tag(Path(args.path))
         if args.action == "inspect":
             print(inspect(tag_dir))
         else:

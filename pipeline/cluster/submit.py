@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
+import importlib.util
 import ipaddress
 import json
 import os
@@ -26,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pipeline.cluster.storage import ObjectStore
+from pipeline.compose import CONFIG_MODULE, compose_config
 from pipeline.config import ClusterConfig, ConfigError
 
 SUBMITTABLE = ("prepare", "train", "evaluate", "run", "sweep", "export")
@@ -33,7 +36,7 @@ SUBMITTABLE = ("prepare", "train", "evaluate", "run", "sweep", "export")
 EXCLUDES = [".venv", "outputs", ".git", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "mlruns"]
 # Directories that are private to one machine: other nodes never see what is written there.
 NODE_LOCAL_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
-# `pipeline jobs stop` sends SIGTERM: the driver asks the workers to checkpoint (see train.PreemptionForwarder)
+# `pipeline jobs stop` sends SIGTERM: the driver asks the workers to checkpoint (see pipeline.train.preemption)
 # and Ray waits this long before SIGKILL (its default is 3 s, too short to write a checkpoint).
 STOP_GRACE_S = 120
 START_CLUSTER_HINT = (
@@ -108,7 +111,7 @@ def _is_loopback(host: str) -> bool:
 
 def check_shared_storage(output_dir: str, cluster: ClusterConfig) -> None:
     """output_dir holds shards, checkpoints and the MLflow store: every node must see the same files there,
-    unless cluster.storage_uri names an object store that keeps them (pipeline.storage): then it must be
+    unless cluster.storage_uri names an object store that keeps them (pipeline.cluster.storage): then it must be
     writable from here within cluster.connect_timeout_s, and output_dir is a working directory per node."""
     if "://" in output_dir:
         raise ConfigError(
@@ -124,8 +127,6 @@ def check_shared_storage(output_dir: str, cluster: ClusterConfig) -> None:
             f"storage every node mounts (e.g. output_dir=/shared/pipeline)."
         )
     if cluster.storage_uri:
-        from pipeline.storage import ObjectStore
-
         ObjectStore(cluster.storage_uri).check(cluster.connect_timeout_s)
         return  # data sets and checkpoints live in the store; output_dir may be node-local
     shared = cluster.shared_storage
@@ -177,32 +178,7 @@ def check_job_paths(cfg) -> None:
 def compose_checked(stage: str, overrides: list[str]):
     """Compose and validate the job's config here, as the stage will on the cluster (but input paths, which
     live on the cluster's storage, are not looked up)."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    from pipeline.config import (
-        validate_cluster,
-        validate_eval,
-        validate_known_keys,
-        validate_model,
-        validate_parallel,
-        validate_train,
-    )
-    from pipeline.schema import register_schema
-
-    register_schema()
-    try:
-        with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
-            node = compose(config_name="config", overrides=overrides)
-        cfg = OmegaConf.to_object(node)
-    except Exception as err:  # Hydra's override grammar, unknown keys, wrong types
-        raise ConfigError(f"the overrides do not compose: {err}") from err
-    validate_known_keys(cfg)
-    validate_cluster(cfg.cluster)
-    validate_model(cfg.model)
-    validate_parallel(cfg.parallel, cfg.model)
-    validate_train(cfg.train, cfg.parallel, cfg.model)
-    validate_eval(cfg.eval)
+    cfg = compose_config(overrides, stage="submit")
     check_job_paths(cfg)
     return cfg
 
@@ -216,15 +192,13 @@ def job_entrypoint(stage: str, overrides: list[str]) -> str:
 def stage_installed_layout(dest: Path) -> Path:
     """Copy the pipeline's packages into dest as they are installed (the Hydra tree as pipeline/conf), so the
     job imports them from its working directory whether or not the cluster has the project installed."""
-    import data_prep
-    import pipeline
-    import pipeline.conf
+    def installed(package: str) -> str:
+        return importlib.util.find_spec(package).submodule_search_locations[0]
 
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "conf")
-    shutil.copytree(pipeline.__path__[0], dest / "pipeline", ignore=ignore)
-    shutil.copytree(pipeline.conf.__path__[0], dest / "pipeline" / "conf",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copytree(data_prep.__path__[0], dest / "data_prep", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    skip = ("__pycache__", "*.pyc")
+    shutil.copytree(installed("pipeline"), dest / "pipeline", ignore=shutil.ignore_patterns(*skip, "conf"))
+    shutil.copytree(installed(CONFIG_MODULE), dest / "pipeline" / "conf", ignore=shutil.ignore_patterns(*skip))
+    shutil.copytree(installed("data_prep"), dest / "data_prep", ignore=shutil.ignore_patterns(*skip))
     return dest
 
 

@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineError
+from pipeline.files import directory_lock
 
 log = logging.getLogger(__name__)
 
@@ -214,82 +215,6 @@ def run_rel(run_dir: Path, local: Path) -> str:
     return f"{RUNS_PREFIX}/{run_dir.name}" + ("" if rel == Path(".") else f"/{rel.as_posix()}")
 
 
-def _locked(local: Path):
-    from data_prep.journal import directory_lock
-
+def locked(local: Path):
+    """A lock per local path being downloaded: the workers of one node fetch it once."""
     return directory_lock(local.with_name(f".{local.name}.pulling"))
-
-
-def pull_dataset(store: ObjectStore, dataset_dir: Path) -> bool:
-    """Download the data set from the store unless this node holds it complete, and check every file's sha256
-    against the manifest (ShardError names a file damaged on the way). True if downloaded."""
-    from data_prep.shards import MANIFEST, check_dataset_checksums, incomplete_reason
-
-    dataset_dir = Path(dataset_dir)
-    if incomplete_reason(dataset_dir) is None:
-        return False
-    with _locked(dataset_dir):
-        if incomplete_reason(dataset_dir) is None:  # another worker of this node fetched it meanwhile
-            return False
-        if not store.download_dir(dataset_rel(dataset_dir), dataset_dir, MANIFEST):
-            return False
-    check_dataset_checksums(dataset_dir)
-    return True
-
-
-def push_dataset(store: ObjectStore, dataset_dir: Path) -> int:
-    """Upload a complete local data set the store lacks (manifest last). Returns the files copied."""
-    from data_prep.shards import MANIFEST
-
-    if store.exists(f"{dataset_rel(dataset_dir)}/{MANIFEST}"):
-        return 0
-    copied = store.upload_dir(Path(dataset_dir), dataset_rel(dataset_dir), marker=MANIFEST)
-    log.info("uploaded the data set %s to %s (%d files)", dataset_dir.name, store.path(dataset_rel(dataset_dir)), copied)
-    return copied
-
-
-def pull_checkpoint(store: ObjectStore, run_dir: Path, tag_dir: Path) -> bool:
-    """Download one checkpoint tag (or universal tag) of the run unless this node holds it complete."""
-    from pipeline.checkpointing import COMPLETE_MARKER, is_complete
-
-    if is_complete(tag_dir):
-        return False
-    with _locked(tag_dir):
-        if is_complete(tag_dir):
-            return False
-        return store.download_dir(run_rel(run_dir, tag_dir), tag_dir, COMPLETE_MARKER)
-
-
-def pull_latest_checkpoint(store: ObjectStore, run_dir: Path) -> Path | None:
-    """Make the newest complete checkpoint the store knows for this run (its `latest`) present here, and
-    `latest` name it locally when it is newer than this node's. Returns its local tag directory, if any."""
-    from pipeline.checkpointing import LATEST_FILE, _atomic_write, checkpoint_root, latest_complete
-
-    root = checkpoint_root(Path(run_dir))
-    tag = (store.read_text(run_rel(run_dir, root / LATEST_FILE)) or "").strip()
-    local = latest_complete(root)
-    if not tag or (local is not None and local.name >= tag):
-        return local
-    if not pull_checkpoint(store, run_dir, root / tag) and not (root / tag).is_dir():
-        log.warning("%s names %s, which the store does not hold complete", store.path(run_rel(run_dir, root)), tag)
-        return local
-    _atomic_write(root / LATEST_FILE, tag)
-    return root / tag
-
-
-def push_checkpoint_files(store: ObjectStore, run_dir: Path, tag_dir: Path) -> int:
-    """Upload the files of a checkpoint tag present on this node, except its marker."""
-    from pipeline.checkpointing import COMPLETE_MARKER
-
-    names = {str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file()} - {COMPLETE_MARKER}
-    return store.upload_dir(tag_dir, run_rel(run_dir, tag_dir), only=names)
-
-
-def push_checkpoint_marker(store: ObjectStore, run_dir: Path, tag_dir: Path, latest: bool = True) -> None:
-    """After every node uploaded its files: the marker, then (for a training tag) `latest`."""
-    from pipeline.checkpointing import COMPLETE_MARKER, LATEST_FILE
-
-    rel = run_rel(run_dir, tag_dir)
-    store.upload_dir(tag_dir, rel, marker=COMPLETE_MARKER, only=set())
-    if latest:
-        store.write_text(run_rel(run_dir, tag_dir.parent / LATEST_FILE), tag_dir.name)

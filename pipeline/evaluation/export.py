@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, PipelineConfig
-from pipeline.model import mlp_width
+from data_prep.shards import load_manifest
+from pipeline.checkpoint.consolidate import consolidated_state_dict
+from pipeline.checkpoint.layout import read_marker, require_latest
+from pipeline.config import ConfigError, ModelConfig, PipelineConfig, mlp_width, run_dir_for
+from pipeline.model.size import model_for_data
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +151,8 @@ def export(cfg: PipelineConfig, data_dir: Path, out_dir: Path | None = None) -> 
     except ImportError as err:
         raise ConfigError("pipeline export needs transformers: pip install 'transformers>=5' "
                           "(or the project's dev extra)") from err
-    from data_prep.shards import load_manifest
-    from pipeline.checkpointing import checkpoint_root, consolidated_state_dict, latest_complete, read_marker
-    from pipeline.train import model_for_data, run_dir_for
-
     architecture(cfg.model)  # fail before reading any checkpoint
-    tag_dir = latest_complete(checkpoint_root(run_dir_for(cfg)))
-    if tag_dir is None:
-        raise FileNotFoundError(f"no complete checkpoint for run {cfg.run_name}: train it first")
+    tag_dir = require_latest(run_dir_for(cfg))
     manifest = load_manifest(data_dir)
     model_cfg = model_for_data(cfg.model, manifest.vocab_size)
     special = {"bos_token_id": manifest.bos_id, "eos_token_id": manifest.eos_id, "pad_token_id": manifest.pad_id}

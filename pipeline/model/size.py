@@ -1,6 +1,6 @@
 """Parameter counts and training FLOPs of a GPT config, from the config alone (no torch: 175B is instant).
 
-The counts mirror pipeline.model.GPT exactly (a test compares them with sum(p.numel()) for every option):
+The counts mirror pipeline.model.gpt.GPT exactly (a test compares them with sum(p.numel()) for every option):
 
     embedding       vocab x d_model                      (tok_emb)
     unembedding     vocab x d_model, 0 when tied         (lm_head)
@@ -13,21 +13,10 @@ The counts mirror pipeline.model.GPT exactly (a test compares them with sum(p.nu
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 
-from pipeline.config import ModelConfig
-
-
-def mlp_width(cfg: ModelConfig) -> int:
-    """The MLP's hidden width d_ff. When model.d_ff is null: 4 * d_model for GELU; for SwiGLU 8/3 * d_model
-    rounded up to a multiple of 64 (three matrices of 8/3 d_model hold as many parameters as GELU's two of
-    4 d_model, as in PaLM and Llama; the rounding keeps matrix shapes friendly to the hardware)."""
-    if cfg.d_ff is not None:
-        return cfg.d_ff
-    if cfg.activation == "swiglu":
-        return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
-    return 4 * cfg.d_model
+from pipeline.config import ConfigError, ModelConfig, mlp_width
 
 
 @dataclass
@@ -136,3 +125,15 @@ def format_breakdown(cfg: ModelConfig) -> str:
     lines += [f"  {name:<{width}}  {value:>18,}" for name, value in rows]
     lines += ["", f"  {flops_label:<{width}}  {training_flops_per_token(cfg):>18,.0f}"]
     return "\n".join(lines)
+
+
+def model_for_data(model: ModelConfig, vocab_size: int) -> ModelConfig:
+    """The model config with its vocabulary taken from the tokenizer when not set."""
+    if model.vocab_size is None:
+        return dataclasses.replace(model, vocab_size=vocab_size)
+    if model.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size}): "
+            f"leave model.vocab_size unset (null) to follow the tokenizer, or set it to >= {vocab_size}."
+        )
+    return model

@@ -1,0 +1,144 @@
+"""Where checkpoints live and when one counts.
+
+Layout: <run_dir>/checkpoints/<tag>/ holds DeepSpeed's shards, one rng_rank<r>.pt per rank and, last,
+a COMPLETE marker written by rank 0 after a barrier. <run_dir>/checkpoints/latest names the newest
+complete tag and moves (atomically) only after the marker exists; older complete tags beyond
+keep_last are deleted after that. A crash while writing leaves the previous checkpoint as latest.
+Universal conversions (pipeline.checkpoint.universal) sit in <run_dir>/checkpoints/universal/<tag>/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+LATEST_FILE = "latest"
+
+
+UNIVERSAL_DIR = "universal"
+
+
+class CheckpointError(PipelineError, RuntimeError):
+    """A checkpoint that is incomplete, truncated or damaged."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE_MARKER).is_file()
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and is_complete(p))
+
+
+def latest_complete(root: Path) -> Path | None:
+    """The tag directory named by `latest` if complete, else the newest complete tag, else None."""
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        tag_dir = root / latest.read_text().strip()
+        if is_complete(tag_dir):
+            return tag_dir
+        log.warning("%s names %s, which is not complete; looking for an older checkpoint", latest, tag_dir.name)
+    tags = complete_tags(root)
+    return root / tags[-1] if tags else None
+
+
+def require_latest(run_dir: Path) -> Path:
+    """The run's latest complete checkpoint, or FileNotFoundError saying how to get one."""
+    root = checkpoint_root(run_dir)
+    tag_dir = latest_complete(root)
+    if tag_dir is None:
+        raise FileNotFoundError(
+            f"no complete checkpoint in {root}: run `pipeline train` with the same overrides first "
+            f"(run_name={run_dir.name})."
+        )
+    return tag_dir
+
+
+def find_tag(path: Path) -> Path:
+    """The checkpoint tag directory that path names: a tag itself, or the latest complete tag of a checkpoints
+    directory or of a run directory."""
+    path = Path(path)
+    if (path / LATEST_FILE).is_file():
+        root = path
+    elif checkpoint_root(path).is_dir():
+        root = checkpoint_root(path)
+    else:
+        return path
+    tag_dir = latest_complete(root)
+    if tag_dir is None:
+        raise CheckpointError(f"no complete checkpoint under {root}: pass a complete checkpoint tag directory, or "
+                              f"train the run first")
+    return tag_dir
+
+
+def read_marker(tag_dir: Path) -> dict[str, Any]:
+    marker = tag_dir / COMPLETE_MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(
+            f"{tag_dir} is not a complete checkpoint (no {COMPLETE_MARKER} marker): it was interrupted while "
+            f"being written; use an older checkpoint of {tag_dir.parent}."
+        )
+    return json.loads(marker.read_text())
+
+
+def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
+    """The COMPLETE marker of tag_dir after checking that every file it lists is there at its size."""
+    marker = read_marker(tag_dir)
+    for name, size in marker.get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing: resume from an older checkpoint of {tag_dir.parent}")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(
+                f"checkpoint file {path} is {'truncated' if actual < size else 'changed'} ({actual} bytes, written "
+                f"as {size}): resume from an older checkpoint (train.resume=<older tag>) or delete {tag_dir}"
+            )
+    return marker
+
+
+def prune_old(root: Path, keep_last: int) -> list[str]:
+    """Keep the last `keep_last` complete checkpoints (0: all). Delete older ones, their universal
+    conversions, and incomplete tags older than the newest complete one (left by a crash while writing)."""
+    complete = complete_tags(root)
+    if not complete:
+        return []
+    doomed = complete[:-keep_last] if keep_last > 0 else []
+    doomed += [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+               and not is_complete(p) and p.name < complete[-1]]
+    for tag in doomed:
+        shutil.rmtree(root / tag, ignore_errors=True)
+        shutil.rmtree(root / UNIVERSAL_DIR / tag, ignore_errors=True)
+        log.info("deleted old checkpoint %s (keeping the last %d complete ones)", tag, keep_last)
+    return doomed
+
+
+def prune_staging(root: Path, keep_last: int) -> list[str]:
+    """Delete all but the newest keep_last checkpoint tags (0: keep all) of root, complete or not."""
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")) if root.is_dir() else []
+    doomed = tags[:-keep_last] if keep_last > 0 else []
+    for tag in doomed:
+        shutil.rmtree(root / tag, ignore_errors=True)
+    return doomed

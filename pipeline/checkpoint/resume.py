@@ -1,0 +1,105 @@
+"""Where a training run resumes from, decided on the driver before any worker starts: the checkpoint that
+train.resume names, refused when it was trained with other math or at a ZeRO stage DeepSpeed cannot convert,
+and converted to a universal checkpoint when the parallel layout changed."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoint.layout import (
+    checkpoint_root,
+    find_tag,
+    latest_complete,
+    read_marker,
+    verify_checkpoint,
+)
+from pipeline.checkpoint.pickles import check_pickles
+from pipeline.checkpoint.store_sync import (
+    pull_latest_checkpoint,
+    push_checkpoint_files,
+    push_checkpoint_marker,
+)
+from pipeline.checkpoint.universal import needs_universal, to_universal, zero_stage_change_supported
+from pipeline.cluster.storage import ObjectStore
+from pipeline.config import ConfigError, ParallelConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: saved -> current' for every leaf that differs between two nested config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """The checkpoint tag directory that train.resume names (auto: the latest complete one, if any; a run or
+    checkpoints directory: its latest complete tag)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_complete(root)
+    tag_dir = find_tag(Path(resume))
+    read_marker(tag_dir)
+    return tag_dir
+
+
+@dataclass
+class ResumePlan:
+    """What the workers load: `checkpoint` (None: nothing explicit; a train.resume=auto job then finds its latest
+    complete checkpoint itself) and whether it is a universal one (another parallel layout)."""
+
+    checkpoint: Path | None = None
+    universal: bool = False
+
+
+def plan_resume(train: TrainConfig, parallel: ParallelConfig, run_dir: Path, math_config: dict[str, Any],
+                store: ObjectStore | None = None) -> ResumePlan:
+    """Resolve train.resume, refuse a checkpoint trained with different math or at a ZeRO stage DeepSpeed cannot
+    convert, and convert it to a universal checkpoint when the parallel layout changed."""
+    if store is not None and train.resume == "auto":
+        pull_latest_checkpoint(store, run_dir)  # a job on a fresh node resumes from the store
+    tag_dir = resolve_resume(train.resume, checkpoint_root(run_dir))
+    if tag_dir is None:
+        return ResumePlan()
+    marker = verify_checkpoint(tag_dir)  # a missing or truncated file is named here, before workers start
+    check_pickles(tag_dir)  # and a file that would run code when DeepSpeed unpickles it is refused
+    saved = marker.get("client_state", {}).get("math_config")
+    differences = config_differences(saved, math_config) if saved is not None else []
+    if differences and not train.allow_config_change:
+        raise ConfigError(
+            f"the checkpoint {tag_dir} was trained with a different config:\n  " + "\n  ".join(differences)
+            + "\nresume with the same values, start a new run (run_name=... or train.resume=none), or pass "
+            "train.allow_config_change=true to resume anyway."
+        )
+    if differences:
+        log.warning("resuming %s despite config changes: %s", tag_dir, "; ".join(differences))
+    saved_stage = marker.get("zero_stage", 0)
+    if not zero_stage_change_supported(saved_stage, parallel.zero_stage):
+        raise ConfigError(
+            f"the checkpoint {tag_dir} was saved at ZeRO stage {saved_stage}, and DeepSpeed cannot resume it at "
+            f"parallel.zero_stage={parallel.zero_stage} (only stages 1 and 2 convert into each other): resume with "
+            f"parallel.zero_stage={saved_stage} (any data-parallel size and tensor-parallel degree work), or start "
+            f"a new run (run_name=... or train.resume=none)."
+        )
+    if needs_universal(marker, parallel.num_workers, parallel.tensor_parallel, parallel.zero_stage):
+        # Elastic resume: another data-parallel size or ZeRO stage than the checkpoint was saved with.
+        universal = to_universal(tag_dir)
+        if store is not None and universal.is_relative_to(run_dir):  # for the workers of other nodes
+            push_checkpoint_files(store, run_dir, universal)
+            push_checkpoint_marker(store, run_dir, universal, latest=False)
+        log.info("resuming %s (saved at world size %d, ZeRO-%d) at world size %d, ZeRO-%d through %s",
+                 tag_dir, marker["world_size"], saved_stage, parallel.num_workers, parallel.zero_stage, universal)
+        return ResumePlan(universal, universal=True)
+    explicit = train.resume not in ("auto", "none")
+    return ResumePlan(tag_dir if explicit else None)

@@ -1,0 +1,148 @@
+"""Saving and loading a DeepSpeed engine's sharded checkpoint, collectively, with every rank's RNG state.
+
+A save counts only once every rank wrote its files: rank 0 then writes the COMPLETE marker and moves
+`latest` (pipeline.checkpoint.layout). With an object store, each node's first worker uploads its node's
+files before the marker (pipeline.checkpoint.store_sync).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.checkpoint.layout import (
+    COMPLETE_MARKER,
+    LATEST_FILE,
+    UNIVERSAL_DIR,
+    CheckpointError,
+    prune_old,
+    prune_staging,
+    read_marker,
+    tag_for,
+    verify_checkpoint,
+)
+from pipeline.checkpoint.store_sync import push_checkpoint_files, push_checkpoint_marker
+from pipeline.cluster.storage import run_rel
+from pipeline.files import fsync_files, write_atomic
+
+log = logging.getLogger(__name__)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG of this rank as plain tensors and numbers, so it loads with torch.load(weights_only=True)."""
+    version, mt_state, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python_version": version,
+        "python_state": torch.tensor(mt_state, dtype=torch.int64),
+        "python_gauss": gauss,
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(state["python_state"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_node_leader() -> bool:
+    """Whether this rank is the first of its node (LOCAL_RANK, set by Ray Train and torchrun; without it,
+    rank 0 stands for the only node)."""
+    return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+
+
+def save_checkpoint(
+    engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int, layout: dict[str, Any] | None = None,
+    store=None,
+) -> Path:
+    """Collective: every rank calls it. Returns the tag directory. With `store` (pipeline.cluster.storage.ObjectStore)
+    the first rank of each node uploads its node's files, then rank 0 the marker and `latest`."""
+    rank = dist.get_rank()
+    tag = tag_for(step)
+    tag_dir = root / tag
+    if rank == 0 and tag_dir.exists():
+        # A tag written before (a run resumed from an older checkpoint reaches this step again): remove it
+        # first, so that its COMPLETE marker cannot vouch for a half-written rewrite and no file of another
+        # layout stays behind in it.
+        log.info("rewriting checkpoint %s", tag_dir)
+        shutil.rmtree(tag_dir)
+    elif store is not None and is_node_leader() and tag_dir.exists():  # other nodes' copies, which they upload
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    if rank == 0 and store is not None:
+        # Likewise in the store (uploads skip files already there at the same size).
+        store.delete_dir(run_rel(root.parent, tag_dir))
+    dist.barrier()
+    if getattr(engine.module, "universal_checkpoint_info", None) is None:
+        # ds_to_universal needs this key; under AutoTP DeepSpeed writes its own (which TP-sliced parameters
+        # to merge and how), and a client_state key of the same name would overwrite it.
+        client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    fsync_files(tag_dir)
+    dist.barrier()
+    if store is not None:
+        if is_node_leader():
+            push_checkpoint_files(store, root.parent, tag_dir)
+        dist.barrier()
+    if rank == 0:
+        # layout (ZeRO stage, tensor-parallel degree, precision) tells readers how to consolidate the shards.
+        marker = {
+            "step": step,
+            "world_size": dist.get_world_size(),
+            "saved_at": time.time(),
+            **(layout or {}),
+            "client_state": {k: v for k, v in client_state.items() if k != "universal_checkpoint_info"},
+            # Sizes of every file, so that a truncated or missing shard is named at load time (with a store:
+            # every node's files, as uploaded).
+            "files": ({p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()} if store is None
+                      else dict(sorted(store.files(run_rel(root.parent, tag_dir)).items()))),
+        }
+        write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker))
+        write_atomic(root / LATEST_FILE, tag)
+        if store is not None:
+            push_checkpoint_marker(store, root.parent, tag_dir)
+        for old_tag in prune_old(root, keep_last):
+            if store is not None:
+                store.delete_dir(run_rel(root.parent, root / old_tag))
+                store.delete_dir(run_rel(root.parent, root / UNIVERSAL_DIR / old_tag))
+    dist.barrier()
+    if store is not None and rank != 0 and is_node_leader():
+        # Without a shared file system the other nodes' tags carry no marker (the store holds it): keep
+        # only their newest keep_last, which are staging copies of what is in the store.
+        prune_staging(root, keep_last)
+    return tag_dir
+
+
+def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
+    """Collective: load model, optimizer and scheduler state; restore this rank's RNG. Returns client_state."""
+    verify_checkpoint(tag_dir)
+    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if client_state is None:
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+    if "step" not in client_state:  # e.g. a universal checkpoint: the marker keeps our state too
+        client_state = read_marker(tag_dir)["client_state"]
+    rng_file = tag_dir / f"rng_rank{dist.get_rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return client_state

@@ -1,0 +1,87 @@
+"""The one way a PipelineConfig is made from the Hydra tree in conf/ and overrides.
+
+conf/ ships inside the package as pipeline.conf (pyproject.toml), so every entry point finds it from any working
+directory: the CLI (through `hydra.main`, which adds multirun and launchers), `pipeline submit` and
+`torchrun -m pipeline.launch` (through Hydra's compose API). All of them turn the composed node into a
+validated PipelineConfig with `to_pipeline_config`.
+
+The schema (pipeline.config.PipelineConfig) is registered with Hydra's ConfigStore as `pipeline_schema`, which
+conf/config.yaml lists first in its defaults: every YAML file and every override is merged into the
+dataclasses, so an unknown key or a value of the wrong type stops at composition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import (
+    ConfigError,
+    PipelineConfig,
+    validate,
+    validate_for_submit,
+    validate_known_keys,
+    validate_model,
+)
+
+CONFIG_MODULE = "pipeline.conf"
+CONFIG_NAME = "config"
+HYDRA_VERSION_BASE = "1.3"
+# For hydra.main: the config tree as a package resource.
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+
+_registered = False
+
+
+def register_schema() -> None:
+    global _registered
+    if not _registered:
+        from hydra.core.config_store import ConfigStore
+
+        ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+        _registered = True
+
+
+def compose_node(overrides: list[str], with_hydra: bool = False):
+    """The composed (unvalidated) Hydra DictConfig of the overrides; with_hydra keeps the `hydra` node (the
+    launcher and sweeper settings)."""
+    from hydra import compose, initialize_config_module
+
+    register_schema()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=HYDRA_VERSION_BASE):
+        return compose(config_name=CONFIG_NAME, overrides=overrides, return_hydra_config=with_hydra)
+
+
+def to_pipeline_config(node, stage: str = "run") -> PipelineConfig:
+    """Hydra DictConfig -> validated PipelineConfig.
+
+    `params` only needs a valid model. `submit` checks what holds wherever the job runs (input paths and
+    output_dir live on the cluster's storage, so they are neither looked up nor made absolute here). Every
+    other stage validates the whole config, with output_dir made absolute.
+    """
+    from omegaconf import OmegaConf
+
+    try:
+        OmegaConf.set_readonly(node, False)
+        if stage != "submit":
+            node.output_dir = str(Path(node.output_dir).expanduser().resolve())
+        cfg = OmegaConf.to_object(node)
+    except Exception as err:  # OmegaConf's type and interpolation errors
+        raise ConfigError(f"the overrides do not compose: {err}") from err
+    if stage == "params":
+        validate_known_keys(cfg)
+        validate_model(cfg.model)
+    elif stage == "submit":
+        validate_for_submit(cfg)
+    else:
+        validate(cfg)
+    return cfg
+
+
+def compose_config(overrides: list[str], stage: str = "run") -> PipelineConfig:
+    """compose_node + to_pipeline_config; anything Hydra refuses (the override grammar, unknown keys, wrong
+    types) is a ConfigError naming it."""
+    try:
+        node = compose_node(overrides)
+    except Exception as err:  # Hydra's override grammar, unknown keys, wrong types
+        raise ConfigError(f"the overrides do not compose: {err}") from err
+    return to_pipeline_config(node, stage)

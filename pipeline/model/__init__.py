@@ -1,0 +1,1 @@
+"""The GPT model: its modules, its sizes and FLOPs, generation, and which layers tensor parallelism splits."""

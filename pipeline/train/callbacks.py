@@ -1,0 +1,223 @@
+"""The concerns around the training step, one small class each (pipeline.train.loop calls them in list order).
+
+    LossHistory          per-step losses and gradient norms for the driver (equivalence tests)
+    MetricsLogger        train loss, lr, grad norm, tokens/s, MFU, memory: to the log and MLflow
+    SteadyThroughput     tokens/s after the first two steps (start-up left out)
+    IntervalValidation   validation loss every train.eval_interval_steps
+    PreemptionCheck      a signal or PREEMPT file on any rank: checkpoint, then stop
+    PeriodicCheckpoint   a checkpoint every train.save_interval_steps
+    FinalCheckpoint      the checkpoint at max_steps
+
+Checkpointer saves a checkpoint of the run with the client state a resume needs; the three checkpoint callbacks
+share one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint.save_load import save_checkpoint
+from pipeline.data.loader import RankBatches, window_batches
+from pipeline.train.job import TrainJob
+from pipeline.train.loop import Callback, LoopState, StepResult
+from pipeline.train.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+from pipeline.train.throughput import memory_mb, mfu
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Saves the run's checkpoints (collective: every rank calls save) with what a resume needs."""
+
+    def __init__(self, engine, job: TrainJob, batches: RankBatches, ckpt_root: Path, world: int, store=None):
+        self.engine, self.job, self.batches = engine, job, batches
+        self.ckpt_root, self.world, self.store = ckpt_root, world, store
+        self.layout = {"zero_stage": job.parallel.zero_stage, "tensor_parallel": job.parallel.tensor_parallel,
+                       "precision": job.precision}
+
+    def client_state(self, step: int) -> dict:
+        job = self.job
+        return {
+            "step": step,
+            "samples_consumed": self.batches.samples_consumed(step),
+            "data_seed": job.train.seed,
+            "config_fingerprint": job.config_fingerprint,
+            "tokenizer_sha256": job.tokenizer_sha256,
+            "job_id": job.job_id,
+            "world_size": self.world,
+            "tensor_parallel": job.parallel.tensor_parallel,
+            "math_config": job.math_config,
+        }
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(self.engine, self.ckpt_root, step, self.client_state(step),
+                               self.job.train.keep_last_checkpoints, self.layout, self.store)
+
+
+class LossHistory(Callback):
+    """Every step's loss and gradient norm, kept when the job asks for them (job.record_losses)."""
+
+    def __init__(self, record: bool):
+        self.record = record
+        self.losses: dict[int, float] = {}
+        self.grad_norms: dict[int, float] = {}
+
+    def wants_grad_norm(self, done: int) -> bool:
+        return self.record
+
+    def after_step(self, state: LoopState, result: StepResult) -> None:
+        if not self.record:
+            return
+        self.losses[result.index] = result.loss
+        if result.grad_norm is not None:
+            self.grad_norms[result.index] = result.grad_norm
+
+
+class MetricsLogger(Callback):
+    """Every train.log_interval_steps (and at the last step): the window's mean loss and rates, logged by rank
+    0 and sent to MLflow when a tracker is given."""
+
+    def __init__(self, job: TrainJob, tokens_per_step: int, world: int, peak_tflops: float, device: torch.device,
+                 rank: int, tracker=None):
+        self.interval, self.max_steps = job.train.log_interval_steps, job.train.max_steps
+        self.flops_per_token, self.tokens_per_step = job.flops_per_token, tokens_per_step
+        self.world, self.peak_tflops, self.device = world, peak_tflops, device
+        self.rank, self.tracker = rank, tracker
+        self.tokens_per_s = 0.0  # of the last logged window
+        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+
+    def wants_grad_norm(self, done: int) -> bool:
+        return done % self.interval == 0 or done == self.max_steps
+
+    def after_step(self, state: LoopState, result: StepResult) -> None:
+        self.window_loss += result.loss
+        self.window_steps += 1
+        done = result.done
+        if not self.wants_grad_norm(done):
+            return
+        self.tokens_per_s = self.tokens_per_step * self.window_steps / (time.perf_counter() - self.window_start)
+        metrics = {
+            "train_loss": self.window_loss / self.window_steps,
+            "lr": state.engine.get_lr()[0],
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": mfu(self.tokens_per_s / self.world, self.flops_per_token, self.peak_tflops),
+            "step_time_s": time.perf_counter() - result.started_at,
+            "memory_mb": memory_mb(self.device),
+            "tokens_seen": done * self.tokens_per_step,
+        }
+        if self.rank == 0:
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s mfu %.3f", done, self.max_steps,
+                     metrics["train_loss"], metrics["lr"], self.tokens_per_s, metrics["mfu"])
+            if self.tracker:
+                self.tracker.log(metrics, step=done)
+        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+
+
+class SteadyThroughput(Callback):
+    """Tokens/s from the end of the run's second step to its end: the rate without start-up."""
+
+    def __init__(self, start_step: int, tokens_per_step: int):
+        self.start_step, self.tokens_per_step = start_step, tokens_per_step
+        self.started: float | None = None
+        self.tokens_per_s: float | None = None
+
+    def after_step(self, state: LoopState, result: StepResult) -> None:
+        if result.done == self.start_step + 2:
+            self.started = time.perf_counter()
+
+    def at_end(self, state: LoopState) -> None:
+        steps = state.max_steps - (self.start_step + 2)
+        if self.started is not None and steps > 0:
+            self.tokens_per_s = self.tokens_per_step * steps / (time.perf_counter() - self.started)
+
+
+@torch.no_grad()
+def validation_loss(engine, dataset, micro_batch: int, n_batches: int, device: torch.device) -> float:
+    """Mean loss over the first n_batches x micro_batch validation windows. Every rank runs the same batches
+    (ZeRO-3 and tensor parallelism need all ranks in each forward); the result is identical on all ranks."""
+    engine.eval()
+    total, count = 0.0, 0
+    for i, (inputs, targets) in enumerate(window_batches(dataset, micro_batch, None)):
+        if i == n_batches:
+            break
+        _, loss = engine(inputs.to(device), targets.to(device))
+        total += loss.item() * targets.numel()
+        count += targets.numel()
+    engine.train()
+    return total / max(1, count)
+
+
+class IntervalValidation(Callback):
+    """interval_val_loss every train.eval_interval_steps, over the first train.eval_batches micro-batches."""
+
+    def __init__(self, dataset, interval: int, micro_batch: int, n_batches: int, device: torch.device, rank: int,
+                 tracker=None):
+        self.dataset, self.interval, self.micro_batch, self.n_batches = dataset, interval, micro_batch, n_batches
+        self.device, self.rank, self.tracker = device, rank, tracker
+
+    def after_step(self, state: LoopState, result: StepResult) -> None:
+        if not len(self.dataset) or result.done % self.interval:
+            return
+        val_loss = validation_loss(state.engine, self.dataset, self.micro_batch, self.n_batches, self.device)
+        if self.rank == 0:
+            log.info("step %d validation loss %.4f", result.done, val_loss)
+            if self.tracker:
+                self.tracker.log({"interval_val_loss": val_loss}, step=result.done)
+
+
+class PreemptionCheck(Callback):
+    """When any rank was signalled (or the driver left a PREEMPT file): save a checkpoint and stop the run."""
+
+    def __init__(self, flag: PreemptionFlag, checkpointer: Checkpointer, device: torch.device, rank: int,
+                 tracker=None):
+        self.flag, self.checkpointer, self.device, self.rank, self.tracker = flag, checkpointer, device, rank, tracker
+        self.checkpoint: Path | None = None
+        self.step = 0
+
+    def after_step(self, state: LoopState, result: StepResult) -> None:
+        if result.done >= state.max_steps or not self.flag.any_rank(self.device):
+            return
+        self.step, self.checkpoint = result.done, self.checkpointer.save(result.done)
+        if self.rank == 0:
+            log.warning("preempted: saved %s at step %d; exiting with code %d", self.checkpoint, result.done,
+                        PREEMPTED_EXIT_CODE)
+            if self.tracker:
+                self.tracker.set_tags({"preempted_at_step": str(result.done)})
+        state.stopped = True
+
+
+class PeriodicCheckpoint(Callback):
+    """A checkpoint every train.save_interval_steps (0: none; the last step has FinalCheckpoint)."""
+
+    def __init__(self, checkpointer: Checkpointer, interval: int):
+        self.checkpointer, self.interval = checkpointer, interval
+
+    def after_step(self, state: LoopState, result: StepResult) -> None:
+        if self.interval and result.done % self.interval == 0 and result.done < state.max_steps:
+            self.checkpointer.save(result.done)
+
+
+class FinalCheckpoint(Callback):
+    """The checkpoint at max_steps (a run resumed at max_steps keeps the one it resumed from), and the final
+    step in MLflow."""
+
+    def __init__(self, checkpointer: Checkpointer, resumed_from: str | None, rank: int, tracker=None):
+        self.checkpointer, self.resumed_from, self.rank, self.tracker = checkpointer, resumed_from, rank, tracker
+        self.checkpoint: Path | None = None
+
+    def at_end(self, state: LoopState) -> None:
+        final_step = max(state.start_step, state.max_steps)
+        if state.start_step >= state.max_steps:
+            self.checkpoint = Path(self.resumed_from)  # the checkpoint already holds the finished run
+            if self.rank == 0:
+                log.info("the run already reached step %d at %s; nothing to train", state.start_step,
+                         self.resumed_from)
+        else:
+            self.checkpoint = self.checkpointer.save(final_step)
+        if self.tracker:
+            self.tracker.log({"final_step": final_step}, step=final_step)

@@ -1,0 +1,63 @@
+"""The few collective helpers a worker needs beside DeepSpeed: process group, device, seeding, a mean over ranks
+and the gradient norm where DeepSpeed reports none."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import ParallelConfig
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_distributed(parallel: ParallelConfig) -> None:
+    import deepspeed
+
+    backend = "nccl" if parallel.use_gpu else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def device_for(parallel: ParallelConfig) -> torch.device:
+    if parallel.use_gpu:
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().device_name(), get_accelerator().current_device())
+    return torch.device("cpu")
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def grad_norm(module: torch.nn.Module, tp: int) -> float:
+    """Global L2 norm of the (data-parallel averaged) gradients, before clipping, where DeepSpeed reports none
+    (ZeRO-0). Under AutoTP a sharded weight (DeepSpeed marks it `tensor_model_parallel`) contributes the sum
+    over the tensor-parallel group; a replicated one (norms, embeddings, row-parallel biases) counts once."""
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in module.parameters():
+        if p.grad is None:
+            continue
+        square = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "tensor_model_parallel", False):
+            sharded += square
+        else:
+            replicated += square
+    if tp > 1:
+        from deepspeed.utils import groups
+
+        device = next(module.parameters()).device
+        sharded = sharded.to(device)
+        dist.all_reduce(sharded, group=groups.get_tensor_model_parallel_group())
+        sharded = sharded.cpu()
+    return float((sharded + replicated).sqrt())

@@ -1,0 +1,155 @@
+"""The train stage on the driver: resolve the job, decide the resume, open the MLflow run, launch workers.
+
+    train(cfg, data_dir): build_job -> check_resume -> open_run -> launch_ray (under PreemptionForwarder)
+                          -> finish_run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from data_prep.shards import check_dataset_checksums, load_manifest
+from pipeline.checkpoint.resume import plan_resume
+from pipeline.cluster.storage import store_for
+from pipeline.config import (
+    ConfigError,
+    ModelConfig,
+    PipelineConfig,
+    fingerprint,
+    flatten,
+    grad_accumulation_steps,
+    run_dir_for,
+)
+from pipeline.model.size import model_for_data, training_flops_per_token
+from pipeline.tracking import Tracker
+from pipeline.train.ds_config import make_ds_config, resolve_precision
+from pipeline.train.job import TrainJob, TrainOutcome
+from pipeline.train.plots import plot_loss_curve
+from pipeline.train.preemption import Preempted, PreemptionForwarder
+from pipeline.train.ray_launch import launch_ray
+
+log = logging.getLogger(__name__)
+
+
+# Train settings that do not change the numbers a run computes.
+_NOT_MATH = ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints", "resume", "eval_interval_steps",
+             "eval_batches", "peak_tflops", "allow_config_change", "max_failures", "compile")
+
+
+def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precision: str, tokenizer_sha256: str) -> dict:
+    """What changes the numbers a run computes (not logging, not where it saves). The run's length counts
+    too unless the schedule is constant: cosine and WSD stretch over train.max_steps, so a longer run has
+    another learning rate at every step after warm-up."""
+    not_math = _NOT_MATH + (("max_steps",) if cfg.train.schedule == "constant" else ())
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in not_math}
+    return {"model": asdict(model), "train": train, "data": data_dir.name, "precision": precision,
+            "tokenizer_sha256": tokenizer_sha256}
+
+
+def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
+    """The job with the resume decided on the driver (pipeline.checkpoint.resume.plan_resume): the checkpoint
+    the workers load, and DeepSpeed's universal loading when the parallel layout changed."""
+    plan = plan_resume(cfg.train, cfg.parallel, run_dir_for(cfg), job.math_config, store_for(cfg.cluster.storage_uri))
+    if plan.universal:
+        return dataclasses.replace(job, resume_from=str(plan.checkpoint),
+                                   ds_config={**job.ds_config, "checkpoint": {"load_universal": True}})
+    return dataclasses.replace(job, resume_from=str(plan.checkpoint) if plan.checkpoint is not None else None)
+
+
+def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run_id: str | None) -> TrainJob:
+    manifest = load_manifest(data_dir)
+    if cfg.data.verify_checksums:
+        t0 = time.time()
+        hashed = check_dataset_checksums(data_dir)
+        if hashed:
+            log.info("verified the sha256 of %d files of %s in %.1fs", hashed, data_dir, time.time() - t0)
+    if manifest.window_length != cfg.model.context_length + 1:
+        raise ConfigError(
+            f"the data set {data_dir} holds windows of {manifest.window_length} tokens but the model needs "
+            f"model.context_length + 1 = {cfg.model.context_length + 1}: prepare the data with the same "
+            f"context_length."
+        )
+    model = model_for_data(cfg.model, manifest.vocab_size)
+    precision = resolve_precision(cfg.parallel)
+    accum = grad_accumulation_steps(cfg.train, cfg.parallel, model.context_length)
+    math = math_config(cfg, model, data_dir, precision, manifest.tokenizer_sha256)
+    return TrainJob(
+        model=model,
+        train=cfg.train,
+        parallel=cfg.parallel,
+        data_dir=str(data_dir),
+        run_dir=str(run_dir_for(cfg)),
+        storage_uri=cfg.cluster.storage_uri,
+        precision=precision,
+        grad_accum_steps=accum,
+        ds_config=make_ds_config(cfg.train, cfg.parallel, precision, accum),
+        flops_per_token=training_flops_per_token(model),
+        config_fingerprint=fingerprint(math),
+        math_config=math,
+        tokenizer_sha256=manifest.tokenizer_sha256,
+        job_id=uuid.uuid4().hex,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
+    )
+
+
+def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path, tags: dict[str, str] | None = None):
+    """Open (or re-open) the MLflow run of this training job and record what defines it."""
+    tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(cfg), cfg.run_name, tags=tags)
+    tracker.log_params(flatten(cfg))
+    tracker.log_params({
+        "resolved.vocab_size": job.model.vocab_size,
+        "resolved.precision": job.precision,
+        "resolved.grad_accum_steps": job.grad_accum_steps,
+        "resolved.data_dir": job.data_dir,
+        "resolved.config_fingerprint": job.config_fingerprint,
+    })
+    tracker.set_tags({"stage": "train", "data_dir": str(data_dir)})
+    tracker.log_artifact(data_dir / "tokenizer.model", "tokenizer")
+    return tracker
+
+
+def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = None) -> TrainOutcome:
+    run_dir = run_dir_for(cfg)
+    job = check_resume(cfg, build_job(cfg, data_dir, None, None))
+    tracker = open_run(cfg, job, data_dir, tags)
+    job = dataclasses.replace(job, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
+    log.info(
+        "training %s: %d workers (tp=%d), ZeRO-%d, %s, %d grad-accumulation steps, run dir %s",
+        cfg.run_name, cfg.parallel.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.zero_stage,
+        job.precision, job.grad_accum_steps, run_dir,
+    )
+    try:
+        with PreemptionForwarder(run_dir) as forwarder:
+            outcome = launch_ray(job, run_dir, max_failures=cfg.train.max_failures,
+                                 placement_strategy=cfg.cluster.placement_strategy,
+                                 workers_per_node=cfg.cluster.workers_per_node)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    if outcome.preempted:
+        tracker.set_tags({"checkpoint": outcome.checkpoint})
+        tracker.close("KILLED")
+        forwarder.hand_over()  # e.g. submitit requeues the job here (and exits)
+        raise Preempted(outcome)
+    finish_run(tracker, outcome, run_dir, cfg.run_name)
+    return outcome
+
+
+def finish_run(tracker, outcome: TrainOutcome, run_dir: Path, run_name: str) -> None:
+    """Record the checkpoint and the loss curve, and mark the MLflow run finished."""
+    tracker.set_tags({"checkpoint": outcome.checkpoint})
+    if outcome.worker_nodes:
+        tracker.set_tags({"ray_worker_nodes": ",".join(outcome.worker_nodes)})
+    history = tracker.client.get_metric_history(tracker.run_id, "train_loss")
+    if history:
+        points = sorted((m.step, m.value) for m in history)
+        path = plot_loss_curve([s for s, _ in points], [v for _, v in points], run_dir / "loss_curve.png", run_name)
+        tracker.log_artifact(path, "plots")
+    tracker.close()
+    log.info("training finished at step %d; checkpoint %s", outcome.final_step, outcome.checkpoint)

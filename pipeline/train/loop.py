@@ -1,0 +1,93 @@
+"""The training loop: one optimizer step after another, with callbacks at named points around it.
+
+    for step in range(start_step, max_steps):
+        result = train_step(...)                      # forward, backward, DeepSpeed step; the loss over ranks
+        for callback in callbacks:
+            callback.after_step(state, result)        # metrics, validation, preemption, checkpoints, ...
+            if state.stopped: break                   # a callback ended the run at this step (preemption)
+    if not stopped: callback.at_end(state)            # the run reached max_steps
+
+Every concern around the step is one Callback (pipeline.train.callbacks); adding a concern means adding one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.data.loader import RankBatches
+from pipeline.train.distributed import grad_norm, mean_over_ranks
+
+
+@dataclass
+class StepResult:
+    index: int  # 0-based: the step just taken
+    loss: float  # mean over ranks of the step's mean micro-batch loss
+    grad_norm: float | None  # before clipping; only where a callback asked for it (it costs a reduction)
+    started_at: float  # time.perf_counter() when the step began
+
+    @property
+    def done(self) -> int:
+        """Steps completed after this one: the step number that metrics and checkpoints carry."""
+        return self.index + 1
+
+
+@dataclass
+class LoopState:
+    """What callbacks see of the run, and how one of them stops it."""
+
+    engine: object  # the DeepSpeed engine
+    start_step: int
+    max_steps: int
+    stopped: bool = False  # set by a callback that ends the run at this step (e.g. preemption)
+
+
+class Callback:
+    """A concern around the step. Override the points you need; the defaults do nothing."""
+
+    def wants_grad_norm(self, done: int) -> bool:
+        """Whether this callback reads StepResult.grad_norm at step `done` (it costs a reduction)."""
+        return False
+
+    def after_step(self, state: LoopState, result: StepResult) -> None:
+        """After every optimizer step, in the order of the callback list."""
+
+    def at_end(self, state: LoopState) -> None:
+        """Once, when the run reached max_steps (not when a callback stopped it)."""
+
+
+def train_step(engine, batches: RankBatches, step: int, device: torch.device, want_grad_norm: bool,
+               zero_stage: int, tensor_parallel: int) -> StepResult:
+    """One optimizer step over batches.grad_accum micro-batches of this rank."""
+    started_at = time.perf_counter()
+    step_loss, plain_grad_norm = 0.0, None
+    for micro_step in range(batches.grad_accum):
+        inputs, targets = batches.micro_batch_at(step, micro_step)
+        _, loss = engine(inputs.to(device), targets.to(device))
+        engine.backward(loss)
+        if micro_step == batches.grad_accum - 1 and zero_stage == 0 and want_grad_norm:
+            plain_grad_norm = grad_norm(engine.module, tensor_parallel)  # DeepSpeed reports none without ZeRO
+        engine.step()
+        step_loss += loss.item() / batches.grad_accum
+    step_loss = mean_over_ranks(step_loss, device)
+    norm = engine.get_global_grad_norm() if want_grad_norm else None
+    norm = plain_grad_norm if norm is None else norm
+    return StepResult(step, step_loss, float(norm) if norm is not None else None, started_at)
+
+
+def run_loop(state: LoopState, callbacks: list[Callback], batches: RankBatches, device: torch.device,
+             zero_stage: int, tensor_parallel: int) -> LoopState:
+    """Train from state.start_step to state.max_steps unless a callback stops the run first."""
+    state.engine.train()
+    for step in range(state.start_step, state.max_steps):
+        want_grad_norm = any(c.wants_grad_norm(step + 1) for c in callbacks)
+        result = train_step(state.engine, batches, step, device, want_grad_norm, zero_stage, tensor_parallel)
+        for callback in callbacks:
+            callback.after_step(state, result)
+            if state.stopped:
+                return state
+    for callback in callbacks:
+        callback.at_end(state)
+    return state

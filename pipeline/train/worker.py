@@ -1,0 +1,184 @@
+"""What every training worker runs: build the model, wrap it in a DeepSpeed engine, resume, run the loop.
+
+The same function runs under Ray Train (pipeline.train.ray_launch) and under a plain `torchrun`/`deepspeed`
+launch (pipeline.launch): it only needs torch.distributed to be initialisable from the environment.
+
+    train_worker: process group -> (object store) -> resume point -> engine -> batches -> checkpoint loaded
+                  -> callbacks -> run_loop -> outcome
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_prep.shards import WindowDataset
+from pipeline.checkpoint.layout import checkpoint_root, latest_complete, read_marker
+from pipeline.checkpoint.save_load import is_node_leader, load_checkpoint
+from pipeline.checkpoint.store_sync import pull_checkpoint, pull_latest_checkpoint
+from pipeline.cluster.storage import ObjectStore
+from pipeline.data.loader import RankBatches
+from pipeline.data.store_sync import pull_dataset
+from pipeline.model.gpt import GPT
+from pipeline.tracking import Tracker
+from pipeline.train.callbacks import (
+    Checkpointer,
+    FinalCheckpoint,
+    IntervalValidation,
+    LossHistory,
+    MetricsLogger,
+    PeriodicCheckpoint,
+    PreemptionCheck,
+    SteadyThroughput,
+)
+from pipeline.train.distributed import device_for, init_distributed, seed_everything
+from pipeline.train.job import TrainJob, TrainOutcome
+from pipeline.train.loop import Callback, LoopState, run_loop
+from pipeline.train.optimizer import build_optimizer, build_scheduler
+from pipeline.train.preemption import PreemptionFlag
+from pipeline.train.throughput import measure_peak_tflops
+
+log = logging.getLogger(__name__)
+
+
+def resume_point(job: TrainJob, ckpt_root: Path) -> tuple[Path | None, dict]:
+    """The checkpoint this worker group starts from, and the DeepSpeed config to load it with.
+
+    The job's own newest checkpoint comes first (a restart after a failure, even of a job that began from an
+    explicit or universal checkpoint); then the checkpoint the driver resolved; then, for train.resume=auto,
+    the latest complete one of the run directory."""
+    latest = latest_complete(ckpt_root)
+    if latest is not None and job.job_id and read_marker(latest).get("client_state", {}).get("job_id") == job.job_id:
+        # Saved by this job at its own layout: a plain load, not a universal one.
+        return latest, {k: v for k, v in job.ds_config.items() if k != "checkpoint"}
+    if job.resume_from is not None:
+        return Path(job.resume_from), job.ds_config
+    if job.train.resume == "auto":
+        return latest, job.ds_config
+    return None, job.ds_config
+
+
+def pull_from_store(job: TrainJob) -> ObjectStore:
+    """Collective: the first worker of each node downloads what its node lacks of the data set, the run's
+    newest checkpoint in the store and the checkpoint the driver resolved; the others wait. Returns the
+    store, for the uploads of new checkpoints."""
+    store = ObjectStore(job.storage_uri)
+    run_dir = Path(job.run_dir)
+    if is_node_leader():
+        pull_dataset(store, Path(job.data_dir))
+        pull_latest_checkpoint(store, run_dir)
+        if job.resume_from and Path(job.resume_from).is_relative_to(run_dir):
+            pull_checkpoint(store, run_dir, Path(job.resume_from))
+    dist.barrier()
+    return store
+
+
+def build_engine(job: TrainJob, ds_config: dict):
+    """The GPT wrapped in a DeepSpeed engine, identical initial weights on every rank. The optimizer and
+    scheduler are callables: DeepSpeed applies AutoTP sharding first, then builds them over the sharded model."""
+    import deepspeed
+
+    seed_everything(job.train.seed)
+    model = GPT(job.model)
+    if job.parallel.activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=lambda _params: build_optimizer(model, job.train),
+        lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train),
+        config=ds_config,
+    )
+    if job.train.compile:
+        engine.compile()
+    return engine
+
+
+@dataclass
+class WorkerCallbacks:
+    """The concerns around the step; `in_order()` is the order they run in after each step."""
+
+    history: LossHistory
+    metrics: MetricsLogger
+    steady: SteadyThroughput
+    validation: IntervalValidation | None
+    preemption: PreemptionCheck
+    periodic: PeriodicCheckpoint
+    final: FinalCheckpoint
+
+    def in_order(self) -> list[Callback]:
+        return [c for c in (self.history, self.metrics, self.steady, self.validation, self.preemption,
+                            self.periodic, self.final) if c is not None]
+
+
+def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpointer, start_step: int,
+                    resumed_from: str | None, device: torch.device, tracker: Tracker | None) -> WorkerCallbacks:
+    rank, world, train = dist.get_rank(), dist.get_world_size(), job.train
+    peak_tflops = train.peak_tflops or measure_peak_tflops(job.precision, device)
+    if tracker:
+        tracker.log({"peak_tflops_per_worker": peak_tflops}, step=start_step)
+    tokens_per_step = batches.global_batch * job.model.context_length
+    validation = None
+    if train.eval_interval_steps:
+        validation = IntervalValidation(WindowDataset(Path(job.data_dir), "validation"), train.eval_interval_steps,
+                                        train.micro_batch_size, train.eval_batches, device, rank, tracker)
+    return WorkerCallbacks(
+        history=LossHistory(job.record_losses),
+        metrics=MetricsLogger(job, tokens_per_step, world, peak_tflops, device, rank, tracker),
+        steady=SteadyThroughput(start_step, tokens_per_step),
+        validation=validation,
+        preemption=PreemptionCheck(PreemptionFlag(Path(job.run_dir)), checkpointer, device, rank, tracker),
+        periodic=PeriodicCheckpoint(checkpointer, train.save_interval_steps),
+        final=FinalCheckpoint(checkpointer, resumed_from, rank, tracker),
+    )
+
+
+def train_worker(job: TrainJob) -> TrainOutcome:
+    if not job.parallel.use_gpu:
+        torch.set_num_threads(job.parallel.cpus_per_worker)
+    init_distributed(job.parallel)
+    rank, world, tp = dist.get_rank(), dist.get_world_size(), job.parallel.tensor_parallel
+    device = device_for(job.parallel)
+    ckpt_root = checkpoint_root(Path(job.run_dir))
+    store = pull_from_store(job) if job.storage_uri else None
+    tag_dir, ds_config = resume_point(job, ckpt_root)
+    engine = build_engine(job, ds_config)
+    batches = RankBatches(WindowDataset(Path(job.data_dir), "train"), seed=job.train.seed,
+                          micro_batch=job.train.micro_batch_size, grad_accum=job.grad_accum_steps,
+                          dp_size=world // tp, dp_rank=rank // tp)
+    start_step, resumed_from = 0, None
+    if tag_dir is not None:
+        state = load_checkpoint(engine, tag_dir)
+        start_step, resumed_from = int(state["step"]), str(tag_dir)
+        batches.resume_at(start_step, int(state["samples_consumed"]))
+        if rank == 0:
+            log.info("resumed from %s at step %d (%d samples consumed)", tag_dir, start_step, state["samples_consumed"])
+    tracker = Tracker(job.tracking_uri, job.mlflow_run_id) if rank == 0 and job.mlflow_run_id else None
+    checkpointer = Checkpointer(engine, job, batches, ckpt_root, world, store)
+    callbacks = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, tracker)
+    loop = run_loop(LoopState(engine, start_step, job.train.max_steps), callbacks.in_order(), batches, device,
+                    job.parallel.zero_stage, tp)
+    return outcome_of(loop, callbacks, engine, resumed_from)
+
+
+def outcome_of(loop: LoopState, callbacks: WorkerCallbacks, engine, resumed_from: str | None) -> TrainOutcome:
+    """What rank 0 hands back to the driver, read off the callbacks."""
+    history, metrics = callbacks.history, callbacks.metrics
+    if loop.stopped:  # preempted
+        return TrainOutcome(callbacks.preemption.step, history.losses, True, str(callbacks.preemption.checkpoint),
+                            metrics.tokens_per_s, resumed_from, grad_norms=history.grad_norms)
+    steady = callbacks.steady.tokens_per_s
+    return TrainOutcome(
+        final_step=max(loop.start_step, loop.max_steps),
+        losses=history.losses,
+        preempted=False,
+        checkpoint=str(callbacks.final.checkpoint),
+        tokens_per_s=metrics.tokens_per_s,
+        resumed_from=resumed_from,
+        grad_norms=history.grad_norms,
+        local_parameters=sum(p.numel() for p in engine.module.parameters()),
+        steady_tokens_per_s=metrics.tokens_per_s if steady is None else steady,
+    )
