@@ -19,7 +19,9 @@ tokens at absolute positions p .. p+T-1 and attends over the cached positions be
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -58,6 +60,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return rotated.type_as(x)
+
+
+def _children_first(module: nn.Module) -> Iterator[nn.Module]:
+    """module and its descendants in the order Module.apply visits them: each module after its children."""
+    for child in module.children():
+        yield from _children_first(child)
+    yield module
 
 
 # --- key-value cache -------------------------------------------------------------------------------------
@@ -174,7 +183,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init_weights: bool = True):
+        """init_weights=False leaves GPT-2's initialisation to the caller (init_steps), e.g. one that holds only
+        partitions of the parameters (ZeRO-3) and gathers each step's parameters first."""
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError(
@@ -192,17 +203,30 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.activation_checkpointing = False
-        self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) (two per block) so that the residual
-        # stream's variance does not grow with depth.
+        if init_weights:
+            for _, init in self.init_steps():
+                init()
+
+    def init_steps(self) -> list[tuple[list[nn.Parameter], Callable[[], None]]]:
+        """GPT-2's initialisation as ordered steps, each with the parameters it writes: every Linear and
+        Embedding weight ~ N(0, init_std) and every Linear bias 0, module by module in Module.apply's order
+        (children first); then the residual projections again with init_std / sqrt(2 n_layer) (two per block),
+        so that the residual stream's variance does not grow with depth. Run in order, the steps draw the same
+        random numbers whoever runs them."""
+        steps = []
+        for module in _children_first(self):
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                params = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
+                steps.append((params, functools.partial(self._init_module, module)))
+        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
         for name, param in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(param, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+                steps.append(([param], functools.partial(nn.init.normal_, param, mean=0.0, std=residual_std)))
+        return steps
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
+    def _init_module(self, module: nn.Linear | nn.Embedding) -> None:
+        nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:

@@ -18,7 +18,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not param.requires_grad:
             continue
         is_embedding = any(table in name for table in ("tok_emb", "pos_emb", "lm_head"))
-        if param.dim() >= 2 and not is_embedding:
+        shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partition keeps its full shape here
+        if len(shape) >= 2 and not is_embedding:
             decay.append(param)
         else:
             no_decay.append(param)

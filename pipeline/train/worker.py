@@ -77,13 +77,31 @@ def pull_from_store(job: TrainJob) -> ObjectStore:
     return store
 
 
-def build_engine(job: TrainJob, ds_config: dict):
-    """The GPT wrapped in a DeepSpeed engine, identical initial weights on every rank. The optimizer and
-    scheduler are callables: DeepSpeed applies AutoTP sharding first, then builds them over the sharded model."""
+def build_model(job: TrainJob, ds_config: dict) -> GPT:
+    """The GPT with identical initial weights on every rank (and the same for every layout).
+
+    Under ZeRO-3 it is built inside deepspeed.zero.Init: each parameter is partitioned as soon as its module
+    exists, so no rank ever holds the whole model; GPT-2's initialisation then runs step by step with only that
+    step's parameters gathered (rank 0's values kept), drawing the same random numbers as a plain build."""
     import deepspeed
 
     seed_everything(job.train.seed)
-    model = GPT(job.model)
+    if job.parallel.zero_stage != 3:
+        return GPT(job.model)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = GPT(job.model, init_weights=False)
+    for params, init in model.init_steps():
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            init()
+    return model
+
+
+def build_engine(job: TrainJob, ds_config: dict):
+    """The GPT wrapped in a DeepSpeed engine. The optimizer and scheduler are callables: DeepSpeed applies
+    AutoTP sharding first, then builds them over the sharded model."""
+    import deepspeed
+
+    model = build_model(job, ds_config)
     if job.parallel.activation_checkpointing:
         model.set_activation_checkpointing(True)
     engine, _, _, _ = deepspeed.initialize(

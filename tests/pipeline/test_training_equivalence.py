@@ -171,3 +171,42 @@ def test_job_is_plain_data():
 
     job = make_job("/tmp/d", "/tmp/r")
     assert dataclasses.asdict(pickle.loads(pickle.dumps(job))) == dataclasses.asdict(job)
+
+
+def build_partitioned(job):
+    """The worker's model under ZeRO-3: what each rank holds locally, and the gathered weights."""
+    import deepspeed
+
+    from pipeline.train.distributed import init_distributed
+    from pipeline.train.worker import build_model
+
+    init_distributed(job.parallel)
+    model = build_model(job, job.ds_config)
+    local = sum(p.ds_tensor.numel() for p in model.parameters())
+    full = sum(p.ds_numel for p in model.parameters())
+    untouched = all(p.numel() == 0 for p in model.parameters())  # nothing but the partition is allocated
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return local, full, untouched, weights
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_zero_3_builds_only_each_ranks_partition_with_the_same_initial_weights(tmp_path, tied):
+    """Under ZeRO-3 the model is created partitioned (deepspeed.zero.Init): each of 2 ranks holds about half of
+    every parameter, no rank holds a whole one after construction, and the gathered weights equal a plain
+    build's, bit for bit."""
+    from pipeline.model.gpt import GPT
+    from pipeline.train.distributed import seed_everything
+
+    job = make_job(tmp_path, tmp_path / "run", workers=2, micro=2, zero=3)
+    job = dataclasses.replace(job, model=dataclasses.replace(MODEL, tie_embeddings=tied))
+    results = run_distributed(build_partitioned, 2, job)
+    seed_everything(job.train.seed)
+    expected = GPT(job.model).state_dict()
+    for local, full, untouched, weights in results:
+        assert untouched
+        assert full == sum(p.numel() for p in GPT(job.model).parameters())
+        assert local <= full / 2 + 2 * len(expected)  # half of each parameter, rounded up
+        assert weights.keys() == expected.keys()
+        for name, value in expected.items():
+            assert torch.equal(weights[name], value), name
