@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["train_throughput", "checkpoint_io", "generation_kv_cache", "data_prep_throughput"]
+BENCHMARKS = [
+    "train_throughput", "checkpoint_io", "generation_kv_cache", "data_prep_throughput", "zero_memory", "gpu_check",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,8 @@ Stages (Hydra overrides, e.g. model.n_layer=6 parallel.zero_stage=2 train.max_st
                eval.top_k, eval.top_p, eval.max_new_tokens, eval.num_samples, eval.seed)
   export       the trained run as a Hugging Face transformers directory (GPT-2 or Llama architecture)
   params       parameter counts and training FLOPs of a model config (e.g. model=gpt3_175b)
+  plan         memory per rank and time of a layout, with a verdict against a device:
+               [overrides] [--gpu H100 | --gpu-memory 80GB] [--peak-tflops T] [--mfu 0.4] [--tokens N]
   sweep        a scaling-law sweep (sweep=isoflop_tiny): train every point, fit, plot, log to MLflow
 
 Tools:
@@ -46,7 +48,7 @@ Add --cfg job to a stage to print the composed config instead of running it.
 # the prompt.
 OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")
 
-CONFIG_STAGES = ("prepare", "train", "evaluate", "run", "params", "sweep", "generate", "export")
+CONFIG_STAGES = ("prepare", "train", "evaluate", "run", "params", "plan", "sweep", "generate", "export")
 
 log = logging.getLogger("pipeline")
 
@@ -71,7 +73,21 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def run_stage(stage: str, cfg) -> None:
+def plan_options(args: list[str]) -> tuple[dict, list[str]]:
+    """`pipeline plan`'s own options, and the Hydra overrides among args."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="pipeline plan", add_help=False)
+    parser.add_argument("--gpu", help="a known GPU (memory and dense bf16 peak): A100-80GB, H100, H200, B200, ...")
+    parser.add_argument("--gpu-memory", help="device memory per rank, e.g. 80GB (overrides --gpu's)")
+    parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per rank for the time estimate")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    parser.add_argument("--tokens", type=float, help="token budget (default: train.max_steps steps)")
+    options, overrides = parser.parse_known_args(args)
+    return vars(options), overrides
+
+
+def run_stage(stage: str, cfg, options: dict | None = None) -> None:
     """Dispatch one config stage; `run` chains prepare, train and evaluate."""
     if stage == "params":
         import dataclasses
@@ -89,10 +105,15 @@ def run_stage(stage: str, cfg) -> None:
         evaluate_stage,
         export_stage,
         generate_stage,
+        plan_stage,
         prepare_stage,
         run_pipeline,
         train_stage,
     )
+
+    if stage == "plan":
+        fits = plan_stage(cfg, **(options or {}))
+        sys.exit(0 if fits else 1)
 
     stages: dict[str, Callable] = {
         "export": export_stage,
@@ -106,7 +127,7 @@ def run_stage(stage: str, cfg) -> None:
     stages[stage](cfg)
 
 
-def _hydra_main(stage: str, overrides: list[str]) -> None:
+def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -> None:
     import hydra
     from omegaconf import DictConfig
 
@@ -124,7 +145,7 @@ def _hydra_main(stage: str, overrides: list[str]) -> None:
     def task(cfg_node: DictConfig) -> None:
         try:
             cfg = to_pipeline_config(cfg_node, stage)
-            run_stage(stage, cfg)
+            run_stage(stage, cfg, options)
         # Bad config or input found by a check that needs the data set, the machine or files on disk: the
         # message names the fix, a traceback would only bury it.
         except (PipelineError, FileNotFoundError) as err:
@@ -171,7 +192,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"unknown command {command!r}.\n\n{USAGE}")
     if command == "generate" and rest and not OVERRIDE.match(rest[0]):
         rest = [f"eval.prompt={quote_override_value(rest[0])}", *rest[1:]]
-    _hydra_main(command, rest)
+    options = None
+    if command == "plan":
+        options, rest = plan_options(rest)
+    _hydra_main(command, rest, options)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pipeline.config import (
     validate_for_submit,
     validate_known_keys,
     validate_model,
+    validate_parallel,
 )
 
 CONFIG_MODULE = "pipeline.conf"
@@ -54,7 +55,7 @@ def compose_node(overrides: list[str], with_hydra: bool = False):
 def to_pipeline_config(node, stage: str = "run") -> PipelineConfig:
     """Hydra DictConfig -> validated PipelineConfig.
 
-    `params` only needs a valid model. `submit` checks what holds wherever the job runs (input paths and
+    `params` only needs a valid model, `plan` a valid model and layout. `submit` checks what holds wherever the job runs (input paths and
     output_dir live on the cluster's storage, so they are neither looked up nor made absolute here). Every
     other stage validates the whole config, with output_dir made absolute.
     """
@@ -67,9 +68,11 @@ def to_pipeline_config(node, stage: str = "run") -> PipelineConfig:
         cfg = OmegaConf.to_object(node)
     except Exception as err:  # OmegaConf's type and interpolation errors
         raise ConfigError(f"the overrides do not compose: {err}") from err
-    if stage == "params":
+    if stage in ("params", "plan"):
         validate_known_keys(cfg)
         validate_model(cfg.model)
+        if stage == "plan":
+            validate_parallel(cfg.parallel, cfg.model)
     elif stage == "submit":
         validate_for_submit(cfg)
     else:

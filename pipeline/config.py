@@ -163,6 +163,17 @@ class ParallelConfig:
     gpus_per_worker: float = 1.0
     # CPU cores reserved for each worker.
     cpus_per_worker: int = 1
+    # Memory of one device in GiB that the planner (`pipeline plan`) checks the layout against before training;
+    # null: the driver's GPU when it sees one (parallel.use_gpu), else no check.
+    device_memory_gb: float | None = None
+    # Refuse a layout the planner says does not fit the device; false trains anyway.
+    check_memory: bool = True
+    # Keep the optimizer states (and fp32 master weights) in CPU memory (DeepSpeed's ZeRO-Offload; ZeRO 1-3).
+    offload_optimizer: bool = False
+    # Expert DeepSpeed settings merged into the generated config (nested dicts merge, a key given here wins),
+    # checked by DeepSpeed's own config model before workers start: buckets, overlap, offload parameters, ...
+    # e.g. +parallel.deepspeed.zero_optimization.reduce_bucket_size=50000000
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -199,6 +210,9 @@ class TrainConfig:
     resume: str = "auto"
     # Resume even when the checkpoint was trained with a different config (keys that change the math).
     allow_config_change: bool = False
+    # Optimizer steps skipped in a row for non-finite gradients (each retried on the same batch) before the run
+    # stops with an error naming the step; earlier checkpoints are kept.
+    max_skipped_steps: int = 5
     # Worker-group failures Ray Train recovers from (restarting from the latest complete checkpoint).
     max_failures: int = 0
     # Peak device throughput in TFLOP/s for MFU; null measures a matmul at start-up.
@@ -481,6 +495,8 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
     _positive("parallel.num_workers", parallel.num_workers)
     _positive("parallel.tensor_parallel", parallel.tensor_parallel)
     _positive("parallel.cpus_per_worker", parallel.cpus_per_worker)
+    if parallel.device_memory_gb is not None:
+        _positive("parallel.device_memory_gb", parallel.device_memory_gb)
     if parallel.gpus_per_worker <= 0:
         raise ConfigError(f"parallel.gpus_per_worker={parallel.gpus_per_worker} must be > 0.")
     _choice("parallel.precision", parallel.precision, PRECISIONS)
@@ -500,6 +516,11 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
     d_ff = mlp_width(model)  # 8/3 d_model rounded for SwiGLU when d_ff is null
     if d_ff % tp:
         raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.d_ff={d_ff}.")
+    if parallel.offload_optimizer and parallel.zero_stage == 0:
+        raise ConfigError(
+            "parallel.offload_optimizer=true needs ZeRO (DeepSpeed offloads the optimizer states it partitions): "
+            "set parallel.zero_stage to 1, 2 or 3."
+        )
     if tp > 1 and parallel.zero_stage == 3:
         raise ConfigError(
             "DeepSpeed AutoTP training does not combine with ZeRO stage 3: "
@@ -523,6 +544,8 @@ def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelCon
     _positive("train.lr", train.lr)
     _positive("train.log_interval_steps", train.log_interval_steps)
     _choice("train.schedule", train.schedule, SCHEDULES)
+    if train.max_skipped_steps < 0:
+        raise ConfigError(f"train.max_skipped_steps={train.max_skipped_steps} must be >= 0.")
     if train.warmup_steps < 0 or train.warmup_steps >= train.max_steps:
         raise ConfigError(
             f"train.warmup_steps={train.warmup_steps} must be in [0, train.max_steps={train.max_steps})."

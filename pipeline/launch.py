@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     dist.broadcast_object_list(ids, src=0)
     job = dataclasses.replace(job, tracking_uri=ids[0], mlflow_run_id=ids[1], job_id=ids[2])
     outcome = train_worker(job)
+    if outcome.failure:
+        if tracker:
+            tracker.close("FAILED")
+        print(f"error: {outcome.failure}", file=sys.stderr)
+        sys.exit(2)
     if outcome.preempted:
         if tracker:
             tracker.close("KILLED")

@@ -3,6 +3,7 @@
     LossHistory          per-step losses and gradient norms for the driver (equivalence tests)
     MetricsLogger        train loss, lr, grad norm, tokens/s, MFU, memory: to the log and MLflow
     SteadyThroughput     tokens/s after the first two steps (start-up left out)
+    NonFiniteGuard       skipped updates (non-finite gradients) counted and logged; too many in a row stop the run
     IntervalValidation   validation loss every train.eval_interval_steps
     PreemptionCheck      a signal or PREEMPT file on any rank: checkpoint, then stop
     PeriodicCheckpoint   a checkpoint every train.save_interval_steps
@@ -79,16 +80,19 @@ class LossHistory(Callback):
 
 class MetricsLogger(Callback):
     """Every train.log_interval_steps (and at the last step): the window's mean loss and rates, logged by rank
-    0 and sent to MLflow when a tracker is given."""
+    0 and sent to MLflow when a tracker is given. Rates count the time of the training steps only, not that of
+    validation, checkpoints or other callbacks; tokens seen follow the samples consumed (right across a resume
+    with another global batch)."""
 
-    def __init__(self, job: TrainJob, tokens_per_step: int, world: int, peak_tflops: float, device: torch.device,
+    def __init__(self, job: TrainJob, batches: RankBatches, world: int, peak_tflops: float, device: torch.device,
                  rank: int, tracker=None):
         self.interval, self.max_steps = job.train.log_interval_steps, job.train.max_steps
-        self.flops_per_token, self.tokens_per_step = job.flops_per_token, tokens_per_step
+        self.flops_per_token, self.batches, self.context = job.flops_per_token, batches, job.model.context_length
+        self.tokens_per_step = batches.global_batch * self.context
         self.world, self.peak_tflops, self.device = world, peak_tflops, device
         self.rank, self.tracker = rank, tracker
         self.tokens_per_s = 0.0  # of the last logged window
-        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+        self.window_loss, self.window_steps, self.window_start, self.window_callback_s = 0.0, 0, time.perf_counter(), 0.0
 
     def wants_grad_norm(self, done: int) -> bool:
         return done % self.interval == 0 or done == self.max_steps
@@ -99,7 +103,8 @@ class MetricsLogger(Callback):
         done = result.done
         if not self.wants_grad_norm(done):
             return
-        self.tokens_per_s = self.tokens_per_step * self.window_steps / (time.perf_counter() - self.window_start)
+        training_s = time.perf_counter() - self.window_start - (state.callback_s - self.window_callback_s)
+        self.tokens_per_s = self.tokens_per_step * self.window_steps / training_s
         metrics = {
             "train_loss": self.window_loss / self.window_steps,
             "lr": state.engine.get_lr()[0],
@@ -108,32 +113,67 @@ class MetricsLogger(Callback):
             "mfu": mfu(self.tokens_per_s / self.world, self.flops_per_token, self.peak_tflops),
             "step_time_s": time.perf_counter() - result.started_at,
             "memory_mb": memory_mb(self.device),
-            "tokens_seen": done * self.tokens_per_step,
+            "tokens_seen": self.batches.samples_consumed(done) * self.context,
         }
         if self.rank == 0:
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s mfu %.3f", done, self.max_steps,
                      metrics["train_loss"], metrics["lr"], self.tokens_per_s, metrics["mfu"])
             if self.tracker:
                 self.tracker.log(metrics, step=done)
-        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+        self.window_loss, self.window_steps = 0.0, 0
+        self.window_start, self.window_callback_s = time.perf_counter(), state.callback_s
 
 
 class SteadyThroughput(Callback):
-    """Tokens/s from the end of the run's second step to its end: the rate without start-up."""
+    """Tokens/s from the end of the run's second step to its end: the rate without start-up (and without the
+    time of callbacks)."""
 
     def __init__(self, start_step: int, tokens_per_step: int):
         self.start_step, self.tokens_per_step = start_step, tokens_per_step
         self.started: float | None = None
+        self.callback_s_at_start = 0.0
         self.tokens_per_s: float | None = None
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
         if result.done == self.start_step + 2:
-            self.started = time.perf_counter()
+            self.started, self.callback_s_at_start = time.perf_counter(), state.callback_s
 
     def at_end(self, state: LoopState) -> None:
         steps = state.max_steps - (self.start_step + 2)
         if self.started is not None and steps > 0:
-            self.tokens_per_s = self.tokens_per_step * steps / (time.perf_counter() - self.started)
+            training_s = time.perf_counter() - self.started - (state.callback_s - self.callback_s_at_start)
+            self.tokens_per_s = self.tokens_per_step * steps / training_s
+
+
+class NonFiniteGuard(Callback):
+    """A step whose gradients were not finite (a loss spike, a learning rate far too high, fp16 overflow) is
+    skipped by DeepSpeed or the optimizer and tried again; it is logged and counted (skipped_steps in MLflow).
+    After max_consecutive skips of the same step the run stops, naming the step: no checkpoint is written then,
+    so the complete ones before it stay as they are."""
+
+    def __init__(self, max_consecutive: int, rank: int, tracker=None):
+        self.max_consecutive, self.rank, self.tracker = max_consecutive, rank, tracker
+        self.consecutive, self.total = 0, 0
+
+    def after_step(self, state: LoopState, result: StepResult) -> None:
+        self.consecutive = 0
+
+    def after_skipped_step(self, state: LoopState, result: StepResult) -> None:
+        self.consecutive += 1
+        self.total += 1
+        if self.rank == 0:
+            log.warning("step %d: loss %s, gradient norm %s: the update was skipped (%d in a row, at most %d)",
+                        result.done, result.loss, result.grad_norm, self.consecutive, self.max_consecutive)
+            if self.tracker:
+                self.tracker.log({"skipped_steps": self.total}, step=result.done)
+        if self.consecutive > self.max_consecutive:
+            state.stopped = True
+            state.failure = (
+                f"training diverged at step {result.done}: its gradients were not finite {self.consecutive} times "
+                f"in a row (loss {result.loss}); no checkpoint was written after step {result.index}. Lower "
+                f"train.lr (now {state.engine.get_lr()[0]:.3g} at this step) or raise train.warmup_steps, and resume "
+                f"from the last complete checkpoint (train.resume=auto); train.max_skipped_steps sets the patience."
+            )
 
 
 @torch.no_grad()

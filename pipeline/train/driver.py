@@ -20,6 +20,7 @@ from pipeline.config import (
     ConfigError,
     ModelConfig,
     PipelineConfig,
+    PipelineError,
     fingerprint,
     flatten,
     grad_accumulation_steps,
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Train settings that do not change the numbers a run computes.
 _NOT_MATH = ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints", "resume", "eval_interval_steps",
-             "eval_batches", "peak_tflops", "allow_config_change", "max_failures", "compile")
+             "eval_batches", "peak_tflops", "allow_config_change", "max_failures", "compile", "max_skipped_steps")
 
 
 def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precision: str, tokenizer_sha256: str) -> dict:
@@ -87,7 +88,7 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
         storage_uri=cfg.cluster.storage_uri,
         precision=precision,
         grad_accum_steps=accum,
-        ds_config=make_ds_config(cfg.train, cfg.parallel, precision, accum),
+        ds_config=make_ds_config(cfg.train, cfg.parallel, precision, accum, d_model=model.d_model),
         flops_per_token=training_flops_per_token(model),
         config_fingerprint=fingerprint(math),
         math_config=math,
@@ -132,6 +133,10 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
     except BaseException:
         tracker.close("FAILED")
         raise
+    if outcome.failure:
+        tracker.set_tags({"failure": outcome.failure[:5000]})
+        tracker.close("FAILED")
+        raise TrainingFailed(outcome.failure)
     if outcome.preempted:
         tracker.set_tags({"checkpoint": outcome.checkpoint})
         tracker.close("KILLED")
@@ -139,6 +144,10 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
         raise Preempted(outcome)
     finish_run(tracker, outcome, run_dir, cfg.run_name)
     return outcome
+
+
+class TrainingFailed(PipelineError, RuntimeError):
+    """The workers stopped the run (e.g. it diverged); the message says at which step and what to do."""
 
 
 def finish_run(tracker, outcome: TrainOutcome, run_dir: Path, run_name: str) -> None:

@@ -35,9 +35,24 @@ def resolve_precision(parallel: ParallelConfig) -> str:
     return parallel.precision
 
 
+def bucket_sizes(d_model: int, zero_stage: int) -> dict[str, int]:
+    """Communication buckets that follow the model's width (as Hugging Face's DeepSpeed integration sets them
+    for "auto"): DeepSpeed's defaults (5e8 elements per reduce bucket, and ZeRO-3 keeping up to 1e9 gathered
+    elements alive) hold gigabytes per rank whatever the model, more than a 300 M-parameter model's own
+    states at dp=2 (measured: benchmarks/zero_memory.py)."""
+    sizes = {"reduce_bucket_size": d_model * d_model}
+    if zero_stage == 3:
+        sizes |= {"stage3_prefetch_bucket_size": int(0.9 * d_model * d_model),
+                  "stage3_param_persistence_threshold": 10 * d_model,
+                  "stage3_max_live_parameters": 10 * d_model * d_model}
+    return sizes
+
+
 def make_ds_config(
-    train: TrainConfig, parallel: ParallelConfig, precision: str, grad_accum_steps: int
+    train: TrainConfig, parallel: ParallelConfig, precision: str, grad_accum_steps: int, d_model: int | None = None,
 ) -> dict[str, Any]:
+    """The DeepSpeed config of a training job; with d_model, communication buckets sized by the model
+    (bucket_sizes) instead of DeepSpeed's fixed defaults."""
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
@@ -45,7 +60,8 @@ def make_ds_config(
         # groups come from the config (no mpu); the samples per step are micro x accum x dp all the same.
         "train_batch_size": train.micro_batch_size * grad_accum_steps * parallel.num_workers,
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": parallel.zero_stage},
+        "zero_optimization": {"stage": parallel.zero_stage,
+                              **(bucket_sizes(d_model, parallel.zero_stage) if d_model and parallel.zero_stage else {})},
         # The optimizer is torch AdamW built by pipeline.train.optimizer (param groups, decoupled decay);
         # ZeRO partitions it like any other.
         "zero_allow_untested_optimizer": True,
@@ -66,4 +82,29 @@ def make_ds_config(
             "autotp_size": parallel.tensor_parallel,
             "partition_config": {"use_default_specs": False, "layer_specs": AUTOTP_LAYER_SPECS},
         }
-    return config
+    if parallel.offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": parallel.use_gpu}
+        config["zero_force_ds_cpu_optimizer"] = False  # our optimizer is torch's AdamW, not DeepSpeedCPUAdam
+    return merge(config, parallel.deepspeed)
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """base with extra's keys set (nested dicts merged key by key; a value of extra wins)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def check_with_deepspeed(config: dict[str, Any]) -> None:
+    """Read the config through DeepSpeed's own config model (its sub-configs refuse unknown keys and wrong
+    types) before any worker starts. The world size is not known here: the batch-size check is left to the
+    workers, which recompute it."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    single = {k: v for k, v in config.items() if k != "train_batch_size"}
+    try:
+        DeepSpeedConfig(single)
+    except Exception as err:  # DeepSpeed raises pydantic's ValidationError, AssertionError, ValueError, ...
+        raise ConfigError(f"DeepSpeed refuses the generated config (parallel.deepspeed and the settings it "
+                          f"merges into): {err}") from err

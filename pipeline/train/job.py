@@ -57,3 +57,5 @@ class TrainOutcome:
     local_parameters: int = 0
     # Tokens/s from the end of the run's second step to its end: the steady rate, without start-up.
     steady_tokens_per_s: float = 0.0
+    # Why the run stopped when it failed (e.g. it diverged: non-finite gradients too many times in a row).
+    failure: str | None = None

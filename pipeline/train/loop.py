@@ -1,11 +1,19 @@
 """The training loop: one optimizer step after another, with callbacks at named points around it.
 
-    for step in range(start_step, max_steps):
+    step = start_step
+    while step < max_steps:
         result = train_step(...)                      # forward, backward, DeepSpeed step; the loss over ranks
-        for callback in callbacks:
-            callback.after_step(state, result)        # metrics, validation, preemption, checkpoints, ...
-            if state.stopped: break                   # a callback ended the run at this step (preemption)
+        if not result.applied:                        # non-finite gradients: DeepSpeed skipped the update
+            callback.after_skipped_step(state, result) for each callback; retry the step on the same batch
+        else:
+            callback.after_step(state, result) for each  # metrics, validation, preemption, checkpoints, ...
+            step += 1
+        a callback may stop the run (preemption; too many skipped steps)
     if not stopped: callback.at_end(state)            # the run reached max_steps
+
+A skipped step does not count: the step number, the learning-rate schedule (DeepSpeed does not step it) and
+the data position (a function of the step) stay together, and the retry sees the same batch (fp16 with a lower
+loss scale).
 
 Every concern around the step is one Callback (pipeline.train.callbacks); adding a concern means adding one.
 """
@@ -27,6 +35,7 @@ class StepResult:
     loss: float  # mean over ranks of the step's mean micro-batch loss
     grad_norm: float | None  # before clipping; only where a callback asked for it (it costs a reduction)
     started_at: float  # time.perf_counter() when the step began
+    applied: bool = True  # False: DeepSpeed (or the optimizer) skipped the update for non-finite gradients
 
     @property
     def done(self) -> int:
@@ -42,6 +51,10 @@ class LoopState:
     start_step: int
     max_steps: int
     stopped: bool = False  # set by a callback that ends the run at this step (e.g. preemption)
+    failure: str | None = None  # why a callback stopped the run when it failed (e.g. the loss diverged)
+    step: int = 0  # optimizer steps completed (updates applied), set by run_loop
+    # Seconds spent in callbacks so far (validation, checkpoints, logging): throughput leaves them out.
+    callback_s: float = 0.0
 
 
 class Callback:
@@ -53,6 +66,9 @@ class Callback:
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
         """After every optimizer step, in the order of the callback list."""
+
+    def after_skipped_step(self, state: LoopState, result: StepResult) -> None:
+        """After a step whose update was skipped (non-finite gradients); the step is then tried again."""
 
     def at_end(self, state: LoopState) -> None:
         """Once, when the run reached max_steps (not when a callback stopped it)."""
@@ -74,20 +90,25 @@ def train_step(engine, batches: RankBatches, step: int, device: torch.device, wa
     step_loss = mean_over_ranks(step_loss, device)
     norm = engine.get_global_grad_norm() if want_grad_norm else None
     norm = plain_grad_norm if norm is None else norm
-    return StepResult(step, step_loss, float(norm) if norm is not None else None, started_at)
+    return StepResult(step, step_loss, float(norm) if norm is not None else None, started_at,
+                      applied=engine.was_step_applied())
 
 
 def run_loop(state: LoopState, callbacks: list[Callback], batches: RankBatches, device: torch.device,
              zero_stage: int, tensor_parallel: int) -> LoopState:
     """Train from state.start_step to state.max_steps unless a callback stops the run first."""
     state.engine.train()
-    for step in range(state.start_step, state.max_steps):
+    step = state.step = state.start_step
+    while step < state.max_steps:
         want_grad_norm = any(c.wants_grad_norm(step + 1) for c in callbacks)
         result = train_step(state.engine, batches, step, device, want_grad_norm, zero_stage, tensor_parallel)
         for callback in callbacks:
-            callback.after_step(state, result)
+            started = time.perf_counter()
+            (callback.after_step if result.applied else callback.after_skipped_step)(state, result)
+            state.callback_s += time.perf_counter() - started
             if state.stopped:
                 return state
+        step = state.step = step + result.applied
     for callback in callbacks:
         callback.at_end(state)
     return state

@@ -29,9 +29,37 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW that skips its update, leaving weights and state untouched, when any gradient of any rank is not
+    finite; `overflow` then tells DeepSpeed's engine, which also skips the learning-rate step and counts it.
+
+    DeepSpeed's ZeRO optimizers (stages 1-3) and its bf16/fp16 optimizers check for non-finite gradients
+    themselves before they call this one; without ZeRO in fp32 this optimizer is DeepSpeed's and checks
+    (one all-reduce of a flag per step, so that every rank decides alike under tensor parallelism)."""
+
+    def __init__(self, params, check_finite: bool, **kwargs):
+        super().__init__(params, **kwargs)
+        self.check_finite = check_finite
+        self.overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.check_finite:
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            finite = torch.tensor([float(all(bool(torch.isfinite(g).all()) for g in grads))])
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            self.overflow = not bool(finite.item())
+            if self.overflow:
+                return None
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, check_finite: bool = False) -> torch.optim.Optimizer:
+    """AdamW over param_groups; check_finite: skip non-finite updates (see SkippingAdamW)."""
+    return SkippingAdamW(
         param_groups(model, train.weight_decay),
+        check_finite=check_finite,
         lr=train.lr,
         betas=(train.beta1, train.beta2),
         eps=1e-8,

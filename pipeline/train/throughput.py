@@ -2,12 +2,62 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import time
+from dataclasses import dataclass
 
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """A GPU's datasheet: memory in GiB, dense (not 2:4 sparse) peaks in TFLOP/s."""
+
+    memory_gib: float
+    bf16_tflops: float  # tensor cores, bf16 and fp16 alike (V100: fp16 only)
+    fp32_tflops: float  # plain fp32, without TF32
+
+
+# Matched by name, most specific first ("A100-SXM4-80GB" before "A100").
+GPUS: dict[str, GPUSpec] = {
+    "A100-80GB": GPUSpec(80, 312, 19.5),
+    "A100": GPUSpec(40, 312, 19.5),
+    "H100": GPUSpec(80, 989, 67),
+    "H200": GPUSpec(141, 989, 67),
+    "B200": GPUSpec(180, 2250, 80),
+    "L40S": GPUSpec(48, 362, 91.6),
+    "L4": GPUSpec(24, 121, 30.3),
+    "A10": GPUSpec(24, 125, 31.2),
+    "V100": GPUSpec(32, 125, 15.7),
+}
+
+
+def gpu_by_name(name: str, memory_gib: float | None = None) -> tuple[str, GPUSpec] | None:
+    """The datasheet entry of a device name as CUDA reports it ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB")
+    or as a user writes it ("h100"); an A100 is told apart by its memory when given."""
+    key = name.upper().replace(" ", "-")
+    for known, spec in GPUS.items():
+        base = known.split("-")[0]
+        if known == "A100-80GB" and not ("80GB" in key or (memory_gib or 0) > 60):
+            continue
+        if re.search(rf"(^|[^A-Z0-9]){re.escape(base)}($|[^0-9])", key):
+            return known, spec
+    return None
+
+
+def peak_tflops(precision: str, device: torch.device) -> tuple[float, str]:
+    """The denominator of MFU and where it comes from: the datasheet's dense peak for a known GPU, else (a CPU,
+    an unknown GPU) a matmul measured on this worker."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        found = gpu_by_name(props.name, props.total_memory / 2**30)
+        if found is not None:
+            name, spec = found
+            return (spec.fp32_tflops if precision == "fp32" else spec.bf16_tflops), f"datasheet {name} {precision}"
+    return measure_peak_tflops(precision, device), f"measured {precision} matmul"
 
 
 def measure_peak_tflops(precision: str, device: torch.device, size: int | None = None, trials: int = 5) -> float:

@@ -31,6 +31,7 @@ from pipeline.train.callbacks import (
     IntervalValidation,
     LossHistory,
     MetricsLogger,
+    NonFiniteGuard,
     PeriodicCheckpoint,
     PreemptionCheck,
     SteadyThroughput,
@@ -40,7 +41,7 @@ from pipeline.train.job import TrainJob, TrainOutcome
 from pipeline.train.loop import Callback, LoopState, run_loop
 from pipeline.train.optimizer import build_optimizer, build_scheduler
 from pipeline.train.preemption import PreemptionFlag
-from pipeline.train.throughput import measure_peak_tflops
+from pipeline.train.throughput import peak_tflops
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ def build_engine(job: TrainJob, ds_config: dict):
         model.set_activation_checkpointing(True)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        optimizer=lambda _params: build_optimizer(model, job.train),
+        # Without ZeRO in fp32 DeepSpeed checks no gradient for NaN: the optimizer does.
+        optimizer=lambda _params: build_optimizer(model, job.train, check_finite=job.parallel.zero_stage == 0),
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train),
         config=ds_config,
     )
@@ -122,22 +124,24 @@ class WorkerCallbacks:
     history: LossHistory
     metrics: MetricsLogger
     steady: SteadyThroughput
+    non_finite: NonFiniteGuard
     validation: IntervalValidation | None
     preemption: PreemptionCheck
     periodic: PeriodicCheckpoint
     final: FinalCheckpoint
 
     def in_order(self) -> list[Callback]:
-        return [c for c in (self.history, self.metrics, self.steady, self.validation, self.preemption,
-                            self.periodic, self.final) if c is not None]
+        return [c for c in (self.history, self.metrics, self.steady, self.non_finite, self.validation,
+                            self.preemption, self.periodic, self.final) if c is not None]
 
 
 def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpointer, start_step: int,
                     resumed_from: str | None, device: torch.device, tracker: Tracker | None) -> WorkerCallbacks:
     rank, world, train = dist.get_rank(), dist.get_world_size(), job.train
-    peak_tflops = train.peak_tflops or measure_peak_tflops(job.precision, device)
+    peak, source = (train.peak_tflops, "configured") if train.peak_tflops else peak_tflops(job.precision, device)
     if tracker:
-        tracker.log({"peak_tflops_per_worker": peak_tflops}, step=start_step)
+        tracker.log({"peak_tflops_per_worker": peak}, step=start_step)
+        tracker.set_tags({"mfu_peak": f"{source}, {peak:g} TFLOP/s per worker"})
     tokens_per_step = batches.global_batch * job.model.context_length
     validation = None
     if train.eval_interval_steps:
@@ -145,8 +149,9 @@ def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpoin
                                         train.micro_batch_size, train.eval_batches, device, rank, tracker)
     return WorkerCallbacks(
         history=LossHistory(job.record_losses),
-        metrics=MetricsLogger(job, tokens_per_step, world, peak_tflops, device, rank, tracker),
+        metrics=MetricsLogger(job, batches, world, peak, device, rank, tracker),
         steady=SteadyThroughput(start_step, tokens_per_step),
+        non_finite=NonFiniteGuard(train.max_skipped_steps, rank, tracker),
         validation=validation,
         preemption=PreemptionCheck(PreemptionFlag(Path(job.run_dir)), checkpointer, device, rank, tracker),
         periodic=PeriodicCheckpoint(checkpointer, train.save_interval_steps),
@@ -185,6 +190,9 @@ def train_worker(job: TrainJob) -> TrainOutcome:
 def outcome_of(loop: LoopState, callbacks: WorkerCallbacks, engine, resumed_from: str | None) -> TrainOutcome:
     """What rank 0 hands back to the driver, read off the callbacks."""
     history, metrics = callbacks.history, callbacks.metrics
+    if loop.failure:
+        return TrainOutcome(loop.step, history.losses, False, "", metrics.tokens_per_s, resumed_from,
+                            grad_norms=history.grad_norms, failure=loop.failure)
     if loop.stopped:  # preempted
         return TrainOutcome(callbacks.preemption.step, history.losses, True, str(callbacks.preemption.checkpoint),
                             metrics.tokens_per_s, resumed_from, grad_norms=history.grad_norms)

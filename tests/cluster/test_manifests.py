@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.cli import CONFIG_STAGES
 from pipeline.cluster.submit import SUBMITTABLE, compose_checked
-from pipeline.compose import compose_node
+from pipeline.compose import compose_config, compose_node
 from pipeline.config import ClusterConfig, validate_cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,6 +49,9 @@ def check_pipeline_command(command: str) -> None:
         assert args[0] in SUBMITTABLE, command
         command_name, args = args[0], args[1:]
     if command_name not in CONFIG_STAGES or command_name == "params":
+        return
+    if command_name == "plan":  # its own options aside, a model and a layout that validate
+        compose_config([w for w in args if "=" in w and not w.startswith("-")], stage="plan")
         return
     multirun = "-m" in args
     overrides = [w for w in args if "=" in w and not w.startswith("-")]

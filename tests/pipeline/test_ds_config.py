@@ -41,3 +41,47 @@ def test_auto_precision_falls_back_to_fp32_on_a_cpu_without_bf16(monkeypatch):
     assert resolve_precision(ParallelConfig(precision="fp32")) == "fp32"
     with pytest.raises(Exception, match="fp16 needs a GPU"):
         resolve_precision(ParallelConfig(precision="fp16"))
+
+
+def test_expert_settings_merge_into_the_generated_config_and_deepspeed_checks_them():
+    from pipeline.config import ConfigError
+    from pipeline.train.ds_config import check_with_deepspeed
+
+    parallel = ParallelConfig(num_workers=2, zero_stage=2, deepspeed={
+        "zero_optimization": {"reduce_bucket_size": 5_000_000, "overlap_comm": True},
+        "wall_clock_breakdown": True,
+    })
+    config = make_ds_config(TrainConfig(), parallel, "fp32", 1)
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 5_000_000, "overlap_comm": True}
+    assert config["wall_clock_breakdown"] is True and config["gradient_clipping"] == 1.0  # the rest stays
+    check_with_deepspeed(config)
+    typo = ParallelConfig(zero_stage=2, deepspeed={"zero_optimization": {"reduce_bucket_sise": 5}})
+    with pytest.raises(ConfigError, match="reduce_bucket_sise"):
+        check_with_deepspeed(make_ds_config(TrainConfig(), typo, "fp32", 1))
+    wrong_type = ParallelConfig(zero_stage=2, deepspeed={"zero_optimization": {"overlap_comm": "sometimes"}})
+    with pytest.raises(ConfigError, match="overlap_comm"):
+        check_with_deepspeed(make_ds_config(TrainConfig(), wrong_type, "fp32", 1))
+
+
+def test_optimizer_offload_is_a_switch_that_needs_zero():
+    from pipeline.config import ConfigError, ModelConfig, validate_parallel
+
+    config = make_ds_config(TrainConfig(), ParallelConfig(zero_stage=1, offload_optimizer=True), "fp32", 1)
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert config["zero_force_ds_cpu_optimizer"] is False
+    with pytest.raises(ConfigError, match="offload_optimizer=true needs ZeRO"):
+        validate_parallel(ParallelConfig(zero_stage=0, offload_optimizer=True), ModelConfig())
+
+
+def test_communication_buckets_follow_the_model_width():
+    """DeepSpeed's fixed defaults (5e8-element buckets, 1e9 live ZeRO-3 elements) are sized for no model in
+    particular; given d_model the buckets follow it, and an expert setting still wins."""
+    zero3 = make_ds_config(TrainConfig(), ParallelConfig(zero_stage=3), "bf16", 1, d_model=1024)["zero_optimization"]
+    assert zero3 == {"stage": 3, "reduce_bucket_size": 1024**2, "stage3_prefetch_bucket_size": int(0.9 * 1024**2),
+                     "stage3_param_persistence_threshold": 10240, "stage3_max_live_parameters": 10 * 1024**2}
+    zero1 = make_ds_config(TrainConfig(), ParallelConfig(zero_stage=1), "bf16", 1, d_model=1024)["zero_optimization"]
+    assert zero1 == {"stage": 1, "reduce_bucket_size": 1024**2}
+    assert make_ds_config(TrainConfig(), ParallelConfig(zero_stage=0), "bf16", 1, d_model=1024)["zero_optimization"] == {
+        "stage": 0}
+    expert = ParallelConfig(zero_stage=2, deepspeed={"zero_optimization": {"reduce_bucket_size": 7}})
+    assert make_ds_config(TrainConfig(), expert, "bf16", 1, d_model=1024)["zero_optimization"]["reduce_bucket_size"] == 7

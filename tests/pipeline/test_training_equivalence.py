@@ -40,7 +40,8 @@ def make_job(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4, accum=1, pr
                               activation_checkpointing=recompute)
     return TrainJob(
         model=MODEL, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
-        precision=precision, grad_accum_steps=accum, ds_config=make_ds_config(train, parallel, precision, accum),
+        precision=precision, grad_accum_steps=accum,
+        ds_config=make_ds_config(train, parallel, precision, accum, d_model=MODEL.d_model),
         flops_per_token=1.0, config_fingerprint="test", math_config={}, tokenizer_sha256="", record_losses=True,
     )
 
@@ -210,3 +211,68 @@ def test_zero_3_builds_only_each_ranks_partition_with_the_same_initial_weights(t
         assert weights.keys() == expected.keys()
         for name, value in expected.items():
             assert torch.equal(weights[name], value), name
+
+
+def test_optimizer_offloaded_to_cpu_equals_zero_0(reference, data_dir, tmp_path):
+    """parallel.offload_optimizer (ZeRO-Offload, here with torch's AdamW): the same numbers."""
+    _, expected = reference
+    job = make_job(data_dir, tmp_path, workers=2, micro=2, zero=2)
+    parallel = dataclasses.replace(job.parallel, offload_optimizer=True)
+    job = dataclasses.replace(job, parallel=parallel,
+                              ds_config=make_ds_config(job.train, parallel, "fp32", 1, d_model=MODEL.d_model))
+    assert_same(losses_of(job), expected)
+
+
+def nan_once_then_train(job, poisoned_forward: int):
+    """train_worker, with the loss of one forward pass (the poisoned_forward-th, counting from 1) made NaN on
+    every rank, as a loss spike would: that step's gradients are not finite."""
+    import pipeline.train.worker as worker
+
+    build = worker.build_engine
+    calls = {"n": 0}
+
+    def poisoned(job, ds_config):
+        engine = build(job, ds_config)
+
+        def hook(module, args, output):
+            calls["n"] += 1
+            logits, loss = output
+            return (logits, loss * float("nan")) if calls["n"] == poisoned_forward and loss is not None else output
+
+        engine.module.register_forward_hook(hook)
+        return engine
+
+    worker.build_engine = poisoned
+    return worker.train_worker(job)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_non_finite_step_is_skipped_and_retried_without_a_trace(reference, data_dir, tmp_path, zero):
+    """The update of a step with NaN gradients is skipped (by our optimizer without ZeRO, by DeepSpeed with it),
+    the step is tried again on the same batch, and the run ends exactly as the reference does."""
+    _, expected = reference
+    job = make_job(data_dir, tmp_path, workers=2, micro=2, zero=zero)
+    outcome = run_distributed(nan_once_then_train, 2, job, 3)[0]  # the third step's forward
+    assert outcome.failure is None and outcome.final_step == STEPS
+    assert_same([outcome.losses[s] for s in range(STEPS)], expected)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 3])
+def test_a_diverging_run_stops_naming_the_step_and_keeps_its_checkpoints(data_dir, tmp_path, zero):
+    """train.lr=1e6: the second step's gradients are NaN; after train.max_skipped_steps retries the run stops
+    with a message naming the step, and the checkpoint of step 1 is complete and finite, nothing after it."""
+    from pathlib import Path
+
+    from pipeline.checkpoint.consolidate import consolidated_state_dict
+    from pipeline.checkpoint.layout import checkpoint_root, complete_tags, latest_complete
+
+    job = make_job(data_dir, tmp_path, workers=2, micro=2, zero=zero)
+    train = dataclasses.replace(job.train, lr=1e6, max_steps=10, save_interval_steps=1, max_skipped_steps=2)
+    job = dataclasses.replace(job, train=train, ds_config=make_ds_config(train, job.parallel, "fp32", 1))
+    outcome = run_distributed(train_and_report, 2, job)[0]
+    assert outcome.failure and "diverged at step 2" in outcome.failure and "3 times in a row" in outcome.failure
+    assert outcome.final_step == 1 and not outcome.preempted
+    root = checkpoint_root(Path(job.run_dir))
+    assert complete_tags(root) == ["step_00000001"]
+    weights = consolidated_state_dict(latest_complete(root))
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -1,0 +1,244 @@
+"""`pipeline plan`: memory per rank and time per step of a training layout, before anything starts.
+
+Memory per rank, in bytes, for a model of P parameters of which P_split are split by tensor parallelism (the
+attention and MLP matrices and their column-parallel biases), so that a rank's model holds
+P_rank = P - P_split + P_split / tp:
+
+    parameters   p x P_rank          / dp under ZeRO-3
+    gradients    g x P_rank          / dp under ZeRO-2 and 3
+    optimizer    o x P_rank          / dp under ZeRO-1, 2 and 3
+
+(p, g, o) = (2, 2, 12) for bf16 and fp16: 16-bit weights and gradients, fp32 master weights and Adam's m and v
+(Rajbhandari et al. 2020); (4, 4, 8) for fp32. Beyond these model states DeepSpeed keeps fp32 gradients (and,
+in fp32 under ZeRO, a copy of the weights) for its optimizer, measured on this machine (benchmarks/zero_memory.py):
+
+    fp32 copies  16-bit: 4 x P_rank without ZeRO (the bf16 optimizer accumulates gradients in fp32), else
+                 4 x P_rank / dp (the fp32 gradient of the rank's partition at the step);
+                 fp32 under ZeRO: 8 x P_rank / dp (a copy of the partition and its gradient); fp32 without
+                 ZeRO: none (torch's AdamW updates the weights themselves)
+
+    activations  per layer, 16-bit: s b h (8 + 24 / tp) bytes (Korthikanti et al. 2022, without the 5 a s^2 b
+                 of the attention scores, which fused attention (SDPA) never stores, and without the dropout
+                 masks when dropout is 0); fp32 doubles it. With activation checkpointing only each block's
+                 input is kept (2 s b h, fp32 4 s b h) plus one block's working set during its recomputation.
+    logits       b s V x (activation bytes + 4 + 4): the logits, the fp32 copy the loss takes, its gradient.
+
+s is the context, b the micro-batch, h d_model, V the vocabulary. Buffers of the framework (communication
+buckets, CUDA context, allocator fragmentation) are not modelled: the verdict keeps 10% of the device free for
+them. Step time is training FLOPs / (ranks x peak x MFU) at an assumed MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from pipeline.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, mlp_width
+from pipeline.model.size import count_parameters, training_flops_per_token
+from pipeline.train.throughput import GPUS, gpu_by_name
+
+GIB = 2**30
+# Of the device's memory, what the plan may fill: the rest is for what it does not model.
+USABLE_FRACTION = 0.9
+
+BYTES_PER_PARAMETER = {"16-bit": (2, 2, 12), "fp32": (4, 4, 8)}  # weights, gradients, optimizer states
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per rank."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    fp32_copies: float  # DeepSpeed's fp32 gradients (and weight copies) beside the model states
+    activations: float
+    logits: float
+
+    @property
+    def model_states(self) -> float:
+        return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.fp32_copies + self.activations + self.logits
+
+
+def parameters_per_rank(model: ModelConfig, tensor_parallel: int) -> float:
+    """P_rank: the parameters one rank's module holds before ZeRO partitions them."""
+    p = count_parameters(model)
+    d, d_ff = model.d_model, mlp_width(model)
+    column_biases = model.n_layer * (3 * d + (p.n_mlp_matrices - 1) * d_ff) if model.bias else 0
+    split = p.attention + p.mlp + column_biases
+    return p.total - split + split / tensor_parallel
+
+
+def activation_bytes(model: ModelConfig, micro_batch: int, tensor_parallel: int, precision: str,
+                     checkpointing: bool) -> float:
+    """Activations kept for the backward pass by one rank, all layers."""
+    s, b, h = model.context_length, micro_batch, model.d_model
+    scale = 2 if precision == "fp32" else 1
+    masks = 2 * s * b * h if model.dropout > 0 else 0  # two residual dropout masks of one byte per element
+    per_layer = scale * s * b * h * (8 + 24 / tensor_parallel) + masks
+    if not checkpointing:
+        return model.n_layer * per_layer
+    return model.n_layer * scale * 2 * s * b * h + per_layer
+
+
+def plan_memory(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, precision: str) -> MemoryPlan:
+    """Bytes per rank of the layout (model.vocab_size must be set)."""
+    tp, stage = parallel.tensor_parallel, parallel.zero_stage
+    dp = parallel.num_workers // tp
+    kind = "fp32" if precision == "fp32" else "16-bit"
+    weight, grad, optim = BYTES_PER_PARAMETER[kind]
+    if kind == "16-bit":
+        copies = 4 / (dp if stage >= 1 else 1)
+    else:
+        copies = 8 / dp if stage >= 1 else 0
+    p_rank = parameters_per_rank(model, tp)
+    act_bytes = 4 if precision == "fp32" else 2
+    b, s = train.micro_batch_size, model.context_length
+    return MemoryPlan(
+        parameters=weight * p_rank / (dp if stage >= 3 else 1),
+        gradients=grad * p_rank / (dp if stage >= 2 else 1),
+        optimizer=optim * p_rank / (dp if stage >= 1 else 1),
+        fp32_copies=copies * p_rank,
+        activations=activation_bytes(model, b, tp, precision, parallel.activation_checkpointing),
+        logits=b * s * model.vocab_size * (act_bytes + 4 + 4),
+    )
+
+
+def parse_memory(text: str) -> float:
+    """'80GB', '80 GiB', '141G', '24576MB' -> bytes (GB is taken as GiB, as devices report it)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([GMT]i?B?)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--gpu-memory {text!r} is not a size: write it like 80GB, 141GiB or 24576MB.")
+    unit = (match.group(2) or "G")[0].upper()
+    return float(match.group(1)) * {"M": 2**20, "G": 2**30, "T": 2**40}[unit]
+
+
+def gpu_spec(name: str) -> tuple[float, float]:
+    """(memory in bytes, dense 16-bit peak in TFLOP/s) of a named GPU."""
+    found = gpu_by_name(name)
+    if found is not None:
+        return found[1].memory_gib * GIB, found[1].bf16_tflops
+    raise ConfigError(f"--gpu {name} is not a GPU this planner knows: use one of {', '.join(GPUS)}, or give "
+                      f"--gpu-memory and --peak-tflops.")
+
+
+@dataclass
+class Layout:
+    zero_stage: int
+    tensor_parallel: int
+    activation_checkpointing: bool
+
+    def describe(self) -> str:
+        recompute = ", activation checkpointing" if self.activation_checkpointing else ""
+        return f"ZeRO-{self.zero_stage}, tp={self.tensor_parallel}{recompute}"
+
+
+def layouts_that_fit(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, precision: str,
+                     device_bytes: float) -> list[Layout]:
+    """Other layouts of the same number of ranks (ZeRO stage, tensor-parallel degree up to 8, activation
+    checkpointing) that fit, fewest changes first."""
+    fits = []
+    for recompute in (parallel.activation_checkpointing, True):
+        for tp in (t for t in (1, 2, 4, 8) if model.n_head % t == 0 and parallel.num_workers % t == 0):
+            for stage in (0, 1, 2, 3):
+                if tp > 1 and stage == 3:  # AutoTP does not combine with ZeRO-3
+                    continue
+                layout = Layout(stage, tp, recompute)
+                trial = dataclasses.replace(parallel, zero_stage=stage, tensor_parallel=tp,
+                                            activation_checkpointing=recompute)
+                if plan_memory(model, trial, train, precision).total <= USABLE_FRACTION * device_bytes:
+                    fits.append(layout)
+    current = Layout(parallel.zero_stage, parallel.tensor_parallel, parallel.activation_checkpointing)
+    unique = [x for i, x in enumerate(fits) if x not in fits[:i] and x != current]
+
+    def changes(x: Layout) -> tuple:
+        return (x.activation_checkpointing != current.activation_checkpointing, x.tensor_parallel != current.tensor_parallel,
+                x.tensor_parallel, x.zero_stage)
+
+    return sorted(unique, key=changes)
+
+
+def step_seconds(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, peak_tflops: float,
+                 mfu: float) -> float:
+    """Seconds per optimizer step at the given MFU of every rank's peak."""
+    flops = training_flops_per_token(model) * train.global_batch_tokens
+    return flops / (parallel.num_workers * peak_tflops * 1e12 * mfu)
+
+
+def report(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, precision: str,
+           device_bytes: float | None, peak_tflops: float | None, mfu: float, tokens: float) -> tuple[str, bool]:
+    """The plan as text, and whether the layout fits the device (True when no device memory is given)."""
+    plan = plan_memory(model, parallel, train, precision)
+    dp = parallel.num_workers // parallel.tensor_parallel
+    lines = [
+        f"model {model.name}: {count_parameters(model).total:,} parameters; {parallel.num_workers} ranks = dp {dp} x "
+        f"tp {parallel.tensor_parallel}; ZeRO-{parallel.zero_stage}; {precision}; micro-batch "
+        f"{train.micro_batch_size} x context {model.context_length}"
+        + ("; activation checkpointing" if parallel.activation_checkpointing else ""),
+        "",
+        "memory per rank:",
+    ]
+    rows = [("parameters", plan.parameters), ("gradients", plan.gradients), ("optimizer states", plan.optimizer),
+            ("DeepSpeed fp32 copies", plan.fp32_copies), ("activations", plan.activations),
+            ("logits and loss", plan.logits), ("total", plan.total)]
+    lines += [f"  {name:<22} {value / GIB:10.2f} GiB" for name, value in rows]
+    fits = True
+    if device_bytes is not None:
+        usable = USABLE_FRACTION * device_bytes
+        fits = plan.total <= usable
+        lines.append("")
+        if fits:
+            lines.append(f"verdict: fits: {plan.total / GIB:.1f} GiB per rank <= {usable / GIB:.1f} GiB "
+                         f"({USABLE_FRACTION:.0%} of {device_bytes / GIB:.0f} GiB)")
+        else:
+            others = layouts_that_fit(model, parallel, train, precision, device_bytes)
+            hint = ("; these fit: " + "; ".join(x.describe() for x in others[:4]) + " (or lower "
+                    "train.micro_batch_size)") if others else (
+                "; no ZeRO stage, tp <= 8 or activation checkpointing fits: add ranks or lower "
+                "train.micro_batch_size")
+            lines.append(f"verdict: does not fit: {plan.total / GIB:.1f} GiB per rank > {usable / GIB:.1f} GiB "
+                         f"({USABLE_FRACTION:.0%} of {device_bytes / GIB:.0f} GiB){hint}")
+    if peak_tflops:
+        seconds = step_seconds(model, parallel, train, peak_tflops, mfu)
+        steps = tokens / train.global_batch_tokens
+        lines += ["", f"time at MFU {mfu:.0%} of {peak_tflops:g} TFLOP/s per rank: {seconds:.2f} s per step of "
+                      f"{train.global_batch_tokens:,} tokens; {tokens:.3g} tokens = {steps:,.0f} steps = "
+                      f"{seconds * steps / 86400:.1f} days"]
+    return "\n".join(lines), fits
+
+
+def planned_model(model: ModelConfig, tokenizer_vocab_size: int) -> ModelConfig:
+    """The model as planned: a vocabulary that follows the tokenizer is taken as data.tokenizer.vocab_size."""
+    return model if model.vocab_size is not None else dataclasses.replace(model, vocab_size=tokenizer_vocab_size)
+
+
+def device_memory(parallel: ParallelConfig) -> float | None:
+    """Bytes of one device to plan against: parallel.device_memory_gb, else the driver's GPU when training on
+    GPUs and the driver sees one; None when unknown."""
+    if parallel.device_memory_gb is not None:
+        return parallel.device_memory_gb * GIB
+    if parallel.use_gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            return float(torch.cuda.get_device_properties(0).total_memory)
+    return None
+
+
+def check_layout_fits(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, precision: str) -> None:
+    """Refuse, before any work, a layout whose planned memory per rank exceeds the device's (parallel.check_memory
+    turns it off); nothing to check when the device's memory is unknown."""
+    device_bytes = device_memory(parallel)
+    if not parallel.check_memory or device_bytes is None:
+        return
+    text, fits = report(model, parallel, train, precision, device_bytes, None, 0.0, 0.0)
+    if not fits:
+        raise ConfigError(
+            f"the layout does not fit the device:\n{text}\nchange the layout (`pipeline plan ... --gpu-memory "
+            f"{device_bytes / GIB:.0f}GiB` shows others), or pass parallel.check_memory=false to train anyway."
+        )

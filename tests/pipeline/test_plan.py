@@ -1,0 +1,161 @@
+"""The memory and time planner against hand calculations (Rajbhandari et al. 2020: 2 + 2 + 12 bytes per
+parameter in mixed precision; Korthikanti et al. 2022 for activations), and `pipeline train` refusing a layout
+that does not fit before any work starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from pipeline.model.size import count_parameters
+from pipeline.train.plan import (
+    GIB,
+    check_layout_fits,
+    layouts_that_fit,
+    parse_memory,
+    plan_memory,
+    report,
+    step_seconds,
+)
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+
+def model(name: str) -> ModelConfig:
+    import yaml
+
+    return ModelConfig(**yaml.safe_load((CONF / f"{name}.yaml").read_text()))
+
+
+def within(value: float, expected: float, rel: float = 0.10) -> bool:
+    return abs(value - expected) <= rel * expected
+
+
+def test_175b_at_1024_ranks_tp_8_zero_1_matches_the_hand_calculation():
+    """175e9 parameters split over tp=8 (the embeddings, replicated, are under 1%): 2 bytes of bf16 weights and 2
+    of gradients per parameter of the rank, and 12 bytes of optimizer state spread over dp = 128."""
+    p = ParallelConfig(num_workers=1024, tensor_parallel=8, zero_stage=1, precision="bf16")
+    plan = plan_memory(model("gpt3_175b"), p, TrainConfig(micro_batch_size=1), "bf16")
+    per_rank = 175e9 / 8
+    assert within(plan.parameters, 2 * per_rank)
+    assert within(plan.gradients, 2 * per_rank)
+    assert within(plan.optimizer, 12 * per_rank / 128)
+    assert within(plan.model_states, 4 * per_rank + 12 * per_rank / 128)
+
+
+@pytest.mark.parametrize(("stage", "bytes_per_param"), [
+    (0, 16.0), (1, 4 + 12 / 8), (2, 2 + 14 / 8), (3, 16 / 8),
+])
+def test_13b_model_states_per_zero_stage(stage, bytes_per_param):
+    """13B at dp = 8: ZeRO-1 shards the 12 optimizer bytes, ZeRO-2 the gradients too, ZeRO-3 everything."""
+    m = model("gpt3_13b")
+    plan = plan_memory(m, ParallelConfig(num_workers=8, zero_stage=stage), TrainConfig(micro_batch_size=1), "bf16")
+    assert within(plan.model_states, bytes_per_param * 13e9)
+
+
+def test_activations_follow_korthikanti_without_attention_scores():
+    m = model("gpt3_13b")  # s 2048, h 5120, 40 layers, dropout 0
+    train = TrainConfig(micro_batch_size=2)
+    plan = plan_memory(m, ParallelConfig(num_workers=8), train, "bf16")
+    assert plan.activations == pytest.approx(40 * 2048 * 2 * 5120 * 32)  # 8 + 24 bytes per s b h per layer
+    tp2 = plan_memory(m, ParallelConfig(num_workers=8, tensor_parallel=2), train, "bf16")
+    assert tp2.activations == pytest.approx(40 * 2048 * 2 * 5120 * (8 + 12))
+    fp32 = plan_memory(m, ParallelConfig(num_workers=8), train, "fp32")
+    assert fp32.activations == pytest.approx(2 * plan.activations)
+    recompute = plan_memory(m, ParallelConfig(num_workers=8, activation_checkpointing=True), train, "bf16")
+    assert recompute.activations == pytest.approx(40 * 2 * 2048 * 2 * 5120 + 2048 * 2 * 5120 * 32)
+    assert plan.logits == pytest.approx(2 * 2048 * 50257 * (2 + 4 + 4))
+
+
+def test_deepspeed_fp32_copies_beside_the_model_states():
+    m = ModelConfig(vocab_size=1000, n_layer=2, d_model=64, n_head=4)
+    n = count_parameters(m).total
+    train = TrainConfig(micro_batch_size=1)
+    zero0 = plan_memory(m, ParallelConfig(num_workers=1, zero_stage=0), train, "fp32")
+    zero1 = plan_memory(m, ParallelConfig(num_workers=2, zero_stage=1), train, "fp32")
+    assert (zero0.model_states, zero0.fp32_copies) == (16 * n, 0)
+    assert (zero1.model_states, zero1.fp32_copies) == (8 * n + 8 * n / 2, 8 * n / 2)
+    bf16 = plan_memory(m, ParallelConfig(num_workers=1, zero_stage=0), train, "bf16")
+    assert (bf16.model_states, bf16.fp32_copies) == (16 * n, 4 * n)  # the bf16 optimizer's fp32 gradients
+
+
+def test_tensor_parallel_splits_exactly_the_sharded_projections():
+    """The same count the tp=2 equivalence test measures on real ranks: Q/K/V/O, up/down and the
+    column-parallel biases halve; embeddings, norms and row-parallel biases stay whole."""
+    m = ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4, d_model=32, d_ff=64)
+    full = count_parameters(m).total
+    halved = 2 * (4 * 32 * 32 + 2 * 32 * 64 + 3 * 32 + 64) // 2
+    p1 = plan_memory(m, ParallelConfig(num_workers=2, zero_stage=0, tensor_parallel=1), TrainConfig(), "fp32")
+    p2 = plan_memory(m, ParallelConfig(num_workers=2, zero_stage=0, tensor_parallel=2), TrainConfig(), "fp32")
+    assert p1.parameters == 4 * full
+    assert p2.parameters == 4 * (full - halved)
+
+
+def test_verdict_and_the_layouts_that_fit():
+    m = model("gpt3_13b")
+    train = TrainConfig(micro_batch_size=1)
+    parallel = ParallelConfig(num_workers=8, zero_stage=1, use_gpu=True)
+    text, fits = report(m, parallel, train, "bf16", 80 * GIB, 989, 0.4, 1e9)
+    assert not fits and "does not fit" in text and "ZeRO-3, tp=1" in text
+    others = layouts_that_fit(m, parallel, train, "bf16", 80 * GIB)
+    assert others, "13B on 8 x 80 GiB fits somehow"
+    for layout in others:  # every suggestion does fit
+        trial = ParallelConfig(num_workers=8, zero_stage=layout.zero_stage, tensor_parallel=layout.tensor_parallel,
+                               activation_checkpointing=layout.activation_checkpointing)
+        assert plan_memory(m, trial, train, "bf16").total <= 0.9 * 80 * GIB
+    text, fits = report(m, ParallelConfig(num_workers=8, zero_stage=3), train, "bf16", 80 * GIB, None, 0.4, 1e9)
+    assert fits and "fits:" in text
+
+
+def test_step_time_is_flops_over_ranks_peak_and_mfu():
+    m = model("gpt3_13b")
+    train = TrainConfig(global_batch_tokens=2**20)
+    from pipeline.model.size import training_flops_per_token
+
+    seconds = step_seconds(m, ParallelConfig(num_workers=8), train, 989.0, 0.4)
+    assert seconds == pytest.approx(training_flops_per_token(m) * 2**20 / (8 * 989e12 * 0.4))
+
+
+def test_memory_sizes_parse():
+    assert parse_memory("80GB") == 80 * GIB
+    assert parse_memory("141GiB") == 141 * GIB
+    assert parse_memory("24576MB") == 24 * GIB
+    with pytest.raises(ConfigError, match="not a size"):
+        parse_memory("lots")
+
+
+def test_check_only_where_the_device_memory_is_known():
+    m = model("gpt3_13b")
+    train = TrainConfig(micro_batch_size=1)
+    check_layout_fits(m, ParallelConfig(num_workers=2), train, "bf16")  # CPU, no device memory: no check
+    with pytest.raises(ConfigError, match=r"(?s)does not fit.*parallel.check_memory=false"):
+        check_layout_fits(m, ParallelConfig(num_workers=2, device_memory_gb=80), train, "bf16")
+    check_layout_fits(m, ParallelConfig(num_workers=2, device_memory_gb=80, check_memory=False), train, "bf16")
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_pipeline_plan_prints_memory_and_a_verdict(tmp_path):
+    out = run_cli("plan", "model=gpt3_175b", "parallel.num_workers=1024", "parallel.tensor_parallel=8",
+                  "parallel.zero_stage=1", "--gpu-memory", "80GB", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "memory per rank" in out.stdout and "verdict: does not fit" in out.stdout
+    out = run_cli("plan", "model=gpt3_13b", "parallel.num_workers=8", "parallel.zero_stage=3",
+                  "train.micro_batch_size=1", "--gpu", "H100", "--tokens", "2.6e11", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "verdict: fits" in out.stdout and "days" in out.stdout
+
+
+def test_train_refuses_a_layout_that_does_not_fit_before_any_work(tmp_path):
+    out = run_cli("train", "model=gpt3_13b", "parallel.device_memory_gb=80", "train.global_batch_tokens=32768",
+                  f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "does not fit" in out.stderr and "parallel.check_memory=false" in out.stderr
+    assert not (tmp_path / "out").exists()  # no data prepared, no run opened
