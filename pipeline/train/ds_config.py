@@ -44,7 +44,11 @@ def bucket_sizes(d_model: int, zero_stage: int) -> dict[str, int]:
     if zero_stage == 3:
         sizes |= {"stage3_prefetch_bucket_size": int(0.9 * d_model * d_model),
                   "stage3_param_persistence_threshold": 10 * d_model,
-                  "stage3_max_live_parameters": 10 * d_model * d_model}
+                  "stage3_max_live_parameters": 10 * d_model * d_model,
+                  # Gathered weights are released after use, not kept until the backward pass reuses them.
+                  "stage3_max_reuse_distance": 10 * d_model * d_model,
+                  # The optimizer steps one sub-group at a time; its fp32 gradient copies are that large at most.
+                  "sub_group_size": 10 * d_model * d_model}
     return sizes
 
 

@@ -12,10 +12,12 @@ P_rank = P - P_split + P_split / tp:
 (Rajbhandari et al. 2020); (4, 4, 8) for fp32. Beyond these model states DeepSpeed keeps fp32 gradients (and,
 in fp32 under ZeRO, a copy of the weights) for its optimizer, measured on this machine (benchmarks/zero_memory.py):
 
-    fp32 copies  16-bit: 4 x P_rank without ZeRO (the bf16 optimizer accumulates gradients in fp32), else
-                 4 x P_rank / dp (the fp32 gradient of the rank's partition at the step);
-                 fp32 under ZeRO: 8 x P_rank / dp (a copy of the partition and its gradient); fp32 without
-                 ZeRO: none (torch's AdamW updates the weights themselves)
+    fp32 copies  16-bit: 4 x P_rank without ZeRO (the bf16 optimizer accumulates gradients in fp32), 4 x P_rank
+                 / dp under ZeRO-1 and 2 (the fp32 gradient of the rank's partition at the step), under ZeRO-3
+                 4 bytes for one optimizer sub-group (sub_group_size, 10 d_model^2: pipeline.train.ds_config);
+                 fp32: none without ZeRO (torch's AdamW updates the weights themselves), 8 x P_rank / dp under
+                 ZeRO-1 and 2 (a copy of the partition and its gradient), 4 x P_rank / dp and a sub-group's
+                 gradient under ZeRO-3
 
     activations  per layer, 16-bit: s b h (8 + 24 / tp) bytes (Korthikanti et al. 2022, without the 5 a s^2 b
                  of the attention scores, which fused attention (SDPA) never stores, and without the dropout
@@ -92,11 +94,12 @@ def plan_memory(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
     dp = parallel.num_workers // tp
     kind = "fp32" if precision == "fp32" else "16-bit"
     weight, grad, optim = BYTES_PER_PARAMETER[kind]
-    if kind == "16-bit":
-        copies = 4 / (dp if stage >= 1 else 1)
-    else:
-        copies = 8 / dp if stage >= 1 else 0
     p_rank = parameters_per_rank(model, tp)
+    sub_group = 4 * min(10 * model.d_model**2, p_rank / dp) / p_rank  # bytes per parameter of the rank
+    if kind == "16-bit":
+        copies = {0: 4, 1: 4 / dp, 2: 4 / dp, 3: sub_group}[stage]
+    else:
+        copies = {0: 0, 1: 8 / dp, 2: 8 / dp, 3: 4 / dp + sub_group}[stage]
     act_bytes = 4 if precision == "fp32" else 2
     b, s = train.micro_batch_size, model.context_length
     return MemoryPlan(
