@@ -44,9 +44,10 @@ class SkippingAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.check_finite:
+        if self.check_finite and any(p.grad is not None for g in self.param_groups for p in g["params"]):
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            finite = torch.tensor([float(all(bool(torch.isfinite(g).all()) for g in grads))])
+            # One flag on the gradients' device (NCCL reduces only device tensors), one host sync.
+            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().float().reshape(1)
             if torch.distributed.is_initialized():
                 torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
             self.overflow = not bool(finite.item())
