@@ -94,14 +94,17 @@ class MetricsLogger(Callback):
         self.tokens_per_s = 0.0  # of the last logged window
         self.window_loss, self.window_steps, self.window_start, self.window_callback_s = 0.0, 0, time.perf_counter(), 0.0
 
-    def wants_grad_norm(self, done: int) -> bool:
+    def logs_at(self, done: int) -> bool:
         return done % self.interval == 0 or done == self.max_steps
+
+    def wants_grad_norm(self, done: int) -> bool:
+        return self.logs_at(done)  # the logged metrics include it
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
         self.window_loss += result.loss
         self.window_steps += 1
         done = result.done
-        if not self.wants_grad_norm(done):
+        if not self.logs_at(done):
             return
         training_s = time.perf_counter() - self.window_start - (state.callback_s - self.window_callback_s)
         self.tokens_per_s = self.tokens_per_step * self.window_steps / training_s
