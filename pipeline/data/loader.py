@@ -10,6 +10,7 @@ the same samples at every step, and a resume at another data-parallel size conti
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,9 +58,14 @@ class RankBatches:
         # Where the order stands at `base_step`: a resume (possibly with another global batch) sets both.
         self.base_step = 0
         self.base_samples = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead = None  # ((step, micro_step), Future) of the micro-batch read ahead
 
     def resume_at(self, step: int, samples_consumed: int) -> None:
         self.base_step, self.base_samples = step, samples_consumed
+        if self._ahead is not None:  # read under the old position
+            self._ahead[1].cancel()
+            self._ahead = None
 
     def samples_consumed(self, step: int) -> int:
         return self.base_samples + (step - self.base_step) * self.global_batch
@@ -71,10 +77,40 @@ class RankBatches:
     def first_sample(self, step: int, micro_step: int) -> int:
         return self.samples_consumed(step) + (micro_step * self.dp_size + self.dp_rank) * self.micro_batch
 
-    def micro_batch_at(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, step: int, micro_step: int, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's (inputs, targets) in host memory (pinned for an asynchronous copy with pin)."""
         windows = self.dataset.windows(self.order.indices(self.first_sample(step, micro_step), self.micro_batch))
         tokens = torch.from_numpy(windows.astype(np.int64, copy=False))
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        return (inputs.pin_memory(), targets.pin_memory()) if pin else (inputs, targets)
+
+    def next_key(self, step: int, micro_step: int) -> tuple[int, int]:
+        return (step, micro_step + 1) if micro_step + 1 < self.grad_accum else (step + 1, 0)
+
+    def micro_batch_at(self, step: int, micro_step: int,
+                       device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch on `device`. With a device, the following micro-batch is read meanwhile on a
+        background thread (gathered from the memory-mapped shards, pinned on a GPU), so the step does not wait
+        for it; a request for another one (a retried step, a resume) is read when asked. The order is a pure
+        function of (step, micro_step): prefetching changes no byte of what is trained on."""
+        if device is None:
+            return self.read(step, micro_step)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        pin = device.type == "cuda"
+        key, future = self._ahead if self._ahead is not None else (None, None)
+        if key != (step, micro_step):
+            # Only the prefetch thread reads, so the permutation cache is never shared between threads.
+            future = self._pool.submit(self.read, step, micro_step, pin)
+        inputs, targets = future.result()
+        nxt = self.next_key(step, micro_step)
+        self._ahead = (nxt, self._pool.submit(self.read, *nxt, pin))
+        return inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, None
 
 
 def window_batches(dataset, batch_size: int, max_tokens: int | None):

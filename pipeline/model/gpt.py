@@ -33,6 +33,32 @@ from pipeline.config import ModelConfig, mlp_width
 __all__ = ["GPT", "KVCache", "LayerKVCache"]
 
 
+# --- loss ------------------------------------------------------------------------------------------------
+
+# Elements of fp32 logits that the loss materialises at a time when the logits are 16-bit (64 MiB).
+LOSS_CHUNK_ELEMENTS = 2**24
+
+
+def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+
+
+def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the targets that are not -100, computed in fp32.
+
+    fp32 logits go through F.cross_entropy as they are. 16-bit logits are upcast a chunk of rows at a time,
+    each chunk checkpointed: no full-size fp32 copy of the logits (nor its fp32 log-softmax) is kept for the
+    backward pass, which recomputes a chunk's; the gradient reaching the logits is 16-bit like them. At b x s x
+    V = 8 x 2048 x 50304 that is 6.6 GB of fp32 copies (copy, saved log-softmax, gradient) not held."""
+    flat, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    if flat.dtype == torch.float32:
+        return F.cross_entropy(flat, flat_targets, ignore_index=-100)
+    rows = max(1, LOSS_CHUNK_ELEMENTS // flat.size(-1))
+    total = sum(checkpoint(_summed_cross_entropy, chunk, chunk_targets, use_reentrant=False)
+                for chunk, chunk_targets in zip(flat.split(rows), flat_targets.split(rows), strict=True))
+    return total / (flat_targets != -100).sum().clamp(min=1)
+
+
 # --- positions -------------------------------------------------------------------------------------------
 # Computed per call in fp32 from the absolute positions: no buffers that a bf16 cast would round, and the
 # cached and uncached paths see exactly the same numbers.
@@ -284,5 +310,4 @@ class GPT(nn.Module):
         logits = self.lm_head(self.final_norm(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, cross_entropy_fp32(logits, targets)

@@ -3,6 +3,7 @@
     LossHistory          per-step losses and gradient norms for the driver (equivalence tests)
     MetricsLogger        train loss, lr, grad norm, tokens/s, MFU, memory: to the log and MLflow
     SteadyThroughput     tokens/s after the first two steps (start-up left out)
+    StepTimes            when the first and the last step ended, for the start-up report
     NonFiniteGuard       skipped updates (non-finite gradients) counted and logged; too many in a row stop the run
     IntervalValidation   validation loss every train.eval_interval_steps
     PreemptionCheck      a signal or PREEMPT file on any rank: checkpoint, then stop
@@ -16,6 +17,7 @@ share one.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -127,6 +129,21 @@ class MetricsLogger(Callback):
         self.window_start, self.window_callback_s = time.perf_counter(), state.callback_s
 
 
+class StepTimes(Callback):
+    """When the first and the last step of this run ended (wall clock), for the start-up report."""
+
+    def __init__(self, timeline: dict[str, float]):
+        self.timeline = timeline
+        self.steps = 0
+
+    def after_step(self, state: LoopState, result: StepResult) -> None:
+        now = time.time()
+        self.timeline.setdefault("first_step_done", now)
+        self.timeline["last_step_done"] = now
+        self.steps += 1
+        self.timeline["steps"] = self.steps
+
+
 class SteadyThroughput(Callback):
     """Tokens/s from the end of the run's second step to its end: the rate without start-up (and without the
     time of callbacks)."""
@@ -150,26 +167,38 @@ class SteadyThroughput(Callback):
 
 class NonFiniteGuard(Callback):
     """A step whose gradients were not finite (a loss spike, a learning rate far too high, fp16 overflow) is
-    skipped by DeepSpeed or the optimizer and tried again; it is logged and counted (skipped_steps in MLflow).
-    After max_consecutive skips of the same step the run stops, naming the step: no checkpoint is written then,
-    so the complete ones before it stay as they are."""
+    skipped by DeepSpeed or the optimizer and tried again on the same batch; it is logged and counted
+    (skipped_steps in MLflow). After max_consecutive skips of the same step the run stops, naming the step: no
+    checkpoint is written then, so the complete ones before it stay as they are.
+
+    fp16 with dynamic loss scaling skips steps by design while the scale settles (the loss is finite, the
+    scaled gradients overflowed, DeepSpeed halves the scale): those are counted apart (loss_scale_overflows)
+    and stop the run only when the scale has reached its minimum (MIN_LOSS_SCALE, where DeepSpeed would raise
+    on the next overflow) after more than max_consecutive skips in a row."""
+
+    MIN_LOSS_SCALE = 1.0  # fp16.min_loss_scale in pipeline.train.ds_config
 
     def __init__(self, max_consecutive: int, rank: int, tracker=None):
         self.max_consecutive, self.rank, self.tracker = max_consecutive, rank, tracker
-        self.consecutive, self.total = 0, 0
+        self.consecutive, self.total, self.overflows = 0, 0, 0
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
         self.consecutive = 0
 
     def after_skipped_step(self, state: LoopState, result: StepResult) -> None:
+        overflow = result.loss_scale is not None and math.isfinite(result.loss)
         self.consecutive += 1
         self.total += 1
+        self.overflows += overflow
+        settling = overflow and result.loss_scale > self.MIN_LOSS_SCALE
         if self.rank == 0:
-            log.warning("step %d: loss %s, gradient norm %s: the update was skipped (%d in a row, at most %d)",
-                        result.done, result.loss, result.grad_norm, self.consecutive, self.max_consecutive)
+            what = f"fp16 overflow at loss scale {result.loss_scale:g}" if overflow else "not finite"
+            log.warning("step %d: loss %s, gradient norm %s (%s): the update was skipped (%d in a row, at most %d)",
+                        result.done, result.loss, result.grad_norm, what, self.consecutive, self.max_consecutive)
             if self.tracker:
-                self.tracker.log({"skipped_steps": self.total}, step=result.done)
-        if self.consecutive > self.max_consecutive:
+                self.tracker.log({"skipped_steps": self.total, "loss_scale_overflows": self.overflows},
+                                 step=result.done)
+        if self.consecutive > self.max_consecutive and not settling:
             state.stopped = True
             state.failure = (
                 f"training diverged at step {result.done}: its gradients were not finite {self.consecutive} times "

@@ -21,8 +21,29 @@ def seed_everything(seed: int) -> None:
 def init_distributed(parallel: ParallelConfig) -> None:
     import deepspeed
 
+    if not parallel.use_gpu:
+        skip_shared_memory_op()
     backend = "nccl" if parallel.use_gpu else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def skip_shared_memory_op() -> None:
+    """DeepSpeed's CPU backend compiles a C++ shared-memory all-reduce (g++, about 30 s on 2 cores) when the
+    first process group starts, on every fresh machine and again whenever another installation used the
+    torch-extensions cache; only DeepSpeed-Inference's inference_all_reduce uses it, never training. Marked
+    incompatible, the backend goes without it (DeepSpeed reads this table lazily; a version without it simply
+    builds the op as before)."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
+def dp_seed(seed: int, dp_rank: int) -> int:
+    """The seed of a data-parallel rank's random stream (dropout): distinct per rank, the same on the tensor-
+    parallel ranks of one replica (they must drop the same elements of replicated activations)."""
+    return int(np.random.SeedSequence([seed, dp_rank]).generate_state(1)[0])
 
 
 def device_for(parallel: ParallelConfig) -> torch.device:
@@ -33,8 +54,8 @@ def device_for(parallel: ParallelConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def mean_over_ranks(value: float | torch.Tensor, device: torch.device) -> float:
+    t = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(1).clone()
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
 

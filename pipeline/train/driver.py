@@ -33,6 +33,7 @@ from pipeline.train.job import TrainJob, TrainOutcome
 from pipeline.train.plots import plot_loss_curve
 from pipeline.train.preemption import Preempted, PreemptionForwarder
 from pipeline.train.ray_launch import launch_ray
+from pipeline.train.startup import process_start_time, report_startup
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
         cfg.run_name, cfg.parallel.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.zero_stage,
         job.precision, job.grad_accum_steps, run_dir,
     )
+    launched = time.time()
     try:
         with PreemptionForwarder(run_dir) as forwarder:
             outcome = launch_ray(job, run_dir, max_failures=cfg.train.max_failures,
@@ -142,6 +144,8 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
         tracker.close("KILLED")
         forwarder.hand_over()  # e.g. submitit requeues the job here (and exits)
         raise Preempted(outcome)
+    report_startup(outcome.timeline | {"process_start": process_start_time(), "launched": launched,
+                                       "returned": time.time()}, tracker, outcome.final_step)
     finish_run(tracker, outcome, run_dir, cfg.run_name)
     return outcome
 

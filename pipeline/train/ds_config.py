@@ -75,7 +75,7 @@ def make_ds_config(
         # The optimizer is torch AdamW built by pipeline.train.optimizer (param groups, decoupled decay);
         # ZeRO partitions it like any other.
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": precision == "bf16"},
+        **bf16_settings(precision, parallel.zero_stage),
         "fp16": {
             "enabled": precision == "fp16",
             "loss_scale": 0,  # 0 = dynamic loss scaling
@@ -96,6 +96,26 @@ def make_ds_config(
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": parallel.use_gpu}
         config["zero_force_ds_cpu_optimizer"] = False  # our optimizer is torch's AdamW, not DeepSpeedCPUAdam
     return merge(config, parallel.deepspeed)
+
+
+def bf16_settings(precision: str, zero_stage: int) -> dict[str, Any]:
+    """bf16 with fp32 master weights, and gradients accumulated over micro-batches and reduced over ranks in
+    fp32 (bf16's 8-bit mantissa loses small gradients in a running sum; summing dp copies rounds again).
+
+    ZeRO 0 and 1: the weights stay fp32 (they are the master weights) and the matrix products run under
+    torch.autocast in bf16 (DeepSpeed's torch_autocast); gradients, their reduction and the optimizer are fp32,
+    and checkpoints are ordinary ZeRO checkpoints. DeepSpeed's own bf16 mode cannot do this there: without ZeRO
+    its engine raises NotImplementedError for fp32 accumulation, and at ZeRO-1 it switches to BF16_Optimizer,
+    whose checkpoints zero_to_fp32 cannot consolidate and whose unpartitioned fp32 gradients cost as much
+    memory as fp32 weights. No module is marked for 16-bit gradient communication.
+    ZeRO 2 and 3: DeepSpeed's bf16 mode (16-bit weights, fp32 master partition) with grad_accum_dtype and
+    communication_data_type fp32, i.e. the ZeRO optimizers' fp32 gradient partitions."""
+    if precision != "bf16":
+        return {"bf16": {"enabled": False}}
+    if zero_stage <= 1:
+        return {"bf16": {"enabled": False},
+                "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
+    return {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -59,3 +59,5 @@ class TrainOutcome:
     steady_tokens_per_s: float = 0.0
     # Why the run stopped when it failed (e.g. it diverged: non-finite gradients too many times in a row).
     failure: str | None = None
+    # Wall-clock times (time.time()) of rank 0's start-up phases and steps (pipeline.train.startup).
+    timeline: dict[str, float] = field(default_factory=dict)

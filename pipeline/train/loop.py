@@ -36,6 +36,7 @@ class StepResult:
     grad_norm: float | None  # before clipping; only where a callback asked for it (it costs a reduction)
     started_at: float  # time.perf_counter() when the step began
     applied: bool = True  # False: DeepSpeed (or the optimizer) skipped the update for non-finite gradients
+    loss_scale: float | None = None  # fp16's dynamic loss scale after the step (None in bf16 and fp32)
 
     @property
     def done(self) -> int:
@@ -78,20 +79,30 @@ def train_step(engine, batches: RankBatches, step: int, device: torch.device, wa
                zero_stage: int, tensor_parallel: int) -> StepResult:
     """One optimizer step over batches.grad_accum micro-batches of this rank."""
     started_at = time.perf_counter()
-    step_loss, plain_grad_norm = 0.0, None
+    plain_grad_norm = None
+    # Summed on the device: the one host synchronisation of the step is the reduction over ranks below.
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
     for micro_step in range(batches.grad_accum):
-        inputs, targets = batches.micro_batch_at(step, micro_step)
-        _, loss = engine(inputs.to(device), targets.to(device))
+        inputs, targets = batches.micro_batch_at(step, micro_step, device)
+        _, loss = engine(inputs, targets)
         engine.backward(loss)
         if micro_step == batches.grad_accum - 1 and zero_stage == 0 and want_grad_norm:
             plain_grad_norm = grad_norm(engine.module, tensor_parallel)  # DeepSpeed reports none without ZeRO
         engine.step()
-        step_loss += loss.item() / batches.grad_accum
+        step_loss += loss.detach().double() / batches.grad_accum
     step_loss = mean_over_ranks(step_loss, device)
     norm = engine.get_global_grad_norm() if want_grad_norm else None
     norm = plain_grad_norm if norm is None else norm
     return StepResult(step, step_loss, float(norm) if norm is not None else None, started_at,
-                      applied=engine.was_step_applied())
+                      applied=engine.was_step_applied(), loss_scale=loss_scale_of(engine))
+
+
+def loss_scale_of(engine) -> float | None:
+    """fp16's current dynamic loss scale (DeepSpeed's fp16 and ZeRO optimizers expose it); None otherwise."""
+    if not engine.fp16_enabled():
+        return None
+    scale = getattr(engine.optimizer, "loss_scale", None)
+    return float(scale) if scale is not None else None
 
 
 def run_loop(state: LoopState, callbacks: list[Callback], batches: RankBatches, device: torch.device,

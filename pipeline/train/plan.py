@@ -8,22 +8,32 @@ P_rank = P - P_split + P_split / tp:
     gradients    g x P_rank          / dp under ZeRO-2 and 3
     optimizer    o x P_rank          / dp under ZeRO-1, 2 and 3
 
-(p, g, o) = (2, 2, 12) for bf16 and fp16: 16-bit weights and gradients, fp32 master weights and Adam's m and v
-(Rajbhandari et al. 2020); (4, 4, 8) for fp32. Beyond these model states DeepSpeed keeps fp32 gradients (and,
-in fp32 under ZeRO, a copy of the weights) for its optimizer, measured on this machine (benchmarks/zero_memory.py):
+(p, g, o) = (2, 2, 12) for fp16: 16-bit weights and gradients, fp32 master weights and Adam's m and v
+(Rajbhandari et al. 2020); (4, 4, 8) for fp32. bf16 keeps its gradients in fp32 (pipeline.train.ds_config:
+accumulated and reduced in fp32): at ZeRO 0 and 1 the weights themselves are fp32 under autocast, (4, 4, 8) as
+in fp32; (2, 2, 12) under ZeRO-2 and (2, 4, 12) under ZeRO-3 (the fp32 gradient partition). Beyond these model states
+DeepSpeed keeps fp32 gradients (and, in fp32 under ZeRO, a copy of the weights) for its optimizer, measured on
+this machine (benchmarks/zero_memory.py):
 
-    fp32 copies  16-bit: 4 x P_rank without ZeRO (the bf16 optimizer accumulates gradients in fp32), 4 x P_rank
-                 / dp under ZeRO-1 and 2 (the fp32 gradient of the rank's partition at the step), under ZeRO-3
-                 4 bytes for one optimizer sub-group (sub_group_size, 10 d_model^2: pipeline.train.ds_config);
+    fp32 copies  fp16: 4 x P_rank without ZeRO, 4 x P_rank / dp under ZeRO-1 and 2 (the fp32 gradient of the
+                 rank's partition at the step), under ZeRO-3 4 bytes for one optimizer sub-group
+                 (sub_group_size, 10 d_model^2: pipeline.train.ds_config);
+                 bf16: 2 x P_rank at ZeRO 0 and 1 (autocast's bf16 copies of the weights), beside fp32's
+                 copies at ZeRO-1; 4 x P_rank / dp under ZeRO-2, a sub-group under ZeRO-3;
                  fp32: none without ZeRO (torch's AdamW updates the weights themselves), 8 x P_rank / dp under
                  ZeRO-1 and 2 (a copy of the partition and its gradient), 4 x P_rank / dp and a sub-group's
-                 gradient under ZeRO-3
+                 gradient under ZeRO-3;
+                 and at dp > 1 without ZeRO, where the engine all-reduces the gradients itself, the flat
+                 bucket it copies them into: min(P_rank, 5e8) elements in the communication dtype (4 bytes,
+                 2 in fp16)
 
     activations  per layer, 16-bit: s b h (8 + 24 / tp) bytes (Korthikanti et al. 2022, without the 5 a s^2 b
                  of the attention scores, which fused attention (SDPA) never stores, and without the dropout
                  masks when dropout is 0); fp32 doubles it. With activation checkpointing only each block's
                  input is kept (2 s b h, fp32 4 s b h) plus one block's working set during its recomputation.
-    logits       b s V x (activation bytes + 4 + 4): the logits, the fp32 copy the loss takes, its gradient.
+    logits       fp32: b s V x 12 (the logits, the log-softmax the loss keeps, their gradient); 16-bit: b s V x 4
+                 (the logits and their gradient) and one fp32 chunk of the loss (LOSS_CHUNK_ELEMENTS x 12 bytes:
+                 pipeline.model.gpt.cross_entropy_fp32 never upcasts the whole logits).
 
 s is the context, b the micro-batch, h d_model, V the vocabulary. Buffers of the framework (communication
 buckets, CUDA context, allocator fragmentation) are not modelled: the verdict keeps 10% of the device free for
@@ -37,14 +47,16 @@ import re
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, mlp_width
+from pipeline.model.gpt import LOSS_CHUNK_ELEMENTS
 from pipeline.model.size import count_parameters, training_flops_per_token
 from pipeline.train.throughput import GPUS, gpu_by_name
 
 GIB = 2**30
+# Elements per bucket of DeepSpeed's engine all-reduce (deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE).
+ALLREDUCE_BUCKET = 500_000_000
 # Of the device's memory, what the plan may fill: the rest is for what it does not model.
 USABLE_FRACTION = 0.9
 
-BYTES_PER_PARAMETER = {"16-bit": (2, 2, 12), "fp32": (4, 4, 8)}  # weights, gradients, optimizer states
 
 
 @dataclass
@@ -92,24 +104,38 @@ def plan_memory(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
     """Bytes per rank of the layout (model.vocab_size must be set)."""
     tp, stage = parallel.tensor_parallel, parallel.zero_stage
     dp = parallel.num_workers // tp
-    kind = "fp32" if precision == "fp32" else "16-bit"
-    weight, grad, optim = BYTES_PER_PARAMETER[kind]
     p_rank = parameters_per_rank(model, tp)
     sub_group = 4 * min(10 * model.d_model**2, p_rank / dp) / p_rank  # bytes per parameter of the rank
-    if kind == "16-bit":
-        copies = {0: 4, 1: 4 / dp, 2: 4 / dp, 3: sub_group}[stage]
-    else:
-        copies = {0: 0, 1: 8 / dp, 2: 8 / dp, 3: 4 / dp + sub_group}[stage]
-    act_bytes = 4 if precision == "fp32" else 2
+    accumulation = parallel.deepspeed.get("data_types", {}).get("grad_accum_dtype", "fp32")
+    if precision == "bf16" and stage > 1 and accumulation in ("bf16", "bfloat16"):
+        precision = "fp16"  # bf16 gradients by choice (parallel.deepspeed): the 16-bit layout of fp16
+    weight, grad, optim, copies = state_bytes(precision, stage, dp, sub_group)
+    if dp > 1 and stage == 0:
+        # The engine's own all-reduce flattens the gradients into buckets of up to ALLREDUCE_BUCKET elements,
+        # in the communication dtype (fp32 but for fp16).
+        copies += (2 if precision == "fp16" else 4) * min(p_rank, ALLREDUCE_BUCKET) / p_rank
     b, s = train.micro_batch_size, model.context_length
+    logits = b * s * model.vocab_size
     return MemoryPlan(
         parameters=weight * p_rank / (dp if stage >= 3 else 1),
         gradients=grad * p_rank / (dp if stage >= 2 else 1),
         optimizer=optim * p_rank / (dp if stage >= 1 else 1),
         fp32_copies=copies * p_rank,
         activations=activation_bytes(model, b, tp, precision, parallel.activation_checkpointing),
-        logits=b * s * model.vocab_size * (act_bytes + 4 + 4),
+        logits=12 * logits if precision == "fp32" else 4 * logits + 12 * min(logits, LOSS_CHUNK_ELEMENTS),
     )
+
+
+def state_bytes(precision: str, stage: int, dp: int, sub_group: float) -> tuple[float, float, float, float]:
+    """Bytes per parameter of a rank's module: weights, gradients, optimizer states (before ZeRO divides them)
+    and DeepSpeed's fp32 copies beside them (already divided), as in the module docstring."""
+    if precision == "fp32":
+        return 4, 4, 8, {0: 0, 1: 8 / dp, 2: 8 / dp, 3: 4 / dp + sub_group}[stage]
+    if precision == "bf16":
+        if stage <= 1:  # fp32 weights under autocast, and its bf16 copies of them
+            return 4, 4, 8, 2 + {0: 0, 1: 8 / dp}[stage]
+        return 2, 4 if stage == 3 else 2, 12, {2: 4 / dp, 3: sub_group}[stage]
+    return 2, 2, 12, {0: 4, 1: 4 / dp, 2: 4 / dp, 3: sub_group}[stage]
 
 
 def parse_memory(text: str) -> float:

@@ -9,7 +9,9 @@ launch (pipeline.launch): it only needs torch.distributed to be initialisable fr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +37,9 @@ from pipeline.train.callbacks import (
     PeriodicCheckpoint,
     PreemptionCheck,
     SteadyThroughput,
+    StepTimes,
 )
-from pipeline.train.distributed import device_for, init_distributed, seed_everything
+from pipeline.train.distributed import device_for, dp_seed, init_distributed, seed_everything
 from pipeline.train.job import TrainJob, TrainOutcome
 from pipeline.train.loop import Callback, LoopState, run_loop
 from pipeline.train.optimizer import build_optimizer, build_scheduler
@@ -124,6 +127,7 @@ class WorkerCallbacks:
     history: LossHistory
     metrics: MetricsLogger
     steady: SteadyThroughput
+    step_times: StepTimes
     non_finite: NonFiniteGuard
     validation: IntervalValidation | None
     preemption: PreemptionCheck
@@ -131,12 +135,13 @@ class WorkerCallbacks:
     final: FinalCheckpoint
 
     def in_order(self) -> list[Callback]:
-        return [c for c in (self.history, self.metrics, self.steady, self.non_finite, self.validation,
+        return [c for c in (self.history, self.metrics, self.steady, self.step_times, self.non_finite, self.validation,
                             self.preemption, self.periodic, self.final) if c is not None]
 
 
 def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpointer, start_step: int,
-                    resumed_from: str | None, device: torch.device, tracker: Tracker | None) -> WorkerCallbacks:
+                    resumed_from: str | None, device: torch.device, tracker: Tracker | None,
+                    timeline: dict[str, float]) -> WorkerCallbacks:
     rank, world, train = dist.get_rank(), dist.get_world_size(), job.train
     peak, source = (train.peak_tflops, "configured") if train.peak_tflops else peak_tflops(job.precision, device)
     if tracker:
@@ -151,6 +156,7 @@ def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpoin
         history=LossHistory(job.record_losses),
         metrics=MetricsLogger(job, batches, world, peak, device, rank, tracker),
         steady=SteadyThroughput(start_step, tokens_per_step),
+        step_times=StepTimes(timeline),
         non_finite=NonFiniteGuard(train.max_skipped_steps, rank, tracker),
         validation=validation,
         preemption=PreemptionCheck(PreemptionFlag(Path(job.run_dir)), checkpointer, device, rank, tracker),
@@ -160,15 +166,19 @@ def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpoin
 
 
 def train_worker(job: TrainJob) -> TrainOutcome:
+    timeline = {"worker_started": time.time()}  # the start-up phases (pipeline.train.startup)
     if not job.parallel.use_gpu:
         torch.set_num_threads(job.parallel.cpus_per_worker)
     init_distributed(job.parallel)
+    timeline["distributed_ready"] = time.time()
     rank, world, tp = dist.get_rank(), dist.get_world_size(), job.parallel.tensor_parallel
     device = device_for(job.parallel)
     ckpt_root = checkpoint_root(Path(job.run_dir))
     store = pull_from_store(job) if job.storage_uri else None
     tag_dir, ds_config = resume_point(job, ckpt_root)
     engine = build_engine(job, ds_config)
+    # Weights are built from one seed on every rank; dropout then draws from a stream of the rank's replica.
+    torch.manual_seed(dp_seed(job.train.seed, rank // tp))
     batches = RankBatches(WindowDataset(Path(job.data_dir), "train"), seed=job.train.seed,
                           micro_batch=job.train.micro_batch_size, grad_accum=job.grad_accum_steps,
                           dp_size=world // tp, dp_rank=rank // tp)
@@ -181,10 +191,15 @@ def train_worker(job: TrainJob) -> TrainOutcome:
             log.info("resumed from %s at step %d (%d samples consumed)", tag_dir, start_step, state["samples_consumed"])
     tracker = Tracker(job.tracking_uri, job.mlflow_run_id) if rank == 0 and job.mlflow_run_id else None
     checkpointer = Checkpointer(engine, job, batches, ckpt_root, world, store)
-    callbacks = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, tracker)
-    loop = run_loop(LoopState(engine, start_step, job.train.max_steps), callbacks.in_order(), batches, device,
-                    job.parallel.zero_stage, tp)
-    return outcome_of(loop, callbacks, engine, resumed_from)
+    callbacks = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, tracker, timeline)
+    timeline["engine_ready"] = time.time()
+    try:
+        loop = run_loop(LoopState(engine, start_step, job.train.max_steps), callbacks.in_order(), batches, device,
+                        job.parallel.zero_stage, tp)
+    finally:
+        batches.close()
+    outcome = outcome_of(loop, callbacks, engine, resumed_from)
+    return dataclasses.replace(outcome, timeline=timeline | {"worker_done": time.time()})
 
 
 def outcome_of(loop: LoopState, callbacks: WorkerCallbacks, engine, resumed_from: str | None) -> TrainOutcome:

@@ -54,3 +54,27 @@ def test_order_is_a_seeded_permutation_per_epoch():
     assert sorted(epoch1.tolist()) == list(range(10))
     assert not np.array_equal(epoch0, epoch1)
     assert np.array_equal(WindowOrder(10, seed=5).indices(3, 12), np.concatenate([epoch0[3:], epoch1[:5]]))
+
+
+def test_prefetching_reads_exactly_what_a_plain_read_does():
+    """With a device the next micro-batch is read ahead on a thread; retries (the same step again) and a resume
+    at another position still get exactly the windows of a plain read."""
+    import torch
+
+    plain = RankBatches(ArrayWindows(40), seed=3, micro_batch=2, grad_accum=2, dp_size=2, dp_rank=1)
+    ahead = RankBatches(ArrayWindows(40), seed=3, micro_batch=2, grad_accum=2, dp_size=2, dp_rank=1)
+    cpu = torch.device("cpu")
+    keys = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 0), (1, 1), (2, 0), (5, 1), (6, 0)]
+    try:
+        for step, micro in keys:
+            assert all(torch.equal(a, b) for a, b in zip(ahead.micro_batch_at(step, micro, cpu),
+                                                         plain.micro_batch_at(step, micro), strict=True))
+        plain.resume_at(7, 123)
+        ahead.resume_at(7, 123)
+        for step, micro in [(7, 0), (7, 1), (8, 0)]:
+            assert all(torch.equal(a, b) for a, b in zip(ahead.micro_batch_at(step, micro, cpu),
+                                                         plain.micro_batch_at(step, micro), strict=True))
+        assert ahead._ahead[0] == (8, 1)  # the next one is on its way
+    finally:
+        ahead.close()
+    assert ahead._pool is None

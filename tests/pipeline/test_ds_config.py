@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import ParallelConfig, TrainConfig
 from pipeline.model.tensor_parallel import AUTOTP_LAYER_SPECS
-from pipeline.train.ds_config import make_ds_config, resolve_precision
+from pipeline.train.ds_config import check_with_deepspeed, make_ds_config, resolve_precision
 
 
 def test_fp16_gets_dynamic_loss_scaling_that_deepspeed_accepts():
@@ -86,3 +86,22 @@ def test_communication_buckets_follow_the_model_width():
         "stage": 0}
     expert = ParallelConfig(zero_stage=2, deepspeed={"zero_optimization": {"reduce_bucket_size": 7}})
     assert make_ds_config(TrainConfig(), expert, "bf16", 1, d_model=1024)["zero_optimization"]["reduce_bucket_size"] == 7
+
+
+def test_bf16_accumulates_and_reduces_gradients_in_fp32():
+    """ZeRO 2-3: DeepSpeed's bf16 with fp32 gradient accumulation and communication; ZeRO 0-1 fp32 weights under
+    autocast (pipeline.train.ds_config.bf16_settings says why). fp32 and fp16 configs carry neither."""
+    train, accum = TrainConfig(micro_batch_size=2), 1
+    for stage in (2, 3):
+        config = make_ds_config(train, ParallelConfig(num_workers=2, zero_stage=stage), "bf16", accum)
+        assert config["bf16"] == {"enabled": True}
+        assert config["data_types"] == {"grad_accum_dtype": "fp32"} and config["communication_data_type"] == "fp32"
+        assert "torch_autocast" not in config
+    for stage in (0, 1):
+        zero0 = make_ds_config(train, ParallelConfig(num_workers=2, zero_stage=stage), "bf16", accum)
+        assert zero0["bf16"] == {"enabled": False} and "data_types" not in zero0
+        assert zero0["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    for precision in ("fp32", "fp16"):
+        config = make_ds_config(train, ParallelConfig(num_workers=2, zero_stage=1), precision, accum)
+        assert config["bf16"] == {"enabled": False} and "data_types" not in config and "torch_autocast" not in config
+    check_with_deepspeed(zero0)

@@ -230,3 +230,26 @@ def test_tensor_parallel_shards_sum_to_the_full_layer(pos, act):
             mlp_sum += mlp(x)
         assert torch.allclose(attn_sum, block.attn(x, rotary), atol=1e-5)
         assert torch.allclose(mlp_sum, block.mlp(x), atol=1e-5)
+
+
+def test_bf16_loss_in_fp32_chunks_matches_the_full_upcast(monkeypatch):
+    """16-bit logits: the loss upcasts one chunk of rows at a time (checkpointed), never the whole logits; value
+    and gradient equal F.cross_entropy on the fp32 copy, ignored targets included."""
+    import torch.nn.functional as F
+
+    from pipeline.model import gpt
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 7, 50)).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 50, (3, 7))
+    targets[1, 2] = targets[2, 5] = -100
+    reference_logits = logits.detach().clone().requires_grad_()
+    reference = F.cross_entropy(reference_logits.float().reshape(-1, 50), targets.reshape(-1), ignore_index=-100)
+    reference.backward()
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_ELEMENTS", 4 * 50)  # 4 rows per chunk: 6 chunks for 21 rows
+    loss = gpt.cross_entropy_fp32(logits, targets)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert torch.allclose(loss, reference, rtol=1e-6)
+    assert logits.grad.dtype == torch.bfloat16
+    assert torch.equal(logits.grad, reference_logits.grad)

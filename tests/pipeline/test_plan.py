@@ -36,24 +36,32 @@ def within(value: float, expected: float, rel: float = 0.10) -> bool:
 
 
 def test_175b_at_1024_ranks_tp_8_zero_1_matches_the_hand_calculation():
-    """175e9 parameters split over tp=8 (the embeddings, replicated, are under 1%): 2 bytes of bf16 weights and 2
-    of gradients per parameter of the rank, and 12 bytes of optimizer state spread over dp = 128."""
-    p = ParallelConfig(num_workers=1024, tensor_parallel=8, zero_stage=1, precision="bf16")
-    plan = plan_memory(model("gpt3_175b"), p, TrainConfig(micro_batch_size=1), "bf16")
+    """175e9 parameters split over tp=8 (the embeddings, replicated, are under 1%). Mixed precision as
+    Rajbhandari et al. count it (fp16): 2 bytes of weights and 2 of gradients per parameter of the rank, and 12
+    bytes of optimizer state spread over dp = 128. bf16 at ZeRO-1 keeps fp32 weights and gradients under
+    autocast: 4 + 4, and Adam's 8 spread over dp (pipeline.train.ds_config.bf16_settings)."""
     per_rank = 175e9 / 8
+    p = ParallelConfig(num_workers=1024, tensor_parallel=8, zero_stage=1, precision="fp16")
+    plan = plan_memory(model("gpt3_175b"), p, TrainConfig(micro_batch_size=1), "fp16")
     assert within(plan.parameters, 2 * per_rank)
     assert within(plan.gradients, 2 * per_rank)
     assert within(plan.optimizer, 12 * per_rank / 128)
     assert within(plan.model_states, 4 * per_rank + 12 * per_rank / 128)
+    bf16 = plan_memory(model("gpt3_175b"), p, TrainConfig(micro_batch_size=1), "bf16")
+    assert within(bf16.model_states, 8 * per_rank + 8 * per_rank / 128)
 
 
-@pytest.mark.parametrize(("stage", "bytes_per_param"), [
-    (0, 16.0), (1, 4 + 12 / 8), (2, 2 + 14 / 8), (3, 16 / 8),
+@pytest.mark.parametrize(("precision", "stage", "bytes_per_param"), [
+    ("fp16", 0, 16.0), ("fp16", 1, 4 + 12 / 8), ("fp16", 2, 2 + 14 / 8), ("fp16", 3, 16 / 8),
+    # bf16 keeps gradients in fp32: at ZeRO 0 and 1 the weights are fp32 under autocast (4 + 4 + 8, the 8 of
+    # Adam sharded at ZeRO-1); under ZeRO-3 the gradient partition is fp32 (2 + 4 + 12 over dp); at ZeRO-2 the
+    # fp32 accumulation buffer is a DeepSpeed copy beside the model states.
+    ("bf16", 0, 16.0), ("bf16", 1, 8 + 8 / 8), ("bf16", 2, 2 + 14 / 8), ("bf16", 3, 18 / 8),
 ])
-def test_13b_model_states_per_zero_stage(stage, bytes_per_param):
+def test_13b_model_states_per_zero_stage(precision, stage, bytes_per_param):
     """13B at dp = 8: ZeRO-1 shards the 12 optimizer bytes, ZeRO-2 the gradients too, ZeRO-3 everything."""
     m = model("gpt3_13b")
-    plan = plan_memory(m, ParallelConfig(num_workers=8, zero_stage=stage), TrainConfig(micro_batch_size=1), "bf16")
+    plan = plan_memory(m, ParallelConfig(num_workers=8, zero_stage=stage), TrainConfig(micro_batch_size=1), precision)
     assert within(plan.model_states, bytes_per_param * 13e9)
 
 
@@ -68,7 +76,9 @@ def test_activations_follow_korthikanti_without_attention_scores():
     assert fp32.activations == pytest.approx(2 * plan.activations)
     recompute = plan_memory(m, ParallelConfig(num_workers=8, activation_checkpointing=True), train, "bf16")
     assert recompute.activations == pytest.approx(40 * 2 * 2048 * 2 * 5120 + 2048 * 2 * 5120 * 32)
-    assert plan.logits == pytest.approx(2 * 2048 * 50257 * (2 + 4 + 4))
+    # bf16 logits and their gradient; the loss upcasts one chunk at a time (copy, log-softmax, gradient in fp32)
+    assert plan.logits == pytest.approx(2 * 2048 * 50257 * (2 + 2) + 2**24 * 12)
+    assert fp32.logits == pytest.approx(2 * 2048 * 50257 * 12)
 
 
 def test_deepspeed_fp32_copies_beside_the_model_states():
@@ -80,7 +90,17 @@ def test_deepspeed_fp32_copies_beside_the_model_states():
     assert (zero0.model_states, zero0.fp32_copies) == (16 * n, 0)
     assert (zero1.model_states, zero1.fp32_copies) == (8 * n + 8 * n / 2, 8 * n / 2)
     bf16 = plan_memory(m, ParallelConfig(num_workers=1, zero_stage=0), train, "bf16")
-    assert (bf16.model_states, bf16.fp32_copies) == (16 * n, 4 * n)  # the bf16 optimizer's fp32 gradients
+    assert (bf16.model_states, bf16.fp32_copies) == (16 * n, 2 * n)  # fp32 weights, autocast's bf16 copies
+    bf16 = plan_memory(m, ParallelConfig(num_workers=2, zero_stage=1), train, "bf16")
+    assert (bf16.model_states, bf16.fp32_copies) == (8 * n + 8 * n / 2, 8 * n / 2 + 2 * n)  # fp32's, autocast's
+    zero2 = plan_memory(m, ParallelConfig(num_workers=2, zero_stage=2), train, "bf16")
+    assert (zero2.model_states, zero2.fp32_copies) == (2 * n + 14 * n / 2, 4 * n / 2)  # fp32 gradient partition
+    bf16_grads = ParallelConfig(num_workers=2, zero_stage=3, deepspeed={"data_types": {"grad_accum_dtype": "bf16"}})
+    assert plan_memory(m, bf16_grads, train, "bf16").gradients == 2 * n / 2  # bf16 accumulation by choice
+    fp16_zero0 = plan_memory(m, ParallelConfig(num_workers=2, zero_stage=0), train, "fp16")
+    assert fp16_zero0.fp32_copies == 4 * n + 2 * n  # and the engine's fp16 all-reduce bucket at dp > 1
+    fp16 = plan_memory(m, ParallelConfig(num_workers=1, zero_stage=0), train, "fp16")
+    assert (fp16.model_states, fp16.fp32_copies) == (16 * n, 4 * n)  # the fp16 optimizer's fp32 gradients
 
 
 def test_tensor_parallel_splits_exactly_the_sharded_projections():

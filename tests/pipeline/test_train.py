@@ -28,3 +28,20 @@ def test_a_corrupted_shard_stops_training_before_workers(tmp_path):
         build_job(cfg, data_dir, None, None)
     skip = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, verify_checksums=False))
     assert build_job(skip, data_dir, None, None).data_dir == str(data_dir)  # the user chose to skip the check
+
+
+def test_dropout_streams_differ_per_data_parallel_replica():
+    """Each data-parallel replica draws its own dropout masks (the worker seeds torch with dp_seed(seed,
+    rank // tp) after the weights are built); the streams are fixed by the seed, so runs repeat."""
+    import torch
+
+    from pipeline.train.distributed import dp_seed
+
+    seeds = [dp_seed(1337, r) for r in range(4)]
+    assert len(set(seeds)) == 4 and seeds == [dp_seed(1337, r) for r in range(4)]
+    assert dp_seed(7, 0) != dp_seed(1337, 0)
+    masks = []
+    for seed in seeds[:2]:
+        torch.manual_seed(seed)
+        masks.append(torch.nn.functional.dropout(torch.ones(1000), p=0.5))
+    assert not torch.equal(masks[0], masks[1])

@@ -158,12 +158,30 @@ def test_tensor_parallel_two_equals_one(reference, data_dir, tmp_path):
     assert_same_weights(weights_of(job), weights_of(ref_job))
 
 
-def test_bf16_training_tracks_fp32(reference, data_dir, tmp_path):
-    """bf16 (DeepSpeed keeps fp32 master weights) follows the fp32 run to bf16 rounding."""
+bf16_losses: dict[int, list[float]] = {}  # per ZeRO stage, filled by test_bf16_training_tracks_fp32
+
+
+@pytest.mark.parametrize("zero", [0, 1, 3])
+def test_bf16_training_tracks_fp32(reference, data_dir, tmp_path, zero):
+    """bf16 follows the fp32 run to bf16 rounding at every ZeRO stage: fp32 master weights, gradients
+    accumulated and reduced in fp32 (ZeRO 0-1 fp32 weights under autocast, ZeRO-3 DeepSpeed's bf16 with fp32
+    gradient partitions)."""
     _, expected = reference
-    losses = losses_of(make_job(data_dir, tmp_path, workers=2, micro=2, zero=1, precision="bf16"))
+    losses = bf16_losses[zero] = losses_of(make_job(data_dir, tmp_path, workers=2, micro=2, zero=zero,
+                                                    precision="bf16"))
     assert losses == pytest.approx(expected, abs=0.05)
     assert losses[-1] < losses[0] - 0.1
+
+
+def test_a_non_finite_bf16_step_is_skipped_and_retried_without_a_trace(data_dir, tmp_path):
+    """bf16 under ZeRO-3 (DeepSpeed's bf16 mode, whose overflow check differs from fp32's) skips the NaN step
+    too; the run ends as the bf16 run without it did."""
+    expected = bf16_losses.get(3) or losses_of(make_job(data_dir, tmp_path / "ref", workers=2, micro=2, zero=3,
+                                                        precision="bf16"))
+    job = make_job(data_dir, tmp_path / "nan", workers=2, micro=2, zero=3, precision="bf16")
+    outcome = run_distributed(nan_once_then_train, 2, job, 3)[0]
+    assert outcome.failure is None and outcome.final_step == STEPS
+    assert_same([outcome.losses[s] for s in range(STEPS)], expected)
 
 
 def test_job_is_plain_data():
@@ -276,3 +294,33 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_checkpoints(data_di
     assert complete_tags(root) == ["step_00000001"]
     weights = consolidated_state_dict(latest_complete(root))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_fp16_overflows_settle_the_loss_scale_without_stopping_the_run():
+    """fp16's dynamic loss scaling skips steps while the scale settles: with a finite loss and a scale above
+    the minimum such skips are counted apart and never stop the run; non-finite losses stop it after
+    max_skipped_steps in a row, and so do overflows once the scale is at its minimum (DeepSpeed would raise on
+    the next). The guard's decisions only: a CPU cannot run DeepSpeed's fp16."""
+    from pipeline.train.callbacks import NonFiniteGuard
+    from pipeline.train.loop import LoopState, StepResult
+
+    class Lr:
+        def get_lr(self):
+            return [3e-4]
+
+    def skips(results):
+        guard, state = NonFiniteGuard(max_consecutive=2, rank=1), LoopState(Lr(), 0, 100)
+        for result in results:
+            (guard.after_skipped_step if not result.applied else guard.after_step)(state, result)
+            if state.stopped:
+                break
+        return guard, state
+
+    settling = [StepResult(7, 5.1, None, 0.0, applied=False, loss_scale=2.0**(15 - i)) for i in range(12)]
+    guard, state = skips([*settling, StepResult(7, 5.1, 1.0, 0.0)])
+    assert not state.stopped and (guard.overflows, guard.total, guard.consecutive) == (12, 12, 0)
+    guard, state = skips([StepResult(7, float("nan"), None, 0.0, applied=False) for _ in range(4)])
+    assert state.stopped and guard.total == 3 and "diverged at step 8" in state.failure
+    at_minimum = [StepResult(7, 5.1, None, 0.0, applied=False, loss_scale=1.0) for _ in range(4)]
+    guard, state = skips(at_minimum)
+    assert state.stopped and guard.overflows == 3
