@@ -18,8 +18,9 @@ this machine (benchmarks/zero_memory.py):
     fp32 copies  fp16: 4 x P_rank without ZeRO, 4 x P_rank / dp under ZeRO-1 and 2 (the fp32 gradient of the
                  rank's partition at the step), under ZeRO-3 4 bytes for one optimizer sub-group
                  (sub_group_size, 10 d_model^2: pipeline.train.ds_config);
-                 bf16: 2 x P_rank at ZeRO 0 and 1 (autocast's bf16 copies of the weights), beside fp32's
-                 copies at ZeRO-1; 4 x P_rank / dp under ZeRO-2, a sub-group under ZeRO-3;
+                 bf16: 2 x P_rank without ZeRO (autocast's bf16 copies of the weights), fp32's copies at
+                 ZeRO-1 (autocast's copies are freed during the backward pass before the gradients peak:
+                 measured), 4 x P_rank / dp under ZeRO-2, a sub-group under ZeRO-3;
                  fp32: none without ZeRO (torch's AdamW updates the weights themselves), 8 x P_rank / dp under
                  ZeRO-1 and 2 (a copy of the partition and its gradient), 4 x P_rank / dp and a sub-group's
                  gradient under ZeRO-3;
@@ -132,8 +133,10 @@ def state_bytes(precision: str, stage: int, dp: int, sub_group: float) -> tuple[
     if precision == "fp32":
         return 4, 4, 8, {0: 0, 1: 8 / dp, 2: 8 / dp, 3: 4 / dp + sub_group}[stage]
     if precision == "bf16":
-        if stage <= 1:  # fp32 weights under autocast, and its bf16 copies of them
-            return 4, 4, 8, 2 + {0: 0, 1: 8 / dp}[stage]
+        if stage == 0:  # fp32 weights under autocast, and its bf16 copies of them
+            return 4, 4, 8, 2
+        if stage == 1:  # as fp32 (autocast's copies are gone before the gradients peak: measured)
+            return 4, 4, 8, 8 / dp
         return 2, 4 if stage == 3 else 2, 12, {2: 4 / dp, 3: sub_group}[stage]
     return 2, 2, 12, {0: 4, 1: 4 / dp, 2: 4 / dp, 3: sub_group}[stage]
 
