@@ -1,107 +1,32 @@
-"""The corpus as one list of documents: a single source as read, or a weighted mixture of several.
+"""The corpus fingerprint, and the corpus as one list of documents for small corpora and tests.
 
 A mixture samples each source by its weight, a per-document rate relative to the source's own size: every
-document appears floor(weight) times, and a seeded choice of exactly round(frac(weight) x n) of its n
-documents once more (weight 2.0 doubles a source, 0.5 keeps half of it, 1.0 takes it as it is). The copies
-of all sources are then interleaved in one seeded order, so every shard holds the mix. Both draws depend
-only on data.seed and the source's name, never on the worker count, so the bytes written do not either.
-A copy of a document goes to the same split as the document (the split follows the text's hash).
+document appears floor(weight) times, and once more when a seeded hash of the source's name and its text falls
+below frac(weight) (data_prep.partition_work.copies_of): weight 2.0 doubles a source, 0.5 keeps about half of
+it, 1.0 takes it as it is. The draw depends only on data.seed, the source's name and the text, never on the
+partitioning or the worker count, so the bytes written do not either. A copy of a document goes to the same
+split as the document (the split follows the text's hash). Mixing happens in training: the loader's seeded
+order of windows interleaves every source's windows.
 
 The corpus fingerprint names every input file by (path, size, mtime_ns), or by its sha256 when the whole
-corpus is small, so that a changed input gives a new data set directory instead of a stale one.
+corpus is small, so that a changed input gives a new data set directory instead of a stale one; a hub data set
+by its name, config, revision and split.
 """
 
 from __future__ import annotations
 
 import logging
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from data_prep.partitions import source_field, source_groups
 from data_prep.shards import sha256_file
-from data_prep.sources import DecodeReport, SourceError, input_files, read_source, source_configs
+from data_prep.sources import DecodeReport, SourceError, input_files, piece_documents, source_configs
 from pipeline.config import DataConfig, SourceConfig
 
 log = logging.getLogger(__name__)
 
 # Below this many bytes of input in all, the fingerprint hashes file contents (robust to a touched mtime).
 _HASH_CONTENT_BYTES = 32 << 20
-
-
-@dataclass
-class SourceStats:
-    """What one source gave: documents read, documents after sampling by weight (copies counted), and the
-    tokens they became per split (filled in by the prepare stage)."""
-
-    name: str
-    kind: str
-    path: str | None
-    weight: float
-    files: int = 0
-    documents_read: int = 0
-    documents: int = 0
-    tokens: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class Corpus:
-    documents: list[str]
-    # Index into `sources` of each document.
-    source_of: np.ndarray
-    sources: list[SourceStats]
-    # Undecodable input over all sources.
-    report: DecodeReport
-
-
-def source_field(data: DataConfig, index: int) -> str:
-    """How errors name a source's config entry."""
-    return f"data.mixture.{index}" if data.source == "mixture" else "data"
-
-
-def copies_per_document(n_documents: int, weight: float, seed: int, name: str) -> np.ndarray:
-    """How many times each of a source's documents enters the mix (see the module docstring)."""
-    whole = int(np.floor(weight))
-    copies = np.full(n_documents, whole, dtype=np.int64)
-    extra = int(np.floor((weight - whole) * n_documents + 0.5))
-    if extra:
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        copies[rng.permutation(n_documents)[:extra]] += 1
-    return copies
-
-
-def read_corpus(data: DataConfig) -> Corpus:
-    """The documents of data's source, or of its mixture sampled by weight and interleaved."""
-    sources = source_configs(data)
-    if data.source != "mixture":
-        docs, report = read_source(sources[0], data.on_decode_error)
-        src = sources[0]
-        stats = SourceStats(src.name, src.source, src.path, 1.0, report.files, len(docs), len(docs))
-        return Corpus(docs, np.zeros(len(docs), dtype=np.int32), [stats], report)
-    per_source, source_ids, doc_ids, stats = [], [], [], []
-    report = DecodeReport()
-    for i, src in enumerate(sources):
-        docs, part = read_source(src, data.on_decode_error, source_field(data, i))
-        copies = copies_per_document(len(docs), src.weight, data.seed, src.name)
-        if not copies.sum():
-            log.warning("data.mixture.%d (%s): weight %g keeps none of its %d documents; raise its weight",
-                        i, src.name, src.weight, len(docs))
-        per_source.append(docs)
-        doc_ids.append(np.repeat(np.arange(len(docs), dtype=np.int64), copies))
-        source_ids.append(np.full(len(doc_ids[-1]), i, dtype=np.int32))
-        stats.append(SourceStats(src.name, src.source, src.path, src.weight, part.files, len(docs), len(doc_ids[-1])))
-        for key in ("files", "bad_bytes", "bad_bytes_documents", "skipped_documents"):
-            setattr(report, key, getattr(report, key) + getattr(part, key))
-    source_of, doc_of = np.concatenate(source_ids), np.concatenate(doc_ids)
-    if not len(source_of):
-        raise SourceError("the mixture's weights keep no document: raise the weights in data.mixture")
-    order = np.random.default_rng([data.seed, zlib.crc32(b"interleave")]).permutation(len(source_of))
-    source_of, doc_of = source_of[order], doc_of[order]
-    documents = [per_source[s][d] for s, d in zip(source_of.tolist(), doc_of.tolist(), strict=True)]
-    log.info("mixture of %d sources: %s", len(sources), ", ".join(
-        f"{s.name} x{s.weight:g}: {s.documents} of {s.documents_read} documents" for s in stats))
-    return Corpus(documents, source_of, stats, report)
 
 
 def corpus_record(data: DataConfig) -> list[dict]:
@@ -112,6 +37,8 @@ def corpus_record(data: DataConfig) -> list[dict]:
     record = []
     for src, problem, files in listed:
         entry = {"name": src.name, "source": src.source, "path": src.path}
+        if src.source in ("hf_hub", "hf_disk"):
+            entry |= {"hf_config": src.hf_config, "hf_revision": src.hf_revision, "hf_split": src.hf_split}
         if problem:
             entry["unreadable"] = problem
         entry["files"] = [[name, size, sha256_file(path) if small else mtime_ns] for name, size, path, mtime_ns in files]
@@ -133,8 +60,36 @@ def _listed_files(src: SourceConfig, where: str) -> tuple[str | None, list[tuple
     return None, listed
 
 
+def read_source(src: SourceConfig, data: DataConfig, where: str = "data") -> tuple[list[str], DecodeReport]:
+    """All non-empty documents of one source in one list, in plan order: for small corpora and tests only
+    (prepare reads partition by partition on the workers, never a whole source in one process)."""
+    report = DecodeReport()
+    pieces = [piece for group, _ in source_groups(src, where, data.partition_bytes) for piece in group]
+    docs = [doc for piece in pieces for doc in piece_documents(src, piece, data, report, where)]
+    report.files = len({piece.path for piece in pieces})
+    report.log_summary()
+    if not docs:
+        raise SourceError(
+            f"the corpus ({where}.source={src.source}, {where}.path={src.path}) holds no non-empty document"
+            + (f"; {report.skipped_documents} were skipped as undecodable" if report.skipped_documents else "")
+            + f": point {where}.path at files with text in them"
+        )
+    return docs, report
+
+
 def read_documents(data: DataConfig) -> tuple[list[str], DecodeReport]:
-    """All non-empty documents of the configured corpus, in a deterministic order (a mixture: sampled by
-    weight and interleaved, see data_prep.mixture)."""
-    corpus = read_corpus(data)
-    return corpus.documents, corpus.report
+    """All non-empty documents of the configured corpus in one list, in plan order (a mixture's copies
+    included): for small corpora and tests only; prepare never holds a corpus in one process."""
+    from data_prep.partition_work import PrepareContext, partition_documents
+    from data_prep.partitions import plan_partitions
+
+    sources = source_configs(data)
+    ctx = PrepareContext(data, sources, [source_field(data, i) for i in range(len(sources))], "", b"", "", 0, 0, False)
+    report = DecodeReport()
+    plan = plan_partitions(data)
+    docs = [doc for part in plan for doc in partition_documents(part, ctx, report)]
+    report.files = len({piece.path for part in plan for piece in part.pieces})
+    if not docs:
+        raise SourceError(f"the corpus (data.source={data.source}) holds no non-empty document: point data.path "
+                          f"at files with text in them")
+    return docs, report

@@ -1,16 +1,29 @@
-"""The prepare stage: corpus -> tokenizer -> parallel tokenization (Ray Data or Ray actors) -> packed, checksummed shards.
+"""The prepare stage: corpus -> partitions -> tokenizer -> per-partition shards on the workers -> manifest.
 
-Outputs land in a directory named by a fingerprint of the data config and of its input files (their
-names, sizes and modification times, or contents for a small corpus: data_prep.mixture.corpus_record), so
-a changed config or corpus never writes over an old data set, and an edited corpus is never mistaken for
-the one already prepared. The directory is built as `<name>-<fingerprint>.partial/` under a lock and
-renamed when complete: an interrupted run never leaves a directory that looks complete, and the next run
-resumes from the shards it had written (data_prep.journal). A re-run with the same config finds the
-finished directory and skips the work.
+Outputs land in a directory named by a fingerprint of the data config and of its input files (their names,
+sizes and modification times, or contents for a small corpus: data_prep.mixture.corpus_record), so a changed
+config or corpus never writes over an old data set. The directory is built as `<name>-<fingerprint>.partial/`
+under a lock and renamed when complete; a re-run with the same config finds it finished and skips the work.
 
-The build: read the documents (one source, or a weighted mixture), split them train/validation by hash,
-train or load the tokenizer, encode the corpus in a pool of Ray actors, driven by Ray Data or directly (data_prep.encoding), and on
-the driver cut each split's token stream into windows and shards, checkpointing progress after every shard.
+The driver only plans and merges; no process ever holds the corpus:
+
+    plan       data_prep.partitions: file names and sizes cut into partitions of data.partition_bytes (the
+               same partitions whatever the number of workers or nodes)
+    tokenizer  data.tokenizer.model_path, or trained on a bounded, seeded sample drawn on the workers: each
+               sampled partition returns its data.tokenizer.sample_sentences training sentences of smallest
+               seeded hash, the driver keeps the smallest of all (the same sample whatever the partitioning
+               of the work; SentencePiece's own sampling, which ignores the seed, is off)
+    shards     data_prep.partition_work on the workers (Ray Data or Ray actors: data_prep.workers): each
+               partition read, split by hash, tokenized, packed and written as its own shards, then its record
+    manifest   the records in partition order: shards, statistics per split and per source, document starts
+               and the training split's token counts (the unigram baseline), merged file by file
+
+Killed at any point (kill -9 included), the same command resumes: partitions with a record are kept, shards
+without one are deleted and their partitions done again, and the bytes are those of an uninterrupted run.
+
+Memory: a worker holds one block of text (data.block_bytes) and its tokens at a time, plus one shard being
+written; the driver holds the plan (a few hundred bytes per partition), the tokenizer sample (at most
+sample_sentences lines) and one partition record at a time. None of it grows with the corpus but the plan.
 """
 
 from __future__ import annotations
@@ -18,55 +31,60 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.encoding import (
-    RayDataTokenizerPool,
-    TokenizerPool,
-    can_cut_documents,
-    make_blocks,
-    make_segments,
-    pool_size,
-    tokenize_engine,
+from data_prep.encoding import can_cut_documents, pool_size, tokenize_engine
+from data_prep.mixture import corpus_record
+from data_prep.partition_work import (
+    PARTS_DIR,
+    PartitionRecord,
+    PrepareContext,
+    partition_documents,
+    record_path,
+    shard_prefix,
 )
-from data_prep.journal import JOURNAL, Checkpoint, ProgressJournal
-from data_prep.mixture import Corpus, corpus_record, read_corpus
-from data_prep.packing import WindowPacker
+from data_prep.partitions import Partition, plan_partitions, source_field
 from data_prep.shards import (
     FORMAT_VERSION,
-    HEADER_BYTES,
     MANIFEST,
     SPLITS,
     TOKENIZER_FILE,
     Manifest,
-    ShardWriter,
+    ShardInfo,
     dtype_for_vocab,
     incomplete_reason,
     load_manifest,
     sha256_file,
+    shard_bytes,
 )
-from data_prep.tokenizer import check_round_trip, copy_tokenizer, load_tokenizer, train_tokenizer
+from data_prep.sources import DecodeReport, SourceError, source_configs
+from data_prep.tokenizer import check_round_trip, copy_tokenizer, load_tokenizer, train_tokenizer_on_sample
+from data_prep.workers import run_actors, run_partitions
 from pipeline.config import DataConfig, PipelineError, fingerprint, validate_data
-from pipeline.files import LOCK, directory_lock, write_atomic
+from pipeline.files import LOCK, write_atomic
 
 log = logging.getLogger(__name__)
 
 # Fields that do not change the bytes written.
-_NOT_IN_FINGERPRINT = ("num_workers", "tokenize_engine", "output_dir", "verify_checksums")
+_NOT_IN_FINGERPRINT = ("num_workers", "tokenize_engine", "output_dir", "verify_checksums", "block_bytes")
 # Bump when the same config would produce different bytes (reading, tokenizer training, packing), so that
 # a new recipe gets a new directory instead of silently reusing data sets made by the old one.
-RECIPE_VERSION = 3
-# Documents per tokenizer round-trip check, and characters of each (a 50 MB document is checked by its start).
+RECIPE_VERSION = 4
+# Documents of the first partition checked for a tokenizer round trip, and characters of each.
 _ROUND_TRIP_SAMPLE, _ROUND_TRIP_CHARS = 64, 1 << 14
 _PROGRESS_INTERVAL_S = 5.0
 PARTIAL_SUFFIX = ".partial"
+STATE = "prepare_state.json"  # in the partial directory: the plan's digest and the tokenizer's sha256
+TOKEN_COUNTS = "train_token_counts.npy"
 
 
 class DataPrepError(PipelineError, ValueError):
@@ -98,54 +116,10 @@ def is_complete(out: Path) -> bool:
     return incomplete_reason(out) is None
 
 
-def hash_fraction(text: str) -> float:
-    """A stable number in [0, 1) from the document's text alone (not its position or the run)."""
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def split_of(text: str, val_fraction: float) -> str:
-    """validation when the document's hash fraction falls below val_fraction, else train."""
-    return "validation" if hash_fraction(text) < val_fraction else "train"
-
-
-def assign_splits(docs: list[str], val_fraction: float) -> np.ndarray:
-    """is_validation per document, by hash. A tiny corpus whose hashes all miss one side still gets a
-    validation document (the lowest hash) and a training document (the highest)."""
-    fractions = np.array([hash_fraction(d) for d in docs])
-    is_val = fractions < val_fraction
-    if val_fraction > 0 and len(docs) > 1:
-        if not is_val.any():
-            is_val[np.argmin(fractions)] = True
-        if is_val.all():
-            is_val[np.argmax(fractions)] = False
-    return is_val
-
-
-@dataclasses.dataclass
-class SplitWriter:
-    """Packs one split's token stream into windows and shards, and counts what went in. After a resume,
-    the first `skip_tokens` tokens of the stream are already in the shards written before."""
-
-    packer: WindowPacker
-    shards: ShardWriter
-    documents: int = 0
-    tokens: int = 0
-    source_tokens: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1, dtype=np.int64))
-    skip_tokens: int = 0
-
-    def add(self, stream: np.ndarray, documents: int, source_tokens: np.ndarray) -> None:
-        self.documents += documents
-        self.tokens += len(stream)
-        self.source_tokens += source_tokens
-        if self.skip_tokens:
-            dropped = min(self.skip_tokens, len(stream))
-            stream, self.skip_tokens = stream[dropped:], self.skip_tokens - dropped
-        self.shards.add(self.packer.push(stream))
-
-
 def prepare(data: DataConfig) -> Path:
     """Prepare the data set of this config (or find it prepared) and return its directory."""
+    from pipeline.files import directory_lock
+
     validate_data(data)
     corpus = corpus_record(data)
     out = dataset_dir(data, corpus)
@@ -161,16 +135,16 @@ def prepare(data: DataConfig) -> Path:
             log.info("%s exists but is incomplete (%s): preparing it again", out, incomplete_reason(out))
         started = time.time()
         try:
-            manifest, tokenize_seconds = _build(data, partial, {"dataset": out.name}, fingerprint(corpus))
+            manifest, seconds = _build(data, partial, fingerprint(corpus))
         except ValueError:
             shutil.rmtree(partial, ignore_errors=True)  # the input or the config is at fault: nothing to resume
             raise
         except BaseException:
-            log.warning("prepare stopped: the complete shards stay in %s; run the same command again to resume",
-                        partial)
+            log.warning("prepare stopped: the finished partitions stay in %s; run the same command again to "
+                        "resume", partial)
             raise
         _publish(partial, out)
-    _log_summary(out, manifest, time.time() - started, tokenize_seconds)
+    _log_summary(out, manifest, time.time() - started, seconds)
     return out
 
 
@@ -182,239 +156,348 @@ def _already_prepared(data: DataConfig, out: Path) -> bool:
     return True
 
 
-def _build(data: DataConfig, partial: Path, key: dict, corpus_fingerprint: str) -> tuple[Manifest, float]:
+def _build(data: DataConfig, partial: Path, corpus_fingerprint: str) -> tuple[Manifest, float]:
+    t0 = time.time()
+    plan = plan_partitions(data)
+    sources = source_configs(data)
+    n_files = len({piece.path for part in plan for piece in part.pieces})
+    log.info("planned %d partitions of %s over %d inputs in %.1fs", len(plan),
+             _size(sum(p.size for p in plan)), n_files, time.time() - t0)
+    state = _open_state(partial, plan)
     workers = pool_size(data.num_workers)
-    pool = None
-    if data.tokenizer.model_path and data.tokenize_engine != "ray_data":
-        # The model is known: plain actors start while the corpus is read (closed again if `auto` then
-        # picks Ray Data for a corpus this large).
-        model = load_tokenizer(data.tokenizer.model_path)
-        pool = TokenizerPool(model.serialized_model_proto(), dtype_for_vocab(model.get_piece_size()), workers)
-    try:
-        t0 = time.time()
-        corpus = read_corpus(data)
-        docs = corpus.documents
-        is_val = assign_splits(docs, data.val_fraction)
-        n_val = int(is_val.sum())
-        log.info("read %d documents (%d train, %d validation) from %d files in %.1fs",
-                 len(docs), len(docs) - n_val, n_val, corpus.report.files, time.time() - t0)
-        journal = ProgressJournal.open(partial, {**key, "documents": _documents_digest(corpus, is_val)})
-        sp = _make_tokenizer(data, docs, is_val, journal)
-        proto, dtype = sp.serialized_model_proto(), dtype_for_vocab(sp.get_piece_size())
-        if tokenize_engine(data.tokenize_engine, sum(len(d) for d in docs), workers) == "ray_data":
-            if pool is not None:
-                pool.close()
-            pool = RayDataTokenizerPool(proto, dtype, workers)
-        elif pool is None:
-            pool = TokenizerPool(proto, dtype, workers)
-        writers, seconds = _tokenize_and_write(data, corpus, is_val, sp, journal, pool)
-    finally:
-        if pool is not None:
-            pool.close()
-    manifest = _manifest(data, sp, partial, writers, corpus, corpus_fingerprint)
+    ctx = PrepareContext(data=data, sources=sources, wheres=[source_field(data, i) for i in range(len(sources))],
+                         directory=str(partial), tokenizer_proto=b"", dtype="", vocab_size=0, eos_id=0,
+                         cut_documents=False)
+    sp = _make_tokenizer(data, plan, ctx, state, workers)
+    proto = sp.serialized_model_proto()
+    ctx = dataclasses.replace(ctx, tokenizer_proto=proto, dtype=dtype_for_vocab(sp.get_piece_size()).str,
+                              vocab_size=sp.get_piece_size(), eos_id=sp.eos_id(), cut_documents=can_cut_documents(proto))
+    todo = _unfinished(partial, plan, ctx.dtype)
+    engine = tokenize_engine(data.tokenize_engine, sum(p.size for p in todo), workers)
+    if len(todo) < len(plan):
+        log.info("resuming an interrupted run: %d of %d partitions are done", len(plan) - len(todo), len(plan))
+    log.info("tokenizing %d partitions with %d Ray workers (%s)", len(todo), min(workers, max(1, len(todo))), engine)
+    check_shared(partial)
+    progress = Progress(sum(p.size for p in todo), len(todo))
+    nodes = set()
+    for part, record in run_partitions(ctx, todo, workers, engine):
+        progress.update(part, record)
+        nodes.add(record.node)
+    progress.close()
+    if todo:
+        log.info("tokenized %d partitions on %d Ray nodes", len(todo), len(nodes))
+    manifest = _merge(data, sp, partial, plan, corpus_fingerprint)
     write_atomic(partial / MANIFEST, manifest.to_json())
-    return manifest, seconds
+    return manifest, progress.seconds
 
 
-def _documents_digest(corpus: Corpus, is_val: np.ndarray) -> str:
-    """A cheap digest of the documents read (lengths, splits, sources): a journal left by another corpus
-    under the same directory name (a corpus edited within a second, a hub data set) is not resumed."""
-    digest = hashlib.sha256(np.array([len(d) for d in corpus.documents], dtype=np.int64).tobytes())
-    digest.update(is_val.tobytes())
-    digest.update(corpus.source_of.tobytes())
-    return digest.hexdigest()
+def check_shared(directory: Path) -> None:
+    """Workers write their partitions' shards into `directory`: on a Ray cluster of several nodes it must be
+    storage that every node sees (NFS, Lustre, a shared mount). A file written here is looked for from each
+    node; a node that does not see it stops the run before any work, naming the fix."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    if len(nodes) <= 1:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = Path(directory) / f".shared-probe-{os.getpid()}"
+    write_atomic(probe, b"")
+    try:
+        sees = ray.remote(num_cpus=0)(lambda path: os.path.exists(path))
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(str(probe)) for n in nodes])
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen, strict=True) if not ok]
+    if blind:
+        raise DataPrepError(
+            f"the Ray nodes {', '.join(blind)} do not see {directory}: prepare's workers write the shards there, so "
+            f"data.output_dir (output_dir) must be on storage that every node mounts at the same path (NFS, Lustre, "
+            f"a shared volume), or run prepare on one node (cluster=local)"
+        )
 
 
-def _make_tokenizer(data: DataConfig, docs: list[str], is_val: np.ndarray, journal: ProgressJournal):
+def _plan_digest(plan: list[Partition]) -> str:
+    return hashlib.sha256(json.dumps([dataclasses.asdict(p) for p in plan], sort_keys=True).encode()).hexdigest()
+
+
+def _open_state(partial: Path, plan: list[Partition]) -> dict:
+    """The state an interrupted run left for this plan, or a fresh one (the directory emptied but the lock)."""
+    digest = _plan_digest(plan)
+    try:
+        state = json.loads((partial / STATE).read_text())
+    except (OSError, ValueError):
+        state = {}
+    if state.get("plan") != digest:
+        for path in partial.iterdir() if partial.is_dir() else []:
+            if path.name != LOCK:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        state = {"plan": digest}
+        partial.mkdir(parents=True, exist_ok=True)
+        write_atomic(partial / STATE, json.dumps(state))
+    return state
+
+
+def _unfinished(partial: Path, plan: list[Partition], dtype: str) -> list[Partition]:
+    """The partitions to (re)do: those without a record, or whose recorded files are missing or not of the
+    recorded size. Their shards (a killed run's) and every temporary file a killed writer left are deleted."""
+    _remove_temporaries(partial)
+    todo = [p for p in plan if not _recorded_intact(partial, p.index, dtype)]
+    for part in todo:
+        record_path(partial, part.index).unlink(missing_ok=True)
+        for split in SPLITS:
+            for stray in partial.glob(f"{shard_prefix(split, part.index)}-*.bin"):
+                stray.unlink()
+    return todo
+
+
+def _recorded_intact(partial: Path, index: int, dtype: str) -> bool:
+    try:
+        record = PartitionRecord.from_json(record_path(partial, index).read_text())
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    shards_ok = all((partial / info.file).is_file() and (partial / info.file).stat().st_size == shard_bytes(info, dtype)
+                    for infos in record.shards.values() for info in infos)
+    parts = [record.token_counts, *record.doc_starts.values()]
+    return shards_ok and all((partial / PARTS_DIR / name).is_file() for name in parts if name)
+
+
+def _remove_temporaries(directory: Path) -> None:
+    """write_atomic's temporary files (.<name>.tmp<pid>) that a killed writer left behind."""
+    for folder in (directory, directory / PARTS_DIR):
+        for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+
+
+def _sample_partitions(plan: list[Partition], data: DataConfig) -> list[Partition]:
+    """Whole partitions in a seeded order until they hold data.tokenizer.sample_bytes of input."""
+    key = lambda p: hashlib.sha256(f"{data.seed}:{p.index}".encode()).digest()  # noqa: E731
+    chosen, size = [], 0
+    for part in sorted(plan, key=key):
+        if size >= data.tokenizer.sample_bytes and chosen:
+            break
+        chosen.append(part)
+        size += max(part.size, 1)
+    return sorted(chosen, key=lambda p: p.index)
+
+
+def _make_tokenizer(data: DataConfig, plan: list[Partition], ctx: PrepareContext, state: dict, workers: int):
     tok = data.tokenizer
-    path = journal.directory / TOKENIZER_FILE
-    if journal.tokenizer_sha256:
+    path = Path(ctx.directory) / TOKENIZER_FILE
+    if state.get("tokenizer_sha256") and path.is_file() and sha256_file(path) == state["tokenizer_sha256"]:
+        log.info("reusing the tokenizer of the interrupted run in %s", ctx.directory)
         source = "of the interrupted run"
-        log.info("reusing the tokenizer of the interrupted run in %s", journal.directory)
     elif tok.model_path:
         copy_tokenizer(tok.model_path, path)
         source = tok.model_path
     else:
         t0 = time.time()
-        train_tokenizer((d for d, v in zip(docs, is_val, strict=True) if not v), tok, path, data.seed)
+        sample = _draw_sample(plan, ctx, data, workers)
+        log.info("drew a tokenizer sample of %d sentences from %d partitions in %.1fs", len(sample),
+                 len(_sample_partitions(plan, data)), time.time() - t0)
+        t0 = time.time()
+        train_tokenizer_on_sample((s for _, s in sample), tok, path, data.seed)
         log.info("trained a %s tokenizer of %d pieces in %.1fs", tok.type, tok.vocab_size, time.time() - t0)
-        source = "trained on the training split"
+        source = "trained on a sample of the training split"
     sp = load_tokenizer(path)
-    step = max(1, len(docs) // _ROUND_TRIP_SAMPLE)
-    check_round_trip(sp, [d[:_ROUND_TRIP_CHARS] for d in docs[::step][:_ROUND_TRIP_SAMPLE]], source)
-    if not journal.tokenizer_sha256:
-        journal.tokenizer_sha256 = sha256_file(path)
-        journal.save()
+    check_round_trip(sp, _round_trip_texts(plan, ctx), source)
+    if state.get("tokenizer_sha256") != sha256_file(path):
+        state["tokenizer_sha256"] = sha256_file(path)
+        write_atomic(Path(ctx.directory) / STATE, json.dumps(state))
     return sp
 
 
-def _tokenize_and_write(data: DataConfig, corpus: Corpus, is_val: np.ndarray, sp, journal: ProgressJournal,
-                        pool: TokenizerPool):
-    dtype = dtype_for_vocab(sp.get_piece_size())
-    window = data.context_length + 1
-    shard_windows = max(1, data.shard_tokens // window)
-    segments = make_segments(corpus.documents, can_cut_documents(sp.serialized_model_proto()))
-    piece_val = is_val[segments.document]
-    piece_source = corpus.source_of[segments.document]
-    n_sources = len(corpus.sources)
+def _draw_sample(plan: list[Partition], ctx: PrepareContext, data: DataConfig, workers: int) -> list[tuple[int, str]]:
+    """The bottom-k training sentences by seeded hash over the sampled partitions, merged as they arrive."""
+    import heapq
 
-    kept = journal.verify_shards(dtype)
-    if not journal.checkpoints:
-        zeros = {s: 0 for s in SPLITS}
-        journal.checkpoints.append(Checkpoint(0, dict(zeros), dict(zeros), {s: [0] * n_sources for s in SPLITS}))
-        journal.save()
-    start = journal.restart_point()
-    writers = {}
-    for split in SPLITS:
-        shards = ShardWriter(journal.directory, split, window, dtype, shard_windows, journal.shards[split])
-        journal.shards[split] = shards.shards  # the journal always lists what the writer has written
-        done = sum(x.n_tokens for x in shards.shards)
-        writers[split] = SplitWriter(
-            WindowPacker(window, sp.eos_id(), dtype), shards, start.documents[split], start.tokens[split],
-            np.array(start.source_tokens[split], dtype=np.int64), skip_tokens=done - start.tokens[split],
-        )
-    if kept or start.segment:
-        log.info("resuming an interrupted run: reused %d complete shards (%s); tokenizing again from piece %d "
-                 "of %d", kept, ", ".join(f"{s} {len(journal.shards[s])}" for s in SPLITS), start.segment,
-                 len(segments))
-
-    blocks = make_blocks(segments, piece_val, pool.workers, start.segment)
-    ranges = [(b["first"], b["stop"]) for b in blocks]
-    log.info("tokenizing %d documents in %d blocks with %d Ray actors (%s)", len(corpus.documents), len(blocks),
-             pool.workers, pool.engine)
-    done_chars = sum(len(t) for t in segments.texts[: start.segment])
-    progress = TokenizeProgress(sum(len(t) for t in segments.texts), done_chars)
-    for row in pool.map(blocks):
-        first, stop = ranges[row["block"]]
-        written = sum(len(w.shards.shards) for w in writers.values())
-        tokens = 0
-        for split in SPLITS:
-            mine = piece_val[first:stop] == (split == "validation")
-            per_source = np.bincount(piece_source[first:stop][mine], weights=row[f"{split}_lengths"],
-                                     minlength=n_sources)
-            stream = row[split]
-            writers[split].add(stream, int(segments.ends_document[first:stop][mine].sum()), per_source.astype(np.int64))
-            tokens += len(stream)
-        journal.checkpoints.append(Checkpoint(
-            stop, {s: w.tokens for s, w in writers.items()}, {s: w.documents for s, w in writers.items()},
-            {s: w.source_tokens.tolist() for s, w in writers.items()},
-        ))
-        if sum(len(w.shards.shards) for w in writers.values()) > written:
-            journal.save()
-        progress.update(sum(len(t) for t in segments.texts[first:stop]), tokens)
-    progress.close()
-    for writer in writers.values():
-        writer.shards.close()
-    journal.save()
-    _check_splits(data, writers, window)
-    if data.keep_doc_boundaries:
-        for split, writer in writers.items():
-            _write_doc_starts(journal.directory, split, writer, sp.eos_id())
-    return writers, progress.seconds
+    k = data.tokenizer.sample_sentences
+    heap: list[tuple[int, str]] = []
+    for _, sample in run_actors(ctx, _sample_partitions(plan, data), workers, "sample", k):
+        for h, sentence in sample:
+            if len(heap) < k:
+                heapq.heappush(heap, (-h, sentence))
+            elif h < -heap[0][0]:
+                heapq.heapreplace(heap, (-h, sentence))
+    if not heap:
+        raise SourceError("the corpus holds no text to train the tokenizer on (its training split is empty, or "
+                          "every input was empty or skipped as binary): point data.path at files with text in them")
+    return sorted((-neg, s) for neg, s in heap)
 
 
-class TokenizeProgress:
-    """A progress bar on stderr (when it is a terminal) and a log line every few seconds, with tokens/s."""
+def _round_trip_texts(plan: list[Partition], ctx: PrepareContext) -> list[str]:
+    docs = islice(partition_documents(plan[0], ctx, DecodeReport()), _ROUND_TRIP_SAMPLE) if plan else []
+    return [d[:_ROUND_TRIP_CHARS] for d in docs]
 
-    def __init__(self, total_chars: int, done_chars: int):
+
+class Progress:
+    """A progress bar on stderr (on a terminal) and a log line every few seconds: bytes, documents, tokens/s and
+    the time left."""
+
+    def __init__(self, total_bytes: int, partitions: int):
         from tqdm import tqdm
 
         self.t0 = self.last_log = time.time()
-        self.total_chars, self.done_chars, self.tokens = total_chars, done_chars, 0
-        self.bar = tqdm(total=total_chars, initial=done_chars, unit="char", unit_scale=True, desc="tokenize",
-                        file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+        self.total_bytes, self.partitions = total_bytes, partitions
+        self.bytes = self.tokens = self.documents = self.done = 0
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr,
+                        disable=not sys.stderr.isatty(), leave=False)
 
     @property
     def seconds(self) -> float:
         return time.time() - self.t0
 
-    def update(self, chars: int, tokens: int) -> None:
-        self.done_chars += chars
-        self.tokens += tokens
+    def update(self, part: Partition, record: PartitionRecord) -> None:
+        self.done += 1
+        self.bytes += part.size
+        self.tokens += sum(record.tokens.values())
+        self.documents += record.documents_read
         rate = self.tokens / max(self.seconds, 1e-9)
         self.bar.set_postfix_str(f"{rate / 1e6:.2f}M tokens/s", refresh=False)
-        self.bar.update(chars)
-        if time.time() - self.last_log > _PROGRESS_INTERVAL_S:
-            log.info("tokenized %.1f%% of the corpus: %d tokens (%.0f tokens/s)",
-                     100 * self.done_chars / max(self.total_chars, 1), self.tokens, rate)
+        self.bar.update(part.size)
+        if record.documents_read == 0:
+            log.warning("partition %d (%s) holds no document: its input is empty (or skipped as binary)",
+                        part.index, part.describe())
+        if time.time() - self.last_log > _PROGRESS_INTERVAL_S or self.done == self.partitions:
+            left = self.seconds * (self.total_bytes - self.bytes) / max(self.bytes, 1)
+            log.info("prepared %d of %d partitions (%s of %s, %d documents, %d tokens): %.0f tokens/s, %s/s, "
+                     "about %.0fs left", self.done, self.partitions, _size(self.bytes), _size(self.total_bytes),
+                     self.documents, self.tokens, rate, _size(self.bytes / max(self.seconds, 1e-9)), left)
             self.last_log = time.time()
 
     def close(self) -> None:
         self.bar.close()
 
 
-def _check_splits(data: DataConfig, writers: dict[str, SplitWriter], window: int) -> None:
-    train = writers["train"]
-    if not train.shards.shards:
-        raise DataPrepError(
-            f"the training split holds {train.tokens} tokens, not one complete window of {window} tokens: "
-            f"add text to the corpus or lower model.context_length (data.context_length={data.context_length})"
-        )
-    val = writers["validation"]
-    if data.val_fraction > 0 and not val.shards.shards:
-        log.warning(
-            "the validation split holds %d tokens of %d documents, not one window of %d tokens: validation loss "
-            "cannot be measured; raise data.val_fraction", val.tokens, val.documents, window,
-        )
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n}"
 
 
-def _write_doc_starts(directory: Path, split: str, writer: SplitWriter, eos_id: int) -> None:
-    """The offsets in the split's window stream where documents start: 0 and just after every EOS (the
-    tokenizer never emits EOS inside a document), read back from the shards."""
-    starts, offset = [np.zeros(1, dtype=np.int64)], 0
-    for info in writer.shards.shards:
-        tokens = np.memmap(directory / info.file, dtype=writer.shards.dtype, mode="r", offset=HEADER_BYTES,
-                           shape=(info.n_tokens,))
-        starts.append(np.flatnonzero(tokens == eos_id).astype(np.int64) + offset + 1)
-        offset += info.n_tokens
-    starts = np.concatenate(starts)
-    buffer = io.BytesIO()
-    np.save(buffer, starts[starts < offset])
-    write_atomic(directory / f"{split}_doc_starts.npy", buffer.getvalue())
-
-
-def _manifest(data: DataConfig, sp, directory: Path, writers: dict[str, SplitWriter], corpus: Corpus,
-              corpus_fingerprint: str) -> Manifest:
-    window = data.context_length + 1
-    shards = {s: w.shards.shards for s, w in writers.items()}
-    report = corpus.report
-    stats = {
-        "documents": {s: w.documents for s, w in writers.items()},
-        "tokens": {s: w.tokens for s, w in writers.items()},
-        "windows": {s: sum(x.n_windows for x in shards[s]) for s in SPLITS},
-        "dropped_tail_tokens": {s: w.packer.dropped_tokens for s, w in writers.items()},
-        "undecodable_bytes": report.bad_bytes,
-        "undecodable_documents": report.bad_bytes_documents,
-        "skipped_documents": report.skipped_documents,
-    }
-    doc_starts = {}
-    if data.keep_doc_boundaries:
+def _merge(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_fingerprint: str) -> Manifest:
+    """The manifest from the partition records, in partition order, one record in memory at a time."""
+    sources = source_configs(data)
+    shards: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
+    totals = {key: dict.fromkeys(SPLITS, 0) for key in ("documents", "tokens", "dropped_tail_tokens")}
+    per_source = [{"documents_read": 0, "documents": 0, "tokens": dict.fromkeys(SPLITS, 0), "files": set()}
+                  for _ in sources]
+    report, empty, counts = DecodeReport(), [], None
+    starts_parts: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    for part in plan:
+        record = PartitionRecord.from_json(record_path(directory, part.index).read_text())
+        stats = per_source[part.source]
+        stats["documents_read"] += record.documents_read
+        stats["files"].update(piece.path for piece in part.pieces)
         for split in SPLITS:
-            path = directory / f"{split}_doc_starts.npy"
-            doc_starts[split] = {"file": path.name, "n_documents": int(np.load(path).shape[0]),
-                                 "sha256": sha256_file(path)}
-    total_tokens = max(1, sum(w.tokens for w in writers.values()))
-    sources = []
-    for i, src in enumerate(corpus.sources):
-        tokens = {s: int(w.source_tokens[i]) for s, w in writers.items()}
-        sources.append({
-            "name": src.name, "kind": src.kind, "path": src.path, "weight": src.weight, "files": src.files,
-            "documents_read": src.documents_read, "documents": src.documents, "tokens": tokens,
-            "token_share": round(sum(tokens.values()) / total_tokens, 6),
+            shards[split].extend(record.shards[split])
+            for key in totals:
+                totals[key][split] += getattr(record, key)[split]
+            stats["documents"] += record.documents[split]
+            stats["tokens"][split] += record.tokens[split]
+            if record.doc_starts:
+                kept = record.tokens[split] - record.dropped_tail_tokens[split]
+                starts_parts[split].append((record.doc_starts[split], kept))
+        decode = record.decode
+        report.add(DecodeReport(**decode))
+        if record.documents_read == 0:
+            empty.append(part.describe())
+        part_counts = np.load(directory / PARTS_DIR / record.token_counts)
+        counts = part_counts if counts is None else counts + part_counts
+    report.files = len({piece.path for part in plan for piece in part.pieces})
+    if sum(s["documents_read"] for s in per_source) == 0:
+        raise SourceError(f"the corpus holds no non-empty document ({report.files} inputs read"
+                          + (f", {len(report.binary_files)} skipped as binary" if report.binary_files else "")
+                          + "): point data.path at files with text in them")
+    for index, stats in enumerate(per_source):
+        if data.source == "mixture" and stats["documents_read"] == 0:
+            raise SourceError(f"data.mixture.{index} ({sources[index].name}) holds no non-empty document: point "
+                              f"data.mixture.{index}.path at files with text in them, or remove the source")
+        if data.source == "mixture" and stats["documents"] == 0:
+            log.warning("data.mixture.%d (%s): weight %g keeps none of its %d documents; raise its weight", index,
+                        sources[index].name, sources[index].weight, stats["documents_read"])
+    _check_splits(data, shards, totals)
+    doc_starts = _merge_doc_starts(directory, starts_parts) if data.keep_doc_boundaries else {}
+    _save(directory / TOKEN_COUNTS, counts if counts is not None else np.zeros(sp.get_piece_size(), np.int64))
+    window = data.context_length + 1
+    stats = {
+        **totals, "windows": {s: sum(x.n_windows for x in shards[s]) for s in SPLITS},
+        "undecodable_bytes": report.bad_bytes, "undecodable_documents": report.bad_bytes_documents,
+        "skipped_documents": report.skipped_documents, "binary_files_skipped": report.binary_files,
+        "partitions": len(plan), "empty_partitions": empty,
+    }
+    total_tokens = max(1, sum(totals["tokens"].values()))
+    source_entries = []
+    for src, s in zip(sources, per_source, strict=True):
+        source_entries.append({
+            "name": src.name, "kind": src.source, "path": src.path,
+            "weight": src.weight if data.source == "mixture" else 1.0, "files": len(s["files"]),
+            "documents_read": s["documents_read"], "documents": s["documents"], "tokens": s["tokens"],
+            "token_share": round(sum(s["tokens"].values()) / total_tokens, 6),
         })
     return Manifest(
         format_version=FORMAT_VERSION, vocab_size=sp.get_piece_size(), dtype=dtype_for_vocab(sp.get_piece_size()).str,
         window_length=window, tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(directory / TOKENIZER_FILE),
         bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id(), unk_id=sp.unk_id(),
         splits=shards, stats=stats, config=_config_record(data), doc_starts=doc_starts,
+        token_counts={"file": TOKEN_COUNTS, "split": "train", "sha256": sha256_file(directory / TOKEN_COUNTS)},
         source={"kind": data.source, "path": data.path if data.source != "mixture" else None, "files": report.files,
-                "corpus_fingerprint": corpus_fingerprint, "sources": sources},
+                "corpus_fingerprint": corpus_fingerprint, "sources": source_entries},
     )
+
+
+def _merge_doc_starts(directory: Path, parts: dict[str, list[tuple[str, int]]]) -> dict:
+    """<split>_doc_starts.npy: every partition's document starts, shifted by the kept tokens before it,
+    written through a memory map (never all in memory)."""
+    out = {}
+    for split, files in parts.items():
+        arrays = [(np.load(directory / PARTS_DIR / name, mmap_mode="r"), kept) for name, kept in files]
+        path = directory / f"{split}_doc_starts.npy"
+        tmp = path.with_name(path.name + ".tmp")
+        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(sum(len(a) for a, _ in arrays),))
+        at = offset = 0
+        for starts, kept in arrays:
+            merged[at: at + len(starts)] = starts + offset
+            at += len(starts)
+            offset += kept
+        merged.flush()
+        del merged
+        os.replace(tmp, path)
+        out[split] = {"file": path.name, "n_documents": at, "sha256": sha256_file(path)}
+    return out
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic(path, buffer.getvalue())
+
+
+def _check_splits(data: DataConfig, shards: dict[str, list[ShardInfo]], totals: dict) -> None:
+    window = data.context_length + 1
+    if not shards["train"]:
+        raise DataPrepError(
+            f"the training split holds {totals['tokens']['train']} tokens, not one complete window of {window} "
+            f"tokens in any partition: add text to the corpus, lower model.context_length (data.context_length="
+            f"{data.context_length}), or raise data.partition_bytes"
+        )
+    if data.val_fraction > 0 and not shards["validation"]:
+        log.warning(
+            "the validation split holds %d tokens of %d documents, not one window of %d tokens in any partition: "
+            "validation loss cannot be measured; raise data.val_fraction or data.partition_bytes",
+            totals["tokens"]["validation"], totals["documents"]["validation"], window,
+        )
 
 
 def _publish(partial: Path, out: Path) -> None:
     """Rename the finished partial directory to its final name (the lock is held by the caller)."""
-    for name in (JOURNAL, LOCK):
+    shutil.rmtree(partial / PARTS_DIR, ignore_errors=True)
+    _remove_temporaries(partial)
+    for name in (STATE, LOCK):
         (partial / name).unlink(missing_ok=True)
     if out.exists():
         shutil.rmtree(out)  # an incomplete leftover (complete ones are found before the lock is taken)
@@ -439,11 +522,11 @@ def _log_summary(out: Path, manifest: Manifest, seconds: float, tokenize_seconds
     total = sum(stats["tokens"].values())
     log.info(
         "prepared %s in %.1fs: documents %d train / %d validation, tokens %d / %d, windows %d / %d "
-        "(of %d tokens), dropped tail tokens %d / %d; tokenized %.0f tokens/s",
+        "(of %d tokens), dropped tail tokens %d / %d over %d partitions; tokenized %.0f tokens/s",
         out, seconds, stats["documents"]["train"], stats["documents"]["validation"],
         stats["tokens"]["train"], stats["tokens"]["validation"], stats["windows"]["train"],
         stats["windows"]["validation"], manifest.window_length, stats["dropped_tail_tokens"]["train"],
-        stats["dropped_tail_tokens"]["validation"], total / max(tokenize_seconds, 1e-9),
+        stats["dropped_tail_tokens"]["validation"], stats["partitions"], total / max(tokenize_seconds, 1e-9),
     )
     if manifest.source.get("kind") == "mixture":
         for src in manifest.source["sources"]:

@@ -102,6 +102,9 @@ class Manifest:
     # Per split, when data.keep_doc_boundaries: {"file", "n_documents", "sha256"} of an int64 .npy of the
     # token offsets (in the split's window stream) where documents start.
     doc_starts: dict = field(default_factory=dict)
+    # {"file", "split", "sha256"} of an int64 .npy: how often each token id occurs in that split (the unigram
+    # baseline of evaluation), counted by prepare.
+    token_counts: dict = field(default_factory=dict)
     root: Path | None = None
 
     @property
@@ -155,7 +158,7 @@ def incomplete_reason(dataset_dir: Path) -> str | None:
             expected = shard_bytes(info, manifest.dtype)
             if not path.is_file() or path.stat().st_size != expected:
                 return f"shard {path} is missing or not {expected} bytes long"
-    for entry in manifest.doc_starts.values():
+    for entry in [*manifest.doc_starts.values(), *([manifest.token_counts] if manifest.token_counts else [])]:
         if not (Path(dataset_dir) / entry["file"]).is_file():
             return f"{Path(dataset_dir) / entry['file']} is missing"
     return None
@@ -165,10 +168,12 @@ class ShardWriter:
     """Accumulates windows of one split and writes them as shards of at most shard_windows windows."""
 
     def __init__(self, out_dir: Path, split: str, window_length: int, dtype: np.dtype, shard_windows: int,
-                 written: list[ShardInfo] | None = None):
-        """`written`: shards of this split already on disk (a resumed run); new shards follow them."""
+                 written: list[ShardInfo] | None = None, prefix: str | None = None):
+        """`written`: shards of this split already on disk (a resumed run); new shards follow them. Files are
+        named <prefix>-<k>.bin (one partition's shards), or <split>_<k>.bin without a prefix."""
         self.out_dir = Path(out_dir)
         self.split = split
+        self.prefix = prefix
         self.window_length = window_length
         self.dtype = np.dtype(dtype)
         self.shard_windows = max(1, shard_windows)
@@ -196,7 +201,8 @@ class ShardWriter:
         chunk, rest = np.ascontiguousarray(block[:n]), block[n:]
         self.pending = [rest] if len(rest) else []
         self.pending_windows = len(rest)
-        name = f"{self.split}_{len(self.shards):05d}.bin"
+        k = len(self.shards)
+        name = f"{self.prefix}-{k:03d}.bin" if self.prefix else f"{self.split}_{k:05d}.bin"
         header = encode_header(self.dtype.itemsize, self.window_length, n)
         body = memoryview(chunk).cast("B")
         digest = hashlib.sha256(header)

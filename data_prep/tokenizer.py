@@ -54,8 +54,19 @@ def training_sentences(documents: Iterable[str]) -> Iterator[str]:
 
 
 def train_tokenizer(documents: Iterable[str], tok: TokenizerConfig, out_path: Path, seed: int) -> Path:
-    """Train a SentencePiece model on the lines of `documents` and write it to out_path."""
-    sentences = training_sentences(documents)
+    """Train a SentencePiece model on the lines of `documents` (SentencePiece samples tok.sample_sentences of
+    them itself) and write it to out_path."""
+    return _train(training_sentences(documents), tok, out_path, seed, tok.sample_sentences, shuffle=True)
+
+
+def train_tokenizer_on_sample(sentences: Iterable[str], tok: TokenizerConfig, out_path: Path, seed: int) -> Path:
+    """Train on exactly these sentences, in this order (a sample drawn by prepare: SentencePiece's own input
+    sampling ignores the seed, so it is switched off) and write the model to out_path."""
+    return _train(iter(sentences), tok, out_path, seed, 0, shuffle=False)
+
+
+def _train(sentences: Iterator[str], tok: TokenizerConfig, out_path: Path, seed: int, input_sentence_size: int,
+           shuffle: bool) -> Path:
     first = next(sentences, None)
     if first is None:
         raise TokenizerError("no text to train the tokenizer on: the corpus (training split) is empty")
@@ -77,8 +88,8 @@ def train_tokenizer(documents: Iterable[str], tok: TokenizerConfig, out_path: Pa
             model_type=tok.type,
             vocab_size=tok.vocab_size,
             byte_fallback=tok.byte_fallback,
-            input_sentence_size=tok.sample_sentences,
-            shuffle_input_sentence=True,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=shuffle,
             # With byte fallback, rare characters become bytes; without it every character needs a piece.
             character_coverage=0.9995 if tok.byte_fallback else 1.0,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,

@@ -67,8 +67,12 @@ class TokenizerConfig:
     type: str = "bpe"
     vocab_size: int = 4096
     byte_fallback: bool = True
-    # Number of sentences (lines) sampled from the corpus to train the tokenizer.
+    # Sentences (lines) of the training split the tokenizer learns from: those with the smallest seeded hashes
+    # (a bottom-k sample, the same whatever the worker count) among the partitions read for it.
     sample_sentences: int = 2_000_000
+    # Input bytes read for that sample: whole partitions in a seeded order until they hold this much (all of a
+    # smaller corpus). Bounds the sampling pass of a huge corpus; the driver holds at most sample_sentences lines.
+    sample_bytes: int = 1 << 30
     # Extra symbols kept whole (e.g. "\n" so that line breaks survive a round trip).
     user_defined_symbols: list[str] = field(default_factory=lambda: ["\n"])
 
@@ -92,6 +96,11 @@ class SourceConfig:
     # source as it is, 2.0 repeats every document twice, 0.5 keeps half of them. A source's share of the mix
     # is therefore weight x its size; the manifest reports the documents and tokens each source contributed.
     weight: float = 1.0
+    # hf_hub / hf_disk: the data set's config name, revision (a commit, tag or branch; recorded in the
+    # fingerprint) and split.
+    hf_config: str | None = None
+    hf_revision: str | None = None
+    hf_split: str = "train"
 
 
 TOKENIZE_ENGINES = ("auto", "ray_data", "actors")
@@ -110,6 +119,18 @@ class DataConfig:
     text_field: str = "text"
     # How a text file splits into documents: file | line | blank_line
     doc_split: str = "file"
+    # hf_hub / hf_disk: config name, revision (recorded in the fingerprint) and split of the data set.
+    hf_config: str | None = None
+    hf_revision: str | None = None
+    hf_split: str = "train"
+    # Input bytes per partition, the unit of work and of resumption: a partition becomes its own shards, so the
+    # bytes written depend on this (and never on the worker count). Large line-oriented files are cut into byte
+    # ranges, small files grouped (data_prep.partitions).
+    partition_bytes: int = 64 << 20
+    # Text a worker holds at a time while it tokenizes a partition (memory per worker ~ a few times this).
+    block_bytes: int = 8 << 20
+    # Files that are binary (NUL bytes in their first 8 KiB): skip (counted in the manifest) | error
+    on_binary: str = "skip"
     # With source=mixture: the sources and their weights (see SourceConfig.weight); the fields above
     # (path, text_field, doc_split) are then unused. Mixed documents are interleaved in a seeded order.
     mixture: list[SourceConfig] = field(default_factory=list)
@@ -390,6 +411,9 @@ def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
     _choice("data.source", data.source, (*SOURCES, "mixture"))
     _choice("data.doc_split", data.doc_split, DOC_SPLITS)
     _choice("data.on_decode_error", data.on_decode_error, ("replace", "skip"))
+    _choice("data.on_binary", data.on_binary, ("skip", "error"))
+    _positive("data.partition_bytes", data.partition_bytes)
+    _positive("data.block_bytes", data.block_bytes)
     _choice("data.tokenizer.type", data.tokenizer.type, ("bpe", "unigram"))
     _positive("data.context_length", data.context_length)
     if model is not None and data.context_length != model.context_length:

@@ -96,6 +96,15 @@ def token_counts(dataset, vocab_size: int) -> np.ndarray:
     return counts
 
 
+def train_token_counts(data_dir: Path, manifest, vocab_size: int) -> np.ndarray:
+    """How often each token id occurs in the training split: counted by prepare (manifest.token_counts), or, for
+    a data set prepared before it counted them, by reading the split's windows."""
+    if not manifest.token_counts:
+        return token_counts(WindowDataset(data_dir, "train"), vocab_size)
+    counts = np.load(Path(data_dir) / manifest.token_counts["file"])
+    return np.pad(counts, (0, max(0, vocab_size - len(counts))))[:vocab_size]
+
+
 def load_trained_model(model_cfg, tag_dir: Path):
     model = GPT(model_cfg)
     model.load_state_dict(consolidated_state_dict(tag_dir))
@@ -139,7 +148,7 @@ def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
     if len(byte_lengths) < model_cfg.vocab_size:
         byte_lengths = np.pad(byte_lengths, (0, model_cfg.vocab_size - len(byte_lengths)))
     totals = validation_totals(model, val, cfg.eval.batch_size, cfg.eval.max_tokens, byte_lengths)
-    counts = token_counts(WindowDataset(data_dir, "train"), model_cfg.vocab_size)
+    counts = train_token_counts(data_dir, manifest, model_cfg.vocab_size)
     unigram = unigram_totals(counts, val, cfg.eval.max_tokens, byte_lengths)
     metrics = {
         "val_loss": totals.mean_loss,

@@ -4,6 +4,7 @@ evaluate run whose two training workers land on different nodes, a training job 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -85,6 +86,25 @@ def test_submit_runs_training_across_both_nodes(two_node_ray_cluster, shared_dir
     marker = json.loads(store.read_text(f"runs/tiny-shakespeare/checkpoints/{tag}/COMPLETE"))
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(stored)
     assert marker["files"] == {k: v for k, v in stored.items() if k != "COMPLETE"}
+
+
+def test_prepare_spreads_partitions_over_both_nodes_and_writes_the_bytes_of_one_worker(two_node_ray_cluster,
+                                                                                         tmp_path):
+    """Four partition workers on the two nodes (two CPUs each) write, into storage both nodes see, exactly the
+    bytes that one worker writes on one machine."""
+    cluster = two_node_ray_cluster
+    common = ["data.partition_bytes=400000", "data.tokenizer.vocab_size=400", "data.tokenize_engine=actors"]
+    submit = pipeline("submit", "prepare", *common, "data.num_workers=4", "cluster=ray",
+                      f"cluster.address={cluster.jobs_url}", f"output_dir={tmp_path / 'nodes'}", timeout=600)
+    assert submit.returncode == 0, submit.stdout[-6000:] + submit.stderr[-3000:]
+    assert re.search(r"tokenized \d+ partitions on 2 Ray nodes", submit.stdout), submit.stdout[-6000:]
+    local = pipeline("prepare", *common, "data.num_workers=1", f"output_dir={tmp_path / 'one'}", timeout=600)
+    assert local.returncode == 0, local.stderr[-3000:]
+    (spread,), (one,) = list((tmp_path / "nodes" / "data").iterdir()), list((tmp_path / "one" / "data").iterdir())
+    assert spread.name == one.name
+    digest = lambda d: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}  # noqa: E731
+    assert digest(spread) == digest(one)
+    assert len([n for n in digest(one) if n.startswith("train-p")]) > 4
 
 
 def test_jobs_stop_checkpoints_before_the_job_ends(two_node_ray_cluster, shared_dir):

@@ -1,5 +1,5 @@
-"""Cutting the corpus for the actors: long documents in pieces whose BPE tokens are the whole document's,
-blocks that cover every piece once and in order, and the actor's stream (EOS only after a document's end)."""
+"""Encoding on the workers: long documents in pieces whose BPE tokens are the whole document's, a block's
+stream (EOS only after a document's end), blocks that cover every document once and in order."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import sentencepiece as spm
 
 import data_prep.encoding as encoding_module
-from data_prep.encoding import TokenizeBlock, can_cut_documents, cut_points, make_blocks, make_segments
+from data_prep.encoding import can_cut_documents, cut_points, make_segments
+from data_prep.partition_work import blocks_of, encode_block
 from data_prep.tokenizer import load_tokenizer, train_tokenizer, training_sentences
 from pipeline.config import TokenizerConfig
 
@@ -54,12 +55,25 @@ def test_pieces_of_a_long_document_encode_to_the_whole_documents_bpe_tokens(bpe_
     assert segments.ends_document.tolist() == [True] + [False] * (len(segments) - 3) + [True, True]
     pieces = [t for ids in sp.encode(segments.texts[1:-1]) for t in ids]
     assert pieces == sp.encode(text)
-    # The actor joins them: one EOS, after the document's last piece only.
-    actor = TokenizeBlock(sp.serialized_model_proto(), "<u2")
-    stream, lengths = actor.encode(segments.texts, segments.ends_document.tolist())
+
+
+def test_a_block_is_its_documents_joined_by_eos_long_ones_encoded_in_pieces(bpe_path, monkeypatch, caplog):
+    sp = load_tokenizer(bpe_path)
+    monkeypatch.setattr(encoding_module, "_SEGMENT_CHARS", 5000)
+    text = long_text(300_000, seed=1)
+    docs = ["short one", text, "another"]
+    with caplog.at_level("INFO", logger="data_prep.encoding"):
+        stream, lengths = encode_block(sp, docs, True, np.dtype("<u2"), sp.eos_id())
+    assert "1 documents longer than 5000 characters are encoded in" in caplog.text
+    # One EOS per document, after its last piece only.
     eos = sp.eos_id()
-    expected = sp.encode("short one") + [eos] + sp.encode(text) + [eos] + sp.encode("another") + [eos]
-    assert stream.tolist() == expected and lengths.sum() == len(expected)
+    expected = [sp.encode(d) + [eos] for d in docs]
+    assert stream.dtype == np.dtype("<u2")
+    assert stream.tolist() == [t for ids in expected for t in ids]
+    assert lengths.tolist() == [len(ids) for ids in expected]
+    # Not cut (as for a model with a dummy prefix): each document encoded whole, the same tokens here.
+    whole, whole_lengths = encode_block(sp, docs, False, np.dtype("<u2"), eos)
+    assert whole.tolist() == stream.tolist() and whole_lengths.tolist() == lengths.tolist()
 
 
 def test_models_with_a_dummy_prefix_are_never_cut(corpus, tmp_path):
@@ -86,19 +100,15 @@ def test_tokenizer_actors_follow_the_config_and_the_cluster(ray_local, caplog):
     assert pool_size(5) == 2 and "data.num_workers=5 but the Ray cluster has 2 CPUs" in caplog.text
 
 
-def test_blocks_cover_every_piece_once_in_order(monkeypatch):
-    monkeypatch.setattr(encoding_module, "_MIN_BLOCK_CHARS", 2000)
-    docs = [long_text(n, seed=n) for n in (100, 30_000, 50, 9_000, 700)]
-    segments = make_segments(docs, cut=True, segment_chars=2000)
-    is_val = np.arange(len(segments)) % 3 == 0
-    blocks = make_blocks(segments, is_val, workers=2)
-    assert [b["block"] for b in blocks] == list(range(len(blocks))) and len(blocks) > 1
-    assert [t for b in blocks for t in b["texts"]] == segments.texts
-    assert [(b["first"], b["stop"]) for b in blocks] == list(zip([0] + [b["stop"] for b in blocks[:-1]],
-                                                                  [b["stop"] for b in blocks], strict=True))
-    resumed = make_blocks(segments, is_val, workers=1, start=7)
-    assert resumed[0]["first"] == 7 and [t for b in resumed for t in b["texts"]] == segments.texts[7:]
-    assert make_blocks(segments, is_val, workers=2, start=len(segments)) == []
+def test_blocks_cover_every_document_once_in_order():
+    docs = [long_text(n, seed=n) for n in (100, 30_000, 50, 9_000, 700, 1200, 10)]
+    blocks = list(blocks_of(iter(docs), 2000))
+    assert [d for b in blocks for d in b] == docs and all(blocks)
+    # A block closes once it holds block_chars of text: a long document alone, short ones gathered.
+    assert [len(b) for b in blocks] == [2, 2, 3]
+    assert all(sum(map(len, b[:-1])) < 2000 for b in blocks)
+    assert list(blocks_of(iter(docs), 1 << 30)) == [docs]
+    assert list(blocks_of(iter([]), 2000)) == []
 
 
 def test_long_lines_still_train_the_tokenizer(tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from data_prep.mixture import read_documents
+from data_prep.partitions import plan_partitions
 from data_prep.sources import SourceError, split_scenes
 from pipeline.config import DataConfig
 
@@ -101,7 +102,7 @@ def test_empty_corpus_and_missing_files_are_refused(tmp_path):
         read_documents(DataConfig(source="text", path=str(tmp_path / "empty")))
     with pytest.raises(SourceError, match="does not exist"):
         read_documents(DataConfig(source="text", path=str(tmp_path / "nowhere")))
-    with pytest.raises(SourceError, match="names no files with suffix .jsonl"):
+    with pytest.raises(SourceError, match=r"names no .jsonl or .json files \(also compressed as .gz or .zst\)"):
         read_documents(DataConfig(source="jsonl", path=str(tmp_path / "empty")))
 
 
@@ -136,6 +137,19 @@ def test_hf_disk_source(tmp_path):
     datasets.Dataset.from_dict({"content": ["alpha", "", "beta"]}).save_to_disk(str(tmp_path / "hf"))
     docs, _ = read_documents(DataConfig(source="hf_disk", path=str(tmp_path / "hf"), text_field="content"))
     assert docs == ["alpha", "beta"]
+    # Row ranges of the saved data set: the same documents whatever the partition size.
+    many = [f"row {i}" for i in range(500)]
+    datasets.Dataset.from_dict({"content": many}).save_to_disk(str(tmp_path / "many"))
+    cfg = DataConfig(source="hf_disk", path=str(tmp_path / "many"), text_field="content", partition_bytes=1000)
+    assert len(plan_partitions(cfg)) > 2 and read_documents(cfg)[0] == many
+    # A DatasetDict: data.hf_split names the split.
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": ["a train row"]}),
+                          "test": datasets.Dataset.from_dict({"content": ["a test row"]})}).save_to_disk(
+        str(tmp_path / "dict"))
+    for split in ("train", "test"):
+        docs, _ = read_documents(DataConfig(source="hf_disk", path=str(tmp_path / "dict"), text_field="content",
+                                            hf_split=split))
+        assert docs == [f"a {split} row"]
     with pytest.raises(SourceError, match="save_to_disk"):
         read_documents(DataConfig(source="hf_disk", path=str(tmp_path), text_field="content"))
 
@@ -162,7 +176,22 @@ def test_hf_hub_source_reads_what_load_dataset_returns(tmp_path, monkeypatch):
     (repo / "data").mkdir(parents=True)
     lines = [{"text": "first document"}, {"text": ""}, {"text": "second one"}]
     (repo / "data" / "train-00000.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (repo / "data" / "test-00000.jsonl").write_text(json.dumps({"text": "held out"}) + "\n")
     docs, report = read_documents(DataConfig(source="hf_hub", path=str(repo)))
     assert docs == ["first document", "second one"] and report.files == 1
+    # data.hf_config, data.hf_revision and data.hf_split go to load_dataset (streamed, never downloaded whole).
+    calls = []
+    real = datasets.load_dataset
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **{**kwargs, "revision": None})  # a local directory has no revision to pin
+
+    monkeypatch.setattr(datasets, "load_dataset", recording)
+    docs, _ = read_documents(DataConfig(source="hf_hub", path=str(repo), hf_split="test", hf_revision="v1.0"))
+    assert docs == ["held out"]
+    assert calls and all(c == ((str(repo),), {"name": None, "revision": "v1.0", "split": "test", "streaming": True})
+                         for c in calls)
+    monkeypatch.setattr(datasets, "load_dataset", real)
     with pytest.raises(SourceError, match=r"no column 'body' \(columns: text\)"):
         read_documents(DataConfig(source="hf_hub", path=str(repo), text_field="body"))

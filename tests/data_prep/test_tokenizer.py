@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from data_prep.partitions import plan_partitions
+from data_prep.sources import source_configs
 from data_prep.tokenizer import (
     TokenizerError,
     copy_tokenizer,
     load_tokenizer,
     round_trip_failures,
     train_tokenizer,
+    train_tokenizer_on_sample,
     training_sentences,
 )
 from pipeline.config import ConfigError, DataConfig, TokenizerConfig, validate_data
@@ -96,3 +101,38 @@ def test_a_line_is_encoded_the_same_at_a_document_start_and_after_a_line_break(t
     after_break = sp.encode("Of love\n" + line)
     assert after_break[-len(sp.encode(line)):] == sp.encode(line)
     assert after_break[-len(sp.encode(line)) - 1] == sp.piece_to_id("\n")
+
+
+def sample_of(cfg: DataConfig, k: int) -> list[tuple[int, str]]:
+    """The tokenizer sample as prepare draws it: each partition's bottom k, then the bottom k of them all."""
+    import heapq
+
+    from data_prep.partition_work import PrepareContext, sample_sentences
+    from data_prep.partitions import source_field
+
+    sources = source_configs(cfg)
+    ctx = PrepareContext(cfg, sources, [source_field(cfg, i) for i in range(len(sources))], "", b"", "", 0, 0, False)
+    return heapq.nsmallest(k, (x for part in plan_partitions(cfg) for x in sample_sentences(part, ctx, k)))
+
+
+def test_the_tokenizer_sample_is_seeded_training_text_whatever_the_partitioning(corpus, tmp_path):
+    from data_prep.mixture import read_documents
+    from data_prep.partition_work import is_validation
+
+    cfg = DataConfig(source="text", path=str(corpus), val_fraction=0.2, seed=5)
+    sample = sample_of(cfg, 150)
+    assert len(sample) == 150
+    cut = dataclasses.replace(cfg, partition_bytes=3000)
+    assert len(plan_partitions(cut)) > 4 and sample_of(cut, 150) == sample
+    docs, _ = read_documents(cfg)
+    train_lines = set(training_sentences([d for d in docs if not is_validation(d, cfg.val_fraction)]))
+    val_only = set(training_sentences([d for d in docs if is_validation(d, cfg.val_fraction)])) - train_lines
+    assert {s for _, s in sample} <= train_lines and val_only
+    assert sample_of(dataclasses.replace(cfg, seed=6), 150) != sample
+    # Trained on exactly that sample, in that order: the same model every time.
+    tok = TokenizerConfig(vocab_size=340)
+    a = train_tokenizer_on_sample((s for _, s in sample), tok, tmp_path / "a.model", seed=5)
+    b = train_tokenizer_on_sample([s for _, s in sample], tok, tmp_path / "b.model", seed=5)
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(TokenizerError, match="no text to train the tokenizer on"):
+        train_tokenizer_on_sample([], tok, tmp_path / "c.model", seed=5)

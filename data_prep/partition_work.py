@@ -1,0 +1,246 @@
+"""What a worker does with one partition of the plan (data_prep.partitions), start to finish, in bounded memory.
+
+    read its documents (data_prep.sources; a mixture source's documents repeated by weight)
+    -> split each by the hash of its text (validation below data.val_fraction)
+    -> in blocks of data.block_bytes of text: encode (long documents in pieces), join with EOS, count tokens
+    -> pack each split's stream into windows of context_length + 1 and write them as the partition's own shards
+       (<split>-p<index>-<k>.bin, sha256 computed while writing); the tail shorter than a window is dropped
+    -> write the partition's record (parts/p<index>.json, atomically, last) with its shards, counts and
+       document starts: a partition is done exactly when its record exists.
+
+Nothing depends on which worker runs a partition or how many there are. A worker killed half-way leaves shards
+without a record; the next run deletes them and does the partition again (data_prep.prepare). Two workers that
+run the same partition (a zombie of a killed run) write the same bytes, each file atomically.
+
+A mixture source's weight w is a per-document rate: every document enters floor(w) times, and once more when a
+seeded hash of the source name and its text falls below frac(w) (so about frac(w) of them, independently of
+how the corpus is partitioned). Copy c of the documents is written in pass c over the partition, so a
+document and its copy never sit side by side in one window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.encoding import make_segments
+from data_prep.packing import WindowPacker, join_with_eos
+from data_prep.partitions import Partition
+from data_prep.shards import SPLITS, ShardInfo, ShardWriter
+from data_prep.sources import DecodeReport, piece_documents
+from pipeline.config import DataConfig, SourceConfig
+from pipeline.files import write_atomic
+
+PARTS_DIR = "parts"
+
+
+def record_path(directory: Path, index: int) -> Path:
+    return Path(directory) / PARTS_DIR / f"p{index:06d}.json"
+
+
+def shard_prefix(split: str, index: int) -> str:
+    return f"{split}-p{index:06d}"
+
+
+def hash_fraction(text: str, salt: bytes = b"") -> float:
+    """A stable number in [0, 1) from the text (and a salt) alone: not its position, partition or run."""
+    digest = hashlib.sha256(salt + text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    return hash_fraction(text) < val_fraction
+
+
+def copies_of(text: str, weight: float, seed: int, name: str) -> int:
+    """Times a mixture document enters the data set (see the module docstring)."""
+    whole = math.floor(weight)
+    frac = weight - whole
+    return whole + (frac > 0 and hash_fraction(text, f"{seed}:{name}:".encode()) < frac)
+
+
+@dataclass
+class PrepareContext:
+    """Plain data a worker needs for any partition (shipped once per worker)."""
+
+    data: DataConfig
+    sources: list[SourceConfig]
+    wheres: list[str]  # how errors name each source's config entry
+    directory: str
+    tokenizer_proto: bytes
+    dtype: str
+    vocab_size: int
+    eos_id: int
+    cut_documents: bool
+
+
+@dataclass
+class PartitionRecord:
+    index: int
+    source: int
+    shards: dict[str, list[ShardInfo]]
+    documents_read: int
+    documents: dict[str, int]
+    tokens: dict[str, int]
+    dropped_tail_tokens: dict[str, int]
+    input_bytes: int
+    decode: dict = field(default_factory=dict)  # DecodeReport fields
+    doc_starts: dict[str, str] = field(default_factory=dict)  # split -> .npy file under parts/
+    token_counts: str = ""  # .npy of the training split's count per token id, under parts/
+    node: str = ""  # the Ray node that ran it (for the log; not in the manifest)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PartitionRecord:
+        raw = json.loads(text)
+        raw["shards"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["shards"].items()}
+        return cls(**raw)
+
+
+class _Counter:
+    read = 0
+
+
+def partition_documents(part: Partition, ctx: PrepareContext, report: DecodeReport,
+                        counter: _Counter | None = None) -> Iterator[str]:
+    """The partition's documents in order (a mixture source's copies in later passes)."""
+    src, where = ctx.sources[part.source], ctx.wheres[part.source]
+    weight = src.weight if ctx.data.source == "mixture" else 1.0
+    for copy in range(math.ceil(weight)):
+        for piece in part.pieces:
+            for doc in piece_documents(src, piece, ctx.data, report if copy == 0 else DecodeReport(), where):
+                if copy == 0 and counter is not None:
+                    counter.read += 1
+                if weight == 1.0 or copies_of(doc, weight, ctx.data.seed, src.name) > copy:
+                    yield doc
+
+
+def blocks_of(documents: Iterator[str], block_chars: int) -> Iterator[list[str]]:
+    block, size = [], 0
+    for doc in documents:
+        block.append(doc)
+        size += len(doc)
+        if size >= block_chars:
+            yield block
+            block, size = [], 0
+    if block:
+        yield block
+
+
+class SplitStream:
+    """One split of one partition: windows to shards, document starts, token counts."""
+
+    def __init__(self, ctx: PrepareContext, split: str, index: int):
+        window = ctx.data.context_length + 1
+        self.packer = WindowPacker(window, ctx.eos_id, np.dtype(ctx.dtype))
+        self.writer = ShardWriter(Path(ctx.directory), split, window, np.dtype(ctx.dtype),
+                                  max(1, ctx.data.shard_tokens // window), prefix=shard_prefix(split, index))
+        self.documents = self.tokens = 0
+        self.starts: list[np.ndarray] = []
+        self.counts = np.zeros(ctx.vocab_size, dtype=np.int64) if split == "train" else None
+
+    def add(self, stream: np.ndarray, lengths: np.ndarray) -> None:
+        self.starts.append(self.tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
+        self.documents += len(lengths)
+        self.tokens += len(stream)
+        if self.counts is not None:
+            self.counts += np.bincount(stream, minlength=len(self.counts))[: len(self.counts)]
+        self.writer.add(self.packer.push(stream))
+
+    def doc_starts(self) -> np.ndarray:
+        """Offsets in the split's kept windows where documents start (those past the dropped tail left out)."""
+        starts = np.concatenate(self.starts) if self.starts else np.zeros(0, dtype=np.int64)
+        return starts[starts < self.tokens - self.packer.dropped_tokens]
+
+
+def encode_block(sp, docs: list[str], cut: bool, dtype: np.dtype, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stream, per-document lengths with EOS) of a block of documents; long ones encoded in pieces."""
+    segments = make_segments(docs, cut)
+    ids = sp.encode(segments.texts)
+    stream, piece_lengths = join_with_eos(ids, eos_id, dtype, segments.ends_document)
+    lengths = np.bincount(segments.document, weights=piece_lengths, minlength=len(docs)).astype(np.int64)
+    return stream, lengths
+
+
+def _ray_node() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # outside Ray (tests, tools): no node to name
+        return ""
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic(path, buffer.getvalue())
+
+
+def process_partition(part: Partition, ctx: PrepareContext, sp) -> PartitionRecord:
+    """Tokenize, pack and write one partition (see the module docstring); returns its record, written last."""
+    directory = Path(ctx.directory)
+    (directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    report, counter = DecodeReport(), _Counter()
+    streams = {split: SplitStream(ctx, split, part.index) for split in SPLITS}
+    dtype = np.dtype(ctx.dtype)
+    for block in blocks_of(partition_documents(part, ctx, report, counter), ctx.data.block_bytes):
+        flags = np.array([is_validation(doc, ctx.data.val_fraction) for doc in block], dtype=bool)
+        for split, mine in (("train", ~flags), ("validation", flags)):
+            docs = [doc for doc, keep in zip(block, mine, strict=True) if keep]
+            if docs:
+                streams[split].add(*encode_block(sp, docs, ctx.cut_documents, dtype, ctx.eos_id))
+    record = PartitionRecord(
+        index=part.index, source=part.source,
+        shards={split: s.writer.close() for split, s in streams.items()},
+        documents_read=counter.read,
+        documents={split: s.documents for split, s in streams.items()},
+        tokens={split: s.tokens for split, s in streams.items()},
+        dropped_tail_tokens={split: s.packer.dropped_tokens for split, s in streams.items()},
+        input_bytes=part.size, decode=asdict(report), node=_ray_node(),
+    )
+    stem = f"p{part.index:06d}"
+    if ctx.data.keep_doc_boundaries:
+        for split, s in streams.items():
+            record.doc_starts[split] = f"{stem}-{split}-doc_starts.npy"
+            _save_npy(directory / PARTS_DIR / record.doc_starts[split], s.doc_starts())
+    record.token_counts = f"{stem}-train-token_counts.npy"
+    _save_npy(directory / PARTS_DIR / record.token_counts, streams["train"].counts)
+    write_atomic(record_path(directory, part.index), record.to_json())
+    return record
+
+
+def sample_sentences(part: Partition, ctx: PrepareContext, k: int) -> list[tuple[int, str]]:
+    """The k training-split sentences of the partition with the smallest seeded hashes, as (hash, sentence):
+    merged over partitions, the bottom k of the whole sample, whatever the partitioning of the work."""
+    import heapq
+
+    from data_prep.tokenizer import training_sentences
+
+    salt = f"tokenizer:{ctx.data.seed}:".encode()
+    heap: list[tuple[int, str]] = []  # the k smallest so far, as a max-heap by negated hash
+    for doc in partition_documents(part, ctx, DecodeReport()):
+        if is_validation(doc, ctx.data.val_fraction):
+            continue
+        for sentence in training_sentences([doc]):
+            h = sentence_hash(sentence, salt)
+            if len(heap) < k:
+                heapq.heappush(heap, (-h, sentence))
+            elif h < -heap[0][0]:
+                heapq.heapreplace(heap, (-h, sentence))
+    return sorted((-neg, s) for neg, s in heap)
+
+
+def sentence_hash(sentence: str, salt: bytes) -> int:
+    """Repeated sentences share a hash, so a sample keeps all or none of a line's repeats but at its edge."""
+    return int.from_bytes(hashlib.blake2b(salt + sentence.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "big")

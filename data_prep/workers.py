@@ -1,0 +1,123 @@
+"""The Ray side of prepare: partitions handed to workers, small results back, as they finish.
+
+Two engines run the same PartitionWorker (data.tokenize_engine):
+
+    ray_data  Ray Data over the list of partition indices: map_batches with an ActorPoolStrategy of `workers`
+              actors (one CPU each) scheduled over the cluster's nodes, with Ray Data's backpressure and retries.
+              Only indices go in and records (a few hundred bytes each) come out: the text never passes
+              through the driver or the object store. About 4 s longer to start on 2 cores.
+    actors    a pool of plain Ray actors fed by the driver, one partition in flight per actor (plus one queued).
+
+The results arrive in any order; the driver orders them by partition index, so the bytes do not depend on the
+engine, the number of workers or of nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict
+
+from data_prep.partition_work import PartitionRecord, PrepareContext, process_partition, sample_sentences
+from data_prep.partitions import Partition
+from pipeline.config import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+class PartitionWorker:
+    """Holds the context and the tokenizer; runs one partition per call."""
+
+    def __init__(self, ctx: PrepareContext, partitions: list[Partition]):
+        self.ctx, self.partitions, self.sp = ctx, {p.index: p for p in partitions}, None
+        if ctx.tokenizer_proto:
+            import sentencepiece as spm
+
+            self.sp = spm.SentencePieceProcessor(model_proto=ctx.tokenizer_proto)
+
+    def process(self, index: int) -> dict:
+        return asdict(process_partition(self.partitions[index], self.ctx, self.sp))
+
+    def sample(self, index: int, k: int) -> list[tuple[int, str]]:
+        return sample_sentences(self.partitions[index], self.ctx, k)
+
+
+class _ArrowPartitionWorker(PartitionWorker):
+    """PartitionWorker for Ray Data's map_batches: partition indices in, JSON records out."""
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        records = [json.dumps(self.process(int(i))) for i in batch.column("index").to_pylist()]
+        return pa.table({"record": pa.array(records, pa.large_string())})
+
+
+def unwrap(err: BaseException) -> BaseException:
+    """The pipeline's own error (e.g. a SourceError naming the file) inside Ray's wrappers, else err."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, PipelineError):
+            return seen
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) and cause is not seen else seen.__cause__
+    return err
+
+
+def run_actors(ctx: PrepareContext, partitions: list[Partition], workers: int, op: str, k: int = 0) -> Iterator:
+    """(partition, result) for every partition, as they finish, on `workers` plain actors."""
+    import ray
+
+    actor_class = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(PartitionWorker)
+    actors = [actor_class.remote(ctx, partitions) for _ in range(min(workers, len(partitions)))]
+    try:
+        pending = list(reversed(partitions))
+        in_flight: dict = {}
+        idle = [a for a in actors for _ in range(2)]  # two calls queued per actor: none idles between them
+        while pending or in_flight:
+            while pending and idle:
+                actor, part = idle.pop(), pending.pop()
+                ref = actor.process.remote(part.index) if op == "process" else actor.sample.remote(part.index, k)
+                in_flight[ref] = (actor, part)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            actor, part = in_flight.pop(done[0])
+            idle.append(actor)
+            try:
+                result = ray.get(done[0])
+            except Exception as err:
+                raise unwrap(err) from err
+            yield part, result
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def run_ray_data(ctx: PrepareContext, partitions: list[Partition], workers: int) -> Iterator:
+    """(partition, record dict) for every partition through Ray Data (see the module docstring)."""
+    import ray
+
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = False
+    by_index = {p.index: p for p in partitions}
+    ds = ray.data.from_items([{"index": p.index} for p in partitions], override_num_blocks=len(partitions))
+    ds = ds.map_batches(_ArrowPartitionWorker, fn_constructor_kwargs={"ctx": ctx, "partitions": partitions},
+                        compute=ray.data.ActorPoolStrategy(size=min(workers, len(partitions))),
+                        batch_size=1, batch_format="pyarrow", num_cpus=1)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+            for text in batch.column("record").to_pylist():
+                record = json.loads(text)
+                yield by_index[record["index"]], record
+    except Exception as err:
+        raise unwrap(err) from err
+
+
+def run_partitions(ctx: PrepareContext, partitions: list[Partition], workers: int,
+                   engine: str) -> Iterator[tuple[Partition, PartitionRecord]]:
+    """Tokenize and write every partition; (partition, its record) as each finishes."""
+    if not partitions:
+        return
+    runs = run_ray_data(ctx, partitions, workers) if engine == "ray_data" else run_actors(ctx, partitions, workers,
+                                                                                           "process")
+    for part, record in runs:
+        yield part, PartitionRecord.from_json(json.dumps(record))
