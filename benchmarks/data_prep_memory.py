@@ -13,7 +13,8 @@ the files, read and JSON-parsed outside the clock, encoded in batches of 8 MB; o
 Targets (issue: data at scale): peak at the large size <= 1.25 x the peak at the small size and < 3 GiB in all;
 whole prepare >= 0.85 of raw encode in 2 processes, the tokenize phase >= 0.9.
 
-    python -m benchmarks.data_prep_memory                 # 0.5 and 2 GiB: about 15 minutes on 2 cores
+    python -m benchmarks.data_prep_memory                 # 0.5 and 2 GiB, plain actors: about 8 minutes on 2 cores
+    python -m benchmarks.data_prep_memory --engine ray_data
     python -m benchmarks.data_prep_memory --small 0.05 --large 0.2
 """
 
@@ -143,13 +144,13 @@ def raw_baseline(corpus: Path, model: str, workers: int) -> float:
     return sum(t for t, _ in results) / max(s for _, s in results)
 
 
-def prepare_once(corpus: Path, out: Path, model: str, workers: int) -> dict:
+def prepare_once(corpus: Path, out: Path, model: str, workers: int, engine: str) -> dict:
     from data_prep.prepare import prepare
     from data_prep.shards import load_manifest
     from pipeline.config import DataConfig, TokenizerConfig
 
     data = DataConfig(name="bench", source="jsonl", path=str(corpus), num_workers=workers, output_dir=str(out),
-                      tokenizer=TokenizerConfig(model_path=model))
+                      tokenizer=TokenizerConfig(model_path=model), tokenize_engine=engine)
     phases = PhaseLog()
     logging.getLogger("data_prep.prepare").addHandler(phases)
     start = time.time()
@@ -177,20 +178,22 @@ def main() -> None:
     parser.add_argument("--small", type=float, default=0.5, help="GiB")
     parser.add_argument("--large", type=float, default=2.0, help="GiB")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--engine", default="actors", choices=["actors", "ray_data", "auto"],
+                        help="data.tokenize_engine, the same at both sizes (memory is compared within an engine)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
         model = str(tmp / "bpe.model")
         train_tokenizer(read_documents(DataConfig())[0], TokenizerConfig(vocab_size=8192), Path(model), 1234)
-        report = {"workers": args.workers, "sizes": []}
+        report = {"workers": args.workers, "engine": args.engine, "sizes": []}
         for gib in (args.small, args.large):
             corpus = tmp / f"corpus-{gib}"
             build_corpus(corpus, gib)
             raw = raw_baseline(corpus, model, args.workers)
             ray.init(num_cpus=args.workers, include_dashboard=False, configure_logging=False, log_to_driver=False)
             try:
-                result = prepare_once(corpus, tmp / f"out-{gib}", model, args.workers)
+                result = prepare_once(corpus, tmp / f"out-{gib}", model, args.workers, args.engine)
             finally:
                 ray.shutdown()
             result["raw_encode_tokens_per_s"] = round(raw)

@@ -10,8 +10,9 @@ add a dummy prefix or treat whitespace as a suffix are never cut.
 
 The engines that run partitions (data_prep.workers): Ray Data costs a fixed 3.5-4.5 s more to start on 2 cores
 than plain Ray actors (measured 29.3 s against 24.8 s for 200 MB of text with 2 workers), so `auto` picks Ray
-Data from RAY_DATA_MIN_CHARS_PER_WORKER bytes of input per worker on, where that start is about a tenth of the
-run or less, and plain actors below.
+Data from RAY_DATA_MIN_CHARS_PER_WORKER bytes of input per worker on, where that start is under 2% of the run
+(measured, benchmarks/data_prep_memory.py: 0.5 GiB with Ray Data prepared at 0.83 of raw encode, 2 GiB at
+0.95), and plain actors below.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 _SEGMENT_CHARS = 1 << 14
 # data.tokenize_engine=auto uses Ray Data from this much text per tokenizer actor on (characters), plain
 # actors below (see the module docstring).
-RAY_DATA_MIN_CHARS_PER_WORKER = 160 << 20
+RAY_DATA_MIN_CHARS_PER_WORKER = 1 << 30
 
 
 def tokenize_engine(configured: str, total_chars: int, workers: int) -> str:

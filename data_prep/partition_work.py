@@ -164,11 +164,25 @@ class SplitStream:
 
 def encode_block(sp, docs: list[str], cut: bool, dtype: np.dtype, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(stream, per-document lengths with EOS) of a block of documents; long ones encoded in pieces."""
+    return encode_split_block(sp, docs, np.zeros(len(docs), dtype=bool), cut, dtype, eos_id)["train"]
+
+
+def encode_split_block(sp, docs: list[str], is_val: np.ndarray, cut: bool, dtype: np.dtype,
+                       eos_id: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per split, (stream, per-document lengths with EOS) of the block's documents of that split, in order. One
+    SentencePiece call for the whole block (it spreads a batch over its threads; a small validation batch
+    alone would leave them idle)."""
     segments = make_segments(docs, cut)
     ids = sp.encode(segments.texts)
-    stream, piece_lengths = join_with_eos(ids, eos_id, dtype, segments.ends_document)
-    lengths = np.bincount(segments.document, weights=piece_lengths, minlength=len(docs)).astype(np.int64)
-    return stream, lengths
+    out = {}
+    for split, mine in (("train", ~is_val), ("validation", is_val)):
+        keep = mine[segments.document]
+        owners = segments.document[keep]
+        stream, piece_lengths = join_with_eos([ids[i] for i in np.flatnonzero(keep)], eos_id, dtype,
+                                              segments.ends_document[keep])
+        per_doc = np.bincount(owners, weights=piece_lengths, minlength=len(docs)).astype(np.int64)
+        out[split] = (stream, per_doc[mine])
+    return out
 
 
 def _ray_node() -> str:
@@ -195,10 +209,10 @@ def process_partition(part: Partition, ctx: PrepareContext, sp) -> PartitionReco
     dtype = np.dtype(ctx.dtype)
     for block in blocks_of(partition_documents(part, ctx, report, counter), ctx.data.block_bytes):
         flags = np.array([is_validation(doc, ctx.data.val_fraction) for doc in block], dtype=bool)
-        for split, mine in (("train", ~flags), ("validation", flags)):
-            docs = [doc for doc, keep in zip(block, mine, strict=True) if keep]
-            if docs:
-                streams[split].add(*encode_block(sp, docs, ctx.cut_documents, dtype, ctx.eos_id))
+        for split, (stream, lengths) in encode_split_block(sp, block, flags, ctx.cut_documents, dtype,
+                                                           ctx.eos_id).items():
+            if len(lengths):
+                streams[split].add(stream, lengths)
     record = PartitionRecord(
         index=part.index, source=part.source,
         shards={split: s.writer.close() for split, s in streams.items()},

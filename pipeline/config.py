@@ -140,10 +140,11 @@ class DataConfig:
     val_fraction: float = 0.05
     # Tokenizer actors in the pool; null uses every CPU Ray offers.
     num_workers: int | None = 2
-    # How the actors are driven: ray_data (Ray Data map_batches over an actor pool: streaming execution with
-    # backpressure, for large corpora and many nodes; about 4 s longer to start on 2 cores) | actors (plain Ray
-    # actors fed by the driver; start in about a second) | auto (ray_data from 160 MiB of text per actor, actors
-    # below). Same bytes either way.
+    # How partitions reach the workers (each worker reads, tokenizes and writes its partitions either way):
+    # ray_data (Ray Data map_batches over partition indices with an actor pool: its scheduling, backpressure and
+    # retries; about 4 s longer to start on 2 cores) | actors (plain Ray actors fed by the driver) | auto
+    # (ray_data from 1 GiB of input per worker, where that start is under 2% of the run; actors below).
+    # Same bytes either way.
     tokenize_engine: str = "auto"
     # Check every shard's sha256 against the manifest before training reads it (files verified before with
     # the same size and mtime are skipped, so a resume does not hash them again); false skips the check.
