@@ -63,6 +63,22 @@ def parse_storage_uri(uri: str, option: str = "cluster.storage_uri"):
     return fs, path.rstrip("/")
 
 
+def contained(root: Path, name: str, what: str) -> Path:
+    """root / name, refused (StorageError naming it) when a name read from the store would land outside root:
+    absolute, holding a `..` part, or resolving elsewhere through a link. A crafted bucket entry must never make
+    a node write, or delete, outside the directory it downloads into."""
+    parts = Path(name).parts
+    target = Path(root) / name
+    resolved_root = Path(root).resolve()
+    if (not name or Path(name).is_absolute() or ".." in parts or "\\" in name
+            or not target.resolve().is_relative_to(resolved_root)):
+        raise StorageError(
+            f"the object store names {what} {name!r}, which would lie outside {root}: refusing it. The store holds "
+            f"an entry this pipeline never writes (absolute, or with '..'); remove it from the store"
+        )
+    return target
+
+
 class ObjectStore:
     """A prefix of an object store, addressed by relative paths ("data/<name>/manifest.json")."""
 
@@ -139,7 +155,7 @@ class ObjectStore:
         tmp = local.with_name(f".{local.name}.download-{uuid.uuid4().hex[:8]}")
         try:
             for name in [*sorted(n for n in files if n != marker), marker]:
-                dst = tmp / name
+                dst = contained(tmp, name, f"a file of {self.path(rel)}")
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 self._call(fs.copy_files, self.path(f"{rel}/{name}"), str(dst), source_filesystem=self.fs,
                            destination_filesystem=fs.LocalFileSystem())

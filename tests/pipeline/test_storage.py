@@ -223,3 +223,35 @@ def test_a_run_continues_from_the_store_on_a_machine_with_an_empty_output_dir(tm
     assert f"resumed from {second / 'runs' / 'tiny-shakespeare' / 'checkpoints' / 'step_00000008'}" in log
     assert latest_complete(checkpoint_root(second / "runs" / "tiny-shakespeare")).name == "step_00000012"
     assert store.read_text("runs/tiny-shakespeare/checkpoints/latest") == "step_00000012"
+
+
+def test_names_from_a_crafted_store_never_reach_outside_the_run(store, tmp_path):
+    """A bucket entry or a `latest` that names a path outside the target directory (absolute, or with `..`) is
+    refused with a message naming it; nothing is written or deleted outside the run directory."""
+    from pipeline.checkpoint.store_sync import pull_checkpoint, pull_latest_checkpoint
+    from pipeline.cluster.storage import StorageError, contained
+
+    run_dir = tmp_path / "runs" / "r"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    for crafted in ["../../../victim", "/etc", "step_1/../../../victim"]:
+        store.write_text("runs/r/checkpoints/latest", crafted)
+        with pytest.raises(StorageError, match="the run's latest checkpoint"):
+            pull_latest_checkpoint(store, run_dir)
+    assert (victim / "keep.txt").read_text() == "precious"
+    for bad in ["../x", "/abs/x", "a/../../x", ""]:
+        with pytest.raises(StorageError, match="outside"):
+            contained(tmp_path / "root", bad, "a file")
+    assert contained(tmp_path / "root", "a/b.bin", "a file") == tmp_path / "root" / "a" / "b.bin"
+    if store.fs.type_name == "s3":  # object keys may hold '..' (put by any S3 client); file names cannot
+        import boto3
+
+        endpoint = store.uri.split("endpoint_override=")[1].split("&")[0]
+        prefix = store.base.split("/", 1)[1]
+        s3 = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
+        s3.put_object(Bucket="bucket", Key=f"{prefix}/runs/r/checkpoints/step_00000001/../../../../escaped.txt", Body=b"x")
+        store.write_text("runs/r/checkpoints/step_00000001/COMPLETE", "{}")
+        with pytest.raises(StorageError, match="outside"):
+            pull_checkpoint(store, run_dir, run_dir / "checkpoints" / "step_00000001")
+        assert not (tmp_path / "escaped.txt").exists()
