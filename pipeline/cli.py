@@ -35,6 +35,8 @@ Tools:
   checkpoint consolidate <dir> [--out F]  full fp32 weights as one safetensors file
   scaling fit sweep=<id> | csv=<file>     Chinchilla approaches 2 and 3 and Kaplan fits, with plots
   scaling predict C=<FLOPs>               compute-optimal N, D and loss with intervals from the last fit
+  preempt <output_dir> [--wait S]         ask the runs training there to checkpoint and stop; wait for it
+                                          (a Kubernetes preStop hook: cluster/README.md)
 
 Cluster (Ray Jobs API):
   submit <stage> [overrides] cluster=ray cluster.address=http://HOST:8265 [--no-wait]
@@ -188,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline.checkpoint.cli import main as checkpoint_main
 
         sys.exit(checkpoint_main(rest))
+    if command == "preempt":
+        from pipeline.train.preemption import preempt_main
+
+        sys.exit(preempt_main(rest))
     if command not in CONFIG_STAGES:
         _fail(f"unknown command {command!r}.\n\n{USAGE}")
     if command == "generate" and rest and not OVERRIDE.match(rest[0]):

@@ -45,6 +45,32 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     assert latest_complete(out / "runs" / "tiny-shakespeare" / "checkpoints").name == "step_00000300"
 
 
+def test_pipeline_preempt_has_a_training_run_checkpoint_and_waits_for_it(tmp_path):
+    """What a Kubernetes preStop hook runs (cluster/kubernetes/*.yaml): `pipeline preempt <output_dir>` finds
+    the run that is training there, has every rank checkpoint at the next step boundary, and returns once the
+    checkpoint is written; the driver exits with code 75."""
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pipeline.cli", "train", *TINY, "train.max_steps=300", "train.log_interval_steps=5",
+            "train.eval_interval_steps=0", f"output_dir={out}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(r"step (\d+)/300", line):
+            break
+    assert (out / "runs" / "tiny-shakespeare" / "TRAINING").is_file(), "".join(lines)[-3000:]
+    hook = subprocess.run([sys.executable, "-m", "pipeline.cli", "preempt", str(out), "--wait", "120"],
+                          capture_output=True, text=True, timeout=180)
+    assert hook.returncode == 0 and "run tiny-shakespeare: saved" in hook.stderr, hook.stderr[-3000:]
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, rest[-4000:]
+    assert latest_complete(out / "runs" / "tiny-shakespeare" / "checkpoints") is not None
+    assert not (out / "runs" / "tiny-shakespeare" / "TRAINING").exists()
+    idle = subprocess.run([sys.executable, "-m", "pipeline.cli", "preempt", str(out), "--wait", "5"],
+                          capture_output=True, text=True, timeout=60)
+    assert idle.returncode == 0 and "asked run" not in idle.stderr  # nothing training: returns at once
+
+
 def test_a_handler_installed_before_gets_the_signal_after_the_checkpoint(tmp_path):
     """Under hydra-submitit-launcher, submitit's USR1 handler requeues the sweep point as a new Slurm job: the
     driver first turns the signal into a PREEMPT file for the workers, then, with the checkpoint saved,

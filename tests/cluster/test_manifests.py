@@ -18,7 +18,7 @@ from pipeline.config import ClusterConfig, validate_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
-TOOL_COMMANDS = {"data", "checkpoint", "scaling", "submit", "jobs"}
+TOOL_COMMANDS = {"data", "checkpoint", "scaling", "submit", "jobs", "preempt"}
 HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 
 
@@ -96,6 +96,23 @@ def test_kuberay_rayjob_runs_a_pipeline_stage():
     check_pipeline_command(spec["entrypoint"])
     cfg = compose_checked("run", shlex.split(spec["entrypoint"])[2:])
     assert cfg.cluster.address == "auto" and cfg.output_dir.startswith(cfg.cluster.shared_storage)
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kubernetes_pods_checkpoint_before_they_go(name):
+    """Every pod gives `pipeline preempt` (its preStop hook) time to have the runs on the shared volume
+    checkpoint before Kubernetes sends SIGTERM: a grace period longer than the hook's wait."""
+    doc = yaml.safe_load((CLUSTER / "kubernetes" / name).read_text())
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    shared = compose_checked("train", ["cluster=kubernetes"]).cluster.shared_storage
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        check_pipeline_command(shlex.join(command))
+        assert command[:2] == ["pipeline", "preempt"] and command[2].startswith(shared)
+        wait = float(command[command.index("--wait") + 1])
+        assert 300 <= wait < pod["terminationGracePeriodSeconds"]
 
 
 def _check_pods_mount_shared_storage(groups: list[dict]) -> None:

@@ -45,3 +45,31 @@ def test_dropout_streams_differ_per_data_parallel_replica():
         torch.manual_seed(seed)
         masks.append(torch.nn.functional.dropout(torch.ones(1000), p=0.5))
     assert not torch.equal(masks[0], masks[1])
+
+
+def test_preempt_waits_for_each_training_run_to_save_or_end(tmp_path):
+    """`pipeline preempt` asks only runs with a TRAINING file, and reports each as saved (a checkpoint newer than
+    the request), ended (its driver finished meanwhile) or timed out."""
+    import threading
+    import time
+
+    from pipeline.train.preemption import PREEMPT_FILE, TRAINING_FILE, request_checkpoints
+
+    runs = {name: tmp_path / "runs" / name for name in ("saves", "ends", "stuck", "idle")}
+    for name, run in runs.items():
+        (run / "checkpoints").mkdir(parents=True)
+        if name != "idle":
+            (run / TRAINING_FILE).write_text("{}")
+
+    def workers():
+        time.sleep(0.3)
+        (runs["saves"] / "checkpoints" / "latest").write_text("step_00000007")
+        (runs["ends"] / TRAINING_FILE).unlink()
+
+    thread = threading.Thread(target=workers)
+    thread.start()
+    outcome = request_checkpoints(tmp_path, wait_s=2.0, poll_s=0.05)
+    thread.join()
+    assert outcome == {"saves": "saved", "ends": "ended", "stuck": "timed out"}
+    assert all((runs[n] / PREEMPT_FILE).exists() for n in ("saves", "ends", "stuck"))
+    assert not (runs["idle"] / PREEMPT_FILE).exists()
