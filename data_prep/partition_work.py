@@ -21,10 +21,11 @@ document and its copy never sit side by side in one window.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def _ray_node() -> str:
         return ""
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array)
     write_atomic(path, buffer.getvalue())
@@ -226,32 +227,34 @@ def process_partition(part: Partition, ctx: PrepareContext, sp) -> PartitionReco
     if ctx.data.keep_doc_boundaries:
         for split, s in streams.items():
             record.doc_starts[split] = f"{stem}-{split}-doc_starts.npy"
-            _save_npy(directory / PARTS_DIR / record.doc_starts[split], s.doc_starts())
+            save_npy(directory / PARTS_DIR / record.doc_starts[split], s.doc_starts())
     record.token_counts = f"{stem}-train-token_counts.npy"
-    _save_npy(directory / PARTS_DIR / record.token_counts, streams["train"].counts)
+    save_npy(directory / PARTS_DIR / record.token_counts, streams["train"].counts)
     write_atomic(record_path(directory, part.index), record.to_json())
     return record
+
+
+def bottom_k(items: Iterable[tuple[int, str]], k: int) -> list[tuple[int, str]]:
+    """The k (hash, sentence) pairs of smallest hash, sorted: the same whether taken over all items at once or
+    over the bottom k of each part of them (which is how partitions' samples merge on the driver)."""
+    heap: list[tuple[int, str]] = []  # the k smallest so far, as a max-heap by negated hash
+    for h, sentence in items:
+        if len(heap) < k:
+            heapq.heappush(heap, (-h, sentence))
+        elif h < -heap[0][0]:
+            heapq.heapreplace(heap, (-h, sentence))
+    return sorted((-neg, s) for neg, s in heap)
 
 
 def sample_sentences(part: Partition, ctx: PrepareContext, k: int) -> list[tuple[int, str]]:
     """The k training-split sentences of the partition with the smallest seeded hashes, as (hash, sentence):
     merged over partitions, the bottom k of the whole sample, whatever the partitioning of the work."""
-    import heapq
-
     from data_prep.tokenizer import training_sentences
 
     salt = f"tokenizer:{ctx.data.seed}:".encode()
-    heap: list[tuple[int, str]] = []  # the k smallest so far, as a max-heap by negated hash
-    for doc in partition_documents(part, ctx, DecodeReport()):
-        if is_validation(doc, ctx.data.val_fraction):
-            continue
-        for sentence in training_sentences([doc]):
-            h = sentence_hash(sentence, salt)
-            if len(heap) < k:
-                heapq.heappush(heap, (-h, sentence))
-            elif h < -heap[0][0]:
-                heapq.heapreplace(heap, (-h, sentence))
-    return sorted((-neg, s) for neg, s in heap)
+    docs = (doc for doc in partition_documents(part, ctx, DecodeReport())
+            if not is_validation(doc, ctx.data.val_fraction))
+    return bottom_k(((sentence_hash(s, salt), s) for doc in docs for s in training_sentences([doc])), k)
 
 
 def sentence_hash(sentence: str, salt: bytes) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -48,8 +47,10 @@ from data_prep.partition_work import (
     PARTS_DIR,
     PartitionRecord,
     PrepareContext,
+    bottom_k,
     partition_documents,
     record_path,
+    save_npy,
     shard_prefix,
 )
 from data_prep.partitions import Partition, plan_partitions, source_field
@@ -310,21 +311,14 @@ def _make_tokenizer(data: DataConfig, plan: list[Partition], ctx: PrepareContext
 
 
 def _draw_sample(plan: list[Partition], ctx: PrepareContext, data: DataConfig, workers: int) -> list[tuple[int, str]]:
-    """The bottom-k training sentences by seeded hash over the sampled partitions, merged as they arrive."""
-    import heapq
-
+    """The bottom-k training sentences by seeded hash over the sampled partitions."""
     k = data.tokenizer.sample_sentences
-    heap: list[tuple[int, str]] = []
-    for _, sample in run_actors(ctx, _sample_partitions(plan, data), workers, "sample", k):
-        for h, sentence in sample:
-            if len(heap) < k:
-                heapq.heappush(heap, (-h, sentence))
-            elif h < -heap[0][0]:
-                heapq.heapreplace(heap, (-h, sentence))
-    if not heap:
+    samples = run_actors(ctx, _sample_partitions(plan, data), workers, "sample", k)
+    sample = bottom_k((pair for _, part_sample in samples for pair in part_sample), k)
+    if not sample:
         raise SourceError("the corpus holds no text to train the tokenizer on (its training split is empty, or "
                           "every input was empty or skipped as binary): point data.path at files with text in them")
-    return sorted((-neg, s) for neg, s in heap)
+    return sample
 
 
 def _round_trip_texts(plan: list[Partition], ctx: PrepareContext) -> list[str]:
@@ -422,7 +416,7 @@ def _merge(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_
                         sources[index].name, sources[index].weight, stats["documents_read"])
     _check_splits(data, shards, totals)
     doc_starts = _merge_doc_starts(directory, starts_parts) if data.keep_doc_boundaries else {}
-    _save(directory / TOKEN_COUNTS, counts if counts is not None else np.zeros(sp.get_piece_size(), np.int64))
+    save_npy(directory / TOKEN_COUNTS, counts if counts is not None else np.zeros(sp.get_piece_size(), np.int64))
     window = data.context_length + 1
     stats = {
         **totals, "windows": {s: sum(x.n_windows for x in shards[s]) for s in SPLITS},
@@ -469,12 +463,6 @@ def _merge_doc_starts(directory: Path, parts: dict[str, list[tuple[str, int]]]) 
         os.replace(tmp, path)
         out[split] = {"file": path.name, "n_documents": at, "sha256": sha256_file(path)}
     return out
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    write_atomic(path, buffer.getvalue())
 
 
 def _check_splits(data: DataConfig, shards: dict[str, list[ShardInfo]], totals: dict) -> None:
