@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.blend import component_dirs, is_blend, load_blend
 from data_prep.shards import ShardError, WindowDataset, load_manifest, verify_dataset
 from data_prep.tokenizer import TokenizerError, load_tokenizer
 
@@ -15,7 +16,19 @@ from data_prep.tokenizer import TokenizerError, load_tokenizer
 _HISTOGRAM_WINDOWS = 2000
 
 
+def describe_blend(blend_dir: Path) -> str:
+    blend = load_blend(blend_dir)
+    lines = [f"blend {blend_dir}: {len(blend.components)} data sets sampled by weight, vocabulary {blend.vocab_size}, "
+             f"windows of {blend.window_length} tokens, tokenizer sha256 {blend.tokenizer_sha256[:16]}..."]
+    for c in blend.components:
+        lines.append(f"  {c.name}: weight {c.weight:g} (share {c.share:.1%}), {c.windows.get('train', 0)} train / "
+                     f"{c.windows.get('validation', 0)} validation windows in {blend.component_dir(c)}")
+    return "\n".join(lines)
+
+
 def describe(dataset_dir: Path, n_windows: int = 2, top: int = 15) -> str:
+    if is_blend(dataset_dir):
+        return describe_blend(dataset_dir)
     manifest = load_manifest(dataset_dir)
     sp = load_tokenizer(manifest.tokenizer_path)
     lines = [
@@ -26,11 +39,6 @@ def describe(dataset_dir: Path, n_windows: int = 2, top: int = 15) -> str:
     if manifest.source:
         lines.append(f"  source: {manifest.source.get('kind')} {manifest.source.get('path') or ''} "
                      f"({manifest.source.get('files')} files)")
-        if manifest.source.get("kind") == "mixture":
-            for src in manifest.source.get("sources", []):
-                lines.append(f"    {src['name']} ({src['kind']} {src['path'] or ''}), weight {src['weight']:g}: "
-                             f"{src['documents']} of {src['documents_read']} documents, "
-                             f"{sum(src['tokens'].values())} tokens ({src['token_share']:.1%} of the mix)")
     stats = manifest.stats
     for split, shards in manifest.splits.items():
         windows = sum(s.n_windows for s in shards)
@@ -69,8 +77,8 @@ def main(argv: list[str]) -> int:
     except (ShardError, TokenizerError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         status = 1
-    if args.verify and args.dataset_dir.joinpath("manifest.json").is_file():
-        problems = verify_dataset(args.dataset_dir)
+    if args.verify and (is_blend(args.dataset_dir) or args.dataset_dir.joinpath("manifest.json").is_file()):
+        problems = [p for d in component_dirs(args.dataset_dir) for p in verify_dataset(d)]
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         if problems:

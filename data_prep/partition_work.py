@@ -1,6 +1,6 @@
 """What a worker does with one partition of the plan (data_prep.partitions), start to finish, in bounded memory.
 
-    read its documents (data_prep.sources; a mixture source's documents repeated by weight)
+    read its documents (data_prep.sources)
     -> split each by the hash of its text (validation below data.val_fraction)
     -> in blocks of data.block_bytes of text: encode (long documents in pieces), join with EOS, count tokens
     -> pack each split's stream into windows of context_length + 1 and write them as the partition's own shards
@@ -12,10 +12,8 @@ Nothing depends on which worker runs a partition or how many there are. A worker
 without a record; the next run deletes them and does the partition again (data_prep.prepare). Two workers that
 run the same partition (a zombie of a killed run) write the same bytes, each file atomically.
 
-A mixture source's weight w is a per-document rate: every document enters floor(w) times, and once more when a
-seeded hash of the source name and its text falls below frac(w) (so about frac(w) of them, independently of
-how the corpus is partitioned). Copy c of the documents is written in pass c over the partition, so a
-document and its copy never sit side by side in one window.
+A mixture never reaches here as one: each of its sources is prepared as its own data set and training samples
+them by weight (data_prep.blend); only the mixture's shared tokenizer sample reads partitions of several sources.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ import hashlib
 import heapq
 import io
 import json
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,13 +55,6 @@ def hash_fraction(text: str, salt: bytes = b"") -> float:
 
 def is_validation(text: str, val_fraction: float) -> bool:
     return hash_fraction(text) < val_fraction
-
-
-def copies_of(text: str, weight: float, seed: int, name: str) -> int:
-    """Times a mixture document enters the data set (see the module docstring)."""
-    whole = math.floor(weight)
-    frac = weight - whole
-    return whole + (frac > 0 and hash_fraction(text, f"{seed}:{name}:".encode()) < frac)
 
 
 @dataclass
@@ -113,16 +103,13 @@ class _Counter:
 
 def partition_documents(part: Partition, ctx: PrepareContext, report: DecodeReport,
                         counter: _Counter | None = None) -> Iterator[str]:
-    """The partition's documents in order (a mixture source's copies in later passes)."""
+    """The partition's documents in order."""
     src, where = ctx.sources[part.source], ctx.wheres[part.source]
-    weight = src.weight if ctx.data.source == "mixture" else 1.0
-    for copy in range(math.ceil(weight)):
-        for piece in part.pieces:
-            for doc in piece_documents(src, piece, ctx.data, report if copy == 0 else DecodeReport(), where):
-                if copy == 0 and counter is not None:
-                    counter.read += 1
-                if weight == 1.0 or copies_of(doc, weight, ctx.data.seed, src.name) > copy:
-                    yield doc
+    for piece in part.pieces:
+        for doc in piece_documents(src, piece, ctx.data, report, where):
+            if counter is not None:
+                counter.read += 1
+            yield doc
 
 
 def blocks_of(documents: Iterator[str], block_chars: int) -> Iterator[list[str]]:

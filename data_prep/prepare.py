@@ -21,6 +21,12 @@ The driver only plans and merges; no process ever holds the corpus:
 Killed at any point (kill -9 included), the same command resumes: partitions with a record are kept, shards
 without one are deleted and their partitions done again, and the bytes are those of an uninterrupted run.
 
+A mixture (data.source=mixture) is prepared source by source: one tokenizer for all of them (data.tokenizer.
+model_path, a prepared source's, or trained once on a sample of every source, weights aside, in
+`<name>.tokenizer-<fingerprint>/`), then each source as its own data set (`<name>.<source>-<fingerprint>/`,
+exactly what `pipeline prepare` of that source alone with that tokenizer writes), then the blend recipe
+(data_prep.blend) that names them with their weights. A new weight writes a new recipe and tokenizes nothing.
+
 Memory: a worker holds one block of text (data.block_bytes) and its tokens at a time, plus one shard being
 written; the driver holds the plan (a few hundred bytes per partition), the tokenizer sample (at most
 sample_sentences lines) and one partition record at a time. None of it grows with the corpus but the plan.
@@ -36,11 +42,13 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
+from data_prep.blend import BLEND_VERSION, blend_incomplete_reason, is_blend, write_blend
 from data_prep.encoding import can_cut_documents, pool_size, tokenize_engine
 from data_prep.mixture import corpus_record
 from data_prep.partition_work import (
@@ -60,6 +68,7 @@ from data_prep.shards import (
     SPLITS,
     TOKENIZER_FILE,
     Manifest,
+    ShardError,
     ShardInfo,
     dtype_for_vocab,
     incomplete_reason,
@@ -79,7 +88,7 @@ log = logging.getLogger(__name__)
 _NOT_IN_FINGERPRINT = ("num_workers", "tokenize_engine", "output_dir", "verify_checksums", "block_bytes")
 # Bump when the same config would produce different bytes (reading, tokenizer training, packing), so that
 # a new recipe gets a new directory instead of silently reusing data sets made by the old one.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 # Documents of the first partition checked for a tokenizer round trip, and characters of each.
 _ROUND_TRIP_SAMPLE, _ROUND_TRIP_CHARS = 64, 1 << 14
 _PROGRESS_INTERVAL_S = 5.0
@@ -97,6 +106,9 @@ def data_fingerprint(data: DataConfig, corpus: list[dict] | None = None) -> str:
     recipe versions, and the input files (corpus_record, computed here unless given)."""
     record = {**_config_record(data), "format_version": FORMAT_VERSION, "recipe_version": RECIPE_VERSION,
               "corpus": corpus_record(data) if corpus is None else corpus}
+    model = Path(data.tokenizer.model_path).expanduser() if data.tokenizer.model_path else None
+    if model is not None and model.is_file():  # a given tokenizer by content: a changed file, a new data set
+        record["tokenizer"] = {**record["tokenizer"], "model_path": f"sha256:{sha256_file(model)}"}
     return fingerprint(record)
 
 
@@ -110,18 +122,29 @@ def _config_record(data: DataConfig) -> dict:
 
 
 def dataset_dir(data: DataConfig, corpus: list[dict] | None = None) -> Path:
+    """The directory of this config's data set (a mixture's: its blend), known without preparing it."""
+    if data.source == "mixture":
+        return blend_dir(data)
     return Path(data.output_dir) / f"{data.name}-{data_fingerprint(data, corpus)}"
 
 
 def is_complete(out: Path) -> bool:
-    return incomplete_reason(out) is None
+    return (blend_incomplete_reason(out) if is_blend(out) else incomplete_reason(out)) is None
 
 
-def prepare(data: DataConfig) -> Path:
-    """Prepare the data set of this config (or find it prepared) and return its directory."""
+# Receives the progress of a data set being prepared: (label, metrics, step); label is "" for a single data
+# set and the source's name within a mixture (pipeline.stages logs these to MLflow).
+ProgressSink = Callable[[str, dict[str, float], int], None]
+
+
+def prepare(data: DataConfig, sink: ProgressSink | None = None, label: str = "") -> Path:
+    """Prepare the data set of this config (or find it prepared) and return its directory. `sink` receives the
+    progress (bytes read, documents, tokens, tokens/s, time left) every few seconds and the totals at the end."""
     from pipeline.files import directory_lock
 
     validate_data(data)
+    if data.source == "mixture":
+        return prepare_mixture(data, sink)
     corpus = corpus_record(data)
     out = dataset_dir(data, corpus)
     if _already_prepared(data, out):
@@ -136,7 +159,7 @@ def prepare(data: DataConfig) -> Path:
             log.info("%s exists but is incomplete (%s): preparing it again", out, incomplete_reason(out))
         started = time.time()
         try:
-            manifest, seconds = _build(data, partial, fingerprint(corpus))
+            manifest, seconds = _build(data, partial, fingerprint(corpus), sink, label)
         except ValueError:
             shutil.rmtree(partial, ignore_errors=True)  # the input or the config is at fault: nothing to resume
             raise
@@ -146,18 +169,26 @@ def prepare(data: DataConfig) -> Path:
             raise
         _publish(partial, out)
     _log_summary(out, manifest, time.time() - started, seconds)
+    if sink is not None:
+        stats = manifest.stats
+        tokens = sum(stats["tokens"].values())
+        sink(label, {"total_s": time.time() - started, "tokenize_s": seconds, "tokens": tokens,
+                     "tokens_per_s": tokens / max(seconds, 1e-9), "documents": sum(stats["documents"].values()),
+                     "train_windows": stats["windows"]["train"], "validation_windows": stats["windows"]["validation"],
+                     "partitions": stats["partitions"], "binary_files_skipped": len(stats["binary_files_skipped"]),
+                     "undecodable_bytes": stats["undecodable_bytes"]}, stats["partitions"])
     return out
 
 
 def _already_prepared(data: DataConfig, out: Path) -> bool:
     if incomplete_reason(out) is not None:
         return False
-    _check_same_tokenizer(data, out)
     log.info("data set %s is already prepared (manifest and shards complete): skipping", out)
     return True
 
 
-def _build(data: DataConfig, partial: Path, corpus_fingerprint: str) -> tuple[Manifest, float]:
+def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: ProgressSink | None = None,
+           label: str = "") -> tuple[Manifest, float]:
     t0 = time.time()
     plan = plan_partitions(data)
     sources = source_configs(data)
@@ -179,7 +210,7 @@ def _build(data: DataConfig, partial: Path, corpus_fingerprint: str) -> tuple[Ma
         log.info("resuming an interrupted run: %d of %d partitions are done", len(plan) - len(todo), len(plan))
     log.info("tokenizing %d partitions with %d Ray workers (%s)", len(todo), min(workers, max(1, len(todo))), engine)
     check_shared(partial)
-    progress = Progress(sum(p.size for p in todo), len(todo))
+    progress = Progress(sum(p.size for p in todo), len(todo), sink, label)
     nodes = set()
     for part, record in run_partitions(ctx, todo, workers, engine):
         progress.update(part, record)
@@ -330,9 +361,10 @@ class Progress:
     """A progress bar on stderr (on a terminal) and a log line every few seconds: bytes, documents, tokens/s and
     the time left."""
 
-    def __init__(self, total_bytes: int, partitions: int):
+    def __init__(self, total_bytes: int, partitions: int, sink: ProgressSink | None = None, label: str = ""):
         from tqdm import tqdm
 
+        self.sink, self.label = sink, label
         self.t0 = self.last_log = time.time()
         self.total_bytes, self.partitions = total_bytes, partitions
         self.bytes = self.tokens = self.documents = self.done = 0
@@ -360,6 +392,10 @@ class Progress:
                      "about %.0fs left", self.done, self.partitions, _size(self.bytes), _size(self.total_bytes),
                      self.documents, self.tokens, rate, _size(self.bytes / max(self.seconds, 1e-9)), left)
             self.last_log = time.time()
+            if self.sink is not None:
+                self.sink(self.label, {"bytes_read": self.bytes, "documents_read": self.documents, "tokens": self.tokens,
+                                       "tokens_per_s": rate, "bytes_per_s": self.bytes / max(self.seconds, 1e-9),
+                                       "eta_s": left, "partitions_done": self.done}, self.done)
 
     def close(self) -> None:
         self.bar.close()
@@ -407,13 +443,6 @@ def _merge(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_
         raise SourceError(f"the corpus holds no non-empty document ({report.files} inputs read"
                           + (f", {len(report.binary_files)} skipped as binary" if report.binary_files else "")
                           + "): point data.path at files with text in them")
-    for index, stats in enumerate(per_source):
-        if data.source == "mixture" and stats["documents_read"] == 0:
-            raise SourceError(f"data.mixture.{index} ({sources[index].name}) holds no non-empty document: point "
-                              f"data.mixture.{index}.path at files with text in them, or remove the source")
-        if data.source == "mixture" and stats["documents"] == 0:
-            log.warning("data.mixture.%d (%s): weight %g keeps none of its %d documents; raise its weight", index,
-                        sources[index].name, sources[index].weight, stats["documents_read"])
     _check_splits(data, shards, totals)
     doc_starts = _merge_doc_starts(directory, starts_parts) if data.keep_doc_boundaries else {}
     save_npy(directory / TOKEN_COUNTS, counts if counts is not None else np.zeros(sp.get_piece_size(), np.int64))
@@ -429,7 +458,7 @@ def _merge(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_
     for src, s in zip(sources, per_source, strict=True):
         source_entries.append({
             "name": src.name, "kind": src.source, "path": src.path,
-            "weight": src.weight if data.source == "mixture" else 1.0, "files": len(s["files"]),
+            "files": len(s["files"]),
             "documents_read": s["documents_read"], "documents": s["documents"], "tokens": s["tokens"],
             "token_share": round(sum(s["tokens"].values()) / total_tokens, 6),
         })
@@ -439,7 +468,7 @@ def _merge(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_
         bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id(), unk_id=sp.unk_id(),
         splits=shards, stats=stats, config=_config_record(data), doc_starts=doc_starts,
         token_counts={"file": TOKEN_COUNTS, "split": "train", "sha256": sha256_file(directory / TOKEN_COUNTS)},
-        source={"kind": data.source, "path": data.path if data.source != "mixture" else None, "files": report.files,
+        source={"kind": data.source, "path": data.path, "files": report.files,
                 "corpus_fingerprint": corpus_fingerprint, "sources": source_entries},
     )
 
@@ -492,19 +521,6 @@ def _publish(partial: Path, out: Path) -> None:
     os.replace(partial, out)
 
 
-def _check_same_tokenizer(data: DataConfig, out: Path) -> None:
-    """The fingerprint names model_path, not its content: refuse a data set made with another tokenizer."""
-    path = data.tokenizer.model_path
-    if not path:
-        return
-    manifest = load_manifest(out)
-    if sha256_file(Path(path).expanduser()) != manifest.tokenizer_sha256:
-        raise DataPrepError(
-            f"data.tokenizer.model_path={path} has changed since {out} was prepared with it: delete {out} "
-            f"to prepare it again with the new tokenizer, or set another data.name to keep both"
-        )
-
-
 def _log_summary(out: Path, manifest: Manifest, seconds: float, tokenize_seconds: float) -> None:
     stats = manifest.stats
     total = sum(stats["tokens"].values())
@@ -516,8 +532,139 @@ def _log_summary(out: Path, manifest: Manifest, seconds: float, tokenize_seconds
         stats["windows"]["validation"], manifest.window_length, stats["dropped_tail_tokens"]["train"],
         stats["dropped_tail_tokens"]["validation"], stats["partitions"], total / max(tokenize_seconds, 1e-9),
     )
-    if manifest.source.get("kind") == "mixture":
-        for src in manifest.source["sources"]:
-            log.info("  source %s (weight %g): %d of %d documents, %d tokens (%.1f%% of the mix)", src["name"],
-                     src["weight"], src["documents"], src["documents_read"], sum(src["tokens"].values()),
-                     100 * src["token_share"])
+
+
+# --- mixtures: one tokenizer, one data set per source, a blend recipe (data_prep.blend) ---------------------
+
+def _sources_to_prepare(data: DataConfig) -> DataConfig:
+    """The mixture's sources that are corpora (not prepared data sets), weights aside: what the shared
+    tokenizer is trained on, so that no weight changes it."""
+    return dataclasses.replace(data, mixture=[dataclasses.replace(src, weight=1.0) for src in data.mixture
+                                              if not src.dataset])
+
+
+def tokenizer_dir(data: DataConfig) -> Path:
+    """Named by what shapes the tokenizer: the corpora, data.tokenizer, the seed and the split (it is trained
+    on the training split), not the context length or the shard size."""
+    shape = dataclasses.replace(_sources_to_prepare(data), context_length=0, shard_tokens=0, keep_doc_boundaries=False)
+    return Path(data.output_dir) / f"{data.name}.tokenizer-{data_fingerprint(shape)}"
+
+
+def shared_tokenizer(data: DataConfig) -> Path:
+    """Where the mixture's tokenizer is (or will be once trained): data.tokenizer.model_path, else the first
+    prepared data set's, else the one trained for this mixture."""
+    if data.tokenizer.model_path:
+        return Path(data.tokenizer.model_path).expanduser().resolve()
+    for src in data.mixture:
+        if src.dataset:
+            return load_manifest(Path(src.dataset).expanduser()).tokenizer_path
+    return tokenizer_dir(data) / TOKENIZER_FILE
+
+
+def component_config(data: DataConfig, index: int, tokenizer: Path | None) -> DataConfig:
+    """The single-source config of data.mixture[index], with the mixture's tokenizer: preparing it alone
+    (`pipeline prepare data.source=... data.tokenizer.model_path=...`) writes the same shards."""
+    src = data.mixture[index]
+    return dataclasses.replace(
+        data, name=f"{data.name}.{src.name}", source=src.source, path=src.path, text_field=src.text_field,
+        doc_split=src.doc_split, hf_config=src.hf_config, hf_revision=src.hf_revision, hf_split=src.hf_split,
+        mixture=[], tokenizer=dataclasses.replace(data.tokenizer, model_path=str(tokenizer) if tokenizer else None),
+    )
+
+
+def blend_parts(data: DataConfig) -> list[tuple[str, Path, float]]:
+    """(name, data set directory, weight) of every source, once the shared tokenizer exists (a data set
+    made with a given tokenizer is named by the tokenizer's content)."""
+    tokenizer = shared_tokenizer(data)
+    parts = []
+    for i, src in enumerate(data.mixture):
+        path = Path(src.dataset).expanduser().resolve() if src.dataset else dataset_dir(
+            component_config(data, i, tokenizer))
+        parts.append((src.name, path, src.weight))
+    return parts
+
+
+def tokenizer_identity(data: DataConfig) -> str:
+    """The mixture's tokenizer, known before it is trained: a given file's sha256, a prepared source's, or the
+    name (recipe fingerprint) of the one trained for this mixture."""
+    if data.tokenizer.model_path:
+        return f"sha256:{sha256_file(Path(data.tokenizer.model_path).expanduser())}"
+    for src in data.mixture:
+        if src.dataset:
+            return f"sha256:{load_manifest(Path(src.dataset).expanduser()).tokenizer_sha256}"
+    return tokenizer_dir(data).name
+
+
+def blend_dir(data: DataConfig) -> Path:
+    """The blend's directory, named by its recipe (known before anything is prepared): the tokenizer, each
+    source (a prepared data set by directory, a corpus by its data set's fingerprint less the tokenizer) and the
+    weights."""
+    parts = []
+    for i, src in enumerate(data.mixture):
+        what = (str(Path(src.dataset).expanduser().resolve()) if src.dataset
+                else data_fingerprint(component_config(data, i, None)))
+        parts.append([src.name, what, src.weight])
+    recipe = {"blend_version": BLEND_VERSION, "recipe_version": RECIPE_VERSION, "tokenizer": tokenizer_identity(data),
+              "parts": parts}
+    return Path(data.output_dir) / f"{data.name}-{fingerprint(recipe)}"
+
+
+def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None) -> Path:
+    """The blend of data.mixture: its tokenizer and its sources' data sets prepared where missing (each
+    resumable like any data set), then the recipe. Returns the blend's directory."""
+    from pipeline.files import directory_lock
+
+    out = blend_dir(data)
+    if is_complete(out):
+        log.info("blend %s is already prepared: skipping", out)
+        return out
+    tokenizer = shared_tokenizer(data)
+    if not tokenizer.is_file() and not data.tokenizer.model_path and not any(src.dataset for src in data.mixture):
+        _prepare_tokenizer(_sources_to_prepare(data), tokenizer.parent)
+    parts = []
+    for i, (name, path, weight) in enumerate(blend_parts(data)):
+        if data.mixture[i].dataset:
+            reason = incomplete_reason(path)
+            if reason is not None:
+                raise DataPrepError(f"data.mixture.{i}.dataset={data.mixture[i].dataset} is not a complete data set "
+                                    f"({reason}): prepare it again, or point the entry at its source instead")
+        else:
+            log.info("mixture %s: source %s", data.name, name)
+            path = prepare(component_config(data, i, tokenizer), sink, name)
+        parts.append((name, path, weight))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with directory_lock(out.with_name(out.name + PARTIAL_SUFFIX)):
+        try:
+            blend = write_blend(out, parts)
+        except (ValueError, ShardError) as err:
+            raise DataPrepError(str(err)) from err
+    shutil.rmtree(out.with_name(out.name + PARTIAL_SUFFIX), ignore_errors=True)
+    for component in blend.components:
+        log.info("blend %s: %s, weight %g (share %.1f%%), %d training windows", out.name, component.name,
+                 component.weight, 100 * component.share, component.windows.get("train", 0))
+    return out
+
+
+def _prepare_tokenizer(data: DataConfig, out_dir: Path) -> Path:
+    """Train the mixture's tokenizer on a seeded, bounded sample of all its sources (as a single data set's
+    is trained) into out_dir, unless it is there; resumable and locked like a data set."""
+    from pipeline.files import directory_lock
+
+    path = out_dir / TOKENIZER_FILE
+    if path.is_file():
+        return path
+    partial = out_dir.with_name(out_dir.name + PARTIAL_SUFFIX)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with directory_lock(partial):
+        if path.is_file():
+            shutil.rmtree(partial, ignore_errors=True)
+            return path
+        plan = plan_partitions(data)
+        sources = source_configs(data)
+        state = _open_state(partial, plan)
+        ctx = PrepareContext(data=data, sources=sources, wheres=[source_field(data, i) for i in range(len(sources))],
+                             directory=str(partial), tokenizer_proto=b"", dtype="", vocab_size=0, eos_id=0,
+                             cut_documents=False)
+        _make_tokenizer(data, plan, ctx, state, pool_size(data.num_workers))
+        _publish(partial, out_dir)
+    return path

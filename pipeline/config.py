@@ -79,22 +79,26 @@ class TokenizerConfig:
 
 @dataclass
 class SourceConfig:
-    """One corpus of a weighted mixture (data.source=mixture)."""
+    """One source of a mixture (data.source=mixture): a corpus prepared into its own data set, or a data set
+    prepared before (`dataset`). Training samples the sources' windows by weight (data_prep.blend)."""
 
-    # Unique name of the source, used in the manifest's per-source statistics.
+    # Unique name of the source, used in the blend, its data set's directory name and the shares logged.
     name: str = "source"
     # shakespeare | text | jsonl | parquet | hf_disk | hf_hub
     source: str = "text"
     # File, directory or glob (hub name for hf_hub); null for the built-in Shakespeare plays.
     path: str | None = None
+    # A data set prepared before (its directory, with manifest.json) to use as it is; source and path are
+    # then unused. Its tokenizer becomes the mixture's unless data.tokenizer.model_path is set.
+    dataset: str | None = None
     # Field holding the document text in jsonl / parquet / Hugging Face sources.
     text_field: str = "text"
     # How a text file splits into documents: file | line | blank_line
     doc_split: str = "file"
-    # Sampling rate per document, relative to the source's own size: each document appears floor(weight)
-    # times, and a seeded choice of exactly round(frac(weight) x documents) of them once more. 1.0 takes the
-    # source as it is, 2.0 repeats every document twice, 0.5 keeps half of them. A source's share of the mix
-    # is therefore weight x its size; the manifest reports the documents and tokens each source contributed.
+    # The source's share of the training windows, relative to the other weights (normalised to sum to 1):
+    # weights 3 and 1 draw 75% and 25% of every batch stream from the two sources, whatever their sizes (a
+    # small source is repeated, epoch after epoch; the run logs each source's share seen and its epochs).
+    # Changing a weight re-tokenizes nothing: only the blend recipe (a few kilobytes) is new.
     weight: float = 1.0
     # hf_hub / hf_disk: the data set's config name, revision (a commit, tag or branch; recorded in the
     # fingerprint) and split.
@@ -132,7 +136,8 @@ class DataConfig:
     # Files that are binary (NUL bytes in their first 8 KiB): skip (counted in the manifest) | error
     on_binary: str = "skip"
     # With source=mixture: the sources and their weights (see SourceConfig.weight); the fields above
-    # (path, text_field, doc_split) are then unused. Mixed documents are interleaved in a seeded order.
+    # (path, text_field, doc_split) are then unused. Each source is prepared into its own data set with one
+    # shared tokenizer (trained on a sample of all of them, weights aside), and training samples them by weight.
     mixture: list[SourceConfig] = field(default_factory=list)
     # Tokens per window minus one (windows hold context_length + 1 tokens); follows the model.
     context_length: int = 128
@@ -498,9 +503,16 @@ def _validate_mixture(mixture: list[SourceConfig]) -> None:
         _choice(f"{prefix}.doc_split", src.doc_split, DOC_SPLITS)
         if not math.isfinite(src.weight) or src.weight <= 0:
             raise ConfigError(
-                f"{prefix}.weight={src.weight} must be a positive number (1.0 takes the source as it is, 2.0 "
-                f"repeats it twice, 0.5 keeps half): remove the source to leave it out."
+                f"{prefix}.weight={src.weight} must be a positive number (the source's share of the training "
+                f"windows relative to the other weights): remove the source to leave it out."
             )
+        if src.dataset:
+            if not (Path(src.dataset).expanduser() / "manifest.json").is_file():
+                raise ConfigError(
+                    f"{prefix}.dataset={src.dataset} is not a prepared data set (it has no manifest.json): point it "
+                    f"at a directory that `pipeline prepare` wrote, or give {prefix}.source and {prefix}.path instead"
+                )
+            continue
         _check_source_path(prefix, src.source, src.path)
 
 

@@ -21,7 +21,7 @@ log = logging.getLogger("pipeline.launch")
 def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
-    from data_prep.prepare import dataset_dir
+    from data_prep.prepare import dataset_dir, is_complete
     from pipeline.compose import compose_config
     from pipeline.config import ConfigError, run_dir_for
     from pipeline.train.distributed import init_distributed
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
             f"pass parallel.num_workers={world}."
         )
     data_dir = dataset_dir(cfg.data)
-    if not (data_dir / "manifest.json").is_file():
+    if not is_complete(data_dir):
         raise ConfigError(f"no prepared data at {data_dir}: run `pipeline prepare` with the same data overrides first.")
     init_distributed(cfg.parallel)
     rank = dist.get_rank()

@@ -28,10 +28,47 @@ def prepare_stage(cfg: PipelineConfig) -> Path:
         if pull_dataset(store, target):
             log.info("using the data set %s from %s", target.name, store.uri)
     ensure_ray(cfg.cluster)
-    out = prepare(cfg.data)  # a no-op when complete
+    tracking = PrepareTracking(cfg, dataset_dir(cfg.data))
+    try:
+        out = prepare(cfg.data, tracking)  # a no-op when complete
+    except BaseException:
+        tracking.close("FAILED")
+        raise
+    tracking.close("FINISHED")
     if store is not None:
         push_dataset(store, out)
     return out
+
+
+class PrepareTracking:
+    """The MLflow run of a prepare that does work, opened at its first progress report (a data set found
+    prepared logs nothing): bytes read, documents, tokens, tokens/s and the time left every few seconds, then the
+    totals; a mixture's sources under their names (`notes.tokens_per_s`). A killed prepare's run is re-opened by
+    the resumed one (its id is kept under data.output_dir/.prepare_runs/)."""
+
+    def __init__(self, cfg: PipelineConfig, target: Path):
+        self.cfg, self.target, self.tracker = cfg, target, None
+
+    def __call__(self, label: str, metrics: dict[str, float], step: int) -> None:
+        from pipeline.config import flatten
+        from pipeline.tracking import Tracker
+
+        try:
+            if self.tracker is None:
+                self.tracker = Tracker.open(self.cfg.tracking, self.cfg.output_dir,
+                                            Path(self.cfg.data.output_dir) / ".prepare_runs" / self.target.name,
+                                            f"prepare-{self.target.name}",
+                                            tags={"stage": "prepare", "data_dir": str(self.target)})
+                self.tracker.log_params(flatten(self.cfg.data, "data."))
+            prefix = f"{label}." if label else ""
+            self.tracker.log({prefix + key: float(value) for key, value in metrics.items()}, step=step)
+        except Exception as err:  # the tracking store is down: the logs still say it all, prepare goes on
+            log.warning("could not log prepare's progress to MLflow: %s", err)
+
+    def close(self, status: str) -> None:
+        if self.tracker is not None:
+            self.tracker.close(status)
+            log.info("prepare logged to MLflow run %s", self.tracker.run_id)
 
 
 def pull_run(cfg: PipelineConfig) -> Path:
@@ -92,10 +129,11 @@ def plan_stage(cfg: PipelineConfig, gpu: str | None = None, gpu_memory: str | No
 
 
 def evaluate_stage(cfg: PipelineConfig) -> dict[str, float]:
+    from data_prep.prepare import is_complete
     from pipeline.evaluation.evaluate import evaluate
 
     data_dir = pull_run(cfg)
-    if not (data_dir / "manifest.json").is_file():
+    if not is_complete(data_dir):
         raise FileNotFoundError(
             f"no prepared data set at {data_dir}: run `pipeline prepare` (or `pipeline run`) with the same "
             f"data overrides first."

@@ -5,10 +5,14 @@ One global, seeded order of windows per epoch; the position in it is the number 
 Optimizer step k consumes samples [k*G, (k+1)*G) with G = micro_batch * grad_accum * dp; micro-step m of
 rank r reads its micro_batch slice of that range. So dp=2 x b, dp=1 x 2b and accumulation 2 x b all see
 the same samples at every step, and a resume at another data-parallel size continues exactly.
+
+A blend (data_prep.blend) is sampled by BlendOrder: which data set the global sample s comes from, and which
+of that data set's own seeded order of windows, are pure functions of s, so the same holds for blends.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -45,12 +49,94 @@ class WindowOrder:
         return out
 
 
+class BlendOrder:
+    """Global seeded order of a blend's windows: sample s comes from data set d(s), as its k(s)-th sample in
+    that data set's own WindowOrder (seeded by the data set's name, epoch after epoch).
+
+    Samples go in chunks of CHUNK: every chunk holds exactly counts[d] samples of data set d (the shares
+    times CHUNK, rounded by largest remainder, so the shares are met to 1/CHUNK), in a seeded shuffle of the
+    chunk. So d(s) and k(s) = chunk * counts[d] + (earlier samples of d in the chunk) cost one shuffle per
+    chunk, whatever s is: the order is deterministic, resumes at any sample, and does not depend on dp.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, lengths: np.ndarray, shares: np.ndarray, names: list[str], seed: int):
+        lengths, shares = np.asarray(lengths, dtype=np.int64), np.asarray(shares, dtype=np.float64)
+        empty = [n for n, length in zip(names, lengths, strict=True) if length == 0]
+        if empty:
+            raise ValueError(f"the blend's data sets {', '.join(empty)} hold no training window: remove them from "
+                             f"data.mixture or give them more text")
+        self.names, self.seed = names, seed
+        self.counts = largest_remainder(shares / shares.sum(), self.CHUNK)
+        if (self.counts == 0).any():
+            small = [n for n, c in zip(names, self.counts, strict=True) if c == 0]
+            raise ValueError(f"the weights of {', '.join(small)} are under 1/{self.CHUNK} of the blend's: raise "
+                             f"them or remove those sources")
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self.orders = [WindowOrder(int(n), _name_seed(seed, name)) for n, name in zip(lengths, names, strict=True)]
+        self._chunk, self._labels, self._rank = -1, None, None
+
+    def _chunk_labels(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """The chunk's data set per position, and each position's rank among the chunk's samples of its set."""
+        if chunk != self._chunk:
+            labels = np.repeat(np.arange(len(self.counts)), self.counts)
+            labels = np.random.default_rng([self.seed, 0xB1E9D, chunk]).permutation(labels)
+            rank = np.empty(self.CHUNK, dtype=np.int64)
+            for d in range(len(self.counts)):
+                where = np.flatnonzero(labels == d)
+                rank[where] = np.arange(len(where))
+            self._chunk, self._labels, self._rank = chunk, labels, rank
+        return self._labels, self._rank
+
+    def indices(self, first_sample: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        for i, sample in enumerate(range(first_sample, first_sample + count)):
+            chunk, position = divmod(sample, self.CHUNK)
+            labels, rank = self._chunk_labels(chunk)
+            d = int(labels[position])
+            k = chunk * int(self.counts[d]) + int(rank[position])
+            out[i] = self.offsets[d] + self.orders[d].indices(k, 1)[0]
+        return out
+
+    def seen(self, samples: int) -> np.ndarray:
+        """Samples drawn from each data set among the first `samples` of the order."""
+        chunks, rest = divmod(samples, self.CHUNK)
+        seen = chunks * self.counts
+        if rest:
+            labels, _ = self._chunk_labels(chunks)
+            seen = seen + np.bincount(labels[:rest], minlength=len(self.counts))
+        return seen
+
+
+def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
+    """Integers proportional to shares that sum to total (Hamilton's method; ties to the earlier index)."""
+    exact = shares * total
+    counts = np.floor(exact).astype(np.int64)
+    remainder = exact - counts
+    for i in np.argsort(-remainder, kind="stable")[: total - int(counts.sum())]:
+        counts[i] += 1
+    return counts
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def order_for(dataset, seed: int) -> WindowOrder | BlendOrder:
+    """A blend's training split (it carries its shares) is sampled by them; any other split is one data set."""
+    shares = getattr(dataset, "shares", None)
+    if shares is not None:
+        return BlendOrder(dataset.lengths, shares, dataset.names, seed)
+    return WindowOrder(len(dataset), seed)
+
+
 class RankBatches:
     """The micro-batches that one data-parallel rank trains on."""
 
     def __init__(self, dataset: WindowDataset, seed: int, micro_batch: int, grad_accum: int, dp_size: int, dp_rank: int):
         self.dataset = dataset
-        self.order = WindowOrder(len(dataset), seed)
+        self.order = order_for(dataset, seed)
         self.micro_batch = micro_batch
         self.grad_accum = grad_accum
         self.dp_size = dp_size
@@ -69,6 +155,19 @@ class RankBatches:
 
     def samples_consumed(self, step: int) -> int:
         return self.base_samples + (step - self.base_step) * self.global_batch
+
+    def source_metrics(self, step: int) -> dict[str, float]:
+        """For a blend: each data set's share of the samples consumed up to `step`, and its epochs (passes over
+        its training windows). Empty for a single data set."""
+        if not isinstance(self.order, BlendOrder):
+            return {}
+        samples = self.samples_consumed(step)
+        seen = self.order.seen(samples)
+        metrics = {}
+        for name, n, order in zip(self.order.names, seen, self.order.orders, strict=True):
+            metrics[f"data_share.{name}"] = float(n) / max(samples, 1)
+            metrics[f"data_epochs.{name}"] = float(n) / order.n_windows
+        return metrics
 
     @property
     def global_batch(self) -> int:

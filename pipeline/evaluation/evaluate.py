@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_prep.blend import component_dirs, component_splits, is_blend, load_data_info, open_split
 from data_prep.shards import WindowDataset, load_manifest
 from data_prep.tokenizer import load_tokenizer
 from pipeline.checkpoint.consolidate import consolidated_state_dict
@@ -96,9 +97,13 @@ def token_counts(dataset, vocab_size: int) -> np.ndarray:
     return counts
 
 
-def train_token_counts(data_dir: Path, manifest, vocab_size: int) -> np.ndarray:
+def train_token_counts(data_dir: Path, vocab_size: int) -> np.ndarray:
     """How often each token id occurs in the training split: counted by prepare (manifest.token_counts), or, for
-    a data set prepared before it counted them, by reading the split's windows."""
+    a data set prepared before it counted them, by reading the split's windows. A blend's: its data sets'
+    counts summed (the unigram of its validation windows, which hold every data set in its own proportion)."""
+    if is_blend(data_dir):
+        return sum(train_token_counts(d, vocab_size) for d in component_dirs(data_dir))
+    manifest = load_manifest(data_dir)
     if not manifest.token_counts:
         return token_counts(WindowDataset(data_dir, "train"), vocab_size)
     counts = np.load(Path(data_dir) / manifest.token_counts["file"])
@@ -127,7 +132,7 @@ def sample_texts(model, sp, prompt: str, ev: EvalConfig, eos_id: int, n_samples:
 def generate_text(cfg: PipelineConfig, data_dir: Path, prompt: str) -> list[str]:
     """`pipeline generate`: samples from the run's latest checkpoint with the eval.* sampling settings."""
     tag_dir = require_latest(run_dir_for(cfg))
-    manifest = load_manifest(data_dir)
+    manifest = load_data_info(data_dir)
     model = load_trained_model(model_for_data(cfg.model, manifest.vocab_size), tag_dir)
     return sample_texts(model, load_tokenizer(manifest.tokenizer_path), prompt, cfg.eval, manifest.eos_id,
                         max(1, cfg.eval.num_samples))
@@ -137,18 +142,18 @@ def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
     run_dir = run_dir_for(cfg)
     tag_dir = require_latest(run_dir)
     step = int(read_marker(tag_dir)["step"])
-    manifest = load_manifest(data_dir)
+    manifest = load_data_info(data_dir)
     sp = load_tokenizer(manifest.tokenizer_path)
     model_cfg = model_for_data(cfg.model, manifest.vocab_size)
     model = load_trained_model(model_cfg, tag_dir)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    val = WindowDataset(data_dir, VALIDATION_SPLIT)
+    val = open_split(data_dir, VALIDATION_SPLIT)
     byte_lengths = token_byte_lengths(sp)
     if len(byte_lengths) < model_cfg.vocab_size:
         byte_lengths = np.pad(byte_lengths, (0, model_cfg.vocab_size - len(byte_lengths)))
     totals = validation_totals(model, val, cfg.eval.batch_size, cfg.eval.max_tokens, byte_lengths)
-    counts = train_token_counts(data_dir, manifest, model_cfg.vocab_size)
+    counts = train_token_counts(data_dir, model_cfg.vocab_size)
     unigram = unigram_totals(counts, val, cfg.eval.max_tokens, byte_lengths)
     metrics = {
         "val_loss": totals.mean_loss,
@@ -158,6 +163,11 @@ def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
         "unigram_val_loss": unigram.mean_loss,
         "unigram_val_perplexity": unigram.perplexity,
     }
+    for name, part in component_splits(data_dir, VALIDATION_SPLIT):  # a blend's data sets, each on its own
+        if len(part):
+            part_totals = validation_totals(model, part, cfg.eval.batch_size, cfg.eval.max_tokens, byte_lengths)
+            metrics[f"val_loss.{name}"] = part_totals.mean_loss
+            metrics[f"val_bits_per_byte.{name}"] = part_totals.bits_per_byte
     log.info(
         "step %d: validation loss %.4f (perplexity %.2f, %.3f bits/byte) over %d tokens; unigram baseline %.4f",
         step, totals.mean_loss, totals.perplexity, totals.bits_per_byte, totals.tokens, unigram.mean_loss,

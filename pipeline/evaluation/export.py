@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.shards import load_manifest
+from data_prep.blend import load_data_info
 from pipeline.checkpoint.consolidate import consolidated_state_dict
 from pipeline.checkpoint.layout import read_marker, require_latest
 from pipeline.config import ConfigError, ModelConfig, PipelineConfig, mlp_width, run_dir_for
@@ -153,7 +153,7 @@ def export(cfg: PipelineConfig, data_dir: Path, out_dir: Path | None = None) -> 
                           "(or the project's dev extra)") from err
     architecture(cfg.model)  # fail before reading any checkpoint
     tag_dir = require_latest(run_dir_for(cfg))
-    manifest = load_manifest(data_dir)
+    manifest = load_data_info(data_dir)
     model_cfg = model_for_data(cfg.model, manifest.vocab_size)
     special = {"bos_token_id": manifest.bos_id, "eos_token_id": manifest.eos_id, "pad_token_id": manifest.pad_id}
     model = to_hf_model(model_cfg, consolidated_state_dict(tag_dir), special)

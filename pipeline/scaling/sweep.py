@@ -117,14 +117,14 @@ def finished_points(cfg: PipelineConfig, sweep_id: str) -> int:
 
 
 def run_sweep(cfg: PipelineConfig) -> dict:
-    from data_prep.shards import load_manifest
+    from data_prep.blend import load_data_info
     from pipeline.config import validate, validate_sweep
     from pipeline.stages import prepare_stage
     from pipeline.tracking import ui_command
 
     validate_sweep(cfg.sweep)
     data_dir = prepare_stage(cfg)
-    vocab = load_manifest(data_dir).vocab_size
+    vocab = load_data_info(data_dir).vocab_size
     points = plan_points(cfg, vocab)
     for point in points:  # every point's config is checked before the first one trains
         validate(point_config(cfg, point, "check"))

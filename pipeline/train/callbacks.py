@@ -119,6 +119,7 @@ class MetricsLogger(Callback):
             "step_time_s": time.perf_counter() - result.started_at,
             "memory_mb": memory_mb(self.device),
             "tokens_seen": self.batches.samples_consumed(done) * self.context,
+            **self.batches.source_metrics(done),  # a blend's shares seen and epochs per source
         }
         if self.rank == 0:
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s mfu %.3f", done, self.max_steps,

@@ -13,7 +13,8 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from data_prep.shards import check_dataset_checksums, load_manifest
+from data_prep.blend import component_dirs, is_blend, load_blend, load_data_info
+from data_prep.shards import check_dataset_checksums
 from pipeline.checkpoint.resume import plan_resume
 from pipeline.cluster.storage import store_for
 from pipeline.config import (
@@ -64,10 +65,10 @@ def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
 
 
 def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run_id: str | None) -> TrainJob:
-    manifest = load_manifest(data_dir)
+    manifest = load_data_info(data_dir)
     if cfg.data.verify_checksums:
         t0 = time.time()
-        hashed = check_dataset_checksums(data_dir)
+        hashed = sum(check_dataset_checksums(d) for d in component_dirs(data_dir))
         if hashed:
             log.info("verified the sha256 of %d files of %s in %.1fs", hashed, data_dir, time.time() - t0)
     if manifest.window_length != cfg.model.context_length + 1:
@@ -112,6 +113,10 @@ def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path, tags: dict[str,
         "resolved.config_fingerprint": job.config_fingerprint,
     })
     tracker.set_tags({"stage": "train", "data_dir": str(data_dir)})
+    if is_blend(data_dir):
+        blend = load_blend(data_dir)
+        tracker.log_params({f"resolved.blend.{c.name}": f"share {c.share:.6g} of {blend.component_dir(c).name}"
+                            for c in blend.components})
     tracker.log_artifact(data_dir / "tokenizer.model", "tokenizer")
     return tracker
 

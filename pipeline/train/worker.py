@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_prep.shards import WindowDataset
+from data_prep.blend import open_split
 from pipeline.checkpoint.layout import checkpoint_root, latest_complete, read_marker
 from pipeline.checkpoint.save_load import is_node_leader, load_checkpoint
 from pipeline.checkpoint.store_sync import pull_checkpoint, pull_latest_checkpoint
@@ -150,7 +150,7 @@ def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpoin
     tokens_per_step = batches.global_batch * job.model.context_length
     validation = None
     if train.eval_interval_steps:
-        validation = IntervalValidation(WindowDataset(Path(job.data_dir), "validation"), train.eval_interval_steps,
+        validation = IntervalValidation(open_split(Path(job.data_dir), "validation"), train.eval_interval_steps,
                                         train.micro_batch_size, train.eval_batches, device, rank, tracker)
     return WorkerCallbacks(
         history=LossHistory(job.record_losses),
@@ -179,7 +179,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     engine = build_engine(job, ds_config)
     # Weights are built from one seed on every rank; dropout then draws from a stream of the rank's replica.
     torch.manual_seed(dp_seed(job.train.seed, rank // tp))
-    batches = RankBatches(WindowDataset(Path(job.data_dir), "train"), seed=job.train.seed,
+    batches = RankBatches(open_split(Path(job.data_dir), "train"), seed=job.train.seed,
                           micro_batch=job.train.micro_batch_size, grad_accum=job.grad_accum_steps,
                           dp_size=world // tp, dp_rank=rank // tp)
     start_step, resumed_from = 0, None

@@ -23,7 +23,7 @@ def bpe_path(corpus, tmp_path_factory):
 
 
 def long_text(chars: int, seed: int = 0) -> str:
-    from conftest import WORDS
+    from corpora import WORDS
 
     rng = random.Random(seed)
     parts, size = [], 0

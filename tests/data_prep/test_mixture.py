@@ -1,41 +1,26 @@
-"""Weighted mixtures and the corpus fingerprint: a seeded per-document rate by weight; per-source statistics in
-the manifest; realised proportions that follow the weights; a changed input file gives a new data set."""
+"""Mixtures and the corpus fingerprint: a mixture is a blend of data sets prepared once each with one tokenizer
+(the same bytes as each source prepared alone); a new weight tokenizes nothing; a changed input file gives a
+new data set."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
+import shutil
 
 import pytest
 
 import data_prep.mixture as mixture_module
+from data_prep.blend import component_dirs, is_blend, load_blend
 from data_prep.inspect import describe
 from data_prep.mixture import corpus_record, read_documents, read_source
-from data_prep.partition_work import copies_of, is_validation
-from data_prep.partitions import plan_partitions
-from data_prep.prepare import dataset_dir, prepare
-from data_prep.shards import load_manifest
-from data_prep.sources import DecodeReport, SourceError, piece_documents
-from data_prep.tokenizer import load_tokenizer
+from data_prep.prepare import DataPrepError, dataset_dir, is_complete, prepare
+from data_prep.shards import load_manifest, sha256_file
+from data_prep.sources import SourceError
 from pipeline.config import ConfigError, DataConfig, SourceConfig, TokenizerConfig, validate_data
 
 TEXTS = [f"document number {i}" for i in range(4000)]
-
-
-@pytest.mark.parametrize("weight", [1.0, 2.0, 0.5, 2.25, 0.01])
-def test_copies_follow_the_weight_as_a_rate(weight):
-    copies = [copies_of(t, weight, seed=3, name="a") for t in TEXTS]
-    assert set(copies) <= {int(weight), int(weight) + 1}
-    assert sum(copies) / len(TEXTS) == pytest.approx(weight, abs=0.03)
-    assert [copies_of(t, weight, seed=3, name="a") for t in reversed(TEXTS)] == copies[::-1]  # by text, not place
-    if weight == int(weight):
-        assert set(copies) == {int(weight)}  # a whole weight is exact
-
-
-def test_the_kept_half_depends_on_seed_and_name():
-    picks = {key: tuple(t for t in TEXTS[:200] if copies_of(t, 0.5, *key)) for key in [(1, "a"), (1, "b"), (2, "a")]}
-    assert len(set(picks.values())) == 3
 
 
 def mixture_config(make_corpus, tmp_path, weights=(2.0, 0.5), **kw) -> DataConfig:
@@ -49,30 +34,14 @@ def mixture_config(make_corpus, tmp_path, weights=(2.0, 0.5), **kw) -> DataConfi
     return DataConfig(**{**base, **kw})
 
 
-def test_mixture_reads_each_source_by_its_weight_in_plan_order(corpus_maker, tmp_path):
+def test_mixture_reads_its_sources_in_plan_order(corpus_maker, tmp_path):
+    """What the shared tokenizer's sample is drawn from: every source's documents once, whatever its weight."""
     cfg = mixture_config(corpus_maker, tmp_path)
     docs, report = read_documents(cfg)
     docs_a, _ = read_source(cfg.mixture[0], cfg, "data.mixture.0")
     docs_b, _ = read_source(cfg.mixture[1], cfg, "data.mixture.1")
-    kept_b = [d for d in docs_b if copies_of(d, 0.5, cfg.seed, "b")]
-    assert len(kept_b) == pytest.approx(0.5 * len(docs_b), abs=0.15 * len(docs_b))
-    # One partition per source here: a's documents, then their second copies (a later pass, so that a
-    # document and its copy are never side by side), then the seeded half of b's.
-    assert docs == docs_a + docs_a + kept_b and report.files == 60
-    assert read_documents(cfg)[0] == docs
-    other_seed = read_documents(dataclasses.replace(cfg, seed=99))[0]
-    assert other_seed[: 2 * len(docs_a)] == docs_a + docs_a and other_seed != docs
-    # Several partitions per source: within each partition, its documents and then their copies.
-    cut = dataclasses.replace(cfg, partition_bytes=3000)
-    plan = plan_partitions(cut)
-    assert len(plan) > 4
-    expected = []
-    for part in plan:
-        src = cut.mixture[part.source]
-        read = [d for piece in part.pieces for d in piece_documents(src, piece, cut, DecodeReport(), "data")]
-        expected += read + read if src.name == "a" else [d for d in read if copies_of(d, 0.5, cut.seed, "b")]
-    cut_docs = read_documents(cut)[0]
-    assert cut_docs == expected and cut_docs != docs and sorted(cut_docs) == sorted(docs)
+    assert docs == docs_a + docs_b and report.files == 60
+    assert read_documents(dataclasses.replace(cfg, mixture=[dataclasses.replace(s, weight=9.0) for s in cfg.mixture]))[0] == docs
 
 
 def test_mixture_errors_name_the_entry(corpus_maker, tmp_path):
@@ -100,40 +69,74 @@ def test_mixture_errors_name_the_entry(corpus_maker, tmp_path):
         read_source(empty, cfg, "data.mixture.1")
 
 
-def test_prepared_mixture_reports_each_source_and_follows_the_weights(corpus_maker, tmp_path, ray_local):
+def test_a_mixture_is_a_blend_of_data_sets_prepared_once_with_one_tokenizer(corpus_maker, tmp_path, ray_local,
+                                                                            monkeypatch):
     cfg = mixture_config(corpus_maker, tmp_path, partition_bytes=4000)  # several partitions per source
     out = prepare(cfg)
-    manifest = load_manifest(out)
-    assert manifest.source["kind"] == "mixture" and manifest.source["files"] == 60
-    assert manifest.stats["partitions"] > 4
-    a, b = manifest.source["sources"]
-    assert (a["name"], a["weight"], b["name"], b["weight"]) == ("a", 2.0, "b", 0.5)
-    assert (a["files"], b["files"]) == (30, 30)
-    # The tokens each source contributed are exactly its kept documents' tokens (each plus EOS).
-    sp = load_tokenizer(manifest.tokenizer_path)
-    docs_a, _ = read_source(cfg.mixture[0], cfg, "data.mixture.0")
-    docs_b, _ = read_source(cfg.mixture[1], cfg, "data.mixture.1")
-    kept = {"a": docs_a + docs_a, "b": [d for d in docs_b if copies_of(d, 0.5, cfg.seed, "b")]}
-    for src, read in ((a, docs_a), (b, docs_b)):
-        assert (src["documents"], src["documents_read"]) == (len(kept[src["name"]]), len(read))
-        assert sum(src["tokens"].values()) == sum(len(ids) + 1 for ids in sp.encode(kept[src["name"]]))
-    assert sum(a["tokens"].values()) + sum(b["tokens"].values()) == sum(manifest.stats["tokens"].values())
-    # A copy goes to its document's split (both copies of a document are in the same one).
-    for split, is_val in (("train", False), ("validation", True)):
-        mine = [d for d in docs_a if is_validation(d, cfg.val_fraction) == is_val]
-        assert a["tokens"][split] == 2 * sum(len(ids) + 1 for ids in sp.encode(mine)) > 0
-    # Realised shares follow weight x source size: a, at weight 2, against half of b.
-    alone = [sum(len(ids) + 1 for ids in sp.encode(docs)) for docs in (docs_a, docs_b)]
-    expected_a = 2.0 * alone[0] / (2.0 * alone[0] + 0.5 * alone[1])
-    assert a["token_share"] == pytest.approx(expected_a, abs=0.03)
-    assert a["token_share"] + b["token_share"] == pytest.approx(1.0)
+    assert is_blend(out) and is_complete(out) and dataset_dir(cfg) == out
+    blend = load_blend(out)
+    assert [(c.name, c.weight, c.share) for c in blend.components] == [("a", 2.0, 0.8), ("b", 0.5, 0.2)]
+    manifests = blend.manifests()
+    # One tokenizer, trained once for the mixture, shared by both data sets (and copied beside the recipe).
+    assert {m.tokenizer_sha256 for m in manifests} == {blend.tokenizer_sha256}
+    assert sha256_file(blend.tokenizer_path) == blend.tokenizer_sha256
+    for component, manifest in zip(blend.components, manifests, strict=True):
+        assert component.windows["train"] == sum(s.n_windows for s in manifest.splits["train"]) > 0
+        assert manifest.source["files"] == 30 and manifest.stats["partitions"] > 1
     shown = describe(out)
-    assert re.search(r"a \(text .*\), weight 2: \d+ of \d+ documents, \d+ tokens \([\d.]+% of the mix\)", shown)
-    # Same bytes with one worker (the copies are drawn by hash, wherever a partition runs).
-    one = prepare(dataclasses.replace(cfg, num_workers=1, output_dir=str(tmp_path / "one")))
-    assert one.name == out.name
-    for path in sorted(out.iterdir()):
-        assert (one / path.name).read_bytes() == path.read_bytes(), path.name
+    assert re.search(r"a: weight 2 \(share 80.0%\), \d+ train / \d+ validation windows", shown)
+
+    # Source by source: each source prepared alone with that tokenizer (copied elsewhere) and one worker
+    # writes the same shards, byte for byte.
+    tokenizer = tmp_path / "elsewhere" / "shared.model"
+    tokenizer.parent.mkdir()
+    shutil.copy(blend.tokenizer_path, tokenizer)
+    for i, (component, manifest) in enumerate(zip(blend.components, manifests, strict=True)):
+        src = cfg.mixture[i]
+        alone = prepare(dataclasses.replace(
+            cfg, name=f"alone{i}", source=src.source, path=src.path, doc_split=src.doc_split, mixture=[],
+            num_workers=1, output_dir=str(tmp_path / "alone"),
+            tokenizer=dataclasses.replace(cfg.tokenizer, model_path=str(tokenizer))))
+        solo = load_manifest(alone)
+        assert solo.splits == manifest.splits  # names, sizes and sha256 of every shard
+        for shards in manifest.splits.values():
+            for info in shards:
+                assert (alone / info.file).read_bytes() == (blend.component_dir(component) / info.file).read_bytes()
+
+    # A new weight is a new recipe over the same data sets: nothing is tokenized, no shard is touched.
+    before = {p: p.stat().st_mtime_ns for d in component_dirs(out) for p in d.iterdir()}
+    import data_prep.prepare as prepare_module
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("a new weight must not tokenize anything")
+
+    monkeypatch.setattr(prepare_module, "_build", no_tokenizing)
+    monkeypatch.setattr(prepare_module, "_prepare_tokenizer", no_tokenizing)
+    reweighted = dataclasses.replace(cfg, mixture=[cfg.mixture[0], dataclasses.replace(cfg.mixture[1], weight=1.5)])
+    out2 = prepare(reweighted)
+    assert out2 != out and component_dirs(out2) == component_dirs(out)
+    assert [c.share for c in load_blend(out2).components] == [pytest.approx(2 / 3.5), pytest.approx(1.5 / 3.5)]
+    assert {p: p.stat().st_mtime_ns for d in component_dirs(out) for p in d.iterdir()} == before
+    # A blend can also name a data set prepared before: its tokenizer becomes the mixture's.
+    prepared_a = blend.component_dir(blend.components[0])
+    mixed = dataclasses.replace(cfg, mixture=[dataclasses.replace(cfg.mixture[0], dataset=str(prepared_a), path=None),
+                                              cfg.mixture[1]])
+    out3 = prepare(mixed)
+    assert component_dirs(out3) == component_dirs(out) and load_blend(out3).tokenizer_sha256 == blend.tokenizer_sha256
+
+
+def test_a_blend_refuses_data_sets_with_another_tokenizer(corpus_maker, tmp_path, ray_local):
+    cfg = mixture_config(corpus_maker, tmp_path)
+    single = lambda name, i, vocab: dataclasses.replace(  # noqa: E731
+        cfg, name=name, source="text", path=cfg.mixture[i].path, mixture=[],
+        tokenizer=TokenizerConfig(vocab_size=vocab))
+    a, b = prepare(single("a", 0, 400)), prepare(single("b", 1, 350))
+    mixed = dataclasses.replace(cfg, mixture=[SourceConfig(name="a", dataset=str(a)),
+                                              SourceConfig(name="b", dataset=str(b))])
+    with pytest.raises(DataPrepError, match=r"data set 'b' .* has tokenizer_sha256 .*data.tokenizer.model_path="):
+        prepare(mixed)
+    with pytest.raises(ConfigError, match=r"data.mixture.1.dataset=.* is not a prepared data set"):
+        validate_data(dataclasses.replace(mixed, mixture=[mixed.mixture[0], SourceConfig(name="b", dataset=str(tmp_path))]))
 
 
 def test_changed_input_file_gives_a_new_data_set(corpus_maker, tmp_path, monkeypatch):

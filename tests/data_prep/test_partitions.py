@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import WORDS
+from corpora import WORDS
 
 from data_prep.mixture import read_documents
 from data_prep.partitions import plan_partitions

@@ -23,7 +23,7 @@ from data_prep.encoding import RAY_DATA_MIN_CHARS_PER_WORKER, can_cut_documents,
 from data_prep.mixture import read_documents
 from data_prep.partition_work import PartitionRecord, PrepareContext, is_validation, partition_documents
 from data_prep.partitions import Partition, Piece, plan_partitions
-from data_prep.prepare import DataPrepError, dataset_dir, prepare
+from data_prep.prepare import DataPrepError, dataset_dir, is_complete, prepare
 from data_prep.shards import SPLITS, WindowDataset, incomplete_reason, load_manifest, sha256_file
 from data_prep.sources import DecodeReport, SourceError, source_configs
 from data_prep.tokenizer import TokenizerError, load_tokenizer
@@ -214,7 +214,7 @@ def test_incomplete_data_set_is_rebuilt(prepared, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary directory left
 
 
-def test_existing_tokenizer_is_reused_and_a_changed_one_refused(prepared, tmp_path, ray_local):
+def test_existing_tokenizer_is_reused_and_a_changed_one_gives_a_new_data_set(prepared, tmp_path, ray_local):
     cfg, first = prepared
     model = tmp_path / "tok.model"
     shutil.copy(first / "tokenizer.model", model)
@@ -223,9 +223,13 @@ def test_existing_tokenizer_is_reused_and_a_changed_one_refused(prepared, tmp_pa
     out = prepare(reuse)
     assert (out / "tokenizer.model").read_bytes() == model.read_bytes()
     assert (out / "train-p000000-000.bin").read_bytes() == (first / "train-p000000-000.bin").read_bytes()
-    model.write_bytes((tmp_path / "out" / out.name / "tokenizer.model").read_bytes() + b"\0")
-    with pytest.raises(DataPrepError, match="tok.model has changed since"):
-        prepare(reuse)
+    # The fingerprint names the given tokenizer by content: the same file elsewhere finds the same data set,
+    # a changed one names another (the old data set stays as it is).
+    moved = tmp_path / "moved.model"
+    shutil.copy(model, moved)
+    assert dataset_dir(dataclasses.replace(reuse, tokenizer=TokenizerConfig(model_path=str(moved)))) == out
+    model.write_bytes(model.read_bytes() + b"\0")
+    assert dataset_dir(reuse) != out and is_complete(out)
 
 
 def test_split_by_hash_does_not_depend_on_order():
@@ -431,7 +435,7 @@ def test_second_run_waits_for_the_lock(tmp_path):
 
 
 def test_a_50_mb_single_line_document_is_encoded_in_pieces(prepared, tmp_path, ray_local):
-    from conftest import WORDS
+    from corpora import WORDS
 
     _, first = prepared
     rng = random.Random(0)

@@ -1,0 +1,238 @@
+"""A blend: a recipe of prepared data sets and weights that the training loader samples from.
+
+Each source of a mixture (data.source=mixture) is prepared once into its own data set, every one with the
+same tokenizer; the blend directory holds only `blend.json` (the data sets and their weights) and a copy of
+the tokenizer. Training draws windows from the data sets in the proportions of the weights
+(pipeline.data.loader.BlendOrder), so a new weight is a new blend directory of a few kilobytes and no
+re-tokenization, as Megatron-LM's blended data sets and Levanter's mixtures of caches do.
+
+blend.json:
+    format "blend", version; the shared tokenizer's file and sha256, vocabulary, dtype, window length and
+    special ids (those of every component, checked when the blend is written); components: per data set its
+    name, directory (relative to the blend's own directory when it lies beside it), weight, share (the
+    weight normalised), tokenizer sha256 and windows per split.
+
+The validation split of a blend is all its components' validation windows, interleaved in proportion to
+their counts (so that a budget of the first windows covers every component in its natural proportion); the
+evaluate stage reports each component's validation loss beside the blend's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.shards import (
+    MANIFEST,
+    TOKENIZER_FILE,
+    Manifest,
+    ShardError,
+    WindowDataset,
+    incomplete_reason,
+    load_manifest,
+)
+
+BLEND = "blend.json"
+BLEND_VERSION = 1
+
+
+@dataclass
+class Component:
+    name: str
+    dataset: str  # relative to the blend directory, or absolute
+    weight: float
+    share: float
+    tokenizer_sha256: str
+    windows: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Blend:
+    format: str
+    version: int
+    tokenizer_file: str
+    tokenizer_sha256: str
+    vocab_size: int
+    dtype: str
+    window_length: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    unk_id: int
+    components: list[Component]
+    root: Path | None = None
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / self.tokenizer_file
+
+    def component_dir(self, component: Component) -> Path:
+        return (self.root / component.dataset).resolve()
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.components]
+
+    @property
+    def shares(self) -> np.ndarray:
+        return np.array([c.share for c in self.components], dtype=np.float64)
+
+    def manifests(self) -> list[Manifest]:
+        return [load_manifest(self.component_dir(c)) for c in self.components]
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("root")
+        return json.dumps(data, indent=2, sort_keys=True)
+
+
+def is_blend(directory: Path) -> bool:
+    return (Path(directory) / BLEND).is_file()
+
+
+def load_blend(directory: Path) -> Blend:
+    path = Path(directory) / BLEND
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != "blend" or data.get("version") != BLEND_VERSION:
+            raise ShardError(f"{path} is a blend of version {data.get('version')}; this reader understands "
+                             f"version {BLEND_VERSION}: re-run `pipeline prepare` with this version of the pipeline")
+        data["components"] = [Component(**c) for c in data["components"]]
+        return Blend(**data, root=Path(directory).resolve())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ShardError(f"{path} does not describe a blend ({err}): re-run `pipeline prepare`") from err
+
+
+def load_data_info(directory: Path) -> Manifest | Blend:
+    """What a training or evaluation stage needs to know of a data set directory (vocabulary, window length,
+    tokenizer, special ids): its manifest, or its blend recipe."""
+    return load_blend(directory) if is_blend(directory) else load_manifest(directory)
+
+
+def blend_incomplete_reason(directory: Path) -> str | None:
+    """None when the blend and every data set it names are complete; else what is missing."""
+    try:
+        blend = load_blend(directory)
+    except ShardError as err:
+        return str(err)
+    if not blend.tokenizer_path.is_file():
+        return f"{blend.tokenizer_path} is missing"
+    for component in blend.components:
+        reason = incomplete_reason(blend.component_dir(component))
+        if reason is not None:
+            return f"its data set {component.name!r}: {reason}"
+        if load_manifest(blend.component_dir(component)).tokenizer_sha256 != blend.tokenizer_sha256:
+            return f"its data set {component.name!r} ({blend.component_dir(component)}) has another tokenizer"
+    return None
+
+
+def component_dirs(directory: Path) -> list[Path]:
+    """The data set directories of a blend, or [directory] for a plain data set."""
+    if not is_blend(directory):
+        return [Path(directory)]
+    blend = load_blend(directory)
+    return [blend.component_dir(c) for c in blend.components]
+
+
+def write_blend(directory: Path, parts: list[tuple[str, Path, float]]) -> Blend:
+    """Write the blend of (name, data set directory, weight) at `directory`, with a copy of the tokenizer they
+    share; refuse data sets that disagree on tokenizer, window length or dtype, naming the fix."""
+    from pipeline.files import write_atomic
+
+    manifests = [load_manifest(path) for _, path, _ in parts]
+    first = manifests[0]
+    for (name, path, _), manifest in zip(parts, manifests, strict=True):
+        for key in ("tokenizer_sha256", "window_length", "dtype"):
+            if getattr(manifest, key) != getattr(first, key):
+                raise ShardError(
+                    f"the mixture's data set {name!r} ({path}) has {key} {getattr(manifest, key)} but "
+                    f"{parts[0][0]!r} has {getattr(first, key)}: every source of a blend needs the same tokenizer "
+                    f"and context length; prepare it with data.tokenizer.model_path={first.tokenizer_path} and the "
+                    f"same context length"
+                )
+    total = sum(weight for _, _, weight in parts)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    components = []
+    for (name, path, weight), manifest in zip(parts, manifests, strict=True):
+        path = Path(path).resolve()
+        where = os.path.relpath(path, directory.resolve()) if path.parent == directory.resolve().parent else str(path)
+        components.append(Component(
+            name=name, dataset=where, weight=weight, share=weight / total, tokenizer_sha256=manifest.tokenizer_sha256,
+            windows={s: sum(x.n_windows for x in shards) for s, shards in manifest.splits.items()},
+            tokens={s: sum(x.n_tokens for x in shards) for s, shards in manifest.splits.items()},
+        ))
+    blend = Blend(format="blend", version=BLEND_VERSION, tokenizer_file=TOKENIZER_FILE,
+                  tokenizer_sha256=first.tokenizer_sha256, vocab_size=first.vocab_size, dtype=first.dtype,
+                  window_length=first.window_length, bos_id=first.bos_id, eos_id=first.eos_id, pad_id=first.pad_id,
+                  unk_id=first.unk_id, components=components, root=directory.resolve())
+    write_atomic(directory / TOKENIZER_FILE, first.tokenizer_path.read_bytes())
+    write_atomic(directory / BLEND, blend.to_json())  # last: its presence makes the blend
+    return blend
+
+
+class ConcatWindows:
+    """The windows of several data sets' split, one after the other: index i is global across them. A blend's
+    training split carries its shares (the loader samples by them); its validation split is interleaved:
+    window j of a part of n windows sits at the place of (j + 0.5) / n among all parts' windows."""
+
+    def __init__(self, parts: list[WindowDataset], names: list[str], shares: np.ndarray | None = None,
+                 interleave: bool = False):
+        if len({p.window_length for p in parts}) > 1:
+            raise ShardError("the blend's data sets have windows of different lengths: prepare them with the same "
+                             "context length")
+        self.parts, self.names, self.shares = parts, names, shares
+        self.window_length = parts[0].window_length
+        self.dtype = parts[0].dtype
+        self.lengths = np.array([len(p) for p in parts], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.order = None
+        if interleave and len(parts) > 1:
+            keys = np.concatenate([(np.arange(n) + 0.5) / n for n in self.lengths if n])
+            self.order = np.argsort(keys, kind="stable")
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def windows(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"window index out of range [0, {len(self)})")
+        if self.order is not None:
+            indices = self.order[indices]
+        out = np.empty((len(indices), self.window_length), dtype=self.dtype)
+        part_of = np.searchsorted(self.starts, indices, side="right") - 1
+        for p in np.unique(part_of):
+            mask = part_of == p
+            out[mask] = self.parts[p].windows(indices[mask] - self.starts[p])
+        return out
+
+
+def open_split(directory: Path, split: str) -> WindowDataset | ConcatWindows:
+    """The windows of one split of a data set directory: a plain data set's, or a blend's components' (the
+    training split then carries the shares the loader samples by)."""
+    if not is_blend(directory):
+        return WindowDataset(directory, split)
+    blend = load_blend(directory)
+    parts = [WindowDataset(blend.component_dir(c), split) for c in blend.components]
+    if split == "train":
+        return ConcatWindows(parts, blend.names, blend.shares)
+    return ConcatWindows(parts, blend.names, interleave=True)
+
+
+def component_splits(directory: Path, split: str) -> list[tuple[str, WindowDataset]]:
+    """(name, windows) of each component of a blend (empty for a plain data set)."""
+    if not is_blend(directory):
+        return []
+    blend = load_blend(directory)
+    return [(c.name, WindowDataset(blend.component_dir(c), split)) for c in blend.components]
+
+
+def manifest_path(directory: Path) -> Path:
+    """The file whose presence marks the data set complete: its manifest, or its blend recipe."""
+    return Path(directory) / (BLEND if is_blend(directory) else MANIFEST)
