@@ -107,6 +107,27 @@ def test_a_data_set_goes_up_once_and_comes_down_whole(store, tmp_path):
         pull_dataset(store, damaged)
 
 
+def test_a_blend_goes_up_and_comes_down_with_each_of_its_data_sets(store, tmp_path):
+    from data_prep.blend import blend_incomplete_reason, open_split, write_blend
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "a"
+    parts = [(name, write_synthetic_dataset(root / f"mix.{name}-{name}1", rng.integers(0, 300, size=(n, 9)), 300,
+                                            val_windows=2), weight) for name, n, weight in (("x", 12, 3.0), ("y", 30, 1.0))]
+    blend = root / "mix-b1"
+    write_blend(blend, parts)
+    assert push_dataset(store, blend) == 4 + 4 + 2  # each data set's four files, the recipe and its tokenizer
+    assert push_dataset(store, blend) == 0
+    elsewhere = tmp_path / "b" / "mix-b1"
+    assert pull_dataset(store, elsewhere)
+    assert blend_incomplete_reason(elsewhere) is None
+    for name in ("mix.x-x1", "mix.y-y1"):  # beside the recipe, as on the machine that prepared them
+        assert (tmp_path / "b" / name / ".verified.json").is_file()
+    assert open_split(elsewhere, "train").windows(np.arange(38)).tolist() == \
+        open_split(blend, "train").windows(np.arange(38)).tolist()
+    assert not pull_dataset(store, elsewhere)
+
+
 def test_an_upload_cut_short_leaves_only_a_hidden_file_that_nothing_reads(tmp_path):
     bucket = tmp_path / "bucket"
     store = ObjectStore(f"file://{bucket}")
