@@ -43,20 +43,24 @@ def prepare_stage(cfg: PipelineConfig) -> Path:
 class PrepareTracking:
     """The MLflow run of a prepare that does work, opened at its first progress report (a data set found
     prepared logs nothing): bytes read, documents, tokens, tokens/s and the time left every few seconds, then the
-    totals; a mixture's sources under their names (`notes.tokens_per_s`). A killed prepare's run is re-opened by
-    the resumed one (its id is kept under data.output_dir/.prepare_runs/)."""
+    totals; a mixture's sources under their names (`notes.tokens_per_s`). The runs go to the experiment
+    `<tracking.experiment>-prepare`, beside (not among) the training runs. A killed prepare's run is re-opened by
+    the resumed one (its id is kept under output_dir/.prepare_runs/)."""
 
     def __init__(self, cfg: PipelineConfig, target: Path):
         self.cfg, self.target, self.tracker = cfg, target, None
 
     def __call__(self, label: str, metrics: dict[str, float], step: int) -> None:
+        import dataclasses
+
         from pipeline.config import flatten
         from pipeline.tracking import Tracker
 
         try:
             if self.tracker is None:
-                self.tracker = Tracker.open(self.cfg.tracking, self.cfg.output_dir,
-                                            Path(self.cfg.data.output_dir) / ".prepare_runs" / self.target.name,
+                tracking = dataclasses.replace(self.cfg.tracking, experiment=f"{self.cfg.tracking.experiment}-prepare")
+                self.tracker = Tracker.open(tracking, self.cfg.output_dir,
+                                            Path(self.cfg.output_dir) / ".prepare_runs" / self.target.name,
                                             f"prepare-{self.target.name}",
                                             tags={"stage": "prepare", "data_dir": str(self.target)})
                 self.tracker.log_params(flatten(self.cfg.data, "data."))

@@ -42,8 +42,9 @@ def test_training_samples_a_mixture_by_weight_and_a_new_weight_tokenizes_nothing
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])}
-    # Prepare logged its progress and totals per source to its own MLflow run.
-    (prepare_run,) = [r for name, r in runs.items() if name.startswith(f"prepare-{blend_dir.name}")]
+    # Prepare logged its progress and totals per source to its own MLflow run, in an experiment of its own.
+    (prepare_run,) = client.search_runs([client.get_experiment_by_name("pipeline-prepare").experiment_id])
+    assert prepare_run.info.run_name == f"prepare-{blend_dir.name}"
     assert prepare_run.data.tags["stage"] == "prepare" and prepare_run.info.status == "FINISHED"
     for source in ("plays", "notes"):
         assert prepare_run.data.metrics[f"{source}.tokens"] > 0 and f"{source}.eta_s" in prepare_run.data.metrics
