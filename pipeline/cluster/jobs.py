@@ -39,8 +39,7 @@ def main(argv: list[str]) -> int:
         print(f"error: pipeline jobs {args.action} needs a job id (see `pipeline jobs list`)", file=sys.stderr)
         return 2
     try:
-        check_jobs_address(args.address, args.timeout_s, option="--address ")
-        client = connect(args.address)
+        client = connect(args.address, check_jobs_address(args.address, args.timeout_s, option="--address "))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,6 +5,10 @@ Everything that can be checked here is checked before anything is sent, in secon
 compose into a valid config, output_dir is a path every node of the cluster can share, and the address
 answers as a Ray Jobs API. The job carries the pipeline's code (cluster.runtime_env_working_dir) and runs
 `python -m pipeline.cli <stage> <overrides> cluster.address=auto`, which joins the cluster it runs on.
+
+Clusters with Ray's token authentication (RAY_AUTH_MODE=token, as every cluster the project ships runs): the
+token is looked for where Ray's own clients look, RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then
+~/.ray/auth_token, and sent (as `Authorization: Bearer`) only to a cluster that asks for one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -40,7 +45,8 @@ NODE_LOCAL_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 # and Ray waits this long before SIGKILL (its default is 3 s, too short to write a checkpoint).
 STOP_GRACE_S = 120
 START_CLUSTER_HINT = (
-    "start one with `ray start --head --dashboard-host=0.0.0.0` (Jobs API on port 8265), reach a remote one "
+    "start one with `RAY_AUTH_MODE=token ray start --head --dashboard-host=0.0.0.0` (Jobs API on port 8265, token "
+    "authentication on), reach a remote one "
     "with `ray dashboard cluster/ray/cluster.yaml` or `kubectl port-forward svc/<cluster>-head-svc 8265:8265`, "
     "and see cluster/README.md"
 )
@@ -64,18 +70,73 @@ def parse_jobs_address(address: str | None, option: str = "cluster.address="):
     return url
 
 
-def check_jobs_address(address: str | None, timeout_s: float, option: str = "cluster.address=") -> str:
-    """The cluster's Jobs API answers at `address`; returns the Ray version it runs. Fails in timeout_s."""
-    url = parse_jobs_address(address, option)
+TOKEN_HELP = (
+    "export RAY_AUTH_TOKEN=<the cluster's token>, or RAY_AUTH_TOKEN_PATH=<a file holding it> (readable by you "
+    "only), or write it to ~/.ray/auth_token; on KubeRay: kubectl get secret pipeline-ray-token -o "
+    "jsonpath='{.data.auth_token}' | base64 -d; on a Slurm allocation: the job's token file (see cluster/README.md)"
+)
+
+
+@dataclass
+class JobsAPI:
+    """A Jobs API that answered: its Ray version and the headers it needs (the bearer token, if it asks)."""
+
+    version: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def ray_auth_token() -> tuple[str | None, str]:
+    """(token, where it came from) as Ray's clients find it: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token; (None, "") when there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
     try:
-        with urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=timeout_s) as answer:
-            body = answer.read()
+        token = path.read_text().strip()
+    except OSError as err:
+        if named:
+            raise ConfigError(f"RAY_AUTH_TOKEN_PATH={named} cannot be read ({err.strerror}): point it at the file "
+                              f"holding the cluster's token") from err
+        return None, ""
+    if token and path.stat().st_mode & 0o077:
+        print(f"warning: the Ray token file {path} is readable by other users: chmod 600 {path}", file=sys.stderr)
+    return (token or None), str(path)
+
+
+def _get_version(address: str, timeout_s: float, headers: dict[str, str]) -> bytes:
+    request = urllib.request.Request(f"{address.rstrip('/')}/api/version", headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+        return answer.read()
+
+
+def check_jobs_address(address: str | None, timeout_s: float, option: str = "cluster.address=") -> JobsAPI:
+    """The cluster's Jobs API answers at `address` (with the token, if it asks for one). Fails in timeout_s."""
+    url = parse_jobs_address(address, option)
+    headers: dict[str, str] = {}
+    try:
+        try:
+            body = _get_version(address, timeout_s, headers)
+        except urllib.error.HTTPError as err:
+            if err.code not in (401, 403):
+                raise
+            token, where = ray_auth_token()
+            if token is None:
+                raise ConfigError(
+                    f"the Ray cluster at {address} requires an authentication token (HTTP {err.code}) and none was "
+                    f"found: {TOKEN_HELP}."
+                ) from err
+            headers = {"Authorization": f"Bearer {token}"}
+            try:
+                body = _get_version(address, timeout_s, headers)
+            except urllib.error.HTTPError as again:
+                if again.code in (401, 403):
+                    raise ConfigError(
+                        f"the Ray cluster at {address} refused the token from {where} (HTTP {again.code}): it is not "
+                        f"this cluster's token; {TOKEN_HELP}."
+                    ) from again
+                raise
     except urllib.error.HTTPError as err:
-        if err.code in (401, 403):
-            raise ConfigError(
-                f"the Ray cluster at {address} requires a token (HTTP {err.code}): export RAY_AUTH_TOKEN=<token> "
-                f"(or write it to ~/.ray/auth_token) before `pipeline submit`."
-            ) from err
         raise ConfigError(
             f"{address} answers HTTP {err.code} on /api/version: it is not a Ray Jobs API; use the head node's "
             f"dashboard port (8265 unless --dashboard-port was given)."
@@ -92,7 +153,7 @@ def check_jobs_address(address: str | None, timeout_s: float, option: str = "clu
             f"node runs and that port {url.port or 80} is reachable from here; {START_CLUSTER_HINT}."
         ) from err
     try:
-        return json.loads(body)["ray_version"]
+        return JobsAPI(json.loads(body)["ray_version"], headers)
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(
             f"{address} answers, but not as a Ray Jobs API (no ray_version at /api/version): use the head node's "
@@ -227,12 +288,12 @@ def runtime_env(cluster: ClusterConfig, output_dir: str):
         yield {**env, "working_dir": str(Path(source).resolve()), "excludes": EXCLUDES}
 
 
-def connect(address: str):
-    """A JobSubmissionClient for a Jobs API URL that answered check_jobs_address."""
+def connect(address: str, api: JobsAPI | None = None):
+    """A JobSubmissionClient for a Jobs API URL that answered check_jobs_address (with its headers)."""
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=dict(api.headers) if api else None)
     except Exception as err:  # connection, version or authentication errors
         raise ConfigError(f"the Ray Jobs API at {address} refused the connection: {err}") from err
 
@@ -270,8 +331,9 @@ def main(argv: list[str]) -> int:
         cfg = compose_checked(args.stage, args.overrides)
         parse_jobs_address(cfg.cluster.address)
         check_shared_storage(cfg.output_dir, cfg.cluster)
-        ray_version = check_jobs_address(cfg.cluster.address, cfg.cluster.connect_timeout_s)
-        client = connect(cfg.cluster.address)
+        api = check_jobs_address(cfg.cluster.address, cfg.cluster.connect_timeout_s)
+        ray_version = api.version
+        client = connect(cfg.cluster.address, api)
         entrypoint = job_entrypoint(args.stage, args.overrides)
         with runtime_env(cfg.cluster, cfg.output_dir) as env:
             job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,

@@ -1,5 +1,6 @@
 """A real local Ray cluster of two nodes on loopback: two `ray start` processes, each with its own CPUs, temp
-directory and custom resource, as on two machines.
+directory and custom resource, as on two machines, with token authentication on as on the clusters the project
+ships (RAY_AUTH_MODE=token, the token in a file only this user can read).
 
 Teardown always runs, even when a test fails, and stops exactly this cluster: every process of the two
 `ray start` sessions and their descendants (job drivers run in sessions of their own), first with SIGTERM,
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -30,7 +32,8 @@ class LocalCluster:
     jobs_url: str  # Ray Jobs API (dashboard), for `pipeline submit`
     gcs_address: str  # for `ray start --address` / ray.init
     node_ids: dict[str, str]  # custom resource name (head_node, second_node) -> Ray node id
-    env: dict[str, str]
+    env: dict[str, str]  # the nodes' environment (token authentication on)
+    token_path: Path  # the cluster's token (mode 600)
 
 
 def free_port() -> int:
@@ -87,16 +90,29 @@ def _ray_start(args: list[str], env: dict, session_ids: set[int]) -> None:
     assert proc.returncode == 0, f"ray start {' '.join(args)} failed:\n{output[-3000:]}"
 
 
+def write_token(directory: Path) -> Path:
+    path = Path(directory) / "ray_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
 @pytest.fixture(scope="module")
 def two_node_ray_cluster():
-    """Shared by the tests of a module (starting it takes ~25 s on 2 cores); stopped after the last one."""
+    """Shared by the tests of a module (starting it takes ~25 s on 2 cores); stopped after the last one. While
+    it runs, RAY_AUTH_TOKEN_PATH names its token in this process's environment, so that the `pipeline submit` and
+    `pipeline jobs` commands the tests run find it as a user's would."""
     port, dashboard = free_port(), free_port()
-    # Jobs run `python` from the raylet's PATH: the project's interpreter first. Token authentication off: a
-    # throwaway cluster on loopback (real clusters keep it on; see cluster/README.md).
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # Short names: Ray's socket paths have a length limit.
     temp_dirs = [tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")]
+    token_path = write_token(temp_dirs[0])
+    # Jobs run `python` from the raylet's PATH: the project's interpreter first.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token_path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    saved = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
     sessions: set[int] = set()
     gcs = f"127.0.0.1:{port}"
     try:
@@ -109,8 +125,12 @@ def two_node_ray_cluster():
         while len(node_ids := _node_ids(gcs, env)) < 2:
             assert time.time() < deadline, f"the two Ray nodes did not both come up: {node_ids}"
             time.sleep(1)
-        yield LocalCluster(f"http://127.0.0.1:{dashboard}", gcs, node_ids, env)
+        yield LocalCluster(f"http://127.0.0.1:{dashboard}", gcs, node_ids, env, token_path)
     finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        else:
+            os.environ["RAY_AUTH_TOKEN_PATH"] = saved
         leftovers = stop_cluster(sessions, temp_dirs)
         for d in temp_dirs:
             shutil.rmtree(d, ignore_errors=True)

@@ -78,7 +78,7 @@ def test_kuberay_raycluster():
     doc = yaml.safe_load((CLUSTER / "kubernetes" / "raycluster.yaml").read_text())
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
     head = doc["spec"]["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # for the head Service; authenticated below
     (container,) = head["template"]["spec"]["containers"]
     assert 8265 in {p["containerPort"] for p in container["ports"]}  # the Jobs API that `pipeline submit` uses
     groups = doc["spec"]["workerGroupSpecs"]
@@ -126,6 +126,40 @@ def _check_pods_mount_shared_storage(groups: list[dict]) -> None:
         assert shared in mounts, group
         (volume,) = [v for v in pod["volumes"] if v["name"] == mounts[shared]]
         assert volume["persistentVolumeClaim"]["claimName"]
+
+
+def _containers(spec: dict) -> list[dict]:
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_no_shipped_cluster_exposes_ray_without_token_authentication():
+    """Every Ray the project ships that listens beyond loopback answers only with a token: KubeRay manifests by
+    KubeRay's authOptions or RAY_AUTH_MODE=token with the token from a Secret on every container; commands that
+    start Ray (launcher YAML, READMEs, Slurm script) with RAY_AUTH_MODE=token."""
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        doc = yaml.safe_load((CLUSTER / "kubernetes" / name).read_text())
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        if spec.get("authOptions", {}).get("mode") == "token":
+            continue
+        for container in _containers(spec):
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (name, container["name"])
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"], (name, container["name"])
+    launcher = yaml.safe_load((CLUSTER / "ray" / "cluster.yaml").read_text())
+    starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    assert all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts if "ray start" in c)
+    assert "~/.ray/auth_token" in launcher["file_mounts"]
+    # Any `ray start` in the docs and scripts binding beyond loopback turns authentication on.
+    root = CLUSTER.parent
+    for path in [root / "README.md", *CLUSTER.rglob("*")]:
+        if not path.is_file() or path.suffix in (".yaml",) and "kubernetes" in path.parts:
+            continue
+        for line in path.read_text().splitlines():
+            if "ray start" in line and "0.0.0.0" in line:
+                assert "RAY_AUTH_MODE=token" in line, (path, line)
+    slurm = (CLUSTER / "slurm" / "pipeline.sbatch").read_text()
+    assert "export RAY_AUTH_MODE=token" in slurm and "--dashboard-host" not in slurm  # the dashboard on loopback
 
 
 def test_dockerfile_installs_the_project():

@@ -88,6 +88,39 @@ def test_submit_runs_training_across_both_nodes(two_node_ray_cluster, shared_dir
     assert marker["files"] == {k: v for k, v in stored.items() if k != "COMPLETE"}
 
 
+def test_the_jobs_api_needs_the_clusters_token_and_says_how_to_give_it(two_node_ray_cluster, tmp_path):
+    """Token authentication on: without a token (none in the environment nor in ~/.ray) and with a wrong one the
+    Jobs API refuses, and the message says where the token goes; the right one (RAY_AUTH_TOKEN or the file)
+    lists the jobs, and `submit` is refused before anything is sent."""
+    import os
+
+    cluster = two_node_ray_cluster
+    home = tmp_path / "home"
+    home.mkdir()
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(home)}
+
+    def jobs(env):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "jobs", "list", "--address", cluster.jobs_url],
+                              capture_output=True, text=True, timeout=60, cwd="/", env=env)
+
+    none = jobs(bare)
+    assert none.returncode == 2 and "requires an authentication token (HTTP 401)" in none.stderr, none.stderr
+    assert "RAY_AUTH_TOKEN" in none.stderr and "~/.ray/auth_token" in none.stderr
+    wrong = jobs(bare | {"RAY_AUTH_TOKEN": "0" * 64})
+    assert wrong.returncode == 2 and "refused the token from RAY_AUTH_TOKEN (HTTP 403)" in wrong.stderr, wrong.stderr
+    submit = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "prepare", "cluster=ray",
+                             f"cluster.address={cluster.jobs_url}", f"output_dir={tmp_path / 'out'}"],
+                            capture_output=True, text=True, timeout=60, cwd="/", env=bare)
+    assert submit.returncode == 2 and "requires an authentication token" in submit.stderr
+    assert not (tmp_path / "out").exists()
+    token = cluster.token_path.read_text()
+    assert jobs(bare | {"RAY_AUTH_TOKEN": token}).returncode == 0
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(token)
+    (home / ".ray" / "auth_token").chmod(0o600)
+    assert jobs(bare).returncode == 0  # where Ray's own clients look
+
+
 def test_prepare_spreads_partitions_over_both_nodes_and_writes_the_bytes_of_one_worker(two_node_ray_cluster,
                                                                                          tmp_path):
     """Four partition workers on the two nodes (two CPUs each) write, into storage both nodes see, exactly the

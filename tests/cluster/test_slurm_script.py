@@ -22,7 +22,9 @@ FAKES = {
     "hostname": "echo 10.0.0.1",
     "python": r'''
 if [ "$1 $2" = "-m ray.scripts.scripts" ]; then
-  echo "ray $*" >> "$LOG"; exec sleep 300
+  echo "ray $*" >> "$LOG"; echo "auth $RAY_AUTH_MODE $RAY_AUTH_TOKEN" >> "$LOG"; exec sleep 300
+elif [ "$1" = "-c" ]; then
+  echo "token-of-the-job"
 elif [ "$1" = "-" ]; then
   # wait_for_nodes: like the real one, return once $3 Ray nodes have started (or after 10 s).
   cat > /dev/null
@@ -47,7 +49,9 @@ def fake_slurm(tmp_path):
     log = tmp_path / "log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "FAKE_NODES": "n1 n2 n3",
            "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "8",
-           "SLURM_GPUS_PER_TASK": "4", "PIPELINE_PYTHON": str(bin_dir / "python")}
+           "SLURM_GPUS_PER_TASK": "4", "PIPELINE_PYTHON": str(bin_dir / "python"), "HOME": str(tmp_path)}
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)
     return env, log
 
 
@@ -77,10 +81,14 @@ def test_starts_ray_on_every_node_then_runs_the_stage(fake_slurm):
     workers = [line for line in lines if "start --address=10.0.0.1:6379" in line]
     assert len(workers) == 2  # n2 and n3
     # Ray starts in the background (srun steps); the script waits for the head, then for all three nodes.
-    synchronous = [line for line in lines if not line.startswith("ray ")]
+    synchronous = [line for line in lines if not line.startswith(("ray ", "auth "))]
     assert synchronous == ["wait for 1 nodes at 10.0.0.1:6379", "wait for 3 nodes at 10.0.0.1:6379",
                            "driver -m pipeline.cli train model.n_layer=2 output_dir=/shared/out cluster=slurm"]
     assert "requeue" not in log.read_text()
+    # Token authentication on every node, with the job's token from a file only its user reads.
+    token = env["HOME"] + "/.ray/pipeline-42.token"
+    assert [line for line in lines if line.startswith("auth ")] == ["auth token token-of-the-job"] * 3
+    assert Path(token).read_text().strip() == "token-of-the-job" and os.stat(token).st_mode & 0o777 == 0o600
 
 
 def test_forwards_preemption_and_requeues(fake_slurm):
