@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import PipelineError
-from pipeline.files import write_atomic
+from pipeline.files import sha256_file, write_atomic
 
 MAGIC = b"GPTWINDS"
 FORMAT_VERSION = 1
@@ -39,14 +39,6 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     if vocab_size <= 4_294_967_295:
         return np.dtype("<u4")
     raise ValueError(f"vocabulary of {vocab_size} tokens does not fit in uint32 token ids")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def encode_header(itemsize: int, window_length: int, n_windows: int) -> bytes:

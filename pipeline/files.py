@@ -6,29 +6,75 @@ Shards, manifests, journals, checkpoint markers and downloads all go through the
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.config import PipelineError
+
 log = logging.getLogger(__name__)
 
-LOCK = ".lock"
+# The errors of a full device or an exhausted quota.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceError(PipelineError, OSError):
+    """A write failed because the device (or the user's quota) is full; names the file and the fix."""
+
+
+def no_space(err: OSError, path: Path) -> NoSpaceError | None:
+    """A NoSpaceError for a write of `path` that failed with ENOSPC or EDQUOT (None for any other error)."""
+    if err.errno not in _FULL:
+        return None
+    path = Path(path)
+    try:
+        free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
+        left = f"{free / 2**20:.1f} MiB free there now"
+    except OSError:
+        left = "its free space unknown"
+    what = "quota exceeded" if err.errno == errno.EDQUOT else "no space left on the device"
+    return NoSpaceError(err.errno, f"{what} while writing {path} ({left}): free space on that volume or point "
+                                   f"output_dir at a larger one, then run the same command again (what was complete "
+                                   f"before is untouched, and the work done so far is kept)")
 
 
 def write_atomic(path: Path, *parts: bytes | memoryview | str) -> None:
     """Write parts to a temporary name, fsync, then rename: a reader sees the whole file or none of it. The
-    temporary name carries the process id, so two processes writing the same file never share one."""
+    temporary name carries the process id, so two processes writing the same file never share one. A full
+    device raises NoSpaceError naming the file, and leaves no temporary file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for part in parts:
-            f.write(part.encode() if isinstance(part, str) else part)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part.encode() if isinstance(part, str) else part)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        full = no_space(err, path)
+        if full is not None:
+            raise full from err
+        raise
     os.replace(tmp, path)
+
+LOCK = ".lock"
+
+
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """The sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_files(directory: Path) -> None:

@@ -11,8 +11,8 @@ from pipeline.checkpoint.consolidate import consolidated_state_dict
 from pipeline.checkpoint.layout import CheckpointError, find_tag, verify_checkpoint
 
 
-def inspect(tag_dir: Path) -> str:
-    marker = verify_checkpoint(tag_dir)
+def inspect(tag_dir: Path, content: bool = False) -> str:
+    marker = verify_checkpoint(tag_dir, content=content)
     state = marker.get("client_state", {})
     lines = [
         f"checkpoint {tag_dir}",
@@ -24,7 +24,10 @@ def inspect(tag_dir: Path) -> str:
     ]
     files = marker.get("files", {})
     lines += [f"    {name:<48} {size / 2**20:10.2f} MiB" for name, size in files.items()]
-    lines.append(f"  total {sum(files.values()) / 2**20:.2f} MiB (sizes verified)")
+    hashed = marker.get("sha256", {})
+    checked = "sizes and sha256 verified" if content and hashed else "sizes verified"
+    lines.append(f"  total {sum(files.values()) / 2**20:.2f} MiB ({checked}; {len(hashed)} of {len(files)} files "
+                 f"carry the sha256 computed while they were written)")
     if state.get("math_config"):
         lines.append("  config: " + json.dumps(state["math_config"], sort_keys=True))
     return "\n".join(lines)
@@ -45,6 +48,8 @@ def main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     p_inspect = sub.add_parser("inspect", help="list what a checkpoint holds and verify its files")
     p_inspect.add_argument("path", help="a checkpoint tag directory, a checkpoints directory or a run directory")
+    p_inspect.add_argument("--verify", action="store_true",
+                           help="also check every file's sha256 against the one recorded when it was written")
     p_cons = sub.add_parser("consolidate", help="write full fp32 weights as one safetensors file")
     p_cons.add_argument("path")
     p_cons.add_argument("--out", type=Path, default=None, help="output file (default: <tag>/model_fp32.safetensors)")
@@ -52,7 +57,7 @@ def main(argv: list[str]) -> int:
     try:
         tag_dir = find_tag(Path(args.path))
         if args.action == "inspect":
-            print(inspect(tag_dir))
+            print(inspect(tag_dir, content=args.verify))
         else:
             out = consolidate(tag_dir, args.out or tag_dir / "model_fp32.safetensors")
             print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineError
+from pipeline.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,9 @@ def read_marker(tag_dir: Path) -> dict[str, Any]:
     return json.loads(marker.read_text())
 
 
-def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
-    """The COMPLETE marker of tag_dir after checking that every file it lists is there at its size."""
+def verify_checkpoint(tag_dir: Path, content: bool = False) -> dict[str, Any]:
+    """The COMPLETE marker of tag_dir after checking that every file it lists is there at its size, and with
+    `content` that every file's sha256 is the one recorded while it was written (the marker's `sha256`)."""
     marker = read_marker(tag_dir)
     for name, size in marker.get("files", {}).items():
         path = tag_dir / name
@@ -116,6 +118,13 @@ def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
                 f"checkpoint file {path} is {'truncated' if actual < size else 'changed'} ({actual} bytes, written "
                 f"as {size}): resume from an older checkpoint (train.resume=<older tag>) or delete {tag_dir}"
             )
+    if content:
+        for name, expected in marker.get("sha256", {}).items():
+            if sha256_file(tag_dir / name) != expected:
+                raise CheckpointError(
+                    f"checkpoint file {tag_dir / name} fails its sha256 (its bytes changed after it was written): "
+                    f"resume from an older checkpoint (train.resume=<older tag>) or delete {tag_dir}"
+                )
     return marker
 
 

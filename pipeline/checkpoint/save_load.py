@@ -3,10 +3,16 @@
 A save counts only once every rank wrote its files: rank 0 then writes the COMPLETE marker and moves
 `latest` (pipeline.checkpoint.layout). With an object store, each node's first worker uploads its node's
 files before the marker (pipeline.checkpoint.store_sync).
+
+Every file is hashed while it is written (DeepSpeed's torch checkpoint engine writes through a hashing
+stream; so do the RNG files), never by reading it back; rank 0 gathers the digests into the marker's
+`sha256`, which `checkpoint inspect --verify` and a resume after a download check. Every rank scans the
+pickles of what it is about to load (pipeline.checkpoint.pickles), not only the driver.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +39,7 @@ from pipeline.checkpoint.layout import (
 )
 from pipeline.checkpoint.store_sync import push_checkpoint_files, push_checkpoint_marker
 from pipeline.cluster.storage import run_rel
-from pipeline.files import fsync_files, write_atomic
+from pipeline.files import fsync_files, no_space, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,65 @@ def is_node_leader() -> bool:
     return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
 
 
+class _HashingWriter:
+    """A binary file that hashes what goes through it (torch.save writes to any object with `write`)."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_hashed(obj: Any, path: Path | str, **kwargs: Any) -> str:
+    """torch.save(obj, path), returning the sha256 of the bytes written (computed while writing). A full device
+    raises NoSpaceError naming the file (the tag then never gets its marker: the previous checkpoint stays
+    `latest`)."""
+    try:
+        with open(path, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(obj, writer, **kwargs)
+    except (OSError, RuntimeError) as err:
+        cause = err if isinstance(err, OSError) else OSError(_errno_in(str(err)), str(err))
+        full = no_space(cause, Path(path))
+        if full is not None:
+            raise full from err
+        raise
+    return writer.digest.hexdigest()
+
+
+def _errno_in(message: str) -> int:
+    """torch.save reports a failed write as a RuntimeError; the errno it names, if it is a full device."""
+    import errno
+
+    return errno.ENOSPC if "No space left on device" in message else (
+        errno.EDQUOT if "Disk quota exceeded" in message else 0)
+
+
+def _hashed_writes(engine) -> dict[str, str]:
+    """The digests of the files DeepSpeed's checkpoint engine writes from now on (by file name), for a torch
+    checkpoint engine; {} (sizes only in the marker) for another one."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    ce = engine.checkpoint_engine
+    if not isinstance(ce, TorchCheckpointEngine):
+        return {}
+    if not hasattr(ce, "pipeline_hashes"):
+        ce.pipeline_hashes = {}
+
+        def save(state_dict, path: str) -> None:
+            digest = save_hashed(state_dict, path, _use_new_zipfile_serialization=ce.zipfile_serialization)
+            ce.pipeline_hashes[os.path.basename(path)] = digest
+
+        ce.save = save
+    ce.pipeline_hashes.clear()
+    return ce.pipeline_hashes
+
+
 def save_checkpoint(
     engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int, layout: dict[str, Any] | None = None,
     store=None,
@@ -97,10 +162,12 @@ def save_checkpoint(
         # ds_to_universal needs this key; under AutoTP DeepSpeed writes its own (which TP-sliced parameters
         # to merge and how), and a client_state key of the same name would overwrite it.
         client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+    hashes = _hashed_writes(engine)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    hashes[f"rng_rank{rank}.pt"] = save_hashed(rng_state(), tag_dir / f"rng_rank{rank}.pt")
     fsync_files(tag_dir)
-    dist.barrier()
+    gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(hashes))
     if store is not None:
         if is_node_leader():
             push_checkpoint_files(store, root.parent, tag_dir)
@@ -117,6 +184,8 @@ def save_checkpoint(
             # every node's files, as uploaded).
             "files": ({p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()} if store is None
                       else dict(sorted(store.files(run_rel(root.parent, tag_dir)).items()))),
+            # sha256 of every file, as each rank computed it while writing.
+            "sha256": dict(sorted({k: v for part in gathered for k, v in (part or {}).items()}.items())),
         }
         write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker))
         write_atomic(root / LATEST_FILE, tag)
@@ -135,8 +204,24 @@ def save_checkpoint(
 
 
 def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
-    """Collective: load model, optimizer and scheduler state; restore this rank's RNG. Returns client_state."""
-    verify_checkpoint(tag_dir)
+    """Collective: load model, optimizer and scheduler state; restore this rank's RNG. Returns client_state.
+    Before anything is unpickled, on whatever node it runs, every rank checks the files' sizes, scans the
+    pickles, and hashes its share of the files (file i by rank i mod world): a changed byte anywhere is named
+    on every rank before the first step."""
+    from pipeline.checkpoint.pickles import check_pickles
+
+    marker = verify_checkpoint(tag_dir)
+    check_pickles(tag_dir)
+    digests = marker.get("sha256", {})
+    names = sorted(digests)[dist.get_rank()::dist.get_world_size()]
+    problems = [f"checkpoint file {tag_dir / name} fails its sha256 (its bytes changed after it was written): resume "
+                f"from an older checkpoint (train.resume=<older tag>) or delete {tag_dir}"
+                for name in names if sha256_file(tag_dir / name) != digests[name]]
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problems)
+    found = [p for part in gathered for p in (part or [])]
+    if found:
+        raise CheckpointError(found[0] + (f" ({len(found) - 1} more files fail too)" if len(found) > 1 else ""))
     _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {tag_dir}")

@@ -5,14 +5,17 @@ newest complete tag downloads it whole (marker last) before anything reads it.""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from pipeline.checkpoint.layout import (
     COMPLETE_MARKER,
     LATEST_FILE,
+    CheckpointError,
     checkpoint_root,
     is_complete,
     latest_complete,
+    verify_checkpoint,
 )
 from pipeline.cluster.storage import ObjectStore, StorageError, contained, locked, run_rel
 from pipeline.files import write_atomic
@@ -21,13 +24,23 @@ log = logging.getLogger(__name__)
 
 
 def pull_checkpoint(store: ObjectStore, run_dir: Path, tag_dir: Path) -> bool:
-    """Download one checkpoint tag (or universal tag) of the run unless this node holds it complete."""
+    """Download one checkpoint tag (or universal tag) of the run unless this node holds it complete, then check
+    every file's sha256 against its marker; a copy that fails is deleted (the next pull fetches it again) and
+    CheckpointError names the file."""
     if is_complete(tag_dir):
         return False
     with locked(tag_dir):
         if is_complete(tag_dir):
             return False
-        return store.download_dir(run_rel(run_dir, tag_dir), tag_dir, COMPLETE_MARKER)
+        if not store.download_dir(run_rel(run_dir, tag_dir), tag_dir, COMPLETE_MARKER):
+            return False
+        try:
+            verify_checkpoint(tag_dir, content=True)
+        except CheckpointError as err:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            raise CheckpointError(f"the checkpoint downloaded from {store.path(run_rel(run_dir, tag_dir))} is damaged: "
+                                  f"{err}") from err
+        return True
 
 
 def pull_latest_checkpoint(store: ObjectStore, run_dir: Path) -> Path | None:

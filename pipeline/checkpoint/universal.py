@@ -18,7 +18,7 @@ from pipeline.checkpoint.layout import (
     is_complete,
     read_marker,
 )
-from pipeline.files import write_atomic
+from pipeline.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ def to_universal(tag_dir: Path) -> Path:
         shutil.copy2(rng, out / rng.name)
     marker = read_marker(tag_dir)
     marker["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    # DeepSpeed's converter wrote these files, not a hashing stream: hashed here once, from the local copy.
+    marker["sha256"] = {name: sha256_file(out / name) for name in marker["files"]}
     marker["universal_from"] = str(tag_dir)
     write_atomic(out / COMPLETE_MARKER, json.dumps(marker))
     write_atomic(out_root / LATEST_FILE, out.name)

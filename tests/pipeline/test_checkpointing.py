@@ -162,6 +162,46 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_latest_and_resumable
 
 
 @pytest.mark.distributed
+def test_every_file_carries_its_sha256_from_the_write_and_a_changed_byte_stops_the_resume(full_run, tmp_path):
+    """The marker records the sha256 each rank computed while writing its files (DeepSpeed's shards and the RNG
+    files); `checkpoint inspect --verify` checks them, and a resume from a copy with one byte changed (same
+    size, so the size check passes) stops on every rank, naming the file, before any step runs."""
+    import subprocess
+    import sys
+
+    from pipeline.checkpoint.layout import read_marker
+    from pipeline.files import sha256_file
+
+    full, _ = full_run
+    tag = checkpoint_root(Path(full.run_dir)) / "step_00000006"
+    marker = read_marker(tag)
+    assert set(marker["sha256"]) == set(marker["files"]) and len(marker["sha256"]) >= 4
+    assert all(sha256_file(tag / name) == digest for name, digest in marker["sha256"].items())
+
+    def inspect(path, *flags):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "checkpoint", "inspect", str(path), *flags],
+                              capture_output=True, text=True, timeout=120)
+
+    good = inspect(tag, "--verify")
+    assert good.returncode == 0 and "sizes and sha256 verified" in good.stdout, good.stderr
+    run_dir = tmp_path / "damaged"
+    copy = checkpoint_root(run_dir) / tag.name
+    shutil.copytree(tag, copy)
+    (checkpoint_root(run_dir) / "latest").write_text(tag.name)
+    shard = sorted(copy.glob("*optim_states.pt"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert inspect(copy).returncode == 0  # the sizes alone cannot tell
+    bad = inspect(copy, "--verify")
+    assert bad.returncode == 1 and f"{shard.name} fails its sha256" in bad.stderr, bad.stderr
+    with pytest.raises(RuntimeError, match=f"{shard.name} fails its sha256"):
+        run_distributed(train_and_report, 2, dataclasses.replace(full, run_dir=str(run_dir),
+                                                                  resume_from=str(copy)))
+    assert complete_tags(checkpoint_root(run_dir)) == [tag.name]  # nothing trained, nothing written
+
+
+@pytest.mark.distributed
 def test_a_signal_saves_at_the_next_step_boundary(data_dir, tmp_path):
     """SIGUSR1 (Slurm's warning before the time limit) reaching one rank after step 4: every rank saves the
     step-4 checkpoint and stops there, not a step later."""
