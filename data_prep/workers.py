@@ -22,6 +22,7 @@ from dataclasses import asdict
 from data_prep.partition_work import PartitionRecord, PrepareContext, process_partition, sample_sentences
 from data_prep.partitions import Partition
 from pipeline.config import PipelineError
+from pipeline.files import NoSpaceError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def unwrap(err: BaseException) -> BaseException:
     """The pipeline's own error (e.g. a SourceError naming the file) inside Ray's wrappers, else err."""
     seen = err
     while seen is not None:
-        if isinstance(seen, PipelineError):
+        if isinstance(seen, (PipelineError, NoSpaceError)):
             return seen
         cause = getattr(seen, "cause", None)
         seen = cause if isinstance(cause, BaseException) and cause is not seen else seen.__cause__

@@ -141,6 +141,7 @@ def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -
         to_pipeline_config,
     )
     from pipeline.config import PipelineError
+    from pipeline.files import NoSpaceError
 
     register_schema()
 
@@ -150,7 +151,7 @@ def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -
             run_stage(stage, cfg, options)
         # Bad config or input found by a check that needs the data set, the machine or files on disk: the
         # message names the fix, a traceback would only bury it.
-        except (PipelineError, FileNotFoundError) as err:
+        except (PipelineError, NoSpaceError, FileNotFoundError) as err:
             _fail(str(err))
 
     sys.argv = [f"pipeline {stage}", *overrides]

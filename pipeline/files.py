@@ -15,16 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.config import PipelineError
-
 log = logging.getLogger(__name__)
 
 # The errors of a full device or an exhausted quota.
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class NoSpaceError(PipelineError, OSError):
-    """A write failed because the device (or the user's quota) is full; names the file and the fix."""
+class NoSpaceError(OSError):
+    """A write failed because the device (or the user's quota) is full; names the file and the fix (the CLI
+    prints it like a PipelineError, without a traceback)."""
 
 
 def no_space(err: OSError, path: Path) -> NoSpaceError | None:

@@ -83,10 +83,15 @@ class _HashingWriter:
 
     def __init__(self, file):
         self.file, self.digest = file, hashlib.sha256()
+        self.error: OSError | None = None  # torch.save turns a failed write into a RuntimeError: kept here
 
     def write(self, data) -> int:
         self.digest.update(data)
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
 
     def flush(self) -> None:
         self.file.flush()
@@ -96,25 +101,18 @@ def save_hashed(obj: Any, path: Path | str, **kwargs: Any) -> str:
     """torch.save(obj, path), returning the sha256 of the bytes written (computed while writing). A full device
     raises NoSpaceError naming the file (the tag then never gets its marker: the previous checkpoint stays
     `latest`)."""
+    writer = None
     try:
         with open(path, "wb") as f:
             writer = _HashingWriter(f)
             torch.save(obj, writer, **kwargs)
     except (OSError, RuntimeError) as err:
-        cause = err if isinstance(err, OSError) else OSError(_errno_in(str(err)), str(err))
-        full = no_space(cause, Path(path))
+        cause = writer.error if writer is not None and writer.error is not None else err
+        full = no_space(cause, Path(path)) if isinstance(cause, OSError) else None
         if full is not None:
             raise full from err
         raise
     return writer.digest.hexdigest()
-
-
-def _errno_in(message: str) -> int:
-    """torch.save reports a failed write as a RuntimeError; the errno it names, if it is a full device."""
-    import errno
-
-    return errno.ENOSPC if "No space left on device" in message else (
-        errno.EDQUOT if "Disk quota exceeded" in message else 0)
 
 
 def _hashed_writes(engine) -> dict[str, str]:

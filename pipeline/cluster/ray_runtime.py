@@ -28,6 +28,10 @@ def ensure_ray(cluster: ClusterConfig) -> None:
         log.info("joining the Ray cluster at %s", cluster.address)
         ray.init(address=cluster.address, log_to_driver=True)
         return
+    # Stops the Ray processes that would outlive this one if it were killed (see pipeline.cluster.reaper).
+    from pipeline.cluster.reaper import start
+
+    start()
     ray.init(
         num_cpus=cluster.num_cpus or os.cpu_count(),
         # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls.

@@ -103,7 +103,7 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
 
 def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path, tags: dict[str, str] | None = None):
     """Open (or re-open) the MLflow run of this training job and record what defines it."""
-    tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(cfg), cfg.run_name, tags=tags)
+    tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(cfg), cfg.run_name, tags=tags, background=True)
     tracker.log_params(flatten(cfg))
     tracker.log_params({
         "resolved.vocab_size": job.model.vocab_size,

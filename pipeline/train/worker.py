@@ -189,7 +189,9 @@ def train_worker(job: TrainJob) -> TrainOutcome:
         batches.resume_at(start_step, int(state["samples_consumed"]))
         if rank == 0:
             log.info("resumed from %s at step %d (%d samples consumed)", tag_dir, start_step, state["samples_consumed"])
-    tracker = Tracker(job.tracking_uri, job.mlflow_run_id) if rank == 0 and job.mlflow_run_id else None
+    # Sends in the background: a tracking server that goes away never stalls or stops training.
+    tracker = (Tracker(job.tracking_uri, job.mlflow_run_id, background=True, spill_dir=job.run_dir)
+               if rank == 0 and job.mlflow_run_id else None)
     checkpointer = Checkpointer(engine, job, batches, ckpt_root, world, store)
     callbacks = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, tracker, timeline)
     timeline["engine_ready"] = time.time()
@@ -198,6 +200,8 @@ def train_worker(job: TrainJob) -> TrainOutcome:
                         job.parallel.zero_stage, tp)
     finally:
         batches.close()
+        if tracker is not None:
+            tracker.flush()
     outcome = outcome_of(loop, callbacks, engine, resumed_from)
     return dataclasses.replace(outcome, timeline=timeline | {"worker_done": time.time()})
 
