@@ -166,7 +166,7 @@ def export_stage(cfg: PipelineConfig) -> Path:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, float]:
-    from pipeline.tracking import tracking_uri, ui_command
+    from pipeline.tracking import RUN_ID_FILE, run_page, tracking_uri, ui_command
 
     train_stage(cfg)
     metrics = evaluate_stage(cfg)
@@ -175,5 +175,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, float]:
     print(f"Done: validation loss {metrics['val_loss']:.4f} (perplexity {metrics['val_perplexity']:.1f}); "
           f"unigram baseline {metrics['unigram_val_loss']:.4f}.")
     print(f"MLflow results: experiment '{cfg.tracking.experiment}', run '{cfg.run_name}', store {uri}")
-    print(f"Open them with:  {ui_command(uri)}   (then browse http://127.0.0.1:5000)")
+    run_id = (run_dir_for(cfg) / RUN_ID_FILE).read_text().strip()
+    print(f"Open them with:  {ui_command(uri)}")
+    print(f"then browse the run: {run_page(uri, run_id)}")
     return metrics

@@ -49,7 +49,17 @@ def ui_command(uri: str) -> str:
     (e.g. .venv/bin/mlflow after `make run`, which does not activate the virtualenv)."""
     beside = Path(sys.executable).with_name("mlflow")
     mlflow = str(beside) if beside.is_file() else "mlflow"
-    return f"{mlflow} ui --backend-store-uri {uri} --port 5000"
+    # MLflow's default of four server workers keeps restarting them on a small machine.
+    workers = " --workers 1" if (os.cpu_count() or 1) <= 4 else ""
+    return f"{mlflow} ui --backend-store-uri {uri} --port 5000{workers}"
+
+
+def run_page(uri: str, run_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The address of a run's page in the MLflow UI started by ui_command (the machine-learning view of it)."""
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 UNSENT_FILE = "mlflow_unsent.jsonl"

@@ -40,6 +40,10 @@ def test_pipeline_run_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+    import re as _re
+
+    page = _re.search(r"browse the run: http://127\.0\.0\.1:5000/#/experiments/(\S+)/runs/(\S+)", proc.stdout)
+    assert page, proc.stdout[-2000:]  # a direct link to the run's page
     assert "--- sample 0" in proc.stdout
 
     from mlflow.tracking import MlflowClient
@@ -58,6 +62,9 @@ def test_pipeline_run_end_to_end(tmp_path):
     for key in ("train_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "memory_mb", "step_time_s"):
         assert key in metrics, key
     assert run.data.params["model.n_layer"] == "2"
+    assert (run.info.experiment_id, run.info.run_id) == page.groups()
+    assert run.data.tags["final_step"] == "200" and "final_step" not in metrics  # constants are tags
+    assert float(run.data.tags["peak_tflops_per_worker"]) > 0 and "peak_tflops_per_worker" not in metrics
     assert run.data.params["parallel.num_workers"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "interval_val_loss")] == [100, 200]
     history = client.get_metric_history(run.info.run_id, "train_loss")

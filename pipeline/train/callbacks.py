@@ -293,4 +293,4 @@ class FinalCheckpoint(Callback):
         else:
             self.checkpoint = self.checkpointer.save(final_step)
         if self.tracker:
-            self.tracker.log({"final_step": final_step}, step=final_step)
+            self.tracker.set_tags({"final_step": str(final_step)})  # a constant of the run: a tag

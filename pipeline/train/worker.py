@@ -145,8 +145,8 @@ def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpoin
     rank, world, train = dist.get_rank(), dist.get_world_size(), job.train
     peak, source = (train.peak_tflops, "configured") if train.peak_tflops else peak_tflops(job.precision, device)
     if tracker:
-        tracker.log({"peak_tflops_per_worker": peak}, step=start_step)
-        tracker.set_tags({"mfu_peak": f"{source}, {peak:g} TFLOP/s per worker"})
+        # A constant: a tag, not a metric (mfu is measured against it).
+        tracker.set_tags({"mfu_peak": f"{source}, {peak:g} TFLOP/s per worker", "peak_tflops_per_worker": f"{peak:g}"})
     tokens_per_step = batches.global_batch * job.model.context_length
     validation = None
     if train.eval_interval_steps:
