@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.shards import (
-    MANIFEST,
     TOKENIZER_FILE,
     Manifest,
     ShardError,
     WindowDataset,
+    check_window_indices,
+    gather_windows,
     incomplete_reason,
     load_manifest,
 )
@@ -200,17 +201,10 @@ class ConcatWindows:
         return int(self.starts[-1])
 
     def windows(self, indices: np.ndarray) -> np.ndarray:
-        indices = np.asarray(indices, dtype=np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
-            raise IndexError(f"window index out of range [0, {len(self)})")
+        indices = check_window_indices(indices, len(self))
         if self.order is not None:
             indices = self.order[indices]
-        out = np.empty((len(indices), self.window_length), dtype=self.dtype)
-        part_of = np.searchsorted(self.starts, indices, side="right") - 1
-        for p in np.unique(part_of):
-            mask = part_of == p
-            out[mask] = self.parts[p].windows(indices[mask] - self.starts[p])
-        return out
+        return gather_windows(self.starts, indices, self.window_length, lambda p, local: self.parts[p].windows(local))
 
 
 def open_split(directory: Path, split: str) -> WindowDataset | ConcatWindows:
@@ -231,8 +225,3 @@ def component_splits(directory: Path, split: str) -> list[tuple[str, WindowDatas
         return []
     blend = load_blend(directory)
     return [(c.name, WindowDataset(blend.component_dir(c), split)) for c in blend.components]
-
-
-def manifest_path(directory: Path) -> Path:
-    """The file whose presence marks the data set complete: its manifest, or its blend recipe."""
-    return Path(directory) / (BLEND if is_blend(directory) else MANIFEST)

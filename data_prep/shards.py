@@ -203,6 +203,24 @@ class ShardWriter:
         self.shards.append(ShardInfo(name, n, n * self.window_length, digest.hexdigest()))
 
 
+def check_window_indices(indices, length: int) -> np.ndarray:
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= length):
+        raise IndexError(f"window index out of range [0, {length})")
+    return indices
+
+
+def gather_windows(starts: np.ndarray, indices: np.ndarray, window_length: int, fetch) -> np.ndarray:
+    """Windows at global `indices` of parts laid end to end (part p holds [starts[p], starts[p+1])), as int64 in
+    the order asked: fetch(p, local indices) reads one part's rows."""
+    part_of = np.searchsorted(starts, indices, side="right") - 1
+    out = np.empty((len(indices), window_length), dtype=np.int64)
+    for part in np.unique(part_of):
+        rows = part_of == part
+        out[rows] = fetch(int(part), indices[rows] - starts[part])
+    return out
+
+
 class WindowDataset:
     """The windows of one split, memory-mapped; index i is global across the split's shards."""
 
@@ -246,15 +264,8 @@ class WindowDataset:
         return int(self.starts[-1])
 
     def windows(self, indices: np.ndarray) -> np.ndarray:
-        indices = np.asarray(indices, dtype=np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
-            raise IndexError(f"window index out of range [0, {len(self)})")
-        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
-        out = np.empty((len(indices), self.window_length), dtype=np.int64)
-        for shard in np.unique(shard_of):
-            rows = shard_of == shard
-            out[rows] = self.arrays[shard][indices[rows] - self.starts[shard]]
-        return out
+        indices = check_window_indices(indices, len(self))
+        return gather_windows(self.starts, indices, self.window_length, lambda s, local: self.arrays[s][local])
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest; ShardError names the first bad shard."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from distributed_helpers import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -24,12 +24,6 @@ TINY = [
     "train.global_batch_tokens=128", "train.log_interval_steps=10", "train.save_interval_steps=0",
     "parallel.num_workers=1", "parallel.precision=fp32", "run_name=outage",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(root: Path, port: int) -> subprocess.Popen:
