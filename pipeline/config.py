@@ -40,6 +40,9 @@ class ModelConfig:
     context_length: int = 128
     n_layer: int = 4
     n_head: int = 4
+    # Key/value heads (grouped-query attention, Ainslie et al. 2023): null = n_head (multi-head), 1 = multi-query.
+    # Must divide n_head; each group of n_head / n_kv_head query heads shares one key/value head.
+    n_kv_head: int | None = None
     d_model: int = 128
     # Hidden width of the MLP; null means 4 * d_model for GELU and 8/3 * d_model rounded up to a multiple
     # of 64 for SwiGLU (mlp_width below).
@@ -47,8 +50,23 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_embeddings: bool = True
-    # learned | sinusoidal | rotary
+    # learned | sinusoidal | rotary | alibi (Press et al. 2022, as BLOOM: a per-head linear bias on distance)
     pos_encoding: str = "learned"
+    # A norm right after the token embedding (BLOOM's word_embeddings_layernorm).
+    embedding_norm: bool = False
+    # RoPE's base wavelength theta (Su et al. 2021: 10000; Llama 3: 500000).
+    rope_theta: float = 10000.0
+    # Attention never crosses a document boundary of a packed window and positions restart at each document:
+    # a document's segment starts at the EOS that precedes it (the windows' EOS tokens are the boundaries
+    # prepare records; doc_starts.npy holds the same offsets + 1).
+    document_mask: bool = False
+    # The EOS id that separates documents; null takes it from the prepared data set's tokenizer.
+    eos_id: int | None = None
+    # RMSNorm of each head's queries and keys before the dot product (Dehghani et al. 2023; OLMo 2, Qwen 3).
+    qk_norm: bool = False
+    # Coefficient of the z-loss z * mean(log^2 Z) on the softmax normaliser Z of the logits (PaLM: 1e-4); 0: off.
+    # Added to the training loss only (validation reports the cross-entropy) and logged as train/z_loss.
+    z_loss: float = 0.0
     # layernorm | rmsnorm
     norm: str = "layernorm"
     # gelu | swiglu
@@ -353,6 +371,11 @@ class PipelineConfig:
     run_name: str = "${model.name}-${data.name}"
 
 
+def kv_heads(cfg: ModelConfig) -> int:
+    """Key/value heads: model.n_kv_head, or n_head when it is null."""
+    return cfg.n_head if cfg.n_kv_head is None else cfg.n_kv_head
+
+
 def mlp_width(cfg: ModelConfig) -> int:
     """The MLP's hidden width d_ff. When model.d_ff is null: 4 * d_model for GELU; for SwiGLU 8/3 * d_model
     rounded up to a multiple of 64 (three matrices of 8/3 d_model hold as many parameters as GELU's two of
@@ -364,7 +387,7 @@ def mlp_width(cfg: ModelConfig) -> int:
     return 4 * cfg.d_model
 
 
-POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
+POS_ENCODINGS = ("learned", "sinusoidal", "rotary", "alibi")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
 SOURCES = ("shakespeare", "text", "jsonl", "parquet", "hf_disk", "hf_hub")
@@ -398,6 +421,15 @@ def validate_model(model: ModelConfig) -> None:
             f"{model.d_model // model.n_head}: change model.n_head or model.d_model."
         )
     _choice("model.pos_encoding", model.pos_encoding, POS_ENCODINGS)
+    n_kv = kv_heads(model)
+    if n_kv <= 0 or model.n_head % n_kv:
+        raise ConfigError(
+            f"model.n_kv_head={model.n_kv_head} must divide model.n_head={model.n_head}: choose among "
+            f"{', '.join(map(str, _divisors(model.n_head)))} (1 is multi-query attention, null is n_head)."
+        )
+    _positive("model.rope_theta", model.rope_theta)
+    if model.z_loss < 0:
+        raise ConfigError(f"model.z_loss={model.z_loss} must be >= 0 (0 turns it off; PaLM used 1e-4).")
     _choice("model.norm", model.norm, NORMS)
     _choice("model.activation", model.activation, ACTIVATIONS)
     if model.vocab_size is not None:
@@ -549,6 +581,18 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
         raise ConfigError(
             f"parallel.tensor_parallel={tp} does not divide model.n_head={model.n_head}: "
             f"choose a tensor-parallel degree among {', '.join(map(str, _divisors(model.n_head)))}."
+        )
+    if kv_heads(model) % tp:
+        raise ConfigError(
+            f"parallel.tensor_parallel={tp} does not divide model.n_kv_head={kv_heads(model)}: AutoTP splits the "
+            f"key/value heads across ranks; choose a degree among {', '.join(map(str, _divisors(kv_heads(model))))} "
+            f"or more key/value heads."
+        )
+    if model.pos_encoding == "alibi" and tp > 1:
+        raise ConfigError(
+            "model.pos_encoding=alibi with parallel.tensor_parallel > 1: each rank would need the slopes of the "
+            "heads AutoTP gives it, which it cannot know; train ALiBi models with tensor_parallel=1 (ZeRO shards "
+            "them) or choose rotary positions."
         )
     d_ff = mlp_width(model)  # 8/3 d_model rounded for SwiGLU when d_ff is null
     if d_ff % tp:

@@ -133,7 +133,7 @@ def generate_text(cfg: PipelineConfig, data_dir: Path, prompt: str) -> list[str]
     """`pipeline generate`: samples from the run's latest checkpoint with the eval.* sampling settings."""
     tag_dir = require_latest(run_dir_for(cfg))
     manifest = load_data_info(data_dir)
-    model = load_trained_model(model_for_data(cfg.model, manifest.vocab_size), tag_dir)
+    model = load_trained_model(model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id), tag_dir)
     return sample_texts(model, load_tokenizer(manifest.tokenizer_path), prompt, cfg.eval, manifest.eos_id,
                         max(1, cfg.eval.num_samples))
 
@@ -144,7 +144,7 @@ def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
     step = int(read_marker(tag_dir)["step"])
     manifest = load_data_info(data_dir)
     sp = load_tokenizer(manifest.tokenizer_path)
-    model_cfg = model_for_data(cfg.model, manifest.vocab_size)
+    model_cfg = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id)
     model = load_trained_model(model_cfg, tag_dir)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 

@@ -154,7 +154,7 @@ def export(cfg: PipelineConfig, data_dir: Path, out_dir: Path | None = None) -> 
     architecture(cfg.model)  # fail before reading any checkpoint
     tag_dir = require_latest(run_dir_for(cfg))
     manifest = load_data_info(data_dir)
-    model_cfg = model_for_data(cfg.model, manifest.vocab_size)
+    model_cfg = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id)
     special = {"bos_token_id": manifest.bos_id, "eos_token_id": manifest.eos_id, "pad_token_id": manifest.pad_id}
     model = to_hf_model(model_cfg, consolidated_state_dict(tag_dir), special)
     out_dir = out_dir or run_dir_for(cfg) / "hf" / tag_dir.name

@@ -15,6 +15,13 @@ off the tensors they get, never off the config.
 
 Generation keeps a key-value cache (see KVCache): forward(ids, kv_cache=cache, start_pos=p) takes the
 tokens at absolute positions p .. p+T-1 and attends over the cached positions before them too.
+
+Options (each off by default): grouped-query attention (n_kv_head: k/v_proj have n_kv_head heads, each shared
+by n_head / n_kv_head query heads; the cache holds only those), QK-norm (blocks.{i}.attn.{q,k}_norm: RMSNorm of
+each head's queries and keys, before the rotation), z-loss, ALiBi positions (a per-head linear bias on the
+query-key distance, BLOOM's slopes), a norm after the token embedding (emb_norm, BLOOM's) and document masking: a token attends only to the tokens of its own document and its position
+counts from that document's start. A document's segment starts at the EOS before it (the separator the packed
+windows carry), so a document is predicted exactly as it would be alone after an EOS.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import ModelConfig, mlp_width
+from pipeline.config import ModelConfig, kv_heads, mlp_width
 
 __all__ = ["GPT", "KVCache", "LayerKVCache"]
 
@@ -41,6 +48,20 @@ LOSS_CHUNK_ELEMENTS = 2**24
 
 def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+
+
+def _summed_log_z_squared(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (logits.float().logsumexp(-1).square() * (targets != -100)).sum()
+
+
+def mean_log_z_squared(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean of log^2 Z over the positions whose target is not -100, Z = sum(exp(logits)) (PaLM's z-loss term),
+    in fp32 a chunk of rows at a time, each chunk checkpointed (as cross_entropy_fp32 does for 16-bit logits)."""
+    flat, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    rows = max(1, LOSS_CHUNK_ELEMENTS // flat.size(-1))
+    total = sum(checkpoint(_summed_log_z_squared, chunk, chunk_targets, use_reentrant=False)
+                for chunk, chunk_targets in zip(flat.split(rows), flat_targets.split(rows), strict=True))
+    return total / (flat_targets != -100).sum().clamp(min=1)
 
 
 def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -65,20 +86,48 @@ def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """sin/cos of increasing wavelength (Vaswani et al. 2017): (T, dim), even columns sin, odd columns cos."""
+    """sin/cos of increasing wavelength (Vaswani et al. 2017): positions.shape + (dim,), even columns sin, odd
+    columns cos."""
     inv_freq = torch.exp(torch.arange(0, dim, 2, device=positions.device) * (-math.log(10000.0) / dim))
-    angles = positions.float()[:, None] * inv_freq  # (T, ceil(dim / 2))
-    table = torch.zeros(len(positions), dim, device=positions.device)
-    table[:, 0::2] = torch.sin(angles)
-    table[:, 1::2] = torch.cos(angles[:, : dim // 2])
+    angles = positions.float()[..., None] * inv_freq  # (..., ceil(dim / 2))
+    table = torch.zeros(*positions.shape, dim, device=positions.device)
+    table[..., 0::2] = torch.sin(angles)
+    table[..., 1::2] = torch.cos(angles[..., : dim // 2])
     return table
 
 
 def rotary_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE's angles (Su et al. 2021): each (T, head_dim / 2)."""
+    """cos and sin of RoPE's angles (Su et al. 2021) for positions (T,) or (B, T): each (T, head_dim / 2), or
+    (B, 1, T, head_dim / 2) to broadcast over heads."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = torch.outer(positions.float(), inv_freq)
+    angles = positions.float()[..., None] * inv_freq
+    if positions.dim() == 2:
+        angles = angles[:, None]
     return angles.cos(), angles.sin()
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022) as BLOOM computes them: the geometric sequence
+    2^(-8 i / n) for a power of two n, interleaved with the next power's odd terms otherwise."""
+    closest = 2 ** math.floor(math.log2(n_head))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** i for i in range(1, closest + 1)]
+    if closest != n_head:
+        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra_base ** i for i in range(1, 2 * (n_head - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def document_segments(input_ids: torch.Tensor, eos_id: int, start_pos: int,
+                      previous_start: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) absolute position at which each token's document segment starts: at the last EOS at or before it
+    (an EOS opens the next document's segment), else previous_start (B,) (a cache's open segment) or 0."""
+    positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=input_ids.device)
+    opened = torch.where(input_ids == eos_id, positions, -1)
+    if previous_start is not None:
+        opened = torch.cat([previous_start[:, None].to(opened), opened], dim=1)
+    starts = opened.cummax(dim=1).values.clamp(min=0)
+    return starts[:, 1:] if previous_start is not None else starts
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -99,11 +148,14 @@ def _children_first(module: nn.Module) -> Iterator[nn.Module]:
 
 
 class LayerKVCache:
-    """Keys and values of one attention layer for the positions seen so far, each (B, H_local, T, head_dim)."""
+    """Keys and values of one attention layer for the positions seen so far, each (B, H_kv_local, T, head_dim):
+    under grouped-query attention the cache holds the n_kv_head key/value heads, not n_head."""
 
     def __init__(self) -> None:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        # Document masking: the absolute position where each row's last document segment started (B,).
+        self.segment_start: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -143,36 +195,60 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
 
 
+def allowed_keys(query_pos: torch.Tensor, n_keys: int, segment_start: torch.Tensor | None) -> torch.Tensor:
+    """Boolean mask (.., T, n_keys): query at absolute position p sees keys at positions <= p and, with
+    document segments (B, T), >= the start of its segment."""
+    keys = torch.arange(n_keys, device=query_pos.device)
+    allowed = keys <= query_pos[..., None]
+    if segment_start is not None:
+        allowed = allowed & (keys >= segment_start[..., None])
+    return allowed
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head attention softmax(QK^T / sqrt(d_k)) V with a causal mask, then W_O."""
+    """Multi-head attention softmax(QK^T / sqrt(d_k) [+ ALiBi bias]) V with a causal (or document) mask, then
+    W_O; K and V with n_kv_head heads (grouped-query attention) and optional QK-norm."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.d_model // cfg.n_head
+        kv_width = kv_heads(cfg) * self.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_width, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_width, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim)
+            self.k_norm = RMSNorm(self.head_dim)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rotary=None, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary=None, cache: LayerKVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: None for plain causal attention, else a boolean (allowed) or additive float mask that
+        broadcasts to (B, H, T, keys)."""
         batch, length, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        n_heads = q.shape[-1] // self.head_dim  # the local head count: n_head / tp under tensor parallelism
-        q, k, v = (t.view(batch, length, n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        # Head counts are read off the tensors: n_head / tp and n_kv_head / tp under tensor parallelism.
+        q, k, v = (t.view(batch, length, -1, self.head_dim).transpose(1, 2)
+                   for t in (self.q_proj(x), self.k_proj(x), self.v_proj(x)))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.extend(k, v)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:  # query head h reads key/value head h // groups
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         dropout_p = self.dropout if self.training else 0.0
-        if k.shape[2] == length:
+        if mask is None and k.shape[2] == length:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
-            # Queries are the last `length` of k.shape[2] positions: query i sees keys up to offset + i.
-            offset = k.shape[2] - length
-            mask = torch.ones(length, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
+            if mask is None:
+                # Queries are the last `length` of k.shape[2] positions: query i sees keys up to offset + i.
+                offset = k.shape[2] - length
+                mask = torch.ones(length, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        out = out.transpose(1, 2).reshape(batch, length, n_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out)
 
 
@@ -203,8 +279,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rotary=None, cache: LayerKVCache | None = None) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rotary, cache))
+    def forward(self, x: torch.Tensor, rotary=None, cache: LayerKVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rotary, cache, mask))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -218,8 +295,15 @@ class GPT(nn.Module):
                 "model.vocab_size is None: set it before building the model (the pipeline takes it from the "
                 "prepared data set's tokenizer; in code, ModelConfig(vocab_size=...))."
             )
+        if cfg.document_mask and cfg.eos_id is None:
+            raise ValueError(
+                "model.document_mask needs model.eos_id, the token that separates documents (the pipeline takes "
+                "it from the prepared data set's tokenizer; in code, ModelConfig(eos_id=...))."
+            )
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.embedding_norm:
+            self.emb_norm = make_norm(cfg)
         if cfg.pos_encoding == "learned":
             self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -271,7 +355,8 @@ class GPT(nn.Module):
         start_pos: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given targets (B, T), the mean next-token cross-entropy over every
-        position whose target is not -100 (else None).
+        position whose target is not -100 (else None); in training mode with model.z_loss > 0 the loss adds
+        z_loss x mean log^2 Z (the cross-entropy alone is loss - z_loss x last_z_loss).
 
         input_ids hold the tokens at absolute positions start_pos .. start_pos+T-1. With kv_cache (from
         new_kv_cache()), the cache must hold exactly the start_pos positions before them; it is extended in
@@ -292,22 +377,44 @@ class GPT(nn.Module):
             )
         positions = torch.arange(start_pos, end, device=input_ids.device)
         x = self.tok_emb(input_ids)
+        if self.cfg.embedding_norm:
+            x = self.emb_norm(x)
+        mask, segment_start = None, None
+        if self.cfg.document_mask:
+            previous = kv_cache[0].segment_start if kv_cache and cached else None
+            segment_start = document_segments(input_ids, self.cfg.eos_id, start_pos, previous)
+            mask = allowed_keys(positions, end, segment_start)[:, None]  # (B, 1, T, keys)
+        if self.cfg.pos_encoding == "alibi":
+            distance = positions[:, None] - torch.arange(end, device=input_ids.device)  # (T, keys)
+            slopes = alibi_slopes(self.cfg.n_head).to(input_ids.device)
+            bias = -slopes[:, None, None] * distance  # (H, T, keys)
+            allowed = mask if mask is not None else allowed_keys(positions, end, None)
+            mask = bias.masked_fill(~allowed, float("-inf")).to(x.dtype)
+        if segment_start is not None:
+            positions = positions - segment_start  # (B, T): positions count from each document's start
         rotary = None
         if self.cfg.pos_encoding == "learned":
             x = x + self.pos_emb(positions)
         elif self.cfg.pos_encoding == "sinusoidal":
             x = x + sinusoidal_embedding(positions, self.cfg.d_model).to(x.dtype)
-        else:
-            rotary = rotary_angles(positions, self.cfg.d_model // self.cfg.n_head)
+        elif self.cfg.pos_encoding == "rotary":
+            rotary = rotary_angles(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if kv_cache is not None:
-                x = block(x, rotary, kv_cache[i])
+                x = block(x, rotary, kv_cache[i], mask)
             elif self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rotary, use_reentrant=False)
+                x = checkpoint(block, x, rotary, None, mask, use_reentrant=False)
             else:
-                x = block(x, rotary)
+                x = block(x, rotary, None, mask)
+        if kv_cache is not None and segment_start is not None:
+            kv_cache[0].segment_start = segment_start[:, -1]
         logits = self.lm_head(self.final_norm(x))
         if targets is None:
             return logits, None
-        return logits, cross_entropy_fp32(logits, targets)
+        loss = cross_entropy_fp32(logits, targets)
+        if self.cfg.z_loss and self.training:
+            log_z_squared = mean_log_z_squared(logits, targets)
+            self.last_z_loss = log_z_squared.detach()  # read by the training loop, which logs it
+            loss = loss + self.cfg.z_loss * log_z_squared
+        return logits, loss

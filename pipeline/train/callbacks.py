@@ -94,7 +94,8 @@ class MetricsLogger(Callback):
         self.world, self.peak_tflops, self.device = world, peak_tflops, device
         self.rank, self.tracker = rank, tracker
         self.tokens_per_s = 0.0  # of the last logged window
-        self.window_loss, self.window_steps, self.window_start, self.window_callback_s = 0.0, 0, time.perf_counter(), 0.0
+        self.window_loss, self.window_z, self.window_steps = 0.0, 0.0, 0
+        self.window_start, self.window_callback_s = time.perf_counter(), 0.0
 
     def logs_at(self, done: int) -> bool:
         return done % self.interval == 0 or done == self.max_steps
@@ -104,6 +105,7 @@ class MetricsLogger(Callback):
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
         self.window_loss += result.loss
+        self.window_z += result.z_loss or 0.0
         self.window_steps += 1
         done = result.done
         if not self.logs_at(done):
@@ -121,12 +123,14 @@ class MetricsLogger(Callback):
             "tokens_seen": self.batches.samples_consumed(done) * self.context,
             **self.batches.source_metrics(done),  # a blend's shares seen and epochs per source
         }
+        if result.z_loss is not None:  # model.z_loss > 0: train_loss is the cross-entropy, this the log^2 Z term
+            metrics["z_loss"] = self.window_z / self.window_steps
         if self.rank == 0:
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s mfu %.3f", done, self.max_steps,
                      metrics["train_loss"], metrics["lr"], self.tokens_per_s, metrics["mfu"])
             if self.tracker:
                 self.tracker.log(metrics, step=done)
-        self.window_loss, self.window_steps = 0.0, 0
+        self.window_loss, self.window_z, self.window_steps = 0.0, 0.0, 0
         self.window_start, self.window_callback_s = time.perf_counter(), state.callback_s
 
 

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from data_prep.blend import component_dirs, is_blend, load_blend, load_data_info
+from data_prep.blend import component_dirs, is_blend, load_blend, load_data_info, open_split
 from data_prep.shards import check_dataset_checksums
 from pipeline.checkpoint.resume import plan_resume
 from pipeline.cluster.storage import store_for
@@ -27,7 +27,7 @@ from pipeline.config import (
     grad_accumulation_steps,
     run_dir_for,
 )
-from pipeline.model.size import model_for_data, training_flops_per_token
+from pipeline.model.size import attended_context, model_for_data, training_flops_per_token
 from pipeline.tracking import Tracker
 from pipeline.train.ds_config import make_ds_config, resolve_precision
 from pipeline.train.job import TrainJob, TrainOutcome
@@ -44,13 +44,19 @@ _NOT_MATH = ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints
              "eval_batches", "peak_tflops", "allow_config_change", "max_failures", "compile", "max_skipped_steps")
 
 
+_LATER_MODEL_OPTIONS = ("n_kv_head", "embedding_norm", "rope_theta", "document_mask", "eos_id", "qk_norm", "z_loss")
+
+
 def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precision: str, tokenizer_sha256: str) -> dict:
     """What changes the numbers a run computes (not logging, not where it saves). The run's length counts
     too unless the schedule is constant: cosine and WSD stretch over train.max_steps, so a longer run has
     another learning rate at every step after warm-up."""
     not_math = _NOT_MATH + (("max_steps",) if cfg.train.schedule == "constant" else ())
     train = {k: v for k, v in asdict(cfg.train).items() if k not in not_math}
-    return {"model": asdict(model), "train": train, "data": data_dir.name, "precision": precision,
+    defaults = asdict(ModelConfig())
+    # Options added after checkpoints were first written count only when set: older checkpoints still resume.
+    model_math = {k: v for k, v in asdict(model).items() if not (k in _LATER_MODEL_OPTIONS and v == defaults[k])}
+    return {"model": model_math, "train": train, "data": data_dir.name, "precision": precision,
             "tokenizer_sha256": tokenizer_sha256}
 
 
@@ -62,6 +68,24 @@ def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
         return dataclasses.replace(job, resume_from=str(plan.checkpoint),
                                    ds_config={**job.ds_config, "checkpoint": {"load_universal": True}})
     return dataclasses.replace(job, resume_from=str(plan.checkpoint) if plan.checkpoint is not None else None)
+
+
+ATTENDED_CONTEXT_SAMPLE = 1024  # training windows read to measure document-masked attention's context
+
+
+def measured_attended_context(model: ModelConfig, data_dir: Path) -> float | None:
+    """Under document masking, the context attention computes over per token, measured on evenly spaced
+    training windows (pipeline.model.size.attended_context); None without document masking."""
+    if not model.document_mask:
+        return None
+    import numpy as np
+
+    windows = open_split(data_dir, "train")
+    picked = np.unique(np.linspace(0, len(windows) - 1, min(len(windows), ATTENDED_CONTEXT_SAMPLE)).astype(np.int64))
+    context = attended_context(windows.windows(picked)[:, :-1], model.eos_id)
+    log.info("document masking: attention spans %.1f of %d positions per token on average (FLOPs and MFU count "
+             "that)", context, model.context_length)
+    return context
 
 
 def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run_id: str | None) -> TrainJob:
@@ -77,7 +101,7 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
             f"model.context_length + 1 = {cfg.model.context_length + 1}: prepare the data with the same "
             f"context_length."
         )
-    model = model_for_data(cfg.model, manifest.vocab_size)
+    model = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id)
     precision = resolve_precision(cfg.parallel)
     accum = grad_accumulation_steps(cfg.train, cfg.parallel, model.context_length)
     math = math_config(cfg, model, data_dir, precision, manifest.tokenizer_sha256)
@@ -91,7 +115,7 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
         precision=precision,
         grad_accum_steps=accum,
         ds_config=make_ds_config(cfg.train, cfg.parallel, precision, accum, d_model=model.d_model),
-        flops_per_token=training_flops_per_token(model),
+        flops_per_token=training_flops_per_token(model, measured_attended_context(model, data_dir)),
         config_fingerprint=fingerprint(math),
         math_config=math,
         tokenizer_sha256=manifest.tokenizer_sha256,

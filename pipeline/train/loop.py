@@ -37,6 +37,7 @@ class StepResult:
     started_at: float  # time.perf_counter() when the step began
     applied: bool = True  # False: DeepSpeed (or the optimizer) skipped the update for non-finite gradients
     loss_scale: float | None = None  # fp16's dynamic loss scale after the step (None in bf16 and fp32)
+    z_loss: float | None = None  # mean log^2 Z over ranks when model.z_loss > 0 (loss is then the cross-entropy)
 
     @property
     def done(self) -> int:
@@ -82,19 +83,26 @@ def train_step(engine, batches: RankBatches, step: int, device: torch.device, wa
     plain_grad_norm = None
     # Summed on the device: the one host synchronisation of the step is the reduction over ranks below.
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    z_coefficient = engine.module.cfg.z_loss
+    step_z = torch.zeros((), dtype=torch.float64, device=device)
     for micro_step in range(batches.grad_accum):
         inputs, targets = batches.micro_batch_at(step, micro_step, device)
         _, loss = engine(inputs, targets)
         engine.backward(loss)
+        if z_coefficient:  # report the cross-entropy as the loss and the z term beside it
+            z = engine.module.last_z_loss.double()
+            step_z += z / batches.grad_accum
+            loss = loss.detach().double() - z_coefficient * z
         if micro_step == batches.grad_accum - 1 and zero_stage == 0 and want_grad_norm:
             plain_grad_norm = grad_norm(engine.module, tensor_parallel)  # DeepSpeed reports none without ZeRO
         engine.step()
         step_loss += loss.detach().double() / batches.grad_accum
     step_loss = mean_over_ranks(step_loss, device)
+    z_loss = mean_over_ranks(step_z, device) if z_coefficient else None
     norm = engine.get_global_grad_norm() if want_grad_norm else None
     norm = plain_grad_norm if norm is None else norm
     return StepResult(step, step_loss, float(norm) if norm is not None else None, started_at,
-                      applied=engine.was_step_applied(), loss_scale=loss_scale_of(engine))
+                      applied=engine.was_step_applied(), loss_scale=loss_scale_of(engine), z_loss=z_loss)
 
 
 def loss_scale_of(engine) -> float | None:

@@ -79,7 +79,7 @@ def test_gpt3_175b_matches_the_design_figures():
     p = count_parameters(load_model("gpt3_175b"))
     assert p.embedding == 617_558_016
     assert p.unembedding == 617_558_016
-    assert p.attention_qkvo_each == 14_495_514_624
+    assert p.attention_qo_each == p.attention_kv_each == 14_495_514_624
     assert p.mlp_matrices_each == 57_982_058_496
     assert p.n_mlp_matrices == 2
     assert p.weight_matrices == 175_181_291_520
