@@ -3,10 +3,18 @@ tokenizer) that loads with `from_pretrained` and generates.
 
 - GPT-2 architecture (learned positions, LayerNorm, GELU): `GPT2LMHeadModel`. GPT-2 always has biases; a
   model trained without them exports exact zeros.
-- Llama architecture (rotary positions, RMSNorm, SwiGLU, no biases): `LlamaForCausalLM`. Our rotary embedding
-  rotates interleaved pairs (x[2i], x[2i+1]); Llama rotates halves (x[i], x[i + d/2]), so the rows of W_Q and
-  W_K are permuted within each head, which leaves every attention score unchanged.
+- Llama architecture (rotary positions, RMSNorm, SwiGLU, no biases; grouped-query attention and RoPE theta
+  carried over): `LlamaForCausalLM`. Our rotary embedding rotates interleaved pairs (x[2i], x[2i+1]); Llama
+  rotates halves (x[i], x[i + d/2]), so the rows of W_Q and W_K are permuted within each head, which leaves
+  every attention score unchanged.
+- The same with QK-norm: `Qwen3ForCausalLM` (per-head RMSNorm of queries and keys before the rotation; the
+  norms' weights permuted like the rows they scale).
+- BLOOM architecture (ALiBi, LayerNorm after the embedding, LayerNorm, GELU, biases, d_ff = 4 d_model):
+  `BloomForCausalLM`, Q/K/V fused per head as BLOOM lays them out.
 - Anything else stops with a message naming the mismatching fields.
+
+Document masking has no Hugging Face counterpart in these models: the exported model gives our logits on any
+input that holds one document (no EOS after its first token), which is how it is used for generation.
 
 The tokenizer is a transformers fast tokenizer (tokenizer.json) built from the SentencePiece model by
 transformers' own converter, which follows the model's settings (normalizer, whitespace escaping, byte
@@ -26,22 +34,30 @@ import torch
 from data_prep.blend import load_data_info
 from pipeline.checkpoint.consolidate import consolidated_state_dict
 from pipeline.checkpoint.layout import read_marker, require_latest
-from pipeline.config import ConfigError, ModelConfig, PipelineConfig, mlp_width, run_dir_for
+from pipeline.config import ConfigError, ModelConfig, PipelineConfig, kv_heads, mlp_width, run_dir_for
 from pipeline.model.size import model_for_data
 
 log = logging.getLogger(__name__)
 
 
 def architecture(cfg: ModelConfig) -> str:
-    """gpt2 | llama, or ConfigError naming what matches neither."""
-    if (cfg.pos_encoding, cfg.norm, cfg.activation) == ("learned", "layernorm", "gelu"):
+    """gpt2 | llama | qwen3 | bloom, or ConfigError naming what matches none."""
+    shape = (cfg.pos_encoding, cfg.norm, cfg.activation)
+    grouped = kv_heads(cfg) != cfg.n_head
+    if shape == ("learned", "layernorm", "gelu") and not (cfg.qk_norm or cfg.embedding_norm or grouped):
         return "gpt2"
-    if (cfg.pos_encoding, cfg.norm, cfg.activation) == ("rotary", "rmsnorm", "swiglu") and not cfg.bias:
-        return "llama"
+    if shape == ("rotary", "rmsnorm", "swiglu") and not (cfg.bias or cfg.embedding_norm):
+        return "qwen3" if cfg.qk_norm else "llama"
+    if (shape == ("alibi", "layernorm", "gelu") and cfg.bias and cfg.embedding_norm and mlp_width(cfg) == 4 * cfg.d_model
+            and not (cfg.qk_norm or grouped)):
+        return "bloom"
     raise ConfigError(
-        f"model (pos_encoding={cfg.pos_encoding}, norm={cfg.norm}, activation={cfg.activation}, bias={cfg.bias}) "
-        f"matches no Hugging Face architecture this exporter writes: GPT-2 needs learned/layernorm/gelu, "
-        f"Llama needs rotary/rmsnorm/swiglu without biases."
+        f"model (pos_encoding={cfg.pos_encoding}, norm={cfg.norm}, activation={cfg.activation}, bias={cfg.bias}, "
+        f"n_kv_head={cfg.n_kv_head}, qk_norm={cfg.qk_norm}, embedding_norm={cfg.embedding_norm}) matches no Hugging "
+        f"Face architecture this exporter writes: GPT-2 needs learned/layernorm/gelu without grouped-query "
+        f"attention, QK-norm or embedding norm; Llama (Qwen 3 with qk_norm) needs rotary/rmsnorm/swiglu without "
+        f"biases or embedding norm; BLOOM needs alibi/layernorm/gelu with biases, embedding_norm, d_ff = 4 d_model "
+        f"and no grouped-query attention or QK-norm."
     )
 
 
@@ -80,34 +96,75 @@ def _gpt2(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, i
     return model
 
 
+def _halves_order(head_dim: int) -> torch.Tensor:
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
 def _interleaved_to_halves(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     head_dim = weight.shape[0] // n_head
-    perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-    return weight.view(n_head, head_dim, -1)[:, perm].reshape_as(weight)
+    return weight.view(n_head, head_dim, -1)[:, _halves_order(head_dim)].reshape_as(weight)
 
 
 def _llama(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int]):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Llama, or Qwen 3 (Llama with per-head QK-norm) when cfg.qk_norm."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    hf_cfg = LlamaConfig(
+    head_dim, n_kv = cfg.d_model // cfg.n_head, kv_heads(cfg)
+    common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=mlp_width(cfg),
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=n_kv,
         max_position_embeddings=cfg.context_length, rms_norm_eps=1e-6, hidden_act="silu",
-        rope_theta=10000.0, attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings, **special,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attention_bias=False,
+        tie_word_embeddings=cfg.tie_embeddings, **special,
     )
+    if cfg.qk_norm:
+        hf_cfg, model_class = Qwen3Config(head_dim=head_dim, **common), Qwen3ForCausalLM
+    else:
+        hf_cfg, model_class = LlamaConfig(mlp_bias=False, **common), LlamaForCausalLM
     out = {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["final_norm.weight"],
            "lm_head.weight": state["lm_head.weight"]}
     for i in range(cfg.n_layer):
         p, h = f"blocks.{i}.", f"model.layers.{i}."
         out[h + "self_attn.q_proj.weight"] = _interleaved_to_halves(state[p + "attn.q_proj.weight"], cfg.n_head)
-        out[h + "self_attn.k_proj.weight"] = _interleaved_to_halves(state[p + "attn.k_proj.weight"], cfg.n_head)
+        out[h + "self_attn.k_proj.weight"] = _interleaved_to_halves(state[p + "attn.k_proj.weight"], n_kv)
         out[h + "self_attn.v_proj.weight"] = state[p + "attn.v_proj.weight"]
         out[h + "self_attn.o_proj.weight"] = state[p + "attn.o_proj.weight"]
+        if cfg.qk_norm:
+            for x in "qk":
+                out[h + f"self_attn.{x}_norm.weight"] = state[p + f"attn.{x}_norm.weight"][_halves_order(head_dim)]
         for x in ("gate", "up", "down"):
             out[h + f"mlp.{x}_proj.weight"] = state[p + f"mlp.{x}_proj.weight"]
         out[h + "input_layernorm.weight"] = state[p + "attn_norm.weight"]
         out[h + "post_attention_layernorm.weight"] = state[p + "mlp_norm.weight"]
-    model = LlamaForCausalLM(hf_cfg)
+    model = model_class(hf_cfg)
+    _load(model, out)
+    return model
+
+
+def _bloom(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int]):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    d, n_head = cfg.d_model, cfg.n_head
+    hf_cfg = BloomConfig(
+        vocab_size=cfg.vocab_size, hidden_size=d, n_layer=cfg.n_layer, n_head=n_head, layer_norm_epsilon=1e-5,
+        hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=cfg.tie_embeddings, **special,
+    )
+    out = {"transformer.word_embeddings.weight": state["tok_emb.weight"], "lm_head.weight": state["lm_head.weight"]}
+    for ours, theirs in (("emb_norm", "word_embeddings_layernorm"), ("final_norm", "ln_f")):
+        out[f"transformer.{theirs}.weight"], out[f"transformer.{theirs}.bias"] = state[f"{ours}.weight"], state[f"{ours}.bias"]
+    for i in range(cfg.n_layer):
+        p, h = f"blocks.{i}.", f"transformer.h.{i}."
+        # BLOOM's fused projection holds, head by head, that head's query, key and value rows.
+        for kind in ("weight", "bias"):
+            per_head = [state[p + f"attn.{x}_proj.{kind}"].view(n_head, d // n_head, *([d] if kind == "weight" else []))
+                        for x in "qkv"]
+            out[h + f"self_attention.query_key_value.{kind}"] = torch.stack(per_head, dim=1).reshape(3 * d, *per_head[0].shape[2:])
+            out[h + f"self_attention.dense.{kind}"] = state[p + f"attn.o_proj.{kind}"]
+            out[h + f"mlp.dense_h_to_4h.{kind}"] = state[p + f"mlp.up_proj.{kind}"]
+            out[h + f"mlp.dense_4h_to_h.{kind}"] = state[p + f"mlp.down_proj.{kind}"]
+            out[h + f"input_layernorm.{kind}"] = state[p + f"attn_norm.{kind}"]
+            out[h + f"post_attention_layernorm.{kind}"] = state[p + f"mlp_norm.{kind}"]
+    model = BloomForCausalLM(hf_cfg)
     _load(model, out)
     return model
 
@@ -124,7 +181,7 @@ def _load(model, weights: dict[str, torch.Tensor]) -> None:
 def to_hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int] | None = None):
     """A transformers model holding the weights of our GPT (state: its fp32 state dict)."""
     special = special or {}
-    build = {"gpt2": _gpt2, "llama": _llama}[architecture(cfg)]
+    build = {"gpt2": _gpt2, "llama": _llama, "qwen3": _llama, "bloom": _bloom}[architecture(cfg)]
     return build(cfg, {k: v.float() for k, v in state.items()}, special).eval()
 
 

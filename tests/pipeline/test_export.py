@@ -11,7 +11,7 @@ from pipeline.model.gpt import GPT
 
 
 def random_model(**kw) -> tuple[ModelConfig, GPT]:
-    cfg = ModelConfig(vocab_size=211, context_length=32, n_layer=2, n_head=4, d_model=64, **kw)
+    cfg = ModelConfig(**{**dict(vocab_size=211, context_length=32, n_layer=2, n_head=4, d_model=64), **kw})
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases, so that a mapping mistake shows
@@ -26,7 +26,14 @@ def random_model(**kw) -> tuple[ModelConfig, GPT]:
     dict(bias=False, tie_embeddings=False),
     dict(pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False),  # Llama
     dict(pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=False),
-], ids=["gpt2", "gpt2-nobias-untied", "llama", "llama-untied"])
+    dict(pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False, n_kv_head=2, rope_theta=500000.0),
+    dict(pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False, n_kv_head=1, qk_norm=True),
+    dict(pos_encoding="alibi", embedding_norm=True),  # BLOOM
+    dict(pos_encoding="alibi", embedding_norm=True, tie_embeddings=False, n_head=8),
+    # Document masking changes nothing on one document (EOS only at the start): any architecture exports.
+    dict(pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False, document_mask=True, eos_id=2),
+], ids=["gpt2", "gpt2-nobias-untied", "llama", "llama-untied", "llama-gqa-theta", "qwen3-mqa-qknorm", "bloom",
+        "bloom-untied-8-heads", "llama-document-mask"])
 def test_exported_logits_match_within_1e_4(kw, tmp_path):
     """Through the files a user gets: save_pretrained (config.json + safetensors), then from_pretrained."""
     from transformers import AutoModelForCausalLM
@@ -35,8 +42,11 @@ def test_exported_logits_match_within_1e_4(kw, tmp_path):
     to_hf_model(cfg, model.state_dict()).save_pretrained(tmp_path, safe_serialization=True)
     assert (tmp_path / "model.safetensors").is_file()
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(hf).__name__ == ("LlamaForCausalLM" if kw.get("pos_encoding") == "rotary" else "GPT2LMHeadModel")
-    ids = torch.randint(0, 211, (3, 32), generator=torch.Generator().manual_seed(1))
+    expected = {"learned": "GPT2LMHeadModel", "alibi": "BloomForCausalLM"}.get(
+        kw.get("pos_encoding", "learned"), "Qwen3ForCausalLM" if kw.get("qk_norm") else "LlamaForCausalLM")
+    assert type(hf).__name__ == expected
+    ids = torch.randint(3, 211, (3, 32), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = 2  # a document after its EOS
     with torch.no_grad():
         ours, _ = model(ids)
         theirs = hf(input_ids=ids).logits

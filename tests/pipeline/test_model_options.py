@@ -171,6 +171,10 @@ def test_alibi_slopes_are_blooms_and_the_bias_is_linear_in_distance():
     assert alibi_slopes(8).tolist() == pytest.approx([2 ** (-i) for i in range(1, 9)])
     # 12 heads: the 8 of 8 heads, then the odd terms of the 16-head sequence (BLOOM's build_alibi_tensor)
     assert alibi_slopes(12).tolist() == pytest.approx([2 ** (-i) for i in range(1, 9)] + [2 ** (-i / 2) for i in (1, 3, 5, 7)])
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    for heads in (1, 4, 6, 12, 20, 32):
+        assert torch.allclose(alibi_slopes(heads), _get_alibi_slopes(heads, torch.device("cpu")).float())
     # ALiBi has no positional parameters and sees positions: a repeated token's logits differ by position
     torch.manual_seed(0)
     model = GPT(small(pos_encoding="alibi")).eval()
