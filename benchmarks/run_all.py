@@ -11,7 +11,8 @@ import sys
 import time
 
 BENCHMARKS = [
-    "train_throughput", "checkpoint_io", "generation_kv_cache", "data_prep_throughput", "zero_memory", "startup", "gpu_check",
+    "train_throughput", "checkpoint_io", "generation_kv_cache", "data_prep_throughput", "zero_memory", "startup",
+    "model_options", "gpu_check",
 ]
 
 

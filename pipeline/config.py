@@ -241,6 +241,14 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    # adamw | muon: Muon (Jordan et al. 2024; DeepSpeed's MuonWithAuxAdam, which ZeRO 1-2 partition) for the 2-D
+    # hidden matrices of the blocks, AdamW (lr, betas, no decay) for embeddings, unembedding, norms and biases.
+    optimizer: str = "adamw"
+    # Muon's learning rate (in units of spectral norm per update; Keller Jordan's 0.02) and momentum. The
+    # schedule scales it like train.lr; Muon's matrices decay by train.weight_decay. train.grad_clip does not
+    # apply with Muon (DeepSpeed would clip the gradients at ZeRO-0 but the orthogonalised updates at ZeRO 1-2).
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0
     seed: int = 1337
     log_interval_steps: int = 10
@@ -394,6 +402,7 @@ SOURCES = ("shakespeare", "text", "jsonl", "parquet", "hf_disk", "hf_hub")
 DOC_SPLITS = ("file", "line", "blank_line")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -625,6 +634,24 @@ def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelCon
     _positive("train.lr", train.lr)
     _positive("train.log_interval_steps", train.log_interval_steps)
     _choice("train.schedule", train.schedule, SCHEDULES)
+    _choice("train.optimizer", train.optimizer, OPTIMIZERS)
+    if train.optimizer == "muon":
+        _positive("train.muon_lr", train.muon_lr)
+        if not 0.0 <= train.muon_momentum < 1.0:
+            raise ConfigError(f"train.muon_momentum={train.muon_momentum} must be in [0, 1).")
+        if parallel.tensor_parallel > 1:
+            raise ConfigError(
+                "train.optimizer=muon with parallel.tensor_parallel > 1: Muon orthogonalises each whole matrix, "
+                "AutoTP leaves each rank a slice of it, and DeepSpeed does not gather the slices for Muon; train "
+                "Muon with tensor_parallel=1 (ZeRO 1-2 partition its state) or use train.optimizer=adamw."
+            )
+        if parallel.zero_stage == 3 or parallel.offload_optimizer:
+            raise ConfigError(
+                f"train.optimizer=muon with parallel.zero_stage={parallel.zero_stage}, offload_optimizer="
+                f"{parallel.offload_optimizer}: Muon is tested with ZeRO 0-2 without offload (DeepSpeed's ZeRO-3 "
+                f"and offload paths of Muon are not): choose parallel.zero_stage 0, 1 or 2 and "
+                f"offload_optimizer=false."
+            )
     if train.max_skipped_steps < 0:
         raise ConfigError(f"train.max_skipped_steps={train.max_skipped_steps} must be >= 0.")
     if train.warmup_steps < 0 or train.warmup_steps >= train.max_steps:

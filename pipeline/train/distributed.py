@@ -82,3 +82,31 @@ def grad_norm(module: torch.nn.Module, tp: int) -> float:
         dist.all_reduce(sharded, group=groups.get_tensor_model_parallel_group())
         sharded = sharded.cpu()
     return float((sharded + replicated).sqrt())
+
+
+# Replicated on every tensor-parallel rank, yet each rank's gradient covers only the heads it holds.
+HEAD_SUMMED_PARAMETERS = ("attn.q_norm.weight", "attn.k_norm.weight")
+
+
+def sum_head_gradients_over_tensor_parallel(module: torch.nn.Module, tp: int) -> int:
+    """QK-norm's weights scale every head alike, so their full gradient is the sum over all heads; under AutoTP
+    a rank holds n_head / tp heads and computes only its part. A hook sums the parts over the tensor-parallel
+    group as each gradient is produced (before DeepSpeed averages over data-parallel ranks), so every rank
+    applies the same update as one rank would. Returns the number of parameters hooked."""
+    if tp <= 1:
+        return 0
+    from deepspeed.utils import groups
+
+    group = groups.get_tensor_model_parallel_group()
+
+    def summed(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    hooked = 0
+    for name, param in module.named_parameters():
+        if name.endswith(HEAD_SUMMED_PARAMETERS):
+            param.register_hook(summed)
+            hooked += 1
+    return hooked

@@ -22,6 +22,7 @@ from pipeline.config import (
     ModelConfig,
     PipelineConfig,
     PipelineError,
+    TrainConfig,
     fingerprint,
     flatten,
     grad_accumulation_steps,
@@ -44,6 +45,7 @@ _NOT_MATH = ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints
              "eval_batches", "peak_tflops", "allow_config_change", "max_failures", "compile", "max_skipped_steps")
 
 
+_LATER_TRAIN_OPTIONS = ("optimizer", "muon_lr", "muon_momentum")
 _LATER_MODEL_OPTIONS = ("n_kv_head", "embedding_norm", "rope_theta", "document_mask", "eos_id", "qk_norm", "z_loss")
 
 
@@ -52,7 +54,9 @@ def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precisi
     too unless the schedule is constant: cosine and WSD stretch over train.max_steps, so a longer run has
     another learning rate at every step after warm-up."""
     not_math = _NOT_MATH + (("max_steps",) if cfg.train.schedule == "constant" else ())
-    train = {k: v for k, v in asdict(cfg.train).items() if k not in not_math}
+    train_defaults = asdict(TrainConfig())
+    train = {k: v for k, v in asdict(cfg.train).items()
+             if k not in not_math and not (k in _LATER_TRAIN_OPTIONS and v == train_defaults[k])}
     defaults = asdict(ModelConfig())
     # Options added after checkpoints were first written count only when set: older checkpoints still resume.
     model_math = {k: v for k, v in asdict(model).items() if not (k in _LATER_MODEL_OPTIONS and v == defaults[k])}
@@ -102,6 +106,9 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
             f"context_length."
         )
     model = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id)
+    if cfg.train.optimizer == "muon" and cfg.train.grad_clip:
+        log.warning("train.grad_clip=%g is not applied with train.optimizer=muon (see TrainConfig.muon_lr)",
+                    cfg.train.grad_clip)
     precision = resolve_precision(cfg.parallel)
     accum = grad_accumulation_steps(cfg.train, cfg.parallel, model.context_length)
     math = math_config(cfg, model, data_dir, precision, manifest.tokenizer_sha256)

@@ -69,7 +69,9 @@ def make_ds_config(
         # DeepSpeed checks this against the whole world size, tensor-parallel ranks included, when the TP
         # groups come from the config (no mpu); the samples per step are micro x accum x dp all the same.
         "train_batch_size": train.micro_batch_size * grad_accum_steps * parallel.num_workers,
-        "gradient_clipping": train.grad_clip,
+        # Not with Muon: DeepSpeed clips the raw gradients at ZeRO-0 but Muon's orthogonalised updates at ZeRO
+        # 1-2 (measured: the layouts then disagree from step 2), and Muon's updates have spectral norm ~1 anyway.
+        "gradient_clipping": 0.0 if train.optimizer == "muon" else train.grad_clip,
         "zero_optimization": {"stage": parallel.zero_stage,
                               **(bucket_sizes(d_model, parallel.zero_stage) if d_model and parallel.zero_stage else {})},
         # The optimizer is torch AdamW built by pipeline.train.optimizer (param groups, decoupled decay);

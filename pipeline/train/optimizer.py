@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on weight matrices only, and the learning-rate schedules."""
+"""AdamW with decoupled weight decay on weight matrices only, or Muon for the hidden matrices with AdamW for the
+rest; and the learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def all_gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient of every rank is finite: one flag on the gradients' device (NCCL reduces only
+    device tensors), one all-reduce, one host sync. True when there are no gradients."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return True
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().float().reshape(1)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 class SkippingAdamW(torch.optim.AdamW):
     """AdamW that skips its update, leaving weights and state untouched, when any gradient of any rank is not
     finite; `overflow` then tells DeepSpeed's engine, which also skips the learning-rate step and counts it.
@@ -44,20 +57,58 @@ class SkippingAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.check_finite and any(p.grad is not None for g in self.param_groups for p in g["params"]):
-            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            # One flag on the gradients' device (NCCL reduces only device tensors), one host sync.
-            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().float().reshape(1)
-            if torch.distributed.is_initialized():
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            self.overflow = not bool(finite.item())
+        if self.check_finite:
+            self.overflow = not all_gradients_finite(self)
             if self.overflow:
                 return None
         return super().step(closure)
 
 
+def muon_param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
+    """Muon for the 2-D hidden matrices (the weights param_groups decays), AdamW without decay for embeddings,
+    unembedding, norms and biases, as Keller Jordan's MuonWithAuxAdam example and the anchors split them. Each
+    parameter is tagged `use_muon`, which DeepSpeed's ZeRO 1-2 read to orthogonalise a matrix's whole gradient
+    before partitioning the update."""
+    hidden, other = (group["params"] for group in param_groups(model, train.weight_decay))
+    for param in hidden:
+        param.use_muon = True
+    for param in other:
+        param.use_muon = False
+    return [
+        {"params": hidden, "use_muon": True, "lr": train.muon_lr, "momentum": train.muon_momentum,
+         "weight_decay": train.weight_decay},
+        {"params": other, "use_muon": False, "lr": train.lr, "betas": (train.beta1, train.beta2), "eps": 1e-8,
+         "weight_decay": 0.0},
+    ]
+
+
+def skipping_muon_class():
+    """DeepSpeed's MuonWithAuxAdam with SkippingAdamW's finite check (imported late: importing Muon compiles
+    its kernels). The class name keeps "Muon", by which DeepSpeed's ZeRO recognises it."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    class SkippingMuonWithAuxAdam(MuonWithAuxAdam):
+        def __init__(self, groups, check_finite: bool):
+            super().__init__(groups)
+            self.check_finite = check_finite
+            self.overflow = False
+
+        @torch.no_grad()
+        def step(self, closure=None, step_id=None):
+            if self.check_finite:
+                self.overflow = not all_gradients_finite(self)
+                if self.overflow:
+                    return None
+            return super().step(closure, step_id)
+
+    return SkippingMuonWithAuxAdam
+
+
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, check_finite: bool = False) -> torch.optim.Optimizer:
-    """AdamW over param_groups; check_finite: skip non-finite updates (see SkippingAdamW)."""
+    """AdamW over param_groups, or Muon with auxiliary AdamW (train.optimizer); check_finite: skip non-finite
+    updates (see SkippingAdamW)."""
+    if train.optimizer == "muon":
+        return skipping_muon_class()(muon_param_groups(model, train), check_finite=check_finite)
     return SkippingAdamW(
         param_groups(model, train.weight_decay),
         check_finite=check_finite,

@@ -39,7 +39,13 @@ from pipeline.train.callbacks import (
     SteadyThroughput,
     StepTimes,
 )
-from pipeline.train.distributed import device_for, dp_seed, init_distributed, seed_everything
+from pipeline.train.distributed import (
+    device_for,
+    dp_seed,
+    init_distributed,
+    seed_everything,
+    sum_head_gradients_over_tensor_parallel,
+)
 from pipeline.train.job import TrainJob, TrainOutcome
 from pipeline.train.loop import Callback, LoopState, run_loop
 from pipeline.train.optimizer import build_optimizer, build_scheduler
@@ -115,6 +121,7 @@ def build_engine(job: TrainJob, ds_config: dict):
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train),
         config=ds_config,
     )
+    sum_head_gradients_over_tensor_parallel(engine.module, job.parallel.tensor_parallel)
     if job.train.compile:
         engine.compile()
     return engine

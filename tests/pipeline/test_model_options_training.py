@@ -1,0 +1,139 @@
+"""The 2026 model options and Muon in real multi-process DeepSpeed runs on CPU (gloo, fp32): a model with
+grouped-query attention, QK-norm, z-loss, RoPE theta and document masking trains the same under tensor
+parallelism 2 and ZeRO-3 as on one rank; Muon trains the same under ZeRO 0, 1 and 2, and resumes exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from distributed_helpers import run_distributed
+
+from pipeline.config import ModelConfig, ParallelConfig, TrainConfig
+from pipeline.train.ds_config import make_ds_config
+
+pytestmark = pytest.mark.distributed
+
+STEPS, EOS = 5, 1
+MODERN = ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
+                     pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=True,
+                     z_loss=1e-3, document_mask=True, eos_id=EOS, rope_theta=500000.0)
+PLAIN = ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4, d_model=32, d_ff=64)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from data_prep.shards import write_synthetic_dataset
+
+    rng = np.random.default_rng(0)
+    # Arithmetic sequences mod vocab (so that the loss moves), cut by EOS into documents of 3 to 9 tokens.
+    starts = rng.integers(2, 64, size=(256, 1))
+    steps = rng.integers(1, 4, size=(256, 1))
+    windows = 2 + (starts + steps * np.arange(17)[None, :]) % 62
+    for row in windows:
+        row[rng.choice(np.arange(2, 16), size=2, replace=False)] = EOS
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data"), windows, vocab_size=64, val_windows=16)
+
+
+def make_job(data_dir, run_dir, model, *, workers=1, tp=1, zero=0, micro=4, optimizer="adamw", steps=STEPS,
+             save_every=0, grad_clip=1.0):
+    from pipeline.train.job import TrainJob
+
+    train = TrainConfig(max_steps=steps, micro_batch_size=micro, warmup_steps=1, lr=1e-2, resume="auto",
+                        global_batch_tokens=micro * (workers // tp) * 16, log_interval_steps=1, peak_tflops=1.0,
+                        optimizer=optimizer, save_interval_steps=save_every, schedule="constant",
+                        grad_clip=grad_clip)
+    parallel = ParallelConfig(num_workers=workers, tensor_parallel=tp, zero_stage=zero, precision="fp32")
+    return TrainJob(
+        model=model, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
+        precision="fp32", grad_accum_steps=1,
+        ds_config=make_ds_config(train, parallel, "fp32", 1, d_model=model.d_model),
+        flops_per_token=1.0, config_fingerprint="test", math_config={}, tokenizer_sha256="", record_losses=True,
+    )
+
+
+def train_and_report(job):
+    from pipeline.train.worker import train_worker
+
+    return train_worker(job)
+
+
+def outcomes_of(job):
+    return run_distributed(train_and_report, job.parallel.num_workers, job)
+
+
+def losses_of(outcome, steps=range(STEPS)) -> list[float]:
+    return [outcome.losses[s] for s in steps]
+
+
+def weights_of(job):
+    from pathlib import Path
+
+    from pipeline.checkpoint.consolidate import consolidated_state_dict
+    from pipeline.checkpoint.layout import checkpoint_root, latest_complete
+
+    return consolidated_state_dict(latest_complete(checkpoint_root(Path(job.run_dir))))
+
+
+def assert_same_weights(ours, theirs, atol=1e-4):
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=atol), name
+
+
+@pytest.fixture(scope="module")
+def modern_reference(data_dir, tmp_path_factory):
+    job = make_job(data_dir, tmp_path_factory.mktemp("modern"), MODERN)
+    (outcome,) = outcomes_of(job)
+    return job, losses_of(outcome)
+
+
+def test_modern_options_learn_on_one_rank(modern_reference):
+    _, losses = modern_reference
+    assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("layout", [dict(workers=2, tp=2), dict(workers=2, micro=2, zero=3)], ids=["tp2", "zero3"])
+def test_modern_options_train_the_same_under_tensor_parallelism_and_zero_3(modern_reference, data_dir, tmp_path, layout):
+    """tp=2 splits the 4 query and 2 key/value heads (1 KV head per rank); QK-norm's weights, replicated,
+    get the sum of both ranks' head gradients. ZeRO-3 builds the same model partitioned."""
+    ref_job, expected = modern_reference
+    job = make_job(data_dir, tmp_path, MODERN, **layout)
+    assert losses_of(outcomes_of(job)[0]) == pytest.approx(expected, rel=1e-5)
+    assert_same_weights(weights_of(job), weights_of(ref_job))
+
+
+@pytest.fixture(scope="module")
+def muon_reference(data_dir, tmp_path_factory):
+    job = make_job(data_dir, tmp_path_factory.mktemp("muon"), PLAIN, optimizer="muon", steps=2 * STEPS)
+    (outcome,) = outcomes_of(job)
+    return job, losses_of(outcome, range(2 * STEPS))
+
+
+def test_muon_learns_and_differs_from_adamw(muon_reference, data_dir, tmp_path):
+    job, losses = muon_reference
+    assert losses[-1] < losses[0] - 0.1
+    adamw = losses_of(outcomes_of(make_job(data_dir, tmp_path, PLAIN, steps=2 * STEPS))[0], range(2 * STEPS))
+    assert abs(adamw[-1] - losses[-1]) > 1e-3  # another optimizer really ran
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_muon_under_zero_equals_zero_0(muon_reference, data_dir, tmp_path, zero):
+    """DeepSpeed's ZeRO 1-2 orthogonalise each matrix's whole gradient, then partition the update."""
+    ref_job, expected = muon_reference
+    job = make_job(data_dir, tmp_path, PLAIN, workers=2, micro=2, zero=zero, optimizer="muon", steps=2 * STEPS)
+    assert losses_of(outcomes_of(job)[0], range(2 * STEPS)) == pytest.approx(expected, rel=1e-4)
+    assert_same_weights(weights_of(job), weights_of(ref_job), atol=1e-3)
+
+
+def test_muon_resumes_exactly_from_its_momentum(muon_reference, data_dir, tmp_path):
+    """Stop at step 5 (a checkpoint holds Muon's momentum buffers and Adam's moments), resume to 10: the same
+    losses as the run that never stopped."""
+    _, expected = muon_reference
+    first = make_job(data_dir, tmp_path, PLAIN, optimizer="muon", steps=STEPS, save_every=STEPS)
+    outcomes_of(first)
+    second = dataclasses.replace(first, train=dataclasses.replace(first.train, max_steps=2 * STEPS))
+    resumed = outcomes_of(second)[0]
+    assert losses_of(resumed, range(STEPS, 2 * STEPS)) == pytest.approx(expected[STEPS:], rel=1e-5)
