@@ -73,6 +73,11 @@ class ModelConfig:
     activation: str = "gelu"
     # Standard deviation of the normal init; residual projections are scaled by 1/sqrt(2 * n_layer).
     init_std: float = 0.02
+    # µP (maximal update parametrisation, Yang et al. 2022) relative to a base width: null is the standard
+    # parametrisation. With m = d_model / mup_base_width, the hidden matrices start at init_std / sqrt(m) and
+    # train (AdamW) at lr / m, and the logits are multiplied by 1 / m; embeddings, norms and biases keep init_std
+    # and lr. At d_model = mup_base_width it is the standard model; a learning rate tuned there transfers.
+    mup_base_width: int | None = None
 
 
 @dataclass
@@ -379,6 +384,11 @@ class PipelineConfig:
     run_name: str = "${model.name}-${data.name}"
 
 
+def width_multiplier(cfg: ModelConfig) -> float:
+    """µP's m = d_model / mup_base_width (1.0 without µP)."""
+    return 1.0 if cfg.mup_base_width is None else cfg.d_model / cfg.mup_base_width
+
+
 def kv_heads(cfg: ModelConfig) -> int:
     """Key/value heads: model.n_kv_head, or n_head when it is null."""
     return cfg.n_head if cfg.n_kv_head is None else cfg.n_kv_head
@@ -437,6 +447,8 @@ def validate_model(model: ModelConfig) -> None:
             f"{', '.join(map(str, _divisors(model.n_head)))} (1 is multi-query attention, null is n_head)."
         )
     _positive("model.rope_theta", model.rope_theta)
+    if model.mup_base_width is not None:
+        _positive("model.mup_base_width", model.mup_base_width)
     if model.z_loss < 0:
         raise ConfigError(f"model.z_loss={model.z_loss} must be >= 0 (0 turns it off; PaLM used 1e-4).")
     _choice("model.norm", model.norm, NORMS)
@@ -644,6 +656,11 @@ def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelCon
                 "train.optimizer=muon with parallel.tensor_parallel > 1: Muon orthogonalises each whole matrix, "
                 "AutoTP leaves each rank a slice of it, and DeepSpeed does not gather the slices for Muon; train "
                 "Muon with tensor_parallel=1 (ZeRO 1-2 partition its state) or use train.optimizer=adamw."
+            )
+        if model.mup_base_width is not None:
+            raise ConfigError(
+                "train.optimizer=muon with model.mup_base_width: µP's rules here are AdamW's (lr / m on hidden "
+                "matrices); Muon's per-matrix scale sets its own width dependence. Use one or the other."
             )
         if parallel.zero_stage == 3 or parallel.offload_optimizer:
             raise ConfigError(

@@ -34,7 +34,7 @@ import torch
 from data_prep.blend import load_data_info
 from pipeline.checkpoint.consolidate import consolidated_state_dict
 from pipeline.checkpoint.layout import read_marker, require_latest
-from pipeline.config import ConfigError, ModelConfig, PipelineConfig, kv_heads, mlp_width, run_dir_for
+from pipeline.config import ConfigError, ModelConfig, PipelineConfig, kv_heads, mlp_width, run_dir_for, width_multiplier
 from pipeline.model.size import model_for_data
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,12 @@ def _load(model, weights: dict[str, torch.Tensor]) -> None:
 def to_hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int] | None = None):
     """A transformers model holding the weights of our GPT (state: its fp32 state dict)."""
     special = special or {}
+    state = dict(state)
+    if cfg.mup_base_width is not None:
+        # µP's output multiplier 1/m folded into the final norm's affine weights: lm_head(norm(x)) / m exactly.
+        for name in ("final_norm.weight", "final_norm.bias"):
+            if name in state:
+                state[name] = state[name] / width_multiplier(cfg)
     build = {"gpt2": _gpt2, "llama": _llama, "qwen3": _llama, "bloom": _bloom}[architecture(cfg)]
     return build(cfg, {k: v.float() for k, v in state.items()}, special).eval()
 

@@ -19,7 +19,9 @@ tokens at absolute positions p .. p+T-1 and attends over the cached positions be
 Options (each off by default): grouped-query attention (n_kv_head: k/v_proj have n_kv_head heads, each shared
 by n_head / n_kv_head query heads; the cache holds only those), QK-norm (blocks.{i}.attn.{q,k}_norm: RMSNorm of
 each head's queries and keys, before the rotation), z-loss, ALiBi positions (a per-head linear bias on the
-query-key distance, BLOOM's slopes), a norm after the token embedding (emb_norm, BLOOM's) and document masking: a token attends only to the tokens of its own document and its position
+query-key distance, BLOOM's slopes), a norm after the token embedding (emb_norm, BLOOM's), µP
+(mup_base_width: width-scaled initialisation here, the output multiplier in forward, the learning rates in
+pipeline.train.optimizer) and document masking: a token attends only to the tokens of its own document and its position
 counts from that document's start. A document's segment starts at the EOS before it (the separator the packed
 windows carry), so a document is predicted exactly as it would be alone after an EOS.
 """
@@ -35,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import ModelConfig, kv_heads, mlp_width
+from pipeline.config import ModelConfig, kv_heads, mlp_width, width_multiplier
 
 __all__ = ["GPT", "KVCache", "LayerKVCache"]
 
@@ -322,20 +324,25 @@ class GPT(nn.Module):
         Embedding weight ~ N(0, init_std) and every Linear bias 0, module by module in Module.apply's order
         (children first); then the residual projections again with init_std / sqrt(2 n_layer) (two per block),
         so that the residual stream's variance does not grow with depth. Run in order, the steps draw the same
-        random numbers whoever runs them."""
+        random numbers whoever runs them. Under µP the hidden matrices (every Linear in the blocks) take
+        init_std / sqrt(m): variance 1 / fan_in relative to the base width."""
+        hidden_std = self.cfg.init_std / math.sqrt(width_multiplier(self.cfg))
+        hidden = {id(m) for m in self.blocks.modules() if isinstance(m, nn.Linear)}
         steps = []
         for module in _children_first(self):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 params = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
-                steps.append((params, functools.partial(self._init_module, module)))
-        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
+                std = hidden_std if id(module) in hidden else self.cfg.init_std
+                steps.append((params, functools.partial(self._init_module, module, std)))
+        residual_std = hidden_std / math.sqrt(2 * self.cfg.n_layer)
         for name, param in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 steps.append(([param], functools.partial(nn.init.normal_, param, mean=0.0, std=residual_std)))
         return steps
 
-    def _init_module(self, module: nn.Linear | nn.Embedding) -> None:
-        nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+    @staticmethod
+    def _init_module(module: nn.Linear | nn.Embedding, std: float) -> None:
+        nn.init.normal_(module.weight, mean=0.0, std=std)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
 
@@ -410,6 +417,8 @@ class GPT(nn.Module):
         if kv_cache is not None and segment_start is not None:
             kv_cache[0].segment_start = segment_start[:, -1]
         logits = self.lm_head(self.final_norm(x))
+        if self.cfg.mup_base_width is not None:
+            logits = logits * (1.0 / width_multiplier(self.cfg))  # µP's output multiplier
         if targets is None:
             return logits, None
         loss = cross_entropy_fp32(logits, targets)

@@ -46,7 +46,8 @@ _NOT_MATH = ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints
 
 
 _LATER_TRAIN_OPTIONS = ("optimizer", "muon_lr", "muon_momentum")
-_LATER_MODEL_OPTIONS = ("n_kv_head", "embedding_norm", "rope_theta", "document_mask", "eos_id", "qk_norm", "z_loss")
+_LATER_MODEL_OPTIONS = ("n_kv_head", "embedding_norm", "rope_theta", "document_mask", "eos_id", "qk_norm", "z_loss",
+                        "mup_base_width")
 
 
 def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precision: str, tokenizer_sha256: str) -> dict:

@@ -7,13 +7,14 @@ import math
 
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, width_multiplier
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
     """Decay 2-D weight matrices; skip norms, biases and embeddings: the token and position tables and the
     unembedding (lm_head), which is the token table itself when tied, so that tying does not change what
-    decays."""
+    decays. Given lr and a µP model (model.cfg.mup_base_width), the matrices train at lr / m and the rest at lr
+    (Yang et al. 2022, Table 3 with the output multiplier: hidden matrices have both fans growing with width)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -24,10 +25,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             decay.append(param)
         else:
             no_decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    cfg = getattr(model, "cfg", None)
+    if lr is not None and cfg is not None and cfg.mup_base_width is not None:
+        groups[0]["lr"], groups[1]["lr"] = lr / width_multiplier(cfg), lr
+    return groups
 
 
 def all_gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
@@ -110,7 +112,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, check_finite: bo
     if train.optimizer == "muon":
         return skipping_muon_class()(muon_param_groups(model, train), check_finite=check_finite)
     return SkippingAdamW(
-        param_groups(model, train.weight_decay),
+        param_groups(model, train.weight_decay, train.lr),
         check_finite=check_finite,
         lr=train.lr,
         betas=(train.beta1, train.beta2),

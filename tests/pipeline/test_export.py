@@ -32,8 +32,10 @@ def random_model(**kw) -> tuple[ModelConfig, GPT]:
     dict(pos_encoding="alibi", embedding_norm=True, tie_embeddings=False, n_head=8),
     # Document masking changes nothing on one document (EOS only at the start): any architecture exports.
     dict(pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False, document_mask=True, eos_id=2),
+    dict(mup_base_width=16),  # µP's output multiplier 1/4 folded into the final norm
+    dict(pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=False, mup_base_width=32),
 ], ids=["gpt2", "gpt2-nobias-untied", "llama", "llama-untied", "llama-gqa-theta", "qwen3-mqa-qknorm", "bloom",
-        "bloom-untied-8-heads", "llama-document-mask"])
+        "bloom-untied-8-heads", "llama-document-mask", "gpt2-mup", "llama-untied-mup"])
 def test_exported_logits_match_within_1e_4(kw, tmp_path):
     """Through the files a user gets: save_pretrained (config.json + safetensors), then from_pretrained."""
     from transformers import AutoModelForCausalLM
