@@ -34,7 +34,15 @@ import torch
 from data_prep.blend import load_data_info
 from pipeline.checkpoint.consolidate import consolidated_state_dict
 from pipeline.checkpoint.layout import read_marker, require_latest
-from pipeline.config import ConfigError, ModelConfig, PipelineConfig, kv_heads, mlp_width, run_dir_for, width_multiplier
+from pipeline.config import (
+    ConfigError,
+    ModelConfig,
+    PipelineConfig,
+    kv_heads,
+    mlp_width,
+    run_dir_for,
+    width_multiplier,
+)
 from pipeline.model.size import model_for_data
 
 log = logging.getLogger(__name__)

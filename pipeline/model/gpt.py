@@ -66,6 +66,15 @@ def mean_log_z_squared(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return total / (flat_targets != -100).sum().clamp(min=1)
 
 
+def cross_entropy_and_log_z_squared(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, mean log^2 Z) over the targets that are not -100, from one log Z of fp32 logits."""
+    log_z = logits.logsumexp(-1)
+    valid = targets != -100
+    picked = logits.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    count = valid.sum().clamp(min=1)
+    return ((log_z - picked) * valid).sum() / count, (log_z.square() * valid).sum() / count
+
+
 def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the targets that are not -100, computed in fp32.
 
@@ -421,9 +430,11 @@ class GPT(nn.Module):
             logits = logits * (1.0 / width_multiplier(self.cfg))  # µP's output multiplier
         if targets is None:
             return logits, None
-        loss = cross_entropy_fp32(logits, targets)
-        if self.cfg.z_loss and self.training:
-            log_z_squared = mean_log_z_squared(logits, targets)
-            self.last_z_loss = log_z_squared.detach()  # read by the training loop, which logs it
-            loss = loss + self.cfg.z_loss * log_z_squared
-        return logits, loss
+        if not (self.cfg.z_loss and self.training):
+            return logits, cross_entropy_fp32(logits, targets)
+        if logits.dtype == torch.float32:  # one pass: the cross-entropy and z-loss share log Z
+            loss, log_z_squared = cross_entropy_and_log_z_squared(logits, targets)
+        else:
+            loss, log_z_squared = cross_entropy_fp32(logits, targets), mean_log_z_squared(logits, targets)
+        self.last_z_loss = log_z_squared.detach()  # read by the training loop, which logs it
+        return logits, loss + self.cfg.z_loss * log_z_squared

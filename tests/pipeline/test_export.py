@@ -118,3 +118,26 @@ def test_lm_eval_runs_a_local_task_on_an_exported_model(plays_tokenizer, tmp_pat
     assert (tmp_path / "work" / "lm_eval_results.json").is_file()
     with pytest.raises(ConfigError, match="unknown lm-eval task"):
         run_lm_eval(tmp_path / "hf", ["no_such_task_xyz"], tmp_path / "work2")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False, n_kv_head=2),
+    dict(pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=True),
+    dict(),
+], ids=["llama", "qwen3", "gpt2"])
+def test_a_document_masked_model_exports_with_packed_windows_given_position_ids(kw):
+    """transformers reads packed documents from position_ids that restart (no attention_mask, no cache): fed our positions
+    (counting from each document's EOS), the exported model gives our document-masked logits on packed
+    windows too."""
+    from pipeline.model.gpt import document_segments
+
+    cfg, model = random_model(document_mask=True, eos_id=2, **kw)
+    hf = to_hf_model(cfg, model.state_dict())
+    ids = torch.randint(3, 211, (2, 32), generator=torch.Generator().manual_seed(1))
+    ids[0, [0, 9, 20]] = 2
+    ids[1, [5, 6]] = 2
+    positions = torch.arange(32) - document_segments(ids, 2, 0, None)
+    with torch.no_grad():
+        ours, _ = model(ids)
+        theirs = hf(input_ids=ids, position_ids=positions, use_cache=False).logits
+    assert (ours - theirs).abs().max() < 1e-4

@@ -224,3 +224,18 @@ def test_parameter_count_matches_the_module(options):
     assert p.norms == sum(t.numel() for n, t in params.items() if "norm" in n)
     assert p.biases == sum(t.numel() for n, t in params.items() if n.endswith("proj.bias"))
     assert p.attention == sum(t.numel() for n, t in params.items() if n.endswith(tuple(f"{m}_proj.weight" for m in "qkvo")) and "attn" in n)
+
+
+def test_z_loss_of_16_bit_logits_is_computed_in_fp32_chunks(monkeypatch):
+    """16-bit logits: log Z in fp32, a chunk of rows at a time (as the cross-entropy), the same value."""
+    from pipeline.model import gpt
+
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_ELEMENTS", 3 * VOCAB)  # 3 rows per chunk
+    logits = torch.randn(2, 8, VOCAB).bfloat16().requires_grad_()
+    targets = torch.randint(0, VOCAB, (2, 8))
+    targets[1, :2] = -100
+    chunked = gpt.mean_log_z_squared(logits, targets)
+    _, expected = gpt.cross_entropy_and_log_z_squared(logits.detach().float(), targets)
+    assert chunked.item() == pytest.approx(expected.item(), rel=1e-6)
+    chunked.backward()
+    assert logits.grad.dtype == torch.bfloat16 and logits.grad[1, :2].abs().sum() == 0

@@ -1,10 +1,13 @@
 """The 2026 model options and Muon in real multi-process DeepSpeed runs on CPU (gloo, fp32): a model with
-grouped-query attention, QK-norm, z-loss, RoPE theta and document masking trains the same under tensor
-parallelism 2 and ZeRO-3 as on one rank; Muon trains the same under ZeRO 0, 1 and 2, and resumes exactly."""
+grouped-query attention, QK-norm, z-loss, RoPE theta, µP and document masking trains (loss falls), trains the
+same under tensor parallelism 2 and ZeRO-3 as on one rank, resumes exactly and exports (Qwen 3) with the same
+logits; so does a BLOOM-like ALiBi model (BLOOM export); Muon trains the same under ZeRO 0, 1 and 2, and resumes
+exactly."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +22,9 @@ pytestmark = pytest.mark.distributed
 STEPS, EOS = 5, 1
 MODERN = ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
                      pos_encoding="rotary", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=True,
-                     z_loss=1e-3, document_mask=True, eos_id=EOS, rope_theta=500000.0)
+                     z_loss=1e-3, document_mask=True, eos_id=EOS, rope_theta=500000.0, mup_base_width=16)
+ALIBI = ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4, d_model=32, d_ff=128, pos_encoding="alibi",
+                    embedding_norm=True, document_mask=True, eos_id=EOS)
 PLAIN = ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4, d_model=32, d_ff=64)
 
 
@@ -83,33 +88,82 @@ def assert_same_weights(ours, theirs, atol=1e-4):
         assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=atol), name
 
 
+def uninterrupted(data_dir, run_dir, model, **kw):
+    """2 x STEPS steps on one rank, a checkpoint at STEPS and at the end."""
+    job = make_job(data_dir, run_dir, model, steps=2 * STEPS, save_every=STEPS, **kw)
+    (outcome,) = outcomes_of(job)
+    return job, losses_of(outcome, range(2 * STEPS))
+
+
 @pytest.fixture(scope="module")
 def modern_reference(data_dir, tmp_path_factory):
-    job = make_job(data_dir, tmp_path_factory.mktemp("modern"), MODERN)
-    (outcome,) = outcomes_of(job)
-    return job, losses_of(outcome)
+    return uninterrupted(data_dir, tmp_path_factory.mktemp("modern"), MODERN)
 
 
-def test_modern_options_learn_on_one_rank(modern_reference):
-    _, losses = modern_reference
+@pytest.fixture(scope="module")
+def alibi_reference(data_dir, tmp_path_factory):
+    return uninterrupted(data_dir, tmp_path_factory.mktemp("alibi"), ALIBI)
+
+
+def resumed_from_the_middle(data_dir, tmp_path, reference, model, **kw):
+    """The reference resumed from its checkpoint at STEPS in another run directory: (losses of the steps after
+    it, final weights)."""
+    from pipeline.checkpoint.layout import checkpoint_root, find_tag
+
+    ref_job, _ = reference
+    tag = find_tag(checkpoint_root(Path(ref_job.run_dir)) / f"step_{STEPS:08d}")
+    job = dataclasses.replace(make_job(data_dir, tmp_path, model, steps=2 * STEPS, **kw), resume_from=str(tag))
+    return losses_of(outcomes_of(job)[0], range(STEPS, 2 * STEPS)), weights_of(job)
+
+
+def check_learns_resumes_and_exports(data_dir, tmp_path, reference, model, architecture):
+    from pipeline.evaluation.export import to_hf_model
+    from pipeline.model.gpt import GPT
+
+    ref_job, losses = reference
     assert losses[-1] < losses[0] - 0.1
+    # Resumed from the reference's checkpoint at STEPS: the same losses and weights as the run that never stopped.
+    resumed_losses, weights = resumed_from_the_middle(data_dir, tmp_path, reference, model)
+    assert resumed_losses == pytest.approx(losses[STEPS:], rel=1e-5)
+    assert_same_weights(weights, weights_of(ref_job), atol=1e-6)
+    # The trained model exported: the same logits on a document (an EOS, then tokens without one).
+    ours = GPT(model).eval()
+    ours.load_state_dict(weights)
+    hf = to_hf_model(model, weights)
+    assert type(hf).__name__ == architecture
+    ids = torch.cat([torch.tensor([[EOS]]), torch.randint(2, 64, (1, 15), generator=torch.Generator().manual_seed(0))], 1)
+    with torch.no_grad():
+        assert (ours(ids)[0] - hf(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_modern_options_learn_resume_exactly_and_export(modern_reference, data_dir, tmp_path):
+    check_learns_resumes_and_exports(data_dir, tmp_path, modern_reference, MODERN, "Qwen3ForCausalLM")
+
+
+def test_alibi_model_learns_resumes_exactly_and_exports(alibi_reference, data_dir, tmp_path):
+    check_learns_resumes_and_exports(data_dir, tmp_path, alibi_reference, ALIBI, "BloomForCausalLM")
 
 
 @pytest.mark.parametrize("layout", [dict(workers=2, tp=2), dict(workers=2, micro=2, zero=3)], ids=["tp2", "zero3"])
 def test_modern_options_train_the_same_under_tensor_parallelism_and_zero_3(modern_reference, data_dir, tmp_path, layout):
     """tp=2 splits the 4 query and 2 key/value heads (1 KV head per rank); QK-norm's weights, replicated,
-    get the sum of both ranks' head gradients. ZeRO-3 builds the same model partitioned."""
+    get the sum of both ranks' head gradients. ZeRO-3 builds the same (µP-initialised) model partitioned."""
     ref_job, expected = modern_reference
-    job = make_job(data_dir, tmp_path, MODERN, **layout)
-    assert losses_of(outcomes_of(job)[0]) == pytest.approx(expected, rel=1e-5)
+    job = make_job(data_dir, tmp_path, MODERN, steps=2 * STEPS, **layout)
+    assert losses_of(outcomes_of(job)[0], range(2 * STEPS)) == pytest.approx(expected, rel=1e-5)
+    assert_same_weights(weights_of(job), weights_of(ref_job))
+
+
+def test_alibi_model_trains_the_same_under_zero_3(alibi_reference, data_dir, tmp_path):
+    ref_job, expected = alibi_reference
+    job = make_job(data_dir, tmp_path, ALIBI, workers=2, micro=2, zero=3, steps=2 * STEPS)
+    assert losses_of(outcomes_of(job)[0], range(2 * STEPS)) == pytest.approx(expected, rel=1e-5)
     assert_same_weights(weights_of(job), weights_of(ref_job))
 
 
 @pytest.fixture(scope="module")
 def muon_reference(data_dir, tmp_path_factory):
-    job = make_job(data_dir, tmp_path_factory.mktemp("muon"), PLAIN, optimizer="muon", steps=2 * STEPS)
-    (outcome,) = outcomes_of(job)
-    return job, losses_of(outcome, range(2 * STEPS))
+    return uninterrupted(data_dir, tmp_path_factory.mktemp("muon"), PLAIN, optimizer="muon")
 
 
 def test_muon_learns_and_differs_from_adamw(muon_reference, data_dir, tmp_path):
@@ -129,11 +183,9 @@ def test_muon_under_zero_equals_zero_0(muon_reference, data_dir, tmp_path, zero)
 
 
 def test_muon_resumes_exactly_from_its_momentum(muon_reference, data_dir, tmp_path):
-    """Stop at step 5 (a checkpoint holds Muon's momentum buffers and Adam's moments), resume to 10: the same
-    losses as the run that never stopped."""
-    _, expected = muon_reference
-    first = make_job(data_dir, tmp_path, PLAIN, optimizer="muon", steps=STEPS, save_every=STEPS)
-    outcomes_of(first)
-    second = dataclasses.replace(first, train=dataclasses.replace(first.train, max_steps=2 * STEPS))
-    resumed = outcomes_of(second)[0]
-    assert losses_of(resumed, range(STEPS, 2 * STEPS)) == pytest.approx(expected[STEPS:], rel=1e-5)
+    """The checkpoint at STEPS holds Muon's momentum buffers and Adam's moments: resumed, the same losses and
+    weights as the run that never stopped."""
+    ref_job, expected = muon_reference
+    losses, weights = resumed_from_the_middle(data_dir, tmp_path, muon_reference, PLAIN, optimizer="muon")
+    assert losses == pytest.approx(expected[STEPS:], rel=1e-5)
+    assert_same_weights(weights, weights_of(ref_job), atol=1e-6)

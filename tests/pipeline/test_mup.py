@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, TrainConfig, validate_train, ParallelConfig
+from pipeline.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, validate_train
 from pipeline.model.gpt import GPT
 from pipeline.train.optimizer import build_optimizer
 
