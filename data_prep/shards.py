@@ -274,9 +274,11 @@ class WindowDataset:
 
 
 def write_synthetic_dataset(
-    root: Path, windows: np.ndarray, vocab_size: int, val_windows: int = 0, shard_windows: int | None = None
+    root: Path, windows: np.ndarray, vocab_size: int, val_windows: int = 0, shard_windows: int | None = None,
+    tokenizer: Path | None = None,
 ) -> Path:
-    """A data set from given token windows (for tests and benchmarks), with a placeholder tokenizer file."""
+    """A data set from given token windows (for tests and benchmarks), with a placeholder tokenizer file or a
+    copy of a real SentencePiece model (`tokenizer`, for what reads it: bits per byte, samples)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     dtype = dtype_for_vocab(vocab_size)
@@ -286,7 +288,7 @@ def write_synthetic_dataset(
         writer = ShardWriter(root, split, windows.shape[1], dtype, shard_windows=shard_windows or max(1, len(part)))
         writer.add(np.asarray(part))
         splits[split] = writer.close()
-    write_atomic(root / TOKENIZER_FILE, b"synthetic")
+    write_atomic(root / TOKENIZER_FILE, Path(tokenizer).read_bytes() if tokenizer else b"synthetic")
     manifest = Manifest(
         format_version=FORMAT_VERSION, vocab_size=vocab_size, dtype=dtype.str, window_length=windows.shape[1],
         tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(root / TOKENIZER_FILE),

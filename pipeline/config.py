@@ -257,10 +257,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1337
     log_interval_steps: int = 10
-    # Validation loss during training every N steps (0: only at the end, by evaluate); logged as
-    # interval_val_loss over the first eval_batches micro-batches of the validation split.
+    # Validation on the training workers (the training layout, each rank a slice) every N steps and at the
+    # last step, over the eval.max_tokens budget; logged as val_loss, val_perplexity, val_bits_per_byte at the
+    # step (0: none during training; pipeline evaluate scores checkpoints).
     eval_interval_steps: int = 0
-    eval_batches: int = 8
     # Checkpoint every N steps (0: only at the end).
     save_interval_steps: int = 0
     keep_last_checkpoints: int = 2
@@ -282,6 +282,9 @@ class TrainConfig:
 class EvalConfig:
     """Validation metrics and samples from a trained checkpoint."""
 
+    # Which checkpoints `pipeline evaluate` scores, each logged at its own step: latest | all (every complete tag
+    # of the run) | a tag (step_00000200, or a tag directory).
+    checkpoint: str = "latest"
     # Validation tokens to score; null scores the whole validation split.
     max_tokens: int | None = None
     batch_size: int = 16
@@ -297,6 +300,10 @@ class EvalConfig:
     seed: int = 0
     # `pipeline export`: the Hugging Face directory to write (null: <run dir>/hf/<checkpoint tag>).
     export_dir: str | None = None
+    # fp32 | bf16: the exported weights' dtype (converted one tensor at a time).
+    export_dtype: str = "fp32"
+    # Safetensors files of at most this size, with model.safetensors.index.json when there are several.
+    export_shard_size: str = "5GB"
     # lm-eval-harness tasks run on the exported model by `pipeline evaluate` (needs lm-eval installed).
     tasks: list[str] = field(default_factory=list)
     # At most this many examples per task (null: all).
@@ -310,6 +317,10 @@ class TrackingConfig:
     # Tracking URI; null uses a SQLite store under output_dir.
     uri: str | None = None
     experiment: str = "pipeline"
+    # MLflow system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, GPU
+    # utilisation and memory where pynvml sees GPUs, ...) sampled every this many seconds by the first training
+    # worker of each node (system/node<k>/... with several nodes); 0 turns them off.
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass
@@ -413,6 +424,7 @@ DOC_SPLITS = ("file", "line", "blank_line")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "muon")
+EXPORT_DTYPES = ("fp32", "bf16")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -703,6 +715,9 @@ def validate_eval(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.top_p={ev.top_p} must be in (0, 1].")
     if ev.max_tokens is not None:
         _positive("eval.max_tokens", ev.max_tokens)
+    _choice("eval.export_dtype", ev.export_dtype, EXPORT_DTYPES)
+    if ev.checkpoint in ("", None):
+        raise ConfigError("eval.checkpoint is empty: set latest, all, or a checkpoint tag (step_00000200).")
 
 
 def validate_sweep(sweep: SweepConfig) -> None:

@@ -35,7 +35,7 @@ TINY = [
 def test_pipeline_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", *TINY, f"output_dir={out}"],
+        [sys.executable, "-m", "pipeline.cli", "run", *TINY, f"output_dir={out}", "train.save_interval_steps=100"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -57,16 +57,21 @@ def test_pipeline_run_end_to_end(tmp_path):
     metrics = run.data.metrics
     # The model learned context: it beats a unigram model of the same tokens.
     assert metrics["val_loss"] < metrics["unigram_val_loss"] - 0.1
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [200]  # the checkpoint's step
+    # Scored on the 2 training workers at steps 100 and 200, then by pipeline evaluate (one process) at the
+    # checkpoint's step 200: the same number.
+    val_history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert sorted({m.step for m in val_history}) == [100, 200]
+    at_200 = [m.value for m in val_history if m.step == 200]
+    assert len(at_200) == 2 and at_200[0] == pytest.approx(at_200[1], rel=1e-5)
     assert 0 < metrics["val_bits_per_byte"] < metrics["val_loss"] / 0.6931  # nats/token over ln 2, > 1 byte/token
-    for key in ("train_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "memory_mb", "step_time_s"):
-        assert key in metrics, key
+    for key in ("train_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "memory_mb", "step_time_s",
+                "system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert key in metrics, key  # the run's own metrics and MLflow's system metrics
     assert run.data.params["model.n_layer"] == "2"
     assert (run.info.experiment_id, run.info.run_id) == page.groups()
     assert run.data.tags["final_step"] == "200" and "final_step" not in metrics  # constants are tags
     assert float(run.data.tags["peak_tflops_per_worker"]) > 0 and "peak_tflops_per_worker" not in metrics
     assert run.data.params["parallel.num_workers"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "interval_val_loss")] == [100, 200]
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [50, 100, 150, 200]
     assert history[-1].value < history[0].value
@@ -115,13 +120,19 @@ def test_pipeline_run_end_to_end(tmp_path):
     assert all(weights[k].dtype == torch.float32 and torch.equal(weights[k], expected[k]) for k in expected)
     assert weights["tok_emb.weight"].shape == (512, 64)
 
-    # lm-eval-harness on the exported model, offline, with the result logged to the training run.
+    # Every checkpoint (steps 100 and 200) evaluated after the fact, each logged at its step, with lm-eval-harness
+    # on each exported checkpoint, offline.
     tasks = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", *TINY, f"output_dir={out}",
-                            "eval.tasks=[shakespeare_next_line]", "eval.tasks_limit=8", "eval.num_samples=0"],
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                            "eval.checkpoint=all", "eval.tasks=[shakespeare_next_line]", "eval.tasks_limit=8",
+                            "eval.num_samples=1"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert tasks.returncode == 0, tasks.stderr[-3000:]
     acc = client.get_metric_history(run.info.run_id, "lm_eval.shakespeare_next_line.acc")
-    assert [m.step for m in acc] == [200] and 0.0 <= acc[0].value <= 1.0
+    assert [m.step for m in acc] == [100, 200] and all(0.0 <= m.value <= 1.0 for m in acc)
+    val_history = client.get_metric_history(run.info.run_id, "val_loss")
+    at_100 = [m.value for m in val_history if m.step == 100]  # the workers' during training, evaluate's now
+    assert len(at_100) == 2 and at_100[0] == pytest.approx(at_100[1], rel=1e-5)
+    samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert {"samples/step_00000100.txt", "samples/step_00000200.txt"} <= samples
 
 
 @pytest.mark.distributed

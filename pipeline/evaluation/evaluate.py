@@ -6,24 +6,30 @@ Everything is logged to the training run's MLflow run, at the step of the checkp
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data_prep.blend import component_dirs, component_splits, is_blend, load_data_info, open_split
 from data_prep.shards import WindowDataset, load_manifest
 from data_prep.tokenizer import load_tokenizer
 from pipeline.checkpoint.consolidate import consolidated_state_dict
-from pipeline.checkpoint.layout import read_marker, require_latest
+from pipeline.checkpoint.layout import (
+    CheckpointError,
+    checkpoint_root,
+    complete_tags,
+    is_complete,
+    read_marker,
+    require_latest,
+)
 from pipeline.config import EvalConfig, PipelineConfig, run_dir_for
 from pipeline.data.loader import window_batches
 from pipeline.evaluation.downstream import run_lm_eval
 from pipeline.evaluation.export import export
-from pipeline.model.generation import generate
+from pipeline.evaluation.metrics import LossTotals, token_byte_lengths
+from pipeline.evaluation.sharded import sharded_validation_totals
+from pipeline.model.generation import generate_batch
 from pipeline.model.gpt import GPT
 from pipeline.model.size import model_for_data
 from pipeline.tracking import Tracker
@@ -33,47 +39,10 @@ log = logging.getLogger(__name__)
 VALIDATION_SPLIT = "validation"
 
 
-@dataclass
-class LossTotals:
-    nats: float
-    tokens: int
-    bytes: int
-
-    @property
-    def mean_loss(self) -> float:
-        return self.nats / self.tokens
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.mean_loss)
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.nats / math.log(2) / max(1, self.bytes)
-
-
-def token_byte_lengths(sp) -> np.ndarray:
-    """UTF-8 bytes each token stands for (byte-fallback pieces are one byte; control tokens none)."""
-    lengths = np.zeros(sp.get_piece_size(), dtype=np.int64)
-    for i in range(sp.get_piece_size()):
-        if sp.is_control(i) or sp.is_unknown(i):
-            continue
-        lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
-    return lengths
-
-
-@torch.no_grad()
 def validation_totals(model, dataset, batch_size: int, max_tokens: int | None, byte_lengths: np.ndarray) -> LossTotals:
-    """Summed next-token loss over the validation windows; `model(inputs)` returns (logits, _)."""
-    nats, tokens, nbytes = 0.0, 0, 0
-    lengths = torch.from_numpy(byte_lengths)
-    for inputs, targets in window_batches(dataset, batch_size, max_tokens):
-        logits, _ = model(inputs)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-        nats += loss.item()
-        tokens += targets.numel()
-        nbytes += int(lengths[targets].sum())
-    return LossTotals(nats, tokens, nbytes)
+    """Summed next-token loss over the validation windows of the budget, in one process (the workers' sharded
+    validation at data-parallel size 1)."""
+    return sharded_validation_totals(model, dataset, batch_size, max_tokens, byte_lengths, next(model.parameters()).device)
 
 
 def unigram_totals(train_counts: np.ndarray, dataset, max_tokens: int | None, byte_lengths: np.ndarray) -> LossTotals:
@@ -118,15 +87,14 @@ def load_trained_model(model_cfg, tag_dir: Path):
 
 
 def sample_texts(model, sp, prompt: str, ev: EvalConfig, eos_id: int, n_samples: int) -> list[str]:
-    """n_samples continuations of prompt (prompt included), with the eval.* sampling settings; sample i draws
-    with seed eval.seed + i."""
+    """n_samples continuations of prompt (prompt included), with the eval.* sampling settings, sampled together
+    in one batch (generate_batch) seeded with eval.seed."""
+    if n_samples < 1:
+        return []
     prompt_ids = sp.encode(prompt)
-    texts = []
-    for i in range(n_samples):
-        new = generate(model, prompt_ids, ev.max_new_tokens, temperature=ev.temperature, top_k=ev.top_k,
-                       top_p=ev.top_p, eos_id=eos_id, seed=ev.seed + i)
-        texts.append(sp.decode(prompt_ids + new))
-    return texts
+    (samples,) = generate_batch(model, [prompt_ids], ev.max_new_tokens, num_samples=n_samples,
+                                temperature=ev.temperature, top_k=ev.top_k, top_p=ev.top_p, eos_id=eos_id, seed=ev.seed)
+    return [sp.decode(prompt_ids + new) for new in samples]
 
 
 def generate_text(cfg: PipelineConfig, data_dir: Path, prompt: str) -> list[str]:
@@ -138,23 +106,57 @@ def generate_text(cfg: PipelineConfig, data_dir: Path, prompt: str) -> list[str]
                         max(1, cfg.eval.num_samples))
 
 
-def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
+def checkpoints_to_evaluate(cfg: PipelineConfig) -> list[Path]:
+    """The complete checkpoint tags eval.checkpoint names, oldest first: latest (the run's latest), all (every
+    complete tag of the run), or one tag (its name, e.g. step_00000200, or its directory)."""
     run_dir = run_dir_for(cfg)
-    tag_dir = require_latest(run_dir)
-    step = int(read_marker(tag_dir)["step"])
+    which = cfg.eval.checkpoint
+    if which == "latest":
+        return [require_latest(run_dir)]
+    root = checkpoint_root(run_dir)
+    if which == "all":
+        tags = complete_tags(root)
+        if not tags:
+            require_latest(run_dir)  # raises, saying how to get a checkpoint
+        return [root / t for t in tags]
+    tag_dir = Path(which) if Path(which).is_absolute() or "/" in which else root / which
+    if not is_complete(tag_dir):
+        raise CheckpointError(
+            f"eval.checkpoint={which}: {tag_dir} is not a complete checkpoint; choose latest, all, or one of "
+            f"{', '.join(complete_tags(root)) or '(none: train the run first)'}."
+        )
+    return [tag_dir]
+
+
+def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
+    """Score the checkpoints eval.checkpoint names, each logged to the run at its own step; the metrics of the
+    last (the newest) are returned."""
+    tags = checkpoints_to_evaluate(cfg)
     manifest = load_data_info(data_dir)
     sp = load_tokenizer(manifest.tokenizer_path)
     model_cfg = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id)
-    model = load_trained_model(model_cfg, tag_dir)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-
     val = open_split(data_dir, VALIDATION_SPLIT)
     byte_lengths = token_byte_lengths(sp)
     if len(byte_lengths) < model_cfg.vocab_size:
         byte_lengths = np.pad(byte_lengths, (0, model_cfg.vocab_size - len(byte_lengths)))
+    unigram = unigram_totals(train_token_counts(data_dir, model_cfg.vocab_size), val, cfg.eval.max_tokens, byte_lengths)
+    tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(cfg), cfg.run_name)
+    try:
+        results = [evaluate_checkpoint(cfg, data_dir, tag_dir, model_cfg, sp, val, byte_lengths, unigram, tracker)
+                   for tag_dir in tags]
+        tracker.set_tags({"evaluated_checkpoint": str(tags[-1])})
+    finally:
+        tracker.close()
+    return results[-1]
+
+
+def evaluate_checkpoint(cfg: PipelineConfig, data_dir: Path, tag_dir: Path, model_cfg, sp, val, byte_lengths,
+                        unigram: LossTotals, tracker) -> dict[str, float]:
+    step = int(read_marker(tag_dir)["step"])
+    manifest = load_data_info(data_dir)
+    model = load_trained_model(model_cfg, tag_dir)
     totals = validation_totals(model, val, cfg.eval.batch_size, cfg.eval.max_tokens, byte_lengths)
-    counts = train_token_counts(data_dir, model_cfg.vocab_size)
-    unigram = unigram_totals(counts, val, cfg.eval.max_tokens, byte_lengths)
     metrics = {
         "val_loss": totals.mean_loss,
         "val_perplexity": totals.perplexity,
@@ -177,9 +179,8 @@ def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
     text = "\n\n".join(f"--- sample {i} (step {step}) ---\n{s}" for i, s in enumerate(samples))
     print(text)
 
-    tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir, cfg.run_name)
     if cfg.eval.tasks:
-        hf_dir = export(cfg, data_dir)
+        hf_dir = export(cfg, data_dir, tag_dir=tag_dir)
         downstream = run_lm_eval(hf_dir, cfg.eval.tasks, hf_dir.parent / f"lm_eval_{tag_dir.name}", cfg.eval.tasks_limit)
         for task, values in downstream.items():
             metrics.update({f"lm_eval.{task}.{name}": value for name, value in values.items()})
@@ -188,6 +189,4 @@ def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
     tracker.log(metrics, step=step)
     if text:
         tracker.log_text(text, f"samples/step_{step:08d}.txt")
-    tracker.set_tags({"evaluated_checkpoint": str(tag_dir)})
-    tracker.close()
     return {**metrics, "step": step}

@@ -25,7 +25,9 @@ segmentations score the same. The SentencePiece model itself is kept beside it a
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -99,9 +101,7 @@ def _gpt2(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, i
         for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
             out[h + f"{theirs}.weight"] = state[p + f"{ours}.weight"]
             out[h + f"{theirs}.bias"] = bias(p + f"{ours}.bias", d)
-    model = GPT2LMHeadModel(hf_cfg)
-    _load(model, out)
-    return model
+    return GPT2LMHeadModel, hf_cfg, out
 
 
 def _halves_order(head_dim: int) -> torch.Tensor:
@@ -144,9 +144,7 @@ def _llama(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, 
             out[h + f"mlp.{x}_proj.weight"] = state[p + f"mlp.{x}_proj.weight"]
         out[h + "input_layernorm.weight"] = state[p + "attn_norm.weight"]
         out[h + "post_attention_layernorm.weight"] = state[p + "mlp_norm.weight"]
-    model = model_class(hf_cfg)
-    _load(model, out)
-    return model
+    return model_class, hf_cfg, out
 
 
 def _bloom(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int]):
@@ -172,9 +170,7 @@ def _bloom(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, 
             out[h + f"mlp.dense_4h_to_h.{kind}"] = state[p + f"mlp.down_proj.{kind}"]
             out[h + f"input_layernorm.{kind}"] = state[p + f"attn_norm.{kind}"]
             out[h + f"post_attention_layernorm.{kind}"] = state[p + f"mlp_norm.{kind}"]
-    model = BloomForCausalLM(hf_cfg)
-    _load(model, out)
-    return model
+    return BloomForCausalLM, hf_cfg, out
 
 
 def _load(model, weights: dict[str, torch.Tensor]) -> None:
@@ -186,8 +182,13 @@ def _load(model, weights: dict[str, torch.Tensor]) -> None:
         model.tie_weights()
 
 
-def to_hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int] | None = None):
-    """A transformers model holding the weights of our GPT (state: its fp32 state dict)."""
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def hf_weights(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int] | None = None):
+    """(transformers model class, its config, its state dict) for the weights of our GPT (state). The tensors
+    are ours or views of them where the layouts agree (fused or permuted ones are new), so nothing holds a
+    second full copy of the model."""
     special = special or {}
     state = dict(state)
     if cfg.mup_base_width is not None:
@@ -196,7 +197,57 @@ def to_hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[
             if name in state:
                 state[name] = state[name] / width_multiplier(cfg)
     build = {"gpt2": _gpt2, "llama": _llama, "qwen3": _llama, "bloom": _bloom}[architecture(cfg)]
-    return build(cfg, {k: v.float() for k, v in state.items()}, special).eval()
+    return build(cfg, {k: v.float() for k, v in state.items()}, special)
+
+
+def to_hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int] | None = None):
+    """A transformers model holding the weights of our GPT (state: its fp32 state dict)."""
+    model_class, hf_cfg, weights = hf_weights(cfg, state, special)
+    model = model_class(hf_cfg)
+    _load(model, weights)
+    return model.eval()
+
+
+def parse_size(text: str) -> int:
+    """Bytes of '5GB', '500MB', '2GiB' or '1024' (decimal units as transformers reads them, binary with 'i')."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?)b?\s*", str(text).lower())
+    if not match:
+        raise ConfigError(f"eval.export_shard_size={text!r} is not a size: write e.g. 5GB, 500MB or 2GiB.")
+    number, unit, binary = match.groups()
+    power = "kmgt".index(unit) + 1 if unit else 0
+    return int(float(number) * (1024 if binary else 1000) ** power)
+
+
+def write_weights(out_dir: Path, weights: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_bytes: int,
+                  skip: set[str] = frozenset()) -> list[str]:
+    """The weights as safetensors files of at most max_shard_bytes (a tensor larger than that gets a file of its
+    own), converted to dtype one tensor at a time: model.safetensors when one file holds them all, else
+    model-00001-of-0000N.safetensors ... with model.safetensors.index.json, as transformers shards them."""
+    from safetensors.torch import save_file
+
+    names = [n for n in weights if n not in skip]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = weights[name].numel() * torch.finfo(dtype).bits // 8
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    total = 0
+    for file, shard in zip(files, shards, strict=True):
+        tensors = {n: weights[n].detach().to(dtype).contiguous() for n in shard}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
+        del tensors
+    if len(files) > 1:
+        weight_map = {n: f for f, shard in zip(files, shards, strict=True) for n in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return files
 
 
 def hf_tokenizer(sp_model: Path):
@@ -216,22 +267,32 @@ def hf_tokenizer(sp_model: Path):
                                    pad_token="<pad>", clean_up_tokenization_spaces=False)
 
 
-def export(cfg: PipelineConfig, data_dir: Path, out_dir: Path | None = None) -> Path:
+def export(cfg: PipelineConfig, data_dir: Path, out_dir: Path | None = None, tag_dir: Path | None = None) -> Path:
+    """The run's latest checkpoint (or tag_dir) as a Hugging Face directory (default <run>/hf/<tag>)."""
     try:
         import transformers  # noqa: F401
     except ImportError as err:
         raise ConfigError("pipeline export needs transformers: pip install 'transformers>=5' "
                           "(or the project's dev extra)") from err
     architecture(cfg.model)  # fail before reading any checkpoint
-    tag_dir = require_latest(run_dir_for(cfg))
+    tag_dir = tag_dir or require_latest(run_dir_for(cfg))
     manifest = load_data_info(data_dir)
     model_cfg = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id)
     special = {"bos_token_id": manifest.bos_id, "eos_token_id": manifest.eos_id, "pad_token_id": manifest.pad_id}
-    model = to_hf_model(model_cfg, consolidated_state_dict(tag_dir), special)
+    dtype = EXPORT_DTYPES[cfg.eval.export_dtype]
+    max_shard = parse_size(cfg.eval.export_shard_size)
+    model_class, hf_cfg, weights = hf_weights(model_cfg, consolidated_state_dict(tag_dir), special)
     out_dir = out_dir or run_dir_for(cfg) / "hf" / tag_dir.name
-    model.save_pretrained(out_dir, safe_serialization=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("model*.safetensors"), *out_dir.glob("model.safetensors.index.json")]:
+        old.unlink()  # shards of an earlier export would mix with these
+    hf_cfg.architectures = [model_class.__name__]
+    hf_cfg.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    hf_cfg.save_pretrained(out_dir)
+    # Tied: transformers reads the unembedding from the embedding.
+    files = write_weights(out_dir, weights, dtype, max_shard, {"lm_head.weight"} if hf_cfg.tie_word_embeddings else set())
     hf_tokenizer(manifest.tokenizer_path).save_pretrained(out_dir)
     shutil.copy2(manifest.tokenizer_path, out_dir / "tokenizer.model")
-    log.info("exported step %d of %s as %s to %s", read_marker(tag_dir)["step"], cfg.run_name,
-             type(model).__name__, out_dir)
+    log.info("exported step %d of %s as %s (%s, %d file%s) to %s", read_marker(tag_dir)["step"], cfg.run_name,
+             model_class.__name__, cfg.eval.export_dtype, len(files), "s" * (len(files) > 1), out_dir)
     return out_dir

@@ -99,3 +99,98 @@ def generate(
         return new
     finally:
         model.train(was_training)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """One token id per row of (B, vocab) logits; temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate_batch(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    seed: int | None = None,
+) -> list[list[list[int]]]:
+    """num_samples continuations of each prompt, sampled together: out[p][s] holds the new ids of sample s of
+    prompt p, at most max_new_tokens, ending with eos_id if it was sampled.
+
+    Prompts of the same length share one batch (num_samples rows each) and one preallocated key-value cache;
+    each step feeds one token per row. A row that sampled EOS stops growing (its further draws are discarded);
+    the batch stops when every row did or after max_new_tokens. The context window is handled as in
+    generate(). With a seed the draws come from one CPU generator for the whole call: the same call gives the
+    same tokens on any device.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy).")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1].")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1.")
+    starts = []
+    for prompt in prompts:
+        if not prompt and eos_id is None:
+            raise ValueError("a prompt is empty and eos_id is None: give at least one prompt token.")
+        starts.append(list(prompt) or [eos_id])
+    context = model.cfg.context_length
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu")
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    by_length: dict[int, list[int]] = {}
+    for index, tokens in enumerate(starts):
+        by_length.setdefault(len(tokens), []).append(index)
+    was_training = model.training
+    model.eval()
+    try:
+        for length in sorted(by_length):
+            group = by_length[length]
+            rows = torch.tensor([starts[i] for i in group for _ in range(num_samples)], device=device)
+            new = _sample_rows(model, rows, max_new_tokens, context, temperature, top_k, top_p, eos_id, generator)
+            for k, index in enumerate(group):
+                out[index] = new[k * num_samples : (k + 1) * num_samples]
+        return out
+    finally:
+        model.train(was_training)
+
+
+def _sample_rows(model, rows: torch.Tensor, max_new_tokens: int, context: int, temperature: float, top_k: int,
+                 top_p: float, eos_id: int | None, generator: torch.Generator) -> list[list[int]]:
+    """New ids of each row of equally long prompts (B, T), sampled in one batch."""
+    batch = rows.shape[0]
+    new = torch.empty(batch, 0, dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.bool)
+    tokens, cache = rows, None
+    for _ in range(max_new_tokens):
+        if cache is None or cache[0].length >= context:
+            cache = model.new_kv_cache()  # first step, or the cache is full: encode the last window from 0
+            logits, _ = model(tokens[:, -context:], kv_cache=cache)
+        else:
+            logits, _ = model(tokens[:, -1:], kv_cache=cache, start_pos=cache[0].length)
+        drawn = sample_tokens(logits[:, -1].float().cpu(), temperature, top_k, top_p, generator)
+        new = torch.cat([new, drawn[:, None]], dim=1)
+        tokens = torch.cat([tokens, drawn[:, None].to(tokens.device)], dim=1)
+        if eos_id is not None:
+            done |= drawn == eos_id
+            if bool(done.all()):
+                break
+    result = []
+    for row in new.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        result.append(row)
+    return result

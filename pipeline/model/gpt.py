@@ -160,24 +160,39 @@ def _children_first(module: nn.Module) -> Iterator[nn.Module]:
 
 class LayerKVCache:
     """Keys and values of one attention layer for the positions seen so far, each (B, H_kv_local, T, head_dim):
-    under grouped-query attention the cache holds the n_kv_head key/value heads, not n_head."""
+    under grouped-query attention the cache holds the n_kv_head key/value heads, not n_head. The buffers are
+    allocated once, for `capacity` positions (the model's context), on the first extend, and filled in place: no
+    copy of the cache per generated token."""
 
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self.k_buffer: torch.Tensor | None = None
+        self.v_buffer: torch.Tensor | None = None
         # Document masking: the absolute position where each row's last document segment started (B,).
         self.segment_start: torch.Tensor | None = None
 
     @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+    def k(self) -> torch.Tensor | None:
+        return None if self.k_buffer is None else self.k_buffer[:, :, : self.length]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self.v_buffer is None else self.v_buffer[:, :, : self.length]
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new positions' keys and values; return those of every position so far."""
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
+        end = self.length + k.shape[2]
+        if self.k_buffer is None or end > self.k_buffer.shape[2]:
+            size = max(end, self.capacity or 0)
+            k_buffer, v_buffer = k.new_empty(*k.shape[:2], size, k.shape[3]), v.new_empty(*v.shape[:2], size, v.shape[3])
+            if self.k_buffer is not None:  # more positions than the capacity: copied once into a larger buffer
+                k_buffer[:, :, : self.length], v_buffer[:, :, : self.length] = self.k, self.v
+            self.k_buffer, self.v_buffer = k_buffer, v_buffer
+        self.k_buffer[:, :, self.length : end] = k
+        self.v_buffer[:, :, self.length : end] = v
+        self.length = end
+        return self.k, self.v
 
 
 KVCache = list[LayerKVCache]  # one per block; make one with GPT.new_kv_cache()
@@ -360,8 +375,9 @@ class GPT(nn.Module):
         self.activation_checkpointing = enabled
 
     def new_kv_cache(self) -> KVCache:
-        """An empty key-value cache, filled in place by forward(..., kv_cache=cache)."""
-        return [LayerKVCache() for _ in self.blocks]
+        """An empty key-value cache for up to context_length positions, filled in place by
+        forward(..., kv_cache=cache)."""
+        return [LayerKVCache(self.cfg.context_length) for _ in self.blocks]
 
     def forward(
         self,

@@ -5,7 +5,7 @@
     SteadyThroughput     tokens/s after the first two steps (start-up left out)
     StepTimes            when the first and the last step ended, for the start-up report
     NonFiniteGuard       skipped updates (non-finite gradients) counted and logged; too many in a row stop the run
-    IntervalValidation   validation loss every train.eval_interval_steps
+    Validation           validation loss on the workers every train.eval_interval_steps and at the end
     PreemptionCheck      a signal or PREEMPT file on any rank: checkpoint, then stop
     PeriodicCheckpoint   a checkpoint every train.save_interval_steps
     FinalCheckpoint      the checkpoint at max_steps
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint.save_load import save_checkpoint
-from pipeline.data.loader import RankBatches, window_batches
+from pipeline.data.loader import RankBatches
+from pipeline.evaluation.sharded import sharded_validation_totals
 from pipeline.train.job import TrainJob
 from pipeline.train.loop import Callback, LoopState, StepResult
 from pipeline.train.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
@@ -213,38 +214,39 @@ class NonFiniteGuard(Callback):
             )
 
 
-@torch.no_grad()
-def validation_loss(engine, dataset, micro_batch: int, n_batches: int, device: torch.device) -> float:
-    """Mean loss over the first n_batches x micro_batch validation windows. Every rank runs the same batches
-    (ZeRO-3 and tensor parallelism need all ranks in each forward); the result is identical on all ranks."""
-    engine.eval()
-    total, count = 0.0, 0
-    for i, (inputs, targets) in enumerate(window_batches(dataset, micro_batch, None)):
-        if i == n_batches:
-            break
-        _, loss = engine(inputs.to(device), targets.to(device))
-        total += loss.item() * targets.numel()
-        count += targets.numel()
-    engine.train()
-    return total / max(1, count)
+class Validation(Callback):
+    """Validation loss, perplexity and bits per byte over the evaluation budget (eval.max_tokens; the whole
+    validation split when null), scored on the workers with the training layout (pipeline.evaluation.sharded),
+    every train.eval_interval_steps and at the last step; logged as val_loss, val_perplexity,
+    val_bits_per_byte (bits per UTF-8 byte of text) and val_tokens at the step, and kept for the driver."""
 
+    def __init__(self, dataset, interval: int, micro_batch: int, max_tokens: int | None, byte_lengths,
+                 device: torch.device, rank: int, dp_size: int, tp: int, tracker=None):
+        self.dataset, self.interval, self.micro_batch, self.max_tokens = dataset, interval, micro_batch, max_tokens
+        self.byte_lengths, self.device, self.rank, self.dp_size, self.tp = byte_lengths, device, rank, dp_size, tp
+        self.tracker = tracker
+        self.losses: dict[int, float] = {}  # step -> val_loss
 
-class IntervalValidation(Callback):
-    """interval_val_loss every train.eval_interval_steps, over the first train.eval_batches micro-batches."""
-
-    def __init__(self, dataset, interval: int, micro_batch: int, n_batches: int, device: torch.device, rank: int,
-                 tracker=None):
-        self.dataset, self.interval, self.micro_batch, self.n_batches = dataset, interval, micro_batch, n_batches
-        self.device, self.rank, self.tracker = device, rank, tracker
+    def evaluate(self, state: LoopState, step: int) -> None:
+        if not len(self.dataset) or step in self.losses:
+            return
+        totals = sharded_validation_totals(state.engine, self.dataset, self.micro_batch, self.max_tokens,
+                                           self.byte_lengths, self.device, self.dp_size, self.rank // self.tp, self.tp)
+        self.losses[step] = totals.mean_loss
+        if self.rank == 0:
+            log.info("step %d validation loss %.4f (perplexity %.2f, %.3f bits/byte) over %d tokens", step,
+                     totals.mean_loss, totals.perplexity, totals.bits_per_byte, totals.tokens)
+            if self.tracker:
+                self.tracker.log({"val_loss": totals.mean_loss, "val_perplexity": totals.perplexity,
+                                  "val_bits_per_byte": totals.bits_per_byte, "val_tokens": float(totals.tokens)},
+                                 step=step)
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
-        if not len(self.dataset) or result.done % self.interval:
-            return
-        val_loss = validation_loss(state.engine, self.dataset, self.micro_batch, self.n_batches, self.device)
-        if self.rank == 0:
-            log.info("step %d validation loss %.4f", result.done, val_loss)
-            if self.tracker:
-                self.tracker.log({"interval_val_loss": val_loss}, step=result.done)
+        if self.interval and result.done % self.interval == 0:
+            self.evaluate(state, result.done)
+
+    def at_end(self, state: LoopState) -> None:
+        self.evaluate(state, max(state.start_step, state.max_steps))
 
 
 class PreemptionCheck(Callback):

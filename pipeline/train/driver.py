@@ -13,6 +13,8 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from data_prep.blend import component_dirs, is_blend, load_blend, load_data_info, open_split
 from data_prep.shards import check_dataset_checksums
 from pipeline.checkpoint.resume import plan_resume
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # Train settings that do not change the numbers a run computes.
 _NOT_MATH = ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints", "resume", "eval_interval_steps",
-             "eval_batches", "peak_tflops", "allow_config_change", "max_failures", "compile", "max_skipped_steps")
+             "peak_tflops", "allow_config_change", "max_failures", "compile", "max_skipped_steps")
 
 
 _LATER_TRAIN_OPTIONS = ("optimizer", "muon_lr", "muon_momentum")
@@ -127,10 +129,27 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
         config_fingerprint=fingerprint(math),
         math_config=math,
         tokenizer_sha256=manifest.tokenizer_sha256,
+        eval_max_tokens=cfg.eval.max_tokens,
+        system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
         job_id=uuid.uuid4().hex,
         tracking_uri=tracking_uri,
         mlflow_run_id=run_id,
     )
+
+
+# The run's description in MLflow (its Overview page): what each metric measures, in which unit.
+METRICS_GUIDE = """Metrics and their units:
+- train_loss, val_loss (and val_loss.<source>), unigram_val_loss: cross-entropy in nats per token
+  (train_loss: mean over the steps since the last log; val_loss: over the eval.max_tokens validation budget).
+- val_perplexity: exp(val_loss); val_bits_per_byte: bits per UTF-8 byte of validation text.
+- z_loss: mean log^2 Z of the softmax normaliser (when model.z_loss > 0).
+- tokens_per_s: training tokens per second over all workers; step_time_s: seconds of the logged step.
+- mfu: model FLOPs utilisation, a fraction of the peak in the tag mfu_peak (TFLOP/s per worker).
+- memory_mb: rank 0's peak GPU memory allocated (on CPU: its process's peak resident set), MiB;
+  grad_norm: L2 norm of the gradients before clipping.
+- tokens_seen: tokens trained on; data_share.<source>, data_epochs.<source>: a mixture's shares and epochs.
+- startup/<phase>_s: seconds of each start-up phase; system/...: MLflow's system metrics (units in their names).
+"""
 
 
 def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path, tags: dict[str, str] | None = None):
@@ -144,7 +163,9 @@ def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path, tags: dict[str,
         "resolved.data_dir": job.data_dir,
         "resolved.config_fingerprint": job.config_fingerprint,
     })
-    tracker.set_tags({"stage": "train", "data_dir": str(data_dir)})
+    tracker.set_tags({"stage": "train", "data_dir": str(data_dir), "mlflow.note.content": METRICS_GUIDE})
+    # Under document masking the attention term counts the attended context measured on the data.
+    tracker.log_params({"resolved.flops_per_token": f"{job.flops_per_token:.6g}"})
     if is_blend(data_dir):
         blend = load_blend(data_dir)
         tracker.log_params({f"resolved.blend.{c.name}": f"share {c.share:.6g} of {blend.component_dir(c).name}"
@@ -183,7 +204,7 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
         raise Preempted(outcome)
     report_startup(outcome.timeline | {"process_start": process_start_time(), "launched": launched,
                                        "returned": time.time()}, tracker, outcome.final_step)
-    finish_run(tracker, outcome, run_dir, cfg.run_name)
+    finish_run(tracker, outcome, run_dir, cfg.run_name, unigram_baseline(cfg, data_dir, job.model.vocab_size))
     return outcome
 
 
@@ -191,15 +212,29 @@ class TrainingFailed(PipelineError, RuntimeError):
     """The workers stopped the run (e.g. it diverged); the message says at which step and what to do."""
 
 
-def finish_run(tracker, outcome: TrainOutcome, run_dir: Path, run_name: str) -> None:
-    """Record the checkpoint and the loss curve, and mark the MLflow run finished."""
+def unigram_baseline(cfg: PipelineConfig, data_dir: Path, vocab_size: int) -> float | None:
+    """The unigram model's validation loss over the evaluation budget, from the token counts prepare stored."""
+    from pipeline.evaluation.evaluate import train_token_counts, unigram_totals
+
+    val = open_split(data_dir, "validation")
+    if not len(val):
+        return None
+    counts = train_token_counts(data_dir, vocab_size)
+    return unigram_totals(counts, val, cfg.eval.max_tokens, np.zeros(vocab_size, dtype=np.int64)).mean_loss
+
+
+def finish_run(tracker, outcome: TrainOutcome, run_dir: Path, run_name: str, unigram: float | None = None) -> None:
+    """Record the checkpoint and the loss curve (training, validation, unigram baseline), and mark the MLflow run
+    finished."""
     tracker.set_tags({"checkpoint": outcome.checkpoint})
     if outcome.worker_nodes:
         tracker.set_tags({"ray_worker_nodes": ",".join(outcome.worker_nodes)})
     history = tracker.client.get_metric_history(tracker.run_id, "train_loss")
     if history:
         points = sorted((m.step, m.value) for m in history)
-        path = plot_loss_curve([s for s, _ in points], [v for _, v in points], run_dir / "loss_curve.png", run_name)
+        val = sorted((m.step, m.value) for m in tracker.client.get_metric_history(tracker.run_id, "val_loss"))
+        path = plot_loss_curve([s for s, _ in points], [v for _, v in points], run_dir / "loss_curve.png", run_name,
+                               val, unigram)
         tracker.log_artifact(path, "plots")
     tracker.close()
     log.info("training finished at step %d; checkpoint %s", outcome.final_step, outcome.checkpoint)

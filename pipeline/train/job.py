@@ -38,6 +38,10 @@ class TrainJob:
     extra: dict = field(default_factory=dict)
     # cluster.storage_uri: the object store that holds the data set and the checkpoints (pipeline.cluster.storage).
     storage_uri: str | None = None
+    # tracking.system_metrics_interval_s (0: no system metrics).
+    system_metrics_interval_s: float = 0.0
+    # eval.max_tokens: the validation budget scored on the workers every train.eval_interval_steps (null: all).
+    eval_max_tokens: int | None = None
 
 
 @dataclass
@@ -61,3 +65,5 @@ class TrainOutcome:
     failure: str | None = None
     # Wall-clock times (time.time()) of rank 0's start-up phases and steps (pipeline.train.startup).
     timeline: dict[str, float] = field(default_factory=dict)
+    # Validation loss by step, scored on the workers (train.eval_interval_steps and the last step).
+    val_losses: dict[int, float] = field(default_factory=dict)

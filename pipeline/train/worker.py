@@ -15,22 +15,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_prep.blend import open_split
+from data_prep.blend import load_data_info, open_split
 from pipeline.checkpoint.layout import checkpoint_root, latest_complete, read_marker
 from pipeline.checkpoint.save_load import is_node_leader, load_checkpoint
 from pipeline.checkpoint.store_sync import pull_checkpoint, pull_latest_checkpoint
 from pipeline.cluster.storage import ObjectStore
 from pipeline.data.loader import RankBatches
 from pipeline.data.store_sync import pull_dataset
+from pipeline.evaluation.metrics import token_byte_lengths
 from pipeline.model.gpt import GPT
 from pipeline.tracking import Tracker
 from pipeline.train.callbacks import (
     Checkpointer,
     FinalCheckpoint,
-    IntervalValidation,
     LossHistory,
     MetricsLogger,
     NonFiniteGuard,
@@ -38,6 +39,7 @@ from pipeline.train.callbacks import (
     PreemptionCheck,
     SteadyThroughput,
     StepTimes,
+    Validation,
 )
 from pipeline.train.distributed import (
     device_for,
@@ -136,7 +138,7 @@ class WorkerCallbacks:
     steady: SteadyThroughput
     step_times: StepTimes
     non_finite: NonFiniteGuard
-    validation: IntervalValidation | None
+    validation: Validation | None
     preemption: PreemptionCheck
     periodic: PeriodicCheckpoint
     final: FinalCheckpoint
@@ -144,6 +146,14 @@ class WorkerCallbacks:
     def in_order(self) -> list[Callback]:
         return [c for c in (self.history, self.metrics, self.steady, self.step_times, self.non_finite, self.validation,
                             self.preemption, self.periodic, self.final) if c is not None]
+
+
+def byte_lengths_of(job: TrainJob) -> np.ndarray:
+    """UTF-8 bytes per token id of the data set's tokenizer, padded to the model's vocabulary."""
+    from data_prep.tokenizer import load_tokenizer
+
+    lengths = token_byte_lengths(load_tokenizer(load_data_info(Path(job.data_dir)).tokenizer_path))
+    return np.pad(lengths, (0, max(0, job.model.vocab_size - len(lengths))))
 
 
 def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpointer, start_step: int,
@@ -157,8 +167,9 @@ def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpoin
     tokens_per_step = batches.global_batch * job.model.context_length
     validation = None
     if train.eval_interval_steps:
-        validation = IntervalValidation(open_split(Path(job.data_dir), "validation"), train.eval_interval_steps,
-                                        train.micro_batch_size, train.eval_batches, device, rank, tracker)
+        validation = Validation(open_split(Path(job.data_dir), "validation"), train.eval_interval_steps,
+                                train.micro_batch_size, job.eval_max_tokens, byte_lengths_of(job), device, rank,
+                                world // job.parallel.tensor_parallel, job.parallel.tensor_parallel, tracker)
     return WorkerCallbacks(
         history=LossHistory(job.record_losses),
         metrics=MetricsLogger(job, batches, world, peak, device, rank, tracker),
@@ -170,6 +181,23 @@ def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpoin
         periodic=PeriodicCheckpoint(checkpointer, train.save_interval_steps),
         final=FinalCheckpoint(checkpointer, resumed_from, rank, tracker),
     )
+
+
+def start_system_metrics(job: TrainJob, rank: int, world: int):
+    """MLflow's system metrics monitor (a thread sampling CPU, memory, disk, network and GPUs) on the first
+    worker of each node, logging to the run; None when off, without a run, or on the node's other ranks."""
+    if not (job.system_metrics_interval_s and job.mlflow_run_id and is_node_leader()):
+        return None
+    import os
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    node_id = f"node{rank // per_node}" if world > per_node else None
+    monitor = SystemMetricsMonitor(job.mlflow_run_id, sampling_interval=job.system_metrics_interval_s,
+                                   resume_logging=True, node_id=node_id, tracking_uri=job.tracking_uri)
+    monitor.start()
+    return monitor
 
 
 def train_worker(job: TrainJob) -> TrainOutcome:
@@ -199,6 +227,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     # Sends in the background: a tracking server that goes away never stalls or stops training.
     tracker = (Tracker(job.tracking_uri, job.mlflow_run_id, background=True, spill_dir=job.run_dir)
                if rank == 0 and job.mlflow_run_id else None)
+    monitor = start_system_metrics(job, rank, world)
     checkpointer = Checkpointer(engine, job, batches, ckpt_root, world, store)
     callbacks = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, tracker, timeline)
     timeline["engine_ready"] = time.time()
@@ -207,6 +236,8 @@ def train_worker(job: TrainJob) -> TrainOutcome:
                         job.parallel.zero_stage, tp)
     finally:
         batches.close()
+        if monitor is not None:
+            monitor.finish()
         if tracker is not None:
             tracker.flush()
     outcome = outcome_of(loop, callbacks, engine, resumed_from)
@@ -232,5 +263,6 @@ def outcome_of(loop: LoopState, callbacks: WorkerCallbacks, engine, resumed_from
         resumed_from=resumed_from,
         grad_norms=history.grad_norms,
         local_parameters=sum(p.numel() for p in engine.module.parameters()),
+        val_losses=dict(callbacks.validation.losses) if callbacks.validation else {},
         steady_tokens_per_s=metrics.tokens_per_s if steady is None else steady,
     )

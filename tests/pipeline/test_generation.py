@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.model.generation import filter_logits, generate
+from pipeline.model.generation import filter_logits, generate, generate_batch
 from pipeline.model.gpt import GPT
 
 
@@ -102,3 +102,43 @@ def test_bad_sampling_arguments_are_errors():
         generate(model, [1], 2, temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [1], 2, top_p=0.0)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(pos_encoding="rotary", n_kv_head=1, document_mask=True, eos_id=3)])
+def test_batched_greedy_generation_equals_one_prompt_at_a_time_even_past_the_context(options):
+    """Prompts of different lengths (batched by length) and several samples each, one preallocated cache per
+    batch: greedy rows equal generate() of each prompt alone, also past the 16-position context."""
+    model = tiny_model(**options)
+    prompts = [[5, 7, 11], [2, 9, 4, 8, 1], [6, 6, 6], [8]]
+    batched = generate_batch(model, prompts, 25, num_samples=2, temperature=0)
+    for prompt, samples in zip(prompts, batched, strict=True):
+        expected = generate(model, prompt, 25, temperature=0)
+        assert samples == [expected, expected]
+
+
+def test_batched_sampling_is_reproducible_and_rows_differ():
+    model = tiny_model()
+    (a,) = generate_batch(model, [[1, 2]], 20, num_samples=4, temperature=1.0, seed=3)
+    assert len(a) == 4 and len({tuple(row) for row in a}) > 1  # the samples are drawn independently
+    assert generate_batch(model, [[1, 2]], 20, num_samples=4, temperature=1.0, seed=3) == [a]
+    assert generate_batch(model, [[1, 2]], 20, num_samples=4, temperature=1.0, seed=4) != [a]
+
+
+def test_batched_rows_stop_at_their_own_eos():
+    model = tiny_model()
+    (rows,) = generate_batch(model, [[1, 2]], 30, num_samples=6, temperature=2.0, seed=0)
+    eos = rows[0][2]  # a token that row 0 sampled third: stop there
+    (cut,) = generate_batch(model, [[1, 2]], 30, num_samples=6, temperature=2.0, seed=0, eos_id=eos)
+    for full, short in zip(rows, cut, strict=True):
+        end = full.index(eos) + 1 if eos in full else len(full)
+        assert short == full[:end]
+
+
+def test_the_cache_is_allocated_once_for_the_context():
+    model = tiny_model(n_kv_head=1)
+    cache = model.new_kv_cache()
+    model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+    buffer = cache[0].k_buffer
+    for t in range(3, 16):
+        model(torch.tensor([[4]]), kv_cache=cache, start_pos=t)
+    assert cache[0].k_buffer is buffer and buffer.shape == (1, 1, 16, 16) and cache[0].length == 16

@@ -1,0 +1,72 @@
+"""Validation on the training workers: each data-parallel rank scores its slice of the validation windows with
+the training layout (tensor parallelism, ZeRO stage, precision, device), and the sums are reduced exactly.
+
+    windows 0 .. n-1 (n from the token budget, as pipeline evaluate counts it)
+    data-parallel rank r of d takes windows r, r + d, r + 2d, ...   (tensor-parallel ranks of a group alike)
+    every rank runs the same number of micro-batches, a short slice padded with a window whose targets are
+    ignored, because ZeRO-3 and AutoTP need every rank in every forward
+    totals = all-reduce of (summed nats, tokens, bytes) over all ranks, in float64, divided by the tensor-parallel
+             degree (the ranks of a tensor-parallel group score the same windows and hold the same sums)
+
+So the loss is the sum of the per-token losses over the sum of the tokens (not a mean of means), and the same
+number at any layout up to float reordering.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline.evaluation.metrics import LossTotals
+
+
+def validation_windows(n_windows: int, window_length: int, max_tokens: int | None) -> int:
+    """How many validation windows the budget covers (all of them when max_tokens is None)."""
+    if max_tokens is None:
+        return n_windows
+    return min(n_windows, max(1, math.ceil(max_tokens / (window_length - 1))))
+
+
+def rank_slices(n: int, dp_size: int, dp_rank: int, micro_batch: int) -> list[np.ndarray]:
+    """This rank's windows as micro-batches of indices, -1 where a short slice is padded; the same number of
+    micro-batches on every rank."""
+    mine = np.arange(dp_rank, n, dp_size)
+    steps = max(1, math.ceil(math.ceil(n / dp_size) / micro_batch))
+    padded = np.full(steps * micro_batch, -1, dtype=np.int64)
+    padded[: len(mine)] = mine
+    return list(padded.reshape(steps, micro_batch))
+
+
+@torch.no_grad()
+def sharded_validation_totals(module, dataset, micro_batch: int, max_tokens: int | None, byte_lengths: np.ndarray,
+                              device: torch.device, dp_size: int = 1, dp_rank: int = 0, tp: int = 1) -> LossTotals:
+    """The validation totals over the budget's windows, this rank scoring its slice; module(inputs) returns
+    (logits, _) (a DeepSpeed engine or the model). On more than one rank (dp_size x tp) every rank must call it
+    (a collective). The module's training mode is restored afterwards."""
+    was_training = module.training
+    module.eval()
+    n = validation_windows(len(dataset), dataset.window_length, max_tokens)
+    lengths = torch.from_numpy(np.asarray(byte_lengths, dtype=np.int64))
+    sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
+    try:
+        for indices in rank_slices(n, dp_size, dp_rank, micro_batch):
+            real = indices >= 0
+            windows = torch.from_numpy(dataset.windows(np.where(real, indices, 0)).astype(np.int64, copy=False))
+            inputs, targets = windows[:, :-1], windows[:, 1:].clone()
+            targets[torch.from_numpy(~real)] = -100
+            logits, _ = module(inputs.to(device))
+            nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.to(device).reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+            kept = targets[targets != -100]
+            sums += torch.tensor([float(nats), kept.numel(), float(lengths[kept].sum())], dtype=torch.float64)
+    finally:
+        module.train(was_training)
+    if dp_size * tp > 1:
+        reduced = sums.to(device)
+        dist.all_reduce(reduced)
+        sums = reduced.cpu() / tp
+    return LossTotals(float(sums[0]), int(sums[1]), int(sums[2]))
