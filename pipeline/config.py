@@ -317,9 +317,9 @@ class TrackingConfig:
     # Tracking URI; null uses a SQLite store under output_dir.
     uri: str | None = None
     experiment: str = "pipeline"
-    # MLflow system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, GPU
-    # utilisation and memory where pynvml sees GPUs, ...) sampled every this many seconds by the first training
-    # worker of each node (system/node<k>/... with several nodes); 0 turns them off.
+    # MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, GPU
+    # utilisation and memory where pynvml sees GPUs, ...) of rank 0's node, averaged over this many seconds and
+    # logged at the training step reached; 0 turns them off.
     system_metrics_interval_s: float = 10.0
 
 

@@ -195,12 +195,17 @@ class Tracker:
         return cls(uri, run.info.run_id, background=background, spill_dir=run_dir)
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """Params not logged to the run before (a resumed run keeps its first values); in the background, like
+        metrics, when the tracker sends in the background (a server that goes away meanwhile stalls nothing)."""
         from mlflow.entities import Param
 
-        existing = self.client.get_run(self.run_id).data.params
-        fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
-        for start in range(0, len(fresh), 100):
-            self.client.log_batch(self.run_id, params=fresh[start : start + 100])
+        def send() -> None:
+            existing = self.client.get_run(self.run_id).data.params
+            fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+            for start in range(0, len(fresh), 100):
+                self.client.log_batch(self.run_id, params=fresh[start : start + 100])
+
+        self._call("params", send, dict(params))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

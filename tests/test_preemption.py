@@ -19,13 +19,13 @@ pytestmark = pytest.mark.distributed
 
 def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "pipeline.cli", "train", *TINY, "train.max_steps=300", "train.log_interval_steps=5",
+    args = [sys.executable, "-m", "pipeline.cli", "train", *TINY, "train.max_steps=60", "train.log_interval_steps=5",
             "train.eval_interval_steps=0", f"output_dir={out}"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     seen_step, lines = 0, []
     for line in proc.stdout:
         lines.append(line)
-        match = re.search(r"step (\d+)/300", line)
+        match = re.search(r"step (\d+)/60", line)
         if match and int(match.group(1)) >= 10:
             seen_step = int(match.group(1))
             break
@@ -37,12 +37,12 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     assert time.time() - signalled < 60
     tag = latest_complete(out / "runs" / "tiny-shakespeare" / "checkpoints")
     saved_step = int(tag.name.split("_")[1])
-    assert seen_step <= saved_step < 300
+    assert seen_step <= saved_step < 60
 
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {tag}" in resumed.stdout + resumed.stderr
-    assert latest_complete(out / "runs" / "tiny-shakespeare" / "checkpoints").name == "step_00000300"
+    assert latest_complete(out / "runs" / "tiny-shakespeare" / "checkpoints").name == "step_00000060"
 
 
 def test_pipeline_preempt_has_a_training_run_checkpoint_and_waits_for_it(tmp_path):

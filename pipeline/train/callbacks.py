@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -247,6 +248,56 @@ class Validation(Callback):
 
     def at_end(self, state: LoopState) -> None:
         self.evaluate(state, max(state.start_step, state.max_steps))
+
+
+class SystemMetrics(Callback):
+    """MLflow's system metrics collectors (CPU and memory, disk, network, NVIDIA or AMD GPUs), sampled on a
+    background thread every `interval` seconds and sent through the worker's tracker, whose queue outlives a
+    tracking server outage (MLflow's own SystemMetricsMonitor blocks on an unreachable server and stops for good
+    after one failure). Logged as system/<name> at the training step reached; the mean over the interval."""
+
+    def __init__(self, tracker, interval: float):
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+        self.tracker, self.interval, self.step = tracker, interval, 0
+        self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        for gpu in ("gpu_monitor.GPUMonitor", "rocm_monitor.ROCMMonitor"):
+            module, name = gpu.split(".")
+            try:
+                self.monitors.append(getattr(__import__(f"mlflow.system_metrics.metrics.{module}", fromlist=[name]),
+                                             name)())
+                break
+            except Exception:  # noqa: BLE001 - no such GPU or library on this node
+                continue
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)
+
+    def start(self) -> SystemMetrics:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        samples = max(1, round(self.interval))  # about one sample a second, averaged over the interval
+        while not self._stop.is_set():
+            for _ in range(samples):
+                for monitor in self.monitors:
+                    monitor.collect_metrics()
+                if self._stop.wait(self.interval / samples):
+                    return
+            metrics = {}
+            for monitor in self.monitors:
+                metrics.update(monitor.aggregate_metrics())
+                monitor.clear_metrics()
+            self.tracker.log({f"system/{k}": v for k, v in metrics.items()}, step=self.step)
+
+    def after_step(self, state: LoopState, result: StepResult) -> None:
+        self.step = result.done
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class PreemptionCheck(Callback):

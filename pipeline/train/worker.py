@@ -39,6 +39,7 @@ from pipeline.train.callbacks import (
     PreemptionCheck,
     SteadyThroughput,
     StepTimes,
+    SystemMetrics,
     Validation,
 )
 from pipeline.train.distributed import (
@@ -183,21 +184,12 @@ def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpoin
     )
 
 
-def start_system_metrics(job: TrainJob, rank: int, world: int):
-    """MLflow's system metrics monitor (a thread sampling CPU, memory, disk, network and GPUs) on the first
-    worker of each node, logging to the run; None when off, without a run, or on the node's other ranks."""
-    if not (job.system_metrics_interval_s and job.mlflow_run_id and is_node_leader()):
+def start_system_metrics(job: TrainJob, tracker: Tracker | None) -> SystemMetrics | None:
+    """System metrics of rank 0's node (CPU, memory, disk, network, GPUs), sent through rank 0's tracker; None
+    when off or without a tracker."""
+    if not (job.system_metrics_interval_s and tracker is not None):
         return None
-    import os
-
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    node_id = f"node{rank // per_node}" if world > per_node else None
-    monitor = SystemMetricsMonitor(job.mlflow_run_id, sampling_interval=job.system_metrics_interval_s,
-                                   resume_logging=True, node_id=node_id, tracking_uri=job.tracking_uri)
-    monitor.start()
-    return monitor
+    return SystemMetrics(tracker, job.system_metrics_interval_s).start()
 
 
 def train_worker(job: TrainJob) -> TrainOutcome:
@@ -227,13 +219,13 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     # Sends in the background: a tracking server that goes away never stalls or stops training.
     tracker = (Tracker(job.tracking_uri, job.mlflow_run_id, background=True, spill_dir=job.run_dir)
                if rank == 0 and job.mlflow_run_id else None)
-    monitor = start_system_metrics(job, rank, world)
+    monitor = start_system_metrics(job, tracker)
     checkpointer = Checkpointer(engine, job, batches, ckpt_root, world, store)
     callbacks = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, tracker, timeline)
     timeline["engine_ready"] = time.time()
     try:
-        loop = run_loop(LoopState(engine, start_step, job.train.max_steps), callbacks.in_order(), batches, device,
-                        job.parallel.zero_stage, tp)
+        loop = run_loop(LoopState(engine, start_step, job.train.max_steps),
+                        callbacks.in_order() + ([monitor] if monitor else []), batches, device, job.parallel.zero_stage, tp)
     finally:
         batches.close()
         if monitor is not None:

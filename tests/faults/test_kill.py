@@ -30,10 +30,10 @@ from pipeline.checkpoint.layout import latest_complete
 pytestmark = pytest.mark.distributed
 
 # Checkpoints of about 40 MB (with the optimizer states), so that an upload lasts long enough to be caught.
-RUN = [*TINY, "model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.d_ff=1024", "train.max_steps=40",
+RUN = [*TINY, "model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.d_ff=1024", "train.max_steps=25",
        "train.save_interval_steps=5", "train.keep_last_checkpoints=3", "train.log_interval_steps=10",
        "train.eval_interval_steps=0", "train.max_failures=2", "train.lr=3e-3"]
-LAST = "step_00000040"
+LAST = "step_00000025"
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_kill_9_of_the_training_driver_then_the_same_command_ends_with_the_unint
                 break
             time.sleep(0.05)
         proc.wait(timeout=60)
-        assert killed_at is not None and killed_at < 40, "the run ended before its driver could be killed"
+        assert killed_at is not None and killed_at < 25, "the run ended before its driver could be killed"
         # Ray's head processes share the driver's fate, the rest is stopped by pipeline.cluster.reaper.
         deadline = time.time() + 60
         while (left := session_processes(proc.pid)) and time.time() < deadline:
