@@ -60,6 +60,10 @@ class ModelConfig:
     # a document's segment starts at the EOS that precedes it (the windows' EOS tokens are the boundaries
     # prepare records; doc_starts.npy holds the same offsets + 1).
     document_mask: bool = False
+    # The kernel of document-masked attention: sdpa (a dense block-diagonal mask; what trains on CPU, where
+    # FlexAttention has no backward) | flex (FlexAttention with a block mask, compiled; CUDA) | auto (flex on
+    # CUDA, sdpa elsewhere). Either computes the same attention.
+    attention_kernel: str = "auto"
     # The EOS id that separates documents; null takes it from the prepared data set's tokenizer.
     eos_id: int | None = None
     # RMSNorm of each head's queries and keys before the dot product (Dehghani et al. 2023; OLMo 2, Qwen 3).
@@ -459,6 +463,7 @@ def validate_model(model: ModelConfig) -> None:
             f"{', '.join(map(str, _divisors(model.n_head)))} (1 is multi-query attention, null is n_head)."
         )
     _positive("model.rope_theta", model.rope_theta)
+    _choice("model.attention_kernel", model.attention_kernel, ("auto", "sdpa", "flex"))
     if model.mup_base_width is not None:
         _positive("model.mup_base_width", model.mup_base_width)
     if model.z_loss < 0:
@@ -620,6 +625,11 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
             f"parallel.tensor_parallel={tp} does not divide model.n_kv_head={kv_heads(model)}: AutoTP splits the "
             f"key/value heads across ranks; choose a degree among {', '.join(map(str, _divisors(kv_heads(model))))} "
             f"or more key/value heads."
+        )
+    if model.attention_kernel == "flex" and not parallel.use_gpu:
+        raise ConfigError(
+            "model.attention_kernel=flex trains only on GPUs: FlexAttention has no backward pass on CPU in this "
+            "torch. Use model.attention_kernel=auto (sdpa on CPU) or parallel.use_gpu=true."
         )
     if model.pos_encoding == "alibi" and tp > 1:
         raise ConfigError(

@@ -221,6 +221,33 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
 
 
+_compiled_flex = None
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """FlexAttention, compiled on CUDA (its fast path); eager elsewhere (forward only on CPU)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    return flex(q, k, v, block_mask=block_mask)
+
+
+def document_block_mask(segment_start: torch.Tensor):
+    """FlexAttention's block mask of causal attention within document segments (B, T)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, length = segment_start.shape
+
+    def within_document(b, h, q, kv):
+        return (kv <= q) & (kv >= segment_start[b, q])
+
+    return create_block_mask(within_document, batch, None, length, length, device=segment_start.device)
+
+
 def allowed_keys(query_pos: torch.Tensor, n_keys: int, segment_start: torch.Tensor | None) -> torch.Tensor:
     """Boolean mask (.., T, n_keys): query at absolute position p sees keys at positions <= p and, with
     document segments (B, T), >= the start of its segment."""
@@ -266,7 +293,9 @@ class CausalSelfAttention(nn.Module):
         if groups > 1:  # query head h reads key/value head h // groups
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         dropout_p = self.dropout if self.training else 0.0
-        if mask is None and k.shape[2] == length:
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention block mask
+            out = flex_attention(q, k, v, mask)
+        elif mask is None and k.shape[2] == length:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
             if mask is None:
@@ -374,6 +403,14 @@ class GPT(nn.Module):
         """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
         self.activation_checkpointing = enabled
 
+    def uses_flex(self, input_ids: torch.Tensor, kv_cache) -> bool:
+        """Whether document masking runs on FlexAttention (model.attention_kernel; auto: on CUDA), which serves
+        the training forward: not the cached steps of generation, ALiBi's biases or dropout."""
+        kernel = self.cfg.attention_kernel
+        if kernel == "sdpa" or kv_cache is not None or self.cfg.pos_encoding == "alibi" or self.cfg.dropout:
+            return False
+        return kernel == "flex" or input_ids.is_cuda
+
     def new_kv_cache(self) -> KVCache:
         """An empty key-value cache for up to context_length positions, filled in place by
         forward(..., kv_cache=cache)."""
@@ -415,7 +452,10 @@ class GPT(nn.Module):
         if self.cfg.document_mask:
             previous = kv_cache[0].segment_start if kv_cache and cached else None
             segment_start = document_segments(input_ids, self.cfg.eos_id, start_pos, previous)
-            mask = allowed_keys(positions, end, segment_start)[:, None]  # (B, 1, T, keys)
+            if self.uses_flex(input_ids, kv_cache):
+                mask = document_block_mask(segment_start)
+            else:
+                mask = allowed_keys(positions, end, segment_start)[:, None]  # (B, 1, T, keys)
         if self.cfg.pos_encoding == "alibi":
             distance = positions[:, None] - torch.arange(end, device=input_ids.device)  # (T, keys)
             slopes = alibi_slopes(self.cfg.n_head).to(input_ids.device)

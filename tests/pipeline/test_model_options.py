@@ -239,3 +239,21 @@ def test_z_loss_of_16_bit_logits_is_computed_in_fp32_chunks(monkeypatch):
     assert chunked.item() == pytest.approx(expected.item(), rel=1e-6)
     chunked.backward()
     assert logits.grad.dtype == torch.bfloat16 and logits.grad[1, :2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("options", [dict(pos_encoding="rotary", n_kv_head=2, qk_norm=True), dict(pos_encoding="learned")])
+def test_flex_attention_computes_the_same_document_masked_attention(options):
+    """The FlexAttention path (its block mask from the same segments), forward only as CPU allows, gives the
+    SDPA path's logits; training with it on CPU is refused before any work."""
+    torch.manual_seed(0)
+    sdpa = GPT(small(document_mask=True, attention_kernel="sdpa", **options)).eval()
+    flex = copy.deepcopy(sdpa)
+    flex.cfg = small(document_mask=True, attention_kernel="flex", **options)
+    x = torch.randint(3, VOCAB, (2, 32))
+    x[0, [3, 9, 20]] = EOS
+    x[1, [12, 13]] = EOS
+    with torch.no_grad():
+        assert flex.uses_flex(x, None) and not sdpa.uses_flex(x, None)
+        assert torch.allclose(flex(x)[0], sdpa(x)[0], atol=1e-5)
+    with pytest.raises(ConfigError, match="attention_kernel=flex"):
+        validate_parallel(ParallelConfig(), small(document_mask=True, attention_kernel="flex"))
