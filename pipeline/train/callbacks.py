@@ -227,20 +227,24 @@ class Validation(Callback):
         self.byte_lengths, self.device, self.rank, self.dp_size, self.tp = byte_lengths, device, rank, dp_size, tp
         self.tracker = tracker
         self.losses: dict[int, float] = {}  # step -> val_loss
+        self.tokens, self.seconds = 0, 0.0  # scored so far, and the wall time it took (for tokens/s)
 
     def evaluate(self, state: LoopState, step: int) -> None:
         if not len(self.dataset) or step in self.losses:
             return
+        started = time.perf_counter()
         totals = sharded_validation_totals(state.engine, self.dataset, self.micro_batch, self.max_tokens,
                                            self.byte_lengths, self.device, self.dp_size, self.rank // self.tp, self.tp)
+        self.seconds += time.perf_counter() - started
+        self.tokens += totals.tokens
         self.losses[step] = totals.mean_loss
         if self.rank == 0:
             log.info("step %d validation loss %.4f (perplexity %.2f, %.3f bits/byte) over %d tokens", step,
                      totals.mean_loss, totals.perplexity, totals.bits_per_byte, totals.tokens)
             if self.tracker:
                 self.tracker.log({"val_loss": totals.mean_loss, "val_perplexity": totals.perplexity,
-                                  "val_bits_per_byte": totals.bits_per_byte, "val_tokens": float(totals.tokens)},
-                                 step=step)
+                                  "val_bits_per_byte": totals.bits_per_byte, "val_tokens": float(totals.tokens),
+                                  "val_tokens_per_s": self.tokens / self.seconds}, step=step)
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
         if self.interval and result.done % self.interval == 0:

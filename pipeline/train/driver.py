@@ -143,7 +143,8 @@ METRICS_GUIDE = """Metrics and their units:
   (train_loss: mean over the steps since the last log; val_loss: over the eval.max_tokens validation budget).
 - val_perplexity: exp(val_loss); val_bits_per_byte: bits per UTF-8 byte of validation text.
 - z_loss: mean log^2 Z of the softmax normaliser (when model.z_loss > 0).
-- tokens_per_s: training tokens per second over all workers; step_time_s: seconds of the logged step.
+- tokens_per_s: training tokens per second over all workers; step_time_s: seconds of the logged step;
+  val_tokens_per_s: validation tokens scored per second on the workers.
 - mfu: model FLOPs utilisation, a fraction of the peak in the tag mfu_peak (TFLOP/s per worker).
 - memory_mb: rank 0's peak GPU memory allocated (on CPU: its process's peak resident set), MiB;
   grad_norm: L2 norm of the gradients before clipping.

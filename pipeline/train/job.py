@@ -67,3 +67,5 @@ class TrainOutcome:
     timeline: dict[str, float] = field(default_factory=dict)
     # Validation loss by step, scored on the workers (train.eval_interval_steps and the last step).
     val_losses: dict[int, float] = field(default_factory=dict)
+    # Validation tokens scored per second on the workers (all ranks together), over the run's evaluations.
+    val_tokens_per_s: float = 0.0

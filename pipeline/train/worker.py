@@ -256,5 +256,7 @@ def outcome_of(loop: LoopState, callbacks: WorkerCallbacks, engine, resumed_from
         grad_norms=history.grad_norms,
         local_parameters=sum(p.numel() for p in engine.module.parameters()),
         val_losses=dict(callbacks.validation.losses) if callbacks.validation else {},
+        val_tokens_per_s=(callbacks.validation.tokens / callbacks.validation.seconds
+                          if callbacks.validation and callbacks.validation.seconds else 0.0),
         steady_tokens_per_s=metrics.tokens_per_s if steady is None else steady,
     )
