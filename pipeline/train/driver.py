@@ -50,6 +50,7 @@ _NOT_MATH = ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints
 _LATER_TRAIN_OPTIONS = ("optimizer", "muon_lr", "muon_momentum")
 _LATER_MODEL_OPTIONS = ("n_kv_head", "embedding_norm", "rope_theta", "document_mask", "eos_id", "qk_norm", "z_loss",
                         "mup_base_width")
+_NOT_MODEL_MATH = ("attention_kernel",)  # the same attention whichever kernel computes it
 
 
 def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precision: str, tokenizer_sha256: str) -> dict:
@@ -62,7 +63,8 @@ def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precisi
              if k not in not_math and not (k in _LATER_TRAIN_OPTIONS and v == train_defaults[k])}
     defaults = asdict(ModelConfig())
     # Options added after checkpoints were first written count only when set: older checkpoints still resume.
-    model_math = {k: v for k, v in asdict(model).items() if not (k in _LATER_MODEL_OPTIONS and v == defaults[k])}
+    model_math = {k: v for k, v in asdict(model).items()
+                  if k not in _NOT_MODEL_MATH and not (k in _LATER_MODEL_OPTIONS and v == defaults[k])}
     return {"model": model_math, "train": train, "data": data_dir.name, "precision": precision,
             "tokenizer_sha256": tokenizer_sha256}
 

@@ -257,3 +257,23 @@ def test_flex_attention_computes_the_same_document_masked_attention(options):
         assert torch.allclose(flex(x)[0], sdpa(x)[0], atol=1e-5)
     with pytest.raises(ConfigError, match="attention_kernel=flex"):
         validate_parallel(ParallelConfig(), small(document_mask=True, attention_kernel="flex"))
+
+
+def test_checkpoints_written_before_the_options_existed_still_resume(tmp_path):
+    """An option counts in the config a checkpoint is compared with only when set: a run without any of them
+    has the math config of before (so its checkpoints resume), one with document masking differs by exactly
+    the keys it sets."""
+    from pathlib import Path
+
+    from pipeline.checkpoint.resume import config_differences
+    from pipeline.config import PipelineConfig
+    from pipeline.train.driver import math_config
+
+    cfg = PipelineConfig()
+    plain = math_config(cfg, small(eos_id=None), Path("data"), "fp32", "x")
+    assert not {"n_kv_head", "qk_norm", "z_loss", "document_mask", "eos_id", "rope_theta", "mup_base_width",
+                "embedding_norm", "attention_kernel"} & plain["model"].keys()
+    assert "optimizer" not in plain["train"] and "muon_lr" not in plain["train"]
+    masked = math_config(cfg, small(document_mask=True), Path("data"), "fp32", "x")
+    assert config_differences(plain, masked) == ["model.document_mask: '<absent>' -> True",
+                                                 "model.eos_id: '<absent>' -> 2"]
