@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(["model=gpt2_small", "parallel=gpu", "parallel.num_workers=1", "parallel.zero_stage=1",
                               "parallel.precision=bf16", f"train.max_steps={args.steps}", "train.warmup_steps=10",
-                              f"train.micro_batch_size={args.micro_batch}", "train.resume=none",
+                              f"train.micro_batch_size={args.micro_batch}", "train.resume=none", "train.eval_interval_steps=0",
                               f"train.global_batch_tokens={args.micro_batch * 1024 * 4}", f"output_dir={tmp}"])
         model = model_for_data(cfg.model, cfg.model.vocab_size, 2)  # write_synthetic_dataset's EOS id
         windows = np.random.default_rng(0).integers(0, model.vocab_size, size=(4096, model.context_length + 1))
