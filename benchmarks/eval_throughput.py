@@ -1,4 +1,4 @@
-"""Validation throughput on the training workers: tokens/s of the sharded validation (pipeline.evaluation.sharded)
+"""Validation throughput on the training workers: tokens/s of the sharded validation (pipeline.data.validation)
 on 1 and 2 workers, beside the training tokens/s of the same model and run.
 
 Each layout trains the tiny model for a few steps on the prepared Shakespeare data through the pipeline's own

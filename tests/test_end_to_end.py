@@ -31,6 +31,22 @@ TINY = [
 ]
 
 
+def check_evaluating_every_checkpoint(tmp_path, out, client, run_id: str) -> None:
+    """Every checkpoint (steps 100 and 200) evaluated after the fact, each logged at its step, with
+    lm-eval-harness on each exported checkpoint, offline."""
+    tasks = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", *TINY, f"output_dir={out}",
+                            "eval.checkpoint=all", "eval.tasks=[shakespeare_next_line]", "eval.tasks_limit=8",
+                            "eval.num_samples=1"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert tasks.returncode == 0, tasks.stderr[-3000:]
+    acc = client.get_metric_history(run_id, "lm_eval.shakespeare_next_line.acc")
+    assert [m.step for m in acc] == [100, 200] and all(0.0 <= m.value <= 1.0 for m in acc)
+    val_history = client.get_metric_history(run_id, "val_loss")
+    at_100 = [m.value for m in val_history if m.step == 100]  # the workers' during training, evaluate's now
+    assert len(at_100) == 2 and at_100[0] == pytest.approx(at_100[1], rel=1e-5)
+    samples = {a.path for a in client.list_artifacts(run_id, "samples")}
+    assert {"samples/step_00000100.txt", "samples/step_00000200.txt"} <= samples
+
+
 @pytest.mark.distributed
 def test_pipeline_run_end_to_end(tmp_path):
     out = tmp_path / "out"
@@ -120,19 +136,7 @@ def test_pipeline_run_end_to_end(tmp_path):
     assert all(weights[k].dtype == torch.float32 and torch.equal(weights[k], expected[k]) for k in expected)
     assert weights["tok_emb.weight"].shape == (512, 64)
 
-    # Every checkpoint (steps 100 and 200) evaluated after the fact, each logged at its step, with lm-eval-harness
-    # on each exported checkpoint, offline.
-    tasks = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", *TINY, f"output_dir={out}",
-                            "eval.checkpoint=all", "eval.tasks=[shakespeare_next_line]", "eval.tasks_limit=8",
-                            "eval.num_samples=1"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert tasks.returncode == 0, tasks.stderr[-3000:]
-    acc = client.get_metric_history(run.info.run_id, "lm_eval.shakespeare_next_line.acc")
-    assert [m.step for m in acc] == [100, 200] and all(0.0 <= m.value <= 1.0 for m in acc)
-    val_history = client.get_metric_history(run.info.run_id, "val_loss")
-    at_100 = [m.value for m in val_history if m.step == 100]  # the workers' during training, evaluate's now
-    assert len(at_100) == 2 and at_100[0] == pytest.approx(at_100[1], rel=1e-5)
-    samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert {"samples/step_00000100.txt", "samples/step_00000200.txt"} <= samples
+    check_evaluating_every_checkpoint(tmp_path, out, client, run.info.run_id)
 
 
 @pytest.mark.distributed

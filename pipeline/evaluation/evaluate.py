@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.blend import component_dirs, component_splits, is_blend, load_data_info, open_split
-from data_prep.shards import WindowDataset, load_manifest
+from data_prep.blend import component_splits, load_data_info, open_split
 from data_prep.tokenizer import load_tokenizer
 from pipeline.checkpoint.consolidate import consolidated_state_dict
 from pipeline.checkpoint.layout import (
@@ -24,11 +23,15 @@ from pipeline.checkpoint.layout import (
     require_latest,
 )
 from pipeline.config import EvalConfig, PipelineConfig, run_dir_for
-from pipeline.data.loader import window_batches
+from pipeline.data.validation import (
+    LossTotals,
+    sharded_validation_totals,
+    token_byte_lengths,
+    train_token_counts,
+    unigram_totals,
+)
 from pipeline.evaluation.downstream import run_lm_eval
 from pipeline.evaluation.export import export
-from pipeline.evaluation.metrics import LossTotals, token_byte_lengths
-from pipeline.evaluation.sharded import sharded_validation_totals
 from pipeline.model.generation import generate_batch
 from pipeline.model.gpt import GPT
 from pipeline.model.size import model_for_data
@@ -43,40 +46,6 @@ def validation_totals(model, dataset, batch_size: int, max_tokens: int | None, b
     """Summed next-token loss over the validation windows of the budget, in one process (the workers' sharded
     validation at data-parallel size 1)."""
     return sharded_validation_totals(model, dataset, batch_size, max_tokens, byte_lengths, next(model.parameters()).device)
-
-
-def unigram_totals(train_counts: np.ndarray, dataset, max_tokens: int | None, byte_lengths: np.ndarray) -> LossTotals:
-    """Loss of a unigram model (add-one smoothed training-token frequencies) on the same validation targets:
-    the baseline a model that learned nothing about context would reach."""
-    log_probs = np.log(train_counts + 1.0) - np.log(train_counts.sum() + len(train_counts))
-    nats, tokens, nbytes = 0.0, 0, 0
-    for _, targets in window_batches(dataset, 256, max_tokens):
-        t = targets.numpy().reshape(-1)
-        nats -= float(log_probs[t].sum())
-        tokens += t.size
-        nbytes += int(byte_lengths[t].sum())
-    return LossTotals(nats, tokens, nbytes)
-
-
-def token_counts(dataset, vocab_size: int) -> np.ndarray:
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for start in range(0, len(dataset), 4096):
-        windows = dataset.windows(np.arange(start, min(len(dataset), start + 4096)))
-        counts += np.bincount(windows[:, 1:].reshape(-1), minlength=vocab_size)[:vocab_size]
-    return counts
-
-
-def train_token_counts(data_dir: Path, vocab_size: int) -> np.ndarray:
-    """How often each token id occurs in the training split: counted by prepare (manifest.token_counts), or, for
-    a data set prepared before it counted them, by reading the split's windows. A blend's: its data sets'
-    counts summed (the unigram of its validation windows, which hold every data set in its own proportion)."""
-    if is_blend(data_dir):
-        return sum(train_token_counts(d, vocab_size) for d in component_dirs(data_dir))
-    manifest = load_manifest(data_dir)
-    if not manifest.token_counts:
-        return token_counts(WindowDataset(data_dir, "train"), vocab_size)
-    counts = np.load(Path(data_dir) / manifest.token_counts["file"])
-    return np.pad(counts, (0, max(0, vocab_size - len(counts))))[:vocab_size]
 
 
 def load_trained_model(model_cfg, tag_dir: Path):

@@ -26,7 +26,7 @@ import torch
 
 from pipeline.checkpoint.save_load import save_checkpoint
 from pipeline.data.loader import RankBatches
-from pipeline.evaluation.sharded import sharded_validation_totals
+from pipeline.data.validation import sharded_validation_totals
 from pipeline.train.job import TrainJob
 from pipeline.train.loop import Callback, LoopState, StepResult
 from pipeline.train.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
@@ -217,7 +217,7 @@ class NonFiniteGuard(Callback):
 
 class Validation(Callback):
     """Validation loss, perplexity and bits per byte over the evaluation budget (eval.max_tokens; the whole
-    validation split when null), scored on the workers with the training layout (pipeline.evaluation.sharded),
+    validation split when null), scored on the workers with the training layout (pipeline.data.validation),
     every train.eval_interval_steps and at the last step; logged as val_loss, val_perplexity,
     val_bits_per_byte (bits per UTF-8 byte of text) and val_tokens at the step, and kept for the driver."""
 
@@ -276,32 +276,48 @@ class SystemMetrics(Callback):
             except Exception:  # noqa: BLE001 - no such GPU or library on this node
                 continue
         self._stop = threading.Event()
+        self._pending = 0  # samples taken since the last publish
         self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)
 
     def start(self) -> SystemMetrics:
         self._thread.start()
         return self
 
+    def _sample(self) -> None:
+        for monitor in self.monitors:
+            monitor.collect_metrics()
+        self._pending += 1
+
+    def _publish(self) -> None:
+        metrics = {}
+        for monitor in self.monitors:
+            metrics.update(monitor.aggregate_metrics())
+            monitor.clear_metrics()
+        self._pending = 0
+        self.tracker.log({f"system/{k}": v for k, v in metrics.items()}, step=self.step)
+
     def _run(self) -> None:
         samples = max(1, round(self.interval))  # about one sample a second, averaged over the interval
         while not self._stop.is_set():
             for _ in range(samples):
-                for monitor in self.monitors:
-                    monitor.collect_metrics()
+                self._sample()
                 if self._stop.wait(self.interval / samples):
                     return
-            metrics = {}
-            for monitor in self.monitors:
-                metrics.update(monitor.aggregate_metrics())
-                monitor.clear_metrics()
-            self.tracker.log({f"system/{k}": v for k, v in metrics.items()}, step=self.step)
+            self._publish()
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
         self.step = result.done
 
     def finish(self) -> None:
+        """Stop sampling and log what was sampled since the last interval (a run shorter than one interval
+        still gets its system metrics once)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            return
+        if not self._pending:
+            self._sample()
+        self._publish()
 
 
 class PreemptionCheck(Callback):

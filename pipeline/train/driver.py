@@ -217,7 +217,7 @@ class TrainingFailed(PipelineError, RuntimeError):
 
 def unigram_baseline(cfg: PipelineConfig, data_dir: Path, vocab_size: int) -> float | None:
     """The unigram model's validation loss over the evaluation budget, from the token counts prepare stored."""
-    from pipeline.evaluation.evaluate import train_token_counts, unigram_totals
+    from pipeline.data.validation import train_token_counts, unigram_totals
 
     val = open_split(data_dir, "validation")
     if not len(val):

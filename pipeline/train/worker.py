@@ -26,7 +26,7 @@ from pipeline.checkpoint.store_sync import pull_checkpoint, pull_latest_checkpoi
 from pipeline.cluster.storage import ObjectStore
 from pipeline.data.loader import RankBatches
 from pipeline.data.store_sync import pull_dataset
-from pipeline.evaluation.metrics import token_byte_lengths
+from pipeline.data.validation import token_byte_lengths
 from pipeline.model.gpt import GPT
 from pipeline.tracking import Tracker
 from pipeline.train.callbacks import (

@@ -10,7 +10,8 @@ import torch
 
 from data_prep.shards import WindowDataset, write_synthetic_dataset
 from pipeline.config import ModelConfig
-from pipeline.evaluation.evaluate import token_counts, unigram_totals, validation_totals
+from pipeline.data.validation import token_counts, unigram_totals
+from pipeline.evaluation.evaluate import validation_totals
 from pipeline.model.gpt import GPT
 
 

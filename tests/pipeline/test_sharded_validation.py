@@ -1,4 +1,4 @@
-"""Validation on the training workers (pipeline.evaluation.sharded) in real multi-process DeepSpeed runs on CPU:
+"""Validation on the training workers (pipeline.data.validation) in real multi-process DeepSpeed runs on CPU:
 each data-parallel rank scores its slice of the validation windows with the training layout and the sums are
 reduced exactly, so the loss at every layout (1 or 2 data-parallel ranks, tensor parallelism 2, ZeRO-3) equals
 the one-process evaluation of the same weights, and the layouts agree with each other."""
@@ -11,7 +11,7 @@ import torch
 from distributed_helpers import run_distributed
 
 from pipeline.config import ModelConfig, ParallelConfig, TrainConfig
-from pipeline.evaluation.sharded import rank_slices
+from pipeline.data.validation import rank_slices
 from pipeline.train.ds_config import make_ds_config
 
 STEPS = 4

@@ -1,4 +1,8 @@
-"""Validation on the training workers: each data-parallel rank scores its slice of the validation windows with
+"""Scoring prepared windows: validation loss totals (nats, tokens, bytes for bits per byte), sharded over the
+data-parallel ranks of a training job or run in one process, and the unigram baseline from prepare's token
+counts. Used by the training workers (pipeline.train) and the evaluate stage (pipeline.evaluation) alike.
+
+Validation on the training workers: each data-parallel rank scores its slice of the validation windows with
 the training layout (tensor parallelism, ZeRO stage, precision, device), and the sums are reduced exactly.
 
     windows 0 .. n-1 (n from the token budget, as pipeline evaluate counts it)
@@ -15,13 +19,46 @@ number at any layout up to float reordering.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.evaluation.metrics import LossTotals
+from data_prep.blend import component_dirs, is_blend
+from data_prep.shards import WindowDataset, load_manifest
+from pipeline.data.loader import window_batches
+
+
+@dataclass
+class LossTotals:
+    nats: float
+    tokens: int
+    bytes: int
+
+    @property
+    def mean_loss(self) -> float:
+        return self.nats / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / math.log(2) / max(1, self.bytes)
+
+
+def token_byte_lengths(sp) -> np.ndarray:
+    """UTF-8 bytes each token stands for (byte-fallback pieces are one byte; control tokens none)."""
+    lengths = np.zeros(sp.get_piece_size(), dtype=np.int64)
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i):
+            continue
+        lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+    return lengths
 
 
 def validation_windows(n_windows: int, window_length: int, max_tokens: int | None) -> int:
@@ -70,3 +107,37 @@ def sharded_validation_totals(module, dataset, micro_batch: int, max_tokens: int
         dist.all_reduce(reduced)
         sums = reduced.cpu() / tp
     return LossTotals(float(sums[0]), int(sums[1]), int(sums[2]))
+
+
+def unigram_totals(train_counts: np.ndarray, dataset, max_tokens: int | None, byte_lengths: np.ndarray) -> LossTotals:
+    """Loss of a unigram model (add-one smoothed training-token frequencies) on the same validation targets:
+    the baseline a model that learned nothing about context would reach."""
+    log_probs = np.log(train_counts + 1.0) - np.log(train_counts.sum() + len(train_counts))
+    nats, tokens, nbytes = 0.0, 0, 0
+    for _, targets in window_batches(dataset, 256, max_tokens):
+        t = targets.numpy().reshape(-1)
+        nats -= float(log_probs[t].sum())
+        tokens += t.size
+        nbytes += int(byte_lengths[t].sum())
+    return LossTotals(nats, tokens, nbytes)
+
+
+def token_counts(dataset, vocab_size: int) -> np.ndarray:
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(dataset), 4096):
+        windows = dataset.windows(np.arange(start, min(len(dataset), start + 4096)))
+        counts += np.bincount(windows[:, 1:].reshape(-1), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def train_token_counts(data_dir: Path, vocab_size: int) -> np.ndarray:
+    """How often each token id occurs in the training split: counted by prepare (manifest.token_counts), or, for
+    a data set prepared before it counted them, by reading the split's windows. A blend's: its data sets'
+    counts summed (the unigram of its validation windows, which hold every data set in its own proportion)."""
+    if is_blend(data_dir):
+        return sum(train_token_counts(d, vocab_size) for d in component_dirs(data_dir))
+    manifest = load_manifest(data_dir)
+    if not manifest.token_counts:
+        return token_counts(WindowDataset(data_dir, "train"), vocab_size)
+    counts = np.load(Path(data_dir) / manifest.token_counts["file"])
+    return np.pad(counts, (0, max(0, vocab_size - len(counts))))[:vocab_size]
