@@ -30,6 +30,23 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy).")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1].")
+
+
+def sampling_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with seed, or with a non-deterministic seed (a fresh one starts from a fixed one)."""
+    generator = torch.Generator(device="cpu")
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
+
+
 def sample_token(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
 ) -> int:
@@ -60,10 +77,7 @@ def generate(
     empty prompt starts from eos_id (documents follow an EOS in the packed training data). The model runs
     in eval mode (no dropout) and is put back in its previous mode afterwards.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy).")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1].")
+    check_sampling(temperature, top_p)
     tokens = list(prompt_ids)
     if not tokens:
         if eos_id is None:
@@ -71,11 +85,7 @@ def generate(
         tokens = [eos_id]
     context = model.cfg.context_length
     device = next(model.parameters()).device
-    generator = torch.Generator(device="cpu")
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()  # a fresh Generator starts from a fixed seed: draw a non-deterministic one
+    generator = sampling_generator(seed)
     was_training = model.training
     model.eval()
     try:
@@ -132,10 +142,7 @@ def generate_batch(
     generate(). With a seed the draws come from one CPU generator for the whole call: the same call gives the
     same tokens on any device.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy).")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1].")
+    check_sampling(temperature, top_p)
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1.")
     starts = []
@@ -145,11 +152,7 @@ def generate_batch(
         starts.append(list(prompt) or [eos_id])
     context = model.cfg.context_length
     device = next(model.parameters()).device
-    generator = torch.Generator(device="cpu")
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
+    generator = sampling_generator(seed)
     out: list[list[list[int]]] = [[] for _ in prompts]
     by_length: dict[int, list[int]] = {}
     for index, tokens in enumerate(starts):
