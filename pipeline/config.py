@@ -245,7 +245,7 @@ class TrainConfig:
     warmup_steps: int = 30
     # cosine | wsd (warmup-stable-decay) | constant
     schedule: str = "cosine"
-    # For wsd: fraction of steps spent in the final decay.
+    # For wsd: fraction of steps spent in the final decay (it starts at wsd_decay_start(max_steps, decay_fraction)).
     decay_fraction: float = 0.2
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -267,6 +267,9 @@ class TrainConfig:
     eval_interval_steps: int = 0
     # Checkpoint every N steps (0: only at the end).
     save_interval_steps: int = 0
+    # Checkpoints at these steps as well (a WSD sweep forks its decay branches from them); with
+    # keep_last_checkpoints > 0 they rotate out like the others.
+    save_at_steps: list[int] = field(default_factory=list)
     keep_last_checkpoints: int = 2
     # auto (latest complete checkpoint of this run, if any) | none | <path of a checkpoint tag>
     resume: str = "auto"
@@ -359,12 +362,31 @@ class ClusterConfig:
 
 
 @dataclass
+class SweepRun:
+    """One planned run of a sweep.kind=points sweep (written by `pipeline scaling plan`)."""
+
+    d_model: int
+    tokens: int
+    budget_flops: float | None = None
+    # The run's peak learning rate (null: train.lr).
+    lr: float | None = None
+
+
+@dataclass
 class SweepConfig:
     """A scaling-law sweep: each point is one training run (see pipeline.scaling.sweep)."""
 
     name: str = "none"
-    # isoflop: for each compute budget, every model size with D = C / (6 N) | grid: every size x token count
+    # isoflop: for each compute budget, every model size with D = C / (6 N) | grid: every size x token count |
+    # points: the runs listed in sweep.runs (as `pipeline scaling plan` writes them)
     kind: str = "isoflop"
+    runs: list[SweepRun] = field(default_factory=list)
+    # One run per model size with a WSD schedule (train.schedule=wsd); each shorter token budget of that size is a
+    # decay branch forked from the long run's stable phase at its decay start, instead of a run from step 0.
+    branches: bool = False
+    # The width at which train.lr holds under the learning-rate width rule lr(d) = train.lr * lr_base_width / d
+    # (pipeline.scaling.plan; null: the smallest width planned). Unused under µP (model.mup_base_width).
+    lr_base_width: int | None = None
     # Compute budgets in FLOPs (isoflop).
     budgets_flops: list[float] = field(default_factory=list)
     # Training tokens per run (grid).
@@ -397,6 +419,13 @@ class PipelineConfig:
     output_dir: str = "outputs"
     # Name of the training run; its checkpoints live in <output_dir>/runs/<run_name>.
     run_name: str = "${model.name}-${data.name}"
+
+
+def wsd_decay_start(max_steps: int, decay_fraction: float) -> int:
+    """The first step of a WSD schedule's decay: the last round(max_steps * decay_fraction) steps (at least one)
+    decay. Before it the learning rate does not depend on max_steps, which is what lets a longer run's
+    checkpoint there start a shorter run's decay (a WSD branch)."""
+    return max_steps - max(1, round(max_steps * decay_fraction))
 
 
 def width_multiplier(cfg: ModelConfig) -> float:
@@ -709,6 +738,9 @@ def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelCon
         raise ConfigError(f"train.min_lr_ratio={train.min_lr_ratio} must be in [0, 1].")
     if not 0.0 < train.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction={train.decay_fraction} must be in (0, 1].")
+    for step in train.save_at_steps:
+        if not 0 < step <= train.max_steps:
+            raise ConfigError(f"train.save_at_steps holds {step}: each must be in [1, train.max_steps={train.max_steps}].")
     if train.resume not in ("auto", "none") and not Path(train.resume).exists():
         raise ConfigError(
             f"train.resume={train.resume} is neither auto, none nor an existing checkpoint directory."
@@ -730,20 +762,43 @@ def validate_eval(ev: EvalConfig) -> None:
         raise ConfigError("eval.checkpoint is empty: set latest, all, or a checkpoint tag (step_00000200).")
 
 
-def validate_sweep(sweep: SweepConfig) -> None:
-    _choice("sweep.kind", sweep.kind, ("isoflop", "grid"))
+def sweep_size(sweep: SweepConfig) -> int:
+    """The number of runs (points) a sweep trains."""
+    if sweep.kind == "points":
+        return len(sweep.runs)
+    return len(sweep.d_models) * len(sweep.budgets_flops if sweep.kind == "isoflop" else sweep.tokens)
+
+
+def validate_sweep(sweep: SweepConfig, train: TrainConfig | None = None) -> None:
+    _choice("sweep.kind", sweep.kind, ("isoflop", "grid", "points"))
     if sweep.name == "none":
         raise ConfigError("no sweep chosen: pass sweep=<name> (e.g. sweep=isoflop_tiny; see conf/sweep/).")
-    if not sweep.d_models:
-        raise ConfigError("sweep.d_models is empty: list the model widths to train.")
-    for d in sweep.d_models:
+    widths = [r.d_model for r in sweep.runs] if sweep.kind == "points" else sweep.d_models
+    if not widths:
+        raise ConfigError("sweep.runs is empty: run `pipeline scaling plan` to write them." if sweep.kind == "points"
+                          else "sweep.d_models is empty: list the model widths to train.")
+    for d in widths:
         if d % sweep.head_dim:
-            raise ConfigError(f"sweep.d_models holds {d}, not a multiple of sweep.head_dim={sweep.head_dim}.")
+            raise ConfigError(f"sweep holds the width {d}, not a multiple of sweep.head_dim={sweep.head_dim}.")
     if sweep.kind == "isoflop" and not sweep.budgets_flops:
         raise ConfigError("sweep.kind=isoflop needs sweep.budgets_flops (compute budgets in FLOPs).")
     if sweep.kind == "grid" and not sweep.tokens:
         raise ConfigError("sweep.kind=grid needs sweep.tokens (training tokens per run).")
-    n_points = len(sweep.d_models) * len(sweep.budgets_flops if sweep.kind == "isoflop" else sweep.tokens)
+    for run in sweep.runs:
+        if run.tokens <= 0 or (run.lr is not None and run.lr <= 0):
+            raise ConfigError(f"sweep.runs holds {run}: tokens and lr must be positive.")
+    if sweep.branches and train is not None and train.schedule != "wsd":
+        raise ConfigError(
+            f"sweep.branches=true with train.schedule={train.schedule}: decay branches fork from the stable phase "
+            f"of a WSD schedule; pass train.schedule=wsd (or sweep.branches=false for one run per point)."
+        )
+    if sweep.branches and sweep.point is not None:
+        raise ConfigError(
+            f"sweep.point={sweep.point} with sweep.branches=true: a decay branch needs its model size's longest run "
+            f"trained first, so one process trains a branched sweep; drop sweep.point (or set sweep.branches=false "
+            f"to run every point as its own job)."
+        )
+    n_points = sweep_size(sweep)
     if sweep.point is not None and not 0 <= sweep.point < n_points:
         raise ConfigError(f"sweep.point={sweep.point} is outside the grid of sweep {sweep.name}, which has {n_points} "
                           f"points: use 0 .. {n_points - 1} (e.g. 'sweep.point=range({n_points})' with -m).")

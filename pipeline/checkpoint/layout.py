@@ -151,3 +151,30 @@ def prune_staging(root: Path, keep_last: int) -> list[str]:
     for tag in doomed:
         shutil.rmtree(root / tag, ignore_errors=True)
     return doomed
+
+
+def fork_checkpoint(tag_dir: Path, run_dir: Path) -> Path:
+    """Another run's complete checkpoint as a checkpoint of run_dir, to resume from (a WSD decay branch starts
+    from its trunk's stable phase). Files are hard links where the file system allows (checkpoint files are
+    never rewritten, only deleted, so the runs cannot disturb each other), else copies; the copy becomes a tag
+    of run_dir only once whole, so a kill mid-fork leaves nothing that counts."""
+    if not is_complete(tag_dir):
+        raise CheckpointError(f"cannot fork {tag_dir}: it is not a complete checkpoint")
+    root = checkpoint_root(run_dir)
+    dest = root / tag_dir.name
+    if is_complete(dest):
+        return dest
+    partial = root / f".fork-{tag_dir.name}"
+    shutil.rmtree(partial, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            Path(dst).hardlink_to(src)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(tag_dir, partial, copy_function=link_or_copy)
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
+    return dest

@@ -24,7 +24,7 @@ from pipeline.checkpoint.store_sync import (
 )
 from pipeline.checkpoint.universal import needs_universal, to_universal, zero_stage_change_supported
 from pipeline.cluster.storage import ObjectStore
-from pipeline.config import ConfigError, ParallelConfig, TrainConfig
+from pipeline.config import ConfigError, ParallelConfig, TrainConfig, wsd_decay_start
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,20 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
+
+
+def is_wsd_branch(saved: dict[str, Any], current: dict[str, Any], step: int) -> bool:
+    """Whether a checkpoint at `step` of a WSD run starts another WSD run that differs only in its length:
+    both schedules are still at their stable peak there (before either decay starts), so every step up to the
+    checkpoint computed what the new run would have computed, and resuming is exact."""
+    def without_length(config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, "train": {k: v for k, v in config.get("train", {}).items() if k != "max_steps"}}
+
+    train_saved, train_now = saved.get("train", {}), current.get("train", {})
+    if train_now.get("schedule") != "wsd" or config_differences(without_length(saved), without_length(current)):
+        return False
+    return 0 <= step <= min(wsd_decay_start(train_saved["max_steps"], train_saved["decay_fraction"]),
+                            wsd_decay_start(train_now["max_steps"], train_now["decay_fraction"]))
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -76,6 +90,10 @@ def plan_resume(train: TrainConfig, parallel: ParallelConfig, run_dir: Path, mat
     check_pickles(tag_dir)  # and a file that would run code when DeepSpeed unpickles it is refused
     saved = marker.get("client_state", {}).get("math_config")
     differences = config_differences(saved, math_config) if saved is not None else []
+    if differences and is_wsd_branch(saved, math_config, int(marker.get("client_state", {}).get("step", -1))):
+        log.info("starting a WSD decay branch from %s (the stable phase of a run of %d steps) to step %d",
+                 tag_dir, saved["train"]["max_steps"], math_config["train"]["max_steps"])
+        differences = []
     if differences and not train.allow_config_change:
         raise ConfigError(
             f"the checkpoint {tag_dir} was trained with a different config:\n  " + "\n  ".join(differences)

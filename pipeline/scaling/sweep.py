@@ -8,6 +8,13 @@ One process trains the whole grid in turn; with sweep.point=i it trains only poi
 (`pipeline sweep -m sweep=isoflop_tiny 'sweep.point=range(15)'`, locally or with a Slurm launcher) runs
 every point as its own job. The points of one grid share the sweep id (a fingerprint of what they train) and
 so the parent run, and the job that completes the grid fits it.
+
+With sweep.branches (and train.schedule=wsd) the points of one model size share a run: the longest point
+trains from step 0 and saves a checkpoint at the decay start of every shorter point; each shorter point is a
+decay branch that forks that checkpoint (pipeline.checkpoint.layout.fork_checkpoint) and trains only its
+decay. Before its decay starts a WSD schedule does not depend on the run's length, so a branch computes
+exactly what a separate WSD run of its length would, at a fraction of the compute (`C_spent` per point;
+the parent run logs the sweep's total against separate runs').
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import logging
 import time
 from pathlib import Path
 
+from pipeline.checkpoint.layout import checkpoint_root
 from pipeline.config import ModelConfig, PipelineConfig, SweepConfig, fingerprint
 
 log = logging.getLogger(__name__)
@@ -40,40 +48,91 @@ class SweepPoint:
     budget: float | None  # the IsoFLOP budget this point belongs to (None for a plain grid)
     steps: int
     tokens: int
+    lr: float | None = None  # the point's peak learning rate (None: train.lr)
+    warmup: int | None = None  # warm-up steps (None: a tenth of the run)
+    branch_from: int | None = None  # with sweep.branches: the step at which it forks its size's longest run
 
     @property
     def compute(self) -> float:
         return 6.0 * self.n_params * self.tokens
+
+    @property
+    def key(self) -> tuple:
+        """Points of one model size and learning rate share a trunk under sweep.branches."""
+        return dataclasses.astuple(self.model), self.lr
+
+
+def _targets(cfg: PipelineConfig, n_params: int) -> list[tuple[float | None, float]]:
+    sweep = cfg.sweep
+    if sweep.kind == "isoflop":
+        return [(C, C / (6 * n_params)) for C in sweep.budgets_flops]
+    return [(None, float(t)) for t in sweep.tokens]
 
 
 def plan_points(cfg: PipelineConfig, vocab_size: int) -> list[SweepPoint]:
     from pipeline.model.size import count_parameters
 
     sweep, batch_tokens = cfg.sweep, cfg.train.global_batch_tokens
+    rows = ([(r.d_model, [(r.budget_flops, float(r.tokens))], r.lr) for r in sweep.runs] if sweep.kind == "points"
+            else [(d, None, None) for d in sweep.d_models])
     points = []
-    for d_model in sweep.d_models:
+    for d_model, targets, lr in rows:
         model = dataclasses.replace(shape_for_width(cfg.model, d_model, sweep), vocab_size=vocab_size)
         counts = count_parameters(model)
-        targets = ([(C, C / (6 * counts.total)) for C in sweep.budgets_flops] if sweep.kind == "isoflop"
-                   else [(None, float(t)) for t in sweep.tokens])
-        for budget, tokens in targets:
+        for budget, tokens in targets or _targets(cfg, counts.total):
             steps = max(1, round(tokens / batch_tokens))
-            points.append(SweepPoint(model, counts.total, counts.non_embedding, budget, steps, steps * batch_tokens))
+            points.append(SweepPoint(model, counts.total, counts.non_embedding, budget, steps, steps * batch_tokens,
+                                     lr=lr))
+    if sweep.branches:
+        points = with_branches(points, cfg.train.decay_fraction)
     return sorted(points, key=lambda p: (p.budget or 0, p.n_params, p.tokens))
 
 
-def point_config(cfg: PipelineConfig, point: SweepPoint, sweep_id: str) -> PipelineConfig:
-    warmup = min(max(1, point.steps // 10), point.steps - 1)
-    train = dataclasses.replace(cfg.train, max_steps=point.steps, warmup_steps=warmup, resume="auto")
+def default_warmup(steps: int) -> int:
+    return min(max(1, steps // 10), steps - 1)
+
+
+def with_branches(points: list[SweepPoint], decay_fraction: float) -> list[SweepPoint]:
+    """The points with their WSD branch steps: within each model size the longest point is the trunk, every
+    shorter one forks it at its own decay start; all share the shortest point's warm-up (a branch must see the
+    trunk's schedule up to the fork)."""
+    from pipeline.config import wsd_decay_start
+
+    out = []
+    for key in dict.fromkeys(p.key for p in points):
+        group = sorted((p for p in points if p.key == key), key=lambda p: p.steps)
+        warmup = default_warmup(group[0].steps)
+        for p in group:
+            fork = wsd_decay_start(p.steps, decay_fraction) if p.steps < group[-1].steps else None
+            out.append(dataclasses.replace(p, warmup=warmup, branch_from=fork))
+    return out
+
+
+def trunk_of(point: SweepPoint, points: list[SweepPoint]) -> SweepPoint:
+    """The longest point of a branch's model size: the run it forks."""
+    return max((p for p in points if p.key == point.key), key=lambda p: p.steps)
+
+
+def point_config(cfg: PipelineConfig, point: SweepPoint, sweep_id: str, save_at: list[int] | None = None) -> PipelineConfig:
+    warmup = default_warmup(point.steps) if point.warmup is None else point.warmup
+    train = dataclasses.replace(cfg.train, max_steps=point.steps, warmup_steps=warmup, resume="auto",
+                                lr=cfg.train.lr if point.lr is None else point.lr)
+    if save_at:  # a trunk keeps the checkpoints its branches fork
+        train = dataclasses.replace(train, save_at_steps=sorted(set(save_at)), keep_last_checkpoints=0)
     budget = f"C{point.budget:.0e}" if point.budget else f"D{point.tokens}"
+    lr = "" if point.lr is None else f"-lr{point.lr:.2g}"
     return dataclasses.replace(cfg, model=point.model, train=train,
-                               run_name=f"{sweep_id}-{budget}-{point.model.name}".replace("+", ""))
+                               run_name=f"{sweep_id}-{budget}-{point.model.name}{lr}".replace("+", ""))
 
 
 def sweep_id_of(cfg: PipelineConfig, points: list[SweepPoint]) -> str:
     """Named by what the grid trains, so that running the same sweep again (or its points as separate jobs)
     reuses the runs that finished (train.resume=auto) and the same parent run."""
-    return f"{cfg.sweep.name}-{fingerprint([dataclasses.asdict(p.model) | {'steps': p.steps} for p in points], 8)}"
+    # lr, warmup and branch_from only when set: sweeps planned before they existed keep their ids (and runs).
+    described = [dataclasses.asdict(p.model) | {"steps": p.steps} | {
+        k: v for k, v in (("lr", p.lr), ("warmup", p.warmup), ("branch_from", p.branch_from)) if v is not None}
+        for p in points]
+    return f"{cfg.sweep.name}-{fingerprint(described, 8)}"
 
 
 def open_parent(cfg: PipelineConfig, sweep_id: str, points: list[SweepPoint]):
@@ -90,18 +149,46 @@ def open_parent(cfg: PipelineConfig, sweep_id: str, points: list[SweepPoint]):
     return parent
 
 
-def train_point(cfg: PipelineConfig, data_dir: Path, point: SweepPoint, sweep_id: str, parent_run_id: str) -> float:
-    """Train and evaluate one point as a child run of the sweep; record N, D, C and the final loss on it."""
+def branch_steps(point: SweepPoint, points: list[SweepPoint]) -> list[int]:
+    """For a trunk (a size's longest point under sweep.branches): the steps its branches fork at."""
+    if point.branch_from is not None:
+        return []
+    return sorted({p.branch_from for p in points if p.key == point.key and p.branch_from is not None})
+
+
+def spent_compute(point: SweepPoint, batch_tokens: int) -> float:
+    """The FLOPs (6 N D) this point adds to the sweep: all its tokens, or a branch's decay only."""
+    steps = point.steps - (point.branch_from or 0)
+    return 6.0 * point.n_params * steps * batch_tokens
+
+
+def train_point(cfg: PipelineConfig, data_dir: Path, point: SweepPoint, sweep_id: str, parent_run_id: str,
+                points: list[SweepPoint] | None = None) -> float:
+    """Train and evaluate one point as a child run of the sweep; record N, D, C, the epochs over the training
+    split and the final loss on it. A WSD branch first forks its trunk's checkpoint (the trunk trains first)."""
+    from data_prep.blend import open_split
+    from pipeline.checkpoint.layout import complete_tags, fork_checkpoint, tag_for
+    from pipeline.config import run_dir_for
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.tracking import Tracker
     from pipeline.train.driver import train
 
-    child = point_config(cfg, point, sweep_id)
-    train(child, data_dir, tags={"sweep_id": sweep_id, "mlflow.parentRunId": parent_run_id})
+    points = points or [point]
+    child = point_config(cfg, point, sweep_id, save_at=branch_steps(point, points))
+    tags = {"sweep_id": sweep_id, "mlflow.parentRunId": parent_run_id}
+    if point.branch_from is not None:
+        trunk_dir = run_dir_for(point_config(cfg, trunk_of(point, points), sweep_id))
+        if not complete_tags(checkpoint_root(run_dir_for(child))):
+            fork_checkpoint(checkpoint_root(trunk_dir) / tag_for(point.branch_from), run_dir_for(child))
+        tags |= {"wsd_branch_of": trunk_dir.name, "wsd_branch_from_step": str(point.branch_from)}
+    train(child, data_dir, tags=tags)
     metrics = evaluate(child, data_dir)
-    record = Tracker.open(cfg.tracking, cfg.output_dir, Path(cfg.output_dir) / "runs" / child.run_name, child.run_name)
+    sequences = point.tokens / cfg.model.context_length
+    record = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(child), child.run_name)
     record.log({"N": point.n_params, "N_nonembedding": point.n_nonembedding, "D": point.tokens,
                 "C": point.compute, "C_budget": point.budget or point.compute,
+                "C_spent": spent_compute(point, cfg.train.global_batch_tokens),
+                "epochs": sequences / len(open_split(data_dir, "train")),
                 "final_val_loss": metrics["val_loss"]}, step=point.steps)
     record.close()
     return metrics["val_loss"]
@@ -116,35 +203,45 @@ def finished_points(cfg: PipelineConfig, sweep_id: str) -> int:
     return 0
 
 
+def training_order(points: list[SweepPoint], chosen) -> list[int]:
+    """The chosen points' indices with every WSD trunk before the branches that fork it."""
+    return sorted(chosen, key=lambda i: points[i].branch_from is not None)
+
+
 def run_sweep(cfg: PipelineConfig) -> dict:
     from data_prep.blend import load_data_info
     from pipeline.config import validate, validate_sweep
     from pipeline.stages import prepare_stage
     from pipeline.tracking import ui_command
 
-    validate_sweep(cfg.sweep)
+    validate_sweep(cfg.sweep, cfg.train)
     data_dir = prepare_stage(cfg)
     vocab = load_data_info(data_dir).vocab_size
     points = plan_points(cfg, vocab)
     for point in points:  # every point's config is checked before the first one trains
-        validate(point_config(cfg, point, "check"))
+        validate(point_config(cfg, point, "check", save_at=branch_steps(point, points)))
     sweep_id = sweep_id_of(cfg, points)
     parent = open_parent(cfg, sweep_id, points)
     chosen = range(len(points)) if cfg.sweep.point is None else [cfg.sweep.point]
     log.info("sweep %s: %d runs%s", sweep_id, len(points),
              "" if cfg.sweep.point is None else f"; this job trains point {cfg.sweep.point}")
     started = time.time()
-    for i in chosen:
+    for i in training_order(points, chosen):
         point = points[i]
-        log.info("sweep point %d (of 0..%d): %s, N=%d, D=%d tokens (%d steps), C=%.3g", i, len(points) - 1,
-                 point_config(cfg, point, sweep_id).run_name, point.n_params, point.tokens, point.steps, point.compute)
-        train_point(cfg, data_dir, point, sweep_id, parent.run_id)
+        branch = "" if point.branch_from is None else f", a WSD branch from step {point.branch_from}"
+        log.info("sweep point %d (of 0..%d): %s, N=%d, D=%d tokens (%d steps%s), C=%.3g", i, len(points) - 1,
+                 point_config(cfg, point, sweep_id).run_name, point.n_params, point.tokens, point.steps, branch,
+                 point.compute)
+        train_point(cfg, data_dir, point, sweep_id, parent.run_id, points)
     log.info("sweep trained %d run(s) in %.0f s", len(chosen), time.time() - started)
     done = finished_points(cfg, sweep_id)
     if done < len(points):
         print(f"Sweep {sweep_id}: {done} of {len(points)} points finished; the job that finishes the last one fits "
               f"the grid (or run `pipeline scaling fit sweep={sweep_id}` on what is there).")
         return {"sweep_id": sweep_id, "finished_points": done}
+    batch = cfg.train.global_batch_tokens
+    parent.log({"sweep_compute_flops": sum(spent_compute(p, batch) for p in points),
+                "separate_runs_compute_flops": sum(p.compute for p in points)}, step=0)
     parent.close()
     report = fit_sweep(cfg, sweep_id)
     print(f"Sweep {sweep_id}: parent MLflow run {parent.run_id}. Open with: "
@@ -181,6 +278,17 @@ def report_metrics(report: dict) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if v is not None}
 
 
+def log_fit(tracker, report: dict, out_dir: Path) -> None:
+    """The report's numbers as metrics, its diagnostics as a tag, and the report, points and plots as
+    artifacts under scaling/ of the run; closes the run."""
+    tracker.log(report_metrics(report), step=0)
+    if report.get("diagnostics"):
+        tracker.set_tags({"scaling_diagnostics": "\n".join(report["diagnostics"])[:5000]})
+    for name in ["scaling_fit.json", "points.csv", *report["plots"]]:
+        tracker.log_artifact(out_dir / name, "scaling")
+    tracker.close()
+
+
 def fit_sweep(cfg: PipelineConfig, sweep_id: str) -> dict:
     """Gather the sweep's runs from MLflow, fit, and log the report and plots to the parent run."""
     from pipeline.scaling.gather import gather_points, parent_run
@@ -194,10 +302,7 @@ def fit_sweep(cfg: PipelineConfig, sweep_id: str) -> dict:
     (Path(cfg.output_dir) / "scaling" / "latest").write_text(sweep_id)
     parent = Tracker(uri, parent_run(uri, sweep_id))
     parent.client.update_run(parent.run_id, status="RUNNING")
-    parent.log(report_metrics(report), step=0)
-    for name in ["scaling_fit.json", "points.csv", *report["plots"]]:
-        parent.log_artifact(out_dir / name, "scaling")
-    parent.close()
+    log_fit(parent, report, out_dir)
     print(summary(report))
     print(f"Fit report: {out_dir / 'scaling_fit.json'}")
     return report

@@ -342,13 +342,15 @@ class PreemptionCheck(Callback):
 
 
 class PeriodicCheckpoint(Callback):
-    """A checkpoint every train.save_interval_steps (0: none; the last step has FinalCheckpoint)."""
+    """A checkpoint every train.save_interval_steps (0: none) and at each of train.save_at_steps; the last step
+    has FinalCheckpoint."""
 
-    def __init__(self, checkpointer: Checkpointer, interval: int):
-        self.checkpointer, self.interval = checkpointer, interval
+    def __init__(self, checkpointer: Checkpointer, interval: int, at_steps: list[int] | None = None):
+        self.checkpointer, self.interval, self.at_steps = checkpointer, interval, set(at_steps or [])
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
-        if self.interval and result.done % self.interval == 0 and result.done < state.max_steps:
+        due = (self.interval and result.done % self.interval == 0) or result.done in self.at_steps
+        if due and result.done < state.max_steps:
             self.checkpointer.save(result.done)
 
 

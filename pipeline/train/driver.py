@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 # Train settings that do not change the numbers a run computes.
 _NOT_MATH = ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints", "resume", "eval_interval_steps",
-             "peak_tflops", "allow_config_change", "max_failures", "compile", "max_skipped_steps")
+             "peak_tflops", "allow_config_change", "max_failures", "compile", "max_skipped_steps",
+             "save_at_steps")
 
 
 _LATER_TRAIN_OPTIONS = ("optimizer", "muon_lr", "muon_momentum")

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from pipeline.config import TrainConfig, width_multiplier
+from pipeline.config import TrainConfig, width_multiplier, wsd_decay_start
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
@@ -136,8 +136,8 @@ def lr_multiplier(step: int, train: TrainConfig) -> float:
         progress = min(1.0, (step - train.warmup_steps) / span)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     # wsd: stable at the peak, then a linear decay over the last decay_fraction of the steps.
-    decay_steps = max(1, round(train.max_steps * train.decay_fraction))
-    decay_start = train.max_steps - decay_steps
+    decay_start = wsd_decay_start(train.max_steps, train.decay_fraction)
+    decay_steps = train.max_steps - decay_start
     if step < decay_start:
         return 1.0
     progress = min(1.0, (step - decay_start) / decay_steps)

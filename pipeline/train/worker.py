@@ -179,7 +179,7 @@ def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpoin
         non_finite=NonFiniteGuard(train.max_skipped_steps, rank, tracker),
         validation=validation,
         preemption=PreemptionCheck(PreemptionFlag(Path(job.run_dir)), checkpointer, device, rank, tracker),
-        periodic=PeriodicCheckpoint(checkpointer, train.save_interval_steps),
+        periodic=PeriodicCheckpoint(checkpointer, train.save_interval_steps, train.save_at_steps),
         final=FinalCheckpoint(checkpointer, resumed_from, rank, tracker),
     )
 
