@@ -1,8 +1,17 @@
-"""`pipeline scaling fit|predict`: fit a sweep's runs (from MLflow or a CSV); predict at a compute budget.
+"""`pipeline scaling fit|predict|plan|recommend|validate`: fit a sweep; plan one; turn a fit into a run.
 
     pipeline scaling fit sweep=<sweep id or parent run id> [output_dir=outputs] [C=1e21 ...]
-    pipeline scaling fit csv=points.csv [C=1e21 ...]
+    pipeline scaling fit csv=points.csv [C=1e21 ...]            (also logged to MLflow as a run)
     pipeline scaling predict C=1e21 [fit=outputs/scaling/<sweep id>/scaling_fit.json]
+    pipeline scaling plan C_min=1e10 C_max=1e11 [budgets=3 | C=1e10 C=3e10 ...] [prior=chinchilla|epoch|latest|<json>]
+                          [sizes=5] [span=1.0] [name=plan] [branches=true] [mfu=0.3] [peak_tflops=T] [overhead_s=30]
+                          [Hydra overrides, e.g. sweep=isoflop_tiny model.mup_base_width=8]
+    pipeline scaling recommend C=<FLOPs> [fit=latest|<json>] [base_width=<d>] [Hydra overrides]
+    pipeline scaling validate C=<FLOPs> [fit=latest|<json>] [base_width=<d>] [Hydra overrides]
+
+plan writes <output_dir>/scaling/configs/sweep/<name>.yaml and recommend .../recommended/<name>.yaml; both print
+the command that runs them (`--config-dir <output_dir>/scaling/configs`). validate trains the recommended
+model, scores it and logs predicted against measured loss to the sweep's parent run.
 """
 
 from __future__ import annotations
@@ -30,12 +39,21 @@ def _fit(args: dict[str, list[str]]) -> int:
     output_dir = Path(args.get("output_dir", ["outputs"])[0]).resolve()
     budgets = [float(c) for c in args.get("C", [])] or SweepConfig().predict_flops
     if "csv" in args:
+        from pipeline.scaling.sweep import log_fit
+        from pipeline.tracking import Tracker, ui_command
+
         points = load_points_csv(args["csv"][0])
         out_dir = output_dir / "scaling" / Path(args["csv"][0]).stem
         report = write_report(points, out_dir, budgets)
         (output_dir / "scaling" / "latest").write_text(out_dir.name)
+        # A run of its own, named and tagged like a sweep's parent, so that `scaling validate` finds it too.
+        tracking = TrackingConfig(uri=args.get("tracking_uri", [None])[0])
+        run = Tracker.open(tracking, output_dir, out_dir, out_dir.name,
+                           tags={"sweep_id": out_dir.name, "scaling_fit": "csv"})
+        run.log_params({"csv": str(Path(args["csv"][0]).resolve()), "n_points": len(points)})
+        log_fit(run, report, out_dir)
         print(summary(report))
-        print(f"Fit report: {out_dir / 'scaling_fit.json'}")
+        print(f"Fit report: {out_dir / 'scaling_fit.json'}\nMLflow run {run.run_id}: {ui_command(run.uri)}")
         return 0
     if "sweep" not in args:
         raise SystemExit(f"error: give sweep=<id> or csv=<path>\n{__doc__}")
@@ -81,8 +99,12 @@ def _predict(args: dict[str, list[str]]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("fit", "predict"):
+    commands = {"fit": _fit, "predict": _predict}
+    if argv and argv[0] in ("plan", "recommend", "validate"):
+        from pipeline.scaling.loop import main as loop_main
+
+        return loop_main(argv[0], argv[1:])
+    if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2
-    args = _parse(argv[1:])
-    return _fit(args) if argv[0] == "fit" else _predict(args)
+    return commands[argv[0]](_parse(argv[1:]))
