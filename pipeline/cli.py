@@ -35,6 +35,9 @@ Tools:
   checkpoint consolidate <dir> [--out F]  full fp32 weights as one safetensors file
   scaling fit sweep=<id> | csv=<file>     Chinchilla approaches 2 and 3 and Kaplan fits, with plots
   scaling predict C=<FLOPs>               compute-optimal N, D and loss with intervals from the last fit
+  scaling plan C_min= C_max= [prior=]     an IsoFLOP grid centred on a prior's optimum, as a sweep config
+  scaling recommend C=<FLOPs>             the compute-optimal model and run from the last fit, as a config
+  scaling validate C=<FLOPs>              train that recommendation; predicted vs measured loss to MLflow
   preempt <output_dir> [--wait S]         ask the runs training there to checkpoint and stop; wait for it
                                           (a Kubernetes preStop hook: cluster/README.md)
 

@@ -157,11 +157,12 @@ class RankBatches:
         return self.base_samples + (step - self.base_step) * self.global_batch
 
     def source_metrics(self, step: int) -> dict[str, float]:
-        """For a blend: each data set's share of the samples consumed up to `step`, and its epochs (passes over
-        its training windows). Empty for a single data set."""
-        if not isinstance(self.order, BlendOrder):
-            return {}
+        """Epochs (passes over the training windows) up to `step`: `data_epochs` for a single data set; for a
+        blend each data set's share of the samples consumed and its epochs. A scaling sweep records the last
+        value with each point (repeated data is what the data-constrained fit models)."""
         samples = self.samples_consumed(step)
+        if not isinstance(self.order, BlendOrder):
+            return {"data_epochs": samples / self.order.n_windows}
         seen = self.order.seen(samples)
         metrics = {}
         for name, n, order in zip(self.order.names, seen, self.order.orders, strict=True):

@@ -183,12 +183,15 @@ def train_point(cfg: PipelineConfig, data_dir: Path, point: SweepPoint, sweep_id
         tags |= {"wsd_branch_of": trunk_dir.name, "wsd_branch_from_step": str(point.branch_from)}
     train(child, data_dir, tags=tags)
     metrics = evaluate(child, data_dir)
-    sequences = point.tokens / cfg.model.context_length
     record = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(child), child.run_name)
+    # The epochs the loader counted at the last step (passes over the training windows), or the same count
+    # from the point's tokens where the run logged none.
+    logged = record.client.get_metric_history(record.run_id, "data_epochs")
+    epochs = (max(logged, key=lambda m: m.step).value if logged
+              else point.tokens / cfg.model.context_length / len(open_split(data_dir, "train")))
     record.log({"N": point.n_params, "N_nonembedding": point.n_nonembedding, "D": point.tokens,
                 "C": point.compute, "C_budget": point.budget or point.compute,
-                "C_spent": spent_compute(point, cfg.train.global_batch_tokens),
-                "epochs": sequences / len(open_split(data_dir, "train")),
+                "C_spent": spent_compute(point, cfg.train.global_batch_tokens), "epochs": epochs,
                 "final_val_loss": metrics["val_loss"]}, step=point.steps)
     record.close()
     return metrics["val_loss"]

@@ -123,7 +123,7 @@ class MetricsLogger(Callback):
             "step_time_s": time.perf_counter() - result.started_at,
             "memory_mb": memory_mb(self.device),
             "tokens_seen": self.batches.samples_consumed(done) * self.context,
-            **self.batches.source_metrics(done),  # a blend's shares seen and epochs per source
+            **self.batches.source_metrics(done),  # epochs (a blend: shares seen and epochs per source)
         }
         if result.z_loss is not None:  # model.z_loss > 0: train_loss is the cross-entropy, this the log^2 Z term
             metrics["z_loss"] = self.window_z / self.window_steps

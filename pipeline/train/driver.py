@@ -151,7 +151,8 @@ METRICS_GUIDE = """Metrics and their units:
 - mfu: model FLOPs utilisation, a fraction of the peak in the tag mfu_peak (TFLOP/s per worker).
 - memory_mb: rank 0's peak GPU memory allocated (on CPU: its process's peak resident set), MiB;
   grad_norm: L2 norm of the gradients before clipping.
-- tokens_seen: tokens trained on; data_share.<source>, data_epochs.<source>: a mixture's shares and epochs.
+- tokens_seen: tokens trained on; data_epochs: passes over the training windows (repeated data past 1);
+  data_share.<source>, data_epochs.<source>: a mixture's shares and epochs.
 - startup/<phase>_s: seconds of each start-up phase; system/...: MLflow's system metrics (units in their names).
 """
 

@@ -46,6 +46,14 @@ def test_ranks_read_disjoint_windows_within_an_epoch():
     assert len(set(first)) == len(first) == 16
 
 
+def test_the_loader_counts_epochs_over_a_single_data_set_and_after_a_resume():
+    batches = RankBatches(ArrayWindows(40), seed=3, micro_batch=4, grad_accum=2, dp_size=1, dp_rank=0)
+    assert batches.source_metrics(5) == {"data_epochs": 40 / 40}  # 5 steps of 8 windows: one pass
+    assert batches.source_metrics(12)["data_epochs"] == 96 / 40
+    batches.resume_at(10, 100)  # resumed with another history: counts continue from the samples consumed
+    assert batches.source_metrics(12)["data_epochs"] == 116 / 40
+
+
 def test_order_is_a_seeded_permutation_per_epoch():
     order = WindowOrder(10, seed=5)
     epoch0 = order.indices(0, 10)
