@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# Chromium for the browser test (tests/browser.py), from Debian where we may install packages.
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
+	   (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null)); } || \
+	  echo "note: no chromium; the browser test needs it (apt-get install chromium)"
 	touch $(STAMP)
 
 run: setup

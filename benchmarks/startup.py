@@ -2,7 +2,7 @@
 
 Prepares the default data set once, then runs `pipeline train` (real Ray, Ray Train, DeepSpeed, MLflow) a few
 times with few steps, each a fresh process as a user would, and reads back the phases the driver logged to
-MLflow (startup/<phase>_s, see pipeline.train.startup). Target: overhead_wall_s (the process's wall time, its
+MLflow (tags startup/<phase>_s, see pipeline.train.startup). Target: overhead_wall_s (the process's wall time, its
 exit included, less the steps at the steady rate) below 40 s on 2 cores; the first
 run also pays what a fresh machine pays once (e.g. compiled caches), so the report gives each run.
 
@@ -32,7 +32,7 @@ def run_train(out: Path, name: str, steps: int) -> tuple[float, dict[str, float]
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     run = client.search_runs(client.get_experiment_by_name("pipeline").experiment_id,
                              filter_string=f"tags.mlflow.runName = '{name}'")[0]
-    phases = {k.removeprefix("startup/"): round(v, 2) for k, v in run.data.metrics.items() if k.startswith("startup/")}
+    phases = {k.removeprefix("startup/"): round(float(v), 2) for k, v in run.data.tags.items() if k.startswith("startup/")}
     return wall, phases
 
 

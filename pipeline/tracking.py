@@ -55,11 +55,12 @@ def ui_command(uri: str) -> str:
 
 
 def run_page(uri: str, run_id: str, base: str = "http://127.0.0.1:5000") -> str:
-    """The address of a run's page in the MLflow UI started by ui_command (the machine-learning view of it)."""
+    """The address of a run's page in the MLflow UI started by ui_command, in its machine-learning view
+    (MLflow 3 opens the GenAI view unless the address asks for workflowType=machine_learning)."""
     from mlflow.tracking import MlflowClient
 
     experiment_id = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 UNSENT_FILE = "mlflow_unsent.jsonl"

@@ -48,6 +48,7 @@ def check_evaluating_every_checkpoint(tmp_path, out, client, run_id: str) -> Non
 
 
 @pytest.mark.distributed
+@pytest.mark.browser
 def test_pipeline_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -58,9 +59,13 @@ def test_pipeline_run_end_to_end(tmp_path):
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
     import re as _re
 
-    page = _re.search(r"browse the run: http://127\.0\.0\.1:5000/#/experiments/(\S+)/runs/(\S+)", proc.stdout)
+    page = _re.search(r"browse the run: http://127\.0\.0\.1:5000/#/experiments/(\S+)/runs/(\w+)"
+                      r"\?workflowType=machine_learning", proc.stdout)
     assert page, proc.stdout[-2000:]  # a direct link to the run's page
     assert "--- sample 0" in proc.stdout
+    from browser import check_run_page
+
+    check_run_page(proc.stdout, "tiny-shakespeare", tmp_path)  # what a user sees at the printed link
 
     from mlflow.tracking import MlflowClient
 

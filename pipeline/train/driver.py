@@ -153,7 +153,8 @@ METRICS_GUIDE = """Metrics and their units:
   grad_norm: L2 norm of the gradients before clipping.
 - tokens_seen: tokens trained on; data_epochs: passes over the training windows (repeated data past 1);
   data_share.<source>, data_epochs.<source>: a mixture's shares and epochs.
-- startup/<phase>_s: seconds of each start-up phase; system/...: MLflow's system metrics (units in their names).
+- tags startup/<phase>_s: seconds of each start-up phase of the latest launch; system/...: MLflow's system
+  metrics (units in their names).
 """
 
 

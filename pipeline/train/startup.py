@@ -52,10 +52,11 @@ def startup_phases(timeline: dict[str, float]) -> dict[str, float]:
 
 
 def report_startup(timeline: dict[str, float], tracker=None, step: int = 0) -> dict[str, float]:
-    """Log the phases (and to MLflow as startup/<phase>_s at `step`) and return them."""
+    """Log the phases (to MLflow as tags startup/<phase>_s: seconds of this launch, a constant of it rather than
+    a curve; a resumed run's tags hold its latest launch) and return them. `step` is kept for callers."""
     phases = startup_phases(timeline)
     if phases:
         log.info("wall time by phase: %s", ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in phases.items()))
         if tracker is not None:
-            tracker.log({f"startup/{k}": round(v, 3) for k, v in phases.items()}, step=step)
+            tracker.set_tags({f"startup/{k}": f"{v:.3f}" for k, v in phases.items()})
     return phases
