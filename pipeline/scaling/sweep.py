@@ -259,8 +259,9 @@ def _with_interval(metrics: dict, name: str, value, interval) -> None:
 
 
 def report_metrics(report: dict) -> dict[str, float]:
-    """The fit report as flat MLflow metrics: approach 3's parameters, approach 2's and Kaplan's exponents,
-    the compute-optimal predictions, each with its interval (`_lo`, `_hi`) where the report has one."""
+    """The fit report as flat MLflow metrics: approach 3's parameters, approaches 1 and 2's and Kaplan's
+    exponents, the data-constrained fit's parameters, the compute-optimal predictions, each with its interval
+    (`_lo`, `_hi`) where the report has one, and the number of diagnostics (warnings, also a tag)."""
     metrics: dict[str, float] = {}
     a3 = report.get("approach3", {})
     if "error" not in a3:
@@ -271,9 +272,18 @@ def report_metrics(report: dict) -> dict[str, float]:
             for key, name in (("N_opt", "N_opt"), ("D_opt", "D_opt"), ("loss", "loss")):
                 _with_interval(metrics, f"pred_{name}_C{tag}", p[key], p["intervals"].get(key))
     a2 = report.get("approach2", {})
-    if "error" not in a2:
-        _with_interval(metrics, "approach2_a", a2["a"], a2["a_interval"])
-        _with_interval(metrics, "approach2_b", a2["b"], a2["b_interval"])
+    if "error" not in a2:  # the bootstrap's interval where it has one, else the regression's
+        _with_interval(metrics, "approach2_a", a2["a"], a2.get("a_bootstrap_interval") or a2["a_interval"])
+        _with_interval(metrics, "approach2_b", a2["b"], a2.get("b_bootstrap_interval") or a2["b_interval"])
+    a1 = report.get("approach1", {})
+    if a1 and "error" not in a1:
+        _with_interval(metrics, "approach1_a", a1["a"], a1.get("a_interval"))
+        _with_interval(metrics, "approach1_b", a1["b"], a1.get("b_interval"))
+    constrained = report.get("data_constrained", {})
+    if constrained and not {"error", "skipped"} & set(constrained):
+        for k in ("E", "A", "B", "alpha", "beta", "R_star_D"):
+            metrics[f"data_constrained_{k}"] = constrained[k]
+    metrics["fit_diagnostics"] = float(len(report.get("diagnostics", [])))
     kaplan = report.get("kaplan", {})
     if "error" not in kaplan:
         _with_interval(metrics, "kaplan_alpha_N", kaplan["alpha_N"], kaplan["alpha_N_interval"])
@@ -294,14 +304,15 @@ def log_fit(tracker, report: dict, out_dir: Path) -> None:
 
 def fit_sweep(cfg: PipelineConfig, sweep_id: str) -> dict:
     """Gather the sweep's runs from MLflow, fit, and log the report and plots to the parent run."""
-    from pipeline.scaling.gather import gather_points, parent_run
+    from pipeline.scaling.gather import gather_curves, gather_points, parent_run
     from pipeline.scaling.report import summary, write_report
     from pipeline.tracking import Tracker, tracking_uri
 
     uri = tracking_uri(cfg.tracking, cfg.output_dir)
     points = gather_points(uri, sweep_id)
     out_dir = Path(cfg.output_dir) / "scaling" / sweep_id
-    report = write_report(points, out_dir, list(cfg.sweep.predict_flops), n_bootstrap=cfg.sweep.n_bootstrap)
+    report = write_report(points, out_dir, list(cfg.sweep.predict_flops), n_bootstrap=cfg.sweep.n_bootstrap,
+                          curves=gather_curves(uri, sweep_id))
     (Path(cfg.output_dir) / "scaling" / "latest").write_text(sweep_id)
     parent = Tracker(uri, parent_run(uri, sweep_id))
     parent.client.update_run(parent.run_id, status="RUNNING")

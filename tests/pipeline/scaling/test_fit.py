@@ -208,13 +208,21 @@ def test_kaplan_uses_non_embedding_counts_when_every_run_has_them():
 
 def test_csv_round_trip(tmp_path):
     points = isoflop_points(budgets=(1e18,), sizes=3)
-    points[0].budget, points[1].N_nonembedding = "C1e18", 12345.0
+    points[0].budget, points[1].N_nonembedding, points[2].epochs = "C1e18", 12345.0, 2.5
     write_points_csv(points, tmp_path / "p.csv")
     loaded = load_points_csv(tmp_path / "p.csv")
     got = np.array([(p.N, p.D, p.loss, p.compute()) for p in loaded])
     want = np.array([(p.N, p.D, p.loss, p.compute()) for p in points])
     assert np.array_equal(got, want)  # repr keeps every bit
     assert loaded[0].budget == "C1e18" and loaded[1].N_nonembedding == 12345.0 and loaded[2].N_nonembedding is None
+    assert [p.epochs for p in loaded] == [None, None, 2.5]
+    # A CSV written before the epochs column existed still loads, with epochs unknown.
+    (tmp_path / "old.csv").write_text("N,D,loss,C,budget,N_nonembedding\n1e6,2e7,3.5,1.2e14,b,\n")
+    (old,) = load_points_csv(tmp_path / "old.csv")
+    assert old.epochs is None and old.budget == "b"
+    (tmp_path / "zero.csv").write_text("N,D,loss,epochs\n1e6,2e7,3.5,0\n")
+    with pytest.raises(ValueError, match="epochs"):
+        load_points_csv(tmp_path / "zero.csv")
 
     (tmp_path / "minimal.csv").write_text("N,D,loss\n1e6,2e7,3.5\n")
     (only,) = load_points_csv(tmp_path / "minimal.csv")
