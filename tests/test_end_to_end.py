@@ -93,6 +93,9 @@ def test_pipeline_run_end_to_end(tmp_path):
     assert run.data.tags["final_step"] == "200" and "final_step" not in metrics  # constants are tags
     assert float(run.data.tags["peak_tflops_per_worker"]) > 0 and "peak_tflops_per_worker" not in metrics
     assert run.data.params["parallel.num_workers"] == "2"
+    # Scored on an evaluation worker (a Ray task), not in the driver process.
+    worker = _re.fullmatch(r"cpu of pid (\d+) on \S+ \(driver pid (\d+)\)", run.data.tags["evaluation_worker"])
+    assert worker and worker.group(1) != worker.group(2), run.data.tags["evaluation_worker"]
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [50, 100, 150, 200]
     assert history[-1].value < history[0].value

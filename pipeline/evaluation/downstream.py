@@ -32,7 +32,8 @@ def _local_task_dir(work_dir: Path) -> Path:
 
 def run_lm_eval(hf_dir: Path, tasks: list[str], work_dir: Path, limit: int | None = None,
                 batch_size: int = 8) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from lm-eval-harness on a transformers directory, on the CPU or first GPU."""
+    """{task: {metric: value}} from lm-eval-harness on a transformers directory, on the first GPU in bf16 where it
+    has bf16 (else fp32), or on the CPU in fp32."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
@@ -47,9 +48,11 @@ def run_lm_eval(hf_dir: Path, tasks: list[str], work_dir: Path, limit: int | Non
     if unknown:
         raise ConfigError(f"eval.tasks names unknown lm-eval task(s) {unknown}; shipped offline tasks: "
                           f"{sorted(p.stem for p in LOCAL_TASKS.glob('*.yaml'))}")
+    gpu = torch.cuda.is_available()
+    dtype = "bfloat16" if gpu and torch.cuda.is_bf16_supported() else "float32"
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=list(tasks), task_manager=manager,
-        device="cuda:0" if torch.cuda.is_available() else "cpu", batch_size=batch_size, limit=limit,
+        model="hf", model_args=f"pretrained={hf_dir},dtype={dtype}", tasks=list(tasks), task_manager=manager,
+        device="cuda:0" if gpu else "cpu", batch_size=batch_size, limit=limit,
     )
     metrics: dict[str, dict[str, float]] = {}
     for task, values in results["results"].items():

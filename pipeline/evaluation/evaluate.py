@@ -1,11 +1,20 @@
-"""The evaluate stage: validation loss, perplexity, bits per byte, a unigram baseline, and samples.
+"""The evaluate stage: validation loss, perplexity, bits per byte, a unigram baseline, samples and lm-eval tasks.
 
-Everything is logged to the training run's MLflow run, at the step of the checkpoint it scores.
+Each checkpoint is scored on an evaluation worker, a Ray task with the checkpoint's device: one GPU when
+parallel.use_gpu (wherever the cluster has one; the run's files must be on shared storage there, as for
+training), else one CPU slot of the driver's node using the node's cores (in this process when Ray is not
+running and no cluster is configured: a lone `pipeline evaluate` or `generate` on a laptop). The driver logs what it returns to
+the training run's MLflow run, at the step of the checkpoint it scored. `pipeline generate` samples there too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +57,42 @@ def validation_totals(model, dataset, batch_size: int, max_tokens: int | None, b
     return sharded_validation_totals(model, dataset, batch_size, max_tokens, byte_lengths, next(model.parameters()).device)
 
 
-def load_trained_model(model_cfg, tag_dir: Path):
+def load_trained_model(model_cfg, tag_dir: Path, device: torch.device | None = None):
     model = GPT(model_cfg)
-    model.load_state_dict(consolidated_state_dict(tag_dir))
+    # DeepSpeed's consolidation prints its progress; on a Ray worker that would reach the driver's stdout in the
+    # middle of (or after) the samples a user reads there.
+    with contextlib.redirect_stdout(sys.stderr):
+        model.load_state_dict(consolidated_state_dict(tag_dir))
     model.eval()
-    return model
+    return model.to(device or torch.device("cpu"))
+
+
+def evaluation_device() -> torch.device:
+    """The device of the worker this runs on: its first GPU, else the CPU (then with all the node's cores)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # Ray limits a 1-CPU task's threads to one
+    return torch.device("cpu")
+
+
+def on_evaluation_worker(cfg: PipelineConfig, fn, *args):
+    """fn(*args) as a Ray task on the evaluation worker (module docstring), and its result. A CPU evaluation on
+    a laptop whose Ray is not running yet (`pipeline generate`, `pipeline evaluate` on their own) runs in this
+    process instead: the same cores, without starting Ray for it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.cluster.ray_runtime import ensure_ray
+
+    if not (cfg.parallel.use_gpu or cfg.cluster.address or ray.is_initialized()):
+        return fn(*args)
+    ensure_ray(cfg.cluster)
+    if cfg.parallel.use_gpu:
+        options = {"num_gpus": 1, "num_cpus": 1}
+    else:  # where the run's checkpoints and data are
+        here = ray.get_runtime_context().get_node_id()
+        options = {"num_cpus": 1, "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+    return ray.get(ray.remote(fn).options(**options).remote(*args))
 
 
 def sample_texts(model, sp, prompt: str, ev: EvalConfig, eos_id: int, n_samples: int) -> list[str]:
@@ -66,13 +106,18 @@ def sample_texts(model, sp, prompt: str, ev: EvalConfig, eos_id: int, n_samples:
     return [sp.decode(prompt_ids + new) for new in samples]
 
 
-def generate_text(cfg: PipelineConfig, data_dir: Path, prompt: str) -> list[str]:
-    """`pipeline generate`: samples from the run's latest checkpoint with the eval.* sampling settings."""
-    tag_dir = require_latest(run_dir_for(cfg))
+def _generate(cfg: PipelineConfig, data_dir: Path, tag_dir: Path, prompt: str) -> list[str]:
     manifest = load_data_info(data_dir)
-    model = load_trained_model(model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id), tag_dir)
+    model = load_trained_model(model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id), tag_dir,
+                               evaluation_device())
     return sample_texts(model, load_tokenizer(manifest.tokenizer_path), prompt, cfg.eval, manifest.eos_id,
                         max(1, cfg.eval.num_samples))
+
+
+def generate_text(cfg: PipelineConfig, data_dir: Path, prompt: str) -> list[str]:
+    """`pipeline generate`: samples from the run's latest checkpoint with the eval.* sampling settings, on the
+    evaluation worker."""
+    return on_evaluation_worker(cfg, _generate, cfg, data_dir, require_latest(run_dir_for(cfg)), prompt)
 
 
 def checkpoints_to_evaluate(cfg: PipelineConfig) -> list[Path]:
@@ -98,64 +143,73 @@ def checkpoints_to_evaluate(cfg: PipelineConfig) -> list[Path]:
 
 
 def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
-    """Score the checkpoints eval.checkpoint names, each logged to the run at its own step; the metrics of the
-    last (the newest) are returned."""
+    """Score the checkpoints eval.checkpoint names, each on the evaluation worker and logged to the run at its own
+    step; the metrics of the last (the newest) are returned."""
     tags = checkpoints_to_evaluate(cfg)
     manifest = load_data_info(data_dir)
-    sp = load_tokenizer(manifest.tokenizer_path)
-    model_cfg = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    vocab = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id).vocab_size
     val = open_split(data_dir, VALIDATION_SPLIT)
-    byte_lengths = token_byte_lengths(sp)
-    if len(byte_lengths) < model_cfg.vocab_size:
-        byte_lengths = np.pad(byte_lengths, (0, model_cfg.vocab_size - len(byte_lengths)))
-    unigram = unigram_totals(train_token_counts(data_dir, model_cfg.vocab_size), val, cfg.eval.max_tokens, byte_lengths)
+    unigram = unigram_totals(train_token_counts(data_dir, vocab), val, cfg.eval.max_tokens,
+                             padded_byte_lengths(load_tokenizer(manifest.tokenizer_path), vocab))
     tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(cfg), cfg.run_name)
+    results = []
     try:
-        results = [evaluate_checkpoint(cfg, data_dir, tag_dir, model_cfg, sp, val, byte_lengths, unigram, tracker)
-                   for tag_dir in tags]
-        tracker.set_tags({"evaluated_checkpoint": str(tags[-1])})
+        for tag_dir in tags:
+            scored = on_evaluation_worker(cfg, score_checkpoint, cfg, data_dir, tag_dir)
+            metrics = {**scored["metrics"], "unigram_val_loss": unigram.mean_loss,
+                       "unigram_val_perplexity": unigram.perplexity}
+            step = scored["step"]
+            log.info("step %d: validation loss %.4f (perplexity %.2f, %.3f bits/byte) over %d tokens on %s; unigram "
+                     "baseline %.4f", step, metrics["val_loss"], metrics["val_perplexity"],
+                     metrics["val_bits_per_byte"], metrics["val_tokens"], scored["device"], unigram.mean_loss)
+            if scored["text"]:
+                print(scored["text"])
+                tracker.log_text(scored["text"], f"samples/step_{step:08d}.txt")
+            if scored["lm_eval"] is not None:
+                tracker.log_text(json.dumps(scored["lm_eval"], indent=2), f"lm_eval/lm_eval_{tag_dir.name}.json")
+            tracker.log(metrics, step=step)
+            results.append({**metrics, "step": step})
+        tracker.set_tags({"evaluated_checkpoint": str(tags[-1]),
+                          "evaluation_worker": f"{scored['device']} (driver pid {os.getpid()})"})
     finally:
         tracker.close()
     return results[-1]
 
 
-def evaluate_checkpoint(cfg: PipelineConfig, data_dir: Path, tag_dir: Path, model_cfg, sp, val, byte_lengths,
-                        unigram: LossTotals, tracker) -> dict[str, float]:
+def padded_byte_lengths(sp, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes per token id, zero for ids past the tokenizer's (a padded vocabulary)."""
+    byte_lengths = token_byte_lengths(sp)
+    if len(byte_lengths) < vocab_size:
+        byte_lengths = np.pad(byte_lengths, (0, vocab_size - len(byte_lengths)))
+    return byte_lengths
+
+
+def score_checkpoint(cfg: PipelineConfig, data_dir: Path, tag_dir: Path) -> dict:
+    """On the evaluation worker: the checkpoint's validation metrics (and a blend's per data set), samples and
+    lm-eval tasks. Returns {"step", "device", "metrics", "text", "lm_eval"} for the driver to log."""
     step = int(read_marker(tag_dir)["step"])
     manifest = load_data_info(data_dir)
-    model = load_trained_model(model_cfg, tag_dir)
-    totals = validation_totals(model, val, cfg.eval.batch_size, cfg.eval.max_tokens, byte_lengths)
-    metrics = {
-        "val_loss": totals.mean_loss,
-        "val_perplexity": totals.perplexity,
-        "val_bits_per_byte": totals.bits_per_byte,
-        "val_tokens": float(totals.tokens),
-        "unigram_val_loss": unigram.mean_loss,
-        "unigram_val_perplexity": unigram.perplexity,
-    }
+    sp = load_tokenizer(manifest.tokenizer_path)
+    model_cfg = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id)
+    device = evaluation_device()
+    model = load_trained_model(model_cfg, tag_dir, device)
+    byte_lengths = padded_byte_lengths(sp, model_cfg.vocab_size)
+    totals = validation_totals(model, open_split(data_dir, VALIDATION_SPLIT), cfg.eval.batch_size,
+                               cfg.eval.max_tokens, byte_lengths)
+    metrics = {"val_loss": totals.mean_loss, "val_perplexity": totals.perplexity,
+               "val_bits_per_byte": totals.bits_per_byte, "val_tokens": float(totals.tokens)}
     for name, part in component_splits(data_dir, VALIDATION_SPLIT):  # a blend's data sets, each on its own
         if len(part):
             part_totals = validation_totals(model, part, cfg.eval.batch_size, cfg.eval.max_tokens, byte_lengths)
             metrics[f"val_loss.{name}"] = part_totals.mean_loss
             metrics[f"val_bits_per_byte.{name}"] = part_totals.bits_per_byte
-    log.info(
-        "step %d: validation loss %.4f (perplexity %.2f, %.3f bits/byte) over %d tokens; unigram baseline %.4f",
-        step, totals.mean_loss, totals.perplexity, totals.bits_per_byte, totals.tokens, unigram.mean_loss,
-    )
-
     samples = sample_texts(model, sp, cfg.eval.prompt, cfg.eval, manifest.eos_id, cfg.eval.num_samples)
     text = "\n\n".join(f"--- sample {i} (step {step}) ---\n{s}" for i, s in enumerate(samples))
-    print(text)
-
+    downstream = None
     if cfg.eval.tasks:
         hf_dir = export(cfg, data_dir, tag_dir=tag_dir)
         downstream = run_lm_eval(hf_dir, cfg.eval.tasks, hf_dir.parent / f"lm_eval_{tag_dir.name}", cfg.eval.tasks_limit)
         for task, values in downstream.items():
             metrics.update({f"lm_eval.{task}.{name}": value for name, value in values.items()})
-            log.info("lm-eval %s: %s", task, values)
-        tracker.log_artifact(hf_dir.parent / f"lm_eval_{tag_dir.name}" / "lm_eval_results.json", "lm_eval")
-    tracker.log(metrics, step=step)
-    if text:
-        tracker.log_text(text, f"samples/step_{step:08d}.txt")
-    return {**metrics, "step": step}
+    return {"step": step, "device": f"{device} of pid {os.getpid()} on {socket.gethostname()}", "metrics": metrics,
+            "text": text, "lm_eval": downstream}
