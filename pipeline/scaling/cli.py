@@ -2,6 +2,7 @@
 
     pipeline scaling fit sweep=<sweep id or parent run id> [output_dir=outputs] [C=1e21 ...]
     pipeline scaling fit csv=points.csv [C=1e21 ...]            (also logged to MLflow as a run)
+        [n_bootstrap=200] [bootstrap_starts=300|all]   (approach 3's starts per bootstrap replicate)
     pipeline scaling predict C=1e21 [fit=outputs/scaling/<sweep id>/scaling_fit.json]
     pipeline scaling plan C_min=1e10 C_max=1e11 [budgets=3 | C=1e10 C=3e10 ...] [prior=chinchilla|epoch|latest|<json>]
                           [sizes=5] [span=1.0] [name=plan] [branches=true] [mfu=0.3] [peak_tflops=T] [overhead_s=30]
@@ -38,13 +39,16 @@ def _fit(args: dict[str, list[str]]) -> int:
 
     output_dir = Path(args.get("output_dir", ["outputs"])[0]).resolve()
     budgets = [float(c) for c in args.get("C", [])] or SweepConfig().predict_flops
+    starts = args.get("bootstrap_starts", [str(SweepConfig().bootstrap_starts)])[-1]
+    starts = None if starts in ("all", "null", "None") else int(starts)
+    n_bootstrap = int(args.get("n_bootstrap", [str(SweepConfig().n_bootstrap)])[-1])
     if "csv" in args:
         from pipeline.scaling.sweep import log_fit
         from pipeline.tracking import Tracker, ui_command
 
         points = load_points_csv(args["csv"][0])
         out_dir = output_dir / "scaling" / Path(args["csv"][0]).stem
-        report = write_report(points, out_dir, budgets)
+        report = write_report(points, out_dir, budgets, n_bootstrap=n_bootstrap, bootstrap_starts=starts)
         (output_dir / "scaling" / "latest").write_text(out_dir.name)
         # A run of its own, named and tagged like a sweep's parent, so that `scaling validate` finds it too.
         tracking = TrackingConfig(uri=args.get("tracking_uri", [None])[0])
@@ -62,7 +66,7 @@ def _fit(args: dict[str, list[str]]) -> int:
 
     uri = args.get("tracking_uri", [None])[0]
     cfg = PipelineConfig(output_dir=str(output_dir), tracking=TrackingConfig(uri=uri),
-                         sweep=SweepConfig(predict_flops=budgets))
+                         sweep=SweepConfig(predict_flops=budgets, n_bootstrap=n_bootstrap, bootstrap_starts=starts))
     fit_sweep(cfg, args["sweep"][0])
     return 0
 

@@ -312,7 +312,7 @@ def fit_sweep(cfg: PipelineConfig, sweep_id: str) -> dict:
     points = gather_points(uri, sweep_id)
     out_dir = Path(cfg.output_dir) / "scaling" / sweep_id
     report = write_report(points, out_dir, list(cfg.sweep.predict_flops), n_bootstrap=cfg.sweep.n_bootstrap,
-                          curves=gather_curves(uri, sweep_id))
+                          curves=gather_curves(uri, sweep_id), bootstrap_starts=cfg.sweep.bootstrap_starts)
     (Path(cfg.output_dir) / "scaling" / "latest").write_text(sweep_id)
     parent = Tracker(uri, parent_run(uri, sweep_id))
     parent.client.update_run(parent.run_id, status="RUNNING")
