@@ -727,8 +727,28 @@ def curves_from_points(points: list[ScalingPoint]) -> list[TrainingCurve]:
             for i, p in enumerate(points)]
 
 
+class _PowerLawAllocation:
+    """N_opt ∝ C^a and D_opt ∝ C^b as two fitted power laws (n_law, d_law): approaches 1 and 2."""
+
+    n_law: PowerLaw
+    d_law: PowerLaw
+
+    @property
+    def a(self) -> float:
+        return self.n_law.exponent
+
+    @property
+    def b(self) -> float:
+        return self.d_law.exponent
+
+    def law_prediction(self, C: float) -> dict:
+        """N_opt and D_opt at C from the two laws, with the regression's intervals (None with < 3 points)."""
+        return {"C": float(C), "N_opt": float(self.n_law(C)), "D_opt": float(self.d_law(C)),
+                "intervals": {"N_opt": self.n_law.prediction_interval(C), "D_opt": self.d_law.prediction_interval(C)}}
+
+
 @dataclass
-class EnvelopeFit:
+class EnvelopeFit(_PowerLawAllocation):
     """Approach 1: the lower envelope of the training curves; then N_opt ∝ C^a and D_opt ∝ C^b over its points.
 
     budgets[i] is the compute (6 N D) at which run runs[i] (N = n_opt[i], D = d_opt[i]) gave the envelope's
@@ -743,18 +763,8 @@ class EnvelopeFit:
     d_law: PowerLaw
     n_censored: int = 0
 
-    @property
-    def a(self) -> float:
-        return self.n_law.exponent
-
-    @property
-    def b(self) -> float:
-        return self.d_law.exponent
-
     def compute_optimal(self, C: float) -> dict:
-        """N_opt and D_opt at C from the two power laws, with the regression's intervals (None if < 3 points)."""
-        return {"C": float(C), "N_opt": float(self.n_law(C)), "D_opt": float(self.d_law(C)),
-                "intervals": {"N_opt": self.n_law.prediction_interval(C), "D_opt": self.d_law.prediction_interval(C)}}
+        return self.law_prediction(C)
 
 
 def _prepared_curves(curves: list[TrainingCurve]) -> list[tuple[TrainingCurve, np.ndarray, np.ndarray]]:
@@ -914,7 +924,7 @@ def edge_diagnostics(points: list[ScalingPoint], rel_tol: float = 0.05) -> list[
 
 
 @dataclass
-class IsoFLOPFit:
+class IsoFLOPFit(_PowerLawAllocation):
     """Approach 2: per budget the parabola minimum in ln N; then N_opt ∝ C^a and D_opt ∝ C^b.
 
     bootstrap_laws holds one row (a, ln k_N, b, ln k_D) per bootstrap replicate (N_opt = k_N C^a,
@@ -929,14 +939,6 @@ class IsoFLOPFit:
     d_law: PowerLaw
     bootstrap_laws: list[list[float]] = field(default_factory=list, repr=False)
     bootstrap_info: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def a(self) -> float:
-        return self.n_law.exponent
-
-    @property
-    def b(self) -> float:
-        return self.d_law.exponent
 
     def bootstrap_interval(self, name: str) -> tuple[float, float] | None:
         """Percentile interval of "a" or "b" over the bootstrap replicates (None without any)."""
@@ -954,9 +956,7 @@ class IsoFLOPFit:
                 pred = np.exp(laws[:, [1, 3]] + laws[:, [0, 2]] * np.log(C))
             boot = {k: _percentile_interval(pred[:, i], self.n_law.confidence)
                     for i, k in enumerate(("N_opt", "D_opt"))}
-        return {"C": float(C), "N_opt": float(self.n_law(C)), "D_opt": float(self.d_law(C)),
-                "intervals": {"N_opt": self.n_law.prediction_interval(C), "D_opt": self.d_law.prediction_interval(C)},
-                "bootstrap_intervals": boot}
+        return self.law_prediction(C) | {"bootstrap_intervals": boot}
 
 
 def fit_isoflop(points: list[ScalingPoint], confidence: float = 0.95, n_bootstrap: int = 200, seed: int = 0,

@@ -112,14 +112,9 @@ def plan_command(options: dict[str, list[str]], overrides: list[str]) -> int:
 
 
 def _branch_compute(cfg: PipelineConfig, runs) -> float:
-    from pipeline.config import wsd_decay_start
+    from pipeline.scaling.plan import trained_steps
 
-    total = 0.0
-    for r in runs:
-        longest = max(o.steps for o in runs if o.width == r.width and o.lr == r.lr)
-        steps = r.steps if r.steps == longest else r.steps - wsd_decay_start(r.steps, cfg.train.decay_fraction)
-        total += 6.0 * r.n_params * steps * cfg.train.global_batch_tokens
-    return total
+    return sum(6.0 * r.n_params * trained_steps(cfg, r, runs, True) * cfg.train.global_batch_tokens for r in runs)
 
 
 def _throughput(cfg: PipelineConfig, options: dict[str, list[str]]) -> tuple[float, float, str]:

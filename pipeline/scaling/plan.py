@@ -170,20 +170,23 @@ def estimate_seconds(cfg: PipelineConfig, runs: list[PlannedRun], peak_tflops: f
     """Wall time of the sweep on cfg.parallel.num_workers workers: each run's training FLOPs (attention
     included) at mfu of the peak, plus a fixed start-up and evaluation overhead per run. With branches a
     size's shorter budgets only train their decay."""
-    from pipeline.config import wsd_decay_start
     from pipeline.model.size import training_flops_per_token
 
     lattice = WidthLattice(cfg.model, cfg.sweep, vocab_of(cfg))
     rate = peak_tflops * 1e12 * mfu * cfg.parallel.num_workers
-    total = 0.0
-    for run in runs:
-        steps = run.steps
-        longest = max(r.steps for r in runs if r.width == run.width and r.lr == run.lr)
-        if branches and run.steps < longest:
-            steps = run.steps - wsd_decay_start(run.steps, cfg.train.decay_fraction)
-        per_token = training_flops_per_token(lattice.model(run.width))
-        total += per_token * steps * cfg.train.global_batch_tokens / rate + overhead_s
-    return total
+    return sum(training_flops_per_token(lattice.model(run.width)) * trained_steps(cfg, run, runs, branches)
+               * cfg.train.global_batch_tokens / rate + overhead_s for run in runs)
+
+
+def trained_steps(cfg: PipelineConfig, run: PlannedRun, runs: list[PlannedRun], branches: bool) -> int:
+    """The steps a planned run trains: all of them, or with branches only its decay unless it is its size's
+    longest run (the trunk), as pipeline.scaling.sweep trains them."""
+    from pipeline.config import wsd_decay_start
+
+    longest = max(r.steps for r in runs if r.width == run.width and r.lr == run.lr)
+    if branches and run.steps < longest:
+        return run.steps - wsd_decay_start(run.steps, cfg.train.decay_fraction)
+    return run.steps
 
 
 def vocab_of(cfg: PipelineConfig) -> int:
