@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 
 import pytest
+
+from ports import free_port
 
 CHROMIUM_HINT = ("the browser test needs Chromium: `apt-get install chromium` (Debian; `make setup` does it when run "
                  "as root), or set CHROMIUM=/path/to/chrome; deselect it with -m 'not browser'")
@@ -28,11 +29,6 @@ def chromium() -> str:
         pytest.fail(CHROMIUM_HINT)
     return path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ui(stdout: str, cwd) -> tuple[subprocess.Popen, str]:

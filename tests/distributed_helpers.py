@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -16,11 +15,8 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from ports import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, args: tuple) -> None:
@@ -47,7 +43,25 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, ar
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 300) -> list[Any]:
-    """fn(*args) on ranks 0..world_size-1; returns the list of their results (raises on any failure)."""
+    """fn(*args) on ranks 0..world_size-1; returns the list of their results (raises on any failure).
+
+    A rendezvous port taken by another process between the pick and rank 0's bind (EADDRINUSE, before fn did
+    anything) is retried on a new port, as torch's own distributed tests do (retry_on_connect_failures).
+    """
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, args, timeout_s)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _run_once(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> list[Any]:
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
@@ -68,6 +82,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
                 raise RuntimeError(f"rank {rank} died without a result (exit code {procs[rank].exitcode})")
             status, value = pickle.loads(path.read_bytes())
             if status != "ok":
+                if "EADDRINUSE" in value and "TCPStore" in value:
+                    raise _PortTaken(f"rank {rank}: rendezvous port {port} was taken:\n{value}")
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             results.append(value)
         return results

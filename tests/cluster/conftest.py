@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ports import free_port
+
 
 @dataclass
 class LocalCluster:
@@ -35,11 +36,6 @@ class LocalCluster:
     env: dict[str, str]  # the nodes' environment (token authentication on)
     token_path: Path  # the cluster's token (mode 600)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_processes(session_ids: set[int], temp_dirs: list[str]) -> list[psutil.Process]:

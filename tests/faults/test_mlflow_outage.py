@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from distributed_helpers import free_port
+from ports import free_port
 
 pytestmark = pytest.mark.distributed
 

@@ -29,6 +29,7 @@ from pipeline.checkpoint.store_sync import (
 from pipeline.cluster.storage import ObjectStore, StorageError
 from pipeline.config import ConfigError
 from pipeline.data.store_sync import pull_dataset, push_dataset
+from ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,7 @@ def s3_endpoint():
     """host:port of a moto S3 server on loopback with a bucket named `bucket`; stopped even on failure."""
     import pyarrow.fs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED")}
