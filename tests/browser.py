@@ -14,7 +14,6 @@ import time
 import urllib.request
 
 import pytest
-
 from ports import free_port
 
 CHROMIUM_HINT = ("the browser test needs Chromium: `apt-get install chromium` (Debian; `make setup` does it when run "

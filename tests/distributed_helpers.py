@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
-
 from ports import free_port
-
 
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, args: tuple) -> None:

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from ports import free_port
 
 

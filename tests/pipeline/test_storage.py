@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from ports import free_port
 
 from data_prep.shards import MANIFEST, ShardError, write_synthetic_dataset
 from pipeline.checkpoint.layout import (
@@ -29,7 +30,6 @@ from pipeline.checkpoint.store_sync import (
 from pipeline.cluster.storage import ObjectStore, StorageError
 from pipeline.config import ConfigError
 from pipeline.data.store_sync import pull_dataset, push_dataset
-from ports import free_port
 
 
 @pytest.fixture(scope="module")
