@@ -8,6 +8,11 @@
     -> write the partition's record (parts/p<index>.json, atomically, last) with its shards, counts and
        document starts: a partition is done exactly when its record exists.
 
+A worker on a node that does not see the driver's directory (nodes without a shared file system; it looks for
+the driver's mark, a file named per run) writes the partition into its own node's copy of that path, uploads it
+to cluster.storage_uri (shards where the finished data set goes, the record and its parts in a staging prefix;
+the record last) and deletes its local copy; the driver downloads it from there (data_prep.prepare).
+
 Nothing depends on which worker runs a partition or how many there are. A worker killed half-way leaves shards
 without a record; the next run deletes them and does the partition again (data_prep.prepare). Two workers that
 run the same partition (a zombie of a killed run) write the same bytes, each file atomically.
@@ -22,6 +27,7 @@ import hashlib
 import heapq
 import io
 import json
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +39,7 @@ from data_prep.packing import WindowPacker, join_with_eos
 from data_prep.partitions import Partition
 from data_prep.shards import SPLITS, ShardInfo, ShardWriter
 from data_prep.sources import DecodeReport, piece_documents
-from pipeline.config import DataConfig, SourceConfig
+from pipeline.config import DataConfig, PipelineError, SourceConfig
 from pipeline.files import write_atomic
 
 PARTS_DIR = "parts"
@@ -70,6 +76,14 @@ class PrepareContext:
     vocab_size: int
     eos_id: int
     cut_documents: bool
+    driver_mark: str = ""  # a file the driver keeps in `directory` while partitions run (see the module docstring)
+    store_uri: str = ""  # cluster.storage_uri, for workers that do not see `directory`
+    store_rel: str = ""  # the finished data set's prefix in the store (its shards go there)
+    staging_rel: str = ""  # the store prefix for partition records and their parts, until the manifest is written
+
+
+class UnsharedDirectoryError(PipelineError, RuntimeError):
+    """A worker's node does not see the driver's directory and there is no object store to send its work to."""
 
 
 @dataclass
@@ -191,6 +205,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 def process_partition(part: Partition, ctx: PrepareContext, sp) -> PartitionRecord:
     """Tokenize, pack and write one partition (see the module docstring); returns its record, written last."""
     directory = Path(ctx.directory)
+    sees_driver = sees_driver_directory(ctx)
     (directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     report, counter = DecodeReport(), _Counter()
     streams = {split: SplitStream(ctx, split, part.index) for split in SPLITS}
@@ -218,7 +233,47 @@ def process_partition(part: Partition, ctx: PrepareContext, sp) -> PartitionReco
     record.token_counts = f"{stem}-train-token_counts.npy"
     save_npy(directory / PARTS_DIR / record.token_counts, streams["train"].counts)
     write_atomic(record_path(directory, part.index), record.to_json())
+    if not sees_driver:
+        upload_partition(ctx, record)
     return record
+
+
+def sees_driver_directory(ctx: PrepareContext) -> bool:
+    """Whether this worker's node sees the driver's directory; an UnsharedDirectoryError when it does not and
+    no object store is configured."""
+    if not ctx.driver_mark:
+        return True
+    for attempt in range(5):  # a network file system may show a new file to other nodes a little late
+        if (Path(ctx.directory) / ctx.driver_mark).exists():
+            return True
+        time.sleep(attempt * 0.5)
+    if not ctx.store_uri:
+        raise UnsharedDirectoryError(
+            f"the Ray node {_ray_node() or '(unknown)'} does not see {ctx.directory}, where prepare writes the "
+            f"shards: put output_dir on storage that every node mounts at the same path, set cluster.storage_uri "
+            f"(the workers then upload their shards to it), or run prepare on one node (cluster=local)")
+    return False
+
+
+def partition_files(record: PartitionRecord) -> list[str]:
+    """The partition's files, relative to the data set directory: shards, then parts, the record last."""
+    shards = [info.file for infos in record.shards.values() for info in infos]
+    parts = [f"{PARTS_DIR}/{name}" for name in (*record.doc_starts.values(), record.token_counts) if name]
+    return [*shards, *parts, f"{PARTS_DIR}/{record_path(Path(), record.index).name}"]
+
+
+def upload_partition(ctx: PrepareContext, record: PartitionRecord) -> None:
+    """Send a partition written on a node that does not see the driver's directory to the object store (its
+    shards under the data set's prefix, the rest under the staging prefix, the record last), then delete the
+    local copy: that node's copy of the path is nobody's data set."""
+    from pipeline.cluster.storage import ObjectStore
+
+    store, directory = ObjectStore(ctx.store_uri), Path(ctx.directory)
+    for name in partition_files(record):
+        rel = ctx.staging_rel if name.startswith(f"{PARTS_DIR}/") else ctx.store_rel
+        store.upload_file(directory / name, f"{rel}/{name}")
+    for name in partition_files(record):
+        (directory / name).unlink(missing_ok=True)
 
 
 def bottom_k(items: Iterable[tuple[int, str]], k: int) -> list[tuple[int, str]]:

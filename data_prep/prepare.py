@@ -42,6 +42,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
@@ -57,6 +58,7 @@ from data_prep.partition_work import (
     PrepareContext,
     bottom_k,
     partition_documents,
+    partition_files,
     record_path,
     save_npy,
     shard_prefix,
@@ -79,6 +81,7 @@ from data_prep.shards import (
 from data_prep.sources import DecodeReport, SourceError, source_configs
 from data_prep.tokenizer import check_round_trip, copy_tokenizer, load_tokenizer, train_tokenizer_on_sample
 from data_prep.workers import run_actors, run_partitions
+from pipeline.cluster.storage import ObjectStore, dataset_rel
 from pipeline.config import DataConfig, PipelineError, fingerprint, validate_data
 from pipeline.files import LOCK, write_atomic
 
@@ -137,14 +140,15 @@ def is_complete(out: Path) -> bool:
 ProgressSink = Callable[[str, dict[str, float], int], None]
 
 
-def prepare(data: DataConfig, sink: ProgressSink | None = None, label: str = "") -> Path:
+def prepare(data: DataConfig, sink: ProgressSink | None = None, label: str = "", store: ObjectStore | None = None) -> Path:
     """Prepare the data set of this config (or find it prepared) and return its directory. `sink` receives the
-    progress (bytes read, documents, tokens, tokens/s, time left) every few seconds and the totals at the end."""
+    progress (bytes read, documents, tokens, tokens/s, time left) every few seconds and the totals at the end.
+    `store` (cluster.storage_uri): where workers on nodes that do not see output_dir send their partitions."""
     from pipeline.files import directory_lock
 
     validate_data(data)
     if data.source == "mixture":
-        return prepare_mixture(data, sink)
+        return prepare_mixture(data, sink, store)
     corpus = corpus_record(data)
     out = dataset_dir(data, corpus)
     if _already_prepared(data, out):
@@ -159,7 +163,7 @@ def prepare(data: DataConfig, sink: ProgressSink | None = None, label: str = "")
             log.info("%s exists but is incomplete (%s): preparing it again", out, incomplete_reason(out))
         started = time.time()
         try:
-            manifest, seconds = _build(data, partial, fingerprint(corpus), sink, label)
+            manifest, seconds = _build(data, partial, fingerprint(corpus), sink, label, store)
         except ValueError:
             shutil.rmtree(partial, ignore_errors=True)  # the input or the config is at fault: nothing to resume
             raise
@@ -168,6 +172,8 @@ def prepare(data: DataConfig, sink: ProgressSink | None = None, label: str = "")
                         "resume", partial)
             raise
         _publish(partial, out)
+        if store is not None:
+            store.delete_dir(dataset_rel(partial))  # the staged records of workers that uploaded theirs
     _log_summary(out, manifest, time.time() - started, seconds)
     if sink is not None:
         stats = manifest.stats
@@ -188,7 +194,7 @@ def _already_prepared(data: DataConfig, out: Path) -> bool:
 
 
 def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: ProgressSink | None = None,
-           label: str = "") -> tuple[Manifest, float]:
+           label: str = "", store: ObjectStore | None = None) -> tuple[Manifest, float]:
     t0 = time.time()
     plan = plan_partitions(data)
     sources = source_configs(data)
@@ -204,17 +210,27 @@ def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: Progr
     proto = sp.serialized_model_proto()
     ctx = dataclasses.replace(ctx, tokenizer_proto=proto, dtype=dtype_for_vocab(sp.get_piece_size()).str,
                               vocab_size=sp.get_piece_size(), eos_id=sp.eos_id(), cut_documents=can_cut_documents(proto))
+    if store is not None:
+        ctx = dataclasses.replace(ctx, store_uri=store.uri, store_rel=dataset_rel(partial.with_name(
+            partial.name.removesuffix(PARTIAL_SUFFIX))), staging_rel=dataset_rel(partial))
+        _fetch_staged(store, ctx, plan)
     todo = _unfinished(partial, plan, ctx.dtype)
     engine = tokenize_engine(data.tokenize_engine, sum(p.size for p in todo), workers)
     if len(todo) < len(plan):
         log.info("resuming an interrupted run: %d of %d partitions are done", len(plan) - len(todo), len(plan))
     log.info("tokenizing %d partitions with %d Ray workers (%s)", len(todo), min(workers, max(1, len(todo))), engine)
-    check_shared(partial)
+    ctx = dataclasses.replace(ctx, driver_mark=f".driver-{uuid.uuid4().hex[:12]}")
     progress = Progress(sum(p.size for p in todo), len(todo), sink, label)
     nodes = set()
-    for part, record in run_partitions(ctx, todo, workers, engine):
-        progress.update(part, record)
-        nodes.add(record.node)
+    try:
+        check_shared(partial, ctx, store)
+        for part, record in run_partitions(ctx, todo, workers, engine):
+            if store is not None and not record_path(partial, part.index).is_file():
+                _fetch_partition(store, ctx, record)  # written on a node that does not see this directory
+            progress.update(part, record)
+            nodes.add(record.node)
+    finally:
+        (partial / ctx.driver_mark).unlink(missing_ok=True)
     progress.close()
     if todo:
         log.info("tokenized %d partitions on %d Ray nodes", len(todo), len(nodes))
@@ -223,32 +239,63 @@ def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: Progr
     return manifest, progress.seconds
 
 
-def check_shared(directory: Path) -> None:
-    """Workers write their partitions' shards into `directory`: on a Ray cluster of several nodes it must be
-    storage that every node sees (NFS, Lustre, a shared mount). A file written here is looked for from each
-    node; a node that does not see it stops the run before any work, naming the fix."""
+def check_shared(directory: Path, ctx: PrepareContext, store: ObjectStore | None) -> None:
+    """Workers write their partitions' shards into `directory`. Writes the driver's mark there (the caller
+    deletes it when the partitions are done) and looks for it from each Ray node: a node that does not see it
+    stops the run before any work, naming the fix, unless there is an object store for its workers to upload to
+    (data_prep.partition_work.upload_partition)."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    write_atomic(Path(directory) / ctx.driver_mark, b"")
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0] if ray.is_initialized() else []
     if len(nodes) <= 1:
         return
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    probe = Path(directory) / f".shared-probe-{os.getpid()}"
-    write_atomic(probe, b"")
-    try:
-        sees = ray.remote(num_cpus=0)(lambda path: os.path.exists(path))
-        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                        .remote(str(probe)) for n in nodes])
-    finally:
-        probe.unlink(missing_ok=True)
+    sees = ray.remote(num_cpus=0)(lambda path: os.path.exists(path))
+    seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                    .remote(str(Path(directory) / ctx.driver_mark)) for n in nodes])
     blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen, strict=True) if not ok]
-    if blind:
+    if blind and store is None:
         raise DataPrepError(
             f"the Ray nodes {', '.join(blind)} do not see {directory}: prepare's workers write the shards there, so "
             f"data.output_dir (output_dir) must be on storage that every node mounts at the same path (NFS, Lustre, "
-            f"a shared volume), or run prepare on one node (cluster=local)"
+            f"a shared volume), or set cluster.storage_uri (workers on such nodes then upload their shards to it), "
+            f"or run prepare on one node (cluster=local)"
         )
+    if blind:
+        log.info("the Ray nodes %s do not see %s: their workers upload their partitions to %s, and this node "
+                 "downloads them", ", ".join(blind), directory, store.path(ctx.store_rel))
+
+
+def _fetch_partition(store: ObjectStore, ctx: PrepareContext, record: PartitionRecord) -> None:
+    """Download a partition that a worker uploaded (shards checked against their sha256 on the way), the record
+    last, into the driver's directory."""
+    digests = {info.file: info.sha256 for infos in record.shards.values() for info in infos}
+    for name in partition_files(record):
+        rel = ctx.staging_rel if name.startswith(f"{PARTS_DIR}/") else ctx.store_rel
+        store.download_file(f"{rel}/{name}", Path(ctx.directory) / name, digests.get(name))
+
+
+def _fetch_staged(store: ObjectStore, ctx: PrepareContext, plan: list[Partition]) -> None:
+    """On a resume: partitions that workers of a killed run uploaded but this node never downloaded (a record in
+    the staging prefix and every shard it lists in the store at its size) are downloaded, not done again."""
+    staged = store.files(f"{ctx.staging_rel}/{PARTS_DIR}")
+    if not staged:
+        return
+    uploaded = store.files(ctx.store_rel)
+    fetched = 0
+    for part in plan:
+        local = record_path(Path(ctx.directory), part.index)
+        if local.is_file() or local.name not in staged:
+            continue
+        record = PartitionRecord.from_json(store.read_text(f"{ctx.staging_rel}/{PARTS_DIR}/{local.name}"))
+        if all(uploaded.get(info.file) == shard_bytes(info, ctx.dtype) for infos in record.shards.values()
+               for info in infos):
+            _fetch_partition(store, ctx, record)
+            fetched += 1
+    if fetched:
+        log.info("downloaded %d partitions that workers of the interrupted run uploaded to %s", fetched, store.uri)
 
 
 def _plan_digest(plan: list[Partition]) -> str:
@@ -297,10 +344,12 @@ def _recorded_intact(partial: Path, index: int, dtype: str) -> bool:
 
 
 def _remove_temporaries(directory: Path) -> None:
-    """write_atomic's temporary files (.<name>.tmp<pid>) that a killed writer left behind."""
+    """write_atomic's temporary files (.<name>.tmp<pid>), partial downloads (.<name>.download-<id>) and the
+    driver's mark (.driver-<id>) that a killed run left behind."""
     for folder in (directory, directory / PARTS_DIR):
-        for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:
-            tmp.unlink(missing_ok=True)
+        for pattern in (".*.tmp*", ".*.download-*", ".driver-*"):
+            for tmp in folder.glob(pattern) if folder.is_dir() else []:
+                tmp.unlink(missing_ok=True)
 
 
 def _sample_partitions(plan: list[Partition], data: DataConfig) -> list[Partition]:
@@ -609,7 +658,7 @@ def blend_dir(data: DataConfig) -> Path:
     return Path(data.output_dir) / f"{data.name}-{fingerprint(recipe)}"
 
 
-def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None) -> Path:
+def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None, store: ObjectStore | None = None) -> Path:
     """The blend of data.mixture: its tokenizer and its sources' data sets prepared where missing (each
     resumable like any data set), then the recipe. Returns the blend's directory."""
     from pipeline.files import directory_lock
@@ -630,7 +679,7 @@ def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None) -> Path:
                                     f"({reason}): prepare it again, or point the entry at its source instead")
         else:
             log.info("mixture %s: source %s", data.name, name)
-            path = prepare(component_config(data, i, tokenizer), sink, name)
+            path = prepare(component_config(data, i, tokenizer), sink, name, store)
         parts.append((name, path, weight))
     out.parent.mkdir(parents=True, exist_ok=True)
     with directory_lock(out.with_name(out.name + PARTIAL_SUFFIX)):

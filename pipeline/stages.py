@@ -30,7 +30,7 @@ def prepare_stage(cfg: PipelineConfig) -> Path:
     ensure_ray(cfg.cluster)
     tracking = PrepareTracking(cfg, dataset_dir(cfg.data))
     try:
-        out = prepare(cfg.data, tracking)  # a no-op when complete
+        out = prepare(cfg.data, tracking, store=store)  # a no-op when complete
     except BaseException:
         tracking.close("FAILED")
         raise

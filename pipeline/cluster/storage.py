@@ -130,6 +130,32 @@ class ObjectStore:
             copied += 1
         return copied
 
+    def upload_file(self, src: Path, rel: str) -> None:
+        """Copy one local file to rel (atomically: see _put)."""
+        self._put(Path(src), self.path(rel))
+
+    def download_file(self, rel: str, local: Path, sha256: str | None = None) -> None:
+        """Stream rel to `local` (a temporary sibling renamed into place), checking its sha256 on the way when
+        given: a StorageError names a copy whose bytes are not the ones recorded, and nothing is left behind."""
+        import hashlib
+
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.download-{uuid.uuid4().hex[:8]}")
+        digest = hashlib.sha256()
+        try:
+            with self._call(self.fs.open_input_stream, self.path(rel)) as src, open(tmp, "wb") as dst:
+                while chunk := self._call(src.read, 1 << 22):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise StorageError(f"{self.path(rel)} in the object store has sha256 {digest.hexdigest()}, not the "
+                                   f"{sha256} recorded when it was written: it was damaged in the store or on the "
+                                   f"way; delete it there and run the command again")
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def _put(self, src: Path, dst: str) -> None:
         """Copy one local file to dst. S3 and GCS make an object visible only once whole; elsewhere (local
         and mounted file systems, HDFS) the copy goes to a hidden temporary name first and is then renamed,

@@ -34,6 +34,10 @@ class LocalCluster:
     node_ids: dict[str, str]  # custom resource name (head_node, second_node) -> Ray node id
     env: dict[str, str]  # the nodes' environment (token authentication on)
     token_path: Path  # the cluster's token (mode 600)
+    # A directory the second node sees as an empty tmpfs of its own (its raylet and workers run in a private
+    # mount namespace): output_dir below it is node-local, as on nodes that share no file system. None where
+    # the machine cannot make one (unshare and mount need root).
+    private_root: Path | None
 
 
 
@@ -75,11 +79,23 @@ def _node_ids(gcs: str, env: dict) -> dict[str, str]:
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else {}
 
 
-def _ray_start(args: list[str], env: dict, session_ids: set[int]) -> None:
-    ray = str(Path(sys.executable).with_name("ray"))
+def _can_hide(directory: str) -> bool:
+    """Whether this machine lets a process hide `directory` behind a tmpfs in a mount namespace of its own."""
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            'mount -t tmpfs tmpfs "$0"', directory], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+def _ray_start(args: list[str], env: dict, session_ids: set[int], private: Path | None = None) -> None:
+    """`ray start`; with `private`, inside a new mount namespace where a fresh tmpfs hides that directory (the
+    daemons it leaves inherit the namespace)."""
+    command = [str(Path(sys.executable).with_name("ray")), "start", *args, "--disable-usage-stats"]
+    if private is not None:
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount -t tmpfs -o size=256m tmpfs "$0" && exec "$@"', str(private), *command]
     # A new session: every daemon `ray start` leaves behind keeps its id, which is how teardown finds them.
-    proc = subprocess.Popen([ray, "start", *args, "--disable-usage-stats"], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     session_ids.add(proc.pid)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, f"ray start {' '.join(args)} failed:\n{output[-3000:]}"
@@ -100,7 +116,9 @@ def two_node_ray_cluster():
     `pipeline jobs` commands the tests run find it as a user's would."""
     port, dashboard = free_port(), free_port()
     # Short names: Ray's socket paths have a length limit.
-    temp_dirs = [tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")]
+    temp_dirs = [tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp"),
+                 tempfile.mkdtemp(prefix="rp", dir="/tmp")]
+    private = Path(temp_dirs[2]) if _can_hide(temp_dirs[2]) else None
     token_path = write_token(temp_dirs[0])
     # Jobs run `python` from the raylet's PATH: the project's interpreter first.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
@@ -111,16 +129,22 @@ def two_node_ray_cluster():
     sessions: set[int] = set()
     gcs = f"127.0.0.1:{port}"
     try:
-        _ray_start(["--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+        # Each node's dashboard agent on a port of its own: both nodes share one address, and Ray's fixed default
+        # (52365) would be taken by whichever agent (or leftover of another cluster) came first; the Jobs API
+        # submits through the head's agent.
+        agent_ports = [f"--dashboard-agent-listen-port={free_port()}" for _ in range(2)]
+        _ray_start(["--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1", agent_ports[0],
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                     f"--temp-dir={temp_dirs[0]}", "--resources=" + json.dumps({"head_node": 1})], env, sessions)
-        _ray_start([f"--address={gcs}", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dirs[1]}",
-                    "--resources=" + json.dumps({"second_node": 1})], env, sessions)
+        second = [f"--address={gcs}", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dirs[1]}",
+                  agent_ports[1],
+                  "--resources=" + json.dumps({"second_node": 1})]
+        _ray_start(second, env, sessions, private)
         deadline = time.time() + 60
         while len(node_ids := _node_ids(gcs, env)) < 2:
             assert time.time() < deadline, f"the two Ray nodes did not both come up: {node_ids}"
             time.sleep(1)
-        yield LocalCluster(f"http://127.0.0.1:{dashboard}", gcs, node_ids, env, token_path)
+        yield LocalCluster(f"http://127.0.0.1:{dashboard}", gcs, node_ids, env, token_path, private)
     finally:
         if saved is None:
             os.environ.pop("RAY_AUTH_TOKEN_PATH", None)

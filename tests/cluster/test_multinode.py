@@ -124,7 +124,8 @@ def test_the_jobs_api_needs_the_clusters_token_and_says_how_to_give_it(two_node_
 def test_prepare_spreads_partitions_over_both_nodes_and_writes_the_bytes_of_one_worker(two_node_ray_cluster,
                                                                                          tmp_path):
     """Four partition workers on the two nodes (two CPUs each) write, into storage both nodes see, exactly the
-    bytes that one worker writes on one machine."""
+    bytes that one worker writes on one machine; and so they do when the nodes share no file system but an
+    object store (cluster.storage_uri)."""
     cluster = two_node_ray_cluster
     common = ["data.partition_bytes=400000", "data.tokenizer.vocab_size=400", "data.tokenize_engine=actors"]
     submit = pipeline("submit", "prepare", *common, "data.num_workers=4", "cluster=ray",
@@ -135,9 +136,32 @@ def test_prepare_spreads_partitions_over_both_nodes_and_writes_the_bytes_of_one_
     assert local.returncode == 0, local.stderr[-3000:]
     (spread,), (one,) = list((tmp_path / "nodes" / "data").iterdir()), list((tmp_path / "one" / "data").iterdir())
     assert spread.name == one.name
-    digest = lambda d: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}  # noqa: E731
     assert digest(spread) == digest(one)
     assert len([n for n in digest(one) if n.startswith("train-p")]) > 4
+
+    # Nodes that share no file system: the second node sees its own empty output_dir. Without an object store
+    # the run stops before tokenizing, naming the node and the fix; with one, that node's workers upload their
+    # partitions, this node downloads them, and the bytes (here and in the store) are still one worker's.
+    assert cluster.private_root is not None, "this machine cannot give the second node a private mount (root needed)"
+    blind = [*common, "data.num_workers=4", "cluster=ray", f"cluster.address={cluster.jobs_url}"]
+    refused = pipeline("submit", "prepare", *blind, f"output_dir={cluster.private_root / 'refused'}", timeout=600)
+    assert refused.returncode != 0
+    assert re.search(r"Ray nodes \S+ do not see .*cluster\.storage_uri", refused.stdout + refused.stderr), (
+        refused.stdout[-4000:] + refused.stderr[-2000:])
+    assert not list((cluster.private_root / "refused" / "data").glob("*/train-p*.bin"))
+    store = tmp_path / "store"
+    uploaded = pipeline("submit", "prepare", *blind, f"output_dir={cluster.private_root / 'blind'}",
+                        f"cluster.storage_uri=file://{store}", timeout=600)
+    assert uploaded.returncode == 0, uploaded.stdout[-6000:] + uploaded.stderr[-3000:]
+    assert "their workers upload their partitions" in uploaded.stdout, uploaded.stdout[-6000:]
+    assert re.search(r"tokenized \d+ partitions on 2 Ray nodes", uploaded.stdout), uploaded.stdout[-6000:]
+    assert digest(cluster.private_root / "blind" / "data" / one.name) == digest(one)
+    assert digest(store / "data" / one.name) == digest(one)
+    assert sorted(p.name for p in (store / "data").iterdir()) == [one.name]  # no staging left
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 def test_jobs_stop_checkpoints_before_the_job_ends(two_node_ray_cluster, shared_dir):

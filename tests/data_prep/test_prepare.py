@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import data_prep.encoding as encoding_module
+import data_prep.partition_work as partition_work
 import data_prep.prepare as prepare_module
 from data_prep.encoding import RAY_DATA_MIN_CHARS_PER_WORKER, can_cut_documents, tokenize_engine
 from data_prep.mixture import read_documents
@@ -560,3 +561,44 @@ def test_a_unigram_tokenizer_gives_the_same_tokens_for_documents_cut_in_pieces(c
     stream = ds.windows(np.arange(len(ds))).reshape(-1).tolist()
     assert len(stream) > 0 and stream == expected[: len(stream)]
     assert manifest.stats["tokens"]["train"] == len(expected)
+
+
+def test_partitions_from_a_node_that_does_not_see_the_directory_travel_through_the_object_store(partitioned,
+                                                                                              tmp_path):
+    """A worker whose node lacks the driver's mark (no shared file system) uploads each partition to the store and
+    keeps nothing; the driver (here: resuming after a kill, from the staged records alone) downloads the same
+    bytes that a worker seeing the directory wrote, and a shard damaged in the store is named, not taken."""
+    from pipeline.cluster.storage import ObjectStore, StorageError
+
+    cfg, out = partitioned
+    sp = load_tokenizer(out / "tokenizer.model")
+    sources = source_configs(cfg)
+    store = ObjectStore(f"file://{tmp_path / 'store'}")
+    node_b, driver = tmp_path / "node_b", tmp_path / "driver"
+    ctx = PrepareContext(cfg, sources, ["data"] * len(sources), str(node_b), sp.serialized_model_proto(),
+                         load_manifest(out).dtype, sp.get_piece_size(), sp.eos_id(),
+                         can_cut_documents(sp.serialized_model_proto()), driver_mark=".driver-test",
+                         store_uri=store.uri, store_rel=f"data/{out.name}", staging_rel=f"data/{out.name}.partial")
+    plan = plan_partitions(cfg)
+    assert len(plan) > 2
+    for part in plan:
+        partition_work.process_partition(part, ctx, sp)
+    assert not [p for p in node_b.rglob("*") if p.is_file()], "the node kept files nobody will read"
+    assert sorted(store.files(ctx.store_rel)) == sorted(p.name for p in out.glob("*-p*.bin"))
+
+    driver_ctx = dataclasses.replace(ctx, directory=str(driver))
+    prepare_module._fetch_staged(store, driver_ctx, plan)
+    assert {p.name: sha256_file(p) for p in driver.glob("*.bin")} == {p.name: sha256_file(p) for p in out.glob("*.bin")}
+    assert all(prepare_module._recorded_intact(driver, part.index, ctx.dtype) for part in plan)
+
+    victim = sorted(driver.glob("train-p*.bin"))[-1]
+    record = partition_work.record_path(driver, int(victim.name.split("-p")[1][:6]))
+    record.unlink()
+    victim.unlink()
+    stored = Path(store.path(f"{ctx.store_rel}/{victim.name}"))
+    damaged = bytearray(stored.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    stored.write_bytes(bytes(damaged))
+    with pytest.raises(StorageError, match=rf"{victim.name}.*not the .* recorded when it was written"):
+        prepare_module._fetch_staged(store, driver_ctx, plan)
+    assert not victim.exists() and not record.exists() and not list(driver.glob(".*download*"))
