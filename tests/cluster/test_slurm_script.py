@@ -18,7 +18,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "cluster" / "slurm" / "pipeline.s
 FAKES = {
     # srun [--option=value ...] command...: run the command here.
     "srun": 'while [[ "$1" == --* ]]; do shift; done; exec "$@"',
-    "scontrol": 'case "$1" in show) echo "$FAKE_NODES" | tr " " "\\n";; requeue) echo "requeue $2" >> "$LOG";; esac',
+    "scontrol": 'case "$1 $2" in "show config") echo "$FAKE_CONFIG";; show*) echo "$FAKE_NODES" | tr " " "\\n";; '
+                'requeue*) echo "requeue $2" >> "$LOG";; esac',
     "hostname": "echo 10.0.0.1",
     "python": r'''
 if [ "$1 $2" = "-m ray.scripts.scripts" ]; then
@@ -49,7 +50,8 @@ def fake_slurm(tmp_path):
     log = tmp_path / "log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "FAKE_NODES": "n1 n2 n3",
            "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "8",
-           "SLURM_GPUS_PER_TASK": "4", "PIPELINE_PYTHON": str(bin_dir / "python"), "HOME": str(tmp_path)}
+           "SLURM_GPUS_PER_TASK": "4", "PIPELINE_PYTHON": str(bin_dir / "python"), "HOME": str(tmp_path),
+           "FAKE_CONFIG": "PreemptType = preempt/partition_prio\nSlurmctldParameters = preempt_send_user_signal"}
     for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(key, None)
     return env, log
@@ -85,6 +87,7 @@ def test_starts_ray_on_every_node_then_runs_the_stage(fake_slurm):
     assert synchronous == ["wait for 1 nodes at 10.0.0.1:6379", "wait for 3 nodes at 10.0.0.1:6379",
                            "driver -m pipeline.cli train model.n_layer=2 output_dir=/shared/out cluster=slurm"]
     assert "requeue" not in log.read_text()
+    assert "sends no USR1 on preemption" not in out  # this Slurm sends it (preempt_send_user_signal)
     # Token authentication on every node, with the job's token from a file only its user reads.
     token = env["HOME"] + "/.ray/pipeline-42.token"
     assert [line for line in lines if line.startswith("auth ")] == ["auth token token-of-the-job"] * 3
@@ -110,3 +113,13 @@ def test_is_valid_bash_and_asks_slurm_for_the_signal():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
     text = SCRIPT.read_text()
     assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text
+
+
+def test_says_when_preemption_would_stop_ray_without_a_checkpoint(fake_slurm):
+    """Without send_user_signal, Slurm's preemption SIGTERMs the Ray steps at once (measured on Slurm 22.05):
+    the script cannot prevent it and says what the user then gets."""
+    env, _ = fake_slurm
+    code, out = _finish(_start({**env, "FAKE_DRIVER": "succeeds", "FAKE_CONFIG": "PreemptType = preempt/partition_prio"}))
+    assert code == 0, out
+    assert "sends no USR1 on preemption (PreemptParameters=send_user_signal is off)" in out
+    assert "resumes from its last periodic checkpoint" in out
