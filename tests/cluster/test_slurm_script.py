@@ -18,7 +18,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "cluster" / "slurm" / "pipeline.s
 FAKES = {
     # srun [--option=value ...] command...: run the command here.
     "srun": 'while [[ "$1" == --* ]]; do shift; done; exec "$@"',
-    "scontrol": 'case "$1 $2" in "show config") echo "$FAKE_CONFIG";; show*) echo "$FAKE_NODES" | tr " " "\\n";; '
+    "scontrol": 'case "$1 $2" in "show config") echo "$FAKE_CONFIG";; "show job") echo "$FAKE_JOB";; '
+                'show*) echo "$FAKE_NODES" | tr " " "\\n";; '
                 'requeue*) echo "requeue $2" >> "$LOG";; esac',
     "hostname": "echo 10.0.0.1",
     "python": r'''
@@ -35,6 +36,7 @@ elif [ "$1 $2" = "-m pipeline.cli" ]; then
   trap 'echo "driver got USR1" >> "$LOG"; exit 75' USR1
   echo "driver $*" >> "$LOG"
   [ "$FAKE_DRIVER" = "succeeds" ] && exit 0
+  [ "$FAKE_DRIVER" = "fails" ] && exit 1
   for _ in $(seq 600); do sleep 0.1; done
 fi''',
 }
@@ -51,7 +53,8 @@ def fake_slurm(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "FAKE_NODES": "n1 n2 n3",
            "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "8",
            "SLURM_GPUS_PER_TASK": "4", "PIPELINE_PYTHON": str(bin_dir / "python"), "HOME": str(tmp_path),
-           "FAKE_CONFIG": "PreemptType = preempt/partition_prio\nSlurmctldParameters = preempt_send_user_signal"}
+           "FAKE_CONFIG": "PreemptType = preempt/partition_prio\nSlurmctldParameters = preempt_send_user_signal",
+           "FAKE_JOB": "JobId=42 JobName=pipeline\n   PreemptEligibleTime=2026-12-03T06:21:07 PreemptTime=None"}
     for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(key, None)
     return env, log
@@ -123,3 +126,17 @@ def test_says_when_preemption_would_stop_ray_without_a_checkpoint(fake_slurm):
     assert code == 0, out
     assert "sends no USR1 on preemption (PreemptParameters=send_user_signal is off)" in out
     assert "resumes from its last periodic checkpoint" in out
+
+
+@pytest.mark.parametrize("preempted", [True, False])
+def test_a_driver_that_fails_under_preemption_is_requeued(fake_slurm, preempted):
+    """Preempted without USR1, Slurm SIGTERMs Ray under the driver, which fails; a job whose script fails ends
+    FAILED and is never requeued (measured on Slurm 22.05), so the script requeues a preempted one itself. A
+    failure without preemption is the run's own: not requeued."""
+    env, log = fake_slurm
+    job = "JobId=42\n   PreemptEligibleTime=2026-12-03T06:21:07 PreemptTime=" + ("2026-12-03T06:21:10" if preempted
+                                                                                    else "None")
+    code, out = _finish(_start({**env, "FAKE_DRIVER": "fails", "FAKE_JOB": job}))
+    assert code == 1, out
+    assert ("requeue 42" in log.read_text()) is preempted
+    assert ("resumes from the last periodic checkpoint" in out) is preempted
