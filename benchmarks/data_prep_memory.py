@@ -7,13 +7,17 @@ sums the resident set of this process and all its descendants (Ray's GCS, raylet
 Reported per size: that peak, the driver's own peak, the wall time from reading to manifest, tokens/s, and the
 tokenize phase's tokens/s (from the pipeline's log: its first to last partition).
 
-Baseline, same run: raw `SentencePieceProcessor.encode` of the same documents in 2 processes (each its half of
-the files, read and JSON-parsed outside the clock, encoded in batches of 8 MB; only encode is timed).
+Baseline, same run: raw `SentencePieceProcessor.encode` in 2 processes (each its half of the files, read and
+JSON-parsed outside the clock, encoded in batches of 8 MB; only encode is timed) on the first half of the corpus,
+returning int32 arrays (return_type="numpy", what the pipeline asks for; as fast as its default lists or faster,
+measured after the prepare for reference), once just before the prepare and once just after: the baseline is
+their mean, because this VM's speed drifts by tens of percent over minutes (raw encode measured 1.65 M and
+2.55 M tokens/s in two runs of the same benchmark).
 
 Targets (issue: data at scale): peak at the large size <= 1.25 x the peak at the small size and < 3 GiB in all;
 whole prepare >= 0.85 of raw encode in 2 processes, the tokenize phase >= 0.9.
 
-    python -m benchmarks.data_prep_memory                 # 0.5 and 2 GiB, plain actors: about 8 minutes on 2 cores
+    python -m benchmarks.data_prep_memory                 # 0.5 and 2 GiB, plain actors: about 17 minutes on 2 cores
     python -m benchmarks.data_prep_memory --engine ray_data
     python -m benchmarks.data_prep_memory --small 0.05 --large 0.2
 """
@@ -105,7 +109,7 @@ class PhaseLog(logging.Handler):
             self.end = record.created
 
 
-def raw_encode(files: list[str], model: str, queue) -> None:
+def raw_encode(files: list[str], model: str, return_type, queue) -> None:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=model)
@@ -114,7 +118,7 @@ def raw_encode(files: list[str], model: str, queue) -> None:
     def flush():
         nonlocal seconds, tokens
         start = time.perf_counter()
-        tokens += sum(len(ids) + 1 for ids in sp.encode(batch))  # + EOS, as the pipeline counts
+        tokens += sum(len(ids) + 1 for ids in sp.encode(batch, return_type=return_type))  # + EOS, as the pipeline
         seconds += time.perf_counter() - start
 
     for file in files:
@@ -130,12 +134,15 @@ def raw_encode(files: list[str], model: str, queue) -> None:
     queue.put((tokens, seconds))
 
 
-def raw_baseline(corpus: Path, model: str, workers: int) -> float:
-    """Tokens/s of raw encode in `workers` processes, each its share of the files (wall: the slowest)."""
+def raw_baseline(corpus: Path, model: str, workers: int, return_type=int) -> float:
+    """Tokens/s of raw encode in `workers` processes, each its share of the first half of the files (wall: the
+    slowest)."""
     files = sorted(str(p) for p in corpus.glob("*.jsonl"))
+    files = files[: max(workers, len(files) // 2)]
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=raw_encode, args=(files[i::workers], model, queue)) for i in range(workers)]
+    procs = [ctx.Process(target=raw_encode, args=(files[i::workers], model, return_type, queue))
+             for i in range(workers)]
     for p in procs:
         p.start()
     results = [queue.get() for _ in procs]
@@ -190,12 +197,16 @@ def main() -> None:
         for gib in (args.small, args.large):
             corpus = tmp / f"corpus-{gib}"
             build_corpus(corpus, gib)
-            raw = raw_baseline(corpus, model, args.workers)
+            raw_before = raw_baseline(corpus, model, args.workers, "numpy")
             ray.init(num_cpus=args.workers, include_dashboard=False, configure_logging=False, log_to_driver=False)
             try:
                 result = prepare_once(corpus, tmp / f"out-{gib}", model, args.workers, args.engine)
             finally:
                 ray.shutdown()
+            raw_after = raw_baseline(corpus, model, args.workers, "numpy")
+            raw = (raw_before + raw_after) / 2
+            result["raw_encode_tokens_per_s_before_after"] = [round(raw_before), round(raw_after)]
+            result["raw_encode_lists_tokens_per_s"] = round(raw_baseline(corpus, model, args.workers, int))
             result["raw_encode_tokens_per_s"] = round(raw)
             result["prepare_over_raw"] = round(result["tokens_per_s"] / raw, 3)
             if result["tokenize_phase_tokens_per_s"]:

@@ -173,9 +173,11 @@ def encode_split_block(sp, docs: list[str], is_val: np.ndarray, cut: bool, dtype
                        eos_id: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per split, (stream, per-document lengths with EOS) of the block's documents of that split, in order. One
     SentencePiece call for the whole block (it spreads a batch over its threads; a small validation batch
-    alone would leave them idle)."""
+    alone would leave them idle), returning int32 arrays: no Python int per token, and the stream is filled by
+    array copies (benchmarks/data_prep_memory.py: the whole prepare went from 0.81-0.95 of raw encode at 0.5 GiB
+    to 0.92 with it, against raw encode returning arrays too)."""
     segments = make_segments(docs, cut)
-    ids = sp.encode(segments.texts)
+    ids = sp.encode(segments.texts, return_type="numpy")
     out = {}
     for split, mine in (("train", ~is_val), ("validation", is_val)):
         keep = mine[segments.document]
