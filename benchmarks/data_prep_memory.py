@@ -118,7 +118,7 @@ def raw_encode(files: list[str], model: str, return_type, queue) -> None:
     def flush():
         nonlocal seconds, tokens
         start = time.perf_counter()
-        tokens += sum(len(ids) + 1 for ids in sp.encode(batch, return_type=return_type))  # + EOS, as the pipeline
+        tokens += sum(len(ids) + 1 for ids in sp.encode(batch, return_type=return_type))  # + one EOS each
         seconds += time.perf_counter() - start
 
     for file in files:
