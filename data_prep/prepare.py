@@ -168,6 +168,7 @@ def prepare(data: DataConfig, sink: ProgressSink | None = None, label: str = "",
             shutil.rmtree(partial, ignore_errors=True)  # the input or the config is at fault: nothing to resume
             raise
         except BaseException:
+            _remove_temporaries(partial)  # those of workers stopped mid-write (the next run removes them too)
             log.warning("prepare stopped: the finished partitions stay in %s; run the same command again to "
                         "resume", partial)
             raise

@@ -56,13 +56,14 @@ class _ArrowPartitionWorker(PartitionWorker):
 
 def unwrap(err: BaseException) -> BaseException:
     """The pipeline's own error (e.g. a SourceError naming the file) inside Ray's wrappers, else err."""
-    seen = err
-    while seen is not None:
+    found, seen, visited = None, err, set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
         if isinstance(seen, (PipelineError, NoSpaceError)):
-            return seen
+            found = seen  # the innermost: Ray's wrapper subclasses it and its message carries the remote traceback
         cause = getattr(seen, "cause", None)
         seen = cause if isinstance(cause, BaseException) and cause is not seen else seen.__cause__
-    return err
+    return found if found is not None else err
 
 
 def run_actors(ctx: PrepareContext, partitions: list[Partition], workers: int, op: str, k: int = 0) -> Iterator:
@@ -86,11 +87,27 @@ def run_actors(ctx: PrepareContext, partitions: list[Partition], workers: int, o
             try:
                 result = ray.get(done[0])
             except Exception as err:
+                _drain(in_flight)
                 raise unwrap(err) from err
             yield part, result
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def _drain(in_flight: dict, timeout_s: float = 600.0) -> None:
+    """After a partition failed: drop the calls still queued and let the running ones end, so that killing the
+    actors does not stop one half-way through writing a file (each call writes whole files, or removes its own
+    temporary file when its write fails, as on a full device). Their finished partitions are kept for a resume."""
+    import ray
+
+    if not in_flight:
+        return
+    refs = list(in_flight)
+    for ref in refs:
+        ray.cancel(ref)  # a queued actor call is dropped; a running one goes on to its end
+    log.info("a partition failed: waiting for the %d partition calls in flight to end before stopping", len(refs))
+    ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=False)
 
 
 def run_ray_data(ctx: PrepareContext, partitions: list[Partition], workers: int) -> Iterator:

@@ -63,6 +63,8 @@ def test_a_full_device_while_writing_shards(tmp_path):
         assert "no space left on the device while writing" in full.stderr and str(disk) in full.stderr, \
             full.stderr[-3000:]
         assert "run the same command again" in full.stderr
+        (said,) = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+        assert "no space left" in said and "ray::" not in said  # the worker's error, not Ray's wrapper of it
         assert digests(before) == kept and verify_dataset(before) == []  # the complete data set is untouched
         partial = [p for p in (disk / "data").iterdir() if p.name.endswith(".partial")]
         assert len(partial) == 1 and not (partial[0] / "manifest.json").exists()
