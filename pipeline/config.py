@@ -325,8 +325,8 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "pipeline"
     # MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, GPU
-    # utilisation and memory where pynvml sees GPUs, ...) of rank 0's node, averaged over this many seconds and
-    # logged at the training step reached; 0 turns them off.
+    # utilisation and memory where pynvml sees GPUs, ...) of rank 0's node, and as system/node<k>/... of every other
+    # node of the run, averaged over this many seconds and logged at the training step reached; 0 turns them off.
     system_metrics_interval_s: float = 10.0
 
 

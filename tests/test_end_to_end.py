@@ -88,6 +88,7 @@ def test_pipeline_run_end_to_end(tmp_path):
     for key in ("train_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "memory_mb", "step_time_s",
                 "system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
         assert key in metrics, key  # the run's own metrics and MLflow's system metrics
+    assert not [k for k in metrics if k.startswith("system/node")]  # two workers, one node: rank 0's node alone
     assert run.data.params["model.n_layer"] == "2"
     assert (run.info.experiment_id, run.info.run_id) == page.groups()
     assert run.data.tags["final_step"] == "200" and "final_step" not in metrics  # constants are tags

@@ -258,14 +258,15 @@ class SystemMetrics(Callback):
     """MLflow's system metrics collectors (CPU and memory, disk, network, NVIDIA or AMD GPUs), sampled on a
     background thread every `interval` seconds and sent through the worker's tracker, whose queue outlives a
     tracking server outage (MLflow's own SystemMetricsMonitor blocks on an unreachable server and stops for good
-    after one failure). Logged as system/<name> at the training step reached; the mean over the interval."""
+    after one failure). Logged as <prefix><name> (system/<name> by default) at the training step reached; the
+    mean over the interval."""
 
-    def __init__(self, tracker, interval: float):
+    def __init__(self, tracker, interval: float, prefix: str = "system/"):
         from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
         from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
         from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 
-        self.tracker, self.interval, self.step = tracker, interval, 0
+        self.tracker, self.interval, self.prefix, self.step = tracker, interval, prefix, 0
         self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
         for gpu in ("gpu_monitor.GPUMonitor", "rocm_monitor.ROCMMonitor"):
             module, name = gpu.split(".")
@@ -294,7 +295,7 @@ class SystemMetrics(Callback):
             metrics.update(monitor.aggregate_metrics())
             monitor.clear_metrics()
         self._pending = 0
-        self.tracker.log({f"system/{k}": v for k, v in metrics.items()}, step=self.step)
+        self.tracker.log({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=self.step)
 
     def _run(self) -> None:
         samples = max(1, round(self.interval))  # about one sample a second, averaged over the interval

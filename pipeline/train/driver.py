@@ -154,7 +154,7 @@ METRICS_GUIDE = """Metrics and their units:
 - tokens_seen: tokens trained on; data_epochs: passes over the training windows (repeated data past 1);
   data_share.<source>, data_epochs.<source>: a mixture's shares and epochs.
 - tags startup/<phase>_s: seconds of each start-up phase of the latest launch; system/...: MLflow's system
-  metrics (units in their names).
+  metrics of rank 0's node (units in their names), system/node<k>/...: those of the run's node k.
 """
 
 

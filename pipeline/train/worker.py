@@ -184,12 +184,40 @@ def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpoin
     )
 
 
-def start_system_metrics(job: TrainJob, tracker: Tracker | None) -> SystemMetrics | None:
-    """System metrics of rank 0's node (CPU, memory, disk, network, GPUs), sent through rank 0's tracker; None
-    when off or without a tracker."""
-    if not (job.system_metrics_interval_s and tracker is not None):
+def node_of_rank(device: torch.device) -> tuple[int, bool]:
+    """(the index of this rank's node, in the order of the nodes' first ranks; whether this rank is its node's
+    first), from every rank's Ray node id (the host name outside Ray). Not Ray Train's NODE_RANK, which goes by
+    IP address: two Ray nodes of one machine (the loopback test cluster) share one. A collective: every rank
+    calls it."""
+    import hashlib
+    import socket
+
+    import ray
+
+    ident = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+    key = int.from_bytes(hashlib.sha256(ident.encode()).digest()[:7], "big")
+    keys = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(keys, torch.tensor([key], dtype=torch.int64, device=device))
+    ranks = [int(k.item()) for k in keys]
+    return list(dict.fromkeys(ranks)).index(key), ranks.index(key) == dist.get_rank()
+
+
+def start_system_metrics(job: TrainJob, tracker: Tracker | None, device: torch.device) -> SystemMetrics | None:
+    """System metrics (CPU, memory, disk, network, GPUs) of every node the run uses, each sampled by the node's
+    first rank: rank 0's node as system/<name> through rank 0's tracker, any other node k as
+    system/node<k>/<name> (MLflow's naming for a node id) through a tracker of its own (rank 0 already reaches
+    the tracking server from wherever it runs, so every node does). None when off, or for the other ranks.
+    Every rank calls it (it gathers the ranks' nodes)."""
+    if not (job.system_metrics_interval_s and job.mlflow_run_id):
         return None
-    return SystemMetrics(tracker, job.system_metrics_interval_s).start()
+    node, first = node_of_rank(device)
+    if dist.get_rank() == 0:
+        return SystemMetrics(tracker, job.system_metrics_interval_s).start() if tracker is not None else None
+    if not first or node == 0:
+        return None
+    own = Tracker(job.tracking_uri, job.mlflow_run_id, background=True,
+                  spill_dir=job.run_dir if Path(job.run_dir).is_dir() else None, flush_timeout_s=30.0)
+    return SystemMetrics(own, job.system_metrics_interval_s, prefix=f"system/node{node}/").start()
 
 
 def train_worker(job: TrainJob) -> TrainOutcome:
@@ -219,7 +247,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     # Sends in the background: a tracking server that goes away never stalls or stops training.
     tracker = (Tracker(job.tracking_uri, job.mlflow_run_id, background=True, spill_dir=job.run_dir)
                if rank == 0 and job.mlflow_run_id else None)
-    monitor = start_system_metrics(job, tracker)
+    monitor = start_system_metrics(job, tracker, device)
     checkpointer = Checkpointer(engine, job, batches, ckpt_root, world, store)
     callbacks = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, tracker, timeline)
     timeline["engine_ready"] = time.time()
@@ -230,6 +258,8 @@ def train_worker(job: TrainJob) -> TrainOutcome:
         batches.close()
         if monitor is not None:
             monitor.finish()
+            if monitor.tracker is not tracker:
+                monitor.tracker.flush()
         if tracker is not None:
             tracker.flush()
     outcome = outcome_of(loop, callbacks, engine, resumed_from)

@@ -75,6 +75,9 @@ def test_submit_runs_training_across_both_nodes(two_node_ray_cluster, shared_dir
     assert run.data.params["cluster.workers_per_node"] == "1"
     assert "val_loss" in run.data.metrics
     worker_nodes = run.data.tags["ray_worker_nodes"].split(",")  # rank 0's node, rank 1's node
+    # System metrics from each node: rank 0's as system/..., the second node's (rank 1 leads it) under its prefix.
+    assert {"system/cpu_utilization_percentage", "system/node1/cpu_utilization_percentage",
+            "system/node1/system_memory_usage_megabytes"} <= set(run.data.metrics), sorted(run.data.metrics)
     assert sorted(worker_nodes) == sorted(cluster.node_ids.values()), (worker_nodes, cluster.node_ids)
 
     from pipeline.cluster.storage import ObjectStore
