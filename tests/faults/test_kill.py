@@ -66,6 +66,18 @@ def session_processes(sid: int) -> list[psutil.Process]:
     return found
 
 
+def run_processes(pid: int) -> list[psutil.Process]:
+    """The run's processes (its Ray starts inside the driver, so every worker descends from it), not those of
+    another run on the machine (the suite runs two test processes at once)."""
+    found = []
+    with contextlib.suppress(psutil.Error):
+        for proc in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                proc.cmdline()
+                found.append(proc)
+    return found
+
+
 def kill_session(sid: int) -> None:
     """SIGKILL to every process of the run at once, the training workers (which upload) first: Ray puts each
     worker in a process group of its own, so killpg of the driver's group would miss them."""
@@ -86,7 +98,7 @@ def test_sigkill_of_a_worker_is_recovered_exactly(reference):
     deadline, killed = time.time() + 600, None
     while time.time() < deadline and proc.poll() is None:
         if step_of(latest_complete(ckpts) if ckpts.exists() else None) >= 10:
-            workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            workers = [p for p in run_processes(proc.pid) if "RayTrainWorker" in " ".join(p.cmdline())]
             if workers:
                 killed = workers[-1]
                 os.kill(killed.pid, signal.SIGKILL)
