@@ -28,7 +28,7 @@ run: setup
 	$(BIN)/pipeline run $(ARGS)
 
 # Two test processes, a file each at a time, the slowest files first (tests/conftest.py): the suite's tests mostly
-# wait on subprocesses, so two of them share 2 cores well (31 min instead of 44 here). PYTEST_WORKERS=0 runs serially.
+# wait on subprocesses, so two of them share 2 cores well (32 min instead of 38-44 here). PYTEST_WORKERS=0: serially.
 PYTEST_WORKERS ?= 2
 test: setup
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder tests $(ARGS)
