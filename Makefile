@@ -27,11 +27,12 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/pipeline run $(ARGS)
 
-# Two test processes, a file each at a time, the slowest files first (tests/conftest.py): the suite's tests mostly
-# wait on subprocesses, so two of them share 2 cores well (32 min instead of 38-44 here). PYTEST_WORKERS=0: serially.
+# Two test processes, a file each at a time (a module's fixtures, such as the two-node Ray cluster, start once):
+# the suite's tests mostly wait on subprocesses, so two share 2 cores well (31-32 min instead of 38-44 here).
+# PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder tests $(ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -261,12 +261,13 @@ class SystemMetrics(Callback):
     after one failure). Logged as <prefix><name> (system/<name> by default) at the training step reached; the
     mean over the interval."""
 
-    def __init__(self, tracker, interval: float, prefix: str = "system/"):
+    def __init__(self, tracker, interval: float, prefix: str = "system/", owns_tracker: bool = False):
         from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
         from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
         from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 
         self.tracker, self.interval, self.prefix, self.step = tracker, interval, prefix, 0
+        self.owns_tracker = owns_tracker  # finish() then flushes it too
         self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
         for gpu in ("gpu_monitor.GPUMonitor", "rocm_monitor.ROCMMonitor"):
             module, name = gpu.split(".")
@@ -314,11 +315,12 @@ class SystemMetrics(Callback):
         still gets its system metrics once)."""
         self._stop.set()
         self._thread.join(timeout=5)
-        if self._thread.is_alive():
-            return
-        if not self._pending:
-            self._sample()
-        self._publish()
+        if not self._thread.is_alive():
+            if not self._pending:
+                self._sample()
+            self._publish()
+        if self.owns_tracker:
+            self.tracker.flush()
 
 
 class PreemptionCheck(Callback):

@@ -217,7 +217,7 @@ def start_system_metrics(job: TrainJob, tracker: Tracker | None, device: torch.d
         return None
     own = Tracker(job.tracking_uri, job.mlflow_run_id, background=True,
                   spill_dir=job.run_dir if Path(job.run_dir).is_dir() else None, flush_timeout_s=30.0)
-    return SystemMetrics(own, job.system_metrics_interval_s, prefix=f"system/node{node}/").start()
+    return SystemMetrics(own, job.system_metrics_interval_s, prefix=f"system/node{node}/", owns_tracker=True).start()
 
 
 def train_worker(job: TrainJob) -> TrainOutcome:
@@ -258,8 +258,6 @@ def train_worker(job: TrainJob) -> TrainOutcome:
         batches.close()
         if monitor is not None:
             monitor.finish()
-            if monitor.tracker is not tracker:
-                monitor.tracker.flush()
         if tracker is not None:
             tracker.flush()
     outcome = outcome_of(loop, callbacks, engine, resumed_from)

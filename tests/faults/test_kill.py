@@ -66,15 +66,15 @@ def session_processes(sid: int) -> list[psutil.Process]:
     return found
 
 
-def run_processes(pid: int) -> list[psutil.Process]:
-    """The run's processes (its Ray starts inside the driver, so every worker descends from it), not those of
-    another run on the machine (the suite runs two test processes at once)."""
+def train_workers_of(pid: int) -> list[psutil.Process]:
+    """The Ray Train workers of the run whose driver is `pid` (its Ray starts inside the driver, so they descend
+    from it), not those of another run on the machine (the suite runs two test processes at once)."""
     found = []
     with contextlib.suppress(psutil.Error):
         for proc in psutil.Process(pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                proc.cmdline()
-                found.append(proc)
+                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    found.append(proc)
     return found
 
 
@@ -98,7 +98,7 @@ def test_sigkill_of_a_worker_is_recovered_exactly(reference):
     deadline, killed = time.time() + 600, None
     while time.time() < deadline and proc.poll() is None:
         if step_of(latest_complete(ckpts) if ckpts.exists() else None) >= 10:
-            workers = [p for p in run_processes(proc.pid) if "RayTrainWorker" in " ".join(p.cmdline())]
+            workers = train_workers_of(proc.pid)
             if workers:
                 killed = workers[-1]
                 os.kill(killed.pid, signal.SIGKILL)
