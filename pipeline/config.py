@@ -19,10 +19,7 @@ from typing import Any
 
 from omegaconf import MISSING  # noqa: F401  (re-exported for YAML schemas)
 
-
-class PipelineError(Exception):
-    """A problem the user can fix (bad config, bad input, damaged files): the CLI prints its message alone,
-    without a traceback. Each error class of the pipeline derives from it."""
+from pipeline.errors import PipelineError  # noqa: F401  (re-exported: every error class derives from it)
 
 
 class ConfigError(PipelineError, ValueError):

@@ -30,6 +30,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cluster", "tracking"),  # infrastructure: Ray, the object store, job submission; MLflow
     ("compose",),  # the one Hydra compose path
     ("config", "files"),  # the typed config and its errors; durable local files
+    ("containment", "redaction"),  # names from outside kept under their root; secrets kept out of logs
+    ("errors",),  # the root of the pipeline's errors
 )
 
 
