@@ -8,11 +8,11 @@ Each error names the field, the value and the fix.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,8 +157,15 @@ class DataConfig:
     partition_bytes: int = 64 << 20
     # Text a worker holds at a time while it tokenizes a partition (memory per worker ~ a few times this).
     block_bytes: int = 8 << 20
-    # Files that are binary (NUL bytes in their first 8 KiB): skip (counted in the manifest) | error
+    # Files that are binary (NUL bytes in their first 8 KiB): skip (counted in the manifest) | error. NUL bytes
+    # further into a text or jsonl file: skip drops the document (line, paragraph, file) holding them (counted
+    # per file in the manifest); error stops, naming the file and the byte.
     on_binary: str = "skip"
+    # Symbolic links below a directory or glob corpus root whose target lies outside that root (a link to a
+    # credentials file beside the corpus): skip (warned, counted and listed in the manifest) | error (prepare
+    # stops before any work, naming the link). Links are never walked through; one whose target stays inside the
+    # root reads that file once. A file named directly in data.path is read as named.
+    on_outside_link: str = "skip"
     # With source=mixture: the sources and their weights (see SourceConfig.weight); the fields above
     # (path, text_field, doc_split) are then unused. Each source is prepared into its own data set with one
     # shared tokenizer (trained on a sample of all of them, weights aside), and training samples them by weight.
@@ -215,7 +222,8 @@ class ParallelConfig:
     # CPU cores reserved for each worker.
     cpus_per_worker: int = 1
     # Memory of one device in GiB that the planner (`pipeline plan`) checks the layout against before training;
-    # null: the driver's GPU when it sees one (parallel.use_gpu), else no check.
+    # null: the driver's GPU when it sees one (parallel.use_gpu; no check when it sees none), and on CPU the host's
+    # RAM divided between the ranks of one machine (num_workers, or cluster.workers_per_node when set).
     device_memory_gb: float | None = None
     # Refuse a layout the planner says does not fit the device; false trains anyway.
     check_memory: bool = True
@@ -223,7 +231,8 @@ class ParallelConfig:
     offload_optimizer: bool = False
     # Expert DeepSpeed settings merged into the generated config (nested dicts merge, a key given here wins),
     # checked by DeepSpeed's own config model before workers start: buckets, overlap, offload parameters, ...
-    # e.g. +parallel.deepspeed.zero_optimization.reduce_bucket_size=50000000
+    # e.g. +parallel.deepspeed.zero_optimization.reduce_bucket_size=50000000. What the pipeline sets itself
+    # (DEEPSPEED_OWNED) and keys that make DeepSpeed write files are refused (validate_deepspeed).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
@@ -275,7 +284,7 @@ class TrainConfig:
     # Optimizer steps skipped in a row for non-finite gradients (each retried on the same batch) before the run
     # stops with an error naming the step; earlier checkpoints are kept.
     max_skipped_steps: int = 5
-    # Worker-group failures Ray Train recovers from (restarting from the latest complete checkpoint).
+    # Worker-group failures Ray Train recovers from (restarting from the latest complete checkpoint); -1: no limit.
     max_failures: int = 0
     # Peak device throughput in TFLOP/s for MFU; null measures a matmul at start-up.
     peak_tflops: float | None = None
@@ -466,8 +475,44 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 
 
 def _positive(name: str, value: float) -> None:
-    if value is None or value <= 0:
-        raise ConfigError(f"{name}={value!r} must be positive.")
+    if value is None or not 0 < value < math.inf:  # NaN fails the comparison
+        raise ConfigError(f"{name}={value!r} must be positive: set {name} to a number > 0.")
+
+
+def _non_negative(name: str, value: float, meaning: str = "") -> None:
+    """value >= 0; meaning says what 0 means (e.g. "0 turns it off")."""
+    if not 0 <= value < math.inf:
+        why = f" ({meaning})" if meaning else ""
+        raise ConfigError(f"{name}={value!r} must be a finite number >= 0{why}: set {name} to 0 or more.")
+
+
+def _fraction(name: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
+    """low <= value < high."""
+    if not low <= value < high:
+        raise ConfigError(f"{name}={value!r} must be in [{low:g}, {high:g}): set {name} inside that range.")
+
+
+def _finite_numbers(obj: Any, prefix: str) -> list[str]:
+    """Dotted names of the float values below obj (dataclass fields, list items, dict values) that are NaN or
+    infinite: Hydra reads `nan` and `inf` as floats, and a NaN slips through every `value <= 0` check."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return [n for key in obj.__dataclass_fields__ for n in _finite_numbers(getattr(obj, key), f"{prefix}{key}.")]
+    if isinstance(obj, dict):
+        return [n for key, value in obj.items() for n in _finite_numbers(value, f"{prefix}{key}.")]
+    if isinstance(obj, list):
+        return [n for i, value in enumerate(obj) for n in _finite_numbers(value, f"{prefix}{i}.")]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [f"{prefix.rstrip('.')}={obj}"]
+    return []
+
+
+def validate_finite(cfg: Any, prefix: str = "") -> None:
+    """Every float of the config (or of its section named by prefix, e.g. "parallel.") is a number: NaN and
+    infinity are refused, naming the field."""
+    bad = _finite_numbers(cfg, prefix)
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: not a finite number; set {'it' if len(bad) == 1 else 'each'} to a "
+                          f"finite value (NaN and inf are never valid settings).")
 
 
 def validate_model(model: ModelConfig) -> None:
@@ -503,6 +548,8 @@ def validate_model(model: ModelConfig) -> None:
         _positive("model.vocab_size", model.vocab_size)
     if model.d_ff is not None:
         _positive("model.d_ff", model.d_ff)
+    if model.eos_id is not None:
+        _non_negative("model.eos_id", model.eos_id, "a token id")
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(f"model.dropout={model.dropout} must be in [0, 1).")
     _positive("model.init_std", model.init_std)
@@ -517,6 +564,7 @@ def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
     _choice("data.doc_split", data.doc_split, DOC_SPLITS)
     _choice("data.on_decode_error", data.on_decode_error, ("replace", "skip"))
     _choice("data.on_binary", data.on_binary, ("skip", "error"))
+    _choice("data.on_outside_link", data.on_outside_link, ("skip", "error"))
     _positive("data.partition_bytes", data.partition_bytes)
     _positive("data.block_bytes", data.block_bytes)
     _choice("data.tokenizer.type", data.tokenizer.type, ("bpe", "unigram"))
@@ -546,17 +594,18 @@ def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
     else:
         _check_source_path("data", data.source, data.path)
     _positive("data.shard_tokens", data.shard_tokens)
+    _non_negative("data.seed", data.seed, "numpy's generators take no negative seed")
     if "${" in str(data.output_dir):
         raise ConfigError(
             f"data.output_dir={data.output_dir} holds an unresolved interpolation: set data.output_dir to a "
             f"directory (it is resolved when the config is composed by Hydra)."
         )
     tok = data.tokenizer
+    for key in ("vocab_size", "sample_sentences", "sample_bytes"):
+        _positive(f"data.tokenizer.{key}", getattr(tok, key))
     if tok.model_path is not None:
         _check_path_exists("data.tokenizer.model_path", tok.model_path)
     else:
-        _positive("data.tokenizer.vocab_size", tok.vocab_size)
-        _positive("data.tokenizer.sample_sentences", tok.sample_sentences)
         if tok.vocab_size > 4_294_967_295:
             raise ConfigError(f"data.tokenizer.vocab_size={tok.vocab_size} does not fit uint32 token ids.")
         # unk/bos/eos/pad, the user-defined symbols and, with byte fallback, one piece per byte value.
@@ -617,8 +666,17 @@ def _validate_mixture(mixture: list[SourceConfig]) -> None:
 
 def _check_path_exists(name: str, path: str) -> None:
     if any(ch in path for ch in "*?["):
-        if not glob.glob(os.path.expanduser(path), recursive=True):
-            raise ConfigError(f"{name}={path} matches no file: fix the pattern or point {name} at existing files.")
+        # Only the directory where the pattern starts: matching it is a walk of the corpus, done once by prepare
+        # without following links (data_prep.sources.expand_paths); glob.glob(recursive=True) here would follow
+        # a link loop below it for ever.
+        start = Path()
+        for part in Path(os.path.expanduser(path)).parts:
+            if any(ch in part for ch in "*?["):
+                break
+            start /= part
+        if not start.is_dir():
+            raise ConfigError(f"{name}={path} matches no file ({start}, where the pattern starts, is not a "
+                              f"directory): fix the pattern or point {name} at existing files.")
         return
     if not Path(path).expanduser().exists():
         raise ConfigError(
@@ -628,6 +686,7 @@ def _check_path_exists(name: str, path: str) -> None:
 
 
 def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
+    validate_finite(parallel, "parallel.")  # `pipeline plan` validates this section alone
     _positive("parallel.num_workers", parallel.num_workers)
     _positive("parallel.tensor_parallel", parallel.tensor_parallel)
     _positive("parallel.cpus_per_worker", parallel.cpus_per_worker)
@@ -681,6 +740,83 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
         )
 
 
+# DeepSpeed settings the pipeline derives itself (pipeline.train.ds_config.make_ds_config, and the driver's universal
+# loading), each with the field that owns it: through parallel.deepspeed they would train another layout than the one
+# the pipeline records, plans and checkpoints. A dotted key covers everything below it.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.global_batch_tokens",
+    "gradient_accumulation_steps": "train.global_batch_tokens",
+    "elasticity": "train.global_batch_tokens",  # elastic training chooses its own batch sizes
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "parallel.zero_stage",
+    "zero_optimization.offload_optimizer.device": "parallel.offload_optimizer",
+    "zero_force_ds_cpu_optimizer": "parallel.offload_optimizer",
+    "tensor_parallel": "parallel.tensor_parallel",
+    "bf16": "parallel.precision",
+    "bfloat16": "parallel.precision",  # DeepSpeed's older name of bf16
+    "fp16": "parallel.precision",
+    "amp": "parallel.precision",
+    "torch_autocast": "parallel.precision",
+    "data_types": "parallel.precision",
+    "communication_data_type": "parallel.precision",
+    "seq_parallel_communication_data_type": "parallel.precision",
+    "optimizer": "train.optimizer",
+    "zero_allow_untested_optimizer": "train.optimizer",
+    "scheduler": "train.schedule",
+    # How checkpoints are written and loaded is pipeline.checkpoint's; universal loading follows train.resume.
+    "checkpoint": "train.resume",
+    "datastates_ckpt": "train.resume",
+    "zero_optimization.elastic_checkpoint": "train.resume",
+    "zero_optimization.load_from_fp32_weights": "train.resume",
+}
+# DeepSpeed's own monitors and its autotuner write files (and send metrics) where they choose.
+DEEPSPEED_WRITERS = ("tensorboard", "wandb", "csv_monitor", "comet", "autotuning")
+# A key that names a file or directory: flops_profiler.output_file, *.output_path, autotuning's results_dir, ...
+DEEPSPEED_PATH_KEY = re.compile(r"(^|_)(path|paths|dir|dirs|file|files|folder)$")
+# ZeRO-Infinity's NVMe swap directory is the user's to choose (a fast local disk), like the offload itself.
+DEEPSPEED_USER_PATHS = ("nvme_path",)
+
+
+def _deepspeed_leaves(settings: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of parallel.deepspeed (an empty dict is a leaf too)."""
+    leaves = []
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            leaves += _deepspeed_leaves(value, f"{prefix}{key}.")
+        else:
+            leaves.append((f"{prefix}{key}", value))
+    return leaves
+
+
+def _deepspeed_refusal(key: str, value: Any, parallel: ParallelConfig, train: TrainConfig) -> str | None:
+    """Why parallel.deepspeed may not hold key=value (None when it may)."""
+    setting = f"parallel.deepspeed.{key}={json.dumps(value, default=str)}"
+    owned = [k for k in DEEPSPEED_OWNED if key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.")]
+    if owned:
+        owner = DEEPSPEED_OWNED[owned[0]]
+        section, name = owner.split(".")
+        current = getattr({"parallel": parallel, "train": train}[section], name)
+        fix = ("the pipeline writes and loads checkpoints itself (pipeline.checkpoint; universal loading follows "
+               "train.resume): drop the key" if owner == "train.resume" else f"set {owner} instead")
+        return (f"{setting} contradicts {owner}={current}: the pipeline derives DeepSpeed's {owned[0]} from it and "
+                f"records, plans and checkpoints the run by it; {fix}.")
+    last = key.rsplit(".", 1)[-1]
+    if key.split(".")[0] in DEEPSPEED_WRITERS or (DEEPSPEED_PATH_KEY.search(last) and last not in DEEPSPEED_USER_PATHS):
+        return (f"{setting} would have DeepSpeed write files of its own: the pipeline logs metrics to MLflow "
+                f"(tracking.*) and writes only below output_dir; drop the key.")
+    return None
+
+
+def validate_deepspeed(parallel: ParallelConfig, train: TrainConfig) -> None:
+    """parallel.deepspeed holds expert settings only (buckets, overlap, offload of parameters, ...): nothing the
+    pipeline sets itself, and nothing that makes DeepSpeed write files outside output_dir."""
+    for key, value in _deepspeed_leaves(parallel.deepspeed):
+        refusal = _deepspeed_refusal(key, value, parallel, train)
+        if refusal:
+            raise ConfigError(refusal)
+
+
 def data_parallel_size(parallel: ParallelConfig) -> int:
     return parallel.num_workers // parallel.tensor_parallel
 
@@ -690,18 +826,47 @@ def grad_accumulation_steps(train: TrainConfig, parallel: ParallelConfig, contex
     return train.global_batch_tokens // per_step
 
 
+def _validate_train_numbers(train: TrainConfig) -> None:
+    """The ranges of train's numbers (each field's comment says what 0 means where 0 is allowed)."""
+    for key in ("max_steps", "micro_batch_size", "global_batch_tokens", "log_interval_steps"):
+        _positive(f"train.{key}", getattr(train, key))
+    for key in ("lr", "muon_lr"):  # AdamW's rates are ~1e-4 to 1e-2 and Muon's ~0.02: 1 or more is a typo
+        value = getattr(train, key)
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"train.{key}={value!r} must be in (0, 1): set a learning rate such as 3e-4.")
+    for key in ("beta1", "beta2", "muon_momentum"):
+        _fraction(f"train.{key}", getattr(train, key))
+    _non_negative("train.weight_decay", train.weight_decay, "0 turns decay off")
+    _non_negative("train.grad_clip", train.grad_clip, "0 turns clipping off")
+    _non_negative("train.seed", train.seed, "numpy's generators take no negative seed")
+    _non_negative("train.eval_interval_steps", train.eval_interval_steps, "0: no validation during training")
+    _non_negative("train.save_interval_steps", train.save_interval_steps, "0: a checkpoint only at the end")
+    _non_negative("train.keep_last_checkpoints", train.keep_last_checkpoints, "0 keeps every checkpoint")
+    _non_negative("train.max_skipped_steps", train.max_skipped_steps, "0 stops at the first non-finite step")
+    if train.max_failures < -1:  # Ray Train's FailureConfig: -1 retries without limit
+        raise ConfigError(f"train.max_failures={train.max_failures} must be >= 0, or -1 for no limit: set "
+                          f"train.max_failures to the worker-group failures to recover from.")
+    if train.peak_tflops is not None:
+        _positive("train.peak_tflops", train.peak_tflops)
+    if train.warmup_steps < 0 or train.warmup_steps >= train.max_steps:
+        raise ConfigError(
+            f"train.warmup_steps={train.warmup_steps} must be in [0, train.max_steps={train.max_steps})."
+        )
+    if not 0.0 <= train.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={train.min_lr_ratio} must be in [0, 1].")
+    if not 0.0 < train.decay_fraction <= 1.0:
+        raise ConfigError(f"train.decay_fraction={train.decay_fraction} must be in (0, 1].")
+    for step in train.save_at_steps:
+        if not 0 < step <= train.max_steps:
+            raise ConfigError(f"train.save_at_steps holds {step}: each must be in [1, train.max_steps="
+                              f"{train.max_steps}].")
+
+
 def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelConfig) -> None:
-    _positive("train.max_steps", train.max_steps)
-    _positive("train.micro_batch_size", train.micro_batch_size)
-    _positive("train.global_batch_tokens", train.global_batch_tokens)
-    _positive("train.lr", train.lr)
-    _positive("train.log_interval_steps", train.log_interval_steps)
+    _validate_train_numbers(train)
     _choice("train.schedule", train.schedule, SCHEDULES)
     _choice("train.optimizer", train.optimizer, OPTIMIZERS)
     if train.optimizer == "muon":
-        _positive("train.muon_lr", train.muon_lr)
-        if not 0.0 <= train.muon_momentum < 1.0:
-            raise ConfigError(f"train.muon_momentum={train.muon_momentum} must be in [0, 1).")
         if parallel.tensor_parallel > 1:
             raise ConfigError(
                 "train.optimizer=muon with parallel.tensor_parallel > 1: Muon orthogonalises each whole matrix, "
@@ -720,12 +885,6 @@ def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelCon
                 f"and offload paths of Muon are not): choose parallel.zero_stage 0, 1 or 2 and "
                 f"offload_optimizer=false."
             )
-    if train.max_skipped_steps < 0:
-        raise ConfigError(f"train.max_skipped_steps={train.max_skipped_steps} must be >= 0.")
-    if train.warmup_steps < 0 or train.warmup_steps >= train.max_steps:
-        raise ConfigError(
-            f"train.warmup_steps={train.warmup_steps} must be in [0, train.max_steps={train.max_steps})."
-        )
     dp = data_parallel_size(parallel)
     per_step = train.micro_batch_size * dp * model.context_length
     if train.global_batch_tokens % per_step:
@@ -734,13 +893,6 @@ def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelCon
             f"x data-parallel size x context_length = {train.micro_batch_size} x {dp} x "
             f"{model.context_length} = {per_step}: set train.global_batch_tokens to a multiple of {per_step}."
         )
-    if not 0.0 <= train.min_lr_ratio <= 1.0:
-        raise ConfigError(f"train.min_lr_ratio={train.min_lr_ratio} must be in [0, 1].")
-    if not 0.0 < train.decay_fraction <= 1.0:
-        raise ConfigError(f"train.decay_fraction={train.decay_fraction} must be in (0, 1].")
-    for step in train.save_at_steps:
-        if not 0 < step <= train.max_steps:
-            raise ConfigError(f"train.save_at_steps holds {step}: each must be in [1, train.max_steps={train.max_steps}].")
     if train.resume not in ("auto", "none") and not Path(train.resume).exists():
         raise ConfigError(
             f"train.resume={train.resume} is neither auto, none nor an existing checkpoint directory."
@@ -757,6 +909,11 @@ def validate_eval(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.top_p={ev.top_p} must be in (0, 1].")
     if ev.max_tokens is not None:
         _positive("eval.max_tokens", ev.max_tokens)
+    _non_negative("eval.num_samples", ev.num_samples, "0: no samples")
+    _positive("eval.max_new_tokens", ev.max_new_tokens)
+    _non_negative("eval.seed", ev.seed, "a seed is a non-negative integer")
+    if ev.tasks_limit is not None:
+        _positive("eval.tasks_limit", ev.tasks_limit)
     _choice("eval.export_dtype", ev.export_dtype, EXPORT_DTYPES)
     if ev.checkpoint in ("", None):
         raise ConfigError("eval.checkpoint is empty: set latest, all, or a checkpoint tag (step_00000200).")
@@ -769,8 +926,31 @@ def sweep_size(sweep: SweepConfig) -> int:
     return len(sweep.d_models) * len(sweep.budgets_flops if sweep.kind == "isoflop" else sweep.tokens)
 
 
+def validate_sweep_numbers(sweep: SweepConfig) -> None:
+    """The ranges of the sweep's numbers, whether or not a sweep is chosen (validate runs this for every stage)."""
+    for key in ("budgets_flops", "tokens", "d_models", "predict_flops"):
+        for value in getattr(sweep, key):
+            _positive(f"sweep.{key}", value)
+    for key in ("aspect_ratio", "head_dim"):
+        _positive(f"sweep.{key}", getattr(sweep, key))
+    _non_negative("sweep.n_bootstrap", sweep.n_bootstrap, "0: no bootstrap intervals")
+    for key in ("lr_base_width", "bootstrap_starts"):
+        if getattr(sweep, key) is not None:
+            _positive(f"sweep.{key}", getattr(sweep, key))
+    if sweep.point is not None:
+        _non_negative("sweep.point", sweep.point, "an index into the sweep's grid")
+    for i, run in enumerate(sweep.runs):
+        _positive(f"sweep.runs.{i}.d_model", run.d_model)
+        _positive(f"sweep.runs.{i}.tokens", run.tokens)
+        if run.budget_flops is not None:
+            _positive(f"sweep.runs.{i}.budget_flops", run.budget_flops)
+        if run.lr is not None and not 0.0 < run.lr < 1.0:
+            raise ConfigError(f"sweep.runs.{i}.lr={run.lr!r} must be in (0, 1), or null for train.lr.")
+
+
 def validate_sweep(sweep: SweepConfig, train: TrainConfig | None = None) -> None:
     _choice("sweep.kind", sweep.kind, ("isoflop", "grid", "points"))
+    validate_sweep_numbers(sweep)
     if sweep.name == "none":
         raise ConfigError("no sweep chosen: pass sweep=<name> (e.g. sweep=isoflop_tiny; see conf/sweep/).")
     widths = [r.d_model for r in sweep.runs] if sweep.kind == "points" else sweep.d_models
@@ -784,9 +964,6 @@ def validate_sweep(sweep: SweepConfig, train: TrainConfig | None = None) -> None
         raise ConfigError("sweep.kind=isoflop needs sweep.budgets_flops (compute budgets in FLOPs).")
     if sweep.kind == "grid" and not sweep.tokens:
         raise ConfigError("sweep.kind=grid needs sweep.tokens (training tokens per run).")
-    for run in sweep.runs:
-        if run.tokens <= 0 or (run.lr is not None and run.lr <= 0):
-            raise ConfigError(f"sweep.runs holds {run}: tokens and lr must be positive.")
     if sweep.branches and train is not None and train.schedule != "wsd":
         raise ConfigError(
             f"sweep.branches=true with train.schedule={train.schedule}: decay branches fork from the stable phase "
@@ -806,8 +983,14 @@ def validate_sweep(sweep: SweepConfig, train: TrainConfig | None = None) -> None
 
 def validate_cluster(cluster: ClusterConfig) -> None:
     _choice("cluster.placement_strategy", cluster.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
-    if cluster.workers_per_node is not None:
-        _positive("cluster.workers_per_node", cluster.workers_per_node)
+    for key in ("workers_per_node", "num_cpus"):
+        if getattr(cluster, key) is not None:
+            _positive(f"cluster.{key}", getattr(cluster, key))
+    _positive("cluster.connect_timeout_s", cluster.connect_timeout_s)
+
+
+def validate_tracking(tracking: TrackingConfig) -> None:
+    _non_negative("tracking.system_metrics_interval_s", tracking.system_metrics_interval_s, "0 turns them off")
 
 
 def validate_placement(cluster: ClusterConfig, parallel: ParallelConfig) -> None:
@@ -850,28 +1033,52 @@ def validate_known_keys(cfg: Any) -> None:
 def validate(cfg: PipelineConfig) -> None:
     """Every cross-field check, run before any stage does work."""
     validate_known_keys(cfg)
+    validate_names(cfg)
+    validate_finite(cfg)
     validate_cluster(cfg.cluster)
+    validate_tracking(cfg.tracking)
+    validate_sweep_numbers(cfg.sweep)
     validate_placement(cfg.cluster, cfg.parallel)
     validate_model(cfg.model)
     validate_data(cfg.data, cfg.model)
     validate_parallel(cfg.parallel, cfg.model)
     validate_train(cfg.train, cfg.parallel, cfg.model)
+    validate_deepspeed(cfg.parallel, cfg.train)
     validate_eval(cfg.eval)
 
 
 def run_dir_for(cfg: PipelineConfig) -> Path:
-    """<output_dir>/runs/<run_name>: the run's checkpoints, MLflow run id, exports and Ray Train files."""
-    return Path(cfg.output_dir) / "runs" / cfg.run_name
+    """<output_dir>/runs/<run_name>: the run's checkpoints, MLflow run id, exports and Ray Train files. run_name
+    must be a plain name (pipeline.containment), so that the run directory lies below output_dir."""
+    from pipeline.containment import plain_name
+
+    return Path(cfg.output_dir) / "runs" / plain_name(cfg.run_name, "run_name")
+
+
+def validate_names(cfg: PipelineConfig) -> None:
+    """The names that become directory names below output_dir are plain names (run_name, data.name, the names of
+    a mixture's sources): `run_name=../../x` must not write outside output_dir."""
+    from pipeline.containment import plain_name
+
+    plain_name(cfg.run_name, "run_name")
+    plain_name(cfg.data.name, "data.name")
+    for i, src in enumerate(cfg.data.mixture):
+        plain_name(src.name, f"data.mixture.{i}.name")
 
 
 def validate_for_submit(cfg: PipelineConfig) -> None:
     """The checks of `validate` that hold wherever the job runs: input paths and output_dir live on the
     cluster's storage, so `pipeline submit` does not look them up here (it checks them with its own rules)."""
     validate_known_keys(cfg)
+    validate_names(cfg)
+    validate_finite(cfg)
     validate_cluster(cfg.cluster)
+    validate_tracking(cfg.tracking)
+    validate_sweep_numbers(cfg.sweep)
     validate_model(cfg.model)
     validate_parallel(cfg.parallel, cfg.model)
     validate_train(cfg.train, cfg.parallel, cfg.model)
+    validate_deepspeed(cfg.parallel, cfg.train)
     validate_eval(cfg.eval)
 
 

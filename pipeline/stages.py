@@ -94,40 +94,44 @@ def pull_run(cfg: PipelineConfig) -> Path:
 def train_stage(cfg: PipelineConfig):
     """Prepare the data if needed (a no-op when its shards are complete), then train."""
     from pipeline.config import grad_accumulation_steps
-    from pipeline.train.driver import train
     from pipeline.train.ds_config import check_with_deepspeed, make_ds_config, resolve_precision
     from pipeline.train.plan import check_layout_fits, planned_model
 
-    # Fail before any work: a precision the device cannot do, a layout that does not fit it, expert DeepSpeed
-    # settings DeepSpeed refuses.
+    # Fail before any work (and before Ray and the driver's imports): a precision the device cannot do, a layout
+    # that does not fit it (on CPU: the host's RAM), expert DeepSpeed settings DeepSpeed refuses.
     precision = resolve_precision(cfg.parallel)
-    check_layout_fits(planned_model(cfg.model, cfg.data.tokenizer.vocab_size), cfg.parallel, cfg.train, precision)
+    check_layout_fits(planned_model(cfg.model, cfg.data.tokenizer.vocab_size), cfg.parallel, cfg.train, precision,
+                      cfg.cluster.workers_per_node)
     if cfg.parallel.deepspeed or cfg.parallel.offload_optimizer:
         accum = grad_accumulation_steps(cfg.train, cfg.parallel, cfg.model.context_length)
         check_with_deepspeed(make_ds_config(cfg.train, cfg.parallel, precision, accum, d_model=cfg.model.d_model))
     data_dir = prepare_stage(cfg)
+    from pipeline.train.driver import train
+
     return train(cfg, data_dir)
 
 
 def plan_stage(cfg: PipelineConfig, gpu: str | None = None, gpu_memory: str | None = None,
                peak_tflops: float | None = None, mfu: float = 0.4, tokens: float | None = None) -> bool:
     """`pipeline plan`: print memory per rank, a verdict against the device and the time to the token budget
-    (default: train.max_steps steps). Returns whether the layout fits."""
+    (default: train.max_steps steps). Returns whether the layout fits. Without --gpu or --gpu-memory the device is
+    what `pipeline train` checks against (pipeline.train.plan.device_memory: on CPU, this host's RAM per rank)."""
     from pipeline.train.ds_config import resolve_precision
     from pipeline.train.plan import device_memory, gpu_spec, parse_memory, planned_model, report
 
-    device_bytes, peak = device_memory(cfg.parallel), peak_tflops or cfg.train.peak_tflops
+    memory, peak = device_memory(cfg.parallel, cfg.cluster.workers_per_node), peak_tflops or cfg.train.peak_tflops
+    device_bytes, source = (memory.nbytes, memory.source) if memory else (None, "")
     if gpu:
-        device_bytes, gpu_peak = gpu_spec(gpu)
+        (device_bytes, gpu_peak), source = gpu_spec(gpu), f"--gpu {gpu}"
         peak = peak or gpu_peak
     if gpu_memory:
-        device_bytes = parse_memory(gpu_memory)
+        device_bytes, source = parse_memory(gpu_memory), f"--gpu-memory {gpu_memory}"
     precision = cfg.parallel.precision
     if precision == "auto":  # as the cluster would resolve it: GPUs train in bf16, a CPU as this one does
         precision = "bf16" if cfg.parallel.use_gpu or gpu else resolve_precision(cfg.parallel)
     model = planned_model(cfg.model, cfg.data.tokenizer.vocab_size)
     text, fits = report(model, cfg.parallel, cfg.train, precision, device_bytes, peak, mfu,
-                        tokens or cfg.train.max_steps * cfg.train.global_batch_tokens)
+                        tokens or cfg.train.max_steps * cfg.train.global_batch_tokens, source)
     print(text)
     return fits
 

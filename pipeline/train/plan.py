@@ -38,7 +38,9 @@ this machine (benchmarks/zero_memory.py):
 
 s is the context, b the micro-batch, h d_model, V the vocabulary. Buffers of the framework (communication
 buckets, CUDA context, allocator fragmentation) are not modelled: the verdict keeps 10% of the device free for
-them. Step time is training FLOPs / (ranks x peak x MFU) at an assumed MFU.
+them. On CPU the "device" is the host: its RAM divided between the ranks of one machine (device_memory), so that
+a model too large for the machine is refused before anything allocates instead of swapping or being killed. Step
+time is training FLOPs / (ranks x peak x MFU) at an assumed MFU.
 """
 
 from __future__ import annotations
@@ -107,9 +109,6 @@ def plan_memory(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
     dp = parallel.num_workers // tp
     p_rank = parameters_per_rank(model, tp)
     sub_group = 4 * min(10 * model.d_model**2, p_rank / dp) / p_rank  # bytes per parameter of the rank
-    accumulation = parallel.deepspeed.get("data_types", {}).get("grad_accum_dtype", "fp32")
-    if precision == "bf16" and stage > 1 and accumulation in ("bf16", "bfloat16"):
-        precision = "fp16"  # bf16 gradients by choice (parallel.deepspeed): the 16-bit layout of fp16
     weight, grad, optim, copies = state_bytes(precision, stage, dp, sub_group)
     if dp > 1 and stage == 0:
         # The engine's own all-reduce flattens the gradients into buckets of up to ALLREDUCE_BUCKET elements,
@@ -202,9 +201,16 @@ def step_seconds(model: ModelConfig, parallel: ParallelConfig, train: TrainConfi
     return flops / (parallel.num_workers * peak_tflops * 1e12 * mfu)
 
 
+def _gib(nbytes: float) -> str:
+    gib = nbytes / GIB
+    return f"{gib:.0f} GiB" if abs(gib - round(gib)) < 0.05 else f"{gib:.1f} GiB"
+
+
 def report(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, precision: str,
-           device_bytes: float | None, peak_tflops: float | None, mfu: float, tokens: float) -> tuple[str, bool]:
-    """The plan as text, and whether the layout fits the device (True when no device memory is given)."""
+           device_bytes: float | None, peak_tflops: float | None, mfu: float, tokens: float,
+           memory_source: str = "") -> tuple[str, bool]:
+    """The plan as text, and whether the layout fits the device (True when no device memory is given);
+    memory_source says where device_bytes comes from (e.g. "host RAM 23.4 GiB / 2 ranks")."""
     plan = plan_memory(model, parallel, train, precision)
     dp = parallel.num_workers // parallel.tensor_parallel
     lines = [
@@ -223,18 +229,18 @@ def report(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, pre
     if device_bytes is not None:
         usable = USABLE_FRACTION * device_bytes
         fits = plan.total <= usable
+        of = f"({USABLE_FRACTION:.0%} of {_gib(device_bytes)}{': ' + memory_source if memory_source else ''})"
         lines.append("")
         if fits:
-            lines.append(f"verdict: fits: {plan.total / GIB:.1f} GiB per rank <= {usable / GIB:.1f} GiB "
-                         f"({USABLE_FRACTION:.0%} of {device_bytes / GIB:.0f} GiB)")
+            lines.append(f"verdict: fits: {plan.total / GIB:.1f} GiB per rank <= {usable / GIB:.1f} GiB {of}")
         else:
             others = layouts_that_fit(model, parallel, train, precision, device_bytes)
             hint = ("; these fit: " + "; ".join(x.describe() for x in others[:4]) + " (or lower "
                     "train.micro_batch_size)") if others else (
-                "; no ZeRO stage, tp <= 8 or activation checkpointing fits: add ranks or lower "
+                "; no ZeRO stage, tp <= 8 or activation checkpointing fits: add devices or machines, or lower "
                 "train.micro_batch_size")
             lines.append(f"verdict: does not fit: {plan.total / GIB:.1f} GiB per rank > {usable / GIB:.1f} GiB "
-                         f"({USABLE_FRACTION:.0%} of {device_bytes / GIB:.0f} GiB){hint}")
+                         f"{of}{hint}")
     if peak_tflops:
         seconds = step_seconds(model, parallel, train, peak_tflops, mfu)
         steps = tokens / train.global_batch_tokens
@@ -249,28 +255,53 @@ def planned_model(model: ModelConfig, tokenizer_vocab_size: int) -> ModelConfig:
     return model if model.vocab_size is not None else dataclasses.replace(model, vocab_size=tokenizer_vocab_size)
 
 
-def device_memory(parallel: ParallelConfig) -> float | None:
-    """Bytes of one device to plan against: parallel.device_memory_gb, else the driver's GPU when training on
-    GPUs and the driver sees one; None when unknown."""
-    if parallel.device_memory_gb is not None:
-        return parallel.device_memory_gb * GIB
-    if parallel.use_gpu:
-        import torch
+@dataclass
+class DeviceMemory:
+    """The memory one rank plans against, and where that number comes from (said in the verdict)."""
 
-        if torch.cuda.is_available():
-            return float(torch.cuda.get_device_properties(0).total_memory)
+    nbytes: float
+    source: str
+
+
+def device_memory(parallel: ParallelConfig, workers_per_node: int | None = None) -> DeviceMemory | None:
+    """What one rank may fill: parallel.device_memory_gb; else on GPUs the driver's GPU when it sees one (None
+    when it does not: the GPUs are elsewhere); else, on CPU, its share of this host's RAM."""
+    if parallel.device_memory_gb is not None:
+        return DeviceMemory(parallel.device_memory_gb * GIB, "parallel.device_memory_gb")
+    if not parallel.use_gpu:
+        return host_memory_per_rank(workers_per_node or parallel.num_workers)
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return DeviceMemory(float(props.total_memory), f"the driver's GPU, {props.name}")
     return None
 
 
-def check_layout_fits(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, precision: str) -> None:
-    """Refuse, before any work, a layout whose planned memory per rank exceeds the device's (parallel.check_memory
-    turns it off); nothing to check when the device's memory is unknown."""
-    device_bytes = device_memory(parallel)
-    if not parallel.check_memory or device_bytes is None:
+def host_memory_per_rank(ranks: int) -> DeviceMemory:
+    """On CPU the ranks of one machine share its RAM (cluster.workers_per_node of them, or every rank when
+    placement is left to Ray, which packs them onto one machine where they fit)."""
+    import psutil
+
+    total = float(psutil.virtual_memory().total)
+    return DeviceMemory(total / ranks, f"host RAM {total / GIB:.1f} GiB / {ranks} rank{'s' if ranks > 1 else ''}")
+
+
+def check_layout_fits(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, precision: str,
+                      workers_per_node: int | None = None) -> None:
+    """Refuse, before any work, a layout whose planned memory per rank exceeds what a rank has (device_memory;
+    parallel.check_memory=false turns it off); nothing to check for GPUs the driver cannot see."""
+    memory = device_memory(parallel, workers_per_node)
+    if not parallel.check_memory or memory is None:
         return
-    text, fits = report(model, parallel, train, precision, device_bytes, None, 0.0, 0.0)
-    if not fits:
-        raise ConfigError(
-            f"the layout does not fit the device:\n{text}\nchange the layout (`pipeline plan ... --gpu-memory "
-            f"{device_bytes / GIB:.0f}GiB` shows others), or pass parallel.check_memory=false to train anyway."
-        )
+    text, fits = report(model, parallel, train, precision, memory.nbytes, None, 0.0, 0.0, memory.source)
+    if fits:
+        return
+    if parallel.use_gpu or parallel.device_memory_gb is not None:
+        fix = f"change the layout (`pipeline plan ... --gpu-memory {memory.nbytes / GIB:.0f}GiB` shows others)"
+    else:
+        fix = ("on CPU the ranks of one machine share its RAM: choose a smaller model or micro-batch or fewer ranks "
+               "per machine, or set parallel.device_memory_gb to the memory of one rank where the workers run on "
+               "other machines")
+    raise ConfigError(f"the layout does not fit the memory of a rank ({memory.source}):\n{text}\n{fix}, or pass "
+                      f"parallel.check_memory=false to train anyway.")

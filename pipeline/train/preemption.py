@@ -13,13 +13,15 @@ import logging
 import os
 import signal
 import socket
+import stat
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pipeline.files import write_atomic
+from pipeline.containment import is_regular_file
 from pipeline.train.job import TrainOutcome
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,92 @@ PREEMPT_FILE = "PREEMPT"
 # Exit code of a worker process that saved a checkpoint and stopped because it was asked to (EX_TEMPFAIL):
 # a scheduler can requeue the job and train.resume=auto continues it.
 PREEMPTED_EXIT_CODE = 75
-# In a run directory while its driver trains (JSON: host, pid, started): what `pipeline preempt` looks for.
+# In a run directory while its driver trains (JSON: host, pid, pid_namespace, started, heartbeat): what `pipeline
+# preempt` looks for. The driver rewrites it every HEARTBEAT_S; a file whose driver is gone (its pid dead on this
+# host) or whose heartbeat is older than STALE_AFTER_S is the leftover of a driver killed without cleaning up
+# (kill -9, a lost node), which `pipeline preempt` removes instead of waiting its whole grace period for it.
 TRAINING_FILE = "TRAINING"
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 6 * HEARTBEAT_S
+
+
+def _create_new(path: Path, text: str = "") -> None:
+    """path as a new regular file holding text, never written through a symbolic link: whatever is planted at
+    path is removed first (unlink removes a link, not its target), and O_EXCL | O_NOFOLLOW refuse anything that
+    appears there meanwhile (FileExistsError)."""
+    if os.path.lexists(path):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def raise_flag(path: Path) -> None:
+    """Create the PREEMPT file (kept as it is when it is a regular file already); never through a link."""
+    if is_regular_file(path):
+        return
+    with contextlib.suppress(FileExistsError):  # created by another process meanwhile: the request stands
+        _create_new(path)
+
+
+def write_marker(path: Path, info: dict) -> None:
+    """Replace the TRAINING file atomically (a reader sees the old or the new one, never none), never through
+    a link: the new file is created beside it, then renamed over it (rename replaces a link, not its target)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _create_new(tmp, json.dumps(info))
+    os.replace(tmp, path)
+
+
+def read_marker(path: Path) -> dict | None:
+    """The TRAINING file's JSON; None when it is not a regular file holding a JSON object (a link, a FIFO,
+    garbage). Never follows a link, never blocks on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        data = f.read(65536)
+    with contextlib.suppress(ValueError):
+        info = json.loads(data)
+        return info if isinstance(info, dict) else None
+    return None
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace (Linux), so that a pid is only judged where it means the same process: a
+    container beside the driver's shares its host name but not its pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # another user's process: it exists
+        return True
+
+
+def stale_reason(marker: Path, now: float | None = None) -> str | None:
+    """Why a TRAINING file no longer stands for a live driver, or None when it does."""
+    info = read_marker(marker)
+    try:
+        pid, heartbeat = int(info["pid"]), float(info["heartbeat"] if "heartbeat" in info else info["started"])
+    except (TypeError, KeyError, ValueError):  # info is None or lacks the fields
+        return "it is not a regular file holding a driver's host, pid and heartbeat"
+    if info.get("host") == socket.gethostname() and info.get("pid_namespace") == pid_namespace() and not _alive(pid):
+        return f"its driver, pid {pid} on this host, is gone"
+    age = (time.time() if now is None else now) - heartbeat
+    if age > STALE_AFTER_S:
+        return f"its heartbeat is {age:.0f} s old (a training driver refreshes it every {HEARTBEAT_S:.0f} s)"
+    return None
 
 
 class PreemptionFlag:
@@ -49,44 +135,70 @@ class PreemptionFlag:
     def _handler(self, signum, frame) -> None:
         self.signalled = True
 
+    def requested(self) -> bool:
+        """This rank's own view: a signal, or any entry named PREEMPT (lexists: a link is never followed)."""
+        return self.signalled or os.path.lexists(self.file)
+
     def any_rank(self, device: torch.device) -> bool:
-        local = self.signalled or self.file.exists()
-        flag = torch.tensor([1.0 if local else 0.0], device=device)
+        flag = torch.tensor([1.0 if self.requested() else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
 class PreemptionForwarder:
     """While Ray workers train, SIGTERM/SIGUSR1 to this driver (Slurm, Kubernetes) become a PREEMPT file in
-    the run directory, which every worker checks at each step boundary.
+    the run directory, which every worker checks at each step boundary; meanwhile a thread keeps the TRAINING
+    file's heartbeat fresh (every heartbeat_s) for `pipeline preempt`.
 
     A Python handler of SIGUSR1 that was installed before (submitit's, which requeues a Hydra sweep point as a
     new Slurm job when the time limit nears) is not lost: `hand_over()`, called once the workers saved their
     checkpoint, passes it the signal. SIGTERM is not handed over: the handler before ours is Ray's, which
     would end the driver with code 15 instead of 75 (what the sbatch script requeues on)."""
 
-    def __init__(self, run_dir: Path):
-        self.flag = run_dir / PREEMPT_FILE
+    def __init__(self, run_dir: Path, heartbeat_s: float = HEARTBEAT_S):
+        self.flag, self.marker = run_dir / PREEMPT_FILE, run_dir / TRAINING_FILE
+        self.heartbeat_s = heartbeat_s
         self.received: int | None = None
         self.previous: dict[int, object] = {}
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._beating: threading.Thread | None = None
 
     def _handler(self, signum, frame) -> None:
         log.warning("received signal %d: asking the workers to checkpoint and stop", signum)
         self.received = signum
-        self.flag.touch()
+        try:
+            raise_flag(self.flag)
+        except OSError as err:  # an exception here would surface in whatever the driver was doing
+            log.error("could not write %s to stop the workers: %s", self.flag, err)
+
+    def _write_marker(self) -> None:
+        write_marker(self.marker, {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": pid_namespace(),
+                                   "started": self.started, "heartbeat": time.time()})
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._write_marker()
+            except OSError as err:  # a full disk must not stop training; preempt may then think the run stale
+                log.warning("could not refresh %s: %s", self.marker, err)
 
     def __enter__(self) -> PreemptionForwarder:
         self.flag.unlink(missing_ok=True)  # a leftover from an earlier preemption must not stop this run
         self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-        write_atomic(self.flag.with_name(TRAINING_FILE),
-                     json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
+        self._write_marker()
+        self._beating = threading.Thread(target=self._beat, name="training-heartbeat", daemon=True)
+        self._beating.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._beating is not None:
+            self._beating.join()
         for sig, old in self.previous.items():
             signal.signal(sig, old)
         self.flag.unlink(missing_ok=True)
-        self.flag.with_name(TRAINING_FILE).unlink(missing_ok=True)
+        self.marker.unlink(missing_ok=True)
 
     def hand_over(self) -> None:
         """Call the SIGUSR1 handler that was there before, if the signal received was SIGUSR1 and the handler
@@ -107,33 +219,64 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT_CODE)
 
 
+def _stale(run: Path) -> bool:
+    """Whether the run's TRAINING file is a dead driver's leftover; such a file is removed (unlink: a link
+    goes, not its target) and the run is not waited for."""
+    reason = stale_reason(run / TRAINING_FILE)
+    if reason is None:
+        return False
+    log.warning("run %s: its %s file is stale (%s): not waiting for it; removed it", run.name, TRAINING_FILE, reason)
+    (run / TRAINING_FILE).unlink(missing_ok=True)
+    return True
+
+
+def _run_state(run: Path, asked: float) -> str | None:
+    """saved | ended | stale once the run is safe (or nothing is left to wait for); None while it trains."""
+    latest = run / "checkpoints" / "latest"
+    if latest.is_file() and latest.stat().st_mtime >= asked:
+        return "saved"
+    if not os.path.lexists(run / TRAINING_FILE):
+        return "ended"
+    return "stale" if _stale(run) else None  # e.g. the driver was killed after the request
+
+
+def _wait_for(runs: list[Path], asked: float, deadline: float, poll_s: float) -> dict[str, str]:
+    """Each run's _run_state once it has one, or "timed out" at the deadline."""
+    outcome: dict[str, str] = {}
+    waiting = list(runs)
+    while waiting:
+        for run in list(waiting):
+            state = _run_state(run, asked)
+            if state:
+                outcome[run.name] = state
+                waiting.remove(run)
+        if waiting and time.time() >= deadline:
+            return outcome | {run.name: "timed out" for run in waiting}
+        if waiting:
+            time.sleep(poll_s)
+    return outcome
+
+
 def request_checkpoints(output_dir: Path, wait_s: float, poll_s: float = 1.0) -> dict[str, str]:
     """`pipeline preempt`: ask every run under output_dir/runs that is training (its TRAINING file) to
     checkpoint and stop, as SIGTERM to its driver would (a PREEMPT file every rank checks at each step
     boundary), then wait up to wait_s until each has either written a checkpoint newer than the request or
     ended. For a Kubernetes preStop hook or any scheduler that can run a command before it kills a pod or a
-    node: the pod then goes only once its runs are safe. Returns {run name: saved | ended | timed out}."""
-    runs = sorted(p.parent for p in Path(output_dir).glob(f"runs/*/{TRAINING_FILE}"))
+    node: the pod then goes only once its runs are safe. A TRAINING file whose driver is gone is stale: it is
+    removed, not waited for. Returns {run name: saved | ended | stale | timed out}."""
     asked = time.time()
-    for run in runs:
-        (run / PREEMPT_FILE).touch()
-        log.warning("asked run %s to checkpoint and stop", run.name)
     outcome: dict[str, str] = {}
-    deadline = asked + wait_s
-    while len(outcome) < len(runs):
-        for run in runs:
-            if run.name in outcome:
-                continue
-            latest = run / "checkpoints" / "latest"
-            if latest.is_file() and latest.stat().st_mtime >= asked:
-                outcome[run.name] = "saved"
-            elif not (run / TRAINING_FILE).exists():
-                outcome[run.name] = "ended"
-        if len(outcome) < len(runs):
-            if time.time() >= deadline:
-                outcome.update({r.name: "timed out" for r in runs if r.name not in outcome})
-                break
-            time.sleep(poll_s)
+    runs = []
+    for run in sorted(p.parent for p in Path(output_dir).glob(f"runs/*/{TRAINING_FILE}")):
+        if run.is_symlink():
+            log.warning("runs/%s is a symbolic link: not following it", run.name)
+        elif _stale(run):
+            outcome[run.name] = "stale"
+        else:
+            raise_flag(run / PREEMPT_FILE)
+            log.warning("asked run %s to checkpoint and stop", run.name)
+            runs.append(run)
+    outcome |= _wait_for(runs, asked, asked + wait_s, poll_s)
     for name, what in outcome.items():
         log.warning("run %s: %s", name, what)
     return outcome

@@ -95,8 +95,6 @@ def test_deepspeed_fp32_copies_beside_the_model_states():
     assert (bf16.model_states, bf16.fp32_copies) == (8 * n + 8 * n / 2, 8 * n / 2)  # as fp32 (measured)
     zero2 = plan_memory(m, ParallelConfig(num_workers=2, zero_stage=2), train, "bf16")
     assert (zero2.model_states, zero2.fp32_copies) == (2 * n + 14 * n / 2, 4 * n / 2)  # fp32 gradient partition
-    bf16_grads = ParallelConfig(num_workers=2, zero_stage=3, deepspeed={"data_types": {"grad_accum_dtype": "bf16"}})
-    assert plan_memory(m, bf16_grads, train, "bf16").gradients == 2 * n / 2  # bf16 accumulation by choice
     fp16_zero0 = plan_memory(m, ParallelConfig(num_workers=2, zero_stage=0), train, "fp16")
     assert fp16_zero0.fp32_copies == 4 * n + 2 * n  # and the engine's fp16 all-reduce bucket at dp > 1
     fp16 = plan_memory(m, ParallelConfig(num_workers=1, zero_stage=0), train, "fp16")
@@ -148,10 +146,20 @@ def test_memory_sizes_parse():
         parse_memory("lots")
 
 
-def test_check_only_where_the_device_memory_is_known():
-    m = model("gpt3_13b")
+def test_check_against_the_device_or_on_cpu_the_hosts_ram_per_rank():
+    import psutil
+    import torch
+
+    m, huge = model("gpt3_13b"), model("gpt3_175b")  # 175B: about 1.6 TiB per rank of 2, more than any host
     train = TrainConfig(micro_batch_size=1)
-    check_layout_fits(m, ParallelConfig(num_workers=2), train, "bf16")  # CPU, no device memory: no check
+    if not torch.cuda.is_available():
+        check_layout_fits(m, ParallelConfig(num_workers=2, use_gpu=True), train, "bf16")  # GPUs are elsewhere
+    host = psutil.virtual_memory().total / GIB
+    with pytest.raises(ConfigError, match=rf"host RAM {host:.1f} GiB / 2 ranks"):
+        check_layout_fits(huge, ParallelConfig(num_workers=2), train, "bf16")
+    with pytest.raises(ConfigError, match=rf"host RAM {host:.1f} GiB / 1 rank\b"):  # one rank per node
+        check_layout_fits(huge, ParallelConfig(num_workers=2), train, "bf16", workers_per_node=1)
+    check_layout_fits(huge, ParallelConfig(num_workers=2, check_memory=False), train, "bf16")
     with pytest.raises(ConfigError, match=r"(?s)does not fit.*parallel.check_memory=false"):
         check_layout_fits(m, ParallelConfig(num_workers=2, device_memory_gb=80), train, "bf16")
     check_layout_fits(m, ParallelConfig(num_workers=2, device_memory_gb=80, check_memory=False), train, "bf16")
