@@ -10,7 +10,8 @@ order of windows interleaves every source's windows.
 
 The corpus fingerprint names every input file by (path, size, mtime_ns), or by its sha256 when the whole
 corpus is small, so that a changed input gives a new data set directory instead of a stale one; a hub data set
-by its name, config, revision and split.
+by its name, config, revision and split. The files are those prepare reads, listed the same way (links that
+leave a corpus root left out: data_prep.sources.expand_paths).
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from pathlib import Path
 
 from data_prep.partitions import source_field, source_groups
 from data_prep.shards import sha256_file
-from data_prep.sources import DecodeReport, SourceError, input_files, piece_documents, source_configs
+from data_prep.sources import (
+    DecodeReport,
+    OutsideLinks,
+    SourceError,
+    input_files,
+    piece_documents,
+    source_configs,
+    warn_outside_links,
+)
 from pipeline.config import DataConfig, SourceConfig
 
 log = logging.getLogger(__name__)
@@ -32,7 +41,8 @@ _HASH_CONTENT_BYTES = 32 << 20
 def corpus_record(data: DataConfig) -> list[dict]:
     """Per source, its input files as [name, size, sha256 or mtime_ns] (see the module docstring); a hub
     data set is named only by its hub name. Cheap: one stat per file, hashing only small corpora."""
-    listed = [(src, *_listed_files(src, source_field(data, i))) for i, src in enumerate(source_configs(data))]
+    links = OutsideLinks(data.on_outside_link)
+    listed = [(src, *_listed_files(src, source_field(data, i), links)) for i, src in enumerate(source_configs(data))]
     small = sum(size for _, _, files in listed for _, size, _, _ in files) <= _HASH_CONTENT_BYTES
     record = []
     for src, problem, files in listed:
@@ -46,11 +56,12 @@ def corpus_record(data: DataConfig) -> list[dict]:
     return record
 
 
-def _listed_files(src: SourceConfig, where: str) -> tuple[str | None, list[tuple[str, int, Path, int]]]:
+def _listed_files(src: SourceConfig, where: str,
+                  links: OutsideLinks) -> tuple[str | None, list[tuple[str, int, Path, int]]]:
     """(problem, [(name, size, path, mtime_ns)]): a source that cannot be listed is recorded, not raised, so
     that a stage that only looks the data set up does not need the corpus (prepare reports the problem)."""
     try:
-        root, files = input_files(src, where)
+        root, files = input_files(src, where, links)
     except (SourceError, OSError) as err:
         return str(err), []
     listed = []
@@ -63,8 +74,10 @@ def _listed_files(src: SourceConfig, where: str) -> tuple[str | None, list[tuple
 def read_source(src: SourceConfig, data: DataConfig, where: str = "data") -> tuple[list[str], DecodeReport]:
     """All non-empty documents of one source in one list, in plan order: for small corpora and tests only
     (prepare reads partition by partition on the workers, never a whole source in one process)."""
-    report = DecodeReport()
-    pieces = [piece for group, _ in source_groups(src, where, data.partition_bytes) for piece in group]
+    links = OutsideLinks(data.on_outside_link)
+    pieces = [piece for group, _ in source_groups(src, where, data.partition_bytes, links) for piece in group]
+    warn_outside_links(links.skipped)
+    report = DecodeReport(outside_links=links.skipped)
     docs = [doc for piece in pieces for doc in piece_documents(src, piece, data, report, where)]
     report.files = len({piece.path for piece in pieces})
     report.log_summary()
@@ -85,10 +98,13 @@ def read_documents(data: DataConfig) -> tuple[list[str], DecodeReport]:
 
     sources = source_configs(data)
     ctx = PrepareContext(data, sources, [source_field(data, i) for i in range(len(sources))], "", b"", "", 0, 0, False)
-    report = DecodeReport()
-    plan = plan_partitions(data)
+    links = OutsideLinks(data.on_outside_link)
+    plan = plan_partitions(data, links)
+    warn_outside_links(links.skipped)
+    report = DecodeReport(outside_links=links.skipped)
     docs = [doc for part in plan for doc in partition_documents(part, ctx, report)]
     report.files = len({piece.path for part in plan for piece in part.pieces})
+    report.log_summary()
     if not docs:
         raise SourceError(f"the corpus (data.source={data.source}) holds no non-empty document: point data.path "
                           f"at files with text in them")

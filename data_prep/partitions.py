@@ -11,6 +11,10 @@ under MIN_PARTITIONS x data.partition_bytes, so that it still spreads over the w
     hf_disk                          row ranges of the saved data set (memory-mapped Arrow)
     hf_hub                           one partition per shard of the streamed data set
 
+Input files are listed without walking through symbolic links; a link below a directory or glob root whose
+target lies outside it is skipped (and listed in the manifest) or refused before any work (data.on_outside_link;
+data_prep.sources.expand_paths).
+
 The plan depends only on the inputs and the config, never on the number of workers or nodes: partition i holds
 the same documents whoever reads it, so the shards it becomes are the same bytes (data_prep.prepare).
 """
@@ -21,7 +25,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.sources import SourceError, compression_of, shakespeare_files, source_configs, source_files
+from data_prep.sources import (
+    OutsideLinks,
+    SourceError,
+    compression_of,
+    shakespeare_files,
+    source_configs,
+    source_files,
+)
 from pipeline.config import DataConfig, SourceConfig
 
 
@@ -116,15 +127,17 @@ def hf_hub_pieces(src: SourceConfig, where: str):
         yield (Piece(src.path, shard),), 0
 
 
-def source_groups(src: SourceConfig, where: str, limit: int) -> Iterator[tuple[tuple[Piece, ...], int]]:
-    """(pieces, input bytes) of each partition of one source, in order."""
+def source_groups(src: SourceConfig, where: str, limit: int,
+                  links: OutsideLinks | None = None) -> Iterator[tuple[tuple[Piece, ...], int]]:
+    """(pieces, input bytes) of each partition of one source, in order; the symbolic links that listing its files
+    skipped for leaving the corpus root go to `links` (data_prep.sources.expand_paths; default: skip)."""
     if src.source == "shakespeare":
-        files = shakespeare_files(src.path, f"{where}.path")
+        files = shakespeare_files(src.path, f"{where}.path", links)
         yield from group(((Piece(str(f)), f.stat().st_size) for f in files), limit)
     elif src.source in ("text", "jsonl"):
-        yield from file_pieces(src, source_files(src, where), limit)
+        yield from file_pieces(src, source_files(src, where, links), limit)
     elif src.source == "parquet":
-        yield from parquet_pieces(src, source_files(src, where), limit, where)
+        yield from parquet_pieces(src, source_files(src, where, links), limit, where)
     elif src.source == "hf_disk":
         yield from hf_disk_pieces(src, limit, where)
     elif src.source == "hf_hub":
@@ -146,22 +159,24 @@ MIN_PARTITIONS = 32
 MIN_PARTITION_BYTES = 1 << 20
 
 
-def partition_limit(data: DataConfig) -> int:
+def partition_limit(data: DataConfig, links: OutsideLinks) -> int:
     """Input bytes per partition: data.partition_bytes, or less for a small corpus (see MIN_PARTITIONS)."""
     from data_prep.sources import input_files
 
     total = 0
     for index, src in enumerate(source_configs(data)):
-        _, files = input_files(src, source_field(data, index))
+        _, files = input_files(src, source_field(data, index), links)
         total += sum(f.stat().st_size for f in files)
     return int(min(data.partition_bytes, max(MIN_PARTITION_BYTES, total // MIN_PARTITIONS)))
 
 
-def plan_partitions(data: DataConfig) -> list[Partition]:
-    """The partitions of every source, in source order (see the module docstring)."""
+def plan_partitions(data: DataConfig, links: OutsideLinks | None = None) -> list[Partition]:
+    """The partitions of every source, in source order (see the module docstring). Symbolic links that leave a
+    corpus root are skipped into `links` or refused here, before any work, as data.on_outside_link says."""
+    links = links if links is not None else OutsideLinks(data.on_outside_link)
     partitions: list[Partition] = []
-    limit = partition_limit(data)
+    limit = partition_limit(data, links)
     for index, src in enumerate(source_configs(data)):
-        for pieces, size in source_groups(src, source_field(data, index), limit):
+        for pieces, size in source_groups(src, source_field(data, index), limit, links):
             partitions.append(Partition(len(partitions), index, pieces, size))
     return partitions

@@ -78,7 +78,15 @@ from data_prep.shards import (
     sha256_file,
     shard_bytes,
 )
-from data_prep.sources import DecodeReport, SourceError, source_configs
+from data_prep.sources import (
+    REPORTED_FILES,
+    DecodeReport,
+    OutsideLinks,
+    SourceError,
+    most,
+    source_configs,
+    warn_outside_links,
+)
 from data_prep.tokenizer import check_round_trip, copy_tokenizer, load_tokenizer, train_tokenizer_on_sample
 from data_prep.workers import run_actors, run_partitions
 from pipeline.cluster.storage import ObjectStore, dataset_rel
@@ -183,7 +191,9 @@ def prepare(data: DataConfig, sink: ProgressSink | None = None, label: str = "",
                      "tokens_per_s": tokens / max(seconds, 1e-9), "documents": sum(stats["documents"].values()),
                      "train_windows": stats["windows"]["train"], "validation_windows": stats["windows"]["validation"],
                      "partitions": stats["partitions"], "binary_files_skipped": len(stats["binary_files_skipped"]),
-                     "undecodable_bytes": stats["undecodable_bytes"]}, stats["partitions"])
+                     "undecodable_bytes": stats["undecodable_bytes"],
+                     "nul_documents_skipped": stats["nul_documents_skipped"],
+                     "outside_links_skipped": len(stats["outside_links_skipped"])}, stats["partitions"])
     return out
 
 
@@ -197,11 +207,13 @@ def _already_prepared(data: DataConfig, out: Path) -> bool:
 def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: ProgressSink | None = None,
            label: str = "", store: ObjectStore | None = None) -> tuple[Manifest, float]:
     t0 = time.time()
-    plan = plan_partitions(data)
+    links = OutsideLinks(data.on_outside_link)
+    plan = plan_partitions(data, links)
     sources = source_configs(data)
     n_files = len({piece.path for part in plan for piece in part.pieces})
     log.info("planned %d partitions of %s over %d inputs in %.1fs", len(plan),
              _size(sum(p.size for p in plan)), n_files, time.time() - t0)
+    warn_outside_links(links.skipped)
     state = _open_state(partial, plan)
     workers = pool_size(data.num_workers)
     ctx = PrepareContext(data=data, sources=sources, wheres=[source_field(data, i) for i in range(len(sources))],
@@ -235,7 +247,7 @@ def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: Progr
     progress.close()
     if todo:
         log.info("tokenized %d partitions on %d Ray nodes", len(todo), len(nodes))
-    manifest = _merge(data, sp, partial, plan, corpus_fingerprint)
+    manifest = _merge(data, sp, partial, plan, corpus_fingerprint, links.skipped)
     write_atomic(partial / MANIFEST, manifest.to_json())
     return manifest, progress.seconds
 
@@ -459,14 +471,16 @@ def _size(n: float) -> str:
     return f"{n}"
 
 
-def _merge(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_fingerprint: str) -> Manifest:
-    """The manifest from the partition records, in partition order, one record in memory at a time."""
+def _merge(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_fingerprint: str,
+           outside_links: dict[str, str]) -> Manifest:
+    """The manifest from the partition records, in partition order, one record in memory at a time; what reading
+    met (the records' DecodeReports, and the links that planning skipped) logged and recorded in its stats."""
     sources = source_configs(data)
     shards: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
     totals = {key: dict.fromkeys(SPLITS, 0) for key in ("documents", "tokens", "dropped_tail_tokens")}
     per_source = [{"documents_read": 0, "documents": 0, "tokens": dict.fromkeys(SPLITS, 0), "files": set()}
                   for _ in sources]
-    report, empty, counts = DecodeReport(), [], None
+    report, empty, counts = DecodeReport(outside_links=dict(outside_links)), [], None
     starts_parts: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     for part in plan:
         record = PartitionRecord.from_json(record_path(directory, part.index).read_text())
@@ -489,6 +503,7 @@ def _merge(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_
         part_counts = np.load(directory / PARTS_DIR / record.token_counts)
         counts = part_counts if counts is None else counts + part_counts
     report.files = len({piece.path for part in plan for piece in part.pieces})
+    report.log_summary()
     if sum(s["documents_read"] for s in per_source) == 0:
         raise SourceError(f"the corpus holds no non-empty document ({report.files} inputs read"
                           + (f", {len(report.binary_files)} skipped as binary" if report.binary_files else "")
@@ -497,12 +512,8 @@ def _merge(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_
     doc_starts = _merge_doc_starts(directory, starts_parts) if data.keep_doc_boundaries else {}
     save_npy(directory / TOKEN_COUNTS, counts if counts is not None else np.zeros(sp.get_piece_size(), np.int64))
     window = data.context_length + 1
-    stats = {
-        **totals, "windows": {s: sum(x.n_windows for x in shards[s]) for s in SPLITS},
-        "undecodable_bytes": report.bad_bytes, "undecodable_documents": report.bad_bytes_documents,
-        "skipped_documents": report.skipped_documents, "binary_files_skipped": report.binary_files,
-        "partitions": len(plan), "empty_partitions": empty,
-    }
+    stats = {**totals, "windows": {s: sum(x.n_windows for x in shards[s]) for s in SPLITS}, **_input_stats(report),
+             "partitions": len(plan), "empty_partitions": empty}
     total_tokens = max(1, sum(totals["tokens"].values()))
     source_entries = []
     for src, s in zip(sources, per_source, strict=True):
@@ -521,6 +532,18 @@ def _merge(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_
         source={"kind": data.source, "path": data.path, "files": report.files,
                 "corpus_fingerprint": corpus_fingerprint, "sources": source_entries},
     )
+
+
+def _input_stats(report: DecodeReport) -> dict:
+    """The manifest's record of what reading met: totals, and the files with the most of each (REPORTED_FILES)."""
+    return {
+        "undecodable_bytes": report.bad_bytes, "undecodable_documents": report.bad_bytes_documents,
+        "undecodable_bytes_by_file": most(report.bad_bytes_by_file, REPORTED_FILES),
+        "skipped_documents": report.skipped_documents, "binary_files_skipped": report.binary_files,
+        "nul_documents_skipped": report.nul_documents,
+        "nul_documents_by_file": most(report.nul_documents_by_file, REPORTED_FILES),
+        "outside_links_skipped": sorted(report.outside_links),
+    }
 
 
 def _merge_doc_starts(directory: Path, parts: dict[str, list[tuple[str, int]]]) -> dict:
