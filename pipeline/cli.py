@@ -3,6 +3,10 @@
 Config stages (prepare, train, evaluate, run, params) compose the Hydra tree in conf/ with the
 overrides, validate it, and only then import the heavy libraries and start work. Tool commands
 (`data inspect`, ...) take ordinary arguments.
+
+Credentials in URIs (tracking.uri=http://user:secret@host, a storage URI with keys) never reach the output, the
+logs or what Hydra keeps: everything printed is scrubbed (pipeline.redaction), and an override that carries
+credentials is composed from an environment variable (${oc.env:PIPELINE_SECRET_<i>}) that holds its value.
 """
 
 from __future__ import annotations
@@ -13,6 +17,15 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from pipeline.redaction import (
+    find_uris,
+    hide_secret_overrides,
+    install_log_filter,
+    remember_secrets,
+    scrub,
+    scrub_stdio,
+)
 
 USAGE = """usage: pipeline <command> [overrides or arguments...]
 
@@ -66,15 +79,25 @@ def quote_override_value(text: str) -> str:
 
 
 def _setup_logging() -> None:
+    scrub_stdio()  # first: the log handler writes to the scrubbed stderr
     logging.basicConfig(
         level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    install_log_filter()
+
+
+def _remember_secrets_of(cfg) -> None:
+    """Every credential in a URI anywhere in the composed config (a YAML file may hold one too)."""
+    import dataclasses
+    import json
+
+    remember_secrets(*find_uris(json.dumps(dataclasses.asdict(cfg), default=str)))
 
 
 def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {scrub(message)}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -147,10 +170,15 @@ def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -
     from pipeline.files import NoSpaceError
 
     register_schema()
+    # Hydra keeps the overrides (a multirun saves them and the config in multirun.yaml, submitit pickles them):
+    # secret values stay in this process's environment, which Hydra's launchers pass on.
+    overrides, secret_env = hide_secret_overrides(overrides)
+    os.environ.update(secret_env)
 
     def task(cfg_node: DictConfig) -> None:
         try:
             cfg = to_pipeline_config(cfg_node, stage)
+            _remember_secrets_of(cfg)
             run_stage(stage, cfg, options)
         # Bad config or input found by a check that needs the data set, the machine or files on disk: the
         # message names the fix, a traceback would only bury it.
@@ -164,6 +192,7 @@ def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
+    remember_secrets(*find_uris(" ".join(argv)))
     job_dir = os.environ.get("PIPELINE_JOB_DIR")
     if job_dir:  # a job sent by `pipeline submit`: work from the shared output directory
         Path(job_dir).mkdir(parents=True, exist_ok=True)

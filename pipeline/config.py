@@ -1090,7 +1090,10 @@ def fingerprint(obj: Any, length: int = 12) -> str:
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """{"model.n_layer": 4, ...} from a nested dataclass, for logging as MLflow params."""
+    """{"model.n_layer": 4, ...} from a nested dataclass, for logging as MLflow params; credentials in URIs
+    (tracking.uri=http://user:secret@host, a storage URI's keys) come out as ***."""
+    from pipeline.redaction import redact_values
+
     data = asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
     out: dict[str, Any] = {}
     for key, value in data.items():
@@ -1098,5 +1101,5 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
             out.update(flatten(value, f"{name}."))
         else:
-            out[name] = value
+            out[name] = redact_values(value)
     return out

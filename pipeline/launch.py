@@ -24,13 +24,16 @@ def main(argv: list[str] | None = None) -> None:
     from data_prep.prepare import dataset_dir, is_complete
     from pipeline.compose import compose_config
     from pipeline.config import ConfigError, run_dir_for
+    from pipeline.redaction import install_log_filter, remember_secrets, scrub
     from pipeline.train.distributed import init_distributed
     from pipeline.train.driver import build_job, check_resume, finish_run, open_run
     from pipeline.train.preemption import PREEMPT_FILE, PREEMPTED_EXIT_CODE
     from pipeline.train.worker import train_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_filter()
     cfg = compose_config(list(sys.argv[1:] if argv is None else argv))
+    remember_secrets(cfg.tracking.uri, cfg.cluster.storage_uri)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != cfg.parallel.num_workers:
         raise ConfigError(
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     if outcome.failure:
         if tracker:
             tracker.close("FAILED")
-        print(f"error: {outcome.failure}", file=sys.stderr)
+        print(f"error: {scrub(outcome.failure)}", file=sys.stderr)
         sys.exit(2)
     if outcome.preempted:
         if tracker:

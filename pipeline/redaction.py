@@ -1,17 +1,23 @@
 """Credentials never leave the process: URIs are redacted before they reach params, tags, logs, messages or files.
 
-A URI may carry credentials in its user info (`https://user:secret@host`) or in its query
-(`s3://bucket?access_key=...&secret_key=...`, a signed URL's `X-Amz-Signature`). `redact_uri` replaces them with
+A URI may carry credentials in its user info (`https://user:secret@host`, `s3://KEY_ID:SECRET@bucket`) or in its
+query (`...?access_key=...&secret_key=...`, a signed URL's `X-Amz-Signature`). `redact_uri` replaces them with
 `***`; `scrub` does the same to every URI inside a text (an error message of a library that echoes the URI) and
 removes every secret value `remember_secrets` saw, wherever it appears. `RedactingFilter` applies `scrub` to
-every log record of the handlers it is installed on (`install_log_filter`).
+every log record of the handlers it is installed on (`install_log_filter`); `scrub_stdio` to everything this
+process prints. `hide_secret_overrides` takes a Hydra override's secret value out of the command line, into an
+environment variable that the override then names (`${oc.env:PIPELINE_SECRET_0}`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+import sys
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 MASK = "***"
 # Query keys whose values are credentials (matched case-insensitively, as substrings: secret_key, access_key,
@@ -19,20 +25,35 @@ MASK = "***"
 _SECRET_KEY_PARTS = ("secret", "token", "password", "passwd", "pwd", "key", "sig", "credential", "auth")
 # Keys that contain one of those parts but carry no secret.
 _NOT_SECRET_KEYS = {"key_prefix"}
-_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{},]+")
+# A URI in running text: the user info may hold characters that end the rest of a URI in prose (a password with a
+# comma or a bracket), so it runs to its `@`.
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?:[^\s/?#@]*@)?[^\s'\"<>()\[\]{},]*")
+SECRET_ENV_PREFIX = "PIPELINE_SECRET_"
 _known: set[str] = set()
 
 
 def _is_secret_key(key: str) -> bool:
-    key = key.lower()
+    key = unquote_plus(key).lower()
     return key not in _NOT_SECRET_KEYS and any(part in key for part in _SECRET_KEY_PARTS)
 
 
-def secrets_of(uri: str) -> list[str]:
-    """The credential values a URI carries (its password or whole user info, its secret query values)."""
+def _query_pairs(query: str) -> list[tuple[str, str, str]]:
+    """(raw key, "=" or "", raw value) of each &-separated part, as written (not decoded)."""
+    return [pair.partition("=") for pair in query.split("&")] if query else []
+
+
+def _split(uri: str):
     try:
-        parts = urlsplit(uri)
+        return urlsplit(uri)
     except ValueError:
+        return None
+
+
+def secrets_of(uri: str) -> list[str]:
+    """The credential values a URI carries (its whole user info and its password, its secret query values), as
+    written and decoded."""
+    parts = _split(uri)
+    if parts is None:
         return []
     found = []
     if "@" in parts.netloc:
@@ -41,28 +62,35 @@ def secrets_of(uri: str) -> list[str]:
         if ":" in userinfo:
             password = userinfo.split(":", 1)[1]
             found += [password, unquote(password)]
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if _is_secret_key(key) and value:
-            found += [value, quote(value, safe=""), quote(value)]
+    for key, _, value in _query_pairs(parts.query):
+        if value and _is_secret_key(key):
+            decoded = unquote_plus(value)
+            found += [value, decoded, quote(decoded, safe="")]
     return [s for s in dict.fromkeys(found) if len(s) >= 3]
 
 
 def redact_uri(uri: str | None) -> str | None:
-    """The URI with its user info and its credential query values replaced by ***."""
+    """The URI with its user info and its credential query values replaced by ***; a URI without credentials
+    comes back unchanged, character for character."""
     if not uri or "://" not in uri:
         return uri
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
+    parts = _split(uri)
+    if parts is None:
         return MASK
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, MASK if _is_secret_key(k) and v else v) for k, v in pairs], safe="*:/")
+    pairs = _query_pairs(parts.query)
+    hidden = [(k, eq, MASK if v and _is_secret_key(k) else v) for k, eq, v in pairs]
+    if netloc == parts.netloc and hidden == pairs:
+        return uri
+    query = "&".join(f"{k}{eq}{v}" for k, eq, v in hidden)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def find_uris(text: str) -> list[str]:
+    """Every URI in a text (a command line, an error message)."""
+    return _URI.findall(text or "")
 
 
 def remember_secrets(*uris: str | None) -> None:
@@ -89,6 +117,17 @@ def scrub(text: str) -> str:
     return text
 
 
+def redact_values(value: Any) -> Any:
+    """value with every string in it scrubbed (through dicts, lists and tuples): for params and config files."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_values(v) for v in value)
+    return value
+
+
 class RedactingFilter(logging.Filter):
     """Scrubs every record's message (and its exception text) before a handler writes it."""
 
@@ -111,3 +150,60 @@ def install_log_filter(logger: logging.Logger | None = None) -> None:
     for handler in logger.handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+
+
+class ScrubbedStream:
+    """A text stream that scrubs what is written through it; everything else is the wrapped stream's."""
+
+    def __init__(self, stream):
+        self.wrapped = stream
+
+    def write(self, text: str) -> int:
+        self.wrapped.write(scrub(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.wrapped, name)
+
+
+def scrub_stdio() -> None:
+    """Scrub everything this process prints: what libraries print themselves (Hydra's report of an uncaught error,
+    the lines Ray forwards from its workers) passes no log filter."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, ScrubbedStream):
+            setattr(sys, name, ScrubbedStream(stream))
+
+
+def _secret_value(override: str) -> str | None:
+    """The value of a `key=value` Hydra override when it is one string that carries credentials."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if "=" not in override or not any(secrets_of(uri) for uri in find_uris(override)):
+        return None
+    try:
+        value = OverridesParser.create().parse_override(override).value()
+    except Exception:  # noqa: BLE001 - not an override Hydra reads: composing names the problem, scrubbed
+        return None
+    return value if isinstance(value, str) and any(secrets_of(uri) for uri in find_uris(value)) else None
+
+
+def hide_secret_overrides(overrides: list[str], taken: Mapping[str, str] | None = None
+                          ) -> tuple[list[str], dict[str, str]]:
+    """(overrides, env): each override whose value carries credentials becomes `key=${oc.env:PIPELINE_SECRET_<i>}`
+    and its value goes to env under that name, so that command lines, Hydra's saved overrides and a job's entrypoint
+    hold no secret, and the config still composes (with env in the environment). `taken`: names in use already
+    (default: this process's environment), never reused for another value."""
+    taken = os.environ if taken is None else taken
+    out, env = [], {}
+    for override in overrides:
+        value = _secret_value(override)
+        if value is None:
+            out.append(override)
+            continue
+        index = 0
+        while (name := f"{SECRET_ENV_PREFIX}{index}") in env or taken.get(name, value) != value:
+            index += 1
+        env[name] = value
+        out.append(f"{override.split('=', 1)[0]}=${{oc.env:{name}}}")
+    return out, env

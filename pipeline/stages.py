@@ -26,7 +26,7 @@ def prepare_stage(cfg: PipelineConfig) -> Path:
     if store is not None:
         target = dataset_dir(cfg.data)
         if pull_dataset(store, target):
-            log.info("using the data set %s from %s", target.name, store.uri)
+            log.info("using the data set %s from %s", target.name, store.shown)
     ensure_ray(cfg.cluster)
     tracking = PrepareTracking(cfg, dataset_dir(cfg.data))
     try:
@@ -170,6 +170,7 @@ def export_stage(cfg: PipelineConfig) -> Path:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, float]:
+    from pipeline.redaction import redact_uri
     from pipeline.tracking import RUN_ID_FILE, run_page, tracking_uri, ui_command
 
     train_stage(cfg)
@@ -178,7 +179,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, float]:
     print()
     print(f"Done: validation loss {metrics['val_loss']:.4f} (perplexity {metrics['val_perplexity']:.1f}); "
           f"unigram baseline {metrics['unigram_val_loss']:.4f}.")
-    print(f"MLflow results: experiment '{cfg.tracking.experiment}', run '{cfg.run_name}', store {uri}")
+    print(f"MLflow results: experiment '{cfg.tracking.experiment}', run '{cfg.run_name}', store {redact_uri(uri)}")
     run_id = (run_dir_for(cfg) / RUN_ID_FILE).read_text().strip()
     print(f"Open them with:  {ui_command(uri)}")
     print(f"then browse the run: {run_page(uri, run_id)}")

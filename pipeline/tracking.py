@@ -8,6 +8,11 @@ A training worker's tracker sends in the background (`background=True`): trainin
 tracking server. When the server goes away, what was logged meanwhile waits in order and is sent once it
 answers again (a warning says how much is waiting); what is still unsent when the worker ends (after
 `flush_timeout_s`) is written to `mlflow_unsent.jsonl` in the run directory, never dropped silently.
+
+Credentials of an MLflow server: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in
+the environment, as MLflow reads them. A tracking URI with user info (http://user:password@host) works too: the
+client gets the URI without it and the credentials through those variables of this process, and every message,
+param and tag shows the URI as http://***@host (pipeline.redaction).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import TrackingConfig
+from pipeline.redaction import redact_uri, redact_values, remember_secrets, scrub
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +46,44 @@ def tracking_uri(tracking: TrackingConfig, output_dir: str | Path) -> str:
     return f"sqlite:///{path}"
 
 
+def mlflow_client(uri: str):
+    """An MlflowClient of uri. User info in an http(s) URI goes to MLflow through MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD in this process's environment, not in the URI: MLflow puts the URI it was given into
+    its error messages."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    from mlflow.tracking import MlflowClient
+
+    remember_secrets(uri)  # a database URI keeps them (SQLAlchemy reads them there): out of logs at least
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https") and "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+        uri = urlunsplit(parts._replace(netloc=host))
+    return MlflowClient(tracking_uri=uri)
+
+
 def artifact_root(output_dir: str | Path) -> str:
     return (Path(output_dir).resolve() / "mlartifacts").as_uri()
 
 
 def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on `uri`, runnable as printed: the `mlflow` of this environment
-    (e.g. .venv/bin/mlflow after `make run`, which does not activate the virtualenv)."""
+    (e.g. .venv/bin/mlflow after `make run`, which does not activate the virtualenv). Credentials in the URI are
+    printed as ***: give them by MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
     beside = Path(sys.executable).with_name("mlflow")
     mlflow = str(beside) if beside.is_file() else "mlflow"
     # MLflow's default of four server workers keeps restarting them on a small machine.
     workers = " --workers 1" if (os.cpu_count() or 1) <= 4 else ""
-    return f"{mlflow} ui --backend-store-uri {uri} --port 5000{workers}"
+    return f"{mlflow} ui --backend-store-uri {redact_uri(uri)} --port 5000{workers}"
 
 
 def run_page(uri: str, run_id: str, base: str = "http://127.0.0.1:5000") -> str:
     """The address of a run's page in the MLflow UI started by ui_command, in its machine-learning view
     (MLflow 3 opens the GenAI view unless the address asks for workflowType=machine_learning)."""
-    from mlflow.tracking import MlflowClient
-
-    experiment_id = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+    experiment_id = mlflow_client(uri).get_run(run_id).info.experiment_id
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
@@ -75,15 +99,14 @@ class Tracker:
 
     def __init__(self, uri: str, run_id: str, background: bool = False, spill_dir: str | Path | None = None,
                  flush_timeout_s: float = 120.0):
-        from mlflow.tracking import MlflowClient
-
-        self.uri = uri
+        self.uri = uri  # with its credentials, for the workers' trackers; messages show `shown`
+        self.shown = redact_uri(uri)
         self.run_id = run_id
         if background:
             # One short try per call: the sender thread does the retrying, without blocking anything.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = mlflow_client(uri)
         self.background, self.spill_dir, self.flush_timeout_s = background, spill_dir, flush_timeout_s
         self._queue: deque[tuple[str, Callable[[], None], Any]] = deque()
         self._wake = threading.Condition()
@@ -119,7 +142,7 @@ class Tracker:
                 if self._failing_since is None:
                     self._failing_since = time.time()
                     log.warning("MLflow at %s does not answer (%s): training goes on, %d calls wait and are "
-                                "retried", self.uri, str(err).splitlines()[0][:200], len(self._queue))
+                                "retried", self.shown, scrub(str(err).splitlines()[0][:200]), len(self._queue))
                 with self._wake:
                     if self._closing and time.time() > self._deadline:
                         return
@@ -133,7 +156,7 @@ class Tracker:
                 self.sent_after_outage += 1
                 if empty:
                     log.warning("MLflow at %s answers again after %.0fs: the %d calls that waited were sent",
-                                self.uri, time.time() - self._failing_since, self.sent_after_outage)
+                                self.shown, time.time() - self._failing_since, self.sent_after_outage)
                     self._failing_since = None
             pause = 1.0
 
@@ -156,9 +179,9 @@ class Tracker:
             where = Path(self.spill_dir or ".") / UNSENT_FILE
             with open(where, "a") as f:
                 for record in records:
-                    f.write(json.dumps(record, default=str) + "\n")
+                    f.write(scrub(json.dumps(record, default=str)) + "\n")
             log.warning("MLflow at %s did not answer within %.0fs: %d logging calls written to %s instead (run %s)",
-                        self.uri, self.flush_timeout_s, len(left), where, self.run_id)
+                        self.shown, self.flush_timeout_s, len(left), where, self.run_id)
         return len(left)
 
     @classmethod
@@ -168,10 +191,8 @@ class Tracker:
     ) -> Tracker:
         """Re-open the run recorded in run_dir, or create one in the configured experiment (the server must
         answer now; with `background` later calls are sent in the background, see the class)."""
-        from mlflow.tracking import MlflowClient
-
         uri = tracking_uri(tracking, output_dir)
-        client = MlflowClient(tracking_uri=uri)
+        client = mlflow_client(uri)
         id_file = run_dir / RUN_ID_FILE
         if id_file.exists():
             run_id = id_file.read_text().strip()
@@ -182,7 +203,8 @@ class Tracker:
                         client.update_run(run_id, status="RUNNING")
                     return cls(uri, run_id, background=background, spill_dir=run_dir)
             except Exception as err:  # a deleted store or a run from another store: start afresh
-                log.warning("MLflow run %s recorded in %s is gone (%s); starting a new run", run_id, id_file, err)
+                log.warning("MLflow run %s recorded in %s is gone (%s); starting a new run", run_id, id_file,
+                            scrub(str(err)))
         experiment = client.get_experiment_by_name(tracking.experiment)
         if experiment is None:
             experiment_id = client.create_experiment(
@@ -190,7 +212,7 @@ class Tracker:
             )
         else:
             experiment_id = experiment.experiment_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run = client.create_run(experiment_id, run_name=run_name, tags=redact_values(tags))
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run.info.run_id)
         return cls(uri, run.info.run_id, background=background, spill_dir=run_dir)
@@ -202,7 +224,7 @@ class Tracker:
 
         def send() -> None:
             existing = self.client.get_run(self.run_id).data.params
-            fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+            fresh = [Param(k, scrub(str(v))[:6000]) for k, v in params.items() if k not in existing]
             for start in range(0, len(fresh), 100):
                 self.client.log_batch(self.run_id, params=fresh[start : start + 100])
 
@@ -218,6 +240,8 @@ class Tracker:
                        {"step": step, "timestamp_ms": now, "metrics": {m.key: m.value for m in batch}})
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        tags = redact_values(tags)
+
         def send() -> None:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, value)
@@ -229,6 +253,7 @@ class Tracker:
                    {"path": str(path), "artifact_path": artifact_path})
 
     def log_text(self, text: str, file_name: str) -> None:
+        text = scrub(text)
         self._call("text", lambda: self.client.log_text(self.run_id, text, file_name), {"file": file_name, "text": text})
 
     def close(self, status: str = "FINISHED") -> None:

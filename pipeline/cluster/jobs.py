@@ -1,7 +1,9 @@
 """`pipeline jobs list|status|logs|stop [job id] [--address http://HOST:8265]`: the jobs of a Ray cluster.
 
 The address defaults to $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS when it is an http(s) URL (as for
-`ray job`). `stop` sends SIGTERM: a training driver then asks its workers to checkpoint before they stop.
+`ray job`). `stop` sends SIGTERM: a training driver then asks its workers to checkpoint before they stop. The
+token goes only over https or to loopback (see pipeline.cluster.submit); what is printed has credentials in URIs
+replaced by *** (entrypoints and logs of jobs sent before they were kept out).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 
 from pipeline.cluster.submit import check_jobs_address, connect, follow
 from pipeline.config import ConfigError
+from pipeline.redaction import scrub
 
 
 def default_address() -> str | None:
@@ -41,29 +44,29 @@ def main(argv: list[str]) -> int:
     try:
         client = connect(args.address, check_jobs_address(args.address, args.timeout_s, option="--address "))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {scrub(str(err))}", file=sys.stderr)
         return 2
     try:
         return _act(client, args)
     except RuntimeError as err:  # e.g. an unknown job id: the Jobs API answers 404
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {scrub(str(err))}", file=sys.stderr)
         return 1
 
 
 def _act(client, args) -> int:
     if args.action == "list":
         for info in sorted(client.list_jobs(), key=lambda info: info.start_time or 0):
-            print(f"{info.submission_id}  {info.status.value:<9}  {info.entrypoint}")
+            print(f"{info.submission_id}  {info.status.value:<9}  {scrub(info.entrypoint)}")
         return 0
     if args.action == "status":
         info = client.get_job_info(args.job_id)
-        print(f"{info.status.value}" + (f": {info.message}" if info.message else ""))
+        print(f"{info.status.value}" + (f": {scrub(info.message)}" if info.message else ""))
         return 0
     if args.action == "logs":
         if args.follow:
             print(f"job {args.job_id} ended: {follow(client, args.job_id)}")
         else:
-            print(client.get_job_logs(args.job_id), end="")
+            print(scrub(client.get_job_logs(args.job_id)), end="")
         return 0
     stopped = client.stop_job(args.job_id)
     print(f"stop requested for {args.job_id}" if stopped else f"job {args.job_id} had already ended")

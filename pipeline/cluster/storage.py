@@ -16,6 +16,11 @@ output_dir stays a working directory on each node (it may be node-local). With c
 Files go through pyarrow.fs (which Ray already uses), in the calling process; uploads are synchronous, so
 a checkpoint counts only once it is in the store. The MLflow store is not mirrored: point tracking.uri
 at an MLflow server on such clusters.
+
+Credentials: pyarrow's own chains (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE,
+an instance or pod role; GOOGLE_APPLICATION_CREDENTIALS; Kerberos for HDFS) keep them out of the URI. A URI that
+holds them (s3://KEY_ID:SECRET@bucket/prefix) works, but is shown as s3://***@bucket/prefix in every message
+and log line (pipeline.redaction), pyarrow's error texts included.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineError
 from pipeline.files import directory_lock
+from pipeline.redaction import redact_uri, remember_secrets, scrub
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +56,17 @@ def _fs_module():
 def parse_storage_uri(uri: str, option: str = "cluster.storage_uri"):
     """(pyarrow file system, base path) for an object store URI; ConfigError naming the problem otherwise."""
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    shown = redact_uri(uri)
     if scheme not in SCHEMES:
         raise ConfigError(
-            f"{option}={uri} is not an object store URI: use s3://bucket/prefix, gs://bucket/prefix, "
+            f"{option}={shown} is not an object store URI: use s3://bucket/prefix, gs://bucket/prefix, "
             f"hdfs://host/path or file:///absolute/path (options such as "
             f"?endpoint_override=host:9000&scheme=http go after the path)."
         )
     try:
         fs, path = _fs_module().FileSystem.from_uri(uri)
     except Exception as err:  # pyarrow raises ArrowInvalid, ArrowNotImplementedError, OSError, ...
-        raise ConfigError(f"{option}={uri} cannot be opened ({type(err).__name__}: {err}).") from err
+        raise ConfigError(f"{option}={shown} cannot be opened ({type(err).__name__}: {scrub(str(err))}).") from None
     return fs, path.rstrip("/")
 
 
@@ -83,7 +90,9 @@ class ObjectStore:
     """A prefix of an object store, addressed by relative paths ("data/<name>/manifest.json")."""
 
     def __init__(self, uri: str):
-        self.uri = uri
+        remember_secrets(uri)
+        self.uri = uri  # for pyarrow (and workers that open the store themselves); messages show `shown`
+        self.shown = redact_uri(uri)
         self.fs, self.base = parse_storage_uri(uri)
 
     def path(self, rel: str) -> str:
@@ -223,15 +232,15 @@ class ObjectStore:
         thread.join(timeout_s)
         if not result:
             raise ConfigError(
-                f"cluster.storage_uri={self.uri} did not answer within {timeout_s:g} s: check the endpoint "
+                f"cluster.storage_uri={self.shown} did not answer within {timeout_s:g} s: check the endpoint "
                 f"(endpoint_override=...), the network path to it and the credentials of this machine."
             )
         if isinstance(result[0], (StorageError, OSError)):
             raise ConfigError(
-                f"cluster.storage_uri={self.uri} is not writable from here ({result[0]}): check that the bucket "
-                f"exists, the credentials (AWS_ACCESS_KEY_ID / GOOGLE_APPLICATION_CREDENTIALS ...) and their "
+                f"cluster.storage_uri={self.shown} is not writable from here ({scrub(str(result[0]))}): check that "
+                f"the bucket exists, the credentials (AWS_ACCESS_KEY_ID / GOOGLE_APPLICATION_CREDENTIALS ...) and their "
                 f"permissions."
-            ) from result[0]
+            ) from None
         if result[0] is not None:
             raise result[0]
 
@@ -239,7 +248,7 @@ class ObjectStore:
         try:
             return fn(*args, **kwargs)
         except OSError as err:
-            raise StorageError(f"object store {self.uri}: {err}") from err
+            raise StorageError(f"object store {self.shown}: {scrub(str(err))}") from None
 
 
 def store_for(storage_uri: str | None) -> ObjectStore | None:

@@ -8,7 +8,12 @@ answers as a Ray Jobs API. The job carries the pipeline's code (cluster.runtime_
 
 Clusters with Ray's token authentication (RAY_AUTH_MODE=token, as every cluster the project ships runs): the
 token is looked for where Ray's own clients look, RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then
-~/.ray/auth_token, and sent (as `Authorization: Bearer`) only to a cluster that asks for one.
+~/.ray/auth_token, and sent (as `Authorization: Bearer`) only to a cluster that asks for one, and only over https
+or to this machine's loopback (an ssh tunnel, kubectl port-forward): never in clear text over the network.
+
+Overrides that carry credentials (tracking.uri=http://user:secret@host, a storage URI with keys) are not in the
+entrypoint, which anyone who lists the cluster's jobs reads: their values travel in the job's environment
+(PIPELINE_SECRET_<i>, under the same transport rule) and the override reads them back with ${oc.env:...}.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from urllib.parse import urlparse
 from pipeline.cluster.storage import ObjectStore
 from pipeline.compose import CONFIG_MODULE, compose_config
 from pipeline.config import ClusterConfig, ConfigError
+from pipeline.redaction import hide_secret_overrides, redact_uri, scrub
 
 SUBMITTABLE = ("prepare", "train", "evaluate", "run", "sweep", "export")
 # Not uploaded when cluster.runtime_env_working_dir names a directory.
@@ -68,6 +74,34 @@ def parse_jobs_address(address: str | None, option: str = "cluster.address="):
             f"{START_CLUSTER_HINT}."
         )
     return url
+
+
+def tunnel_help(option: str = "cluster.address=") -> str:
+    return (f"use the cluster's https:// address, or reach it through a tunnel to this machine and pass "
+            f"{option}http://127.0.0.1:8265: `ssh -N -L 8265:localhost:8265 <head node>`, or "
+            f"`kubectl port-forward svc/<cluster>-head-svc 8265:8265`")
+
+
+def private_transport(address: str) -> bool:
+    """https, or plain http to this machine's loopback: what is sent there crosses no network in clear text."""
+    url = urlparse(address)
+    return url.scheme == "https" or _is_loopback_address(url.hostname or "")
+
+
+def _refuse_clear_text(address: str, what: str, option: str) -> ConfigError:
+    return ConfigError(
+        f"{what} would go to {redact_uri(address)} over plain http, readable by anyone on the network path; "
+        f"stopped before sending: {tunnel_help(option)}."
+    )
+
+
+def _ray_client_adds_token() -> bool:
+    """Whether Ray's JobSubmissionClient sends a token on its own (RAY_AUTH_MODE=token in this environment)."""
+    try:
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    except ImportError:  # another Ray: judge by the variable its clients read
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    return bool(get_auth_headers_if_auth_enabled({}))
 
 
 TOKEN_HELP = (
@@ -111,8 +145,13 @@ def _get_version(address: str, timeout_s: float, headers: dict[str, str]) -> byt
 
 
 def check_jobs_address(address: str | None, timeout_s: float, option: str = "cluster.address=") -> JobsAPI:
-    """The cluster's Jobs API answers at `address` (with the token, if it asks for one). Fails in timeout_s."""
+    """The cluster's Jobs API answers at `address` (with the token, if it asks for one, sent only where
+    private_transport allows). Fails in timeout_s."""
     url = parse_jobs_address(address, option)
+    private = private_transport(address)
+    if not private and _ray_client_adds_token():
+        raise _refuse_clear_text(address, "the Ray token (RAY_AUTH_MODE=token here makes Ray's client send it with "
+                                          "every request)", option)
     headers: dict[str, str] = {}
     try:
         try:
@@ -120,6 +159,9 @@ def check_jobs_address(address: str | None, timeout_s: float, option: str = "clu
         except urllib.error.HTTPError as err:
             if err.code not in (401, 403):
                 raise
+            if not private:
+                raise _refuse_clear_text(address, f"the Ray cluster asks for a token (HTTP {err.code}); the token",
+                                         option) from None
             token, where = ray_auth_token()
             if token is None:
                 raise ConfigError(
@@ -159,6 +201,15 @@ def check_jobs_address(address: str | None, timeout_s: float, option: str = "clu
             f"{address} answers, but not as a Ray Jobs API (no ray_version at /api/version): use the head node's "
             f"dashboard port (8265 unless --dashboard-port was given)."
         ) from err
+
+
+def _is_loopback_address(host: str) -> bool:
+    """localhost or a loopback IP (127.0.0.0/8, ::1): not this machine's name, which may resolve to an outward
+    address."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_loopback(host: str) -> bool:
@@ -245,8 +296,11 @@ def compose_checked(stage: str, overrides: list[str]):
 
 
 def job_entrypoint(stage: str, overrides: list[str]) -> str:
-    """The command the cluster runs: the same stage and overrides, joining the cluster it runs on."""
-    kept = [o for o in overrides if o.lstrip("+").split("=", 1)[0] != "cluster.address"]
+    """The command the cluster runs: the same stage and overrides, joining the cluster it runs on. Anyone who lists
+    the cluster's jobs reads it: an override that carries credentials names an environment variable instead
+    (PIPELINE_SECRET_<i>, as hide_secret_overrides(overrides, taken={}) names it: the job's environment holds it)."""
+    hidden, _ = hide_secret_overrides(overrides, taken={})
+    kept = [o for o in hidden if o.lstrip("+").split("=", 1)[0] != "cluster.address"]
     return shlex.join(["python", "-m", "pipeline.cli", stage, *kept, "cluster.address=auto"])
 
 
@@ -264,11 +318,13 @@ def stage_installed_layout(dest: Path) -> Path:
 
 
 @contextmanager
-def runtime_env(cluster: ClusterConfig, output_dir: str):
-    """The job's runtime environment; an "auto" working directory is staged in a temporary directory that
-    lives until the job is submitted (the client uploads it during submit_job)."""
+def runtime_env(cluster: ClusterConfig, output_dir: str, secret_env: dict[str, str] | None = None):
+    """The job's runtime environment (with secret_env, the values hide_secret_overrides took out of the overrides);
+    an "auto" working directory is staged in a temporary directory that lives until the job is submitted (the client
+    uploads it during submit_job)."""
     env = {
         "env_vars": {
+            **(secret_env or {}),
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONUNBUFFERED": "1",
             "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),
@@ -295,7 +351,8 @@ def connect(address: str, api: JobsAPI | None = None):
     try:
         return JobSubmissionClient(address, headers=dict(api.headers) if api else None)
     except Exception as err:  # connection, version or authentication errors
-        raise ConfigError(f"the Ray Jobs API at {address} refused the connection: {err}") from err
+        raise ConfigError(f"the Ray Jobs API at {redact_uri(address)} refused the connection: {scrub(str(err))}"
+                          ) from None
 
 
 def follow(client, job_id: str) -> str:
@@ -304,7 +361,7 @@ def follow(client, job_id: str) -> str:
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
+            print(scrub(lines), end="", flush=True)
 
     asyncio.run(tail())
     status = client.get_job_status(job_id)
@@ -325,27 +382,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _submit(stage: str, overrides: list[str]):
+    """Check everything that can be checked here, then send the job: (client, job id, entrypoint, config, the
+    cluster's Ray version)."""
+    hidden, secret_env = hide_secret_overrides(overrides, taken={})  # the job's own environment: no name is taken
+    os.environ.update(secret_env)  # the job's overrides compose here as they will on the cluster
+    cfg = compose_checked(stage, hidden)
+    address = cfg.cluster.address
+    parse_jobs_address(address)
+    if secret_env and not private_transport(address):
+        raise _refuse_clear_text(address, "credentials in the overrides (sent in the job's environment)",
+                                 "cluster.address=")
+    check_shared_storage(cfg.output_dir, cfg.cluster)
+    api = check_jobs_address(address, cfg.cluster.connect_timeout_s)
+    client = connect(address, api)
+    entrypoint = job_entrypoint(stage, hidden)
+    with runtime_env(cfg.cluster, cfg.output_dir, secret_env) as env:
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
+                                   metadata={"stage": stage, "run_name": str(cfg.run_name)})
+    return client, job_id, entrypoint, cfg, api.version
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_intermixed_args(argv)
     try:
-        cfg = compose_checked(args.stage, args.overrides)
-        parse_jobs_address(cfg.cluster.address)
-        check_shared_storage(cfg.output_dir, cfg.cluster)
-        api = check_jobs_address(cfg.cluster.address, cfg.cluster.connect_timeout_s)
-        ray_version = api.version
-        client = connect(cfg.cluster.address, api)
-        entrypoint = job_entrypoint(args.stage, args.overrides)
-        with runtime_env(cfg.cluster, cfg.output_dir) as env:
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
-                                       metadata={"stage": args.stage, "run_name": str(cfg.run_name)})
+        client, job_id, entrypoint, cfg, ray_version = _submit(args.stage, args.overrides)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {scrub(str(err))}", file=sys.stderr)
         return 2
     import ray
 
     if ray_version != ray.__version__:
         print(f"warning: the cluster runs Ray {ray_version}, this machine Ray {ray.__version__}", file=sys.stderr)
-    address = cfg.cluster.address
+    address = redact_uri(cfg.cluster.address)
     print(f"submitted job {job_id} to {address}: {entrypoint}", flush=True)
     if args.no_wait:
         print(f"follow it with: pipeline jobs logs {job_id} --follow --address {address}")

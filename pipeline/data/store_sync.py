@@ -31,7 +31,7 @@ def pull_dataset(store: ObjectStore, dataset_dir: Path) -> bool:
             pulled = _pull_one(store, component, MANIFEST) or pulled
         reason = blend_incomplete_reason(dataset_dir)
         if reason is not None:
-            raise ShardError(f"the blend {dataset_dir} is incomplete after downloading from {store.uri}: {reason}")
+            raise ShardError(f"the blend {dataset_dir} is incomplete after downloading from {store.shown}: {reason}")
         return pulled
     return _pull_one(store, dataset_dir, MANIFEST)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pipeline.redaction import redact_uri
 from pipeline.scaling.fit import ScalingPoint, TrainingCurve
 
 
 def _client(uri: str):
-    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import mlflow_client
 
-    return MlflowClient(tracking_uri=uri)
+    return mlflow_client(uri)
 
 
 def parent_run(uri: str, sweep_id: str) -> str:
@@ -22,7 +23,7 @@ def parent_run(uri: str, sweep_id: str) -> str:
     try:
         return client.get_run(sweep_id).info.run_id
     except Exception as err:
-        raise ValueError(f"no sweep {sweep_id!r} in {uri}: pass the sweep id printed by `pipeline sweep` "
+        raise ValueError(f"no sweep {sweep_id!r} in {redact_uri(uri)}: pass the sweep id printed by `pipeline sweep` "
                          f"or its parent run id") from err
 
 
@@ -43,7 +44,7 @@ def gather_points(uri: str, sweep_id: str) -> list[ScalingPoint]:
                                    budget=run.info.run_name, N_nonembedding=m.get("N_nonembedding"),
                                    epochs=m.get("epochs")))
     if not points:
-        raise ValueError(f"sweep {sweep_id!r} has no finished runs with N, D and final_val_loss in {uri}")
+        raise ValueError(f"sweep {sweep_id!r} has no finished runs with N, D and final_val_loss in {redact_uri(uri)}")
     return sorted(points, key=lambda p: (p.compute(), p.N))
 
 

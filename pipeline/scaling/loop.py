@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, PipelineError
+from pipeline.redaction import redact_uri, scrub
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def plan_command(options: dict[str, list[str]], overrides: list[str]) -> int:
                  f"{mfu:.0%} of {peak:.3g} TFLOP/s ({peak_source}) plus start-up per run")
     path = write_sweep_config(cfg, runs, name, branches, "\n".join(lines))
     print("\n".join(lines))
-    extra = " ".join(o for o in overrides if not o.startswith(("sweep=", "output_dir=")))
+    extra = scrub(" ".join(o for o in overrides if not o.startswith(("sweep=", "output_dir="))))
     print(f"Sweep config: {path}\nRun it with: pipeline sweep --config-dir {config_dir_of(cfg)} sweep={name} "
           f"output_dir={cfg.output_dir} {extra}".rstrip())
     return 0
@@ -206,7 +207,7 @@ def _log_validation(cfg: PipelineConfig, result: dict, fit_path: Path | None) ->
         run_id = None
     if run_id is None:
         log.warning("the fit %s belongs to no sweep or fit run in %s: logging the validation to a run of its own",
-                    fit_path, uri)
+                    fit_path, redact_uri(uri))
         tracker = Tracker.open(cfg.tracking, cfg.output_dir, Path(cfg.output_dir) / "scaling" / "validate",
                                "scaling-validate")
     else:

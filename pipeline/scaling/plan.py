@@ -230,12 +230,16 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def write_config(path: Path, header: str, values: dict) -> Path:
-    """A Hydra config file of the _global_ package (its keys merge into the whole config)."""
+    """A Hydra config file of the _global_ package (its keys merge into the whole config). Credentials in URIs are
+    written as *** (pipeline.redaction): the file is shared and kept; they come from the command line or the
+    environment when it runs."""
     from omegaconf import OmegaConf
 
+    from pipeline.redaction import redact_values, scrub
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    comments = "".join(f"# {line}\n" for line in header.splitlines())
-    path.write_text(f"# @package _global_\n{comments}{OmegaConf.to_yaml(values)}")
+    comments = "".join(f"# {line}\n" for line in scrub(header).splitlines())
+    path.write_text(f"# @package _global_\n{comments}{OmegaConf.to_yaml(redact_values(values))}")
     return path
 
 

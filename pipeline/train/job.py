@@ -30,14 +30,15 @@ class TrainJob:
     # Unique id of this training job (set on the driver), kept in its checkpoints: a worker group that Ray
     # restarts after a failure continues from the job's own newest checkpoint, not from resume_from again.
     job_id: str = ""
-    tracking_uri: str | None = None
+    # May carry credentials (http://user:secret@host): out of the job's repr, so that no message or log shows them.
+    tracking_uri: str | None = field(default=None, repr=False)
     mlflow_run_id: str | None = None
     # Per-step losses and gradient norms (rank 0) are returned to the driver when true; used by equivalence
     # tests.
     record_losses: bool = False
     extra: dict = field(default_factory=dict)
     # cluster.storage_uri: the object store that holds the data set and the checkpoints (pipeline.cluster.storage).
-    storage_uri: str | None = None
+    storage_uri: str | None = field(default=None, repr=False)
     # tracking.system_metrics_interval_s (0: no system metrics).
     system_metrics_interval_s: float = 0.0
     # eval.max_tokens: the validation budget scored on the workers every train.eval_interval_steps (null: all).

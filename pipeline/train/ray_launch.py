@@ -23,10 +23,13 @@ def _ray_worker(config: dict) -> None:
     import ray
     import torch.distributed as dist
 
+    from pipeline.redaction import install_log_filter, remember_secrets
     from pipeline.train.worker import train_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     job: TrainJob = config["job"]
+    remember_secrets(job.tracking_uri, job.storage_uri)  # what the worker logs reaches the driver's output
+    install_log_filter()
     outcome = train_worker(job)
     # Which Ray node each rank ran on, for the record (placement across nodes shows here).
     nodes: list[str | None] = [None] * dist.get_world_size()
