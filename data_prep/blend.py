@@ -9,8 +9,11 @@ re-tokenization, as Megatron-LM's blended data sets and Levanter's mixtures of c
 blend.json:
     format "blend", version; the shared tokenizer's file and sha256, vocabulary, dtype, window length and
     special ids (those of every component, checked when the blend is written); components: per data set its
-    name, directory (relative to the blend's own directory when it lies beside it), weight, share (the
-    weight normalised), tokenizer sha256 and windows per split.
+    name, directory ("../<name>": every data set of a blend lies beside it, under the same data root; a
+    prepared data set given from elsewhere is adopted there first, as hard links), weight, share (the weight
+    normalised), tokenizer sha256 and windows per split. A blend read from disk or a bucket that names
+    anything else is refused (pipeline.containment): it must not make a node read, download into or delete a
+    directory outside the data root.
 
 The validation split of a blend is all its components' validation windows, interleaved in proportion to
 their counts (so that a budget of the first windows covers every component in its natural proportion); the
@@ -20,22 +23,26 @@ evaluate stage reports each component's validation loss beside the blend's.
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.shards import (
+    MANIFEST,
     TOKENIZER_FILE,
     Manifest,
     ShardError,
     WindowDataset,
     check_window_indices,
+    dataset_file,
     gather_windows,
     incomplete_reason,
     load_manifest,
 )
+from pipeline.containment import PLAIN_NAME, ContainmentError, contained, tree_files
+from pipeline.files import sha256_file
 
 BLEND = "blend.json"
 BLEND_VERSION = 1
@@ -44,7 +51,7 @@ BLEND_VERSION = 1
 @dataclass
 class Component:
     name: str
-    dataset: str  # relative to the blend directory, or absolute
+    dataset: str  # "../<data set directory>": beside the blend
     weight: float
     share: float
     tokenizer_sha256: str
@@ -73,7 +80,17 @@ class Blend:
         return self.root / self.tokenizer_file
 
     def component_dir(self, component: Component) -> Path:
-        return (self.root / component.dataset).resolve()
+        """The component's data set directory, beside the blend (ShardError when the blend names another)."""
+        name = component.dataset.removeprefix("../")
+        if component.dataset != f"../{name}" or not PLAIN_NAME.fullmatch(name):
+            raise ShardError(f"the blend {self.root} names the data set {component.dataset!r} for {component.name!r}: "
+                             f"a blend names only data sets beside it (../<name>); refusing it. Delete {self.root} "
+                             f"and prepare the mixture again")
+        try:
+            return contained(self.root.parent, name, f"the blend {self.root} names the data set",
+                             f"delete {self.root} and prepare the mixture again")
+        except ContainmentError as err:
+            raise ShardError(str(err)) from err
 
     @property
     def names(self) -> list[str]:
@@ -104,9 +121,14 @@ def load_blend(directory: Path) -> Blend:
             raise ShardError(f"{path} is a blend of version {data.get('version')}; this reader understands "
                              f"version {BLEND_VERSION}: re-run `pipeline prepare` with this version of the pipeline")
         data["components"] = [Component(**c) for c in data["components"]]
-        return Blend(**data, root=Path(directory).resolve())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        blend = Blend(**data, root=Path(directory).resolve())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError,
+            AttributeError) as err:
         raise ShardError(f"{path} does not describe a blend ({err}): re-run `pipeline prepare`") from err
+    dataset_file(blend.root, blend.tokenizer_file)
+    for component in blend.components:
+        blend.component_dir(component)
+    return blend
 
 
 def load_data_info(directory: Path) -> Manifest | Blend:
@@ -162,9 +184,11 @@ def write_blend(directory: Path, parts: list[tuple[str, Path, float]]) -> Blend:
     components = []
     for (name, path, weight), manifest in zip(parts, manifests, strict=True):
         path = Path(path).resolve()
-        where = os.path.relpath(path, directory.resolve()) if path.parent == directory.resolve().parent else str(path)
+        if path.parent != directory.resolve().parent:
+            raise ShardError(f"the mixture's data set {name!r} ({path}) does not lie beside the blend {directory}: "
+                             f"adopt it first (data_prep.blend.adopt_dataset)")
         components.append(Component(
-            name=name, dataset=where, weight=weight, share=weight / total, tokenizer_sha256=manifest.tokenizer_sha256,
+            name=name, dataset=f"../{path.name}", weight=weight, share=weight / total, tokenizer_sha256=manifest.tokenizer_sha256,
             windows={s: sum(x.n_windows for x in shards) for s, shards in manifest.splits.items()},
             tokens={s: sum(x.n_tokens for x in shards) for s, shards in manifest.splits.items()},
         ))
@@ -175,6 +199,36 @@ def write_blend(directory: Path, parts: list[tuple[str, Path, float]]) -> Blend:
     write_atomic(directory / TOKENIZER_FILE, first.tokenizer_path.read_bytes())
     write_atomic(directory / BLEND, blend.to_json())  # last: its presence makes the blend
     return blend
+
+
+def adopt_dataset(source: Path, data_root: Path, name: str) -> Path:
+    """A prepared data set that lies outside the data root, made a data set of it (so that a blend can name it
+    as ../<name>): `<name>-<manifest sha256[:12]>` below data_root, its files hard links to the source's where
+    the file system allows, else copies. Reused when present with the same manifest; built in a temporary
+    directory renamed into place, so a kill leaves nothing that counts."""
+    source = Path(source).resolve()
+    data_root = Path(data_root).resolve()
+    if source.parent == data_root:
+        return source
+    digest = sha256_file(source / MANIFEST)
+    dest = data_root / f"{name}-{digest[:12]}"
+    if incomplete_reason(dest) is None and sha256_file(dest / MANIFEST) == digest:
+        return dest
+    names = tree_files(source, f"the data set {source} holds", "a data set holds only regular files; prepare it again")
+    partial = dest.with_name(f".{dest.name}.adopting")
+    shutil.rmtree(partial, ignore_errors=True)
+    for rel in sorted(names, key=lambda n: n == MANIFEST):  # the manifest last
+        if rel.startswith("."):
+            continue
+        target = partial / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.hardlink_to(source / rel)
+        except OSError:
+            shutil.copy2(source / rel, target)
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
+    return dest
 
 
 class ConcatWindows:

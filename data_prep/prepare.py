@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.blend import BLEND_VERSION, blend_incomplete_reason, is_blend, write_blend
+from data_prep.blend import BLEND_VERSION, adopt_dataset, blend_incomplete_reason, is_blend, write_blend
 from data_prep.encoding import can_cut_documents, pool_size, tokenize_engine
 from data_prep.mixture import corpus_record
 from data_prep.partition_work import (
@@ -91,6 +91,7 @@ from data_prep.tokenizer import check_round_trip, copy_tokenizer, load_tokenizer
 from data_prep.workers import run_actors, run_partitions
 from pipeline.cluster.storage import ObjectStore, dataset_rel
 from pipeline.config import DataConfig, PipelineError, fingerprint, validate_data
+from pipeline.containment import plain_name
 from pipeline.files import LOCK, write_atomic
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def _config_record(data: DataConfig) -> dict:
 
 def dataset_dir(data: DataConfig, corpus: list[dict] | None = None) -> Path:
     """The directory of this config's data set (a mixture's: its blend), known without preparing it."""
+    plain_name(data.name, "data.name")  # the directory lies below data.output_dir
     if data.source == "mixture":
         return blend_dir(data)
     return Path(data.output_dir) / f"{data.name}-{data_fingerprint(data, corpus)}"
@@ -701,6 +703,7 @@ def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None, store: O
             if reason is not None:
                 raise DataPrepError(f"data.mixture.{i}.dataset={data.mixture[i].dataset} is not a complete data set "
                                     f"({reason}): prepare it again, or point the entry at its source instead")
+            path = adopt_dataset(path, out.parent, f"{data.name}.{name}")  # a blend names only its neighbours
         else:
             log.info("mixture %s: source %s", data.name, name)
             path = prepare(component_config(data, i, tokenizer), sink, name, store)

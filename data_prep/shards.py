@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import PipelineError
+from pipeline.containment import ContainmentError, contained, is_regular_file
 from pipeline.files import sha256_file, write_atomic
 
 MAGIC = b"GPTWINDS"
@@ -27,6 +28,8 @@ _HEADER = struct.Struct("<8sIIIQ")
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "validation")
+# A manifest lists a few hundred bytes per shard; one larger than this is not one prepare wrote.
+MAX_MANIFEST_BYTES = 512 << 20
 
 
 class ShardError(PipelineError, RuntimeError):
@@ -113,9 +116,11 @@ def load_manifest(dataset_dir: Path) -> Manifest:
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {dataset_dir}: it is not a complete data set; run `pipeline prepare`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ShardError(f"{path} is {path.stat().st_size} bytes, not a manifest prepare writes: re-run `pipeline prepare`")
     try:
         data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ShardError(f"{path} is not valid JSON ({err}): the data set is corrupted; re-run `pipeline prepare`") from err
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         version = data.get("format_version") if isinstance(data, dict) else None
@@ -125,9 +130,50 @@ def load_manifest(dataset_dir: Path) -> Manifest:
         )
     try:
         data["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in data["splits"].items()}
-        return Manifest(**data, root=Path(dataset_dir).resolve())
+        manifest = Manifest(**data, root=Path(dataset_dir).resolve())
     except (KeyError, TypeError, AttributeError) as err:
         raise ShardError(f"{path} does not describe a data set ({err}): re-run `pipeline prepare`") from err
+    check_manifest(manifest, path)
+    return manifest
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_manifest(manifest: Manifest, path: Path) -> None:
+    """Refuse a manifest whose numbers or names no prepare writes (ShardError naming it): every file it names
+    must be a plain name inside the data set (pipeline.containment), the vocabulary must fit its dtype, and every
+    shard's counts must agree with the window length."""
+    fix = f"delete {path.parent} and run `pipeline prepare` again (or prepare it from the corpus yourself)"
+    vocab, window = manifest.vocab_size, manifest.window_length
+    if not (_is_count(vocab) and vocab > 0 and _is_count(window) and window > 1
+            and manifest.dtype in ("<u2", "<u4") and vocab <= 2 ** (8 * np.dtype(manifest.dtype).itemsize)):
+        raise ShardError(f"{path} declares vocabulary {vocab!r}, dtype {manifest.dtype!r} and window length "
+                         f"{window!r}, which no prepare writes: {fix}")
+    for name in ("bos_id", "eos_id", "pad_id", "unk_id"):
+        value = getattr(manifest, name)
+        if not isinstance(value, int) or not -1 <= value < vocab:
+            raise ShardError(f"{path} declares {name}={value!r}, outside the vocabulary of {vocab} tokens: {fix}")
+    names = [manifest.tokenizer_file]
+    for split, shards in manifest.splits.items():
+        for info in shards:
+            if not (_is_count(info.n_windows) and info.n_tokens == info.n_windows * window):
+                raise ShardError(f"{path} lists the {split} shard {info.file!r} with {info.n_windows!r} windows and "
+                                 f"{info.n_tokens!r} tokens, not whole windows of {window}: {fix}")
+            names.append(info.file)
+    names += [entry.get("file") for entry in [*manifest.doc_starts.values(), manifest.token_counts] if entry]
+    for name in names:
+        dataset_file(path.parent, name)
+
+
+def dataset_file(dataset_dir: Path, name: str) -> Path:
+    """A file a manifest or a blend names, contained in its data set directory (ShardError otherwise)."""
+    try:
+        return contained(dataset_dir, name, f"the data set {dataset_dir} names the file",
+                         f"a data set names only its own files; delete {dataset_dir} and run `pipeline prepare` again")
+    except ContainmentError as err:
+        raise ShardError(str(err)) from err
 
 
 def shard_bytes(info: ShardInfo, dtype: np.dtype) -> int:
@@ -142,17 +188,17 @@ def incomplete_reason(dataset_dir: Path) -> str | None:
         manifest = load_manifest(dataset_dir)
     except (FileNotFoundError, ShardError) as err:
         return str(err)
-    if not manifest.tokenizer_path.is_file():
-        return f"{manifest.tokenizer_path} is missing"
+    if not is_regular_file(manifest.tokenizer_path):
+        return f"{manifest.tokenizer_path} is missing (or not a regular file)"
     for shards in manifest.splits.values():
         for info in shards:
             path = Path(dataset_dir) / info.file
             expected = shard_bytes(info, manifest.dtype)
-            if not path.is_file() or path.stat().st_size != expected:
-                return f"shard {path} is missing or not {expected} bytes long"
+            if not is_regular_file(path) or path.stat().st_size != expected:
+                return f"shard {path} is missing, not a regular file or not {expected} bytes long"
     for entry in [*manifest.doc_starts.values(), *([manifest.token_counts] if manifest.token_counts else [])]:
-        if not (Path(dataset_dir) / entry["file"]).is_file():
-            return f"{Path(dataset_dir) / entry['file']} is missing"
+        if not is_regular_file(Path(dataset_dir) / entry["file"]):
+            return f"{Path(dataset_dir) / entry['file']} is missing (or not a regular file)"
     return None
 
 
@@ -203,6 +249,27 @@ class ShardWriter:
         self.shards.append(ShardInfo(name, n, n * self.window_length, digest.hexdigest()))
 
 
+def out_of_vocabulary(path: Path, token: int, vocab_size: int) -> ShardError:
+    return ShardError(f"shard {path} holds the token id {token}, outside the data set's vocabulary of {vocab_size} "
+                      f"tokens: the shard is corrupted or was not written by prepare; delete {path.parent} and run "
+                      f"`pipeline prepare` again")
+
+
+def scan_shard(path: Path, chunk: int = 1 << 22) -> tuple[str, int]:
+    """(sha256 of the shard's bytes, its largest token id; -1 when it holds none), read once in chunks."""
+    itemsize = read_header(path)[0]
+    digest, largest = hashlib.sha256(), -1
+    with open(path, "rb") as f:
+        header = f.read(HEADER_BYTES)
+        digest.update(header)
+        while block := f.read(chunk):  # chunk is a multiple of 4: blocks stay aligned on token boundaries
+            digest.update(block)
+            tokens = np.frombuffer(block, dtype=f"<u{itemsize}", count=len(block) // itemsize)
+            if tokens.size:
+                largest = max(largest, int(tokens.max()))
+    return digest.hexdigest(), largest
+
+
 def check_window_indices(indices, length: int) -> np.ndarray:
     indices = np.asarray(indices, dtype=np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= length):
@@ -229,6 +296,7 @@ class WindowDataset:
         if split not in manifest.splits:
             raise KeyError(f"split {split!r} is not in {dataset_dir} (it has {', '.join(manifest.splits)})")
         self.dataset_dir = Path(dataset_dir)
+        self.vocab_size = manifest.vocab_size
         self.window_length = manifest.window_length
         self.dtype = np.dtype(manifest.dtype)
         self.shards = manifest.splits[split]
@@ -241,8 +309,11 @@ class WindowDataset:
     @staticmethod
     def _open_shard(path: Path, info: ShardInfo, window_length: int, dtype: np.dtype) -> np.memmap:
         """Memory-map one shard after checking its size and header against the manifest."""
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise ShardError(f"shard {path} is missing: the data set is incomplete; re-run `pipeline prepare`")
+        if not is_regular_file(path):
+            raise ShardError(f"shard {path} is not a regular file (a link, a device or a directory): the data set is "
+                             f"not one prepare wrote; delete it and re-run `pipeline prepare`")
         size = path.stat().st_size
         if size < HEADER_BYTES:
             raise ShardError(f"shard {path} is truncated: {size} bytes, shorter than its header; re-run `pipeline prepare`")
@@ -265,12 +336,22 @@ class WindowDataset:
 
     def windows(self, indices: np.ndarray) -> np.ndarray:
         indices = check_window_indices(indices, len(self))
-        return gather_windows(self.starts, indices, self.window_length, lambda s, local: self.arrays[s][local])
+        return gather_windows(self.starts, indices, self.window_length, self._read)
+
+    def _read(self, shard: int, local: np.ndarray) -> np.ndarray:
+        """Rows of one shard, refused when a token id lies outside the vocabulary (every reader goes through
+        here, so no id a model's embedding cannot index reaches a model: on a GPU it would be a device-side
+        assert, on a CPU an IndexError deep in a worker)."""
+        rows = self.arrays[shard][local]
+        if rows.size and int(rows.max()) >= self.vocab_size:
+            raise out_of_vocabulary(self.dataset_dir / self.shards[shard].file, int(rows.max()), self.vocab_size)
+        return rows
 
     def verify(self) -> None:
-        """Check every shard's sha256 against the manifest; ShardError names the first bad shard."""
+        """Check every shard's sha256 against the manifest and its token ids against the vocabulary; ShardError
+        names the first bad shard."""
         for info in self.shards:
-            _check_sha256(self.dataset_dir, self.dataset_dir / info.file, info.sha256, info)
+            _check_content(self.dataset_dir, self.dataset_dir / info.file, info.sha256, info, self.vocab_size)
 
 
 def write_synthetic_dataset(
@@ -308,42 +389,50 @@ def _manifest_files(manifest: Manifest) -> list[tuple[str, str, ShardInfo | None
 
 
 def _check_present(dataset_dir: Path, manifest: Manifest, name: str, info: ShardInfo | None) -> Path:
-    """The file's path, after checking that it is there (and a shard's size and header); ShardError if not."""
+    """The file's path, after checking that it is there as a regular file (and a shard's size and header);
+    ShardError if not."""
     path = dataset_dir / name
     if info is not None:
         WindowDataset._open_shard(path, info, manifest.window_length, np.dtype(manifest.dtype))
-    elif not path.is_file():
-        raise ShardError(f"tokenizer {path} is missing: the data set is incomplete; re-run `pipeline prepare`")
+    elif not is_regular_file(path):
+        raise ShardError(f"tokenizer {path} is missing or not a regular file: the data set is incomplete; re-run "
+                         f"`pipeline prepare`")
     return path
 
 
-def _check_sha256(dataset_dir: Path, path: Path, sha256: str, info: ShardInfo | None) -> None:
-    if sha256_file(path) != sha256:
+def _check_content(dataset_dir: Path, path: Path, sha256: str, info: ShardInfo | None, vocab_size: int) -> None:
+    """The file's sha256 against the manifest's and, for a shard, every token id against the vocabulary (one
+    read of the file for both)."""
+    digest, largest = scan_shard(path) if info is not None else (sha256_file(path), -1)
+    if digest != sha256:
         what = "shard" if info is not None else "tokenizer"
         raise ShardError(f"{what} {path} fails its checksum (sha256 differs from the manifest): it is "
                          f"corrupted; delete {dataset_dir} and re-run `pipeline prepare`")
+    if largest >= vocab_size:
+        raise out_of_vocabulary(path, largest, vocab_size)
 
 
 def check_dataset_checksums(dataset_dir: Path) -> int:
-    """Check the sha256 of every shard and of the tokenizer before training reads them; ShardError names the
-    first bad file. Files already verified with the same size and modification time (recorded in
-    VERIFIED_STAMP beside the manifest) are not hashed again, so a resumed run does not re-read a large data
-    set. Returns the number of files hashed now."""
+    """Check the sha256 of every shard and of the tokenizer, and every token id against the vocabulary, before
+    training reads them; ShardError names the first bad file. Files already verified with the same size,
+    modification time and inode against the same manifest entry and vocabulary (recorded in VERIFIED_STAMP
+    beside the manifest) are not read again, so a resumed run does not re-read a large data set. Returns the
+    number of files read now."""
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
     stamp_path = dataset_dir / VERIFIED_STAMP
     try:
-        stamp = json.loads(stamp_path.read_text())
-    except (OSError, ValueError):
+        stamp = json.loads(stamp_path.read_text()) if is_regular_file(stamp_path) else {}
+    except (OSError, ValueError, RecursionError):
         stamp = {}
     verified, hashed = {}, 0
     for name, sha256, info in _manifest_files(manifest):
         path = _check_present(dataset_dir, manifest, name, info)
         st = path.stat()
-        key = [st.st_size, st.st_mtime_ns, sha256]
-        if stamp.get(name) != key:
+        key = [st.st_size, st.st_mtime_ns, st.st_ino, sha256, manifest.vocab_size]
+        if not isinstance(stamp, dict) or stamp.get(name) != key:
             hashed += 1
-            _check_sha256(dataset_dir, path, sha256, info)
+            _check_content(dataset_dir, path, sha256, info, manifest.vocab_size)
         verified[name] = key
     if hashed:
         with contextlib.suppress(OSError):  # a read-only data set: verified again next time
@@ -352,7 +441,8 @@ def check_dataset_checksums(dataset_dir: Path) -> int:
 
 
 def verify_dataset(dataset_dir: Path) -> list[str]:
-    """Every problem found by checking sizes, headers and sha256 of every file the manifest names; [] if none."""
+    """Every problem found by checking sizes, headers, sha256 and token ids of every file the manifest names;
+    [] if none."""
     dataset_dir = Path(dataset_dir)
     try:
         manifest = load_manifest(dataset_dir)
@@ -361,11 +451,12 @@ def verify_dataset(dataset_dir: Path) -> list[str]:
     problems = []
     for name, sha256, info in _manifest_files(manifest):
         try:
-            _check_sha256(dataset_dir, _check_present(dataset_dir, manifest, name, info), sha256, info)
+            path = _check_present(dataset_dir, manifest, name, info)
+            _check_content(dataset_dir, path, sha256, info, manifest.vocab_size)
         except ShardError as err:
             problems.append(str(err))
     for entry in manifest.doc_starts.values():
         path = dataset_dir / entry["file"]
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path} is missing or fails its checksum")
+        if not is_regular_file(path) or sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path} is missing, not a regular file or fails its checksum")
     return problems

@@ -1052,7 +1052,12 @@ def run_dir_for(cfg: PipelineConfig) -> Path:
     must be a plain name (pipeline.containment), so that the run directory lies below output_dir."""
     from pipeline.containment import plain_name
 
-    return Path(cfg.output_dir) / "runs" / plain_name(cfg.run_name, "run_name")
+    return Path(cfg.output_dir) / "runs" / plain_name(resolved_run_name(cfg), "run_name")
+
+
+def resolved_run_name(cfg: PipelineConfig) -> str:
+    """cfg.run_name; its default template resolved when the config was built in Python rather than by Hydra."""
+    return cfg.run_name.replace("${model.name}", cfg.model.name).replace("${data.name}", cfg.data.name)
 
 
 def validate_names(cfg: PipelineConfig) -> None:
@@ -1060,10 +1065,10 @@ def validate_names(cfg: PipelineConfig) -> None:
     a mixture's sources): `run_name=../../x` must not write outside output_dir."""
     from pipeline.containment import plain_name
 
-    plain_name(cfg.run_name, "run_name")
-    plain_name(cfg.data.name, "data.name")
+    plain_name(cfg.data.name, "data.name")  # first: run_name's default holds it
     for i, src in enumerate(cfg.data.mixture):
         plain_name(src.name, f"data.mixture.{i}.name")
+    plain_name(resolved_run_name(cfg), "run_name")
 
 
 def validate_for_submit(cfg: PipelineConfig) -> None:

@@ -87,7 +87,7 @@ def tree_files(root: Path | str, what: str, fix: str) -> list[str]:
                 continue
             if not stat.S_ISREG(mode):
                 kind = "a symbolic link" if stat.S_ISLNK(mode) else "a device, FIFO or socket"
-                raise _refuse(what, str(path.relative_to(root)), f"is {kind} inside {root}", fix)
+                raise ContainmentError(f"{what} {str(path.relative_to(root))!r}, which is {kind}: refusing it; {fix}")
             names.append(path.relative_to(root).as_posix())
     return sorted(names)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint.layout import verify_checkpoint
-from pipeline.checkpoint.pickles import check_pickles, deepspeed_pickle_classes
+from pipeline.checkpoint.pickles import check_pickles, safe_load, weights_only_loading
 from pipeline.model.tensor_parallel import AUTOTP_LAYER_SPECS
 
 
@@ -23,7 +23,8 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     if marker.get("zero_stage", 0) >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        with weights_only_loading():  # DeepSpeed's zero_to_fp32 asks torch.load for weights_only=False
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:
         state = _load_model_states(tag_dir, 0)
     return {k: v.float() for k, v in state.items()}
@@ -33,8 +34,7 @@ def _load_model_states(tag_dir: Path, mp_rank: int) -> dict[str, torch.Tensor]:
     path = tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint shard {path} is missing: the checkpoint is incomplete or damaged.")
-    with torch.serialization.safe_globals(deepspeed_pickle_classes()):
-        return torch.load(path, map_location="cpu", weights_only=True)["module"]
+    return safe_load(path, map_location="cpu")["module"]
 
 
 def _merge_tensor_parallel(tag_dir: Path, tp: int) -> dict[str, torch.Tensor]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineError
+from pipeline.containment import ContainmentError, contained_file, is_regular_file, tree_files
 from pipeline.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,19 @@ class CheckpointError(PipelineError, RuntimeError):
     """A checkpoint that is incomplete, truncated or damaged."""
 
 
+# What a checkpoint tag is called: `latest` may name nothing else.
+TAG_PATTERN = re.compile(r"step_[0-9]{8,}")
+# A COMPLETE marker is a few kilobytes per file it lists; a bigger one is not ours.
+MAX_MARKER_BYTES = 64 << 20
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def is_tag_dir(path: Path) -> bool:
+    """A checkpoint tag directory itself (not a link to one)."""
+    return TAG_PATTERN.fullmatch(path.name) is not None and path.is_dir() and not path.is_symlink()
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -43,24 +56,28 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def is_complete(tag_dir: Path) -> bool:
-    return (tag_dir / COMPLETE_MARKER).is_file()
+    return is_regular_file(tag_dir / COMPLETE_MARKER)
 
 
 def complete_tags(root: Path) -> list[str]:
     """Complete checkpoint tags, oldest first."""
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and is_complete(p))
+    return sorted(p.name for p in root.iterdir() if is_tag_dir(p) and is_complete(p))
 
 
 def latest_complete(root: Path) -> Path | None:
     """The tag directory named by `latest` if complete, else the newest complete tag, else None."""
     latest = root / LATEST_FILE
-    if latest.is_file():
-        tag_dir = root / latest.read_text().strip()
-        if is_complete(tag_dir):
-            return tag_dir
-        log.warning("%s names %s, which is not complete; looking for an older checkpoint", latest, tag_dir.name)
+    if is_regular_file(latest):
+        tag = latest.read_text(errors="replace")[:200].strip()
+        if TAG_PATTERN.fullmatch(tag) is None:
+            log.warning("%s names %r, not a checkpoint tag (step_<8 digits>): ignoring it; looking for the newest "
+                        "complete checkpoint instead", latest, tag)
+        elif is_tag_dir(root / tag) and is_complete(root / tag):
+            return root / tag
+        else:
+            log.warning("%s names %s, which is not complete; looking for an older checkpoint", latest, tag)
     tags = complete_tags(root)
     return root / tags[-1] if tags else None
 
@@ -96,12 +113,35 @@ def find_tag(path: Path) -> Path:
 
 def read_marker(tag_dir: Path) -> dict[str, Any]:
     marker = tag_dir / COMPLETE_MARKER
-    if not marker.is_file():
+    if not is_complete(tag_dir):
         raise FileNotFoundError(
             f"{tag_dir} is not a complete checkpoint (no {COMPLETE_MARKER} marker): it was interrupted while "
             f"being written; use an older checkpoint of {tag_dir.parent}."
         )
-    return json.loads(marker.read_text())
+    fix = f"delete {tag_dir} or resume from another checkpoint"
+    if marker.stat().st_size > MAX_MARKER_BYTES:
+        raise CheckpointError(f"{marker} is {marker.stat().st_size} bytes, not a marker this pipeline writes: {fix}")
+    try:
+        data = json.loads(marker.read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{marker} is not valid JSON ({type(err).__name__}): {fix}") from err
+    files, digests = (data.get("files", {}), data.get("sha256", {})) if isinstance(data, dict) else (None, None)
+    if (not isinstance(data, dict) or not isinstance(files, dict) or not isinstance(digests, dict)
+            or not all(isinstance(v, int) and v >= 0 for v in files.values())
+            or not all(isinstance(v, str) for v in digests.values())):
+        raise CheckpointError(f"{marker} does not describe a checkpoint (files with sizes, sha256 digests): {fix}")
+    return data
+
+
+def marker_file(tag_dir: Path, name: str) -> Path:
+    """The file a COMPLETE marker names, contained in its tag directory and a regular file (CheckpointError
+    otherwise: a crafted marker must not make `--verify` read a device or a file outside the checkpoint)."""
+    try:
+        return contained_file(tag_dir, name, f"the {COMPLETE_MARKER} marker of {tag_dir} names the file",
+                              f"a checkpoint names only its own files; delete {tag_dir} or resume from another "
+                              f"checkpoint")
+    except ContainmentError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def verify_checkpoint(tag_dir: Path, content: bool = False) -> dict[str, Any]:
@@ -109,9 +149,11 @@ def verify_checkpoint(tag_dir: Path, content: bool = False) -> dict[str, Any]:
     `content` that every file's sha256 is the one recorded while it was written (the marker's `sha256`)."""
     marker = read_marker(tag_dir)
     for name, size in marker.get("files", {}).items():
-        path = tag_dir / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing: resume from an older checkpoint of {tag_dir.parent}")
+        try:
+            path = marker_file(tag_dir, name)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint file {tag_dir / name} is missing: resume from an older checkpoint of "
+                                  f"{tag_dir.parent}") from None
         actual = path.stat().st_size
         if actual != size:
             raise CheckpointError(
@@ -120,7 +162,7 @@ def verify_checkpoint(tag_dir: Path, content: bool = False) -> dict[str, Any]:
             )
     if content:
         for name, expected in marker.get("sha256", {}).items():
-            if sha256_file(tag_dir / name) != expected:
+            if sha256_file(marker_file(tag_dir, name)) != expected:
                 raise CheckpointError(
                     f"checkpoint file {tag_dir / name} fails its sha256 (its bytes changed after it was written): "
                     f"resume from an older checkpoint (train.resume=<older tag>) or delete {tag_dir}"
@@ -135,8 +177,7 @@ def prune_old(root: Path, keep_last: int) -> list[str]:
     if not complete:
         return []
     doomed = complete[:-keep_last] if keep_last > 0 else []
-    doomed += [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-               and not is_complete(p) and p.name < complete[-1]]
+    doomed += [p.name for p in root.iterdir() if is_tag_dir(p) and not is_complete(p) and p.name < complete[-1]]
     for tag in doomed:
         shutil.rmtree(root / tag, ignore_errors=True)
         shutil.rmtree(root / UNIVERSAL_DIR / tag, ignore_errors=True)
@@ -146,7 +187,7 @@ def prune_old(root: Path, keep_last: int) -> list[str]:
 
 def prune_staging(root: Path, keep_last: int) -> list[str]:
     """Delete all but the newest keep_last checkpoint tags (0: keep all) of root, complete or not."""
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")) if root.is_dir() else []
+    tags = sorted(p.name for p in root.iterdir() if is_tag_dir(p)) if root.is_dir() else []
     doomed = tags[:-keep_last] if keep_last > 0 else []
     for tag in doomed:
         shutil.rmtree(root / tag, ignore_errors=True)
@@ -160,10 +201,12 @@ def fork_checkpoint(tag_dir: Path, run_dir: Path) -> Path:
     of run_dir only once whole, so a kill mid-fork leaves nothing that counts."""
     if not is_complete(tag_dir):
         raise CheckpointError(f"cannot fork {tag_dir}: it is not a complete checkpoint")
+    tree_files(tag_dir, f"the checkpoint {tag_dir} holds", "a checkpoint holds only regular files; fork another")
     root = checkpoint_root(run_dir)
     dest = root / tag_dir.name
-    if is_complete(dest):
-        return dest
+    source_marker = (tag_dir / COMPLETE_MARKER).read_bytes()
+    if is_complete(dest) and (dest / COMPLETE_MARKER).read_bytes() == source_marker:
+        return dest  # forked before from this very checkpoint (its marker lists every file's sha256)
     partial = root / f".fork-{tag_dir.name}"
     shutil.rmtree(partial, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)

@@ -25,18 +25,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from pipeline.checkpoint.layout import (
     COMPLETE_MARKER,
     LATEST_FILE,
     UNIVERSAL_DIR,
     CheckpointError,
+    marker_file,
     prune_old,
     prune_staging,
     read_marker,
     tag_for,
     verify_checkpoint,
 )
+from pipeline.checkpoint.pickles import check_pickles, safe_load, weights_only_loading
 from pipeline.checkpoint.store_sync import push_checkpoint_files, push_checkpoint_marker
 from pipeline.cluster.storage import run_rel
 from pipeline.files import fsync_files, no_space, sha256_file, write_atomic
@@ -115,24 +118,36 @@ def save_hashed(obj: Any, path: Path | str, **kwargs: Any) -> str:
     return writer.digest.hexdigest()
 
 
-def _hashed_writes(engine) -> dict[str, str]:
-    """The digests of the files DeepSpeed's checkpoint engine writes from now on (by file name), for a torch
-    checkpoint engine; {} (sizes only in the marker) for another one."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+class PipelineCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, with every file hashed while it is written (`hashes`, by file name)
+    and every file loaded weights-only with the allowed classes (pipeline.checkpoint.pickles). Plugged into each
+    engine by install_checkpoint_engine."""
 
-    ce = engine.checkpoint_engine
-    if not isinstance(ce, TorchCheckpointEngine):
-        return {}
-    if not hasattr(ce, "pipeline_hashes"):
-        ce.pipeline_hashes = {}
+    def __init__(self, zipfile_serialization: bool):
+        super().__init__(None)
+        self.zipfile_serialization = zipfile_serialization
+        self.hashes: dict[str, str] = {}
 
-        def save(state_dict, path: str) -> None:
-            digest = save_hashed(state_dict, path, _use_new_zipfile_serialization=ce.zipfile_serialization)
-            ce.pipeline_hashes[os.path.basename(path)] = digest
+    def save(self, state_dict, path: str) -> None:
+        digest = save_hashed(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
+        self.hashes[os.path.basename(path)] = digest
 
-        ce.save = save
-    ce.pipeline_hashes.clear()
-    return ce.pipeline_hashes
+    def load(self, path: str, map_location=None):
+        return safe_load(path, map_location=map_location)
+
+
+def install_checkpoint_engine(engine) -> PipelineCheckpointEngine:
+    """Plug PipelineCheckpointEngine into a DeepSpeed engine in place of the torch engine DeepSpeed built in
+    initialize (keeping its serialization setting). Returns it."""
+    current = engine.checkpoint_engine
+    if isinstance(current, PipelineCheckpointEngine):
+        return current
+    if type(current) is not TorchCheckpointEngine:
+        raise CheckpointError(f"DeepSpeed chose the checkpoint engine {type(current).__name__}; the pipeline saves "
+                              f"and loads through its own torch engine: remove the checkpoint writer settings from "
+                              f"parallel.deepspeed")
+    engine.checkpoint_engine = PipelineCheckpointEngine(current.zipfile_serialization)
+    return engine.checkpoint_engine
 
 
 def save_checkpoint(
@@ -160,7 +175,8 @@ def save_checkpoint(
         # ds_to_universal needs this key; under AutoTP DeepSpeed writes its own (which TP-sliced parameters
         # to merge and how), and a client_state key of the same name would overwrite it.
         client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
-    hashes = _hashed_writes(engine)
+    hashes = install_checkpoint_engine(engine).hashes
+    hashes.clear()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     hashes[f"rng_rank{rank}.pt"] = save_hashed(rng_state(), tag_dir / f"rng_rank{rank}.pt")
     fsync_files(tag_dir)
@@ -206,26 +222,26 @@ def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
     Before anything is unpickled, on whatever node it runs, every rank checks the files' sizes, scans the
     pickles, and hashes its share of the files (file i by rank i mod world): a changed byte anywhere is named
     on every rank before the first step."""
-    from pipeline.checkpoint.pickles import check_pickles
-
     marker = verify_checkpoint(tag_dir)
     check_pickles(tag_dir)
     digests = marker.get("sha256", {})
     names = sorted(digests)[dist.get_rank()::dist.get_world_size()]
     problems = [f"checkpoint file {tag_dir / name} fails its sha256 (its bytes changed after it was written): resume "
                 f"from an older checkpoint (train.resume=<older tag>) or delete {tag_dir}"
-                for name in names if sha256_file(tag_dir / name) != digests[name]]
+                for name in names if sha256_file(marker_file(tag_dir, name)) != digests[name]]
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, problems)
     found = [p for part in gathered for p in (part or [])]
     if found:
         raise CheckpointError(found[0] + (f" ({len(found) - 1} more files fail too)" if len(found) > 1 else ""))
-    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    install_checkpoint_engine(engine)
+    with weights_only_loading():  # also DeepSpeed's loads outside its engine (universal checkpoints)
+        _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {tag_dir}")
     if "step" not in client_state:  # e.g. a universal checkpoint: the marker keeps our state too
         client_state = read_marker(tag_dir)["client_state"]
     rng_file = tag_dir / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(safe_load(rng_file))
     return client_state

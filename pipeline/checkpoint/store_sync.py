@@ -11,13 +11,14 @@ from pathlib import Path
 from pipeline.checkpoint.layout import (
     COMPLETE_MARKER,
     LATEST_FILE,
+    TAG_PATTERN,
     CheckpointError,
     checkpoint_root,
     is_complete,
     latest_complete,
     verify_checkpoint,
 )
-from pipeline.cluster.storage import ObjectStore, StorageError, contained, locked, run_rel
+from pipeline.cluster.storage import ObjectStore, StorageError, locked, run_rel
 from pipeline.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,10 @@ def pull_latest_checkpoint(store: ObjectStore, run_dir: Path) -> Path | None:
     `latest` name it locally when it is newer than this node's. Returns its local tag directory, if any."""
     root = checkpoint_root(Path(run_dir))
     tag = (store.read_text(run_rel(run_dir, root / LATEST_FILE)) or "").strip()
-    if tag:
-        contained(root, tag, f"in {store.path(run_rel(run_dir, root / LATEST_FILE))} the run's latest checkpoint")
-        if "/" in tag:
-            raise StorageError(f"the object store's {store.path(run_rel(run_dir, root / LATEST_FILE))} names {tag!r}, "
-                               f"not a checkpoint tag: refusing it; write the tag's name (e.g. step_00000100) there")
+    if tag and TAG_PATTERN.fullmatch(tag) is None:
+        raise StorageError(f"the object store's {store.shown_path(run_rel(run_dir, root / LATEST_FILE))} names "
+                           f"{tag[:100]!r}, not a checkpoint tag: refusing it; write the tag's name (e.g. "
+                           f"step_00000100) there")
     local = latest_complete(root)
     if not tag or (local is not None and local.name >= tag):
         return local

@@ -28,10 +28,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import threading
 import uuid
 from pathlib import Path
 
+from pipeline import containment
 from pipeline.config import ConfigError, PipelineError
 from pipeline.files import directory_lock
 from pipeline.redaction import redact_uri, remember_secrets, scrub
@@ -71,19 +73,14 @@ def parse_storage_uri(uri: str, option: str = "cluster.storage_uri"):
 
 
 def contained(root: Path, name: str, what: str) -> Path:
-    """root / name, refused (StorageError naming it) when a name read from the store would land outside root:
-    absolute, holding a `..` part, or resolving elsewhere through a link. A crafted bucket entry must never make
-    a node write, or delete, outside the directory it downloads into."""
-    parts = Path(name).parts
-    target = Path(root) / name
-    resolved_root = Path(root).resolve()
-    if (not name or Path(name).is_absolute() or ".." in parts or "\\" in name
-            or not target.resolve().is_relative_to(resolved_root)):
-        raise StorageError(
-            f"the object store names {what} {name!r}, which would lie outside {root}: refusing it. The store holds "
-            f"an entry this pipeline never writes (absolute, or with '..'); remove it from the store"
-        )
-    return target
+    """root / name for a name read from the store (pipeline.containment's one rule): a crafted bucket entry must
+    never make a node write, or delete, outside the directory it downloads into."""
+    return containment.contained(root, name, f"the object store names {what}",
+                                 "the store holds an entry this pipeline never writes; remove it from the store")
+
+
+# A text object of the store (`latest`, a record) is a few hundred bytes; more is not one the pipeline wrote.
+MAX_TEXT_BYTES = 1 << 20
 
 
 class ObjectStore:
@@ -105,8 +102,43 @@ class ObjectStore:
     def read_text(self, rel: str) -> str | None:
         if not self.exists(rel):
             return None
+        self._check_local_object(self.path(rel))
         with self._call(self.fs.open_input_stream, self.path(rel)) as f:
-            return f.read().decode()
+            data = f.read(MAX_TEXT_BYTES + 1)
+        if len(data) > MAX_TEXT_BYTES:
+            raise StorageError(f"{self.shown_path(rel)} is over {MAX_TEXT_BYTES} bytes, not a text object this pipeline "
+                               f"writes: remove it from the store")
+        return data.decode(errors="replace")
+
+    def shown_path(self, rel: str) -> str:
+        """The object's path for messages (the store's URI without credentials, then the relative path)."""
+        return f"{self.shown.split('?', 1)[0].rstrip('/')}/{rel}"
+
+    def _check_local_object(self, path: str) -> None:
+        """On a local (file://) store, refuse an object that is a symbolic link or not a regular file: the store's
+        files are read with the node's own permissions, so a link would read outside the store."""
+        if self.fs.type_name != "local" or containment.is_regular_file(path):
+            return
+        if os.path.lexists(path):
+            raise StorageError(f"the object store holds {path!r}, which is a symbolic link or not a regular file: "
+                               f"this pipeline never writes those; remove it from the store")
+
+    def _local_files(self, root: str) -> dict[str, int]:
+        """files() of a local store, walked without following links (pyarrow's recursive listing follows them,
+        into loops); a link or a special file is refused."""
+        found: dict[str, int] = {}
+        for directory, dirs, names in os.walk(root, followlinks=False):
+            for name in [*dirs, *names]:
+                path = os.path.join(directory, name)
+                st = os.lstat(path)
+                if stat.S_ISDIR(st.st_mode):
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    raise StorageError(f"the object store holds {path!r}, which is a symbolic link or not a regular "
+                                       f"file: this pipeline never writes those; remove it from the store")
+                if not name.startswith("."):  # not temporary uploads
+                    found[os.path.relpath(path, root).replace(os.sep, "/")] = st.st_size
+        return found
 
     def write_text(self, rel: str, text: str) -> None:
         self._call(self.fs.create_dir, self.path(rel).rsplit("/", 1)[0], recursive=True)
@@ -117,6 +149,8 @@ class ObjectStore:
         """{path relative to rel: size} of every file below rel ({} when there is none)."""
         fs = _fs_module()
         root = self.path(rel)
+        if self.fs.type_name == "local":
+            return self._local_files(root)
         infos = self._call(self.fs.get_file_info, fs.FileSelector(root, recursive=True, allow_not_found=True))
         return {i.path[len(root) + 1:]: i.size for i in infos
                 if i.type == fs.FileType.File and not i.base_name.startswith(".")}  # not temporary uploads
@@ -152,6 +186,7 @@ class ObjectStore:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.download-{uuid.uuid4().hex[:8]}")
         digest = hashlib.sha256()
+        self._check_local_object(self.path(rel))
         try:
             with self._call(self.fs.open_input_stream, self.path(rel)) as src, open(tmp, "wb") as dst:
                 while chunk := self._call(src.read, 1 << 22):
@@ -190,8 +225,9 @@ class ObjectStore:
         tmp = local.with_name(f".{local.name}.download-{uuid.uuid4().hex[:8]}")
         try:
             for name in [*sorted(n for n in files if n != marker), marker]:
-                dst = contained(tmp, name, f"a file of {self.path(rel)}")
+                dst = contained(tmp, name, f"a file of {self.shown_path(rel)}")
                 dst.parent.mkdir(parents=True, exist_ok=True)
+                self._check_local_object(self.path(f"{rel}/{name}"))
                 self._call(fs.copy_files, self.path(f"{rel}/{name}"), str(dst), source_filesystem=self.fs,
                            destination_filesystem=fs.LocalFileSystem())
             if local.exists():

@@ -305,9 +305,20 @@ def test_a_checkpoint_that_pickles_code_is_refused_before_anything_loads_it(tmp_
     torch.save({"module": {"w": torch.zeros(2)}, "ds_version": "0.19"}, tag / "mp_rank_00_model_states.pt")
     check_pickles(tag)  # tensors and plain data pass
     torch.save({"optimizer": {}, "hook": os.system}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(CheckpointError, match=r"optim_states.pt pickles .*posix.system.*could run arbitrary code"):
+    with pytest.raises(CheckpointError, match=r"optim_states.pt pickles .*posix.system.*could run arbitrary code") as err:
         check_pickles(tag)
-    monkeypatch.setenv(TRUSTED_GLOBALS_ENV, "posix.system")  # the user's explicit trust
+    assert TRUSTED_GLOBALS_ENV not in str(err.value)  # never suggests trusting what it refuses
+    monkeypatch.setenv(TRUSTED_GLOBALS_ENV, "posix.system")  # a function of the operating system: never trusted
+    with pytest.raises(CheckpointError, match=r"names 'posix.system', which can run code"):
+        check_pickles(tag)
+    import fractions
+
+    monkeypatch.delenv(TRUSTED_GLOBALS_ENV)
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    torch.save({"ratio": fractions.Fraction(1, 3)}, tag / "extra.pt")
+    with pytest.raises(CheckpointError, match=r"fractions.Fraction"):
+        check_pickles(tag)
+    monkeypatch.setenv(TRUSTED_GLOBALS_ENV, "fractions.Fraction")  # a class the user chose to trust
     check_pickles(tag)
 
 

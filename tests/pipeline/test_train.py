@@ -50,16 +50,27 @@ def test_dropout_streams_differ_per_data_parallel_replica():
 def test_preempt_waits_for_each_training_run_to_save_or_end(tmp_path):
     """`pipeline preempt` asks only runs with a TRAINING file, and reports each as saved (a checkpoint newer than
     the request), ended (its driver finished meanwhile) or timed out."""
+    import os
+    import socket
     import threading
     import time
 
-    from pipeline.train.preemption import PREEMPT_FILE, TRAINING_FILE, request_checkpoints
+    from pipeline.train.preemption import (
+        PREEMPT_FILE,
+        TRAINING_FILE,
+        pid_namespace,
+        request_checkpoints,
+        write_marker,
+    )
 
     runs = {name: tmp_path / "runs" / name for name in ("saves", "ends", "stuck", "idle")}
     for name, run in runs.items():
         (run / "checkpoints").mkdir(parents=True)
         if name != "idle":
-            (run / TRAINING_FILE).write_text("{}")
+            # A live driver's marker (this process, a fresh heartbeat): not stale.
+            write_marker(run / TRAINING_FILE, {"host": socket.gethostname(), "pid": os.getpid(),
+                                               "pid_namespace": pid_namespace(), "started": time.time(),
+                                               "heartbeat": time.time()})
 
     def workers():
         time.sleep(0.3)
