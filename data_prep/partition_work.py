@@ -27,6 +27,7 @@ import hashlib
 import heapq
 import io
 import json
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -105,10 +106,27 @@ class PartitionRecord:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> PartitionRecord:
+    def from_json(cls, text: str, index: int | None = None) -> PartitionRecord:
+        """The record, after checking that every file it names is one a worker writes for its partition (`index`,
+        when given, the partition it must be): a record comes back from a worker, or from the object store on a
+        resume, and its names become paths. ValueError naming the first name that is not."""
         raw = json.loads(text)
         raw["shards"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["shards"].items()}
-        return cls(**raw)
+        record = cls(**raw)
+        record.check_names(record.index if index is None else index)
+        return record
+
+    def check_names(self, index: int) -> None:
+        stem = f"p{index:06d}"
+        expected = {f"{stem}-{split}-doc_starts.npy" for split in SPLITS} | {f"{stem}-train-token_counts.npy", ""}
+        problems = [f"index {self.index!r}"] if self.index != index else []
+        problems += [f"split {split!r}" for split in self.shards if split not in SPLITS]
+        problems += [repr(info.file) for split, infos in self.shards.items() for info in infos
+                     if not re.fullmatch(rf"{re.escape(shard_prefix(split, index))}-[0-9]{{3,}}\.bin", str(info.file))]
+        problems += [repr(name) for name in (*self.doc_starts.values(), self.token_counts) if name not in expected]
+        if problems:
+            raise ValueError(f"the record of partition {index} names {problems[0]}, which no worker writes for it: the "
+                             f"record is damaged or crafted")
 
 
 class _Counter:

@@ -304,7 +304,13 @@ def _fetch_staged(store: ObjectStore, ctx: PrepareContext, plan: list[Partition]
         local = record_path(Path(ctx.directory), part.index)
         if local.is_file() or local.name not in staged:
             continue
-        record = PartitionRecord.from_json(store.read_text(f"{ctx.staging_rel}/{PARTS_DIR}/{local.name}"))
+        try:
+            record = PartitionRecord.from_json(store.read_text(f"{ctx.staging_rel}/{PARTS_DIR}/{local.name}"),
+                                               part.index)
+        except (ValueError, TypeError, KeyError) as err:  # not a record a worker wrote: the partition is done again
+            log.warning("ignoring the staged record %s in the store (%s): tokenizing partition %d again",
+                        local.name, err, part.index)
+            continue
         if all(uploaded.get(info.file) == shard_bytes(info, ctx.dtype) for infos in record.shards.values()
                for info in infos):
             _fetch_partition(store, ctx, record)
@@ -349,7 +355,7 @@ def _unfinished(partial: Path, plan: list[Partition], dtype: str) -> list[Partit
 
 def _recorded_intact(partial: Path, index: int, dtype: str) -> bool:
     try:
-        record = PartitionRecord.from_json(record_path(partial, index).read_text())
+        record = PartitionRecord.from_json(record_path(partial, index).read_text(), index)
     except (OSError, ValueError, TypeError, KeyError):
         return False
     shards_ok = all((partial / info.file).is_file() and (partial / info.file).stat().st_size == shard_bytes(info, dtype)
@@ -485,7 +491,7 @@ def _merge(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_
     report, empty, counts = DecodeReport(outside_links=dict(outside_links)), [], None
     starts_parts: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     for part in plan:
-        record = PartitionRecord.from_json(record_path(directory, part.index).read_text())
+        record = PartitionRecord.from_json(record_path(directory, part.index).read_text(), part.index)
         stats = per_source[part.source]
         stats["documents_read"] += record.documents_read
         stats["files"].update(piece.path for piece in part.pieces)

@@ -450,37 +450,57 @@ def skip_binary(path: str | Path, on_binary: str, report: DecodeReport, where: s
     return True
 
 
-def piece_lines(piece, where: str = "data") -> Iterator[tuple[str, int, bytes]]:
+def piece_lines(piece, where: str = "data", limit: int = 256 << 20) -> Iterator[tuple[str, int, bytes]]:
     """(place, byte offset, raw line) of a piece of a line-oriented file. In a byte range [start, stop) a line
-    belongs to the range holding its first byte; a compressed file is read whole."""
+    belongs to the range holding its first byte; a compressed file is read whole. A line longer than `limit`
+    bytes (data.max_document_bytes) is a SourceError naming it: it is never held in memory whole."""
     try:
         with open_input(piece.path) as f:
-            if piece.start == 0 and piece.stop is None:
-                position = 0
-                for number, raw in enumerate(f, 1):
-                    yield f"{piece.path}:{number}", position, raw
-                    position += len(raw)
-                return
+            whole = piece.start == 0 and piece.stop is None
             position = piece.start
             if position > 0:
                 f.seek(position - 1)
-                position += len(f.readline()) - 1  # the rest of the line that began in the previous range
+                position += _skip_line(f) - 1  # the rest of the line that began in the previous range
+            number = 0
             while piece.stop is None or position < piece.stop:
-                raw = f.readline()
+                raw = f.readline(limit + 1)
                 if not raw:
                     return
-                yield f"{piece.path} (byte {position})", position, raw
+                number += 1
+                place = f"{piece.path}:{number}" if whole else f"{piece.path} (byte {position})"
+                if len(raw) > limit:
+                    raise SourceError(f"{piece.path} (byte {position}) holds a line of more than {limit} bytes: no document "
+                                      f"is that long; fix the file, or raise data.max_document_bytes if it is")
+                yield place, position, raw
                 position += len(raw)
     except (OSError, EOFError, ValueError) as err:
+        if isinstance(err, SourceError):
+            raise
         raise _unreadable(piece.path, err, where) from err
 
 
-def read_whole(path: str | Path, where: str = "data") -> bytes:
+def _skip_line(f, chunk: int = 1 << 20) -> int:
+    """Read past the rest of the current line in chunks (never holding it whole); the bytes skipped."""
+    skipped = 0
+    while True:
+        part = f.readline(chunk)
+        skipped += len(part)
+        if not part or part.endswith(b"\n"):
+            return skipped
+
+
+def read_whole(path: str | Path, where: str = "data", limit: int | None = None) -> bytes:
+    """The file's bytes (decompressed); with `limit`, a SourceError for a file of more than limit bytes."""
     try:
         with open_input(path) as f:
-            return f.read()
+            data = f.read() if limit is None else f.read(limit + 1)
     except (OSError, EOFError, ValueError) as err:
         raise _unreadable(path, err, where) from err
+    if limit is not None and len(data) > limit:
+        raise SourceError(f"{path} holds more than {limit} bytes and is read as one document (doc_split=file): no "
+                          f"document is that long; split it (doc_split=line or blank_line), or raise "
+                          f"data.max_document_bytes if it is")
+    return data
 
 
 def paragraphs(raw: bytes) -> Iterator[tuple[int, bytes]]:
@@ -492,13 +512,14 @@ def paragraphs(raw: bytes) -> Iterator[tuple[int, bytes]]:
     yield start, raw[start:]
 
 
-def raw_text_documents(src: SourceConfig, piece, where: str) -> Iterator[tuple[str, int, bytes]]:
+def raw_text_documents(src: SourceConfig, piece, where: str, limit: int) -> Iterator[tuple[str, int, bytes]]:
     """(place, byte offset, raw bytes) of each stretch of a text piece that becomes documents: a line, the whole
-    file, or a paragraph (data.doc_split), so that a bad byte or a NUL costs only the stretch it sits in."""
+    file, or a paragraph (data.doc_split), so that a bad byte or a NUL costs only the stretch it sits in. A line
+    or a one-document file over `limit` bytes is refused (see piece_lines)."""
     if src.doc_split == "line":
-        yield from piece_lines(piece, where)
+        yield from piece_lines(piece, where, limit)
         return
-    raw = read_whole(piece.path, where)
+    raw = read_whole(piece.path, where, limit if src.doc_split == "file" else None)
     if src.doc_split == "file":
         yield str(piece.path), 0, raw
         return
@@ -509,7 +530,7 @@ def raw_text_documents(src: SourceConfig, piece, where: str) -> Iterator[tuple[s
 def text_piece(src: SourceConfig, piece, data: DataConfig, report: DecodeReport, where: str) -> Iterator[str]:
     if skip_binary(piece.path, data.on_binary, report, where):
         return
-    for place, offset, raw in raw_text_documents(src, piece, where):
+    for place, offset, raw in raw_text_documents(src, piece, where, data.max_document_bytes):
         if holds_nul(raw, place, offset, str(piece.path), data.on_binary, report):
             continue
         yield from split_text(decode_bytes(raw, place, str(piece.path), data.on_decode_error, report) or "",
@@ -531,7 +552,7 @@ def parse_json_line(line: str, place: str) -> object:
 def jsonl_piece(src: SourceConfig, piece, data: DataConfig, report: DecodeReport, where: str) -> Iterator[str]:
     if skip_binary(piece.path, data.on_binary, report, where):
         return
-    for place, offset, raw in piece_lines(piece, where):
+    for place, offset, raw in piece_lines(piece, where, data.max_document_bytes):
         if holds_nul(raw, place, offset, str(piece.path), data.on_binary, report):
             continue
         line = decode_bytes(raw, place, str(piece.path), data.on_decode_error, report)

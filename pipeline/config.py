@@ -166,6 +166,10 @@ class DataConfig:
     # stops before any work, naming the link). Links are never walked through; one whose target stays inside the
     # root reads that file once. A file named directly in data.path is read as named.
     on_outside_link: str = "skip"
+    # The longest line a jsonl or line-split text file may hold, and the largest text file read as one document
+    # (doc_split=file), in bytes: one longer stops prepare naming the file and the byte, instead of filling the
+    # worker's memory with it (a crafted or broken file of gigabytes without a line break).
+    max_document_bytes: int = 256 << 20
     # With source=mixture: the sources and their weights (see SourceConfig.weight); the fields above
     # (path, text_field, doc_split) are then unused. Each source is prepared into its own data set with one
     # shared tokenizer (trained on a sample of all of them, weights aside), and training samples them by weight.
@@ -567,6 +571,7 @@ def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
     _choice("data.on_outside_link", data.on_outside_link, ("skip", "error"))
     _positive("data.partition_bytes", data.partition_bytes)
     _positive("data.block_bytes", data.block_bytes)
+    _positive("data.max_document_bytes", data.max_document_bytes)
     _choice("data.tokenizer.type", data.tokenizer.type, ("bpe", "unigram"))
     _positive("data.context_length", data.context_length)
     if model is not None and data.context_length != model.context_length:

@@ -20,7 +20,7 @@ from data_prep.mixture import corpus_record, read_documents
 from data_prep.partitions import plan_partitions
 from data_prep.prepare import prepare
 from data_prep.shards import SPLITS, WindowDataset, load_manifest
-from data_prep.sources import REPORTED_FILES, SourceError, expand_paths
+from data_prep.sources import REPORTED_FILES, SourceError, expand_paths, source_configs
 from data_prep.tokenizer import load_tokenizer
 from pipeline.config import DataConfig, TokenizerConfig
 
@@ -257,3 +257,20 @@ def test_the_log_names_at_most_the_files_with_the_most_undecodable_bytes(tmp_pat
     assert named[0] == f"  {tmp_path / 'c' / 'f24.txt'}: 25 undecodable bytes"
     assert named[-1] == "  and 5 more files: 15 undecodable bytes"  # f00..f04: 1 + 2 + 3 + 4 + 5
     assert report.bad_bytes == sum(range(1, REPORTED_FILES + 6))
+
+
+@pytest.mark.parametrize("doc_split", ["line", "file"])
+def test_a_document_longer_than_max_document_bytes_is_named_not_held_in_memory(tmp_path, doc_split):
+    """A file of gigabytes without a line break would fill a worker's memory as one line (or one document): the
+    reader stops at data.max_document_bytes and names the file and the byte."""
+    from data_prep.partitions import Piece
+    from data_prep.sources import DecodeReport, text_piece
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"a short line\n" + b"x" * 5000 + b"\nanother line\n")
+    cfg = config(corpus, tmp_path / "out", doc_split=doc_split, max_document_bytes=4096)
+    src = source_configs(cfg)[0]
+    with pytest.raises(SourceError, match=r"corpus.txt.* more than 4096 bytes.*raise data.max_document_bytes"):
+        list(text_piece(src, Piece(str(corpus)), cfg, DecodeReport(), "data"))
+    roomy = config(corpus, tmp_path / "out", doc_split=doc_split, max_document_bytes=8192)
+    assert len("".join(text_piece(src, Piece(str(corpus)), roomy, DecodeReport(), "data"))) > 5000

@@ -263,3 +263,28 @@ def test_a_data_set_adopted_into_a_blend_is_hard_linked_beside_it(tmp_path):
     blend = write_blend(root / "mix-1", [("a", adopted, 1.0)])
     assert [c.dataset for c in blend.components] == [f"../{adopted.name}"]
     assert load_blend(root / "mix-1").component_dir(blend.components[0]) == adopted
+
+
+@pytest.mark.parametrize("field", ["shard", "token_counts", "doc_starts", "index"])
+def test_a_partition_record_naming_other_files_is_refused(field):
+    """Partition records come back from workers, and from the object store on a resumed prepare; their names
+    become paths (downloaded into, merged from), so each must be one a worker writes for that partition."""
+    from data_prep.partition_work import PartitionRecord
+
+    record = {"index": 3, "source": 0, "documents_read": 1, "documents": {"train": 1, "validation": 0},
+              "tokens": {"train": 17, "validation": 0}, "dropped_tail_tokens": {"train": 0, "validation": 0},
+              "input_bytes": 10, "token_counts": "p000003-train-token_counts.npy",
+              "doc_starts": {"train": "p000003-train-doc_starts.npy"},
+              "shards": {"train": [{"file": "train-p000003-000.bin", "n_windows": 1, "n_tokens": 17, "sha256": "0"}],
+                         "validation": []}}
+    assert PartitionRecord.from_json(json.dumps(record), 3).index == 3
+    if field == "shard":
+        record["shards"]["train"][0]["file"] = "../../../victim/x.bin"
+    elif field == "token_counts":
+        record["token_counts"] = "../../victim.npy"
+    elif field == "doc_starts":
+        record["doc_starts"]["train"] = "/etc/passwd"
+    else:
+        record["index"] = 4
+    with pytest.raises(ValueError, match="which no worker writes for it"):
+        PartitionRecord.from_json(json.dumps(record), 3)
