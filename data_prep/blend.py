@@ -41,11 +41,12 @@ from data_prep.shards import (
     incomplete_reason,
     load_manifest,
 )
-from pipeline.containment import PLAIN_NAME, ContainmentError, contained, tree_files
+from pipeline.containment import PLAIN_NAME, ContainmentError, contained, is_regular_file, tree_files
 from pipeline.files import sha256_file
 
 BLEND = "blend.json"
 BLEND_VERSION = 1
+MAX_BLEND_BYTES = 16 << 20  # a blend lists a few hundred bytes per data set
 
 
 @dataclass
@@ -110,12 +111,15 @@ class Blend:
 
 
 def is_blend(directory: Path) -> bool:
-    return (Path(directory) / BLEND).is_file()
+    return is_regular_file(Path(directory) / BLEND)
 
 
 def load_blend(directory: Path) -> Blend:
     path = Path(directory) / BLEND
     try:
+        if path.stat().st_size > MAX_BLEND_BYTES:
+            raise ShardError(f"{path} is {path.stat().st_size} bytes, not a blend prepare writes: re-run `pipeline "
+                             f"prepare`")
         data = json.loads(path.read_text())
         if data.get("format") != "blend" or data.get("version") != BLEND_VERSION:
             raise ShardError(f"{path} is a blend of version {data.get('version')}; this reader understands "
@@ -137,20 +141,39 @@ def load_data_info(directory: Path) -> Manifest | Blend:
     return load_blend(directory) if is_blend(directory) else load_manifest(directory)
 
 
+# What every data set of a blend shares with the blend itself: the model is built from the blend's values.
+SHARED_FIELDS = ("tokenizer_sha256", "vocab_size", "dtype", "window_length", "bos_id", "eos_id", "pad_id", "unk_id")
+
+
+def check_components(blend: Blend) -> None:
+    """Refuse a blend whose data sets disagree with it on the tokenizer, the vocabulary, the dtype, the window or a
+    special id (ShardError naming the data set and the field): a component with a larger vocabulary than the
+    blend's would feed ids past the model's embedding."""
+    for component in blend.components:
+        manifest = load_manifest(blend.component_dir(component))
+        for key in SHARED_FIELDS:
+            if getattr(manifest, key) != getattr(blend, key):
+                raise ShardError(f"the blend {blend.root} has {key}={getattr(blend, key)!r} but its data set "
+                                 f"{component.name!r} ({blend.component_dir(component)}) has "
+                                 f"{getattr(manifest, key)!r}: delete the blend and prepare the mixture again")
+
+
 def blend_incomplete_reason(directory: Path) -> str | None:
-    """None when the blend and every data set it names are complete; else what is missing."""
+    """None when the blend and every data set it names are complete and agree with it; else what is wrong."""
     try:
         blend = load_blend(directory)
     except ShardError as err:
         return str(err)
-    if not blend.tokenizer_path.is_file():
-        return f"{blend.tokenizer_path} is missing"
+    if not is_regular_file(blend.tokenizer_path):
+        return f"{blend.tokenizer_path} is missing (or not a regular file)"
     for component in blend.components:
         reason = incomplete_reason(blend.component_dir(component))
         if reason is not None:
             return f"its data set {component.name!r}: {reason}"
-        if load_manifest(blend.component_dir(component)).tokenizer_sha256 != blend.tokenizer_sha256:
-            return f"its data set {component.name!r} ({blend.component_dir(component)}) has another tokenizer"
+    try:
+        check_components(blend)
+    except ShardError as err:
+        return str(err)
     return None
 
 
@@ -267,6 +290,7 @@ def open_split(directory: Path, split: str) -> WindowDataset | ConcatWindows:
     if not is_blend(directory):
         return WindowDataset(directory, split)
     blend = load_blend(directory)
+    check_components(blend)
     parts = [WindowDataset(blend.component_dir(c), split) for c in blend.components]
     if split == "train":
         return ConcatWindows(parts, blend.names, blend.shares)

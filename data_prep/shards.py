@@ -114,8 +114,11 @@ class Manifest:
 
 def load_manifest(dataset_dir: Path) -> Manifest:
     path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"no {MANIFEST} in {dataset_dir}: it is not a complete data set; run `pipeline prepare`")
+    if not is_regular_file(path):
+        raise ShardError(f"{path} is not a regular file (a link, a device or a directory): the data set is not one "
+                         f"prepare wrote; delete it and re-run `pipeline prepare`")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise ShardError(f"{path} is {path.stat().st_size} bytes, not a manifest prepare writes: re-run `pipeline prepare`")
     try:

@@ -364,6 +364,22 @@ def holds_nul(raw: bytes, place: str, offset: int, file: str, on_binary: str, re
     return True
 
 
+def text_holds_nul(text: str, place: str, file: str, on_binary: str, report: DecodeReport) -> bool:
+    """holds_nul for text that held no NUL byte as bytes but does as characters: a JSON string's \\u0000 escape,
+    a parquet or Hugging Face value."""
+    if "\0" not in text:
+        return False
+    if on_binary == "error":
+        raise SourceError(
+            f"{place} holds a NUL character (a \\u0000 escape or a NUL in its text field): that is binary data, not "
+            f"text; remove it, or set data.on_binary=skip to skip the documents that hold NUL characters (they are "
+            f"counted in the manifest)"
+        )
+    report.nul_documents += 1
+    add_count(report.nul_documents_by_file, file, 1)
+    return True
+
+
 def split_text(text: str, doc_split: str) -> list[str]:
     if doc_split == "file":
         parts = [text]
@@ -497,9 +513,9 @@ def read_whole(path: str | Path, where: str = "data", limit: int | None = None) 
     except (OSError, EOFError, ValueError) as err:
         raise _unreadable(path, err, where) from err
     if limit is not None and len(data) > limit:
-        raise SourceError(f"{path} holds more than {limit} bytes and is read as one document (doc_split=file): no "
-                          f"document is that long; split it (doc_split=line or blank_line), or raise "
-                          f"data.max_document_bytes if it is")
+        raise SourceError(f"{path} holds more than {limit} bytes, and a text file split by file or by blank lines "
+                          f"is read whole: split the file into smaller ones (or use doc_split=line), or raise "
+                          f"data.max_document_bytes")
     return data
 
 
@@ -519,7 +535,7 @@ def raw_text_documents(src: SourceConfig, piece, where: str, limit: int) -> Iter
     if src.doc_split == "line":
         yield from piece_lines(piece, where, limit)
         return
-    raw = read_whole(piece.path, where, limit if src.doc_split == "file" else None)
+    raw = read_whole(piece.path, where, limit)  # a worker holds the whole file: bounded too
     if src.doc_split == "file":
         yield str(piece.path), 0, raw
         return
@@ -566,7 +582,7 @@ def jsonl_piece(src: SourceConfig, piece, data: DataConfig, report: DecodeReport
                 f"set {where}.text_field to the field that holds the text"
             )
         text = _text_value(record[src.text_field], place, src.text_field, f"{where}.text_field")
-        if text and text.strip():
+        if text and text.strip() and not text_holds_nul(text, place, str(piece.path), data.on_binary, report):
             yield text
 
 
@@ -576,22 +592,23 @@ def _field_names(record: dict, shown: int = 20) -> str:
     return ", ".join(names) + (f", ... ({len(record)} in all)" if len(record) > shown else "")
 
 
-def _column_texts(batches, place: str, src: SourceConfig, where: str) -> Iterator[str]:
+def _column_texts(batches, place: str, src: SourceConfig, where: str, data: DataConfig,
+                  report: DecodeReport) -> Iterator[str]:
     for values in batches:
         for value in values:
             text = _text_value(value, place, src.text_field, f"{where}.text_field")
-            if text and text.strip():
+            if text and text.strip() and not text_holds_nul(text, place, place, data.on_binary, report):
                 yield text
 
 
-def parquet_piece(src: SourceConfig, piece, where: str) -> Iterator[str]:
+def parquet_piece(src: SourceConfig, piece, data: DataConfig, report: DecodeReport, where: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(piece.path)
         batches = (b.column(0).to_pylist() for b in parquet.iter_batches(
             batch_size=8192, row_groups=[piece.row_group], columns=[src.text_field]))
-        yield from _column_texts(batches, f"{piece.path} (row group {piece.row_group})", src, where)
+        yield from _column_texts(batches, f"{piece.path} (row group {piece.row_group})", src, where, data, report)
     except (OSError, ValueError) as err:
         if isinstance(err, SourceError):
             raise
@@ -644,7 +661,7 @@ def _check_column(names, src: SourceConfig, where: str) -> None:
         )
 
 
-def hf_piece(src: SourceConfig, piece, where: str) -> Iterator[str]:
+def hf_piece(src: SourceConfig, piece, data: DataConfig, report: DecodeReport, where: str) -> Iterator[str]:
     if src.source == "hf_disk":
         ds = load_hf_disk(src, where).select(range(piece.start, piece.stop))
         batches = (b[src.text_field] for b in ds.iter(batch_size=4096))
@@ -653,7 +670,7 @@ def hf_piece(src: SourceConfig, piece, where: str) -> Iterator[str]:
         if getattr(ds, "n_shards", 1) > 1:
             ds = ds.shard(num_shards=ds.n_shards, index=piece.start)
         batches = ([row[src.text_field] for row in ds],)
-    yield from _column_texts(batches, str(src.path), src, where)
+    yield from _column_texts(batches, str(src.path), src, where, data, report)
 
 
 def piece_documents(src: SourceConfig, piece, data: DataConfig, report: DecodeReport, where: str) -> Iterator[str]:
@@ -665,9 +682,9 @@ def piece_documents(src: SourceConfig, piece, data: DataConfig, report: DecodeRe
     elif src.source == "jsonl":
         yield from jsonl_piece(src, piece, data, report, where)
     elif src.source == "parquet":
-        yield from parquet_piece(src, piece, where)
+        yield from parquet_piece(src, piece, data, report, where)
     else:
-        yield from hf_piece(src, piece, where)
+        yield from hf_piece(src, piece, data, report, where)
 
 
 def source_configs(data: DataConfig) -> list[SourceConfig]:

@@ -166,9 +166,9 @@ class DataConfig:
     # stops before any work, naming the link). Links are never walked through; one whose target stays inside the
     # root reads that file once. A file named directly in data.path is read as named.
     on_outside_link: str = "skip"
-    # The longest line a jsonl or line-split text file may hold, and the largest text file read as one document
-    # (doc_split=file), in bytes: one longer stops prepare naming the file and the byte, instead of filling the
-    # worker's memory with it (a crafted or broken file of gigabytes without a line break).
+    # The longest line a jsonl or line-split text file may hold, and the largest text file read whole
+    # (doc_split=file or blank_line), in bytes: one longer stops prepare naming the file (and the byte), instead of
+    # filling the worker's memory with it (a crafted or broken file of gigabytes, or a .gz that expands to them).
     max_document_bytes: int = 256 << 20
     # With source=mixture: the sources and their weights (see SourceConfig.weight); the fields above
     # (path, text_field, doc_split) are then unused. Each source is prepared into its own data set with one
@@ -775,6 +775,24 @@ DEEPSPEED_OWNED = {
     "zero_optimization.elastic_checkpoint": "train.resume",
     "zero_optimization.load_from_fp32_weights": "train.resume",
 }
+# DeepSpeed features that change what a step computes, or how ZeRO partitions the states (and so a checkpoint's
+# layout), without the run recording it: its config, math fingerprint, plan and checkpoints would not describe
+# what trained.
+DEEPSPEED_UNRECORDED = {
+    "curriculum_learning": "the order and length of the training samples",
+    "data_efficiency": "the order and length of the training samples",
+    "progressive_layer_drop": "which layers train at each step",
+    "compression_training": "the model's weights and activations",
+    "quantize_training": "the precision of the weights",
+    "eigenvalue": "the optimizer's step",
+    "prescale_gradients": "how gradients are averaged",
+    "gradient_predivide_factor": "how gradients are averaged",
+    "zero_optimization.mics_shard_size": "how ZeRO partitions the states (the checkpoint's layout)",
+    "zero_optimization.mics_hierarchical_params_gather": "how ZeRO partitions the states",
+    "zero_optimization.zero_hpz_partition_size": "how ZeRO partitions the states",
+    "pipeline": "the parallel layout (pipeline parallelism)",
+    "sequence_parallel_size": "the parallel layout (sequence parallelism)",
+}
 # DeepSpeed's own monitors and its autotuner write files (and send metrics) where they choose.
 DEEPSPEED_WRITERS = ("tensorboard", "wandb", "csv_monitor", "comet", "autotuning")
 # A key that names a file or directory: flops_profiler.output_file, *.output_path, autotuning's results_dir, ...
@@ -806,6 +824,11 @@ def _deepspeed_refusal(key: str, value: Any, parallel: ParallelConfig, train: Tr
                "train.resume): drop the key" if owner == "train.resume" else f"set {owner} instead")
         return (f"{setting} contradicts {owner}={current}: the pipeline derives DeepSpeed's {owned[0]} from it and "
                 f"records, plans and checkpoints the run by it; {fix}.")
+    unrecorded = [k for k in DEEPSPEED_UNRECORDED if key == k or key.startswith(f"{k}.")]
+    if unrecorded:
+        return (f"{setting} changes {DEEPSPEED_UNRECORDED[unrecorded[0]]} without the run recording it (its config, "
+                f"plan and checkpoints would not describe what trained): the pipeline does not support it; drop the "
+                f"key.")
     last = key.rsplit(".", 1)[-1]
     if key.split(".")[0] in DEEPSPEED_WRITERS or (DEEPSPEED_PATH_KEY.search(last) and last not in DEEPSPEED_USER_PATHS):
         return (f"{setting} would have DeepSpeed write files of its own: the pipeline logs metrics to MLflow "

@@ -27,7 +27,10 @@ _SECRET_KEY_PARTS = ("secret", "token", "password", "passwd", "pwd", "key", "sig
 _NOT_SECRET_KEYS = {"key_prefix"}
 # A URI in running text: the user info may hold characters that end the rest of a URI in prose (a password with a
 # comma or a bracket), so it runs to its `@`.
-_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?:[^\s/?#@]*@)?[^\s'\"<>()\[\]{},]*")
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?:[^\s'\"<>@]*@)?[^\s'\"<>()\[\]{},]*")
+# User info as written, up to the URI's last `@`: a password may hold `/`, `?` or `#` unencoded (AWS secret keys
+# often hold `/`), which ends the authority for urlsplit and would leave the secret in the "path".
+_RAW_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^\s]*?:[^\s]*)@([^\s@]*)")
 SECRET_ENV_PREFIX = "PIPELINE_SECRET_"
 _known: set[str] = set()
 
@@ -56,6 +59,10 @@ def secrets_of(uri: str) -> list[str]:
     if parts is None:
         return []
     found = []
+    raw = _RAW_USERINFO.fullmatch(uri)
+    if raw and "@" not in parts.netloc:  # a password with / ? or #: urlsplit cut the authority short
+        userinfo = raw.group(2)
+        found += [userinfo, unquote(userinfo), userinfo.split(":", 1)[1], unquote(userinfo.split(":", 1)[1])]
     if "@" in parts.netloc:
         userinfo = parts.netloc.rsplit("@", 1)[0]
         found += [userinfo, unquote(userinfo)]
@@ -77,6 +84,9 @@ def redact_uri(uri: str | None) -> str | None:
     parts = _split(uri)
     if parts is None:
         return MASK
+    raw = _RAW_USERINFO.fullmatch(uri)
+    if raw and "@" not in parts.netloc:  # a password with / ? or #: see _RAW_USERINFO
+        return redact_uri(f"{raw.group(1)}{MASK}@{raw.group(3)}")
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"

@@ -70,7 +70,8 @@ def latest_complete(root: Path) -> Path | None:
     """The tag directory named by `latest` if complete, else the newest complete tag, else None."""
     latest = root / LATEST_FILE
     if is_regular_file(latest):
-        tag = latest.read_text(errors="replace")[:200].strip()
+        with open(latest, "rb") as f:
+            tag = f.read(200).decode(errors="replace").strip()
         if TAG_PATTERN.fullmatch(tag) is None:
             log.warning("%s names %r, not a checkpoint tag (step_<8 digits>): ignoring it; looking for the newest "
                         "complete checkpoint instead", latest, tag)
@@ -130,7 +131,28 @@ def read_marker(tag_dir: Path) -> dict[str, Any]:
             or not all(isinstance(v, int) and v >= 0 for v in files.values())
             or not all(isinstance(v, str) for v in digests.values())):
         raise CheckpointError(f"{marker} does not describe a checkpoint (files with sizes, sha256 digests): {fix}")
+    _check_marker_fields(data, marker, fix)
     return data
+
+
+def _check_marker_fields(data: dict[str, Any], marker: Path, fix: str) -> None:
+    """The marker's numbers and client state have the types and ranges the pipeline writes (a crafted marker must
+    give this message, not a traceback deep in the resume)."""
+    def count(key: str, low: int, high: int | None = None, required: bool = False) -> None:
+        value = data.get(key)
+        if value is None and not required:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+            raise CheckpointError(f"{marker} holds {key}={value!r}, which no checkpoint of this pipeline has: {fix}")
+
+    count("step", 0, required=True)
+    count("world_size", 1, required=True)
+    count("tensor_parallel", 1)
+    count("zero_stage", 0, 3)
+    state = data.get("client_state", {})
+    if not isinstance(state, dict) or not isinstance(state.get("math_config", {}), (dict, type(None))):
+        raise CheckpointError(f"{marker} holds a client_state that is not the pipeline's (a mapping, its math_config "
+                              f"a mapping): {fix}")
 
 
 def marker_file(tag_dir: Path, name: str) -> Path:

@@ -112,8 +112,8 @@ def plan_resume(train: TrainConfig, parallel: ParallelConfig, run_dir: Path, mat
         )
     if needs_universal(marker, parallel.num_workers, parallel.tensor_parallel, parallel.zero_stage):
         # Elastic resume: another data-parallel size or ZeRO stage than the checkpoint was saved with.
-        universal = to_universal(tag_dir)
-        if store is not None and universal.is_relative_to(run_dir):  # for the workers of other nodes
+        universal = to_universal(tag_dir, run_dir)
+        if store is not None:  # for the workers of other nodes
             push_checkpoint_files(store, run_dir, universal)
             push_checkpoint_marker(store, run_dir, universal, latest=False)
         log.info("resuming %s (saved at world size %d, ZeRO-%d) at world size %d, ZeRO-%d through %s",

@@ -19,6 +19,7 @@ from pipeline.checkpoint.layout import (
     verify_checkpoint,
 )
 from pipeline.cluster.storage import ObjectStore, StorageError, locked, run_rel
+from pipeline.containment import tree_files
 from pipeline.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def pull_latest_checkpoint(store: ObjectStore, run_dir: Path) -> Path | None:
 
 def push_checkpoint_files(store: ObjectStore, run_dir: Path, tag_dir: Path) -> int:
     """Upload the files of a checkpoint tag present on this node, except its marker."""
-    names = {str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file()} - {COMPLETE_MARKER}
+    names = set(tree_files(tag_dir, f"the checkpoint {tag_dir} holds", "a checkpoint holds only regular files: "
+                           "remove it")) - {COMPLETE_MARKER}
     return store.upload_dir(tag_dir, run_rel(run_dir, tag_dir), only=names)
 
 

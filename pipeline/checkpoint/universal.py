@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.checkpoint.layout import (
     COMPLETE_MARKER,
     LATEST_FILE,
     UNIVERSAL_DIR,
     CheckpointError,
+    checkpoint_root,
     is_complete,
     read_marker,
     verify_checkpoint,
 )
-from pipeline.containment import ContainmentError, tree_files
+from pipeline.containment import ContainmentError, contained, tree_files
 from pipeline.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
@@ -66,17 +70,56 @@ def _reusable(out: Path, source_sha256: str) -> bool:
     return True
 
 
-def to_universal(tag_dir: Path) -> Path:
+# A parameter's name as a module path: the converter makes it a directory name below its output.
+PARAMETER_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def _names_in(state: dict) -> list:
+    """Every parameter or buffer name a model-states file holds (what ds_to_universal turns into paths)."""
+    names = list(state.get("module") or {})
+    for shapes in [*(state.get("param_shapes") or []), *(state.get("frozen_param_shapes") or [])]:
+        names += list(shapes) if isinstance(shapes, dict) else [shapes]
+    names += list(state.get("buffer_names") or [])
+    shared = state.get("shared_params") or {}
+    names += [*shared, *shared.values()] if isinstance(shared, dict) else [shared]
+    return names
+
+
+def check_parameter_names(tag_dir: Path) -> None:
+    """Refuse a checkpoint whose model-states files name a parameter that is not a module path (`a.b_1.weight`):
+    DeepSpeed's converter writes each parameter's state under `<output>/zero/<name>/`, so a crafted name (`../..`,
+    an absolute path) would make it write anywhere. Read weights-only and memory-mapped: names, not tensors."""
+    from pipeline.checkpoint.pickles import weights_only_loading
+
+    for path in sorted(tag_dir.glob("*model_states.pt")):
+        with weights_only_loading():
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        bad = [name for name in _names_in(state) if not isinstance(name, str) or not PARAMETER_NAME.fullmatch(name)]
+        if bad:
+            raise CheckpointError(f"checkpoint file {path} names the parameter {str(bad[0])[:200]!r}, which is not a "
+                                  f"module path (letters, digits, _ and dots): the converter would write outside its "
+                                  f"output; this checkpoint was not written by DeepSpeed as is: resume from another")
+
+
+def to_universal(tag_dir: Path, run_dir: Path | None = None) -> Path:
     """Convert a ZeRO checkpoint with DeepSpeed's ds_to_universal, in a subprocess whose loads are weights-only
-    (`python -m pipeline.checkpoint.universal`). An earlier conversion is reused only when it was made from this
-    checkpoint's files and is unchanged since (_reusable); anything else at its place is rebuilt."""
-    out_root = tag_dir.parent / UNIVERSAL_DIR
-    out = out_root / tag_dir.name
+    (`python -m pipeline.checkpoint.universal`), into <run_dir>/checkpoints/universal/<tag> (run_dir: the run
+    resuming; by default the checkpoint's own run): never beside a checkpoint of another run. An earlier
+    conversion is reused only when it was made from this checkpoint's files and is unchanged since (_reusable);
+    anything else at its place is rebuilt. The source's bytes are checked against its marker first."""
+    run_dir = Path(run_dir) if run_dir is not None else tag_dir.parent.parent
+    root = checkpoint_root(run_dir)
+    try:
+        out = contained(root, f"{UNIVERSAL_DIR}/{tag_dir.name}", "the universal conversion's directory",
+                        f"remove the link from {root}")
+    except ContainmentError as err:
+        raise CheckpointError(str(err)) from err
+    out_root = out.parent
     source_sha256 = sha256_file(tag_dir / COMPLETE_MARKER)
     if _reusable(out, source_sha256):
         return out
-    if out.is_symlink():
-        out.unlink()
+    verify_checkpoint(tag_dir, content=True)  # a changed byte is named here, not converted into the new layout
+    check_parameter_names(tag_dir)
     shutil.rmtree(out, ignore_errors=True)
     out_root.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pipeline.checkpoint.universal", "--input_folder", str(tag_dir),

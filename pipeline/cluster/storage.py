@@ -117,16 +117,30 @@ class ObjectStore:
     def _check_local_object(self, path: str) -> None:
         """On a local (file://) store, refuse an object that is a symbolic link or not a regular file: the store's
         files are read with the node's own permissions, so a link would read outside the store."""
-        if self.fs.type_name != "local" or containment.is_regular_file(path):
+        if self.fs.type_name != "local":
             return
-        if os.path.lexists(path):
+        self._no_local_links(path)
+        if not containment.is_regular_file(path) and os.path.lexists(path):
             raise StorageError(f"the object store holds {path!r}, which is a symbolic link or not a regular file: "
                                f"this pipeline never writes those; remove it from the store")
+
+    def _no_local_links(self, path: str) -> None:
+        """No part of a local store's path below its base is a symbolic link (a linked prefix would list and read
+        a directory outside the store)."""
+        rel = os.path.relpath(path, self.base)
+        if rel in (".", ""):
+            return
+        try:
+            containment.contained(self.base, rel, "the object store's path",
+                                  "this pipeline never writes links into a store; remove it from the store")
+        except containment.ContainmentError as err:
+            raise StorageError(str(err)) from None
 
     def _local_files(self, root: str) -> dict[str, int]:
         """files() of a local store, walked without following links (pyarrow's recursive listing follows them,
         into loops); a link or a special file is refused."""
         found: dict[str, int] = {}
+        self._no_local_links(root)
         for directory, dirs, names in os.walk(root, followlinks=False):
             for name in [*dirs, *names]:
                 path = os.path.join(directory, name)
@@ -160,7 +174,8 @@ class ObjectStore:
         last (when given and present). `only`: names relative to local to upload (default: all). Returns
         the number of files copied."""
         remote = self.files(rel)
-        names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+        names = containment.tree_files(local, f"the directory {local} to upload holds",
+                                       "the pipeline uploads only regular files it wrote; remove it")
         names = [n for n in names if (only is None or n in only) and n != marker and not n.startswith(".")]
         if marker and (local / marker).is_file():
             names.append(marker)

@@ -11,9 +11,9 @@ token is looked for where Ray's own clients look, RAY_AUTH_TOKEN, then the file 
 ~/.ray/auth_token, and sent (as `Authorization: Bearer`) only to a cluster that asks for one, and only over https
 or to this machine's loopback (an ssh tunnel, kubectl port-forward): never in clear text over the network.
 
-Overrides that carry credentials (tracking.uri=http://user:secret@host, a storage URI with keys) are not in the
-entrypoint, which anyone who lists the cluster's jobs reads: their values travel in the job's environment
-(PIPELINE_SECRET_<i>, under the same transport rule) and the override reads them back with ${oc.env:...}.
+Overrides that carry credentials (tracking.uri=http://user:secret@host, a storage URI with keys) are refused: a
+job's entrypoint and environment are kept in Ray's job metadata, readable by anyone holding the cluster's token,
+and logged by its runtime-env agent. The cluster's nodes take credentials from their own environment.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ NODE_LOCAL_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 # and Ray waits this long before SIGKILL (its default is 3 s, too short to write a checkpoint).
 STOP_GRACE_S = 120
 START_CLUSTER_HINT = (
-    "start one with `RAY_AUTH_MODE=token ray start --head --dashboard-host=0.0.0.0` (Jobs API on port 8265, token "
-    "authentication on), reach a remote one "
-    "with `ray dashboard cluster/ray/cluster.yaml` or `kubectl port-forward svc/<cluster>-head-svc 8265:8265`, "
+    "start one with `RAY_AUTH_MODE=token ray start --head` (Jobs API on port 8265, token authentication on), "
+    "reach a remote one through a tunnel to this machine (`ssh -N -L 8265:localhost:8265 <head>`, "
+    "`ray dashboard cluster/ray/cluster.yaml` or `kubectl port-forward svc/<cluster>-head-svc 8265:8265`), "
     "and see cluster/README.md"
 )
 
@@ -296,11 +296,9 @@ def compose_checked(stage: str, overrides: list[str]):
 
 
 def job_entrypoint(stage: str, overrides: list[str]) -> str:
-    """The command the cluster runs: the same stage and overrides, joining the cluster it runs on. Anyone who lists
-    the cluster's jobs reads it: an override that carries credentials names an environment variable instead
-    (PIPELINE_SECRET_<i>, as hide_secret_overrides(overrides, taken={}) names it: the job's environment holds it)."""
-    hidden, _ = hide_secret_overrides(overrides, taken={})
-    kept = [o for o in hidden if o.lstrip("+").split("=", 1)[0] != "cluster.address"]
+    """The command the cluster runs: the same stage and overrides, joining the cluster it runs on (overrides that
+    carry credentials are refused before: see _submit)."""
+    kept = [o for o in overrides if o.lstrip("+").split("=", 1)[0] != "cluster.address"]
     return shlex.join(["python", "-m", "pipeline.cli", stage, *kept, "cluster.address=auto"])
 
 
@@ -318,13 +316,11 @@ def stage_installed_layout(dest: Path) -> Path:
 
 
 @contextmanager
-def runtime_env(cluster: ClusterConfig, output_dir: str, secret_env: dict[str, str] | None = None):
-    """The job's runtime environment (with secret_env, the values hide_secret_overrides took out of the overrides);
-    an "auto" working directory is staged in a temporary directory that lives until the job is submitted (the client
-    uploads it during submit_job)."""
+def runtime_env(cluster: ClusterConfig, output_dir: str):
+    """The job's runtime environment; an "auto" working directory is staged in a temporary directory that lives
+    until the job is submitted (the client uploads it during submit_job)."""
     env = {
         "env_vars": {
-            **(secret_env or {}),
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONUNBUFFERED": "1",
             "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),
@@ -385,19 +381,25 @@ def _parser() -> argparse.ArgumentParser:
 def _submit(stage: str, overrides: list[str]):
     """Check everything that can be checked here, then send the job: (client, job id, entrypoint, config, the
     cluster's Ray version)."""
-    hidden, secret_env = hide_secret_overrides(overrides, taken={})  # the job's own environment: no name is taken
-    os.environ.update(secret_env)  # the job's overrides compose here as they will on the cluster
+    hidden, secret_env = hide_secret_overrides(overrides, taken={})
+    if secret_env:
+        keys = ", ".join(o.split("=", 1)[0] for o in hidden if "${oc.env:" in o)
+        raise ConfigError(
+            f"{keys} carries credentials in its URI: a job takes them to the cluster in its entrypoint or its "
+            f"environment, which Ray keeps in the job's metadata (shown to anyone holding the cluster's token) and "
+            f"writes to its runtime-env agent's log. Give the cluster's nodes the credentials instead (an instance "
+            f"role, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or GOOGLE_APPLICATION_CREDENTIALS in the nodes' "
+            f"environment or a Kubernetes secret, MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) and pass the "
+            f"URI without them (SECURITY.md)."
+        )
     cfg = compose_checked(stage, hidden)
     address = cfg.cluster.address
     parse_jobs_address(address)
-    if secret_env and not private_transport(address):
-        raise _refuse_clear_text(address, "credentials in the overrides (sent in the job's environment)",
-                                 "cluster.address=")
     check_shared_storage(cfg.output_dir, cfg.cluster)
     api = check_jobs_address(address, cfg.cluster.connect_timeout_s)
     client = connect(address, api)
-    entrypoint = job_entrypoint(stage, hidden)
-    with runtime_env(cfg.cluster, cfg.output_dir, secret_env) as env:
+    entrypoint = job_entrypoint(stage, overrides)
+    with runtime_env(cfg.cluster, cfg.output_dir) as env:
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
                                    metadata={"stage": stage, "run_name": str(cfg.run_name)})
     return client, job_id, entrypoint, cfg, api.version

@@ -30,10 +30,12 @@ from pipeline.config import (
     grad_accumulation_steps,
     run_dir_for,
 )
+from pipeline.containment import regular_file
 from pipeline.model.size import attended_context, model_for_data, training_flops_per_token
 from pipeline.tracking import Tracker
 from pipeline.train.ds_config import make_ds_config, resolve_precision
 from pipeline.train.job import TrainJob, TrainOutcome
+from pipeline.train.plan import check_layout_fits
 from pipeline.train.plots import plot_loss_curve
 from pipeline.train.preemption import Preempted, PreemptionForwarder
 from pipeline.train.ray_launch import launch_ray
@@ -112,6 +114,9 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
             f"context_length."
         )
     model = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id)
+    # Again with the data set's own vocabulary (the stage planned with the config's): a data set that declares
+    # a huge vocabulary must not make every rank allocate its embedding.
+    check_layout_fits(model, cfg.parallel, cfg.train, resolve_precision(cfg.parallel), cfg.cluster.workers_per_node)
     if cfg.train.optimizer == "muon" and cfg.train.grad_clip:
         log.warning("train.grad_clip=%g is not applied with train.optimizer=muon (see TrainConfig.muon_lr)",
                     cfg.train.grad_clip)
@@ -176,7 +181,9 @@ def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path, tags: dict[str,
         blend = load_blend(data_dir)
         tracker.log_params({f"resolved.blend.{c.name}": f"share {c.share:.6g} of {blend.component_dir(c).name}"
                             for c in blend.components})
-    tracker.log_artifact(data_dir / "tokenizer.model", "tokenizer")
+    tokenizer = regular_file(load_data_info(data_dir).tokenizer_path, "the data set's tokenizer",
+                             f"a data set holds its tokenizer as a regular file: prepare {data_dir} again")
+    tracker.log_artifact(tokenizer, "tokenizer")
     return tracker
 
 

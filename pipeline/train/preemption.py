@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -110,13 +111,17 @@ def stale_reason(marker: Path, now: float | None = None) -> str | None:
     info = read_marker(marker)
     try:
         pid, heartbeat = int(info["pid"]), float(info["heartbeat"] if "heartbeat" in info else info["started"])
-    except (TypeError, KeyError, ValueError):  # info is None or lacks the fields
+    except (TypeError, KeyError, ValueError, OverflowError):  # info is None or lacks the fields
         return "it is not a regular file holding a driver's host, pid and heartbeat"
+    if pid <= 0 or not math.isfinite(heartbeat):
+        return f"it names the pid {pid} and the heartbeat {heartbeat}, which no driver writes"
     if info.get("host") == socket.gethostname() and info.get("pid_namespace") == pid_namespace() and not _alive(pid):
         return f"its driver, pid {pid} on this host, is gone"
     age = (time.time() if now is None else now) - heartbeat
     if age > STALE_AFTER_S:
         return f"its heartbeat is {age:.0f} s old (a training driver refreshes it every {HEARTBEAT_S:.0f} s)"
+    if age < -STALE_AFTER_S:  # a written future never ages: it would hold preempt for its whole wait
+        return f"its heartbeat lies {-age:.0f} s in the future (another host's clock, or not a driver's)"
     return None
 
 

@@ -137,7 +137,7 @@ def test_checkpoints_resume_on_a_machine_that_never_saw_them(store, tmp_path):
         tag = fake_tag(run, step, {"mp_rank_00_model_states.pt": b"m" * step, "rng_rank0.pt": b"r"})
         push_checkpoint_files(store, run, tag)
         assert not store.exists(f"runs/r/checkpoints/{tag.name}/{COMPLETE_MARKER}")  # files first
-        (tag / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+        (tag / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": 1}))
         push_checkpoint_marker(store, run, tag)
     assert store.read_text(f"runs/r/checkpoints/{LATEST_FILE}") == "step_00000004"
 

@@ -193,3 +193,42 @@ def test_trusting_a_global_that_can_run_code_is_refused(tmp_path, monkeypatch):
         with pytest.raises(CheckpointError, match=why):
             check_pickles(tag)
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_a_parameter_name_that_is_a_path_never_reaches_the_universal_converter(trained, tmp_path):
+    """DeepSpeed's converter writes each parameter's states under <output>/zero/<name>/: a checkpoint that names a
+    parameter '../../../escaped' (plain strings: the scan and the weights-only loader pass them) would make it
+    write outside its output. Refused before the conversion, naming the file and the parameter."""
+    from pipeline.checkpoint.universal import to_universal
+    from pipeline.files import sha256_file
+
+    _, run_dir, tag = copy_run(trained, tmp_path)
+    path = tag / "mp_rank_00_model_states.pt"
+    state = safe_load(path)
+    escape = "../../../../escaped"
+    first = next(iter(state["module"]))
+    state["module"] = {(escape if k == first else k): v for k, v in state["module"].items()}
+    state["param_shapes"] = [{(escape if k == first else k): v for k, v in group.items()}
+                             for group in state["param_shapes"]]
+    torch.save(state, path)
+    marker = json.loads((tag / COMPLETE_MARKER).read_text())
+    marker["sha256"][path.name], marker["files"][path.name] = sha256_file(path), path.stat().st_size
+    (tag / COMPLETE_MARKER).write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt names the parameter '\.\./\.\./\.\./\.\./"
+                                              r"escaped', which is not a module path"):
+        to_universal(tag)
+    assert not any(p.name == "escaped" for p in tmp_path.rglob("escaped"))
+    assert not (checkpoint_root(run_dir) / UNIVERSAL_DIR / tag.name / "zero").exists()
+
+
+def test_a_foreign_checkpoint_is_converted_into_the_resuming_run_not_beside_it(trained, tmp_path):
+    """train.resume=<another run's checkpoint> at another layout: the conversion goes into this run's directory;
+    the other run's directory (which may be read-only, or someone else's) is not written."""
+    from pipeline.checkpoint.universal import to_universal
+
+    _, other_run, tag = copy_run(trained, tmp_path)
+    before = sorted(str(p.relative_to(other_run)) for p in other_run.rglob("*"))
+    mine = tmp_path / "mine" / "runs" / "m"
+    out = to_universal(tag, mine)
+    assert out == checkpoint_root(mine) / UNIVERSAL_DIR / tag.name
+    assert sorted(str(p.relative_to(other_run)) for p in other_run.rglob("*")) == before

@@ -259,7 +259,7 @@ def test_the_log_names_at_most_the_files_with_the_most_undecodable_bytes(tmp_pat
     assert report.bad_bytes == sum(range(1, REPORTED_FILES + 6))
 
 
-@pytest.mark.parametrize("doc_split", ["line", "file"])
+@pytest.mark.parametrize("doc_split", ["line", "file", "blank_line"])
 def test_a_document_longer_than_max_document_bytes_is_named_not_held_in_memory(tmp_path, doc_split):
     """A file of gigabytes without a line break would fill a worker's memory as one line (or one document): the
     reader stops at data.max_document_bytes and names the file and the byte."""
@@ -270,7 +270,35 @@ def test_a_document_longer_than_max_document_bytes_is_named_not_held_in_memory(t
     corpus.write_bytes(b"a short line\n" + b"x" * 5000 + b"\nanother line\n")
     cfg = config(corpus, tmp_path / "out", doc_split=doc_split, max_document_bytes=4096)
     src = source_configs(cfg)[0]
-    with pytest.raises(SourceError, match=r"corpus.txt.* more than 4096 bytes.*raise data.max_document_bytes"):
+    with pytest.raises(SourceError, match=r"corpus.txt.* more than 4096 bytes.*data.max_document_bytes"):
         list(text_piece(src, Piece(str(corpus)), cfg, DecodeReport(), "data"))
     roomy = config(corpus, tmp_path / "out", doc_split=doc_split, max_document_bytes=8192)
     assert len("".join(text_piece(src, Piece(str(corpus)), roomy, DecodeReport(), "data"))) > 5000
+
+
+@pytest.mark.parametrize("on_binary", ["skip", "error"])
+def test_a_nul_character_from_a_json_escape_or_a_parquet_value_is_handled_like_a_nul_byte(tmp_path, on_binary):
+    """No NUL byte in the file, but a NUL character in the text all the same: a JSON string's \\u0000 escape, a
+    parquet value. Handled as data.on_binary says, like a NUL byte."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.partitions import Piece
+    from data_prep.sources import DecodeReport, jsonl_piece, parquet_piece
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"text": "clean text"}) + "\n" + json.dumps({"text": "bin\u0000ary"}) + "\n")
+    assert b"\0" not in jsonl.read_bytes()
+    table = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": ["clean text", "bin\u0000ary"]}), table)
+    cases = [("jsonl", jsonl, jsonl_piece, Piece(str(jsonl))), ("parquet", table, parquet_piece,
+                                                                Piece(str(table), row_group=0))]
+    for source, path, reader, piece in cases:
+        cfg = config(path, tmp_path / "out", source=source, on_binary=on_binary)
+        src, report = source_configs(cfg)[0], DecodeReport()
+        if on_binary == "error":
+            with pytest.raises(SourceError, match=r"holds a NUL character.*data.on_binary=skip"):
+                list(reader(src, piece, cfg, report, "data"))
+            continue
+        assert list(reader(src, piece, cfg, report, "data")) == ["clean text"]
+        assert report.nul_documents == 1

@@ -144,7 +144,7 @@ WRITERS = [
     ("comet.enabled", True),
     ("flops_profiler.output_file", "/root/.bashrc"),
     ("autotuning.results_dir", "/tmp/tuning"),
-    ("data_efficiency.data_sampling.dynamic_batching.metrics_path", "/tmp/metrics"),
+    ("nebula.persistent_storage_path", "/tmp/nebula"),
 ]
 
 
@@ -297,3 +297,11 @@ def test_the_cli_refuses_bad_numbers_naming_the_field(tmp_path, override, messag
     out = cli("train", override, f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-3000:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["curriculum_learning.enabled", "data_efficiency.enabled", "progressive_layer_drop.enabled",
+                                 "zero_optimization.mics_shard_size", "prescale_gradients", "eigenvalue.enabled"])
+def test_deepspeed_features_that_change_the_math_or_the_layout_are_refused(key):
+    """They would train (or partition) otherwise than the run records in its config and checkpoints."""
+    with pytest.raises(ConfigError, match=rf"parallel\.deepspeed\.{re.escape(key)}="):
+        validate_deepspeed(ParallelConfig(deepspeed=nested(key, True)), TrainConfig())

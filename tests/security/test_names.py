@@ -118,8 +118,7 @@ def test_an_object_key_with_dot_dots_is_refused_before_anything_is_written(s3_en
     store = ObjectStore(f"s3://bucket/{prefix}?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1")
     local = tmp_path / "out" / "runs" / "r" / "checkpoints" / "step_00000001"
     names = store.files("runs/r/checkpoints/step_00000001")
-    if not any(".." in name for name in names):
-        pytest.skip(f"this S3 client normalises the key's '..' away (listing: {sorted(names)}): nothing to refuse")
+    assert any(".." in name for name in names), f"the hostile key did not reach the listing: {sorted(names)}"
     with pytest.raises(ContainmentError, match=r"the object store names a file of .* would lie outside"):
         store.download_dir("runs/r/checkpoints/step_00000001", local, COMPLETE_MARKER)
     assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
@@ -151,7 +150,7 @@ def test_a_link_in_a_file_bucket_is_refused_and_never_read(tmp_path):
     with pytest.raises(StorageError, match=r"is a symbolic link or not a regular file"):
         store.files("data/ds-abc")
     (ds / "loop").unlink()
-    with pytest.raises(StorageError, match=r"train_00000.bin.* is a symbolic link"):
+    with pytest.raises(StorageError, match=r"train_00000.bin.* (is|passes through) the symbolic link|is a symbolic link"):
         store.download_file("data/ds-abc/train_00000.bin", tmp_path / "out" / "x.bin")
     assert not (tmp_path / "out" / "x.bin").exists()
 
@@ -220,7 +219,7 @@ def test_a_local_latest_naming_a_path_is_ignored_and_prune_deletes_nothing_outsi
     for step in (1, 2):
         tag = root / f"step_{step:08d}"
         tag.mkdir(parents=True)
-        (tag / COMPLETE_MARKER).write_text(json.dumps({"step": step, "files": {}, "sha256": {}}))
+        (tag / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": 1, "files": {}, "sha256": {}}))
     (root / "latest").write_text(f"../../{victim.name}")
     (root / "step_00000000").symlink_to(victim, target_is_directory=True)  # a planted "tag" that is a link
     assert latest_complete(root) == root / "step_00000002"
@@ -288,3 +287,22 @@ def test_a_partition_record_naming_other_files_is_refused(field):
         record["index"] = 4
     with pytest.raises(ValueError, match="which no worker writes for it"):
         PartitionRecord.from_json(json.dumps(record), 3)
+
+
+def test_a_linked_prefix_in_a_file_bucket_is_refused(tmp_path):
+    """A data set's whole prefix as a link to a private directory of the node: neither listed nor read."""
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "manifest.json").write_text("{}")
+    (private / "id_rsa").write_text("PRIVATE KEY")
+    root = tmp_path / "bucket"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "ds-abc").symlink_to(private, target_is_directory=True)
+    store = ObjectStore(f"file://{root}")
+    with pytest.raises(StorageError, match=r"passes through the symbolic link"):
+        store.files("data/ds-abc")
+    with pytest.raises(StorageError, match=r"passes through the symbolic link"):
+        store.read_text("data/ds-abc/manifest.json")
+    with pytest.raises(StorageError):
+        pull_dataset(store, tmp_path / "out" / "data" / "ds-abc")
+    assert not (tmp_path / "out" / "data" / "ds-abc" / "id_rsa").exists()

@@ -188,3 +188,18 @@ def test_the_workers_flag_sees_a_link_without_following_it(run_dir, outside):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert outside.read_text() == SECRET
+
+
+@pytest.mark.parametrize("info", [{"heartbeat": float("nan")}, {"heartbeat": 1e300}, {"pid": -5},
+                                  {"heartbeat": "soon"}])
+def test_a_training_file_with_a_crafted_heartbeat_or_pid_is_stale_not_a_wait_or_a_crash(tmp_path, info):
+    """NaN and far-future heartbeats never age, and a negative pid made psutil raise: each is stale, said so."""
+    from pipeline.train.preemption import TRAINING_FILE, pid_namespace, stale_reason
+
+    marker = tmp_path / TRAINING_FILE
+    base = {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": pid_namespace(),
+            "started": time.time(), "heartbeat": time.time()}
+    marker.write_text(json.dumps({**base, **info}))
+    assert stale_reason(marker) is not None
+    marker.write_text(json.dumps(base))
+    assert stale_reason(marker) is None  # the honest marker of a live driver

@@ -87,3 +87,25 @@ def test_data_inspect_verify_reports_the_id(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "train_00000.bin holds the token id 1000, outside the data set's vocabulary of 64" in done.stderr
+
+
+def test_a_blend_whose_data_set_has_a_larger_vocabulary_is_refused(tmp_path):
+    """The model is built from the blend's vocabulary: a component that declares (and holds) more ids than the
+    blend says would feed ids past the embedding. The blend is refused, naming the data set and the field."""
+    from data_prep.blend import BLEND, blend_incomplete_reason, open_split, write_blend
+
+    root = tmp_path / "data"
+    small = write_synthetic_dataset(root / "small", np.ones((8, 17), dtype=np.int64), 64, val_windows=1)
+    blend_dir = root / "mix"
+    write_blend(blend_dir, [("a", small, 1.0)])
+    blend = json.loads((blend_dir / BLEND).read_text())
+    big = write_synthetic_dataset(root / "big", np.full((8, 17), 900, dtype=np.int64), 1000, val_windows=1)
+    manifest = json.loads((big / "manifest.json").read_text())
+    manifest["tokenizer_sha256"] = blend["tokenizer_sha256"]
+    (big / "manifest.json").write_text(json.dumps(manifest))
+    blend["components"][0]["dataset"] = "../big"
+    (blend_dir / BLEND).write_text(json.dumps(blend))
+    message = r"the blend .*mix has vocab_size=64 but its data set 'a' .*big\) has 1000"
+    with pytest.raises(ShardError, match=message):
+        open_split(blend_dir, "train")
+    assert "vocab_size=64" in blend_incomplete_reason(blend_dir)
