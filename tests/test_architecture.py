@@ -237,3 +237,21 @@ def test_no_function_longer_than_100_lines():
                     if lines > MAX_FUNCTION_LINES:
                         long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them):\n" + "\n".join(long)
+
+
+def test_architecture_md_names_only_files_and_functions_that_exist():
+    """docs/ARCHITECTURE.md is the map a newcomer reads first: every file it names exists, and every
+    `function` it names beside a file is defined in that file."""
+    import re
+
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    paths = set(re.findall(r"`((?:pipeline|data_prep|tests)/[\w/.*]+?\.(?:py|md))`", text))
+    paths |= set(re.findall(r"`((?:pipeline|data_prep)/\w+/)`", text))
+    assert len(paths) > 20, "the map names too few files to be checked"
+    missing = sorted(p for p in paths if "*" not in p and not (ROOT / p).exists())
+    assert not missing, f"docs/ARCHITECTURE.md names files that do not exist: {missing}"
+    pairs = re.findall(r"`((?:pipeline|data_prep)/[\w/]+\.py)` `(\w+)`", text)
+    assert pairs, "the map names no functions to be checked"
+    undefined = [f"{path}:{name}" for path, name in pairs
+                 if not re.search(rf"^\s*(def|class) {name}\b|^{name}\s*=", (ROOT / path).read_text(), re.M)]
+    assert not undefined, f"docs/ARCHITECTURE.md names functions its files do not define: {undefined}"
