@@ -102,13 +102,14 @@ def test_a_blend_goes_up_and_comes_down_with_each_of_its_data_sets(store, tmp_pa
 def test_an_upload_cut_short_leaves_only_a_hidden_file_that_nothing_reads(tmp_path):
     bucket = tmp_path / "bucket"
     store = ObjectStore(f"file://{bucket}")
-    tag = fake_tag(tmp_path / "runs" / "r", 2, {"a.pt": b"a" * 10, COMPLETE_MARKER: b"{}"})
+    marker = json.dumps({"step": 2, "world_size": 1}).encode()
+    tag = fake_tag(tmp_path / "runs" / "r", 2, {"a.pt": b"a" * 10, COMPLETE_MARKER: marker})
     (bucket / "runs/r/checkpoints/step_00000002").mkdir(parents=True)
     (bucket / "runs/r/checkpoints/step_00000002/.a.pt.upload-dead").write_bytes(b"a" * 3)  # a crashed upload
     assert store.files("runs/r/checkpoints/step_00000002") == {}
     push_checkpoint_files(store, tmp_path / "runs" / "r", tag)
     push_checkpoint_marker(store, tmp_path / "runs" / "r", tag)
-    assert store.files("runs/r/checkpoints/step_00000002") == {"a.pt": 10, COMPLETE_MARKER: 2}
+    assert store.files("runs/r/checkpoints/step_00000002") == {"a.pt": 10, COMPLETE_MARKER: len(marker)}
     pulled = pull_latest_checkpoint(store, tmp_path / "fresh" / "runs" / "r")
     assert sorted(p.name for p in pulled.iterdir()) == [COMPLETE_MARKER, "a.pt"]
 
