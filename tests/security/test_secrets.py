@@ -232,26 +232,56 @@ def outward_address() -> str | None:
     return None
 
 
-def test_the_token_never_goes_in_clear_text_to_another_machine(monkeypatch):
+CHECK_ADDRESS = """
+import json, sys
+from pipeline.cluster.submit import check_jobs_address
+from pipeline.config import ConfigError
+try:
+    api = check_jobs_address(sys.argv[1], timeout_s=10)
+    print(json.dumps({"version": api.version}))
+except ConfigError as err:
+    print(json.dumps({"refused": str(err)}))
+"""
+
+
+def check_address_in_a_fresh_process(address: str, env: dict[str, str]) -> dict:
+    """check_jobs_address in its own process: Ray's C++ side fixes the auth mode it reads from RAY_AUTH_MODE once
+    per process, so a neighbouring test that started a token cluster would decide the branch taken here."""
+    proc = subprocess.run([sys.executable, "-c", CHECK_ADDRESS, address], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("auth_mode", [None, "token"])
+def test_the_token_never_goes_in_clear_text_to_another_machine(auth_mode):
+    """Whether the token would go because the cluster asks for it (401) or because RAY_AUTH_MODE=token makes Ray's
+    client send it with every request, it is never sent over plain http to another machine; over loopback (a
+    tunnel's end) it is."""
     ip = outward_address()
     if ip is None:
         pytest.skip("this machine has no non-loopback IPv4 address to reach a server by")
     token = new_secret("token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-    # Without RAY_AUTH_MODE=token here (a test beside this one may have set it): the token goes only where a
-    # cluster asks for it, and that ask is what this test answers.
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    env = {k: v for k, v in run_env().items() if not k.startswith("RAY_AUTH")}
+    env["RAY_AUTH_TOKEN"] = token
+    if auth_mode is not None:
+        env["RAY_AUTH_MODE"] = auth_mode
     with RecordingServer(token) as server:
-        with pytest.raises(ConfigError) as refused:
-            check_jobs_address(f"http://{ip}:{server.port}", timeout_s=10)
-        message = str(refused.value)
-        assert "asks for a token" in message and "https://" in message and "ssh -N -L 8265:localhost:8265" in message
+        answer = check_address_in_a_fresh_process(f"http://{ip}:{server.port}", env)
+        message = answer.get("refused", "")
+        assert "https://" in message and "ssh -N -L 8265:localhost:8265" in message, answer
         assert "kubectl port-forward" in message and "http://127.0.0.1:8265" in message
-        assert server.requests and not [r for r in server.requests if "Authorization" in r]
+        assert token not in message
+        if auth_mode is None:  # the cluster's 401 is what asked for it
+            assert "asks for a token" in message and server.requests
+        else:  # refused before anything is sent
+            assert "RAY_AUTH_MODE=token" in message and server.requests == []
+        assert not [r for r in server.requests if "Authorization" in r]
 
         # Over loopback (a tunnel's end) the token is sent, and the cluster answers.
-        api = check_jobs_address(f"http://127.0.0.1:{server.port}", timeout_s=10)
-        assert api.version == "2.60.0" and server.requests[-1]["Authorization"] == f"Bearer {token}"
+        answer = check_address_in_a_fresh_process(f"http://127.0.0.1:{server.port}", env)
+        assert answer == {"version": "2.60.0"}, answer
+        assert server.requests[-1]["Authorization"] == f"Bearer {token}"
 
 
 def test_submit_refuses_credentials_in_uris_and_sends_nothing(tmp_path):
