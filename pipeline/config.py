@@ -55,7 +55,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # Attention never crosses a document boundary of a packed window and positions restart at each document:
     # a document's segment starts at the EOS that precedes it (the windows' EOS tokens are the boundaries
-    # prepare records; doc_starts.npy holds the same offsets + 1).
+    # prepare records; doc_starts.npy holds the same offsets + 1). Off for a model built in code, which has no EOS id
+    # to mask with; every shipped model option (conf/model/) turns it on.
     document_mask: bool = False
     # The kernel of document-masked attention: sdpa (a dense block-diagonal mask; what trains on CPU, where
     # FlexAttention has no backward) | flex (FlexAttention with a block mask, compiled; CUDA) | auto (flex on
@@ -273,7 +274,8 @@ class TrainConfig:
     log_interval_steps: int = 10
     # Validation on the training workers (the training layout, each rank a slice) every N steps and at the
     # last step, over the eval.max_tokens budget; logged as val_loss, val_perplexity, val_bits_per_byte at the
-    # step (0: none during training; pipeline evaluate scores checkpoints).
+    # step (0: none during training; pipeline evaluate scores checkpoints). The shipped conf/train/default.yaml
+    # sets 100; a TrainConfig built in code validates only when asked (validation reads the data set's tokenizer).
     eval_interval_steps: int = 0
     # Checkpoint every N steps (0: only at the end).
     save_interval_steps: int = 0

@@ -179,12 +179,109 @@ def test_cli_reports_bad_values_fast_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_dataclass_defaults_match_yaml_defaults():
-    """The YAML defaults and the schema agree, so a user reading either sees the truth."""
-    cfg = compose_config([])
-    assert dataclasses.asdict(cfg.train) == dataclasses.asdict(
-        dataclasses.replace(TrainConfig(), **{k: v for k, v in OmegaConf.load(CONF / "train/default.yaml").items()})
-    )
+# One source of defaults: the schema's dataclasses (pipeline.config). A YAML file of conf/ sets only what its option
+# chooses, and these are the keys each group's options may set (any other key would be a default restated in YAML,
+# or a default hiding there: give the dataclass field that value instead).
+OPTION_KEYS = {
+    # A model option is an architecture: its sizes and the choices that define it (GPT-2 keeps learned positions and
+    # LayerNorm whatever the schema's defaults become).
+    "model": {"name", "vocab_size", "context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "dropout",
+              "bias", "tie_embeddings", "pos_encoding", "embedding_norm", "rope_theta", "document_mask", "qk_norm",
+              "norm", "activation", "init_std"},
+    # A data option is a corpus: where it is, how it splits into documents, its vocabulary.
+    "data": {"name", "source", "path", "text_field", "doc_split", "hf_config", "hf_revision", "hf_split", "mixture",
+             "context_length", "tokenizer"},
+    # A parallel option is a hardware layout.
+    "parallel": {"num_workers", "tensor_parallel", "zero_stage", "precision", "use_gpu", "gpus_per_worker",
+                 "cpus_per_worker"},
+    # A cluster option is where Ray runs: every field of it.
+    "cluster": {"name", "address", "num_cpus", "placement_strategy", "workers_per_node", "connect_timeout_s",
+                "runtime_env_working_dir", "shared_storage", "storage_uri"},
+    "train": {"eval_interval_steps"},  # see SHIPPED_CHOICES
+    "eval": set(),
+    "tracking": set(),
+    # A sweep (@package _global_) pins what its runs need, so that its results do not move with the defaults.
+    "sweep": {"sweep", "model.context_length", "data.tokenizer.vocab_size", "train.micro_batch_size",
+              "train.global_batch_tokens", "train.lr", "train.save_interval_steps", "eval.max_tokens",
+              "eval.num_samples"},
+}
+# Where the default composition (conf/config.yaml's defaults list) differs from PipelineConfig() on purpose.
+SHIPPED_CHOICES = {
+    # model=tiny spells out its MLP width (4 * d_model, what null computes): the value is in its runs' recorded
+    # config and resume fingerprint.
+    "model.d_ff": 512,
+    # Every shipped model masks attention at document boundaries; a ModelConfig built in code has no EOS id to mask
+    # with (GPT refuses document_mask without model.eos_id), so the schema's default stays off.
+    "model.document_mask": True,
+    # The shipped run validates every 100 steps; a TrainConfig built in code (tests and benchmarks train on synthetic
+    # data sets whose placeholder tokenizer cannot score bits per byte) validates only when asked.
+    "train.eval_interval_steps": 100,
+}
+# Every data option sets data.context_length: ${model.context_length} (windows follow the model); an interpolation
+# that a DataConfig built in code could not hold.
+INTERPOLATED = {"data.context_length": "${model.context_length}"}
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """{"a.b": value} of the dict leaves below node (a list is a leaf)."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def _option_files() -> dict[str, list[Path]]:
+    return {g.name: sorted(g.glob("*.yaml")) for g in sorted(CONF.iterdir()) if g.is_dir() and g.name != "hydra"
+            and list(g.glob("*.yaml"))}
+
+
+def _option_leaves(group: str, path: Path) -> dict:
+    """The dotted keys (from the config's root) and values that one option file sets."""
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    return _leaves(node if group == "sweep" else {group: node})
+
+
+def _schema_defaults() -> dict:
+    from pipeline.config import resolved_run_name
+
+    expected = PipelineConfig()
+    expected.run_name = resolved_run_name(expected)
+    expected.data.output_dir = f"{expected.output_dir}/data"
+    return _leaves(dataclasses.asdict(expected))
+
+
+def test_the_default_composition_is_the_schema_defaults_but_the_shipped_choices():
+    composed = _leaves(dataclasses.asdict(compose_config([])))
+    defaults = _schema_defaults()
+    assert composed.keys() == defaults.keys()
+    differing = {key: value for key, value in composed.items() if value != defaults[key]}
+    assert differing == SHIPPED_CHOICES, "a YAML default and its dataclass default disagree: give the dataclass field " \
+        "the value (the one source of defaults), or list the key in SHIPPED_CHOICES with the reason"
+
+
+def test_yaml_files_set_only_their_options_keys():
+    root = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"), resolve=False)
+    assert set(root) <= {"defaults", "hydra"}, "conf/config.yaml sets a default: give PipelineConfig's field the value"
+    for group, paths in _option_files().items():
+        allowed = {key if group == "sweep" else f"{group}.{key}" for key in OPTION_KEYS[group]}
+        for path in paths:
+            stray = [key for key in _option_leaves(group, path)
+                     if not any(key == a or key.startswith(f"{a}.") for a in allowed)]
+            assert not stray, f"{path.relative_to(REPO)} sets {stray}: a default belongs in the dataclass " \
+                              f"(pipeline.config); an option's own choice, in OPTION_KEYS[{group!r}]"
+
+
+def test_a_value_every_option_of_a_group_sets_is_a_shipped_choice():
+    """A key that every option of a group sets to one value other than the dataclass default is a default in
+    disguise (document_mask: true in all of conf/model/): it must be one of the deliberate SHIPPED_CHOICES."""
+    defaults = _schema_defaults()
+    for group, paths in _option_files().items():
+        if len(paths) < 2 or group == "sweep":
+            continue
+        options = [_option_leaves(group, path) for path in paths]
+        for key, value in options[0].items():
+            if key in defaults and value != defaults[key] and all(o.get(key, defaults[key]) == value for o in options):
+                assert SHIPPED_CHOICES.get(key, INTERPOLATED.get(key)) == value, \
+                    f"every conf/{group}/ option sets {key}={value!r} against the dataclass default {defaults[key]!r}"
 
 
 def test_stage_level_config_errors_print_cleanly(tmp_path):
