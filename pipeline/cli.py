@@ -2,7 +2,11 @@
 
 Config stages (prepare, train, evaluate, run, params) compose the Hydra tree in conf/ with the
 overrides, validate it, and only then import the heavy libraries and start work. Tool commands
-(`data inspect`, ...) take ordinary arguments.
+(`data inspect`, ...) take ordinary arguments. STAGES and TOOLS are what the command line dispatches; a test
+checks USAGE and the READMEs against them.
+
+Errors: one that the user can fix (a PipelineError, or NoSpaceError) is printed as one line, exit status 2; any
+other exception is a bug and keeps its traceback (exit status 1).
 
 Credentials in URIs (tracking.uri=http://user:secret@host, a storage URI with keys) never reach the output, the
 logs or what Hydra keeps: everything printed is scrubbed (pipeline.redaction), and an override that carries
@@ -11,13 +15,15 @@ credentials is composed from an environment variable (${oc.env:PIPELINE_SECRET_<
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+from pipeline.files import NoSpaceError
 from pipeline.redaction import (
     find_uris,
     hide_secret_overrides,
@@ -27,7 +33,42 @@ from pipeline.redaction import (
     scrub_stdio,
 )
 
-USAGE = """usage: pipeline <command> [overrides or arguments...]
+# What a command runs: (module, function), imported only when the command runs.
+Target = tuple[str, str]
+
+# The config stages (Hydra overrides) that run module.function(cfg); `params` and `plan` print a report here.
+STAGES: dict[str, Target] = {
+    "prepare": ("pipeline.stages", "prepare_stage"),
+    "train": ("pipeline.stages", "train_stage"),
+    "evaluate": ("pipeline.stages", "evaluate_stage"),
+    "run": ("pipeline.stages", "run_pipeline"),
+    "generate": ("pipeline.stages", "generate_stage"),
+    "export": ("pipeline.stages", "export_stage"),
+    "sweep": ("pipeline.scaling.sweep", "run_sweep"),
+}
+CONFIG_STAGES = (*STAGES, "params", "plan")
+
+# The tool commands (ordinary arguments): function(rest of the command line) -> exit status, or a table of
+# subcommands (`pipeline data inspect ...`). `checkpoint`, `scaling` and `jobs` parse their subcommands themselves.
+TOOLS: dict[str, Target | dict[str, Target]] = {
+    "data": {"inspect": ("data_prep.inspect", "main")},
+    "checkpoint": ("pipeline.checkpoint.cli", "main"),
+    "scaling": ("pipeline.scaling.cli", "main"),
+    "preempt": ("pipeline.train.preemption", "preempt_main"),
+    "submit": ("pipeline.cluster.submit", "main"),
+    "jobs": ("pipeline.cluster.jobs", "main"),
+}
+
+# The errors a user can fix: printed as one line (scrubbed), exit status 2. Anything else is a bug and keeps its
+# traceback. NoSpaceError is an OSError (its errno is ENOSPC or EDQUOT) that names the file and the fix.
+USER_ERRORS = (PipelineError, NoSpaceError)
+
+# The Hugging Face architectures `pipeline export` writes, by the name pipeline.evaluation.export.architecture()
+# gives them (tests/pipeline/test_cli_help.py checks this against the exporter's own table).
+EXPORT_ARCHITECTURES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen 3", "bloom": "BLOOM"}
+_EXPORTED = ", ".join(list(EXPORT_ARCHITECTURES.values())[:-1]) + " or " + list(EXPORT_ARCHITECTURES.values())[-1]
+
+USAGE = f"""usage: pipeline <command> [overrides or arguments...]
 
 Stages (Hydra overrides, e.g. model.n_layer=6 parallel.zero_stage=2 train.max_steps=1000):
   prepare      read the corpus, train the tokenizer, tokenize with Ray Data, write shards
@@ -36,7 +77,7 @@ Stages (Hydra overrides, e.g. model.n_layer=6 parallel.zero_stage=2 train.max_st
   run          prepare -> train -> evaluate, then print where the MLflow results are
   generate     "prompt" [overrides]: sample from the trained run (eval.temperature=0 is greedy,
                eval.top_k, eval.top_p, eval.max_new_tokens, eval.num_samples, eval.seed)
-  export       the trained run as a Hugging Face transformers directory (GPT-2 or Llama architecture)
+  export       the trained run as a Hugging Face transformers directory: {_EXPORTED}
   params       parameter counts and training FLOPs of a model config (e.g. model=gpt3_175b)
   plan         memory per rank and time of a layout, with a verdict against a device:
                [overrides] [--gpu H100 | --gpu-memory 80GB] [--peak-tflops T] [--mfu 0.4] [--tokens N]
@@ -65,8 +106,6 @@ Add --cfg job to a stage to print the composed config instead of running it.
 # What a Hydra override looks like (key=value, +key=, ~key, group@pkg=): anything else after `generate` is
 # the prompt.
 OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")
-
-CONFIG_STAGES = ("prepare", "train", "evaluate", "run", "params", "plan", "sweep", "generate", "export")
 
 log = logging.getLogger("pipeline")
 
@@ -115,8 +154,13 @@ def plan_options(args: list[str]) -> tuple[dict, list[str]]:
     return vars(options), overrides
 
 
+def _target(target: Target):
+    module, function = target
+    return getattr(importlib.import_module(module), function)
+
+
 def run_stage(stage: str, cfg, options: dict | None = None) -> None:
-    """Dispatch one config stage; `run` chains prepare, train and evaluate."""
+    """Dispatch one config stage (STAGES, or `params` and `plan` here); `run` chains prepare, train and evaluate."""
     if stage == "params":
         import dataclasses
 
@@ -128,31 +172,12 @@ def run_stage(stage: str, cfg, options: dict | None = None) -> None:
             print(f"(model.vocab_size follows the tokenizer: counting with data.tokenizer.vocab_size={model.vocab_size})")
         print(format_breakdown(model))
         return
-    from pipeline.scaling.sweep import run_sweep
-    from pipeline.stages import (
-        evaluate_stage,
-        export_stage,
-        generate_stage,
-        plan_stage,
-        prepare_stage,
-        run_pipeline,
-        train_stage,
-    )
-
     if stage == "plan":
+        from pipeline.stages import plan_stage
+
         fits = plan_stage(cfg, **(options or {}))
         sys.exit(0 if fits else 1)
-
-    stages: dict[str, Callable] = {
-        "export": export_stage,
-        "generate": generate_stage,
-        "sweep": run_sweep,
-        "prepare": prepare_stage,
-        "train": train_stage,
-        "evaluate": evaluate_stage,
-        "run": run_pipeline,
-    }
-    stages[stage](cfg)
+    _target(STAGES[stage])(cfg)
 
 
 def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -> None:
@@ -166,8 +191,6 @@ def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -
         register_schema,
         to_pipeline_config,
     )
-    from pipeline.config import PipelineError
-    from pipeline.files import NoSpaceError
 
     register_schema()
     # Hydra keeps the overrides (a multirun saves them and the config in multirun.yaml, submitit pickles them):
@@ -176,17 +199,27 @@ def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -
     os.environ.update(secret_env)
 
     def task(cfg_node: DictConfig) -> None:
+        # Here, not around hydra.main: Hydra reports what escapes the task with its own traceback and status 1.
         try:
             cfg = to_pipeline_config(cfg_node, stage)
             _remember_secrets_of(cfg)
             run_stage(stage, cfg, options)
         # Bad config or input found by a check that needs the data set, the machine or files on disk: the
-        # message names the fix, a traceback would only bury it.
-        except (PipelineError, NoSpaceError, FileNotFoundError) as err:
+        # message names the fix, a traceback would only bury it. Any other error is a bug: Hydra prints it whole.
+        except USER_ERRORS as err:
             _fail(str(err))
 
     sys.argv = [f"pipeline {stage}", *overrides]
     hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name=CONFIG_NAME)(task)()
+
+
+def _run_tool(command: str, rest: list[str]) -> int:
+    target = TOOLS[command]
+    if isinstance(target, dict):
+        if not rest or rest[0] not in target:
+            _fail(f"usage: pipeline {command} {'|'.join(target)} ... (see `pipeline --help`)")
+        target, rest = target[rest[0]], rest[1:]
+    return _target(target)(rest)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,40 +234,20 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command == "data":
-        from data_prep.inspect import main as inspect_main
-
-        if not rest or rest[0] != "inspect":
-            _fail("usage: pipeline data inspect <dataset dir> [--verify]")
-        sys.exit(inspect_main(rest[1:]))
-    if command == "submit":
-        from pipeline.cluster.submit import main as submit_main
-
-        sys.exit(submit_main(rest))
-    if command == "jobs":
-        from pipeline.cluster.jobs import main as jobs_main
-
-        sys.exit(jobs_main(rest))
-    if command == "scaling":
-        from pipeline.scaling.cli import main as scaling_main
-
-        sys.exit(scaling_main(rest))
-    if command == "checkpoint":
-        from pipeline.checkpoint.cli import main as checkpoint_main
-
-        sys.exit(checkpoint_main(rest))
-    if command == "preempt":
-        from pipeline.train.preemption import preempt_main
-
-        sys.exit(preempt_main(rest))
-    if command not in CONFIG_STAGES:
+    if command not in TOOLS and command not in CONFIG_STAGES:
         _fail(f"unknown command {command!r}.\n\n{USAGE}")
-    if command == "generate" and rest and not OVERRIDE.match(rest[0]):
-        rest = [f"eval.prompt={quote_override_value(rest[0])}", *rest[1:]]
-    options = None
-    if command == "plan":
-        options, rest = plan_options(rest)
-    _hydra_main(command, rest, options)
+    try:
+        if command in TOOLS:
+            sys.exit(_run_tool(command, rest))
+        if command == "generate" and rest and not OVERRIDE.match(rest[0]):
+            rest = [f"eval.prompt={quote_override_value(rest[0])}", *rest[1:]]
+        options = None
+        if command == "plan":
+            options, rest = plan_options(rest)
+        _hydra_main(command, rest, options)
+    # The one rule of every command: an error the user can fix is one line, anything else keeps its traceback.
+    except USER_ERRORS as err:
+        _fail(str(err))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 from pipeline.checkpoint.consolidate import consolidated_state_dict
-from pipeline.checkpoint.layout import CheckpointError, find_tag, verify_checkpoint
+from pipeline.checkpoint.layout import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    find_tag,
+    is_complete,
+    verify_checkpoint,
+)
+from pipeline.errors import PipelineError
+from pipeline.files import NoSpaceError
 
 
 def inspect(tag_dir: Path, content: bool = False) -> str:
@@ -43,9 +51,23 @@ def consolidate(tag_dir: Path, out: Path) -> Path:
     return out
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pipeline checkpoint", description=__doc__)
-    sub = parser.add_subparsers(dest="action", required=True)
+def checkpoint_tag(path: Path) -> Path:
+    """The complete checkpoint tag directory that the path given on the command line names (a tag, a checkpoints
+    directory or a run directory); CheckpointError naming the path and the fix when it names none."""
+    where = "pass a checkpoint tag directory (<run dir>/checkpoints/step_<n>), a checkpoints directory or a run directory"
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: {where}")
+    tag_dir = find_tag(path)
+    if not is_complete(tag_dir):
+        raise CheckpointError(f"{tag_dir} is not a complete checkpoint (it has no {COMPLETE_MARKER} marker: not a "
+                              f"checkpoint, or one interrupted while being written): {where}")
+    return tag_dir
+
+
+def parser() -> argparse.ArgumentParser:
+    """`pipeline checkpoint`'s arguments: its subcommands are the choices of the `action` subparsers."""
+    cli = argparse.ArgumentParser(prog="pipeline checkpoint", description=__doc__)
+    sub = cli.add_subparsers(dest="action", required=True)
     p_inspect = sub.add_parser("inspect", help="list what a checkpoint holds and verify its files")
     p_inspect.add_argument("path", help="a checkpoint tag directory, a checkpoints directory or a run directory")
     p_inspect.add_argument("--verify", action="store_true",
@@ -53,15 +75,21 @@ def main(argv: list[str]) -> int:
     p_cons = sub.add_parser("consolidate", help="write full fp32 weights as one safetensors file")
     p_cons.add_argument("path")
     p_cons.add_argument("--out", type=Path, default=None, help="output file (default: <tag>/model_fp32.safetensors)")
-    args = parser.parse_args(argv)
+    return cli
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
     try:
-        tag_dir = find_tag(Path(args.path))
+        tag_dir = checkpoint_tag(Path(args.path))
         if args.action == "inspect":
             print(inspect(tag_dir, content=args.verify))
         else:
             out = consolidate(tag_dir, args.out or tag_dir / "model_fp32.safetensors")
             print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
-    except (CheckpointError, FileNotFoundError) as err:
+    # What the user can fix (a damaged or missing checkpoint, a full disk) is one line; anything else is a bug and
+    # keeps its traceback.
+    except (PipelineError, NoSpaceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
