@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import CONFIG_STAGES
+from pipeline.cli import CONFIG_STAGES, TOOLS
 from pipeline.cluster.submit import SUBMITTABLE, compose_checked
 from pipeline.compose import compose_config, compose_node
 from pipeline.config import ClusterConfig, validate_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
-TOOL_COMMANDS = {"data", "checkpoint", "scaling", "submit", "jobs", "preempt"}
+TOOL_COMMANDS = set(TOOLS)
 HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 
 
