@@ -34,7 +34,7 @@ def _parse(argv: list[str]) -> dict[str, list[str]]:
 
 def _fit(args: dict[str, list[str]]) -> int:
     from pipeline.config import SweepConfig, TrackingConfig
-    from pipeline.scaling.fit import load_points_csv
+    from pipeline.scaling.fit_inputs import load_points_csv
     from pipeline.scaling.report import summary, write_report
 
     output_dir = Path(args.get("output_dir", ["outputs"])[0]).resolve()
@@ -76,7 +76,7 @@ def _interval(intervals: dict, key: str) -> str:
 
 
 def _predict(args: dict[str, list[str]]) -> int:
-    from pipeline.scaling.fit import ChinchillaFit, compute_optimal_interval
+    from pipeline.scaling.approach3 import ChinchillaFit, compute_optimal_interval
 
     if "C" not in args:
         raise SystemExit(f"error: give C=<FLOPs>\n{__doc__}")

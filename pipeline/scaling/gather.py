@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.redaction import redact_uri
-from pipeline.scaling.fit import ScalingPoint, TrainingCurve
+from pipeline.scaling.fit_inputs import ScalingPoint, TrainingCurve
 
 
 def _client(uri: str):

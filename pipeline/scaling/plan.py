@@ -28,7 +28,7 @@ import math
 from pathlib import Path
 
 from pipeline.config import ModelConfig, PipelineConfig, SweepConfig, SweepRun
-from pipeline.scaling.fit import ChinchillaFit, compute_optimal_interval
+from pipeline.scaling.approach3 import ChinchillaFit, compute_optimal_interval
 
 # Published approach-3 fits, usable as priors: L(N, D) = E + A / N^alpha + B / D^beta (nats/token).
 PRIORS = {

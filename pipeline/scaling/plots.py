@@ -10,14 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.scaling.fit import (
-    ChinchillaFit,
-    EnvelopeFit,
-    IsoFLOPFit,
-    IsoFLOPMinima,
-    ScalingPoint,
-    group_by_budget,
-)
+from pipeline.scaling.approach1 import EnvelopeFit
+from pipeline.scaling.approach2 import IsoFLOPFit, IsoFLOPMinima
+from pipeline.scaling.approach3 import ChinchillaFit
+from pipeline.scaling.fit_inputs import ScalingPoint, group_by_budget
 
 # Up to this many groups (budgets, token counts) a legend names each colour; beyond it the legend would cover
 # the data, so a colour bar over log C (or log D) replaces it.

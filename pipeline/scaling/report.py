@@ -30,26 +30,19 @@ import logging
 import math
 from pathlib import Path
 
-from pipeline.scaling.fit import (
+from pipeline.scaling.approach1 import EnvelopeFit, fit_approach1
+from pipeline.scaling.approach2 import IsoFLOPFit, edge_diagnostics, fit_isoflop, isoflop_minima
+from pipeline.scaling.approach3 import (
     BOOTSTRAP_STARTS,
     ChinchillaFit,
-    EnvelopeFit,
-    IsoFLOPFit,
-    ScalingPoint,
-    TrainingCurve,
     compute_optimal_allocation,
-    curves_from_points,
-    edge_diagnostics,
-    fit_approach1,
     fit_chinchilla,
-    fit_data_constrained,
-    fit_isoflop,
-    fit_kaplan,
-    isoflop_minima,
-    resample_runs,
-    write_points_csv,
 )
+from pipeline.scaling.data_constrained import fit_data_constrained
+from pipeline.scaling.fit_inputs import ScalingPoint, TrainingCurve, curves_from_points, write_points_csv
+from pipeline.scaling.kaplan import fit_kaplan
 from pipeline.scaling.plots import plot_frontier, plot_isoflop, plot_loss_vs_n
+from pipeline.scaling.resampling import resample_runs
 
 log = logging.getLogger(__name__)
 

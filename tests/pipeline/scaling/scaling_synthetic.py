@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.scaling.fit import ScalingPoint
+from pipeline.scaling.fit_inputs import ScalingPoint
 
 TRUE = dict(E=1.8, A=400.0, B=1200.0, alpha=0.34, beta=0.28)
 TRUE_A_EXPONENT = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
@@ -48,7 +48,7 @@ def noisy_isoflop_points(seed=0, noise=0.002, **kwargs) -> list[ScalingPoint]:
 
 def synthetic_curves(sizes=np.logspace(7, 10, 13), tokens=np.logspace(8, 12, 40)):
     """Training curves of the TRUE law: every size logs its loss at the same log-spaced token counts."""
-    from pipeline.scaling.fit import TrainingCurve
+    from pipeline.scaling.fit_inputs import TrainingCurve
 
     return [TrainingCurve(f"N{N:.3g}", float(N), [float(D) for D in tokens], [float(true_loss(N, D)) for D in tokens])
             for N in sizes]
@@ -60,7 +60,7 @@ TRUE_R_STAR_D = 15.4
 
 def repeated_data_points(seed=0, noise=0.001, epochs=(1, 2, 4, 8, 16, 32, 64)) -> list[ScalingPoint]:
     """5 sizes x 2 unique-token budgets x the epochs given, losses of the data-constrained law."""
-    from pipeline.scaling.fit import effective_data
+    from pipeline.scaling.data_constrained import effective_data
 
     rng = np.random.default_rng(seed)
     points = []

@@ -6,22 +6,17 @@ import numpy as np
 import pytest
 from scaling_synthetic import TRUE, TRUE_A_EXPONENT, TRUE_G, isoflop_points, synthetic_grid
 
-from pipeline.scaling.fit import (
+from pipeline.scaling.approach2 import fit_isoflop
+from pipeline.scaling.approach3 import (
     ChinchillaFit,
-    ScalingPoint,
-    batch_objective,
-    compute_frontier,
     compute_optimal_allocation,
     compute_optimal_interval,
     fit_chinchilla,
-    fit_isoflop,
-    fit_kaplan,
-    lbfgs_batch,
-    load_points_csv,
-    make_grid,
-    minimise_from_grid,
-    write_points_csv,
 )
+from pipeline.scaling.fit_inputs import ScalingPoint, load_points_csv, write_points_csv
+from pipeline.scaling.kaplan import compute_frontier, fit_kaplan
+from pipeline.scaling.lbfgs import lbfgs_batch, minimise_from_grid
+from pipeline.scaling.objective import batch_objective, make_grid
 
 
 def log_arrays(points):

@@ -6,13 +6,9 @@ import numpy as np
 import pytest
 from scaling_synthetic import TRUE_A_EXPONENT, isoflop_points, synthetic_curves, true_loss, true_n_opt
 
-from pipeline.scaling.fit import (
-    TrainingCurve,
-    compute_frontier,
-    curves_from_points,
-    fit_approach1,
-    lower_envelope,
-)
+from pipeline.scaling.approach1 import fit_approach1, lower_envelope
+from pipeline.scaling.fit_inputs import TrainingCurve, curves_from_points
+from pipeline.scaling.kaplan import compute_frontier
 
 
 def test_approach_1_recovers_the_exponent_from_training_curves():

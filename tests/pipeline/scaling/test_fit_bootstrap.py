@@ -17,20 +17,18 @@ from scaling_synthetic import (
     true_n_opt,
 )
 
-from pipeline.scaling.fit import (
-    HUBER_DELTA,
+from pipeline.scaling.approach2 import fit_isoflop
+from pipeline.scaling.approach3 import (
     _bootstrap,
     _bytes_per_problem,
     _identifiable,
-    _log_arrays,
     _replicate_starts,
-    budget_groups,
     fit_chinchilla,
-    fit_isoflop,
-    lbfgs_batch,
-    make_grid,
-    resample_runs,
 )
+from pipeline.scaling.fit_inputs import _log_arrays, budget_groups
+from pipeline.scaling.lbfgs import lbfgs_batch
+from pipeline.scaling.objective import HUBER_DELTA, make_grid
+from pipeline.scaling.resampling import resample_runs
 
 
 def uneven_isoflop_points():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scaling_synthetic import TRUE, TRUE_R_STAR_D, isoflop_points, repeated_data_points
 
-from pipeline.scaling.fit import effective_data, fit_data_constrained, load_points_csv, write_points_csv
+from pipeline.scaling.data_constrained import effective_data, fit_data_constrained
+from pipeline.scaling.fit_inputs import load_points_csv, write_points_csv
 from pipeline.scaling.report import fit_all, summary
 
 SMALL_GRID = {"a": [5.0, 10.0], "b": [5.0, 10.0], "e": [0.0, 0.5], "alpha": [0.5], "beta": [0.5]}

@@ -7,7 +7,8 @@ import logging
 import numpy as np
 from scaling_synthetic import isoflop_points
 
-from pipeline.scaling.fit import ScalingPoint, edge_diagnostics
+from pipeline.scaling.approach2 import edge_diagnostics
+from pipeline.scaling.fit_inputs import ScalingPoint
 from pipeline.scaling.report import fit_all, summary
 
 SMALL_GRID = {"a": [5.0, 10.0], "b": [5.0, 10.0], "e": [0.0, 0.5], "alpha": [0.5], "beta": [0.5]}

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import ModelConfig, PipelineConfig, SweepConfig, SweepRun, TrainConfig, wsd_decay_start
-from pipeline.scaling.fit import ChinchillaFit, ScalingPoint
+from pipeline.scaling.approach3 import ChinchillaFit
+from pipeline.scaling.fit_inputs import ScalingPoint
 from pipeline.scaling.plan import (
     PRIORS,
     WidthLattice,

@@ -15,7 +15,10 @@ from scaling_synthetic import (
     true_loss,
 )
 
-from pipeline.scaling.fit import ChinchillaFit, ScalingPoint, fit_approach1, fit_isoflop, isoflop_minima
+from pipeline.scaling.approach1 import fit_approach1
+from pipeline.scaling.approach2 import fit_isoflop, isoflop_minima
+from pipeline.scaling.approach3 import ChinchillaFit
+from pipeline.scaling.fit_inputs import ScalingPoint
 from pipeline.scaling.plots import (
     frontier_figure,
     isoflop_figure,

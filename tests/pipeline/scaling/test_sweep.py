@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import ConfigError, ModelConfig, PipelineConfig, SweepConfig, TrainConfig, validate_sweep
 from pipeline.model.size import count_parameters
-from pipeline.scaling.fit import ScalingPoint, write_points_csv
+from pipeline.scaling.fit_inputs import ScalingPoint, write_points_csv
 from pipeline.scaling.sweep import plan_points, shape_for_width
 
 
