@@ -105,9 +105,9 @@ def _predict(args: dict[str, list[str]]) -> int:
 def main(argv: list[str]) -> int:
     commands = {"fit": _fit, "predict": _predict}
     if argv and argv[0] in ("plan", "recommend", "validate"):
-        from pipeline.scaling.loop import main as loop_main
+        from pipeline.scaling.commands import main as commands_main
 
-        return loop_main(argv[0], argv[1:])
+        return commands_main(argv[0], argv[1:])
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2

@@ -205,7 +205,7 @@ def test_recommend_command_writes_a_config_that_pipeline_train_composes(tmp_path
 
 
 def test_validation_summary_says_inside_or_by_how_much_it_missed():
-    from pipeline.scaling.loop import validation_summary
+    from pipeline.scaling.commands import validation_summary
 
     base = {"C": 1e11, "N": 1000, "D": 5000, "predicted_loss": 5.0, "predicted_loss_lo": 4.9, "predicted_loss_hi": 5.1}
     assert "inside the interval" in validation_summary(base | {"measured_loss": 5.05, "inside": 1.0, "miss": 0.0})

@@ -1,4 +1,5 @@
-"""The scaling loop's commands: `pipeline scaling plan`, `recommend` and `validate` (see pipeline.scaling.cli).
+"""`pipeline scaling plan`, `recommend` and `validate`: the commands that compose the user's Hydra config
+(pipeline.scaling.cli dispatches to them and holds `fit` and `predict`).
 
 Each takes its own key=value options (OPTIONS) and passes every other argument to Hydra as an override, so
 that the sweep it plans or the model it recommends has the setting the user trains with (vocabulary,
