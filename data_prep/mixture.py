@@ -11,7 +11,7 @@ order of windows interleaves every source's windows.
 The corpus fingerprint names every input file by (path, size, mtime_ns), or by its sha256 when the whole
 corpus is small, so that a changed input gives a new data set directory instead of a stale one; a hub data set
 by its name, config, revision and split. The files are those prepare reads, listed the same way (links that
-leave a corpus root left out: data_prep.sources.expand_paths).
+leave a corpus root left out: data_prep.listing.expand_paths).
 """
 
 from __future__ import annotations
@@ -19,17 +19,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from data_prep.decode_report import DecodeReport
+from data_prep.errors import SourceError
+from data_prep.listing import OutsideLinks, input_files, source_configs, warn_outside_links
 from data_prep.partitions import source_field, source_groups
 from data_prep.shards import sha256_file
-from data_prep.sources import (
-    DecodeReport,
-    OutsideLinks,
-    SourceError,
-    input_files,
-    piece_documents,
-    source_configs,
-    warn_outside_links,
-)
+from data_prep.sources import piece_documents
 from pipeline.config import DataConfig, SourceConfig
 
 log = logging.getLogger(__name__)

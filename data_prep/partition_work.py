@@ -35,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.decode_report import DecodeReport
 from data_prep.encoding import make_segments
 from data_prep.packing import WindowPacker, join_with_eos
 from data_prep.partitions import Partition
 from data_prep.shards import SPLITS, ShardInfo, ShardWriter
-from data_prep.sources import DecodeReport, piece_documents
+from data_prep.sources import piece_documents
 from pipeline.config import DataConfig, PipelineError, SourceConfig
 from pipeline.files import write_atomic
 

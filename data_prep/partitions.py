@@ -13,7 +13,7 @@ under MIN_PARTITIONS x data.partition_bytes, so that it still spreads over the w
 
 Input files are listed without walking through symbolic links; a link below a directory or glob root whose
 target lies outside it is skipped (and listed in the manifest) or refused before any work (data.on_outside_link;
-data_prep.sources.expand_paths).
+data_prep.listing.expand_paths).
 
 The plan depends only on the inputs and the config, never on the number of workers or nodes: partition i holds
 the same documents whoever reads it, so the shards it becomes are the same bytes (data_prep.prepare).
@@ -25,10 +25,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.sources import (
+from data_prep.errors import SourceError
+from data_prep.listing import (
     OutsideLinks,
-    SourceError,
     compression_of,
+    input_files,
     shakespeare_files,
     source_configs,
     source_files,
@@ -50,7 +51,7 @@ class Piece:
 @dataclass(frozen=True)
 class Partition:
     index: int
-    source: int  # index into pipeline.config.source_configs order (data.mixture, or the one source)
+    source: int  # index into data_prep.listing.source_configs order (data.mixture, or the one source)
     pieces: tuple[Piece, ...]
     size: int  # input bytes (for progress and sampling); 0 where unknown (hub)
 
@@ -130,7 +131,7 @@ def hf_hub_pieces(src: SourceConfig, where: str):
 def source_groups(src: SourceConfig, where: str, limit: int,
                   links: OutsideLinks | None = None) -> Iterator[tuple[tuple[Piece, ...], int]]:
     """(pieces, input bytes) of each partition of one source, in order; the symbolic links that listing its files
-    skipped for leaving the corpus root go to `links` (data_prep.sources.expand_paths; default: skip)."""
+    skipped for leaving the corpus root go to `links` (data_prep.listing.expand_paths; default: skip)."""
     if src.source == "shakespeare":
         files = shakespeare_files(src.path, f"{where}.path", links)
         yield from group(((Piece(str(f)), f.stat().st_size) for f in files), limit)
@@ -161,8 +162,6 @@ MIN_PARTITION_BYTES = 1 << 20
 
 def partition_limit(data: DataConfig, links: OutsideLinks) -> int:
     """Input bytes per partition: data.partition_bytes, or less for a small corpus (see MIN_PARTITIONS)."""
-    from data_prep.sources import input_files
-
     total = 0
     for index, src in enumerate(source_configs(data)):
         _, files = input_files(src, source_field(data, index), links)

@@ -50,7 +50,10 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.blend import BLEND_VERSION, adopt_dataset, blend_incomplete_reason, is_blend, write_blend
+from data_prep.decode_report import REPORTED_FILES, DecodeReport, most
 from data_prep.encoding import can_cut_documents, pool_size, tokenize_engine
+from data_prep.errors import DataPrepError, SourceError
+from data_prep.listing import OutsideLinks, source_configs, warn_outside_links
 from data_prep.mixture import corpus_record
 from data_prep.partition_work import (
     PARTS_DIR,
@@ -78,19 +81,10 @@ from data_prep.shards import (
     sha256_file,
     shard_bytes,
 )
-from data_prep.sources import (
-    REPORTED_FILES,
-    DecodeReport,
-    OutsideLinks,
-    SourceError,
-    most,
-    source_configs,
-    warn_outside_links,
-)
 from data_prep.tokenizer import check_round_trip, copy_tokenizer, load_tokenizer, train_tokenizer_on_sample
 from data_prep.workers import run_actors, run_partitions
 from pipeline.cluster.storage import ObjectStore, dataset_rel
-from pipeline.config import DataConfig, PipelineError, fingerprint, validate_data
+from pipeline.config import DataConfig, fingerprint, validate_data
 from pipeline.containment import plain_name
 from pipeline.files import LOCK, write_atomic
 
@@ -107,10 +101,6 @@ _PROGRESS_INTERVAL_S = 5.0
 PARTIAL_SUFFIX = ".partial"
 STATE = "prepare_state.json"  # in the partial directory: the plan's digest and the tokenizer's sha256
 TOKEN_COUNTS = "train_token_counts.npy"
-
-
-class DataPrepError(PipelineError, ValueError):
-    """The data set cannot be prepared as configured."""
 
 
 def data_fingerprint(data: DataConfig, corpus: list[dict] | None = None) -> str:

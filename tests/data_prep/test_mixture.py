@@ -13,11 +13,11 @@ import pytest
 
 import data_prep.mixture as mixture_module
 from data_prep.blend import component_dirs, is_blend, load_blend
+from data_prep.errors import SourceError
 from data_prep.inspect import describe
 from data_prep.mixture import corpus_record, read_documents, read_source
 from data_prep.prepare import DataPrepError, dataset_dir, is_complete, prepare
 from data_prep.shards import load_manifest, sha256_file
-from data_prep.sources import SourceError
 from pipeline.config import ConfigError, DataConfig, SourceConfig, TokenizerConfig, validate_data
 
 TEXTS = [f"document number {i}" for i in range(4000)]

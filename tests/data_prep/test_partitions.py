@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from corpora import WORDS
 
+from data_prep.errors import SourceError
 from data_prep.mixture import read_documents
 from data_prep.partitions import plan_partitions
-from data_prep.sources import SourceError
 from pipeline.config import DataConfig
 
 

@@ -20,13 +20,15 @@ import pytest
 import data_prep.encoding as encoding_module
 import data_prep.partition_work as partition_work
 import data_prep.prepare as prepare_module
+from data_prep.decode_report import DecodeReport
 from data_prep.encoding import RAY_DATA_MIN_CHARS_PER_WORKER, can_cut_documents, tokenize_engine
+from data_prep.errors import SourceError
+from data_prep.listing import source_configs
 from data_prep.mixture import read_documents
 from data_prep.partition_work import PartitionRecord, PrepareContext, is_validation, partition_documents
 from data_prep.partitions import Partition, Piece, plan_partitions
 from data_prep.prepare import DataPrepError, dataset_dir, is_complete, prepare
 from data_prep.shards import SPLITS, WindowDataset, incomplete_reason, load_manifest, sha256_file
-from data_prep.sources import DecodeReport, SourceError, source_configs
 from data_prep.tokenizer import TokenizerError, load_tokenizer
 from pipeline.config import DataConfig, TokenizerConfig
 from pipeline.files import directory_lock

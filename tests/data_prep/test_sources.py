@@ -6,9 +6,10 @@ import json
 
 import pytest
 
+from data_prep.errors import SourceError
 from data_prep.mixture import read_documents
 from data_prep.partitions import plan_partitions
-from data_prep.sources import SourceError, split_scenes
+from data_prep.sources import split_scenes
 from pipeline.config import DataConfig
 
 PLAY = """# A Play

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
+from data_prep.listing import source_configs
 from data_prep.partitions import plan_partitions
-from data_prep.sources import source_configs
 from data_prep.tokenizer import (
     TokenizerError,
     copy_tokenizer,

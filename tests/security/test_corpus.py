@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from corpora import make_corpus
 
+from data_prep.decode_report import REPORTED_FILES
+from data_prep.errors import SourceError
+from data_prep.listing import expand_paths, source_configs
 from data_prep.mixture import corpus_record, read_documents
 from data_prep.partitions import plan_partitions
 from data_prep.prepare import prepare
 from data_prep.shards import SPLITS, WindowDataset, load_manifest
-from data_prep.sources import REPORTED_FILES, SourceError, expand_paths, source_configs
 from data_prep.tokenizer import load_tokenizer
 from pipeline.config import DataConfig, TokenizerConfig
 
@@ -263,8 +265,9 @@ def test_the_log_names_at_most_the_files_with_the_most_undecodable_bytes(tmp_pat
 def test_a_document_longer_than_max_document_bytes_is_named_not_held_in_memory(tmp_path, doc_split):
     """A file of gigabytes without a line break would fill a worker's memory as one line (or one document): the
     reader stops at data.max_document_bytes and names the file and the byte."""
+    from data_prep.decode_report import DecodeReport
     from data_prep.partitions import Piece
-    from data_prep.sources import DecodeReport, text_piece
+    from data_prep.sources import text_piece
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(b"a short line\n" + b"x" * 5000 + b"\nanother line\n")
@@ -283,8 +286,9 @@ def test_a_nul_character_from_a_json_escape_or_a_parquet_value_is_handled_like_a
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from data_prep.decode_report import DecodeReport
     from data_prep.partitions import Piece
-    from data_prep.sources import DecodeReport, jsonl_piece, parquet_piece
+    from data_prep.sources import jsonl_piece, parquet_piece
 
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text(json.dumps({"text": "clean text"}) + "\n" + json.dumps({"text": "bin\u0000ary"}) + "\n")
