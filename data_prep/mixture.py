@@ -86,13 +86,12 @@ def read_source(src: SourceConfig, data: DataConfig, where: str = "data") -> tup
 
 
 def read_documents(data: DataConfig) -> tuple[list[str], DecodeReport]:
-    """All non-empty documents of the configured corpus in one list, in plan order (a mixture's copies
-    included): for small corpora and tests only; prepare never holds a corpus in one process."""
-    from data_prep.partition_work import PrepareContext, partition_documents
+    """All non-empty documents of the configured corpus in one list, in plan order (each source of a mixture
+    once, in its order): for small corpora and tests only; prepare never holds a corpus in one process."""
+    from data_prep.partition_work import ReadContext, partition_documents
     from data_prep.partitions import plan_partitions
 
-    sources = source_configs(data)
-    ctx = PrepareContext(data, sources, [source_field(data, i) for i in range(len(sources))], "", b"", "", 0, 0, False)
+    ctx = ReadContext.of(data)
     links = OutsideLinks(data.on_outside_link)
     plan = plan_partitions(data, links)
     warn_outside_links(links.skipped)

@@ -11,10 +11,10 @@
 A worker on a node that does not see the driver's directory (nodes without a shared file system; it looks for
 the driver's mark, a file named per run) writes the partition into its own node's copy of that path, uploads it
 to cluster.storage_uri (shards where the finished data set goes, the record and its parts in a staging prefix;
-the record last) and deletes its local copy; the driver downloads it from there (data_prep.prepare).
+the record last) and deletes its local copy; the driver downloads it from there (data_prep.store_staging).
 
 Nothing depends on which worker runs a partition or how many there are. A worker killed half-way leaves shards
-without a record; the next run deletes them and does the partition again (data_prep.prepare). Two workers that
+without a record; the next run deletes them and does the partition again (data_prep.partial). Two workers that
 run the same partition (a zombie of a killed run) write the same bytes, each file atomically.
 
 A mixture never reaches here as one: each of its sources is prepared as its own data set and training samples
@@ -37,8 +37,9 @@ import numpy as np
 
 from data_prep.decode_report import DecodeReport
 from data_prep.encoding import make_segments
+from data_prep.listing import source_configs
 from data_prep.packing import WindowPacker, join_with_eos
-from data_prep.partitions import Partition
+from data_prep.partitions import Partition, source_field
 from data_prep.shards import SPLITS, ShardInfo, ShardWriter
 from data_prep.sources import piece_documents
 from pipeline.config import DataConfig, PipelineError, SourceConfig
@@ -66,12 +67,25 @@ def is_validation(text: str, val_fraction: float) -> bool:
 
 
 @dataclass
-class PrepareContext:
-    """Plain data a worker needs for any partition (shipped once per worker)."""
+class ReadContext:
+    """Plain data a worker needs to read any partition's documents (shipped once per worker): enough to draw the
+    tokenizer's sample, before there is a tokenizer."""
 
     data: DataConfig
     sources: list[SourceConfig]
     wheres: list[str]  # how errors name each source's config entry
+
+    @classmethod
+    def of(cls, data: DataConfig) -> ReadContext:
+        sources = source_configs(data)
+        return cls(data, sources, [source_field(data, i) for i in range(len(sources))])
+
+
+@dataclass
+class PrepareContext(ReadContext):
+    """Plain data a worker needs for any partition (shipped once per worker): reading, the tokenizer, and where the
+    shards go. Built once the driver has the tokenizer (data_prep.build)."""
+
     directory: str
     tokenizer_proto: bytes
     dtype: str
@@ -134,7 +148,7 @@ class _Counter:
     read = 0
 
 
-def partition_documents(part: Partition, ctx: PrepareContext, report: DecodeReport,
+def partition_documents(part: Partition, ctx: ReadContext, report: DecodeReport,
                         counter: _Counter | None = None) -> Iterator[str]:
     """The partition's documents in order."""
     src, where = ctx.sources[part.source], ctx.wheres[part.source]
@@ -309,7 +323,7 @@ def bottom_k(items: Iterable[tuple[int, str]], k: int) -> list[tuple[int, str]]:
     return sorted((-neg, s) for neg, s in heap)
 
 
-def sample_sentences(part: Partition, ctx: PrepareContext, k: int) -> list[tuple[int, str]]:
+def sample_sentences(part: Partition, ctx: ReadContext, k: int) -> list[tuple[int, str]]:
     """The k training-split sentences of the partition with the smallest seeded hashes, as (hash, sentence):
     merged over partitions, the bottom k of the whole sample, whatever the partitioning of the work."""
     from data_prep.tokenizer import training_sentences

@@ -19,7 +19,13 @@ import logging
 from collections.abc import Iterator
 from dataclasses import asdict
 
-from data_prep.partition_work import PartitionRecord, PrepareContext, process_partition, sample_sentences
+from data_prep.partition_work import (
+    PartitionRecord,
+    PrepareContext,
+    ReadContext,
+    process_partition,
+    sample_sentences,
+)
 from data_prep.partitions import Partition
 from pipeline.config import PipelineError
 from pipeline.files import NoSpaceError
@@ -28,11 +34,12 @@ log = logging.getLogger(__name__)
 
 
 class PartitionWorker:
-    """Holds the context and the tokenizer; runs one partition per call."""
+    """Holds the context and the tokenizer (none with a ReadContext: it only samples); runs one partition per
+    call."""
 
-    def __init__(self, ctx: PrepareContext, partitions: list[Partition]):
+    def __init__(self, ctx: ReadContext, partitions: list[Partition]):
         self.ctx, self.partitions, self.sp = ctx, {p.index: p for p in partitions}, None
-        if ctx.tokenizer_proto:
+        if isinstance(ctx, PrepareContext):
             import sentencepiece as spm
 
             self.sp = spm.SentencePieceProcessor(model_proto=ctx.tokenizer_proto)
@@ -66,7 +73,7 @@ def unwrap(err: BaseException) -> BaseException:
     return found if found is not None else err
 
 
-def run_actors(ctx: PrepareContext, partitions: list[Partition], workers: int, op: str, k: int = 0) -> Iterator:
+def run_actors(ctx: ReadContext, partitions: list[Partition], workers: int, op: str, k: int = 0) -> Iterator:
     """(partition, result) for every partition, as they finish, on `workers` plain actors."""
     import ray
 

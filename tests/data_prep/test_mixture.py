@@ -105,13 +105,14 @@ def test_a_mixture_is_a_blend_of_data_sets_prepared_once_with_one_tokenizer(corp
 
     # A new weight is a new recipe over the same data sets: nothing is tokenized, no shard is touched.
     before = {p: p.stat().st_mtime_ns for d in component_dirs(out) for p in d.iterdir()}
-    import data_prep.prepare as prepare_module
+    import data_prep.build as build_module
+    import data_prep.prepare_mixture as prepare_mixture_module
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a new weight must not tokenize anything")
 
-    monkeypatch.setattr(prepare_module, "_build", no_tokenizing)
-    monkeypatch.setattr(prepare_module, "_prepare_tokenizer", no_tokenizing)
+    monkeypatch.setattr(build_module, "_build", no_tokenizing)
+    monkeypatch.setattr(prepare_mixture_module, "_prepare_tokenizer", no_tokenizing)
     reweighted = dataclasses.replace(cfg, mixture=[cfg.mixture[0], dataclasses.replace(cfg.mixture[1], weight=1.5)])
     out2 = prepare(reweighted)
     assert out2 != out and component_dirs(out2) == component_dirs(out)

@@ -17,15 +17,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data_prep.build as build_module
 import data_prep.encoding as encoding_module
 import data_prep.partition_work as partition_work
-import data_prep.prepare as prepare_module
+import data_prep.store_staging as store_staging
 from data_prep.decode_report import DecodeReport
 from data_prep.encoding import RAY_DATA_MIN_CHARS_PER_WORKER, can_cut_documents, tokenize_engine
 from data_prep.errors import SourceError
 from data_prep.listing import source_configs
 from data_prep.mixture import read_documents
-from data_prep.partition_work import PartitionRecord, PrepareContext, is_validation, partition_documents
+from data_prep.partial import recorded_intact
+from data_prep.partition_work import (
+    PartitionRecord,
+    PrepareContext,
+    ReadContext,
+    is_validation,
+    partition_documents,
+)
 from data_prep.partitions import Partition, Piece, plan_partitions
 from data_prep.prepare import DataPrepError, dataset_dir, is_complete, prepare
 from data_prep.shards import SPLITS, WindowDataset, incomplete_reason, load_manifest, sha256_file
@@ -60,8 +68,7 @@ def partitioned(corpus, tmp_path_factory, ray_local):
 
 
 def documents_by_partition(cfg: DataConfig) -> list[list[str]]:
-    sources = source_configs(cfg)
-    ctx = PrepareContext(cfg, sources, ["data"] * len(sources), "", b"", "", 0, 0, False)
+    ctx = ReadContext.of(cfg)
     return [list(partition_documents(part, ctx, DecodeReport())) for part in plan_partitions(cfg)]
 
 
@@ -324,7 +331,7 @@ def wait_until_the_actors_are_gone(ray, timeout: float = 30.0) -> None:
 def interrupt_after(cfg: DataConfig, partitions: int, monkeypatch, ray) -> Path:
     """Run prepare until `partitions` partitions are recorded, then interrupt it (KeyboardInterrupt, as a Ctrl-C
     would) and wait for its actors to be gone; returns the partial directory it leaves."""
-    run_partitions = prepare_module.run_partitions
+    run_partitions = build_module.run_partitions
 
     def interrupted(*args, **kwargs):
         runs = run_partitions(*args, **kwargs)
@@ -340,7 +347,7 @@ def interrupt_after(cfg: DataConfig, partitions: int, monkeypatch, ray) -> Path:
             runs.close()  # as for a dying driver, the actors go
 
     with monkeypatch.context() as patch:
-        patch.setattr(prepare_module, "run_partitions", interrupted)
+        patch.setattr(build_module, "run_partitions", interrupted)
         with pytest.raises(KeyboardInterrupt):
             prepare(cfg)
     wait_until_the_actors_are_gone(ray)
@@ -512,14 +519,14 @@ def test_progress_bar_shows_tokens_per_second_on_a_terminal(monkeypatch):
 
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    progress = prepare_module.Progress(total_bytes=1000, partitions=2)
+    progress = build_module.Progress(total_bytes=1000, partitions=2)
     time.sleep(0.2)  # past tqdm's minimum refresh interval
     progress.update(Partition(0, 0, (Piece("a.txt"),), 500), progress_record(0, 2_000_000))
     progress.close()
     shown = terminal.getvalue()
     assert "prepare" in shown and "50%" in shown and re.search(r"[\d.]+M tokens/s", shown)
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar (the log line remains)
-    quiet = prepare_module.Progress(total_bytes=1000, partitions=1)
+    quiet = build_module.Progress(total_bytes=1000, partitions=1)
     quiet.update(Partition(0, 0, (Piece("a.txt"),), 1000), progress_record(0, 10))
     quiet.close()
     assert sys.stderr.getvalue() == ""
@@ -589,9 +596,9 @@ def test_partitions_from_a_node_that_does_not_see_the_directory_travel_through_t
     assert sorted(store.files(ctx.store_rel)) == sorted(p.name for p in out.glob("*-p*.bin"))
 
     driver_ctx = dataclasses.replace(ctx, directory=str(driver))
-    prepare_module._fetch_staged(store, driver_ctx, plan)
+    store_staging.fetch_staged(store, driver_ctx, plan)
     assert {p.name: sha256_file(p) for p in driver.glob("*.bin")} == {p.name: sha256_file(p) for p in out.glob("*.bin")}
-    assert all(prepare_module._recorded_intact(driver, part.index, ctx.dtype) for part in plan)
+    assert all(recorded_intact(driver, part.index, ctx.dtype) for part in plan)
 
     victim = sorted(driver.glob("train-p*.bin"))[-1]
     record = partition_work.record_path(driver, int(victim.name.split("-p")[1][:6]))
@@ -602,5 +609,5 @@ def test_partitions_from_a_node_that_does_not_see_the_directory_travel_through_t
     damaged[len(damaged) // 2] ^= 0xFF
     stored.write_bytes(bytes(damaged))
     with pytest.raises(StorageError, match=rf"{victim.name}.*not the .* recorded when it was written"):
-        prepare_module._fetch_staged(store, driver_ctx, plan)
+        store_staging.fetch_staged(store, driver_ctx, plan)
     assert not victim.exists() and not record.exists() and not list(driver.glob(".*download*"))

@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 
-from data_prep.listing import source_configs
 from data_prep.partitions import plan_partitions
 from data_prep.tokenizer import (
     TokenizerError,
@@ -107,11 +106,9 @@ def sample_of(cfg: DataConfig, k: int) -> list[tuple[int, str]]:
     """The tokenizer sample as prepare draws it: each partition's bottom k, then the bottom k of them all."""
     import heapq
 
-    from data_prep.partition_work import PrepareContext, sample_sentences
-    from data_prep.partitions import source_field
+    from data_prep.partition_work import ReadContext, sample_sentences
 
-    sources = source_configs(cfg)
-    ctx = PrepareContext(cfg, sources, [source_field(cfg, i) for i in range(len(sources))], "", b"", "", 0, 0, False)
+    ctx = ReadContext.of(cfg)
     return heapq.nsmallest(k, (x for part in plan_partitions(cfg) for x in sample_sentences(part, ctx, k)))
 
 

@@ -1,0 +1,222 @@
+"""The build of one single-source data set: corpus -> plan -> tokenizer -> per-partition shards on the workers ->
+manifest, in `<name>-<fingerprint>.partial/` under its lock, renamed when complete (data_prep.dataset_dirs).
+
+    plan       data_prep.partitions, on the driver from file names and sizes
+    state      data_prep.partial: the partial directory of an interrupted run of the same plan is resumed
+    tokenizer  data_prep.tokenizer_setup: reused, copied, or trained on a sample drawn on the workers
+    shards     data_prep.partition_work on the workers (data_prep.workers), the partitions not done yet; those of
+               nodes that do not see the directory come through the object store (data_prep.store_staging)
+    manifest   data_prep.merge, the records in partition order
+
+Stopped by anything but bad input (an outage, a full disk, a Ctrl-C, kill -9), the build leaves its finished
+partitions in the partial directory and the same command resumes it; a ValueError (the corpus or the config is at
+fault) deletes the partial directory, as there is nothing worth resuming.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from data_prep.dataset_dirs import PARTIAL_SUFFIX, dataset_dir
+from data_prep.encoding import can_cut_documents, pool_size, tokenize_engine
+from data_prep.listing import OutsideLinks, warn_outside_links
+from data_prep.merge import merge_manifest
+from data_prep.mixture import corpus_record
+from data_prep.partial import open_state, publish, remove_temporaries, unfinished
+from data_prep.partition_work import PartitionRecord, PrepareContext, ReadContext, record_path
+from data_prep.partitions import Partition, plan_partitions
+from data_prep.shards import MANIFEST, Manifest, dtype_for_vocab, incomplete_reason
+from data_prep.store_staging import check_shared, drop_staged, fetch_partition, fetch_staged, staging_fields
+from data_prep.tokenizer_setup import make_tokenizer
+from data_prep.workers import run_partitions
+from pipeline.cluster.storage import ObjectStore
+from pipeline.config import DataConfig, fingerprint, validate_data
+from pipeline.files import write_atomic
+
+log = logging.getLogger("data_prep.prepare")  # the stage's one log, whichever module writes the line
+
+_PROGRESS_INTERVAL_S = 5.0
+
+# Receives the progress of a data set being prepared: (label, metrics, step); label is "" for a single data
+# set and the source's name within a mixture (pipeline.stages logs these to MLflow).
+ProgressSink = Callable[[str, dict[str, float], int], None]
+
+
+def prepare_source(data: DataConfig, sink: ProgressSink | None = None, label: str = "",
+                   store: ObjectStore | None = None) -> Path:
+    """Prepare the data set of this single-source config (or find it prepared) and return its directory; `sink`,
+    `label` and `store` as for data_prep.prepare.prepare."""
+    from pipeline.files import directory_lock
+
+    validate_data(data)
+    corpus = corpus_record(data)
+    out = dataset_dir(data, corpus)
+    if _already_prepared(data, out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    with directory_lock(partial):
+        if _already_prepared(data, out):  # another run finished it while this one waited
+            shutil.rmtree(partial, ignore_errors=True)
+            return out
+        if out.exists():
+            log.info("%s exists but is incomplete (%s): preparing it again", out, incomplete_reason(out))
+        started = time.time()
+        try:
+            manifest, seconds = _build(data, partial, fingerprint(corpus), sink, label, store)
+        except ValueError:
+            shutil.rmtree(partial, ignore_errors=True)  # the input or the config is at fault: nothing to resume
+            raise
+        except BaseException:
+            remove_temporaries(partial)  # those of workers stopped mid-write (the next run removes them too)
+            log.warning("prepare stopped: the finished partitions stay in %s; run the same command again to "
+                        "resume", partial)
+            raise
+        publish(partial, out)
+        drop_staged(store, partial)
+    _log_summary(out, manifest, time.time() - started, seconds)
+    if sink is not None:
+        _report_totals(sink, label, manifest, time.time() - started, seconds)
+    return out
+
+
+def _report_totals(sink: ProgressSink, label: str, manifest: Manifest, total_s: float, seconds: float) -> None:
+    stats = manifest.stats
+    tokens = sum(stats["tokens"].values())
+    sink(label, {"total_s": total_s, "tokenize_s": seconds, "tokens": tokens,
+                 "tokens_per_s": tokens / max(seconds, 1e-9), "documents": sum(stats["documents"].values()),
+                 "train_windows": stats["windows"]["train"], "validation_windows": stats["windows"]["validation"],
+                 "partitions": stats["partitions"], "binary_files_skipped": len(stats["binary_files_skipped"]),
+                 "undecodable_bytes": stats["undecodable_bytes"],
+                 "nul_documents_skipped": stats["nul_documents_skipped"],
+                 "outside_links_skipped": len(stats["outside_links_skipped"])}, stats["partitions"])
+
+
+def _already_prepared(data: DataConfig, out: Path) -> bool:
+    if incomplete_reason(out) is not None:
+        return False
+    log.info("data set %s is already prepared (manifest and shards complete): skipping", out)
+    return True
+
+
+def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: ProgressSink | None = None,
+           label: str = "", store: ObjectStore | None = None) -> tuple[Manifest, float]:
+    t0 = time.time()
+    links = OutsideLinks(data.on_outside_link)
+    plan = plan_partitions(data, links)
+    n_files = len({piece.path for part in plan for piece in part.pieces})
+    log.info("planned %d partitions of %s over %d inputs in %.1fs", len(plan),
+             _size(sum(p.size for p in plan)), n_files, time.time() - t0)
+    warn_outside_links(links.skipped)
+    state = open_state(partial, plan)
+    workers = pool_size(data.num_workers)
+    read = ReadContext.of(data)
+    sp = make_tokenizer(plan, read, partial, state, workers)
+    ctx = _context(read, partial, sp, store)
+    if store is not None:
+        fetch_staged(store, ctx, plan)
+    todo = unfinished(partial, plan, ctx.dtype)
+    engine = tokenize_engine(data.tokenize_engine, sum(p.size for p in todo), workers)
+    if len(todo) < len(plan):
+        log.info("resuming an interrupted run: %d of %d partitions are done", len(plan) - len(todo), len(plan))
+    log.info("tokenizing %d partitions with %d Ray workers (%s)", len(todo), min(workers, max(1, len(todo))), engine)
+    progress = Progress(sum(p.size for p in todo), len(todo), sink, label)
+    nodes = set()
+    try:
+        check_shared(partial, ctx, store)
+        for part, record in run_partitions(ctx, todo, workers, engine):
+            if store is not None and not record_path(partial, part.index).is_file():
+                fetch_partition(store, ctx, record)  # written on a node that does not see this directory
+            progress.update(part, record)
+            nodes.add(record.node)
+    finally:
+        (partial / ctx.driver_mark).unlink(missing_ok=True)
+    progress.close()
+    if todo:
+        log.info("tokenized %d partitions on %d Ray nodes", len(todo), len(nodes))
+    manifest = merge_manifest(data, sp, partial, plan, corpus_fingerprint, links.skipped)
+    write_atomic(partial / MANIFEST, manifest.to_json())
+    return manifest, progress.seconds
+
+
+def _context(read: ReadContext, partial: Path, sp, store: ObjectStore | None) -> PrepareContext:
+    """All that the workers need, once the tokenizer is known: where the shards go, the tokenizer and what follows
+    from it, the driver's mark for this run (see check_shared) and the object store's prefixes."""
+    proto = sp.serialized_model_proto()
+    return PrepareContext(
+        data=read.data, sources=read.sources, wheres=read.wheres, directory=str(partial), tokenizer_proto=proto,
+        dtype=dtype_for_vocab(sp.get_piece_size()).str, vocab_size=sp.get_piece_size(), eos_id=sp.eos_id(),
+        cut_documents=can_cut_documents(proto), driver_mark=f".driver-{uuid.uuid4().hex[:12]}",
+        **staging_fields(store, partial),
+    )
+
+
+class Progress:
+    """A progress bar on stderr (on a terminal) and a log line every few seconds: bytes, documents, tokens/s and
+    the time left."""
+
+    def __init__(self, total_bytes: int, partitions: int, sink: ProgressSink | None = None, label: str = ""):
+        from tqdm import tqdm
+
+        self.sink, self.label = sink, label
+        self.t0 = self.last_log = time.time()
+        self.total_bytes, self.partitions = total_bytes, partitions
+        self.bytes = self.tokens = self.documents = self.done = 0
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr,
+                        disable=not sys.stderr.isatty(), leave=False)
+
+    @property
+    def seconds(self) -> float:
+        return time.time() - self.t0
+
+    def update(self, part: Partition, record: PartitionRecord) -> None:
+        self.done += 1
+        self.bytes += part.size
+        self.tokens += sum(record.tokens.values())
+        self.documents += record.documents_read
+        rate = self.tokens / max(self.seconds, 1e-9)
+        self.bar.set_postfix_str(f"{rate / 1e6:.2f}M tokens/s", refresh=False)
+        self.bar.update(part.size)
+        if record.documents_read == 0:
+            log.warning("partition %d (%s) holds no document: its input is empty (or skipped as binary)",
+                        part.index, part.describe())
+        if time.time() - self.last_log > _PROGRESS_INTERVAL_S or self.done == self.partitions:
+            left = self.seconds * (self.total_bytes - self.bytes) / max(self.bytes, 1)
+            log.info("prepared %d of %d partitions (%s of %s, %d documents, %d tokens): %.0f tokens/s, %s/s, "
+                     "about %.0fs left", self.done, self.partitions, _size(self.bytes), _size(self.total_bytes),
+                     self.documents, self.tokens, rate, _size(self.bytes / max(self.seconds, 1e-9)), left)
+            self.last_log = time.time()
+            if self.sink is not None:
+                self.sink(self.label, {"bytes_read": self.bytes, "documents_read": self.documents, "tokens": self.tokens,
+                                       "tokens_per_s": rate, "bytes_per_s": self.bytes / max(self.seconds, 1e-9),
+                                       "eta_s": left, "partitions_done": self.done}, self.done)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def _log_summary(out: Path, manifest: Manifest, seconds: float, tokenize_seconds: float) -> None:
+    stats = manifest.stats
+    total = sum(stats["tokens"].values())
+    log.info(
+        "prepared %s in %.1fs: documents %d train / %d validation, tokens %d / %d, windows %d / %d "
+        "(of %d tokens), dropped tail tokens %d / %d over %d partitions; tokenized %.0f tokens/s",
+        out, seconds, stats["documents"]["train"], stats["documents"]["validation"],
+        stats["tokens"]["train"], stats["tokens"]["validation"], stats["windows"]["train"],
+        stats["windows"]["validation"], manifest.window_length, stats["dropped_tail_tokens"]["train"],
+        stats["dropped_tail_tokens"]["validation"], stats["partitions"], total / max(tokenize_seconds, 1e-9),
+    )
