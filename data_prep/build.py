@@ -8,9 +8,9 @@ manifest, in `<name>-<fingerprint>.partial/` under its lock, renamed when comple
                nodes that do not see the directory come through the object store (data_prep.store_staging)
     manifest   data_prep.merge, the records in partition order
 
-Stopped by anything but bad input (an outage, a full disk, a Ctrl-C, kill -9), the build leaves its finished
-partitions in the partial directory and the same command resumes it; a ValueError (the corpus or the config is at
-fault) deletes the partial directory, as there is nothing worth resuming.
+Stopped by anything but bad input (a bug, an outage, a full disk, a Ctrl-C, kill -9), the build leaves its finished
+partitions in the partial directory and the same command resumes it; an error that says the corpus or the config
+is at fault (BAD_INPUT) deletes the partial directory, as there is nothing worth resuming.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from data_prep.dataset_dirs import PARTIAL_SUFFIX, dataset_dir
 from data_prep.encoding import can_cut_documents, pool_size, tokenize_engine
+from data_prep.errors import DataPrepError, SourceError
 from data_prep.listing import OutsideLinks, warn_outside_links
 from data_prep.merge import merge_manifest
 from data_prep.mixture import corpus_record
@@ -33,15 +34,20 @@ from data_prep.partition_work import PartitionRecord, PrepareContext, ReadContex
 from data_prep.partitions import Partition, plan_partitions
 from data_prep.shards import MANIFEST, Manifest, dtype_for_vocab, incomplete_reason
 from data_prep.store_staging import check_shared, drop_staged, fetch_partition, fetch_staged, staging_fields
+from data_prep.tokenizer import TokenizerError
 from data_prep.tokenizer_setup import make_tokenizer
 from data_prep.workers import run_partitions
 from pipeline.cluster.storage import ObjectStore
-from pipeline.config import DataConfig, fingerprint, validate_data
+from pipeline.config import ConfigError, DataConfig, fingerprint, validate_data
+from pipeline.containment import ContainmentError
 from pipeline.files import write_atomic
 
 log = logging.getLogger("data_prep.prepare")  # the stage's one log, whichever module writes the line
 
 _PROGRESS_INTERVAL_S = 5.0
+# The errors that say the corpus or the config is at fault: a build stopped by one of them deletes its partial
+# directory. Any other error (a bug, an outage, a full disk, an interruption) leaves it to be resumed.
+BAD_INPUT = (ConfigError, ContainmentError, DataPrepError, SourceError, TokenizerError)
 
 # Receives the progress of a data set being prepared: (label, metrics, step); label is "" for a single data
 # set and the source's name within a mixture (pipeline.stages logs these to MLflow).
@@ -70,7 +76,7 @@ def prepare_source(data: DataConfig, sink: ProgressSink | None = None, label: st
         started = time.time()
         try:
             manifest, seconds = _build(data, partial, fingerprint(corpus), sink, label, store)
-        except ValueError:
+        except BAD_INPUT:
             shutil.rmtree(partial, ignore_errors=True)  # the input or the config is at fault: nothing to resume
             raise
         except BaseException:

@@ -71,7 +71,7 @@ def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None, store: O
     with directory_lock(out.with_name(out.name + PARTIAL_SUFFIX)):
         try:
             blend = write_blend(out, parts)
-        except (ValueError, ShardError) as err:
+        except ShardError as err:  # the sources' data sets disagree, or one is damaged
             raise DataPrepError(str(err)) from err
     shutil.rmtree(out.with_name(out.name + PARTIAL_SUFFIX), ignore_errors=True)
     for component in blend.components:

@@ -405,6 +405,60 @@ def test_a_recorded_partition_whose_shard_was_damaged_is_done_again(prepared, tm
     assert digests(out) == digests(first)
 
 
+def test_a_bug_on_a_worker_keeps_the_partial_data_set_and_reaches_the_caller_with_its_traceback(
+        partitioned, tmp_path, ray_local, monkeypatch, caplog):
+    """A ValueError that is not one of the pipeline's errors is a bug, not bad input: it reaches the caller as it
+    is, with the worker's traceback, and the partitions finished before it stay in the partial directory, which
+    the same command resumes once the bug is gone (the same bytes as a run that never failed)."""
+    import data_prep.workers as workers_module
+    from pipeline.errors import PipelineError
+
+    cfg, reference = partitioned
+    cfg = dataclasses.replace(cfg, output_dir=str(tmp_path), tokenize_engine="actors")
+    n = load_manifest(reference).stats["partitions"]
+
+    class BuggyWorker(workers_module.PartitionWorker):
+        def process(self, index: int) -> dict:
+            if index == n - 1:
+                raise ValueError("a bug in the worker's code")
+            return super().process(index)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(workers_module, "PartitionWorker", BuggyWorker)  # run_actors makes its actors of this class
+        with pytest.raises(ValueError, match="a bug in the worker's code") as caught:
+            prepare(cfg)
+    wait_until_the_actors_are_gone(ray_local)
+    assert not isinstance(caught.value, PipelineError)
+    remote = str(caught.value)  # Ray's error: the worker's traceback, down to the line that raised
+    assert "BuggyWorker.process" in remote and 'raise ValueError("a bug in the worker\'s code")' in remote
+    assert "_build" in {entry.name for entry in caught.traceback}  # and the driver's, through the build
+    out = dataset_dir(cfg)
+    partial = out.with_name(out.name + ".partial")
+    assert not out.exists() and partial.is_dir()
+    recorded = sorted(int(p.stem[1:]) for p in (partial / "parts").glob("p*.json"))
+    assert recorded and n - 1 not in recorded
+
+    with caplog.at_level("INFO", logger="data_prep"):
+        assert prepare(cfg) == out
+    assert f"resuming an interrupted run: {len(recorded)} of {n} partitions are done" in caplog.text
+    assert not partial.exists() and digests(out) == digests(reference)
+
+
+def test_bad_input_met_on_a_worker_is_named_and_leaves_nothing(prepared, corpus, tmp_path, ray_local):
+    """A SourceError raised on a worker (here: a NUL byte past the binary probe, data.on_binary=error) says the
+    corpus is at fault: prepare stops naming the file and the fix, and leaves no partial data set behind."""
+    _, first = prepared
+    root = tmp_path / "c"
+    shutil.copytree(corpus, root)
+    (root / "zz.txt").write_bytes(b"plain text\n" * 1000 + b"bin\x00ary\n")  # the last file, in a partition of its own
+    cfg = text_config(root, tmp_path / "out", partition_bytes=4000, on_binary="error", tokenize_engine="actors",
+                      tokenizer=TokenizerConfig(model_path=str(first / "tokenizer.model")))
+    assert len(plan_partitions(cfg)) > 2
+    with pytest.raises(SourceError, match=r"zz.txt holds a NUL byte .*data.on_binary=skip"):
+        prepare(cfg)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_a_second_run_waits_for_the_lock_and_finds_the_data_set_finished(prepared, tmp_path, caplog):
     """Two runs of one config: the second waits on the partial directory's lock; when the first has published
     the data set, the second returns it without preparing anything."""
