@@ -1,17 +1,17 @@
-"""The corpus fingerprint, and the corpus as one list of documents for small corpora and tests.
-
-A mixture samples each source by its weight, a per-document rate relative to the source's own size: every
-document appears floor(weight) times, and once more when a seeded hash of the source's name and its text falls
-below frac(weight) (data_prep.partition_work.copies_of): weight 2.0 doubles a source, 0.5 keeps about half of
-it, 1.0 takes it as it is. The draw depends only on data.seed, the source's name and the text, never on the
-partitioning or the worker count, so the bytes written do not either. A copy of a document goes to the same
-split as the document (the split follows the text's hash). Mixing happens in training: the loader's seeded
-order of windows interleaves every source's windows.
+"""A data config's corpus seen whole, for naming a data set and for small corpora and tests: the corpus
+fingerprint (corpus_record), and every document of one source or of all of them in one list (read_source,
+read_documents).
 
 The corpus fingerprint names every input file by (path, size, mtime_ns), or by its sha256 when the whole
-corpus is small, so that a changed input gives a new data set directory instead of a stale one; a hub data set
-by its name, config, revision and split. The files are those prepare reads, listed the same way (links that
-leave a corpus root left out: data_prep.listing.expand_paths).
+corpus is small, so that a changed input gives a new data set directory instead of a stale one (data_prep.
+dataset_dirs); a hub data set by its name, config, revision and split. The files are those prepare reads,
+listed the same way (links that leave a corpus root left out: data_prep.listing.expand_paths). A source that
+cannot be listed is recorded as such rather than raised, so that a stage that only looks a data set up does not
+need its corpus.
+
+The documents come in plan order (data_prep.partitions), each source's once whatever its weight: a mixture's
+weights act in training, where the loader samples each source's data set by them (data_prep.blend), never here.
+Prepare itself never holds a corpus in one process: it reads partition by partition on the workers.
 """
 
 from __future__ import annotations
