@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,60 +26,77 @@ class ConfigError(PipelineError, ValueError):
     """A configuration problem found before any work started."""
 
 
+# How each field of ModelConfig and TrainConfig counts when a run resumes: its `resume` metadata, read by
+# resume_fields (the model and train part of the math a checkpoint records, which a resume compares). Every field
+# has one (tests/pipeline/test_config_resume.py): a new field without it fails there, not on a user's resume.
+MATH = {"resume": "math"}  # changes the numbers the run computes
+FREE = {"resume": "free"}  # logging, checkpointing, kernels: the same numbers whatever its value
+LENGTH = {"resume": "length"}  # the run's length: math unless the schedule is constant (cosine and WSD stretch over it)
+
+
+def later(before: Any) -> dict[str, Any]:
+    """A math field added after checkpoints existed: it counts only when it differs from `before`, the value every
+    run had before the field existed, so that older checkpoints (which never recorded it) still resume."""
+    return {"resume": "later", "before": before}
+
+
+RESUME_KINDS = ("math", "free", "length", "later")
+
+
 @dataclass
 class ModelConfig:
     """Shape of the decoder-only transformer."""
 
-    name: str = "tiny"
+    name: str = field(default="tiny", metadata=MATH)
     # Vocabulary size in tokens; null takes it from the prepared data set's tokenizer.
-    vocab_size: int | None = None
+    vocab_size: int | None = field(default=None, metadata=MATH)
     # Tokens the model attends over; data windows hold context_length + 1 tokens.
-    context_length: int = 128
-    n_layer: int = 4
-    n_head: int = 4
+    context_length: int = field(default=128, metadata=MATH)
+    n_layer: int = field(default=4, metadata=MATH)
+    n_head: int = field(default=4, metadata=MATH)
     # Key/value heads (grouped-query attention, Ainslie et al. 2023): null = n_head (multi-head), 1 = multi-query.
     # Must divide n_head; each group of n_head / n_kv_head query heads shares one key/value head.
-    n_kv_head: int | None = None
-    d_model: int = 128
+    n_kv_head: int | None = field(default=None, metadata=later(None))
+    d_model: int = field(default=128, metadata=MATH)
     # Hidden width of the MLP; null means 4 * d_model for GELU and 8/3 * d_model rounded up to a multiple
     # of 64 for SwiGLU (mlp_width below).
-    d_ff: int | None = None
-    dropout: float = 0.0
-    bias: bool = True
-    tie_embeddings: bool = True
+    d_ff: int | None = field(default=None, metadata=MATH)
+    dropout: float = field(default=0.0, metadata=MATH)
+    bias: bool = field(default=True, metadata=MATH)
+    tie_embeddings: bool = field(default=True, metadata=MATH)
     # learned | sinusoidal | rotary | alibi (Press et al. 2022, as BLOOM: a per-head linear bias on distance)
-    pos_encoding: str = "learned"
+    pos_encoding: str = field(default="learned", metadata=MATH)
     # A norm right after the token embedding (BLOOM's word_embeddings_layernorm).
-    embedding_norm: bool = False
+    embedding_norm: bool = field(default=False, metadata=later(False))
     # RoPE's base wavelength theta (Su et al. 2021: 10000; Llama 3: 500000).
-    rope_theta: float = 10000.0
+    rope_theta: float = field(default=10000.0, metadata=later(10000.0))
     # Attention never crosses a document boundary of a packed window and positions restart at each document:
     # a document's segment starts at the EOS that precedes it (the windows' EOS tokens are the boundaries
     # prepare records; doc_starts.npy holds the same offsets + 1). Off for a model built in code, which has no EOS id
     # to mask with; every shipped model option (conf/model/) turns it on.
-    document_mask: bool = False
+    document_mask: bool = field(default=False, metadata=later(False))
     # The kernel of document-masked attention: sdpa (a dense block-diagonal mask; what trains on CPU, where
     # FlexAttention has no backward) | flex (FlexAttention with a block mask, compiled; CUDA) | auto (flex on
     # CUDA, sdpa elsewhere). Either computes the same attention.
-    attention_kernel: str = "auto"
+    attention_kernel: str = field(default="auto", metadata=FREE)
     # The EOS id that separates documents; null takes it from the prepared data set's tokenizer.
-    eos_id: int | None = None
+    eos_id: int | None = field(default=None, metadata=later(None))
     # RMSNorm of each head's queries and keys before the dot product (Dehghani et al. 2023; OLMo 2, Qwen 3).
-    qk_norm: bool = False
+    qk_norm: bool = field(default=False, metadata=later(False))
     # Coefficient of the z-loss z * mean(log^2 Z) on the softmax normaliser Z of the logits (PaLM: 1e-4); 0: off.
     # Added to the training loss only (validation reports the cross-entropy) and logged as train/z_loss.
-    z_loss: float = 0.0
+    z_loss: float = field(default=0.0, metadata=later(0.0))
     # layernorm | rmsnorm
-    norm: str = "layernorm"
+    norm: str = field(default="layernorm", metadata=MATH)
     # gelu | swiglu
-    activation: str = "gelu"
+    activation: str = field(default="gelu", metadata=MATH)
     # Standard deviation of the normal init; residual projections are scaled by 1/sqrt(2 * n_layer).
-    init_std: float = 0.02
+    init_std: float = field(default=0.02, metadata=MATH)
     # µP (maximal update parametrisation, Yang et al. 2022) relative to a base width: null is the standard
     # parametrisation. With m = d_model / mup_base_width, the hidden matrices start at init_std / sqrt(m) and
     # train (AdamW) at lr / m, and the logits are multiplied by 1 / m; embeddings, norms and biases keep init_std
     # and lr. At d_model = mup_base_width it is the standard model; a learning rate tuned there transfers.
-    mup_base_width: int | None = None
+    mup_base_width: int | None = field(default=None, metadata=later(None))
 
 
 @dataclass
@@ -245,56 +262,56 @@ class ParallelConfig:
 class TrainConfig:
     """Optimisation, schedule, logging and checkpointing of a training run."""
 
-    max_steps: int = 300
+    max_steps: int = field(default=300, metadata=LENGTH)
     # Sequences per worker per micro-step.
-    micro_batch_size: int = 8
+    micro_batch_size: int = field(default=8, metadata=MATH)
     # Tokens per optimizer step over all workers; gradient accumulation fills the gap.
-    global_batch_tokens: int = 4096
-    lr: float = 3e-3
+    global_batch_tokens: int = field(default=4096, metadata=MATH)
+    lr: float = field(default=3e-3, metadata=MATH)
     # The schedule decays to lr * min_lr_ratio.
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    min_lr_ratio: float = field(default=0.1, metadata=MATH)
+    warmup_steps: int = field(default=30, metadata=MATH)
     # cosine | wsd (warmup-stable-decay) | constant
-    schedule: str = "cosine"
+    schedule: str = field(default="cosine", metadata=MATH)
     # For wsd: fraction of steps spent in the final decay (it starts at wsd_decay_start(max_steps, decay_fraction)).
-    decay_fraction: float = 0.2
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    decay_fraction: float = field(default=0.2, metadata=MATH)
+    weight_decay: float = field(default=0.1, metadata=MATH)
+    beta1: float = field(default=0.9, metadata=MATH)
+    beta2: float = field(default=0.95, metadata=MATH)
     # adamw | muon: Muon (Jordan et al. 2024; DeepSpeed's MuonWithAuxAdam, which ZeRO 1-2 partition) for the 2-D
     # hidden matrices of the blocks, AdamW (lr, betas, no decay) for embeddings, unembedding, norms and biases.
-    optimizer: str = "adamw"
+    optimizer: str = field(default="adamw", metadata=later("adamw"))
     # Muon's learning rate (in units of spectral norm per update; Keller Jordan's 0.02) and momentum. The
     # schedule scales it like train.lr; Muon's matrices decay by train.weight_decay. train.grad_clip does not
     # apply with Muon (DeepSpeed would clip the gradients at ZeRO-0 but the orthogonalised updates at ZeRO 1-2).
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 1337
-    log_interval_steps: int = 10
+    muon_lr: float = field(default=0.02, metadata=later(0.02))
+    muon_momentum: float = field(default=0.95, metadata=later(0.95))
+    grad_clip: float = field(default=1.0, metadata=MATH)
+    seed: int = field(default=1337, metadata=MATH)
+    log_interval_steps: int = field(default=10, metadata=FREE)
     # Validation on the training workers (the training layout, each rank a slice) every N steps and at the
     # last step, over the eval.max_tokens budget; logged as val_loss, val_perplexity, val_bits_per_byte at the
     # step (0: none during training; pipeline evaluate scores checkpoints). The shipped conf/train/default.yaml
     # sets 100; a TrainConfig built in code validates only when asked (validation reads the data set's tokenizer).
-    eval_interval_steps: int = 0
+    eval_interval_steps: int = field(default=0, metadata=FREE)
     # Checkpoint every N steps (0: only at the end).
-    save_interval_steps: int = 0
+    save_interval_steps: int = field(default=0, metadata=FREE)
     # Checkpoints at these steps as well (a WSD sweep forks its decay branches from them); with
     # keep_last_checkpoints > 0 they rotate out like the others.
-    save_at_steps: list[int] = field(default_factory=list)
-    keep_last_checkpoints: int = 2
+    save_at_steps: list[int] = field(default_factory=list, metadata=FREE)
+    keep_last_checkpoints: int = field(default=2, metadata=FREE)
     # auto (latest complete checkpoint of this run, if any) | none | <path of a checkpoint tag>
-    resume: str = "auto"
+    resume: str = field(default="auto", metadata=FREE)
     # Resume even when the checkpoint was trained with a different config (keys that change the math).
-    allow_config_change: bool = False
+    allow_config_change: bool = field(default=False, metadata=FREE)
     # Optimizer steps skipped in a row for non-finite gradients (each retried on the same batch) before the run
     # stops with an error naming the step; earlier checkpoints are kept.
-    max_skipped_steps: int = 5
+    max_skipped_steps: int = field(default=5, metadata=FREE)
     # Worker-group failures Ray Train recovers from (restarting from the latest complete checkpoint); -1: no limit.
-    max_failures: int = 0
+    max_failures: int = field(default=0, metadata=FREE)
     # Peak device throughput in TFLOP/s for MFU; null measures a matmul at start-up.
-    peak_tflops: float | None = None
-    compile: bool = False
+    peak_tflops: float | None = field(default=None, metadata=FREE)
+    compile: bool = field(default=False, metadata=FREE)
 
 
 @dataclass
@@ -434,6 +451,26 @@ class PipelineConfig:
     output_dir: str = "outputs"
     # Name of the training run; its checkpoints live in <output_dir>/runs/<run_name>.
     run_name: str = "${model.name}-${data.name}"
+
+
+def resume_fields(train: TrainConfig, model: ModelConfig) -> dict[str, dict[str, Any]]:
+    """{"model": ..., "train": ...}: the settings of the model and the optimisation that change the numbers a run
+    computes, by each field's `resume` metadata (MATH, FREE, LENGTH, later). A checkpoint records them in its math
+    config and a resume compares them, so the result must stay byte-identical for the configs of older checkpoints."""
+    return {"model": _counted(model, train.schedule), "train": _counted(train, train.schedule)}
+
+
+def _counted(section: Any, schedule: str) -> dict[str, Any]:
+    values = asdict(section)
+    counted = {}
+    for spec in fields(section):
+        kind = spec.metadata["resume"]
+        if kind == "free" or (kind == "length" and schedule == "constant"):
+            continue
+        if kind == "later" and values[spec.name] == spec.metadata["before"]:
+            continue
+        counted[spec.name] = values[spec.name]
+    return counted
 
 
 def wsd_decay_start(max_steps: int, decay_fraction: float) -> int:

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,10 @@ from pipeline.config import (
     ModelConfig,
     PipelineConfig,
     PipelineError,
-    TrainConfig,
     fingerprint,
     flatten,
     grad_accumulation_steps,
+    resume_fields,
     run_dir_for,
 )
 from pipeline.containment import regular_file
@@ -44,31 +43,11 @@ from pipeline.train.startup import process_start_time, report_startup
 log = logging.getLogger(__name__)
 
 
-# Train settings that do not change the numbers a run computes.
-_NOT_MATH = ("log_interval_steps", "save_interval_steps", "keep_last_checkpoints", "resume", "eval_interval_steps",
-             "peak_tflops", "allow_config_change", "max_failures", "compile", "max_skipped_steps",
-             "save_at_steps")
-
-
-_LATER_TRAIN_OPTIONS = ("optimizer", "muon_lr", "muon_momentum")
-_LATER_MODEL_OPTIONS = ("n_kv_head", "embedding_norm", "rope_theta", "document_mask", "eos_id", "qk_norm", "z_loss",
-                        "mup_base_width")
-_NOT_MODEL_MATH = ("attention_kernel",)  # the same attention whichever kernel computes it
-
-
 def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precision: str, tokenizer_sha256: str) -> dict:
-    """What changes the numbers a run computes (not logging, not where it saves). The run's length counts
-    too unless the schedule is constant: cosine and WSD stretch over train.max_steps, so a longer run has
-    another learning rate at every step after warm-up."""
-    not_math = _NOT_MATH + (("max_steps",) if cfg.train.schedule == "constant" else ())
-    train_defaults = asdict(TrainConfig())
-    train = {k: v for k, v in asdict(cfg.train).items()
-             if k not in not_math and not (k in _LATER_TRAIN_OPTIONS and v == train_defaults[k])}
-    defaults = asdict(ModelConfig())
-    # Options added after checkpoints were first written count only when set: older checkpoints still resume.
-    model_math = {k: v for k, v in asdict(model).items()
-                  if k not in _NOT_MODEL_MATH and not (k in _LATER_MODEL_OPTIONS and v == defaults[k])}
-    return {"model": model_math, "train": train, "data": data_dir.name, "precision": precision,
+    """What changes the numbers a run computes (not logging, not where it saves): the model and train fields as
+    their `resume` metadata says (pipeline.config.resume_fields; the run's length counts unless the schedule is
+    constant), the data set, the precision and the tokenizer."""
+    return {**resume_fields(cfg.train, model), "data": data_dir.name, "precision": precision,
             "tokenizer_sha256": tokenizer_sha256}
 
 
