@@ -1,0 +1,74 @@
+"""cluster.* and tracking.*: where Ray runs and how workers are placed on its nodes; MLflow tracking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config.base import ConfigError, choice, non_negative, positive
+from pipeline.config.parallel import ParallelConfig
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    # Tracking URI; null uses a SQLite store under output_dir.
+    uri: str | None = None
+    experiment: str = "pipeline"
+    # MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, GPU
+    # utilisation and memory where pynvml sees GPUs, ...) of rank 0's node, and as system/node<k>/... of every other
+    # node of the run, averaged over this many seconds and logged at the training step reached; 0 turns them off.
+    system_metrics_interval_s: float = 10.0
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs."""
+
+    # local (Ray started in-process) | ray | slurm | kubernetes
+    name: str = "local"
+    # Where Ray is: null starts Ray in this process; "auto" joins the cluster this process runs on (inside a
+    # Ray job or a Slurm allocation); host:port joins a running cluster. `pipeline submit` takes the
+    # cluster's Jobs API URL here instead (http://HOST:8265).
+    address: str | None = None
+    # CPUs the in-process Ray may use; null uses every core of the machine.
+    num_cpus: int | None = None
+    # How training workers are placed on nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD.
+    placement_strategy: str = "PACK"
+    # Exactly this many training workers on each node (null: as the placement strategy puts them): the
+    # workers fill num_workers / workers_per_node nodes of the cluster, chosen among those with room.
+    workers_per_node: int | None = None
+    # Seconds `pipeline submit` waits to reach the cluster before giving up.
+    connect_timeout_s: float = 10.0
+    # What `pipeline submit` uploads as the job's working directory: "auto" is this source tree (without
+    # .venv, outputs, .git); a path uploads that directory; null uploads nothing (the image has the project).
+    runtime_env_working_dir: str | None = "auto"
+    # Absolute mount point of the storage every node of the cluster shares (e.g. /shared). When set,
+    # `pipeline submit` requires output_dir below it and trusts it even if this machine does not mount it.
+    shared_storage: str | None = None
+    # An object store that keeps the data sets and checkpoints for nodes that share no file system
+    # (s3://bucket/prefix, gs://..., hdfs://..., file:///...; pipeline.cluster.storage): output_dir is then a
+    # working directory on each node, and `pipeline submit` checks that the store is writable.
+    storage_uri: str | None = None
+
+
+def validate_cluster(cluster: ClusterConfig) -> None:
+    choice("cluster.placement_strategy", cluster.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    for key in ("workers_per_node", "num_cpus"):
+        if getattr(cluster, key) is not None:
+            positive(f"cluster.{key}", getattr(cluster, key))
+    positive("cluster.connect_timeout_s", cluster.connect_timeout_s)
+
+
+def validate_tracking(tracking: TrackingConfig) -> None:
+    non_negative("tracking.system_metrics_interval_s", tracking.system_metrics_interval_s, "0 turns them off")
+
+
+def validate_placement(cluster: ClusterConfig, parallel: ParallelConfig) -> None:
+    per_node = cluster.workers_per_node
+    if per_node is not None and parallel.num_workers % per_node:
+        raise ConfigError(
+            f"parallel.num_workers={parallel.num_workers} is not a multiple of cluster.workers_per_node={per_node}: "
+            f"every node gets the same number of workers; use parallel.num_workers="
+            f"{per_node * max(1, round(parallel.num_workers / per_node))} or another workers_per_node."
+        )

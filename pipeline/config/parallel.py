@@ -1,0 +1,106 @@
+"""parallel.*: how the training job is spread over workers (data and tensor parallelism, ZeRO, precision)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config.base import ConfigError, choice, divisors, positive, validate_finite
+from pipeline.config.model import ModelConfig, kv_heads, mlp_width
+
+
+@dataclass
+class ParallelConfig:
+    """How the training job is spread over workers."""
+
+    # Ray Train workers (processes); world size = tensor_parallel * data parallel size.
+    num_workers: int = 2
+    # DeepSpeed AutoTP degree; must divide n_head, d_ff and num_workers.
+    tensor_parallel: int = 1
+    # DeepSpeed ZeRO stage 0, 1, 2 or 3.
+    zero_stage: int = 1
+    # auto | bf16 | fp16 | fp32 (auto: bf16 where the device supports it, else fp32)
+    precision: str = "auto"
+    # Recompute each block's activations in the backward pass.
+    activation_checkpointing: bool = False
+    # Train on GPUs (NCCL); false trains on CPU with gloo.
+    use_gpu: bool = False
+    # GPUs reserved for each worker when use_gpu (a worker drives one device; more reserves whole GPUs for it).
+    gpus_per_worker: float = 1.0
+    # CPU cores reserved for each worker.
+    cpus_per_worker: int = 1
+    # Memory of one device in GiB that the planner (`pipeline plan`) checks the layout against before training;
+    # null: the driver's GPU when it sees one (parallel.use_gpu; no check when it sees none), and on CPU the host's
+    # RAM divided between the ranks of one machine (num_workers, or cluster.workers_per_node when set).
+    device_memory_gb: float | None = None
+    # Refuse a layout the planner says does not fit the device; false trains anyway.
+    check_memory: bool = True
+    # Keep the optimizer states (and fp32 master weights) in CPU memory (DeepSpeed's ZeRO-Offload; ZeRO 1-3).
+    offload_optimizer: bool = False
+    # Expert DeepSpeed settings merged into the generated config (nested dicts merge, a key given here wins),
+    # checked by DeepSpeed's own config model before workers start: buckets, overlap, offload parameters, ...
+    # e.g. +parallel.deepspeed.zero_optimization.reduce_bucket_size=50000000. What the pipeline sets itself
+    # (DEEPSPEED_OWNED) and keys that make DeepSpeed write files are refused (validate_deepspeed).
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
+    validate_finite(parallel, "parallel.")  # `pipeline plan` validates this section alone
+    positive("parallel.num_workers", parallel.num_workers)
+    positive("parallel.tensor_parallel", parallel.tensor_parallel)
+    positive("parallel.cpus_per_worker", parallel.cpus_per_worker)
+    if parallel.device_memory_gb is not None:
+        positive("parallel.device_memory_gb", parallel.device_memory_gb)
+    if parallel.gpus_per_worker <= 0:
+        raise ConfigError(f"parallel.gpus_per_worker={parallel.gpus_per_worker} must be > 0.")
+    choice("parallel.precision", parallel.precision, PRECISIONS)
+    if parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} must be 0, 1, 2 or 3.")
+    tp = parallel.tensor_parallel
+    if parallel.num_workers % tp:
+        raise ConfigError(
+            f"parallel.num_workers={parallel.num_workers} is not divisible by parallel.tensor_parallel={tp}: "
+            f"the world size must be tensor_parallel x data-parallel size."
+        )
+    if model.n_head % tp:
+        raise ConfigError(
+            f"parallel.tensor_parallel={tp} does not divide model.n_head={model.n_head}: "
+            f"choose a tensor-parallel degree among {', '.join(map(str, divisors(model.n_head)))}."
+        )
+    if kv_heads(model) % tp:
+        raise ConfigError(
+            f"parallel.tensor_parallel={tp} does not divide model.n_kv_head={kv_heads(model)}: AutoTP splits the "
+            f"key/value heads across ranks; choose a degree among {', '.join(map(str, divisors(kv_heads(model))))} "
+            f"or more key/value heads."
+        )
+    if model.attention_kernel == "flex" and not parallel.use_gpu:
+        raise ConfigError(
+            "model.attention_kernel=flex trains only on GPUs: FlexAttention has no backward pass on CPU in this "
+            "torch. Use model.attention_kernel=auto (sdpa on CPU) or parallel.use_gpu=true."
+        )
+    if model.pos_encoding == "alibi" and tp > 1:
+        raise ConfigError(
+            "model.pos_encoding=alibi with parallel.tensor_parallel > 1: each rank would need the slopes of the "
+            "heads AutoTP gives it, which it cannot know; train ALiBi models with tensor_parallel=1 (ZeRO shards "
+            "them) or choose rotary positions."
+        )
+    d_ff = mlp_width(model)  # 8/3 d_model rounded for SwiGLU when d_ff is null
+    if d_ff % tp:
+        raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.d_ff={d_ff}.")
+    if parallel.offload_optimizer and parallel.zero_stage == 0:
+        raise ConfigError(
+            "parallel.offload_optimizer=true needs ZeRO (DeepSpeed offloads the optimizer states it partitions): "
+            "set parallel.zero_stage to 1, 2 or 3."
+        )
+    if tp > 1 and parallel.zero_stage == 3:
+        raise ConfigError(
+            "DeepSpeed AutoTP training does not combine with ZeRO stage 3: "
+            "set parallel.zero_stage to 0, 1 or 2 with parallel.tensor_parallel > 1."
+        )
+
+
+def data_parallel_size(parallel: ParallelConfig) -> int:
+    return parallel.num_workers // parallel.tensor_parallel
