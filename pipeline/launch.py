@@ -10,7 +10,6 @@ parallel.num_workers must equal the launcher's world size.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -19,20 +18,38 @@ log = logging.getLogger("pipeline.launch")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Every rank: compose the config; rank 0 resolves the job and opens its MLflow run, every rank receives
+    both, trains, and concludes the run (pipeline.train.driver.conclude_run: exit 2 on failure,
+    PREEMPTED_EXIT_CODE when preempted)."""
+    from pipeline.errors import PipelineError
+    from pipeline.redaction import install_log_filter, scrub
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_filter()
+    try:
+        run(list(sys.argv[1:] if argv is None else argv))
+    except PipelineError as err:
+        print(f"error: {scrub(str(err))}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(overrides: list[str]) -> None:
+    import time
+
     import torch.distributed as dist
 
     from data_prep.prepare import dataset_dir, is_complete
     from pipeline.compose import compose_config
     from pipeline.config import ConfigError, run_dir_for
-    from pipeline.redaction import install_log_filter, remember_secrets, scrub
+    from pipeline.errors import PipelineError
+    from pipeline.redaction import remember_secrets
     from pipeline.train.distributed import init_distributed
-    from pipeline.train.driver import build_job, check_resume, finish_run, open_run
-    from pipeline.train.preemption import PREEMPT_FILE, PREEMPTED_EXIT_CODE
+    from pipeline.train.driver import conclude_run, open_run, resolve_job
+    from pipeline.train.job import RunLink
+    from pipeline.train.preemption import PREEMPT_FILE
     from pipeline.train.worker import train_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    install_log_filter()
-    cfg = compose_config(list(sys.argv[1:] if argv is None else argv))
+    cfg = compose_config(overrides)
     remember_secrets(cfg.tracking.uri, cfg.cluster.storage_uri)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != cfg.parallel.num_workers:
@@ -44,31 +61,22 @@ def main(argv: list[str] | None = None) -> None:
     if not is_complete(data_dir):
         raise ConfigError(f"no prepared data at {data_dir}: run `pipeline prepare` with the same data overrides first.")
     init_distributed(cfg.parallel)
-    rank = dist.get_rank()
-    if rank != 0:
-        dist.barrier()  # rank 0 resolves the resume first: a universal conversion runs once, not on every rank
-    job = check_resume(cfg, build_job(cfg, data_dir, None, None))
-    if rank == 0:
-        dist.barrier()
-    tracker = None
-    if rank == 0:
-        (run_dir_for(cfg) / PREEMPT_FILE).unlink(missing_ok=True)
-        tracker = open_run(cfg, job, data_dir)
-    ids = [tracker.uri, tracker.run_id, job.job_id] if tracker else [None, None, None]
-    dist.broadcast_object_list(ids, src=0)
-    job = dataclasses.replace(job, tracking_uri=ids[0], mlflow_run_id=ids[1], job_id=ids[2])
-    outcome = train_worker(job)
-    if outcome.failure:
-        if tracker:
-            tracker.close("FAILED")
-        print(f"error: {scrub(outcome.failure)}", file=sys.stderr)
-        sys.exit(2)
-    if outcome.preempted:
-        if tracker:
-            tracker.close("KILLED")
-        sys.exit(PREEMPTED_EXIT_CODE)
-    if tracker:
-        finish_run(tracker, outcome, run_dir_for(cfg), cfg.run_name)
+    tracker, resolved = None, [None]
+    if dist.get_rank() == 0:  # resolved once (a universal conversion runs once), then shared
+        try:
+            job = resolve_job(cfg, data_dir)
+            (run_dir_for(cfg) / PREEMPT_FILE).unlink(missing_ok=True)
+            tracker = open_run(cfg, job, data_dir)
+            resolved = [(job, RunLink(tracker.uri, tracker.run_id))]
+        except PipelineError as err:  # bad input: every rank says so and exits 2 (a bug keeps its traceback)
+            dist.broadcast_object_list([str(err)], src=0)
+            raise
+    dist.broadcast_object_list(resolved, src=0)
+    if isinstance(resolved[0], str):
+        raise ConfigError(f"rank 0 could not start the job: {resolved[0]}")
+    job, link = resolved[0]
+    launched = time.time()
+    conclude_run(cfg, job, train_worker(job, link), tracker, launched)
 
 
 if __name__ == "__main__":

@@ -93,18 +93,12 @@ def pull_run(cfg: PipelineConfig) -> Path:
 
 def train_stage(cfg: PipelineConfig):
     """Prepare the data if needed (a no-op when its shards are complete), then train."""
-    from pipeline.config import grad_accumulation_steps
-    from pipeline.train.ds_config import check_with_deepspeed, make_ds_config, resolve_precision
-    from pipeline.train.plan import check_layout_fits, planned_model
+    from pipeline.train.job import resolve_layout
+    from pipeline.train.plan import planned_model
 
-    # Fail before any work (and before Ray and the driver's imports): a precision the device cannot do, a layout
-    # that does not fit it (on CPU: the host's RAM), expert DeepSpeed settings DeepSpeed refuses.
-    precision = resolve_precision(cfg.parallel)
-    check_layout_fits(planned_model(cfg.model, cfg.data.tokenizer.vocab_size), cfg.parallel, cfg.train, precision,
-                      cfg.cluster.workers_per_node)
-    if cfg.parallel.deepspeed or cfg.parallel.offload_optimizer:
-        accum = grad_accumulation_steps(cfg.train, cfg.parallel, cfg.model.context_length)
-        check_with_deepspeed(make_ds_config(cfg.train, cfg.parallel, precision, accum, d_model=cfg.model.d_model))
+    # Fail before any work (and before Ray and the driver's imports) on what the layout refuses; the driver
+    # resolves it again with the prepared data set's own vocabulary.
+    resolve_layout(cfg, planned_model(cfg.model, cfg.data.tokenizer.vocab_size))
     data_dir = prepare_stage(cfg)
     from pipeline.train.driver import train
 

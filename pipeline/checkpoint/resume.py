@@ -70,8 +70,9 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 
 @dataclass
 class ResumePlan:
-    """What the workers load: `checkpoint` (None: nothing explicit; a train.resume=auto job then finds its latest
-    complete checkpoint itself) and whether it is a universal one (another parallel layout)."""
+    """What the workers load: `checkpoint` (None: start from scratch) and whether it is a universal one (another
+    parallel layout). Decided here once, on the driver; a worker group that Ray restarts after a failure
+    continues from its job's own newest checkpoint instead (pipeline.train.worker.resume_point)."""
 
     checkpoint: Path | None = None
     universal: bool = False
@@ -119,5 +120,4 @@ def plan_resume(train: TrainConfig, parallel: ParallelConfig, run_dir: Path, mat
         log.info("resuming %s (saved at world size %d, ZeRO-%d) at world size %d, ZeRO-%d through %s",
                  tag_dir, marker["world_size"], saved_stage, parallel.num_workers, parallel.zero_stage, universal)
         return ResumePlan(universal, universal=True)
-    explicit = train.resume not in ("auto", "none")
-    return ResumePlan(tag_dir if explicit else None)
+    return ResumePlan(tag_dir)

@@ -1,15 +1,14 @@
-"""The train stage on the driver: resolve the job, decide the resume, open the MLflow run, launch workers.
+"""The train stage on the driver: resolve the job (once), open the MLflow run, launch the workers, conclude.
 
-    train(cfg, data_dir): build_job -> check_resume -> open_run -> launch_ray (under PreemptionForwarder)
-                          -> finish_run
+    train(cfg, data_dir): resolve_job -> open_run -> launch_ray (under PreemptionForwarder) -> conclude_run
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +24,13 @@ from pipeline.config import (
     PipelineError,
     fingerprint,
     flatten,
-    grad_accumulation_steps,
     resume_fields,
     run_dir_for,
 )
 from pipeline.containment import regular_file
 from pipeline.model.size import attended_context, model_for_data, training_flops_per_token
 from pipeline.tracking import Tracker
-from pipeline.train.ds_config import make_ds_config, resolve_precision
-from pipeline.train.job import TrainJob, TrainOutcome
-from pipeline.train.plan import check_layout_fits
+from pipeline.train.job import RunLink, TrainJob, TrainOutcome, resolve_layout
 from pipeline.train.plots import plot_loss_curve
 from pipeline.train.preemption import Preempted, PreemptionForwarder
 from pipeline.train.ray_launch import launch_ray
@@ -51,14 +47,13 @@ def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precisi
             "tokenizer_sha256": tokenizer_sha256}
 
 
-def check_resume(cfg: PipelineConfig, job: TrainJob) -> TrainJob:
-    """The job with the resume decided on the driver (pipeline.checkpoint.resume.plan_resume): the checkpoint
-    the workers load, and DeepSpeed's universal loading when the parallel layout changed."""
-    plan = plan_resume(cfg.train, cfg.parallel, run_dir_for(cfg), job.math_config, store_for(cfg.cluster.storage_uri))
+def decide_resume(cfg: PipelineConfig, math: dict, ds_config: dict) -> tuple[str | None, dict]:
+    """train.resume decided on the driver (pipeline.checkpoint.resume.plan_resume): the checkpoint the workers
+    load, and the DeepSpeed config to load it with (universal loading when the parallel layout changed)."""
+    plan = plan_resume(cfg.train, cfg.parallel, run_dir_for(cfg), math, store_for(cfg.cluster.storage_uri))
     if plan.universal:
-        return dataclasses.replace(job, resume_from=str(plan.checkpoint),
-                                   ds_config={**job.ds_config, "checkpoint": {"load_universal": True}})
-    return dataclasses.replace(job, resume_from=str(plan.checkpoint) if plan.checkpoint is not None else None)
+        ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
+    return (str(plan.checkpoint) if plan.checkpoint is not None else None), ds_config
 
 
 ATTENDED_CONTEXT_SAMPLE = 1024  # training windows read to measure document-masked attention's context
@@ -79,7 +74,9 @@ def measured_attended_context(model: ModelConfig, data_dir: Path) -> float | Non
     return context
 
 
-def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run_id: str | None) -> TrainJob:
+def check_data(cfg: PipelineConfig, data_dir: Path):
+    """The data set's manifest, its files' sha256 checked (data.verify_checksums) and its windows matching the
+    model's context."""
     manifest = load_data_info(data_dir)
     if cfg.data.verify_checksums:
         t0 = time.time()
@@ -92,16 +89,22 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
             f"model.context_length + 1 = {cfg.model.context_length + 1}: prepare the data with the same "
             f"context_length."
         )
-    model = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id)
-    # Again with the data set's own vocabulary (the stage planned with the config's): a data set that declares
-    # a huge vocabulary must not make every rank allocate its embedding.
-    check_layout_fits(model, cfg.parallel, cfg.train, resolve_precision(cfg.parallel), cfg.cluster.workers_per_node)
+    return manifest
+
+
+def resolve_job(cfg: PipelineConfig, data_dir: Path) -> TrainJob:
+    """The validated config and the prepared data set turned into the complete, frozen job every launcher runs
+    (the Ray driver, `pipeline.launch`): the model at the data set's vocabulary, its layout (`resolve_layout`,
+    again with that vocabulary: a data set that declares a huge one must not make every rank allocate its
+    embedding), the math fingerprint, the resume point and a new job id."""
+    manifest = check_data(cfg, data_dir)
+    layout = resolve_layout(cfg, model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id))
+    model = layout.model
     if cfg.train.optimizer == "muon" and cfg.train.grad_clip:
         log.warning("train.grad_clip=%g is not applied with train.optimizer=muon (see TrainConfig.muon_lr)",
                     cfg.train.grad_clip)
-    precision = resolve_precision(cfg.parallel)
-    accum = grad_accumulation_steps(cfg.train, cfg.parallel, model.context_length)
-    math = math_config(cfg, model, data_dir, precision, manifest.tokenizer_sha256)
+    math = math_config(cfg, model, data_dir, layout.precision, manifest.tokenizer_sha256)
+    resume_from, ds_config = decide_resume(cfg, math, layout.ds_config)
     return TrainJob(
         model=model,
         train=cfg.train,
@@ -109,18 +112,17 @@ def build_job(cfg: PipelineConfig, data_dir: Path, tracking_uri: str | None, run
         data_dir=str(data_dir),
         run_dir=str(run_dir_for(cfg)),
         storage_uri=cfg.cluster.storage_uri,
-        precision=precision,
-        grad_accum_steps=accum,
-        ds_config=make_ds_config(cfg.train, cfg.parallel, precision, accum, d_model=model.d_model),
+        precision=layout.precision,
+        grad_accum_steps=layout.grad_accum_steps,
+        ds_config=ds_config,
         flops_per_token=training_flops_per_token(model, measured_attended_context(model, data_dir)),
         config_fingerprint=fingerprint(math),
         math_config=math,
         tokenizer_sha256=manifest.tokenizer_sha256,
+        resume_from=resume_from,
         eval_max_tokens=cfg.eval.max_tokens,
         system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
         job_id=uuid.uuid4().hex,
-        tracking_uri=tracking_uri,
-        mlflow_run_id=run_id,
     )
 
 
@@ -167,10 +169,10 @@ def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path, tags: dict[str,
 
 
 def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = None) -> TrainOutcome:
+    """The train stage on the driver: resolve the job, open its MLflow run, run the workers under Ray, conclude."""
     run_dir = run_dir_for(cfg)
-    job = check_resume(cfg, build_job(cfg, data_dir, None, None))
+    job = resolve_job(cfg, data_dir)
     tracker = open_run(cfg, job, data_dir, tags)
-    job = dataclasses.replace(job, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
     log.info(
         "training %s: %d workers (tp=%d), ZeRO-%d, %s, %d grad-accumulation steps, run dir %s",
         cfg.run_name, cfg.parallel.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.zero_stage,
@@ -179,25 +181,41 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
     launched = time.time()
     try:
         with PreemptionForwarder(run_dir) as forwarder:
-            outcome = launch_ray(job, run_dir, max_failures=cfg.train.max_failures,
+            outcome = launch_ray(job, RunLink(tracker.uri, tracker.run_id), run_dir,
+                                 max_failures=cfg.train.max_failures,
                                  placement_strategy=cfg.cluster.placement_strategy,
                                  workers_per_node=cfg.cluster.workers_per_node)
     except BaseException:
         tracker.close("FAILED")
         raise
+    conclude_run(cfg, job, outcome, tracker, launched, forwarder.hand_over)
+    return outcome
+
+
+def conclude_run(cfg: PipelineConfig, job: TrainJob, outcome: TrainOutcome, tracker: Tracker | None,
+                 launched: float, hand_over: Callable[[], None] | None = None) -> None:
+    """The end of a run for every launcher (the Ray driver, and every rank of `pipeline.launch`; `tracker` is
+    rank 0's, None elsewhere): a failed run is marked FAILED and raises TrainingFailed (exit 2), a preempted one
+    KILLED and raises Preempted (PREEMPTED_EXIT_CODE) after `hand_over` (e.g. submitit's requeue); a finished
+    one records its start-up phases, checkpoint and loss curve (with the unigram baseline) and is FINISHED."""
     if outcome.failure:
-        tracker.set_tags({"failure": outcome.failure[:5000]})
-        tracker.close("FAILED")
+        if tracker is not None:
+            tracker.set_tags({"failure": outcome.failure[:5000]})
+            tracker.close("FAILED")
         raise TrainingFailed(outcome.failure)
     if outcome.preempted:
-        tracker.set_tags({"checkpoint": outcome.checkpoint})
-        tracker.close("KILLED")
-        forwarder.hand_over()  # e.g. submitit requeues the job here (and exits)
+        if tracker is not None:
+            tracker.set_tags({"checkpoint": outcome.checkpoint})
+            tracker.close("KILLED")
+        if hand_over is not None:
+            hand_over()
         raise Preempted(outcome)
+    if tracker is None:
+        return
     report_startup(outcome.timeline | {"process_start": process_start_time(), "launched": launched,
                                        "returned": time.time()}, tracker, outcome.final_step)
-    finish_run(tracker, outcome, run_dir, cfg.run_name, unigram_baseline(cfg, data_dir, job.model.vocab_size))
-    return outcome
+    data_dir = Path(job.data_dir)
+    finish_run(tracker, outcome, Path(job.run_dir), cfg.run_name, unigram_baseline(cfg, data_dir, job.model.vocab_size))
 
 
 class TrainingFailed(PipelineError, RuntimeError):

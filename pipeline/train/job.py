@@ -1,16 +1,56 @@
-"""What the driver hands every training worker (TrainJob), and what rank 0 hands back (TrainOutcome): plain data,
-resolved on the driver, that travels to Ray workers."""
+"""What the driver hands every training worker (TrainJob, and the MLflow run to report to: RunLink), and what
+rank 0 hands back (TrainOutcome): plain data, resolved once on the driver, that travels to the workers.
+
+The layout (precision, gradient accumulation, the DeepSpeed config) is decided by `resolve_layout` alone: the
+train stage calls it before preparing data (with the tokenizer's vocabulary), the driver's `resolve_job` again
+with the data set's own.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config import ModelConfig, ParallelConfig, TrainConfig
+from pipeline.config import ModelConfig, ParallelConfig, PipelineConfig, TrainConfig, grad_accumulation_steps
+from pipeline.train.ds_config import check_with_deepspeed, make_ds_config, resolve_precision
+from pipeline.train.plan import check_layout_fits
 
 
-@dataclass
+@dataclass(frozen=True)
+class Layout:
+    """How a model is computed and laid out over the ranks."""
+
+    model: ModelConfig
+    precision: str
+    grad_accum_steps: int
+    ds_config: dict
+
+
+def resolve_layout(cfg: PipelineConfig, model: ModelConfig) -> Layout:
+    """The precision, gradient accumulation and DeepSpeed config for `model` (the config's model with its
+    vocabulary resolved). Refused before any work: a precision the device cannot do, a layout that does not fit
+    the device (on CPU: the host's RAM per rank), expert DeepSpeed settings DeepSpeed refuses."""
+    precision = resolve_precision(cfg.parallel)
+    check_layout_fits(model, cfg.parallel, cfg.train, precision, cfg.cluster.workers_per_node)
+    accum = grad_accumulation_steps(cfg.train, cfg.parallel, model.context_length)
+    ds_config = make_ds_config(cfg.train, cfg.parallel, precision, accum, d_model=model.d_model)
+    if cfg.parallel.deepspeed or cfg.parallel.offload_optimizer:
+        check_with_deepspeed(ds_config)
+    return Layout(model, precision, accum, ds_config)
+
+
+@dataclass(frozen=True)
+class RunLink:
+    """The MLflow run a job reports to (opened by the driver after the job is resolved)."""
+
+    # May carry credentials (http://user:secret@host): out of the repr, so that no message or log shows them.
+    tracking_uri: str | None = field(default=None, repr=False)
+    run_id: str | None = None
+
+
+@dataclass(frozen=True)
 class TrainJob:
-    """Everything a worker needs, resolved on the driver (plain data: it travels to Ray workers)."""
+    """Everything a worker needs, resolved once on the driver (pipeline.train.driver.resolve_job; plain data: it
+    travels to Ray workers)."""
 
     model: ModelConfig
     train: TrainConfig
@@ -25,18 +65,14 @@ class TrainJob:
     # The config keys that change the numbers (model, optimisation, data): compared on resume.
     math_config: dict
     tokenizer_sha256: str
-    # A checkpoint tag to load (resolved on the driver from train.resume), and whether it is universal.
+    # The checkpoint tag to load (train.resume resolved on the driver; a universal one when ds_config says so).
     resume_from: str | None = None
     # Unique id of this training job (set on the driver), kept in its checkpoints: a worker group that Ray
     # restarts after a failure continues from the job's own newest checkpoint, not from resume_from again.
     job_id: str = ""
-    # May carry credentials (http://user:secret@host): out of the job's repr, so that no message or log shows them.
-    tracking_uri: str | None = field(default=None, repr=False)
-    mlflow_run_id: str | None = None
     # Per-step losses and gradient norms (rank 0) are returned to the driver when true; used by equivalence
     # tests.
     record_losses: bool = False
-    extra: dict = field(default_factory=dict)
     # cluster.storage_uri: the object store that holds the data set and the checkpoints (pipeline.cluster.storage).
     storage_uri: str | None = field(default=None, repr=False)
     # tracking.system_metrics_interval_s (0: no system metrics).

@@ -1,25 +1,20 @@
 """Training workers under Ray Train: one TorchTrainer worker per rank, each running train_worker; rank 0's
-outcome comes back to the driver through the run directory."""
+outcome comes back to the driver as the training function's return value (Ray Train's Result.return_value), so
+no node needs a disk the driver reads."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import ConfigError, ParallelConfig
-from pipeline.files import write_atomic
-from pipeline.train.job import TrainJob, TrainOutcome
+from pipeline.train.job import RunLink, TrainJob, TrainOutcome
 
 log = logging.getLogger(__name__)
 
 
-OUTCOME_FILE = "train_outcome.json"
-
-
-def _ray_worker(config: dict) -> None:
+def _ray_worker(config: dict) -> TrainOutcome:
     import ray
     import torch.distributed as dist
 
@@ -28,17 +23,14 @@ def _ray_worker(config: dict) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     job: TrainJob = config["job"]
-    remember_secrets(job.tracking_uri, job.storage_uri)  # what the worker logs reaches the driver's output
+    link: RunLink = config["link"]
+    remember_secrets(link.tracking_uri, job.storage_uri)  # what the worker logs reaches the driver's output
     install_log_filter()
-    outcome = train_worker(job)
+    outcome = train_worker(job, link)
     # Which Ray node each rank ran on, for the record (placement across nodes shows here).
     nodes: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    outcome = dataclasses.replace(outcome, worker_nodes=nodes)
-    # Ray Train only hands metrics back with a Ray checkpoint; our checkpoints are DeepSpeed's, so rank 0
-    # leaves its outcome in the run directory for the driver.
-    if dist.get_rank() == 0:
-        write_atomic(Path(job.run_dir) / OUTCOME_FILE, json.dumps(asdict(outcome)))
+    return dataclasses.replace(outcome, worker_nodes=nodes)  # rank 0's reaches the driver (Result.return_value)
 
 
 def worker_resources(parallel: ParallelConfig) -> dict[str, float]:
@@ -67,9 +59,10 @@ def workers_on_nodes(parallel: ParallelConfig, workers_per_node: int) -> list[di
     return [{NODE_ID_LABEL_KEY: nodes[i // workers_per_node]["NodeID"]} for i in range(parallel.num_workers)]
 
 
-def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0, placement_strategy: str = "PACK",
+def launch_ray(job: TrainJob, link: RunLink, run_dir: Path, max_failures: int = 0, placement_strategy: str = "PACK",
                workers_per_node: int | None = None) -> TrainOutcome:
-    """Run train_worker on parallel.num_workers Ray Train workers and return rank 0's outcome."""
+    """Run train_worker on parallel.num_workers Ray Train workers (reporting to the MLflow run `link`) and return
+    rank 0's outcome."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -77,7 +70,7 @@ def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0, placement_st
     placement = {} if workers_per_node is None else {"label_selector": workers_on_nodes(parallel, workers_per_node)}
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "link": link},
         scaling_config=ScalingConfig(
             num_workers=parallel.num_workers,
             use_gpu=parallel.use_gpu,
@@ -92,11 +85,11 @@ def launch_ray(job: TrainJob, run_dir: Path, max_failures: int = 0, placement_st
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
-    outcome_file = run_dir / OUTCOME_FILE
-    outcome_file.unlink(missing_ok=True)
     result = trainer.fit()
     if result.error:
         raise result.error
-    outcome = json.loads(outcome_file.read_text())
-    outcome["losses"] = {int(k): v for k, v in outcome["losses"].items()}
-    return TrainOutcome(**outcome)
+    outcome = getattr(result, "return_value", None)  # Ray Train v2 from Ray 2.56
+    if not isinstance(outcome, TrainOutcome):
+        raise RuntimeError(f"Ray Train handed back no outcome from rank 0 (got {type(outcome).__name__}): the "
+                           f"pipeline needs Ray >= 2.56 with Ray Train v2 (RAY_TRAIN_V2_ENABLED unset or 1).")
+    return outcome

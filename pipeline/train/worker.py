@@ -49,7 +49,7 @@ from pipeline.train.distributed import (
     seed_everything,
     sum_head_gradients_over_tensor_parallel,
 )
-from pipeline.train.job import TrainJob, TrainOutcome
+from pipeline.train.job import RunLink, TrainJob, TrainOutcome
 from pipeline.train.loop import Callback, LoopState, run_loop
 from pipeline.train.optimizer import build_optimizer, build_scheduler
 from pipeline.train.preemption import PreemptionFlag
@@ -62,17 +62,12 @@ def resume_point(job: TrainJob, ckpt_root: Path) -> tuple[Path | None, dict]:
     """The checkpoint this worker group starts from, and the DeepSpeed config to load it with.
 
     The job's own newest checkpoint comes first (a restart after a failure, even of a job that began from an
-    explicit or universal checkpoint); then the checkpoint the driver resolved; then, for train.resume=auto,
-    the latest complete one of the run directory."""
+    explicit or universal checkpoint); then the checkpoint the driver resolved from train.resume."""
     latest = latest_complete(ckpt_root)
     if latest is not None and job.job_id and read_marker(latest).get("client_state", {}).get("job_id") == job.job_id:
         # Saved by this job at its own layout: a plain load, not a universal one.
         return latest, {k: v for k, v in job.ds_config.items() if k != "checkpoint"}
-    if job.resume_from is not None:
-        return Path(job.resume_from), job.ds_config
-    if job.train.resume == "auto":
-        return latest, job.ds_config
-    return None, job.ds_config
+    return (None if job.resume_from is None else Path(job.resume_from)), job.ds_config
 
 
 def pull_from_store(job: TrainJob) -> ObjectStore:
@@ -202,25 +197,27 @@ def node_of_rank(device: torch.device) -> tuple[int, bool]:
     return list(dict.fromkeys(ranks)).index(key), ranks.index(key) == dist.get_rank()
 
 
-def start_system_metrics(job: TrainJob, tracker: Tracker | None, device: torch.device) -> SystemMetrics | None:
+def start_system_metrics(job: TrainJob, link: RunLink, tracker: Tracker | None,
+                         device: torch.device) -> SystemMetrics | None:
     """System metrics (CPU, memory, disk, network, GPUs) of every node the run uses, each sampled by the node's
     first rank: rank 0's node as system/<name> through rank 0's tracker, any other node k as
     system/node<k>/<name> (MLflow's naming for a node id) through a tracker of its own (rank 0 already reaches
     the tracking server from wherever it runs, so every node does). None when off, or for the other ranks.
     Every rank calls it (it gathers the ranks' nodes)."""
-    if not (job.system_metrics_interval_s and job.mlflow_run_id):
+    if not (job.system_metrics_interval_s and link.run_id):
         return None
     node, first = node_of_rank(device)
     if dist.get_rank() == 0:
         return SystemMetrics(tracker, job.system_metrics_interval_s).start() if tracker is not None else None
     if not first or node == 0:
         return None
-    own = Tracker(job.tracking_uri, job.mlflow_run_id, background=True,
+    own = Tracker(link.tracking_uri, link.run_id, background=True,
                   spill_dir=job.run_dir if Path(job.run_dir).is_dir() else None, flush_timeout_s=30.0)
     return SystemMetrics(own, job.system_metrics_interval_s, prefix=f"system/node{node}/", owns_tracker=True).start()
 
 
-def train_worker(job: TrainJob) -> TrainOutcome:
+def train_worker(job: TrainJob, link: RunLink = RunLink()) -> TrainOutcome:
+    """One rank of the job (reporting to the MLflow run `link`, if any); rank 0's outcome is the run's."""
     timeline = {"worker_started": time.time()}  # the start-up phases (pipeline.train.startup)
     if not job.parallel.use_gpu:
         torch.set_num_threads(job.parallel.cpus_per_worker)
@@ -245,9 +242,9 @@ def train_worker(job: TrainJob) -> TrainOutcome:
         if rank == 0:
             log.info("resumed from %s at step %d (%d samples consumed)", tag_dir, start_step, state["samples_consumed"])
     # Sends in the background: a tracking server that goes away never stalls or stops training.
-    tracker = (Tracker(job.tracking_uri, job.mlflow_run_id, background=True, spill_dir=job.run_dir)
-               if rank == 0 and job.mlflow_run_id else None)
-    monitor = start_system_metrics(job, tracker, device)
+    tracker = (Tracker(link.tracking_uri, link.run_id, background=True, spill_dir=job.run_dir)
+               if rank == 0 and link.run_id else None)
+    monitor = start_system_metrics(job, link, tracker, device)
     checkpointer = Checkpointer(engine, job, batches, ckpt_root, world, store)
     callbacks = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, tracker, timeline)
     timeline["engine_ready"] = time.time()

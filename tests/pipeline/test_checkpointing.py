@@ -52,6 +52,18 @@ def make_job(data_dir, run_dir, *, steps=6, save_every=0, zero=1, workers=2):
     )
 
 
+def as_the_driver_resumes(job, output_dir: Path, run_name: str, **cfg):
+    """The job with train.resume decided as the driver decides it (pipeline.train.driver.decide_resume) for the
+    run `run_name` under output_dir."""
+    from pipeline.config import PipelineConfig
+    from pipeline.train.driver import decide_resume
+
+    config = PipelineConfig(output_dir=str(output_dir), run_name=run_name,
+                            **({"train": job.train, "parallel": job.parallel} | cfg))
+    resume_from, ds_config = decide_resume(config, job.math_config, job.ds_config)
+    return dataclasses.replace(job, resume_from=resume_from, ds_config=ds_config)
+
+
 def train_and_report(job):
     from pipeline.train.worker import train_worker
 
@@ -120,7 +132,8 @@ def test_stop_and_resume_is_exact(full_run, tmp_path):
     resumed_dir.mkdir(parents=True)
     shutil.copytree(checkpoint_root(Path(full.run_dir)) / "step_00000003", resumed_dir / "step_00000003")
     (resumed_dir / "latest").write_text("step_00000003")
-    outcome = run_distributed(train_and_report, 2, dataclasses.replace(full, run_dir=str(tmp_path / "resumed")))[0]
+    resumed = dataclasses.replace(full, run_dir=str(tmp_path / "resumed"), resume_from=str(resumed_dir / "step_00000003"))
+    outcome = run_distributed(train_and_report, 2, resumed)[0]
     assert outcome.resumed_from.endswith("step_00000003")
     assert sorted(outcome.losses) == [3, 4, 5]
     assert [outcome.losses[s] for s in (3, 4, 5)] == [full_losses[s] for s in (3, 4, 5)]
@@ -134,8 +147,6 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_latest_and_resumable
     """A real run dies while writing its step-6 checkpoint: step 3 stays `latest`; the same job resumes from
     it and ends with the uninterrupted run's losses and weights; then a truncated file of a real checkpoint
     is named before any worker starts."""
-    from pipeline.config import PipelineConfig
-    from pipeline.train.driver import check_resume
 
     full, full_losses = full_run
     run_dir = tmp_path / "runs" / "r"
@@ -147,7 +158,7 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_latest_and_resumable
     assert (root / "latest").read_text() == "step_00000003"
     assert latest_complete(root).name == "step_00000003" and complete_tags(root) == ["step_00000003"]
 
-    outcome = run_distributed(train_and_report, 2, job)[0]  # train.resume=auto
+    outcome = run_distributed(train_and_report, 2, as_the_driver_resumes(job, tmp_path, "r"))[0]  # resume=auto
     assert outcome.resumed_from.endswith("step_00000003")
     assert [outcome.losses[s] for s in (3, 4, 5)] == [full_losses[s] for s in (3, 4, 5)]
     ours, theirs = final_weights(run_dir), final_weights(full.run_dir)
@@ -156,9 +167,8 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_latest_and_resumable
     shard = sorted((root / "step_00000006").glob("*optim_states.pt"))[0]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
-    cfg = PipelineConfig(output_dir=str(tmp_path), run_name="r")
     with pytest.raises(CheckpointError, match=f"{shard.name} is truncated"):
-        check_resume(cfg, job)
+        as_the_driver_resumes(job, tmp_path, "r")
 
 
 @pytest.mark.distributed
@@ -330,10 +340,6 @@ def test_config_differences_list_every_changed_key():
 
 
 def test_resume_with_changed_math_is_refused_unless_allowed(tmp_path):
-    from pipeline.config import PipelineConfig
-    from pipeline.train.driver import check_resume
-
-    cfg = PipelineConfig(output_dir=str(tmp_path), run_name="r")
     job = make_job(tmp_path, tmp_path / "runs" / "r")
     tag = fake_checkpoint(tmp_path / "runs" / "r" / "checkpoints", 3)
     marker = json.loads((tag / COMPLETE_MARKER).read_text())
@@ -342,9 +348,9 @@ def test_resume_with_changed_math_is_refused_unless_allowed(tmp_path):
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"lr: 0.003 -> 0.01"):
-        check_resume(cfg, job)
-    allowed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allow_config_change=True))
-    assert check_resume(allowed, job).resume_from is None  # auto: the worker picks the latest itself
+        as_the_driver_resumes(job, tmp_path, "r")
+    allowed = dataclasses.replace(job.train, allow_config_change=True)
+    assert as_the_driver_resumes(job, tmp_path, "r", train=allowed).resume_from == str(tag)  # auto: the latest
 
 
 def test_math_config_holds_what_changes_the_numbers(tmp_path):
@@ -371,32 +377,25 @@ def test_math_config_holds_what_changes_the_numbers(tmp_path):
 
 
 def test_a_zero_stage_change_deepspeed_cannot_load_is_refused_before_workers_start(tmp_path):
-    from pipeline.config import ConfigError, PipelineConfig
-    from pipeline.train.driver import check_resume
+    from pipeline.config import ConfigError
 
     job = make_job(tmp_path, tmp_path / "runs" / "r")
     fake_checkpoint(tmp_path / "runs" / "r" / "checkpoints", 3)  # saved at ZeRO-1 on 2 workers
     for stage in (0, 3):
-        cfg = PipelineConfig(output_dir=str(tmp_path), run_name="r",
-                             parallel=dataclasses.replace(job.parallel, zero_stage=stage))
         with pytest.raises(ConfigError, match=rf"ZeRO stage 1, .* parallel.zero_stage={stage} .*zero_stage=1 "):
-            check_resume(cfg, job)
+            as_the_driver_resumes(job, tmp_path, "r", parallel=dataclasses.replace(job.parallel, zero_stage=stage))
 
 
 def elastic_job(job, output_dir: Path, run_name: str, workers: int, micro: int, tp: int = 1, zero: int | None = None):
     """The job resized to `workers` ranks (tensor-parallel degree tp, ZeRO stage zero), resumed the way the
-    driver does it: pipeline.train.check_resume finds the run's latest checkpoint, sees the other layout and
-    converts it."""
-    from pipeline.config import PipelineConfig
-    from pipeline.train.driver import check_resume
-
+    driver does it: pipeline.train.driver.decide_resume finds the run's latest checkpoint, sees the other layout
+    and converts it."""
     train = dataclasses.replace(job.train, micro_batch_size=micro)
     parallel = dataclasses.replace(job.parallel, num_workers=workers, tensor_parallel=tp,
                                    zero_stage=job.parallel.zero_stage if zero is None else zero)
     resized = dataclasses.replace(job, train=train, parallel=parallel, run_dir=str(output_dir / "runs" / run_name),
                                   ds_config=make_ds_config(train, parallel, "fp32", 1))
-    cfg = PipelineConfig(output_dir=str(output_dir), run_name=run_name, train=train, parallel=parallel)
-    resumed = check_resume(cfg, resized)
+    resumed = as_the_driver_resumes(resized, output_dir, run_name)
     assert resumed.ds_config["checkpoint"] == {"load_universal": True}
     assert Path(resumed.resume_from).parent.name == "universal"
     return resumed

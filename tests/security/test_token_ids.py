@@ -35,7 +35,7 @@ def forged_dataset(tmp_path, tokenizer=None):
 
 
 def test_an_out_of_range_id_is_named_at_verify_before_training_and_on_every_read(tmp_path):
-    from pipeline.train.driver import build_job
+    from pipeline.train.driver import resolve_job
 
     ds = forged_dataset(tmp_path)
     message = r"train_00000.bin holds the token id 1000, outside the data set's vocabulary of 64 tokens"
@@ -43,7 +43,7 @@ def test_an_out_of_range_id_is_named_at_verify_before_training_and_on_every_read
     cfg = PipelineConfig(output_dir=str(tmp_path / "out"), model=ModelConfig(context_length=16),
                          data=DataConfig(context_length=16))
     with pytest.raises(ShardError, match=message):
-        build_job(cfg, ds, None, None)  # on the driver, before any worker starts
+        resolve_job(cfg, ds)  # on the driver, before any worker starts
     windows = WindowDataset(ds, "train")
     assert windows.windows(np.arange(5)).max() < 64  # the windows before it read fine
     with pytest.raises(ShardError, match=message):
