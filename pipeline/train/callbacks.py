@@ -9,9 +9,11 @@
     PreemptionCheck      a signal or PREEMPT file on any rank: checkpoint, then stop
     PeriodicCheckpoint   a checkpoint every train.save_interval_steps
     FinalCheckpoint      the checkpoint at max_steps
+    SystemMetrics        MLflow's system metrics of the node, sampled on a thread (closed with the loop)
 
 Checkpointer saves a checkpoint of the run with the client state a resume needs; the three checkpoint callbacks
-share one.
+share one. Constructors take keywords only; callbacks report through the loop state (metrics, tags, the log line
+of rank 0, the run's record) and hold no rank or tracker.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     """Saves the run's checkpoints (collective: every rank calls save) with what a resume needs."""
 
-    def __init__(self, engine, job: TrainJob, batches: RankBatches, ckpt_root: Path, world: int, store=None):
+    def __init__(self, *, engine, job: TrainJob, batches: RankBatches, ckpt_root: Path, world: int, store=None):
         self.engine, self.job, self.batches = engine, job, batches
         self.ckpt_root, self.world, self.store = ckpt_root, world, store
         self.layout = {"zero_stage": job.parallel.zero_stage, "tensor_parallel": job.parallel.tensor_parallel,
@@ -66,10 +68,8 @@ class Checkpointer:
 class LossHistory(Callback):
     """Every step's loss and gradient norm, kept when the job asks for them (job.record_losses)."""
 
-    def __init__(self, record: bool):
+    def __init__(self, *, record: bool):
         self.record = record
-        self.losses: dict[int, float] = {}
-        self.grad_norms: dict[int, float] = {}
 
     def wants_grad_norm(self, done: int) -> bool:
         return self.record
@@ -77,9 +77,9 @@ class LossHistory(Callback):
     def after_step(self, state: LoopState, result: StepResult) -> None:
         if not self.record:
             return
-        self.losses[result.index] = result.loss
+        state.record.losses[result.index] = result.loss
         if result.grad_norm is not None:
-            self.grad_norms[result.index] = result.grad_norm
+            state.record.grad_norms[result.index] = result.grad_norm
 
 
 class MetricsLogger(Callback):
@@ -88,14 +88,11 @@ class MetricsLogger(Callback):
     validation, checkpoints or other callbacks; tokens seen follow the samples consumed (right across a resume
     with another global batch)."""
 
-    def __init__(self, job: TrainJob, batches: RankBatches, world: int, peak_tflops: float, device: torch.device,
-                 rank: int, tracker=None):
+    def __init__(self, *, job: TrainJob, batches: RankBatches, world: int, peak_tflops: float, device: torch.device):
         self.interval, self.max_steps = job.train.log_interval_steps, job.train.max_steps
         self.flops_per_token, self.batches, self.context = job.flops_per_token, batches, job.model.context_length
         self.tokens_per_step = batches.global_batch * self.context
         self.world, self.peak_tflops, self.device = world, peak_tflops, device
-        self.rank, self.tracker = rank, tracker
-        self.tokens_per_s = 0.0  # of the last logged window
         self.window_loss, self.window_z, self.window_steps = 0.0, 0.0, 0
         self.window_start, self.window_callback_s = time.perf_counter(), 0.0
 
@@ -113,13 +110,13 @@ class MetricsLogger(Callback):
         if not self.logs_at(done):
             return
         training_s = time.perf_counter() - self.window_start - (state.callback_s - self.window_callback_s)
-        self.tokens_per_s = self.tokens_per_step * self.window_steps / training_s
+        tokens_per_s = state.record.tokens_per_s = self.tokens_per_step * self.window_steps / training_s
         metrics = {
             "train_loss": self.window_loss / self.window_steps,
             "lr": state.engine.get_lr()[0],
             "grad_norm": result.grad_norm,
-            "tokens_per_s": self.tokens_per_s,
-            "mfu": mfu(self.tokens_per_s / self.world, self.flops_per_token, self.peak_tflops),
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s / self.world, self.flops_per_token, self.peak_tflops),
             "step_time_s": time.perf_counter() - result.started_at,
             "memory_mb": memory_mb(self.device),
             "tokens_seen": self.batches.samples_consumed(done) * self.context,
@@ -127,11 +124,9 @@ class MetricsLogger(Callback):
         }
         if result.z_loss is not None:  # model.z_loss > 0: train_loss is the cross-entropy, this the log^2 Z term
             metrics["z_loss"] = self.window_z / self.window_steps
-        if self.rank == 0:
-            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s mfu %.3f", done, self.max_steps,
-                     metrics["train_loss"], metrics["lr"], self.tokens_per_s, metrics["mfu"])
-            if self.tracker:
-                self.tracker.log(metrics, step=done)
+        state.log(logging.INFO, "step %d/%d loss %.4f lr %.2e %.0f tok/s mfu %.3f", done, self.max_steps,
+                  metrics["train_loss"], metrics["lr"], tokens_per_s, metrics["mfu"])
+        state.record_metrics(metrics, step=done)
         self.window_loss, self.window_z, self.window_steps = 0.0, 0.0, 0
         self.window_start, self.window_callback_s = time.perf_counter(), state.callback_s
 
@@ -139,7 +134,7 @@ class MetricsLogger(Callback):
 class StepTimes(Callback):
     """When the first and the last step of this run ended (wall clock), for the start-up report."""
 
-    def __init__(self, timeline: dict[str, float]):
+    def __init__(self, *, timeline: dict[str, float]):
         self.timeline = timeline
         self.steps = 0
 
@@ -155,11 +150,10 @@ class SteadyThroughput(Callback):
     """Tokens/s from the end of the run's second step to its end: the rate without start-up (and without the
     time of callbacks)."""
 
-    def __init__(self, start_step: int, tokens_per_step: int):
+    def __init__(self, *, start_step: int, tokens_per_step: int):
         self.start_step, self.tokens_per_step = start_step, tokens_per_step
         self.started: float | None = None
         self.callback_s_at_start = 0.0
-        self.tokens_per_s: float | None = None
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
         if result.done == self.start_step + 2:
@@ -169,7 +163,7 @@ class SteadyThroughput(Callback):
         steps = state.max_steps - (self.start_step + 2)
         if self.started is not None and steps > 0:
             training_s = time.perf_counter() - self.started - (state.callback_s - self.callback_s_at_start)
-            self.tokens_per_s = self.tokens_per_step * steps / training_s
+            state.record.steady_tokens_per_s = self.tokens_per_step * steps / training_s
 
 
 class NonFiniteGuard(Callback):
@@ -185,8 +179,8 @@ class NonFiniteGuard(Callback):
 
     MIN_LOSS_SCALE = 1.0  # fp16.min_loss_scale in pipeline.train.ds_config
 
-    def __init__(self, max_consecutive: int, rank: int, tracker=None):
-        self.max_consecutive, self.rank, self.tracker = max_consecutive, rank, tracker
+    def __init__(self, *, max_consecutive: int):
+        self.max_consecutive = max_consecutive
         self.consecutive, self.total, self.overflows = 0, 0, 0
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
@@ -198,13 +192,11 @@ class NonFiniteGuard(Callback):
         self.total += 1
         self.overflows += overflow
         settling = overflow and result.loss_scale > self.MIN_LOSS_SCALE
-        if self.rank == 0:
-            what = f"fp16 overflow at loss scale {result.loss_scale:g}" if overflow else "not finite"
-            log.warning("step %d: loss %s, gradient norm %s (%s): the update was skipped (%d in a row, at most %d)",
-                        result.done, result.loss, result.grad_norm, what, self.consecutive, self.max_consecutive)
-            if self.tracker:
-                self.tracker.log({"skipped_steps": self.total, "loss_scale_overflows": self.overflows},
-                                 step=result.done)
+        what = f"fp16 overflow at loss scale {result.loss_scale:g}" if overflow else "not finite"
+        state.log(logging.WARNING, "step %d: loss %s, gradient norm %s (%s): the update was skipped (%d in a row, "
+                  "at most %d)", result.done, result.loss, result.grad_norm, what, self.consecutive,
+                  self.max_consecutive)
+        state.record_metrics({"skipped_steps": self.total, "loss_scale_overflows": self.overflows}, step=result.done)
         if self.consecutive > self.max_consecutive and not settling:
             state.stopped = True
             state.failure = (
@@ -221,30 +213,26 @@ class Validation(Callback):
     every train.eval_interval_steps and at the last step; logged as val_loss, val_perplexity,
     val_bits_per_byte (bits per UTF-8 byte of text) and val_tokens at the step, and kept for the driver."""
 
-    def __init__(self, dataset, interval: int, micro_batch: int, max_tokens: int | None, byte_lengths,
-                 device: torch.device, rank: int, dp_size: int, tp: int, tracker=None):
+    def __init__(self, *, dataset, interval: int, micro_batch: int, max_tokens: int | None, byte_lengths,
+                 device: torch.device, dp_size: int, tp: int):
         self.dataset, self.interval, self.micro_batch, self.max_tokens = dataset, interval, micro_batch, max_tokens
-        self.byte_lengths, self.device, self.rank, self.dp_size, self.tp = byte_lengths, device, rank, dp_size, tp
-        self.tracker = tracker
-        self.losses: dict[int, float] = {}  # step -> val_loss
-        self.tokens, self.seconds = 0, 0.0  # scored so far, and the wall time it took (for tokens/s)
+        self.byte_lengths, self.device, self.dp_size, self.tp = byte_lengths, device, dp_size, tp
 
     def evaluate(self, state: LoopState, step: int) -> None:
-        if not len(self.dataset) or step in self.losses:
+        record = state.record
+        if not len(self.dataset) or step in record.val_losses:
             return
         started = time.perf_counter()
         totals = sharded_validation_totals(state.engine, self.dataset, self.micro_batch, self.max_tokens,
-                                           self.byte_lengths, self.device, self.dp_size, self.rank // self.tp, self.tp)
-        self.seconds += time.perf_counter() - started
-        self.tokens += totals.tokens
-        self.losses[step] = totals.mean_loss
-        if self.rank == 0:
-            log.info("step %d validation loss %.4f (perplexity %.2f, %.3f bits/byte) over %d tokens", step,
-                     totals.mean_loss, totals.perplexity, totals.bits_per_byte, totals.tokens)
-            if self.tracker:
-                self.tracker.log({"val_loss": totals.mean_loss, "val_perplexity": totals.perplexity,
-                                  "val_bits_per_byte": totals.bits_per_byte, "val_tokens": float(totals.tokens),
-                                  "val_tokens_per_s": self.tokens / self.seconds}, step=step)
+                                           self.byte_lengths, self.device, self.dp_size, state.rank // self.tp, self.tp)
+        record.val_seconds += time.perf_counter() - started
+        record.val_tokens += totals.tokens
+        record.val_losses[step] = totals.mean_loss
+        state.log(logging.INFO, "step %d validation loss %.4f (perplexity %.2f, %.3f bits/byte) over %d tokens", step,
+                  totals.mean_loss, totals.perplexity, totals.bits_per_byte, totals.tokens)
+        state.record_metrics({"val_loss": totals.mean_loss, "val_perplexity": totals.perplexity,
+                              "val_bits_per_byte": totals.bits_per_byte, "val_tokens": float(totals.tokens),
+                              "val_tokens_per_s": record.val_tokens / record.val_seconds}, step=step)
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
         if self.interval and result.done % self.interval == 0:
@@ -261,7 +249,7 @@ class SystemMetrics(Callback):
     after one failure). Logged as <prefix><name> (system/<name> by default) at the training step reached; the
     mean over the interval."""
 
-    def __init__(self, tracker, interval: float, prefix: str = "system/", owns_tracker: bool = False):
+    def __init__(self, *, tracker, interval: float, prefix: str = "system/", owns_tracker: bool = False):
         from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
         from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
         from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
@@ -310,7 +298,7 @@ class SystemMetrics(Callback):
     def after_step(self, state: LoopState, result: StepResult) -> None:
         self.step = result.done
 
-    def finish(self) -> None:
+    def close(self, state: LoopState | None = None) -> None:
         """Stop sampling and log what was sampled since the last interval (a run shorter than one interval
         still gets its system metrics once)."""
         self._stop.set()
@@ -326,29 +314,25 @@ class SystemMetrics(Callback):
 class PreemptionCheck(Callback):
     """When any rank was signalled (or the driver left a PREEMPT file): save a checkpoint and stop the run."""
 
-    def __init__(self, flag: PreemptionFlag, checkpointer: Checkpointer, device: torch.device, rank: int,
-                 tracker=None):
-        self.flag, self.checkpointer, self.device, self.rank, self.tracker = flag, checkpointer, device, rank, tracker
-        self.checkpoint: Path | None = None
-        self.step = 0
+    def __init__(self, *, flag: PreemptionFlag, checkpointer: Checkpointer, device: torch.device):
+        self.flag, self.checkpointer, self.device = flag, checkpointer, device
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
         if result.done >= state.max_steps or not self.flag.any_rank(self.device):
             return
-        self.step, self.checkpoint = result.done, self.checkpointer.save(result.done)
-        if self.rank == 0:
-            log.warning("preempted: saved %s at step %d; exiting with code %d", self.checkpoint, result.done,
-                        PREEMPTED_EXIT_CODE)
-            if self.tracker:
-                self.tracker.set_tags({"preempted_at_step": str(result.done)})
-        state.stopped = True
+        record = state.record
+        record.final_step, record.checkpoint = result.done, self.checkpointer.save(result.done)
+        record.preempted = state.stopped = True
+        state.log(logging.WARNING, "preempted: saved %s at step %d; exiting with code %d", record.checkpoint,
+                  result.done, PREEMPTED_EXIT_CODE)
+        state.record_tags({"preempted_at_step": str(result.done)})
 
 
 class PeriodicCheckpoint(Callback):
     """A checkpoint every train.save_interval_steps (0: none) and at each of train.save_at_steps; the last step
     has FinalCheckpoint."""
 
-    def __init__(self, checkpointer: Checkpointer, interval: int, at_steps: list[int] | None = None):
+    def __init__(self, *, checkpointer: Checkpointer, interval: int, at_steps: list[int] | None = None):
         self.checkpointer, self.interval, self.at_steps = checkpointer, interval, set(at_steps or [])
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
@@ -361,18 +345,15 @@ class FinalCheckpoint(Callback):
     """The checkpoint at max_steps (a run resumed at max_steps keeps the one it resumed from), and the final
     step in MLflow."""
 
-    def __init__(self, checkpointer: Checkpointer, resumed_from: str | None, rank: int, tracker=None):
-        self.checkpointer, self.resumed_from, self.rank, self.tracker = checkpointer, resumed_from, rank, tracker
-        self.checkpoint: Path | None = None
+    def __init__(self, *, checkpointer: Checkpointer, resumed_from: str | None):
+        self.checkpointer, self.resumed_from = checkpointer, resumed_from
 
     def at_end(self, state: LoopState) -> None:
-        final_step = max(state.start_step, state.max_steps)
+        final_step = state.record.final_step = max(state.start_step, state.max_steps)
         if state.start_step >= state.max_steps:
-            self.checkpoint = Path(self.resumed_from)  # the checkpoint already holds the finished run
-            if self.rank == 0:
-                log.info("the run already reached step %d at %s; nothing to train", state.start_step,
-                         self.resumed_from)
+            state.record.checkpoint = Path(self.resumed_from)  # the checkpoint already holds the finished run
+            state.log(logging.INFO, "the run already reached step %d at %s; nothing to train", state.start_step,
+                      self.resumed_from)
         else:
-            self.checkpoint = self.checkpointer.save(final_step)
-        if self.tracker:
-            self.tracker.set_tags({"final_step": str(final_step)})  # a constant of the run: a tag
+            state.record.checkpoint = self.checkpointer.save(final_step)
+        state.record_tags({"final_step": str(final_step)})  # a constant of the run: a tag

@@ -10,6 +10,12 @@
             step += 1
         a callback may stop the run (preemption; too many skipped steps)
     if not stopped: callback.at_end(state)            # the run reached max_steps
+    on an exception: callback.on_error(state, error) for each, then it propagates
+    always: callback.close(state) for each; the batches are closed and rank 0's metrics flushed
+
+Callbacks report through the state: `state.record_metrics` / `record_tags` (rank 0 sends them to MLflow, the
+other ranks drop them), `state.log` (rank 0 writes the line), and what the run hands back in `state.record`
+(the worker turns it into the driver's TrainOutcome): no callback holds a rank or a tracker of its own.
 
 A skipped step does not count: the step number, the learning-rate schedule (DeepSpeed does not step it) and
 the data position (a function of the step) stay together, and the retry sees the same batch (fp16 with a lower
@@ -20,8 +26,11 @@ Every concern around the step is one Callback (pipeline.train.callbacks); adding
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,18 +54,58 @@ class StepResult:
         return self.index + 1
 
 
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRecord:
+    """What the run hands back, filled in by the callbacks (rank 0's becomes the driver's TrainOutcome)."""
+
+    losses: dict[int, float] = field(default_factory=dict)  # per step, when the job records them
+    grad_norms: dict[int, float] = field(default_factory=dict)
+    val_losses: dict[int, float] = field(default_factory=dict)  # validation loss by step
+    val_tokens: int = 0  # validation tokens scored, and the seconds it took
+    val_seconds: float = 0.0
+    tokens_per_s: float = 0.0  # of the last logged window
+    steady_tokens_per_s: float | None = None  # from the end of the second step to the end (None: too short)
+    final_step: int | None = None  # the step of the run's last checkpoint (the end, or where it was preempted)
+    checkpoint: Path | None = None  # that checkpoint
+    preempted: bool = False
+
+
 @dataclass
 class LoopState:
-    """What callbacks see of the run, and how one of them stops it."""
+    """What callbacks see of the run, how they report (the metric sink) and how one of them stops it."""
 
-    engine: object  # the DeepSpeed engine
+    engine: Any  # the DeepSpeed engine
     start_step: int
     max_steps: int
+    rank: int = 0
+    tracker: Any = None  # rank 0's MLflow tracker (pipeline.tracking.Tracker), None elsewhere or without tracking
     stopped: bool = False  # set by a callback that ends the run at this step (e.g. preemption)
     failure: str | None = None  # why a callback stopped the run when it failed (e.g. the loss diverged)
     step: int = 0  # optimizer steps completed (updates applied), set by run_loop
     # Seconds spent in callbacks so far (validation, checkpoints, logging): throughput leaves them out.
     callback_s: float = 0.0
+    record: RunRecord = field(default_factory=RunRecord)
+
+    def record_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Metrics of the run at `step`: rank 0 sends them to MLflow (values are those reduced over ranks)."""
+        if self.rank == 0 and self.tracker is not None:
+            self.tracker.log(metrics, step=step)
+
+    def record_metric(self, name: str, value: float, step: int) -> None:
+        self.record_metrics({name: value}, step)
+
+    def record_tags(self, tags: dict[str, str]) -> None:
+        """Constants of the run (MLflow tags), from rank 0."""
+        if self.rank == 0 and self.tracker is not None:
+            self.tracker.set_tags(tags)
+
+    def log(self, level: int, message: str, *args) -> None:
+        """A line of the run's log, written once (by rank 0)."""
+        if self.rank == 0:
+            log.log(level, message, *args)
 
 
 class Callback:
@@ -74,6 +123,12 @@ class Callback:
 
     def at_end(self, state: LoopState) -> None:
         """Once, when the run reached max_steps (not when a callback stopped it)."""
+
+    def on_error(self, state: LoopState, error: BaseException) -> None:
+        """When the loop raises (the error propagates after every callback saw it)."""
+
+    def close(self, state: LoopState) -> None:
+        """Always, last: release what the callback holds (threads, files)."""
 
 
 def train_step(engine, batches: RankBatches, step: int, device: torch.device, want_grad_norm: bool,
@@ -115,7 +170,28 @@ def loss_scale_of(engine) -> float | None:
 
 def run_loop(state: LoopState, callbacks: list[Callback], batches: RankBatches, device: torch.device,
              zero_stage: int, tensor_parallel: int) -> LoopState:
-    """Train from state.start_step to state.max_steps unless a callback stops the run first."""
+    """Train from state.start_step to state.max_steps unless a callback stops the run first. Owns the cleanup:
+    every callback's close, the batches' reader, rank 0's queued metrics."""
+    try:
+        _steps(state, callbacks, batches, device, zero_stage, tensor_parallel)
+        if not state.stopped:
+            for callback in callbacks:
+                callback.at_end(state)
+    except BaseException as error:
+        for callback in callbacks:
+            callback.on_error(state, error)
+        raise
+    finally:
+        for callback in callbacks:
+            callback.close(state)
+        batches.close()
+        if state.tracker is not None:
+            state.tracker.flush()
+    return state
+
+
+def _steps(state: LoopState, callbacks: list[Callback], batches: RankBatches, device: torch.device,
+           zero_stage: int, tensor_parallel: int) -> None:
     state.engine.train()
     step = state.step = state.start_step
     while step < state.max_steps:
@@ -126,8 +202,5 @@ def run_loop(state: LoopState, callbacks: list[Callback], batches: RankBatches, 
             (callback.after_step if result.applied else callback.after_skipped_step)(state, result)
             state.callback_s += time.perf_counter() - started
             if state.stopped:
-                return state
+                return
         step = state.step = step + result.applied
-    for callback in callbacks:
-        callback.at_end(state)
-    return state

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -125,25 +124,6 @@ def build_engine(job: TrainJob, ds_config: dict):
     return engine
 
 
-@dataclass
-class WorkerCallbacks:
-    """The concerns around the step; `in_order()` is the order they run in after each step."""
-
-    history: LossHistory
-    metrics: MetricsLogger
-    steady: SteadyThroughput
-    step_times: StepTimes
-    non_finite: NonFiniteGuard
-    validation: Validation | None
-    preemption: PreemptionCheck
-    periodic: PeriodicCheckpoint
-    final: FinalCheckpoint
-
-    def in_order(self) -> list[Callback]:
-        return [c for c in (self.history, self.metrics, self.steady, self.step_times, self.non_finite, self.validation,
-                            self.preemption, self.periodic, self.final) if c is not None]
-
-
 def byte_lengths_of(job: TrainJob) -> np.ndarray:
     """UTF-8 bytes per token id of the data set's tokenizer, padded to the model's vocabulary."""
     from data_prep.tokenizer import load_tokenizer
@@ -153,30 +133,33 @@ def byte_lengths_of(job: TrainJob) -> np.ndarray:
 
 
 def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpointer, start_step: int,
-                    resumed_from: str | None, device: torch.device, tracker: Tracker | None,
-                    timeline: dict[str, float]) -> WorkerCallbacks:
-    rank, world, train = dist.get_rank(), dist.get_world_size(), job.train
+                    resumed_from: str | None, device: torch.device, timeline: dict[str, float],
+                    monitor: SystemMetrics | None) -> tuple[list[Callback], dict[str, str]]:
+    """The concerns around the step, in the order they run after each step, and the run's tags they need."""
+    world, train, tp = dist.get_world_size(), job.train, job.parallel.tensor_parallel
     peak, source = (train.peak_tflops, "configured") if train.peak_tflops else peak_tflops(job.precision, device)
-    if tracker:
-        # A constant: a tag, not a metric (mfu is measured against it).
-        tracker.set_tags({"mfu_peak": f"{source}, {peak:g} TFLOP/s per worker", "peak_tflops_per_worker": f"{peak:g}"})
-    tokens_per_step = batches.global_batch * job.model.context_length
+    # A constant: a tag, not a metric (mfu is measured against it).
+    tags = {"mfu_peak": f"{source}, {peak:g} TFLOP/s per worker", "peak_tflops_per_worker": f"{peak:g}"}
     validation = None
     if train.eval_interval_steps:
-        validation = Validation(open_split(Path(job.data_dir), "validation"), train.eval_interval_steps,
-                                train.micro_batch_size, job.eval_max_tokens, byte_lengths_of(job), device, rank,
-                                world // job.parallel.tensor_parallel, job.parallel.tensor_parallel, tracker)
-    return WorkerCallbacks(
-        history=LossHistory(job.record_losses),
-        metrics=MetricsLogger(job, batches, world, peak, device, rank, tracker),
-        steady=SteadyThroughput(start_step, tokens_per_step),
-        step_times=StepTimes(timeline),
-        non_finite=NonFiniteGuard(train.max_skipped_steps, rank, tracker),
-        validation=validation,
-        preemption=PreemptionCheck(PreemptionFlag(Path(job.run_dir)), checkpointer, device, rank, tracker),
-        periodic=PeriodicCheckpoint(checkpointer, train.save_interval_steps, train.save_at_steps),
-        final=FinalCheckpoint(checkpointer, resumed_from, rank, tracker),
-    )
+        validation = Validation(dataset=open_split(Path(job.data_dir), "validation"),
+                                interval=train.eval_interval_steps, micro_batch=train.micro_batch_size,
+                                max_tokens=job.eval_max_tokens, byte_lengths=byte_lengths_of(job), device=device,
+                                dp_size=world // tp, tp=tp)
+    callbacks = [
+        LossHistory(record=job.record_losses),
+        MetricsLogger(job=job, batches=batches, world=world, peak_tflops=peak, device=device),
+        SteadyThroughput(start_step=start_step, tokens_per_step=batches.global_batch * job.model.context_length),
+        StepTimes(timeline=timeline),
+        NonFiniteGuard(max_consecutive=train.max_skipped_steps),
+        validation,
+        PreemptionCheck(flag=PreemptionFlag(Path(job.run_dir)), checkpointer=checkpointer, device=device),
+        PeriodicCheckpoint(checkpointer=checkpointer, interval=train.save_interval_steps,
+                           at_steps=train.save_at_steps),
+        FinalCheckpoint(checkpointer=checkpointer, resumed_from=resumed_from),
+        monitor,
+    ]
+    return [c for c in callbacks if c is not None], tags
 
 
 def node_of_rank(device: torch.device) -> tuple[int, bool]:
@@ -208,12 +191,13 @@ def start_system_metrics(job: TrainJob, link: RunLink, tracker: Tracker | None,
         return None
     node, first = node_of_rank(device)
     if dist.get_rank() == 0:
-        return SystemMetrics(tracker, job.system_metrics_interval_s).start() if tracker is not None else None
+        return SystemMetrics(tracker=tracker, interval=job.system_metrics_interval_s).start() if tracker else None
     if not first or node == 0:
         return None
     own = Tracker(link.tracking_uri, link.run_id, background=True,
                   spill_dir=job.run_dir if Path(job.run_dir).is_dir() else None, flush_timeout_s=30.0)
-    return SystemMetrics(own, job.system_metrics_interval_s, prefix=f"system/node{node}/", owns_tracker=True).start()
+    return SystemMetrics(tracker=own, interval=job.system_metrics_interval_s, prefix=f"system/node{node}/",
+                         owns_tracker=True).start()
 
 
 def train_worker(job: TrainJob, link: RunLink = RunLink()) -> TrainOutcome:
@@ -236,52 +220,43 @@ def train_worker(job: TrainJob, link: RunLink = RunLink()) -> TrainOutcome:
                           dp_size=world // tp, dp_rank=rank // tp)
     start_step, resumed_from = 0, None
     if tag_dir is not None:
-        state = load_checkpoint(engine, tag_dir)
-        start_step, resumed_from = int(state["step"]), str(tag_dir)
-        batches.resume_at(start_step, int(state["samples_consumed"]))
+        saved = load_checkpoint(engine, tag_dir)
+        start_step, resumed_from = int(saved["step"]), str(tag_dir)
+        batches.resume_at(start_step, int(saved["samples_consumed"]))
         if rank == 0:
-            log.info("resumed from %s at step %d (%d samples consumed)", tag_dir, start_step, state["samples_consumed"])
+            log.info("resumed from %s at step %d (%d samples consumed)", tag_dir, start_step, saved["samples_consumed"])
     # Sends in the background: a tracking server that goes away never stalls or stops training.
     tracker = (Tracker(link.tracking_uri, link.run_id, background=True, spill_dir=job.run_dir)
                if rank == 0 and link.run_id else None)
-    monitor = start_system_metrics(job, link, tracker, device)
-    checkpointer = Checkpointer(engine, job, batches, ckpt_root, world, store)
-    callbacks = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, tracker, timeline)
+    checkpointer = Checkpointer(engine=engine, job=job, batches=batches, ckpt_root=ckpt_root, world=world, store=store)
+    callbacks, tags = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, timeline,
+                                      start_system_metrics(job, link, tracker, device))
+    state = LoopState(engine, start_step, job.train.max_steps, rank=rank, tracker=tracker)
+    state.record_tags(tags)
     timeline["engine_ready"] = time.time()
-    try:
-        loop = run_loop(LoopState(engine, start_step, job.train.max_steps),
-                        callbacks.in_order() + ([monitor] if monitor else []), batches, device, job.parallel.zero_stage, tp)
-    finally:
-        batches.close()
-        if monitor is not None:
-            monitor.finish()
-        if tracker is not None:
-            tracker.flush()
-    outcome = outcome_of(loop, callbacks, engine, resumed_from)
-    return dataclasses.replace(outcome, timeline=timeline | {"worker_done": time.time()})
+    run_loop(state, callbacks, batches, device, job.parallel.zero_stage, tp)
+    return dataclasses.replace(outcome_of(state, engine, resumed_from), timeline=timeline | {"worker_done": time.time()})
 
 
-def outcome_of(loop: LoopState, callbacks: WorkerCallbacks, engine, resumed_from: str | None) -> TrainOutcome:
-    """What rank 0 hands back to the driver, read off the callbacks."""
-    history, metrics = callbacks.history, callbacks.metrics
-    if loop.failure:
-        return TrainOutcome(loop.step, history.losses, False, "", metrics.tokens_per_s, resumed_from,
-                            grad_norms=history.grad_norms, failure=loop.failure)
-    if loop.stopped:  # preempted
-        return TrainOutcome(callbacks.preemption.step, history.losses, True, str(callbacks.preemption.checkpoint),
-                            metrics.tokens_per_s, resumed_from, grad_norms=history.grad_norms)
-    steady = callbacks.steady.tokens_per_s
+def outcome_of(state: LoopState, engine, resumed_from: str | None) -> TrainOutcome:
+    """What rank 0 hands back to the driver: the loop's record of the run."""
+    record = state.record
+    if state.failure:
+        return TrainOutcome(state.step, record.losses, False, "", record.tokens_per_s, resumed_from,
+                            grad_norms=record.grad_norms, failure=state.failure)
+    if record.preempted:
+        return TrainOutcome(record.final_step, record.losses, True, str(record.checkpoint), record.tokens_per_s,
+                            resumed_from, grad_norms=record.grad_norms)
     return TrainOutcome(
-        final_step=max(loop.start_step, loop.max_steps),
-        losses=history.losses,
+        final_step=record.final_step,
+        losses=record.losses,
         preempted=False,
-        checkpoint=str(callbacks.final.checkpoint),
-        tokens_per_s=metrics.tokens_per_s,
+        checkpoint=str(record.checkpoint),
+        tokens_per_s=record.tokens_per_s,
         resumed_from=resumed_from,
-        grad_norms=history.grad_norms,
+        grad_norms=record.grad_norms,
         local_parameters=sum(p.numel() for p in engine.module.parameters()),
-        val_losses=dict(callbacks.validation.losses) if callbacks.validation else {},
-        val_tokens_per_s=(callbacks.validation.tokens / callbacks.validation.seconds
-                          if callbacks.validation and callbacks.validation.seconds else 0.0),
-        steady_tokens_per_s=metrics.tokens_per_s if steady is None else steady,
+        val_losses=dict(record.val_losses),
+        val_tokens_per_s=record.val_tokens / record.val_seconds if record.val_seconds else 0.0,
+        steady_tokens_per_s=record.tokens_per_s if record.steady_tokens_per_s is None else record.steady_tokens_per_s,
     )

@@ -309,7 +309,7 @@ def test_fp16_overflows_settle_the_loss_scale_without_stopping_the_run():
             return [3e-4]
 
     def skips(results):
-        guard, state = NonFiniteGuard(max_consecutive=2, rank=1), LoopState(Lr(), 0, 100)
+        guard, state = NonFiniteGuard(max_consecutive=2), LoopState(Lr(), 0, 100, rank=1)
         for result in results:
             (guard.after_skipped_step if not result.applied else guard.after_step)(state, result)
             if state.stopped:
