@@ -155,66 +155,84 @@ def save_checkpoint(
     store=None,
 ) -> Path:
     """Collective: every rank calls it. Returns the tag directory. With `store` (pipeline.cluster.storage.ObjectStore)
-    the first rank of each node uploads its node's files, then rank 0 the marker and `latest`."""
+    the first rank of each node uploads its node's files, then rank 0 the marker and `latest`.
+
+        clear the tag (a rewrite) -> every rank writes its shards and RNG, hashed while written -> uploads ->
+        rank 0 writes COMPLETE (sizes, sha256s) and moves `latest` -> old tags pruned"""
+    tag_dir = root / tag_for(step)
+    _clear_tag(root, tag_dir, store)
+    hashes = _write_shards(engine, root, tag_dir, client_state)
+    if store is not None:
+        if is_node_leader():
+            push_checkpoint_files(store, root.parent, tag_dir)
+        dist.barrier()
+    if dist.get_rank() == 0:
+        _commit(root, tag_dir, step, client_state, layout, hashes, store)
+        for old_tag in prune_old(root, keep_last):
+            if store is not None:
+                store.delete_dir(run_rel(root.parent, root / old_tag))
+                store.delete_dir(run_rel(root.parent, root / UNIVERSAL_DIR / old_tag))
+    dist.barrier()
+    if store is not None and dist.get_rank() != 0 and is_node_leader():
+        # Without a shared file system the other nodes' tags carry no marker (the store holds it): keep
+        # only their newest keep_last, which are staging copies of what is in the store.
+        prune_staging(root, keep_last)
+    return tag_dir
+
+
+def _clear_tag(root: Path, tag_dir: Path, store) -> None:
+    """Collective. A tag written before (a run resumed from an older checkpoint reaches this step again) is
+    removed first, so that its COMPLETE marker cannot vouch for a half-written rewrite and no file of another
+    layout stays behind in it; likewise in the store (uploads skip files already there at the same size)."""
     rank = dist.get_rank()
-    tag = tag_for(step)
-    tag_dir = root / tag
     if rank == 0 and tag_dir.exists():
-        # A tag written before (a run resumed from an older checkpoint reaches this step again): remove it
-        # first, so that its COMPLETE marker cannot vouch for a half-written rewrite and no file of another
-        # layout stays behind in it.
         log.info("rewriting checkpoint %s", tag_dir)
         shutil.rmtree(tag_dir)
     elif store is not None and is_node_leader() and tag_dir.exists():  # other nodes' copies, which they upload
         shutil.rmtree(tag_dir, ignore_errors=True)
     if rank == 0 and store is not None:
-        # Likewise in the store (uploads skip files already there at the same size).
         store.delete_dir(run_rel(root.parent, tag_dir))
     dist.barrier()
+
+
+def _write_shards(engine, root: Path, tag_dir: Path, client_state: dict[str, Any]) -> dict[str, str]:
+    """Collective: DeepSpeed writes this rank's shards (through PipelineCheckpointEngine, which hashes them),
+    then the rank's RNG file; returns every rank's {file name: sha256}."""
+    rank = dist.get_rank()
     if getattr(engine.module, "universal_checkpoint_info", None) is None:
         # ds_to_universal needs this key; under AutoTP DeepSpeed writes its own (which TP-sliced parameters
         # to merge and how), and a client_state key of the same name would overwrite it.
         client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
     hashes = install_checkpoint_engine(engine).hashes
     hashes.clear()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state, save_latest=False)
     hashes[f"rng_rank{rank}.pt"] = save_hashed(rng_state(), tag_dir / f"rng_rank{rank}.pt")
     fsync_files(tag_dir)
     gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, dict(hashes))
-    if store is not None:
-        if is_node_leader():
-            push_checkpoint_files(store, root.parent, tag_dir)
-        dist.barrier()
-    if rank == 0:
+    return dict(sorted({k: v for part in gathered for k, v in (part or {}).items()}.items()))
+
+
+def _commit(root: Path, tag_dir: Path, step: int, client_state: dict[str, Any], layout: dict[str, Any] | None,
+            hashes: dict[str, str], store) -> None:
+    """Rank 0: the COMPLETE marker (written last: it vouches for every file) and `latest`."""
+    marker = {
+        "step": step,
+        "world_size": dist.get_world_size(),
+        "saved_at": time.time(),
         # layout (ZeRO stage, tensor-parallel degree, precision) tells readers how to consolidate the shards.
-        marker = {
-            "step": step,
-            "world_size": dist.get_world_size(),
-            "saved_at": time.time(),
-            **(layout or {}),
-            "client_state": {k: v for k, v in client_state.items() if k != "universal_checkpoint_info"},
-            # Sizes of every file, so that a truncated or missing shard is named at load time (with a store:
-            # every node's files, as uploaded).
-            "files": ({p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()} if store is None
-                      else dict(sorted(store.files(run_rel(root.parent, tag_dir)).items()))),
-            # sha256 of every file, as each rank computed it while writing.
-            "sha256": dict(sorted({k: v for part in gathered for k, v in (part or {}).items()}.items())),
-        }
-        write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker))
-        write_atomic(root / LATEST_FILE, tag)
-        if store is not None:
-            push_checkpoint_marker(store, root.parent, tag_dir)
-        for old_tag in prune_old(root, keep_last):
-            if store is not None:
-                store.delete_dir(run_rel(root.parent, root / old_tag))
-                store.delete_dir(run_rel(root.parent, root / UNIVERSAL_DIR / old_tag))
-    dist.barrier()
-    if store is not None and rank != 0 and is_node_leader():
-        # Without a shared file system the other nodes' tags carry no marker (the store holds it): keep
-        # only their newest keep_last, which are staging copies of what is in the store.
-        prune_staging(root, keep_last)
-    return tag_dir
+        **(layout or {}),
+        "client_state": {k: v for k, v in client_state.items() if k != "universal_checkpoint_info"},
+        # Sizes of every file, so that a truncated or missing shard is named at load time (with a store:
+        # every node's files, as uploaded).
+        "files": ({p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()} if store is None
+                  else dict(sorted(store.files(run_rel(root.parent, tag_dir)).items()))),
+        "sha256": hashes,  # of every file, as each rank computed it while writing
+    }
+    write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker))
+    write_atomic(root / LATEST_FILE, tag_dir.name)
+    if store is not None:
+        push_checkpoint_marker(store, root.parent, tag_dir)
 
 
 def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
