@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.config import PipelineConfig, run_dir_for
+from pipeline.config import ConfigError, PipelineConfig, run_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def evaluate_stage(cfg: PipelineConfig) -> dict[str, float]:
 
     data_dir = pull_run(cfg)
     if not is_complete(data_dir):
-        raise FileNotFoundError(
+        raise ConfigError(
             f"no prepared data set at {data_dir}: run `pipeline prepare` (or `pipeline run`) with the same "
             f"data overrides first."
         )

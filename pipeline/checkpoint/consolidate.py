@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint.layout import verify_checkpoint
+from pipeline.checkpoint.layout import MissingCheckpoint, verify_checkpoint
 from pipeline.checkpoint.pickles import check_pickles, safe_load, weights_only_loading
 from pipeline.model.tensor_parallel import AUTOTP_LAYER_SPECS
 
@@ -33,7 +33,7 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 def _load_model_states(tag_dir: Path, mp_rank: int) -> dict[str, torch.Tensor]:
     path = tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint shard {path} is missing: the checkpoint is incomplete or damaged.")
+        raise MissingCheckpoint(f"checkpoint shard {path} is missing: the checkpoint is incomplete or damaged.")
     return safe_load(path, map_location="cpu")["module"]
 
 

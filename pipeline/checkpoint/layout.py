@@ -36,6 +36,11 @@ class CheckpointError(PipelineError, RuntimeError):
     """A checkpoint that is incomplete, truncated or damaged."""
 
 
+class MissingCheckpoint(CheckpointError, FileNotFoundError):
+    """No checkpoint where one is needed (a user error: the message says how to get one); still a
+    FileNotFoundError for callers that look for a missing file."""
+
+
 # What a checkpoint tag is called: `latest` may name nothing else.
 TAG_PATTERN = re.compile(r"step_[0-9]{8,}")
 # A COMPLETE marker is a few kilobytes per file it lists; a bigger one is not ours.
@@ -84,11 +89,11 @@ def latest_complete(root: Path) -> Path | None:
 
 
 def require_latest(run_dir: Path) -> Path:
-    """The run's latest complete checkpoint, or FileNotFoundError saying how to get one."""
+    """The run's latest complete checkpoint, or MissingCheckpoint saying how to get one."""
     root = checkpoint_root(run_dir)
     tag_dir = latest_complete(root)
     if tag_dir is None:
-        raise FileNotFoundError(
+        raise MissingCheckpoint(
             f"no complete checkpoint in {root}: run `pipeline train` with the same overrides first "
             f"(run_name={run_dir.name})."
         )
@@ -115,7 +120,7 @@ def find_tag(path: Path) -> Path:
 def read_marker(tag_dir: Path) -> dict[str, Any]:
     marker = tag_dir / COMPLETE_MARKER
     if not is_complete(tag_dir):
-        raise FileNotFoundError(
+        raise MissingCheckpoint(
             f"{tag_dir} is not a complete checkpoint (no {COMPLETE_MARKER} marker): it was interrupted while "
             f"being written; use an older checkpoint of {tag_dir.parent}."
         )
