@@ -36,6 +36,11 @@ class ShardError(PipelineError, RuntimeError):
     """A shard that is missing, truncated, corrupted or of an unknown format."""
 
 
+class MissingDataSet(ShardError, FileNotFoundError):
+    """No complete data set where one is needed (a user error: the message says how to make one); still a
+    FileNotFoundError for callers that look for a missing file."""
+
+
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     if vocab_size <= 65_535:
         return np.dtype("<u2")
@@ -115,7 +120,7 @@ class Manifest:
 def load_manifest(dataset_dir: Path) -> Manifest:
     path = Path(dataset_dir) / MANIFEST
     if not path.exists() and not path.is_symlink():
-        raise FileNotFoundError(f"no {MANIFEST} in {dataset_dir}: it is not a complete data set; run `pipeline prepare`")
+        raise MissingDataSet(f"no {MANIFEST} in {dataset_dir}: it is not a complete data set; run `pipeline prepare`")
     if not is_regular_file(path):
         raise ShardError(f"{path} is not a regular file (a link, a device or a directory): the data set is not one "
                          f"prepare wrote; delete it and re-run `pipeline prepare`")

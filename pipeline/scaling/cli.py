@@ -87,6 +87,8 @@ def _predict(args: dict[str, list[str]]) -> int:
         if not (scaling / "latest").is_file():
             raise SystemExit(f"error: no fit under {scaling}: run `pipeline scaling fit` or pass fit=<json>")
         path = scaling / (scaling / "latest").read_text().strip() / "scaling_fit.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is not a file: pass fit=<a scaling_fit.json of `pipeline scaling fit`>")
     a3 = json.loads(path.read_text()).get("approach3", {})
     if "error" in a3 or not a3:
         raise SystemExit(f"error: {path} holds no approach-3 fit ({a3.get('error')})")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import ConfigError
+
 
 @dataclass
 class ScalingPoint:
@@ -41,13 +43,15 @@ CSV_COLUMNS = ["N", "D", "loss", "C", "budget", "N_nonembedding", "epochs"]
 def load_points_csv(path: str | Path) -> list[ScalingPoint]:
     """Runs from a CSV with columns N, D, loss and optionally C, budget, N_nonembedding, epochs (empty or
     missing = unknown: CSVs written before a column existed still load)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{path} is not a file: pass csv=<a CSV with columns N,D,loss>, or fit a sweep with sweep=<sweep id>")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
-        raise ValueError(f"{path} holds no runs: it needs a header N,D,loss (optionally C) and one row per run")
+        raise ConfigError(f"{path} holds no runs: it needs a header N,D,loss (optionally C) and one row per run")
     missing = {"N", "D", "loss"} - set(rows[0])
     if missing:
-        raise ValueError(f"{path} lacks the column(s) {', '.join(sorted(missing))}: it needs N, D, loss (and C)")
+        raise ConfigError(f"{path} lacks the column(s) {', '.join(sorted(missing))}: it needs N, D, loss (and C)")
     points = []
     for line, r in enumerate(rows, start=2):
         try:
@@ -59,11 +63,11 @@ def load_points_csv(path: str | Path) -> list[ScalingPoint]:
                 epochs=float(r["epochs"]) if r.get("epochs") else None,
             ))
         except ValueError as err:
-            raise ValueError(f"{path}, line {line}: {err}; N, D, loss (and C, epochs) must be numbers") from err
+            raise ConfigError(f"{path}, line {line}: {err}; N, D, loss (and C, epochs) must be numbers") from err
         if min(points[-1].N, points[-1].D, points[-1].loss) <= 0:
-            raise ValueError(f"{path}, line {line}: N, D and loss must be positive, got {r}")
+            raise ConfigError(f"{path}, line {line}: N, D and loss must be positive, got {r}")
         if points[-1].epochs is not None and points[-1].epochs <= 0:
-            raise ValueError(f"{path}, line {line}: epochs (passes over the unique tokens) must be positive, got {r}")
+            raise ConfigError(f"{path}, line {line}: epochs (passes over the unique tokens) must be positive, got {r}")
     return points
 
 

@@ -91,8 +91,6 @@ def test_any_other_error_is_a_bug_and_keeps_its_traceback(tmp_path, command, pat
     assert not any(line.startswith("error: ") for line in proc.stderr.splitlines()), proc.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/stages.py evaluate_stage raises FileNotFoundError for the user's "
-                                       "missing data set: it should raise a PipelineError (then drop this mark)")
 def test_evaluate_without_a_prepared_data_set_is_a_user_error(tmp_path):
     proc = pipeline("evaluate", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert proc.returncode == 2
