@@ -7,6 +7,7 @@ Imports are read with `ast`, so an import inside a function counts as much as on
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "data_prep")
 CHECKED_TREES = ("pipeline", "data_prep", "tests", "benchmarks")
 MAX_FUNCTION_LINES = 100
+MAX_MODULE_LINES = 600
+# The rooms a training step runs through keep shorter functions: a newcomer reads them first.
+TRAINING_ROOMS = ("pipeline/train", "pipeline/checkpoint", "pipeline/data")
+MAX_TRAINING_FUNCTION_LINES = 60
+MAX_TRAINING_PATH_FILES = 12
 
 # Rooms from the top down: a room imports only rooms of a lower layer (and its own modules). A room is a
 # subpackage of pipeline/ (train, checkpoint, ...), a top-level module of pipeline/ (cli, config, ...) or
@@ -241,16 +247,32 @@ def test_pyproject_lists_every_package():
     assert packages <= listed, f"add to [tool.setuptools] packages: {sorted(packages - listed)}"
 
 
-def test_no_function_longer_than_100_lines():
+def functions_longer_than(limit: int, trees: tuple[str, ...]) -> list[str]:
     long = []
-    for tree_name in CHECKED_TREES:
+    for tree_name in trees:
         for path in sorted((ROOT / tree_name).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     lines = node.end_lineno - node.lineno + 1
-                    if lines > MAX_FUNCTION_LINES:
+                    if lines > limit:
                         long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    return long
+
+
+def test_no_function_longer_than_100_lines():
+    long = functions_longer_than(MAX_FUNCTION_LINES, CHECKED_TREES)
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them):\n" + "\n".join(long)
+
+
+def test_no_function_longer_than_60_lines_where_a_training_step_runs():
+    long = functions_longer_than(MAX_TRAINING_FUNCTION_LINES, TRAINING_ROOMS)
+    assert not long, f"functions over {MAX_TRAINING_FUNCTION_LINES} lines (split them):\n" + "\n".join(long)
+
+
+def test_no_module_longer_than_600_lines():
+    long = [f"{path.relative_to(ROOT)} ({n} lines)" for path in project_modules().values()
+            if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by concern):\n" + "\n".join(long)
 
 
 def test_architecture_md_names_only_files_and_functions_that_exist():
@@ -269,3 +291,40 @@ def test_architecture_md_names_only_files_and_functions_that_exist():
     undefined = [f"{path}:{name}" for path, name in pairs
                  if not re.search(rf"^\s*(def|class) {name}\b|^{name}\s*=", (ROOT / path).read_text(), re.M)]
     assert not undefined, f"docs/ARCHITECTURE.md names functions its files do not define: {undefined}"
+    # Any other name it gives in backticks that reads as code (snake_case or CamelCase) is defined somewhere.
+    source = "\n".join(path.read_text() for path in project_modules().values())
+    names = {n for n in re.findall(r"`([A-Za-z_]\w*)`", text)
+             if "_" in n.strip("_") or re.search(r"[a-z][A-Z]|^[A-Z][a-z]", n)}
+    assert len(names) > 20, "the map names too few functions and classes to be checked"
+    stale = sorted(n for n in names if not re.search(rf"^\s*(?:def|class) {n}\b|\b{n}\s*[:=]", source, re.M))
+    assert not stale, f"docs/ARCHITECTURE.md names what no module defines: {stale}"
+
+
+def training_path() -> list[tuple[str, str]]:
+    """The numbered steps of ARCHITECTURE.md's section from `pipeline train` to a checkpoint: (file, name)."""
+    import re
+
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    section = text.split("## From `pipeline train` to a checkpoint on disk", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\d+\. `((?:pipeline|data_prep)/[\w/]+\.py)` `(\w+)`", section, re.M)
+
+
+def test_the_training_path_from_the_cli_to_a_checkpoint_is_short_and_true():
+    """ARCHITECTURE.md's path from `pipeline train` to a saved checkpoint: at most 12 files; each step defined
+    where it says, and named (called, or dispatched through a table) by a step before it."""
+    steps = training_path()
+    assert len(steps) >= 10, f"the training path lists too few steps to be the path: {steps}"
+    files = list(dict.fromkeys(path for path, _ in steps))
+    assert len(files) <= MAX_TRAINING_PATH_FILES, f"the training path crosses {len(files)} files: {files}"
+    sources: list[str] = []
+    for i, (path, name) in enumerate(steps):
+        text = (ROOT / path).read_text()
+        node = next((n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                     and n.name == name), None)
+        assert node is not None, f"step {i + 1}: {path} defines no {name}"
+        if i:
+            assert any(re.search(rf"\b{name}\b", s) for s in sources), (
+                f"step {i + 1}: no step before it names {name} (the path has a gap)")
+        # What a step reaches: its own code, and its module's tables (a dispatch by name).
+        sources += [ast.get_source_segment(text, node), text if i == 0 else ""]
+

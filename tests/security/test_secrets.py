@@ -28,8 +28,8 @@ import psutil
 import pytest
 from ports import free_port
 
-from pipeline.cluster.submit import check_jobs_address, compose_checked
-from pipeline.config import ClusterConfig, ConfigError, PipelineConfig, TrackingConfig, flatten
+from pipeline.cluster.submit import compose_checked
+from pipeline.config import ClusterConfig, PipelineConfig, TrackingConfig, flatten
 from pipeline.redaction import (
     RedactingFilter,
     hide_secret_overrides,
