@@ -85,7 +85,7 @@ def _train(sentences: Iterator[str], tok: TokenizerConfig, out_path: Path, seed:
         spm.SentencePieceTrainer.train(
             sentence_iterator=stream(),
             model_writer=model,
-            model_type=tok.type,
+            model_type=str(tok.type),
             vocab_size=tok.vocab_size,
             byte_fallback=tok.byte_fallback,
             input_sentence_size=input_sentence_size,

@@ -180,6 +180,20 @@ def run_stage(stage: str, cfg, options: dict | None = None) -> None:
     _target(STAGES[stage])(cfg)
 
 
+def _check_overrides(overrides: list[str]) -> None:
+    """A value the schema refuses (a wrong type, a value outside a fixed-choice field's, an unknown key) as one line
+    with status 2, like every error a user can fix: hydra.main reports it over several lines with status 1. Only a
+    plain command line is composed ahead: Hydra's flags (-m, --cfg, ...) and hydra.* overrides are left to it."""
+    if any(not OVERRIDE.match(arg) or "hydra" in arg.split("=", 1)[0] for arg in overrides):
+        return
+    from pipeline.compose import compose_error, compose_node
+
+    try:
+        compose_node(overrides)
+    except Exception as err:  # Hydra's override grammar, unknown keys, wrong types, values outside a choice
+        raise compose_error(err) from err
+
+
 def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -> None:
     import hydra
     from omegaconf import DictConfig
@@ -197,6 +211,7 @@ def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -
     # secret values stay in this process's environment, which Hydra's launchers pass on.
     overrides, secret_env = hide_secret_overrides(overrides)
     os.environ.update(secret_env)
+    _check_overrides(overrides)
 
     def task(cfg_node: DictConfig) -> None:
         # Here, not around hydra.main: Hydra reports what escapes the task with its own traceback and status 1.

@@ -7,11 +7,13 @@ validated PipelineConfig with `to_pipeline_config`.
 
 The schema (pipeline.config.PipelineConfig) is registered with Hydra's ConfigStore as `pipeline_schema`, which
 conf/config.yaml lists first in its defaults: every YAML file and every override is merged into the
-dataclasses, so an unknown key or a value of the wrong type stops at composition.
+dataclasses, so an unknown key or a value of the wrong type stops at composition, as does a value outside the
+choices of a fixed-choice field (a pipeline.config.Choice enum: train.schedule, parallel.precision, ...).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipeline.config import (
@@ -31,6 +33,8 @@ HYDRA_VERSION_BASE = "1.3"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
 _registered = False
+# OmegaConf's refusal of a value outside an Enum field's members.
+_NOT_A_CHOICE = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")
 
 
 def register_schema() -> None:
@@ -52,6 +56,24 @@ def compose_node(overrides: list[str], with_hydra: bool = False):
         return compose(config_name=CONFIG_NAME, overrides=overrides, return_hydra_config=with_hydra)
 
 
+def compose_error(err: Exception) -> ConfigError:
+    """What Hydra or OmegaConf refused, as one line naming the override or the field (and, for a fixed-choice field,
+    the values it takes) instead of their report over several lines."""
+    bad = err if getattr(err, "full_key", None) else err.__cause__
+    key = getattr(bad, "full_key", None)
+    detail = str(bad).strip().splitlines()[0] if bad is not None and str(bad).strip() else ""
+    found = _NOT_A_CHOICE.fullmatch(detail)
+    if key and found:
+        return ConfigError(f"the overrides do not compose: {key}={found[1]!r} is not one of {found[2]}: set {key} to "
+                           f"one of them.")
+    what = " ".join(str(err).split()) or type(err).__name__
+    if key and bad is not err:
+        what = f"{what}: {key}: {detail}"
+    elif key:
+        what = f"{key}: {detail}"
+    return ConfigError(f"the overrides do not compose: {what}")
+
+
 def to_pipeline_config(node, stage: str = "run") -> PipelineConfig:
     """Hydra DictConfig -> validated PipelineConfig.
 
@@ -67,7 +89,7 @@ def to_pipeline_config(node, stage: str = "run") -> PipelineConfig:
             node.output_dir = str(Path(node.output_dir).expanduser().resolve())
         cfg = OmegaConf.to_object(node)
     except Exception as err:  # OmegaConf's type and interpolation errors
-        raise ConfigError(f"the overrides do not compose: {err}") from err
+        raise compose_error(err) from err
     if stage in ("params", "plan"):
         validate_known_keys(cfg)
         validate_model(cfg.model)
@@ -85,6 +107,6 @@ def compose_config(overrides: list[str], stage: str = "run") -> PipelineConfig:
     types) is a ConfigError naming it."""
     try:
         node = compose_node(overrides)
-    except Exception as err:  # Hydra's override grammar, unknown keys, wrong types
-        raise ConfigError(f"the overrides do not compose: {err}") from err
+    except Exception as err:  # Hydra's override grammar, unknown keys, wrong types, values outside a choice
+        raise compose_error(err) from err
     return to_pipeline_config(node, stage)

@@ -1,7 +1,7 @@
 """Typed configuration of every stage, validated before any stage works: one module per section, each holding its
 dataclass and its own checks.
 
-    base       ConfigError, the `resume` metadata of fields (MATH, FREE, LENGTH, later), the shared checks
+    base       ConfigError, Choice (the str Enum of fixed-choice fields), the `resume` metadata of fields, the checks
     model      model.*      ModelConfig, validate_model, the widths derived from it (kv_heads, mlp_width, ...)
     data       data.*       DataConfig, SourceConfig, TokenizerConfig, validate_data
     parallel   parallel.*   ParallelConfig, validate_parallel
@@ -27,6 +27,7 @@ from pipeline.config.base import (  # PipelineError: every error class derives f
     LENGTH,
     MATH,
     RESUME_KINDS,
+    Choice,
     ConfigError,
     PipelineError,
     later,
@@ -34,6 +35,7 @@ from pipeline.config.base import (  # PipelineError: every error class derives f
 )
 from pipeline.config.cluster import (
     ClusterConfig,
+    PlacementStrategy,
     TrackingConfig,
     validate_cluster,
     validate_placement,
@@ -44,8 +46,16 @@ from pipeline.config.data import (
     SOURCES,
     TOKENIZE_ENGINES,
     DataConfig,
+    DataSource,
+    DocSplit,
+    OnBinary,
+    OnDecodeError,
+    OnOutsideLink,
+    Source,
     SourceConfig,
+    TokenizeEngine,
     TokenizerConfig,
+    TokenizerType,
     validate_data,
 )
 from pipeline.config.deepspeed import (
@@ -59,13 +69,18 @@ from pipeline.config.deepspeed import (
 from pipeline.config.eval import (
     EXPORT_DTYPES,
     EvalConfig,
+    ExportDtype,
     validate_eval,
 )
 from pipeline.config.model import (
     ACTIVATIONS,
     NORMS,
     POS_ENCODINGS,
+    Activation,
+    AttentionKernel,
     ModelConfig,
+    Norm,
+    PosEncoding,
     kv_heads,
     mlp_width,
     validate_model,
@@ -74,6 +89,7 @@ from pipeline.config.model import (
 from pipeline.config.parallel import (
     PRECISIONS,
     ParallelConfig,
+    Precision,
     data_parallel_size,
     validate_parallel,
 )
@@ -94,6 +110,7 @@ from pipeline.config.root import (
 )
 from pipeline.config.sweep import (
     SweepConfig,
+    SweepKind,
     SweepRun,
     sweep_size,
     validate_sweep,
@@ -102,6 +119,8 @@ from pipeline.config.sweep import (
 from pipeline.config.train import (
     OPTIMIZERS,
     SCHEDULES,
+    Optimizer,
+    Schedule,
     TrainConfig,
     grad_accumulation_steps,
     validate_train,
@@ -110,6 +129,9 @@ from pipeline.config.train import (
 
 __all__ = [
     "ACTIVATIONS",
+    "Activation",
+    "AttentionKernel",
+    "Choice",
     "ClusterConfig",
     "ConfigError",
     "DEEPSPEED_OWNED",
@@ -119,28 +141,44 @@ __all__ = [
     "DEEPSPEED_WRITERS",
     "DOC_SPLITS",
     "DataConfig",
+    "DataSource",
+    "DocSplit",
     "EXPORT_DTYPES",
     "EvalConfig",
+    "ExportDtype",
     "FREE",
     "LENGTH",
     "MATH",
     "MISSING",
     "ModelConfig",
     "NORMS",
+    "Norm",
     "OPTIMIZERS",
+    "OnBinary",
+    "OnDecodeError",
+    "OnOutsideLink",
+    "Optimizer",
     "POS_ENCODINGS",
     "PRECISIONS",
     "ParallelConfig",
     "PipelineConfig",
     "PipelineError",
+    "PlacementStrategy",
+    "PosEncoding",
+    "Precision",
     "RESUME_KINDS",
     "SCHEDULES",
     "SOURCES",
+    "Schedule",
+    "Source",
     "SourceConfig",
     "SweepConfig",
+    "SweepKind",
     "SweepRun",
     "TOKENIZE_ENGINES",
+    "TokenizeEngine",
     "TokenizerConfig",
+    "TokenizerType",
     "TrackingConfig",
     "TrainConfig",
     "data_parallel_size",

@@ -5,6 +5,7 @@ that name the field, the value and the fix.
 from __future__ import annotations
 
 import math
+from enum import Enum
 from typing import Any
 
 from pipeline.errors import PipelineError
@@ -31,7 +32,29 @@ def later(before: Any) -> dict[str, Any]:
 RESUME_KINDS = ("math", "free", "length", "later")
 
 
-def choice(name: str, value: Any, allowed: tuple) -> None:
+class Choice(str, Enum):
+    """A field whose value is one of a fixed set of strings: an Enum, so that Hydra refuses any other value when it
+    composes the config (OmegaConf names the field and the allowed values), and a str equal to its value, so that
+    it works wherever the plain string did: ==, `in`, dict keys, json.dumps, pickling to Ray workers, and str(),
+    f-strings and %s (MLflow params, log lines, override strings) give the plain value. Each member is named
+    exactly as its value (OmegaConf reads and writes the names). A config built in code may still hold the plain
+    string: every check and every use compares by value, and validate's `choice` checks it."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(str.__str__(self), spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+def choice(name: str, value: Any, allowed: tuple | type[Choice]) -> None:
+    """value is one of allowed (a tuple of strings, or a Choice enum's values)."""
+    if isinstance(allowed, type) and issubclass(allowed, Choice):
+        allowed = allowed.values()
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}: set {name} to one of them.")
 

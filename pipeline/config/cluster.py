@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config.base import ConfigError, choice, non_negative, positive
+from pipeline.config.base import Choice, ConfigError, choice, non_negative, positive
 from pipeline.config.parallel import ParallelConfig
 
 
@@ -21,6 +21,15 @@ class TrackingConfig:
     system_metrics_interval_s: float = 10.0
 
 
+class PlacementStrategy(Choice):
+    """Ray's placement group strategies."""
+
+    PACK = "PACK"
+    SPREAD = "SPREAD"
+    STRICT_PACK = "STRICT_PACK"
+    STRICT_SPREAD = "STRICT_SPREAD"
+
+
 @dataclass
 class ClusterConfig:
     """Where Ray runs."""
@@ -34,7 +43,7 @@ class ClusterConfig:
     # CPUs the in-process Ray may use; null uses every core of the machine.
     num_cpus: int | None = None
     # How training workers are placed on nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD.
-    placement_strategy: str = "PACK"
+    placement_strategy: PlacementStrategy = PlacementStrategy.PACK
     # Exactly this many training workers on each node (null: as the placement strategy puts them): the
     # workers fill num_workers / workers_per_node nodes of the cluster, chosen among those with room.
     workers_per_node: int | None = None
@@ -53,7 +62,7 @@ class ClusterConfig:
 
 
 def validate_cluster(cluster: ClusterConfig) -> None:
-    choice("cluster.placement_strategy", cluster.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    choice("cluster.placement_strategy", cluster.placement_strategy, PlacementStrategy)
     for key in ("workers_per_node", "num_cpus"):
         if getattr(cluster, key) is not None:
             positive(f"cluster.{key}", getattr(cluster, key))

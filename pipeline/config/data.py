@@ -7,8 +7,63 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config.base import ConfigError, choice, non_negative, positive
+from pipeline.config.base import Choice, ConfigError, choice, non_negative, positive
 from pipeline.config.model import ModelConfig
+
+
+class TokenizerType(Choice):
+    bpe = "bpe"
+    unigram = "unigram"
+
+
+class Source(Choice):
+    """Where one corpus comes from (data.source, data.mixture.<i>.source)."""
+
+    shakespeare = "shakespeare"
+    text = "text"
+    jsonl = "jsonl"
+    parquet = "parquet"
+    hf_disk = "hf_disk"
+    hf_hub = "hf_hub"
+
+
+class DataSource(Choice):
+    """data.source: one of Source's, or the sources of data.mixture."""
+
+    shakespeare = "shakespeare"
+    text = "text"
+    jsonl = "jsonl"
+    parquet = "parquet"
+    hf_disk = "hf_disk"
+    hf_hub = "hf_hub"
+    mixture = "mixture"
+
+
+class DocSplit(Choice):
+    file = "file"
+    line = "line"
+    blank_line = "blank_line"
+
+
+class OnDecodeError(Choice):
+    replace = "replace"
+    skip = "skip"
+
+
+class OnBinary(Choice):
+    skip = "skip"
+    error = "error"
+
+
+class OnOutsideLink(Choice):
+    skip = "skip"
+    error = "error"
+
+
+class TokenizeEngine(Choice):
+    auto = "auto"
+    ray_data = "ray_data"
+    actors = "actors"
 
 
 @dataclass
@@ -18,7 +73,7 @@ class TokenizerConfig:
     # Path of an existing SentencePiece .model to use instead of training one.
     model_path: str | None = None
     # bpe | unigram
-    type: str = "bpe"
+    type: TokenizerType = TokenizerType.bpe
     vocab_size: int = 4096
     byte_fallback: bool = True
     # Sentences (lines) of the training split the tokenizer learns from: those with the smallest seeded hashes
@@ -39,7 +94,7 @@ class SourceConfig:
     # Unique name of the source, used in the blend, its data set's directory name and the shares logged.
     name: str = "source"
     # shakespeare | text | jsonl | parquet | hf_disk | hf_hub
-    source: str = "text"
+    source: Source = Source.text
     # File, directory or glob (hub name for hf_hub); null for the built-in Shakespeare plays.
     path: str | None = None
     # A data set prepared before (its directory, with manifest.json) to use as it is; source and path are
@@ -48,7 +103,7 @@ class SourceConfig:
     # Field holding the document text in jsonl / parquet / Hugging Face sources.
     text_field: str = "text"
     # How a text file splits into documents: file | line | blank_line
-    doc_split: str = "file"
+    doc_split: DocSplit = DocSplit.file
     # The source's share of the training windows, relative to the other weights (normalised to sum to 1):
     # weights 3 and 1 draw 75% and 25% of every batch stream from the two sources, whatever their sizes (a
     # small source is repeated, epoch after epoch; the run logs each source's share seen and its epochs).
@@ -61,9 +116,9 @@ class SourceConfig:
     hf_split: str = "train"
 
 
-TOKENIZE_ENGINES = ("auto", "ray_data", "actors")
-SOURCES = ("shakespeare", "text", "jsonl", "parquet", "hf_disk", "hf_hub")
-DOC_SPLITS = ("file", "line", "blank_line")
+TOKENIZE_ENGINES = TokenizeEngine.values()
+SOURCES = Source.values()
+DOC_SPLITS = DocSplit.values()
 
 
 @dataclass
@@ -72,13 +127,13 @@ class DataConfig:
 
     name: str = "shakespeare"
     # shakespeare | text | jsonl | parquet | hf_disk | hf_hub | mixture (the sources of data.mixture)
-    source: str = "shakespeare"
+    source: DataSource = DataSource.shakespeare
     # File, directory or glob of the corpus; null for the built-in Shakespeare plays.
     path: str | None = None
     # Field holding the document text in jsonl / parquet / Hugging Face sources.
     text_field: str = "text"
     # How a text file splits into documents: file | line | blank_line
-    doc_split: str = "file"
+    doc_split: DocSplit = DocSplit.file
     # hf_hub / hf_disk: config name, revision (recorded in the fingerprint) and split of the data set.
     hf_config: str | None = None
     hf_revision: str | None = None
@@ -92,12 +147,12 @@ class DataConfig:
     # Files that are binary (NUL bytes in their first 8 KiB): skip (counted in the manifest) | error. NUL bytes
     # further into a text or jsonl file: skip drops the document (line, paragraph, file) holding them (counted
     # per file in the manifest); error stops, naming the file and the byte.
-    on_binary: str = "skip"
+    on_binary: OnBinary = OnBinary.skip
     # Symbolic links below a directory or glob corpus root whose target lies outside that root (a link to a
     # credentials file beside the corpus): skip (warned, counted and listed in the manifest) | error (prepare
     # stops before any work, naming the link). Links are never walked through; one whose target stays inside the
     # root reads that file once. A file named directly in data.path is read as named.
-    on_outside_link: str = "skip"
+    on_outside_link: OnOutsideLink = OnOutsideLink.skip
     # The longest line a jsonl or line-split text file may hold, and the largest text file read whole
     # (doc_split=file or blank_line), in bytes: one longer stops prepare naming the file (and the byte), instead of
     # filling the worker's memory with it (a crafted or broken file of gigabytes, or a .gz that expands to them).
@@ -117,14 +172,14 @@ class DataConfig:
     # retries; about 4 s longer to start on 2 cores) | actors (plain Ray actors fed by the driver) | auto
     # (ray_data from 1 GiB of input per worker, where that start is under 2% of the run; actors below).
     # Same bytes either way.
-    tokenize_engine: str = "auto"
+    tokenize_engine: TokenizeEngine = TokenizeEngine.auto
     # Check every shard's sha256 against the manifest before training reads it (files verified before with
     # the same size and mtime are skipped, so a resume does not hash them again); false skips the check.
     verify_checksums: bool = True
     # Target shard size in tokens.
     shard_tokens: int = 16_777_216
     # Undecodable bytes in the input: replace | skip (skip drops the whole document)
-    on_decode_error: str = "replace"
+    on_decode_error: OnDecodeError = OnDecodeError.replace
     # Also write <split>_doc_starts.npy: the token offsets where documents start (for intra-document
     # attention masks); the EOS after every document marks the same boundaries in the tokens themselves.
     keep_doc_boundaries: bool = False
@@ -138,15 +193,15 @@ class DataConfig:
 
 
 def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
-    choice("data.source", data.source, (*SOURCES, "mixture"))
-    choice("data.doc_split", data.doc_split, DOC_SPLITS)
-    choice("data.on_decode_error", data.on_decode_error, ("replace", "skip"))
-    choice("data.on_binary", data.on_binary, ("skip", "error"))
-    choice("data.on_outside_link", data.on_outside_link, ("skip", "error"))
+    choice("data.source", data.source, DataSource)
+    choice("data.doc_split", data.doc_split, DocSplit)
+    choice("data.on_decode_error", data.on_decode_error, OnDecodeError)
+    choice("data.on_binary", data.on_binary, OnBinary)
+    choice("data.on_outside_link", data.on_outside_link, OnOutsideLink)
     positive("data.partition_bytes", data.partition_bytes)
     positive("data.block_bytes", data.block_bytes)
     positive("data.max_document_bytes", data.max_document_bytes)
-    choice("data.tokenizer.type", data.tokenizer.type, ("bpe", "unigram"))
+    choice("data.tokenizer.type", data.tokenizer.type, TokenizerType)
     positive("data.context_length", data.context_length)
     if model is not None and data.context_length != model.context_length:
         raise ConfigError(
@@ -226,8 +281,8 @@ def _validate_mixture(mixture: list[SourceConfig]) -> None:
                 f"{prefix}.name={src.name!r} is {problem}: give every source of the mixture its own name (the "
                 f"manifest reports statistics by name)."
             )
-        choice(f"{prefix}.source", src.source, SOURCES)
-        choice(f"{prefix}.doc_split", src.doc_split, DOC_SPLITS)
+        choice(f"{prefix}.source", src.source, Source)
+        choice(f"{prefix}.doc_split", src.doc_split, DocSplit)
         if not math.isfinite(src.weight) or src.weight <= 0:
             raise ConfigError(
                 f"{prefix}.weight={src.weight} must be a positive number (the source's share of the training "
@@ -246,7 +301,7 @@ def _validate_mixture(mixture: list[SourceConfig]) -> None:
 def _check_path_exists(name: str, path: str) -> None:
     if any(ch in path for ch in "*?["):
         # Only the directory where the pattern starts: matching it is a walk of the corpus, done once by prepare
-        # without following links (data_prep.sources.expand_paths); glob.glob(recursive=True) here would follow
+        # without following links (data_prep.listing.expand_paths); glob.glob(recursive=True) here would follow
         # a link loop below it for ever.
         start = Path()
         for part in Path(os.path.expanduser(path)).parts:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config.base import ConfigError, choice, non_negative, positive
+from pipeline.config.base import Choice, ConfigError, choice, non_negative, positive
+
+
+class ExportDtype(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 @dataclass
@@ -30,7 +35,7 @@ class EvalConfig:
     # `pipeline export`: the Hugging Face directory to write (null: <run dir>/hf/<checkpoint tag>).
     export_dir: str | None = None
     # fp32 | bf16: the exported weights' dtype (converted one tensor at a time).
-    export_dtype: str = "fp32"
+    export_dtype: ExportDtype = ExportDtype.fp32
     # Safetensors files of at most this size, with model.safetensors.index.json when there are several.
     export_shard_size: str = "5GB"
     # lm-eval-harness tasks run on the exported model by `pipeline evaluate` (needs lm-eval installed).
@@ -39,7 +44,7 @@ class EvalConfig:
     tasks_limit: int | None = None
 
 
-EXPORT_DTYPES = ("fp32", "bf16")
+EXPORT_DTYPES = ExportDtype.values()
 
 
 def validate_eval(ev: EvalConfig) -> None:
@@ -57,6 +62,6 @@ def validate_eval(ev: EvalConfig) -> None:
     non_negative("eval.seed", ev.seed, "a seed is a non-negative integer")
     if ev.tasks_limit is not None:
         positive("eval.tasks_limit", ev.tasks_limit)
-    choice("eval.export_dtype", ev.export_dtype, EXPORT_DTYPES)
+    choice("eval.export_dtype", ev.export_dtype, ExportDtype)
     if ev.checkpoint in ("", None):
         raise ConfigError("eval.checkpoint is empty: set latest, all, or a checkpoint tag (step_00000200).")

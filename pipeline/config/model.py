@@ -5,7 +5,40 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pipeline.config.base import FREE, MATH, ConfigError, choice, divisors, later, non_negative, positive
+from pipeline.config.base import (
+    FREE,
+    MATH,
+    Choice,
+    ConfigError,
+    choice,
+    divisors,
+    later,
+    non_negative,
+    positive,
+)
+
+
+class PosEncoding(Choice):
+    learned = "learned"
+    sinusoidal = "sinusoidal"
+    rotary = "rotary"
+    alibi = "alibi"
+
+
+class AttentionKernel(Choice):
+    auto = "auto"
+    sdpa = "sdpa"
+    flex = "flex"
+
+
+class Norm(Choice):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class Activation(Choice):
+    gelu = "gelu"
+    swiglu = "swiglu"
 
 
 @dataclass
@@ -30,7 +63,7 @@ class ModelConfig:
     bias: bool = field(default=True, metadata=MATH)
     tie_embeddings: bool = field(default=True, metadata=MATH)
     # learned | sinusoidal | rotary | alibi (Press et al. 2022, as BLOOM: a per-head linear bias on distance)
-    pos_encoding: str = field(default="learned", metadata=MATH)
+    pos_encoding: PosEncoding = field(default=PosEncoding.learned, metadata=MATH)
     # A norm right after the token embedding (BLOOM's word_embeddings_layernorm).
     embedding_norm: bool = field(default=False, metadata=later(False))
     # RoPE's base wavelength theta (Su et al. 2021: 10000; Llama 3: 500000).
@@ -43,7 +76,7 @@ class ModelConfig:
     # The kernel of document-masked attention: sdpa (a dense block-diagonal mask; what trains on CPU, where
     # FlexAttention has no backward) | flex (FlexAttention with a block mask, compiled; CUDA) | auto (flex on
     # CUDA, sdpa elsewhere). Either computes the same attention.
-    attention_kernel: str = field(default="auto", metadata=FREE)
+    attention_kernel: AttentionKernel = field(default=AttentionKernel.auto, metadata=FREE)
     # The EOS id that separates documents; null takes it from the prepared data set's tokenizer.
     eos_id: int | None = field(default=None, metadata=later(None))
     # RMSNorm of each head's queries and keys before the dot product (Dehghani et al. 2023; OLMo 2, Qwen 3).
@@ -52,9 +85,9 @@ class ModelConfig:
     # Added to the training loss only (validation reports the cross-entropy) and logged as train/z_loss.
     z_loss: float = field(default=0.0, metadata=later(0.0))
     # layernorm | rmsnorm
-    norm: str = field(default="layernorm", metadata=MATH)
+    norm: Norm = field(default=Norm.layernorm, metadata=MATH)
     # gelu | swiglu
-    activation: str = field(default="gelu", metadata=MATH)
+    activation: Activation = field(default=Activation.gelu, metadata=MATH)
     # Standard deviation of the normal init; residual projections are scaled by 1/sqrt(2 * n_layer).
     init_std: float = field(default=0.02, metadata=MATH)
     # µP (maximal update parametrisation, Yang et al. 2022) relative to a base width: null is the standard
@@ -64,9 +97,9 @@ class ModelConfig:
     mup_base_width: int | None = field(default=None, metadata=later(None))
 
 
-POS_ENCODINGS = ("learned", "sinusoidal", "rotary", "alibi")
-NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "swiglu")
+POS_ENCODINGS = PosEncoding.values()
+NORMS = Norm.values()
+ACTIVATIONS = Activation.values()
 
 
 def width_multiplier(cfg: ModelConfig) -> float:
@@ -104,7 +137,7 @@ def validate_model(model: ModelConfig) -> None:
             f"rotary position encoding needs an even head size; d_model/n_head = "
             f"{model.d_model // model.n_head}: change model.n_head or model.d_model."
         )
-    choice("model.pos_encoding", model.pos_encoding, POS_ENCODINGS)
+    choice("model.pos_encoding", model.pos_encoding, PosEncoding)
     n_kv = kv_heads(model)
     if n_kv <= 0 or model.n_head % n_kv:
         raise ConfigError(
@@ -112,13 +145,13 @@ def validate_model(model: ModelConfig) -> None:
             f"{', '.join(map(str, divisors(model.n_head)))} (1 is multi-query attention, null is n_head)."
         )
     positive("model.rope_theta", model.rope_theta)
-    choice("model.attention_kernel", model.attention_kernel, ("auto", "sdpa", "flex"))
+    choice("model.attention_kernel", model.attention_kernel, AttentionKernel)
     if model.mup_base_width is not None:
         positive("model.mup_base_width", model.mup_base_width)
     if model.z_loss < 0:
         raise ConfigError(f"model.z_loss={model.z_loss} must be >= 0 (0 turns it off; PaLM used 1e-4).")
-    choice("model.norm", model.norm, NORMS)
-    choice("model.activation", model.activation, ACTIVATIONS)
+    choice("model.norm", model.norm, Norm)
+    choice("model.activation", model.activation, Activation)
     if model.vocab_size is not None:
         positive("model.vocab_size", model.vocab_size)
     if model.d_ff is not None:

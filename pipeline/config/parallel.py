@@ -5,8 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config.base import ConfigError, choice, divisors, positive, validate_finite
+from pipeline.config.base import Choice, ConfigError, choice, divisors, positive, validate_finite
 from pipeline.config.model import ModelConfig, kv_heads, mlp_width
+
+
+class Precision(Choice):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
 
 
 @dataclass
@@ -20,7 +27,7 @@ class ParallelConfig:
     # DeepSpeed ZeRO stage 0, 1, 2 or 3.
     zero_stage: int = 1
     # auto | bf16 | fp16 | fp32 (auto: bf16 where the device supports it, else fp32)
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     # Recompute each block's activations in the backward pass.
     activation_checkpointing: bool = False
     # Train on GPUs (NCCL); false trains on CPU with gloo.
@@ -44,7 +51,7 @@ class ParallelConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = Precision.values()
 
 
 def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
@@ -56,7 +63,7 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
         positive("parallel.device_memory_gb", parallel.device_memory_gb)
     if parallel.gpus_per_worker <= 0:
         raise ConfigError(f"parallel.gpus_per_worker={parallel.gpus_per_worker} must be > 0.")
-    choice("parallel.precision", parallel.precision, PRECISIONS)
+    choice("parallel.precision", parallel.precision, Precision)
     if parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} must be 0, 1, 2 or 3.")
     tp = parallel.tensor_parallel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config.base import ConfigError, choice, non_negative, positive
+from pipeline.config.base import Choice, ConfigError, choice, non_negative, positive
 from pipeline.config.train import TrainConfig
 
 
@@ -19,6 +19,12 @@ class SweepRun:
     lr: float | None = None
 
 
+class SweepKind(Choice):
+    isoflop = "isoflop"
+    grid = "grid"
+    points = "points"
+
+
 @dataclass
 class SweepConfig:
     """A scaling-law sweep: each point is one training run (see pipeline.scaling.sweep)."""
@@ -26,7 +32,7 @@ class SweepConfig:
     name: str = "none"
     # isoflop: for each compute budget, every model size with D = C / (6 N) | grid: every size x token count |
     # points: the runs listed in sweep.runs (as `pipeline scaling plan` writes them)
-    kind: str = "isoflop"
+    kind: SweepKind = SweepKind.isoflop
     runs: list[SweepRun] = field(default_factory=list)
     # One run per model size with a WSD schedule (train.schedule=wsd); each shorter token budget of that size is a
     # decay branch forked from the long run's stable phase at its decay start, instead of a run from step 0.
@@ -85,7 +91,7 @@ def validate_sweep_numbers(sweep: SweepConfig) -> None:
 
 
 def validate_sweep(sweep: SweepConfig, train: TrainConfig | None = None) -> None:
-    choice("sweep.kind", sweep.kind, ("isoflop", "grid", "points"))
+    choice("sweep.kind", sweep.kind, SweepKind)
     validate_sweep_numbers(sweep)
     if sweep.name == "none":
         raise ConfigError("no sweep chosen: pass sweep=<name> (e.g. sweep=isoflop_tiny; see conf/sweep/).")

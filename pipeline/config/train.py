@@ -9,6 +9,7 @@ from pipeline.config.base import (
     FREE,
     LENGTH,
     MATH,
+    Choice,
     ConfigError,
     choice,
     fraction,
@@ -18,6 +19,17 @@ from pipeline.config.base import (
 )
 from pipeline.config.model import ModelConfig
 from pipeline.config.parallel import ParallelConfig, data_parallel_size
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    wsd = "wsd"
+    constant = "constant"
+
+
+class Optimizer(Choice):
+    adamw = "adamw"
+    muon = "muon"
 
 
 @dataclass
@@ -34,7 +46,7 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.1, metadata=MATH)
     warmup_steps: int = field(default=30, metadata=MATH)
     # cosine | wsd (warmup-stable-decay) | constant
-    schedule: str = field(default="cosine", metadata=MATH)
+    schedule: Schedule = field(default=Schedule.cosine, metadata=MATH)
     # For wsd: fraction of steps spent in the final decay (it starts at wsd_decay_start(max_steps, decay_fraction)).
     decay_fraction: float = field(default=0.2, metadata=MATH)
     weight_decay: float = field(default=0.1, metadata=MATH)
@@ -42,7 +54,7 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata=MATH)
     # adamw | muon: Muon (Jordan et al. 2024; DeepSpeed's MuonWithAuxAdam, which ZeRO 1-2 partition) for the 2-D
     # hidden matrices of the blocks, AdamW (lr, betas, no decay) for embeddings, unembedding, norms and biases.
-    optimizer: str = field(default="adamw", metadata=later("adamw"))
+    optimizer: Optimizer = field(default=Optimizer.adamw, metadata=later("adamw"))
     # Muon's learning rate (in units of spectral norm per update; Keller Jordan's 0.02) and momentum. The
     # schedule scales it like train.lr; Muon's matrices decay by train.weight_decay. train.grad_clip does not
     # apply with Muon (DeepSpeed would clip the gradients at ZeRO-0 but the orthogonalised updates at ZeRO 1-2).
@@ -76,8 +88,8 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=FREE)
 
 
-SCHEDULES = ("cosine", "wsd", "constant")
-OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = Schedule.values()
+OPTIMIZERS = Optimizer.values()
 
 
 def wsd_decay_start(max_steps: int, decay_fraction: float) -> int:
@@ -130,8 +142,8 @@ def _validate_train_numbers(train: TrainConfig) -> None:
 
 def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelConfig) -> None:
     _validate_train_numbers(train)
-    choice("train.schedule", train.schedule, SCHEDULES)
-    choice("train.optimizer", train.optimizer, OPTIMIZERS)
+    choice("train.schedule", train.schedule, Schedule)
+    choice("train.optimizer", train.optimizer, Optimizer)
     if train.optimizer == "muon":
         if parallel.tensor_parallel > 1:
             raise ConfigError(

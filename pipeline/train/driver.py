@@ -183,7 +183,7 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
         with PreemptionForwarder(run_dir) as forwarder:
             outcome = launch_ray(job, RunLink(tracker.uri, tracker.run_id), run_dir,
                                  max_failures=cfg.train.max_failures,
-                                 placement_strategy=cfg.cluster.placement_strategy,
+                                 placement_strategy=str(cfg.cluster.placement_strategy),  # Ray's own str
                                  workers_per_node=cfg.cluster.workers_per_node)
     except BaseException:
         tracker.close("FAILED")

@@ -18,13 +18,14 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_precision(parallel: ParallelConfig) -> str:
-    """auto -> bf16 where the device supports it, else fp32. fp16 needs a GPU."""
+    """auto -> bf16 where the device supports it, else fp32. fp16 needs a GPU. A plain str (not the Precision
+    member): it goes into the run's math config, MLflow and the workers' job."""
     import torch
 
     if parallel.use_gpu:
         if parallel.precision == "auto":
             return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
-        return parallel.precision
+        return str(parallel.precision)
     if parallel.precision == "fp16":
         raise ConfigError(
             "parallel.precision=fp16 needs a GPU (fp16 with loss scaling is not supported by DeepSpeed's CPU "
@@ -32,7 +33,7 @@ def resolve_precision(parallel: ParallelConfig) -> str:
         )
     if parallel.precision == "auto":
         return "bf16" if cpu_supports_bf16() else "fp32"
-    return parallel.precision
+    return str(parallel.precision)
 
 
 MIN_BUCKET_ELEMENTS = 2**24

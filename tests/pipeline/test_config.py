@@ -108,7 +108,13 @@ def test_missing_data_path_is_named():
 
 
 def test_unknown_tokenize_engine_is_refused():
-    cfg = compose_config(["data.tokenize_engine=spark"])
+    # At composition (data.tokenize_engine is a Choice enum), and by validate for a config built in code.
+    import pipeline.compose
+
+    with pytest.raises(ConfigError, match="data.tokenize_engine='spark' is not one of auto, ray_data, actors"):
+        pipeline.compose.compose_config(["data.tokenize_engine=spark"])
+    cfg = compose_config([])
+    cfg.data.tokenize_engine = "spark"
     with pytest.raises(ConfigError, match="data.tokenize_engine='spark' is not one of auto, ray_data, actors"):
         validate(cfg)
 
