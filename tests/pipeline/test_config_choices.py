@@ -141,3 +141,24 @@ def test_the_resolved_precision_is_a_plain_string():
     precision = resolve_precision(cfg.parallel)
     assert type(precision) is str and precision == "fp32"
     json.dumps(make_ds_config(cfg.train, cfg.parallel, precision, 1))
+
+
+def test_what_a_checkpoint_records_of_the_config_is_plain_data(tmp_path):
+    """The math config goes into every checkpoint (DeepSpeed pickles its client state), and loading refuses any
+    class that neither the pipeline's checkpoints nor DeepSpeed's hold: a Choice must be recorded as its string."""
+    import torch
+
+    from pipeline.checkpoint.layout import CheckpointError
+    from pipeline.checkpoint.pickles import check_pickles
+
+    cfg = compose_config(["train.schedule=wsd", "model=gpt2_small"], stage="params")
+    recorded = resume_fields(cfg.train, cfg.model)
+    leaves = [v for section in recorded.values() for v in section.values()]
+    assert "wsd" in leaves and all(type(v) in (str, int, float, bool, list, type(None)) for v in leaves), leaves
+    tag = tmp_path / "step_00000001"
+    tag.mkdir()
+    torch.save({"module": {}, "math_config": recorded}, tag / "mp_rank_00_model_states.pt")
+    check_pickles(tag)  # raises CheckpointError naming any foreign class
+    torch.save({"module": {}, "math_config": {"schedule": cfg.train.schedule}}, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="Schedule"):
+        check_pickles(tag)
