@@ -71,20 +71,11 @@ def validate_known_keys(cfg: Any) -> None:
 
 
 def validate(cfg: PipelineConfig) -> None:
-    """Every cross-field check, run before any stage does work."""
-    validate_known_keys(cfg)
-    validate_names(cfg)
-    validate_finite(cfg)
-    validate_cluster(cfg.cluster)
-    validate_tracking(cfg.tracking)
-    validate_sweep_numbers(cfg.sweep)
+    """Every cross-field check, run before any stage does work: those that hold wherever the job runs
+    (validate_for_submit), then those that look at this machine (the placement, the data's input paths)."""
+    validate_for_submit(cfg)
     validate_placement(cfg.cluster, cfg.parallel)
-    validate_model(cfg.model)
     validate_data(cfg.data, cfg.model)
-    validate_parallel(cfg.parallel, cfg.model)
-    validate_train(cfg.train, cfg.parallel, cfg.model)
-    validate_deepspeed(cfg.parallel, cfg.train)
-    validate_eval(cfg.eval)
 
 
 def run_dir_for(cfg: PipelineConfig) -> Path:
