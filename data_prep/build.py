@@ -5,7 +5,7 @@ manifest, in `<name>-<fingerprint>.partial/` under its lock, renamed when comple
     state      data_prep.partial: the partial directory of an interrupted run of the same plan is resumed
     tokenizer  data_prep.tokenizer_setup: reused, copied, or trained on a sample drawn on the workers
     shards     data_prep.partition_work on the workers (data_prep.workers), the partitions not done yet; those of
-               nodes that do not see the directory come through the object store (data_prep.store_staging)
+               nodes that do not see the directory come through the object store (data_prep.dataset_store)
     manifest   data_prep.merge, the records in partition order
 
 Stopped by anything but bad input (a bug, an outage, a full disk, a Ctrl-C, kill -9), the build leaves its finished
@@ -23,7 +23,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from data_prep.dataset_dirs import PARTIAL_SUFFIX, dataset_dir
+from data_prep.dataset_dirs import dataset_dir, partial_dir
+from data_prep.dataset_store import check_shared, drop_staged, fetch_partition, fetch_staged
 from data_prep.encoding import can_cut_documents, pool_size, tokenize_engine
 from data_prep.errors import DataPrepError, SourceError
 from data_prep.listing import OutsideLinks, warn_outside_links
@@ -33,11 +34,10 @@ from data_prep.partial import open_state, publish, remove_temporaries, unfinishe
 from data_prep.partition_work import PartitionRecord, PrepareContext, ReadContext, record_path
 from data_prep.partitions import Partition, plan_partitions
 from data_prep.shards import MANIFEST, Manifest, dtype_for_vocab, incomplete_reason
-from data_prep.store_staging import check_shared, drop_staged, fetch_partition, fetch_staged, staging_fields
 from data_prep.tokenizer import TokenizerError
 from data_prep.tokenizer_setup import make_tokenizer
 from data_prep.workers import run_partitions
-from pipeline.cluster.storage import ObjectStore
+from pipeline.cluster.storage import NO_MIRROR, Mirror
 from pipeline.config import ConfigError, DataConfig, fingerprint, validate_data
 from pipeline.containment import ContainmentError
 from pipeline.files import write_atomic
@@ -55,9 +55,9 @@ ProgressSink = Callable[[str, dict[str, float], int], None]
 
 
 def prepare_source(data: DataConfig, sink: ProgressSink | None = None, label: str = "",
-                   store: ObjectStore | None = None) -> Path:
+                   mirror: Mirror = NO_MIRROR) -> Path:
     """Prepare the data set of this single-source config (or find it prepared) and return its directory; `sink`,
-    `label` and `store` as for data_prep.prepare.prepare."""
+    `label` and `mirror` as for data_prep.prepare.prepare."""
     from pipeline.files import directory_lock
 
     validate_data(data)
@@ -66,7 +66,7 @@ def prepare_source(data: DataConfig, sink: ProgressSink | None = None, label: st
     if _already_prepared(data, out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    partial = partial_dir(out)
     with directory_lock(partial):
         if _already_prepared(data, out):  # another run finished it while this one waited
             shutil.rmtree(partial, ignore_errors=True)
@@ -75,7 +75,7 @@ def prepare_source(data: DataConfig, sink: ProgressSink | None = None, label: st
             log.info("%s exists but is incomplete (%s): preparing it again", out, incomplete_reason(out))
         started = time.time()
         try:
-            manifest, seconds = _build(data, partial, fingerprint(corpus), sink, label, store)
+            manifest, seconds = _build(data, partial, fingerprint(corpus), sink, label, mirror)
         except BAD_INPUT:
             shutil.rmtree(partial, ignore_errors=True)  # the input or the config is at fault: nothing to resume
             raise
@@ -85,7 +85,7 @@ def prepare_source(data: DataConfig, sink: ProgressSink | None = None, label: st
                         "resume", partial)
             raise
         publish(partial, out)
-        drop_staged(store, partial)
+        drop_staged(mirror, partial)
     _log_summary(out, manifest, time.time() - started, seconds)
     if sink is not None:
         _report_totals(sink, label, manifest, time.time() - started, seconds)
@@ -112,7 +112,7 @@ def _already_prepared(data: DataConfig, out: Path) -> bool:
 
 
 def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: ProgressSink | None = None,
-           label: str = "", store: ObjectStore | None = None) -> tuple[Manifest, float]:
+           label: str = "", mirror: Mirror = NO_MIRROR) -> tuple[Manifest, float]:
     t0 = time.time()
     links = OutsideLinks(data.on_outside_link)
     plan = plan_partitions(data, links)
@@ -124,9 +124,8 @@ def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: Progr
     workers = pool_size(data.num_workers)
     read = ReadContext.of(data)
     sp = make_tokenizer(plan, read, partial, state, workers)
-    ctx = _context(read, partial, sp, store)
-    if store is not None:
-        fetch_staged(store, ctx, plan)
+    ctx = _context(read, partial, sp, mirror)
+    fetch_staged(mirror, ctx, plan)
     todo = unfinished(partial, plan, ctx.dtype)
     engine = tokenize_engine(data.tokenize_engine, sum(p.size for p in todo), workers)
     if len(todo) < len(plan):
@@ -135,10 +134,10 @@ def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: Progr
     progress = Progress(sum(p.size for p in todo), len(todo), sink, label)
     nodes = set()
     try:
-        check_shared(partial, ctx, store)
+        check_shared(partial, ctx, mirror)
         for part, record in run_partitions(ctx, todo, workers, engine):
-            if store is not None and not record_path(partial, part.index).is_file():
-                fetch_partition(store, ctx, record)  # written on a node that does not see this directory
+            if not record_path(partial, part.index).is_file():
+                fetch_partition(mirror, ctx, record)  # written on a node that does not see this directory
             progress.update(part, record)
             nodes.add(record.node)
     finally:
@@ -151,15 +150,15 @@ def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: Progr
     return manifest, progress.seconds
 
 
-def _context(read: ReadContext, partial: Path, sp, store: ObjectStore | None) -> PrepareContext:
+def _context(read: ReadContext, partial: Path, sp, mirror: Mirror) -> PrepareContext:
     """All that the workers need, once the tokenizer is known: where the shards go, the tokenizer and what follows
-    from it, the driver's mark for this run (see check_shared) and the object store's prefixes."""
+    from it, the driver's mark for this run (see check_shared) and the object store, if any."""
     proto = sp.serialized_model_proto()
     return PrepareContext(
         data=read.data, sources=read.sources, wheres=read.wheres, directory=str(partial), tokenizer_proto=proto,
         dtype=dtype_for_vocab(sp.get_piece_size()).str, vocab_size=sp.get_piece_size(), eos_id=sp.eos_id(),
         cut_documents=can_cut_documents(proto), driver_mark=f".driver-{uuid.uuid4().hex[:12]}",
-        **staging_fields(store, partial),
+        store_uri=mirror.uri,
     )
 
 

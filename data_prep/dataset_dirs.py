@@ -19,7 +19,16 @@ from pathlib import Path
 
 from data_prep.blend import BLEND_VERSION, blend_incomplete_reason, is_blend
 from data_prep.mixture import corpus_record
-from data_prep.shards import FORMAT_VERSION, TOKENIZER_FILE, incomplete_reason, load_manifest, sha256_file
+from data_prep.shards import (  # noqa: F401 (PARTIAL_SUFFIX, partial_dir, finished_dir: named from here too)
+    FORMAT_VERSION,
+    PARTIAL_SUFFIX,
+    TOKENIZER_FILE,
+    finished_dir,
+    incomplete_reason,
+    load_manifest,
+    partial_dir,
+    sha256_file,
+)
 from pipeline.config import DataConfig, fingerprint
 from pipeline.containment import plain_name
 
@@ -28,7 +37,6 @@ _NOT_IN_FINGERPRINT = ("num_workers", "tokenize_engine", "output_dir", "verify_c
 # Bump when the same config would produce different bytes (reading, tokenizer training, packing), so that
 # a new recipe gets a new directory instead of silently reusing data sets made by the old one.
 RECIPE_VERSION = 5
-PARTIAL_SUFFIX = ".partial"
 
 
 def data_fingerprint(data: DataConfig, corpus: list[dict] | None = None) -> str:

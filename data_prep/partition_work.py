@@ -11,7 +11,7 @@
 A worker on a node that does not see the driver's directory (nodes without a shared file system; it looks for
 the driver's mark, a file named per run) writes the partition into its own node's copy of that path, uploads it
 to cluster.storage_uri (shards where the finished data set goes, the record and its parts in a staging prefix;
-the record last) and deletes its local copy; the driver downloads it from there (data_prep.store_staging).
+the record last) and deletes its local copy; the driver downloads it from there (data_prep.dataset_store).
 
 Nothing depends on which worker runs a partition or how many there are. A worker killed half-way leaves shards
 without a record; the next run deletes them and does the partition again (data_prep.partial). Two workers that
@@ -40,7 +40,7 @@ from data_prep.encoding import make_segments
 from data_prep.listing import source_configs
 from data_prep.packing import WindowPacker, join_with_eos
 from data_prep.partitions import Partition, source_field
-from data_prep.shards import SPLITS, ShardInfo, ShardWriter
+from data_prep.shards import SPLITS, ShardInfo, ShardWriter, finished_dir
 from data_prep.sources import piece_documents
 from pipeline.config import DataConfig, PipelineError, SourceConfig
 from pipeline.files import write_atomic
@@ -93,9 +93,9 @@ class PrepareContext(ReadContext):
     eos_id: int
     cut_documents: bool
     driver_mark: str = ""  # a file the driver keeps in `directory` while partitions run (see the module docstring)
-    store_uri: str = ""  # cluster.storage_uri, for workers that do not see `directory`
-    store_rel: str = ""  # the finished data set's prefix in the store (its shards go there)
-    staging_rel: str = ""  # the store prefix for partition records and their parts, until the manifest is written
+    # cluster.storage_uri, for workers that do not see `directory`: they push their partitions to the store
+    # (upload_partition; data_prep.dataset_store pulls them to the driver).
+    store_uri: str = ""
 
 
 class UnsharedDirectoryError(PipelineError, RuntimeError):
@@ -299,14 +299,15 @@ def partition_files(record: PartitionRecord) -> list[str]:
 
 def upload_partition(ctx: PrepareContext, record: PartitionRecord) -> None:
     """Send a partition written on a node that does not see the driver's directory to the object store (its
-    shards under the data set's prefix, the rest under the staging prefix, the record last), then delete the
-    local copy: that node's copy of the path is nobody's data set."""
-    from pipeline.cluster.storage import ObjectStore
+    shards to the finished data set's place, the rest to the partial directory's, the record last), then delete
+    the local copy: that node's copy of the path is nobody's data set."""
+    from pipeline.cluster.storage import Mirror
 
-    store, directory = ObjectStore(ctx.store_uri), Path(ctx.directory)
+    directory = Path(ctx.directory)
+    mirror = Mirror(ctx.store_uri, data_root=directory.parent)
+    finished = finished_dir(directory)
     for name in partition_files(record):
-        rel = ctx.staging_rel if name.startswith(f"{PARTS_DIR}/") else ctx.store_rel
-        store.upload_file(directory / name, f"{rel}/{name}")
+        mirror.push_file(directory / name, as_path=(directory if name.startswith(f"{PARTS_DIR}/") else finished) / name)
     for name in partition_files(record):
         (directory / name).unlink(missing_ok=True)
 

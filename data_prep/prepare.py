@@ -13,7 +13,7 @@ The driver only plans and merges; no process ever holds the corpus:
                on the workers (the same sample whatever the partitioning of the work)
     shards     data_prep.partition_work on the workers (Ray Data or Ray actors: data_prep.workers): each
                partition read, split by hash, tokenized, packed and written as its own shards, then its record;
-               nodes without the shared directory send theirs through the object store (data_prep.store_staging)
+               nodes without the shared directory send theirs through the object store (data_prep.dataset_store)
     manifest   data_prep.merge: the records in partition order: shards, statistics per split and per source,
                document starts and the training split's token counts (the unigram baseline)
 
@@ -40,17 +40,18 @@ from data_prep.build import ProgressSink, prepare_source
 from data_prep.dataset_dirs import dataset_dir, is_complete
 from data_prep.errors import DataPrepError
 from data_prep.prepare_mixture import prepare_mixture
-from pipeline.cluster.storage import ObjectStore
+from pipeline.cluster.storage import NO_MIRROR, Mirror
 from pipeline.config import DataConfig
 
 __all__ = ["DataPrepError", "ProgressSink", "dataset_dir", "is_complete", "prepare"]
 
 
-def prepare(data: DataConfig, sink: ProgressSink | None = None, label: str = "", store: ObjectStore | None = None) -> Path:
+def prepare(data: DataConfig, sink: ProgressSink | None = None, label: str = "", mirror: Mirror = NO_MIRROR) -> Path:
     """Prepare the data set of this config (or find it prepared) and return its directory. `sink` receives the
     progress (bytes read, documents, tokens, tokens/s, time left) every few seconds and the totals at the end;
-    `label` names the data set in it ("" for a single one, the source's name within a mixture). `store`
-    (cluster.storage_uri): where workers on nodes that do not see output_dir send their partitions."""
+    `label` names the data set in it ("" for a single one, the source's name within a mixture). `mirror`
+    (cluster.storage_uri; pipeline.cluster.storage.Mirror): where workers on nodes that do not see output_dir send
+    their partitions."""
     if data.source == "mixture":
-        return prepare_mixture(data, sink, store)
-    return prepare_source(data, sink, label, store)
+        return prepare_mixture(data, sink, mirror)
+    return prepare_source(data, sink, label, mirror)

@@ -21,11 +21,11 @@ from pathlib import Path
 from data_prep.blend import adopt_dataset, write_blend
 from data_prep.build import ProgressSink, prepare_source
 from data_prep.dataset_dirs import (
-    PARTIAL_SUFFIX,
     blend_dir,
     blend_parts,
     component_config,
     is_complete,
+    partial_dir,
     shared_tokenizer,
     sources_to_prepare,
 )
@@ -36,13 +36,13 @@ from data_prep.partition_work import ReadContext
 from data_prep.partitions import plan_partitions
 from data_prep.shards import TOKENIZER_FILE, ShardError, incomplete_reason
 from data_prep.tokenizer_setup import make_tokenizer
-from pipeline.cluster.storage import ObjectStore
+from pipeline.cluster.storage import NO_MIRROR, Mirror
 from pipeline.config import DataConfig, validate_data
 
 log = logging.getLogger("data_prep.prepare")  # the stage's one log, whichever module writes the line
 
 
-def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None, store: ObjectStore | None = None) -> Path:
+def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None, mirror: Mirror = NO_MIRROR) -> Path:
     """The blend of data.mixture: its tokenizer and its sources' data sets prepared where missing (each
     resumable like any data set), then the recipe. Returns the blend's directory."""
     from pipeline.files import directory_lock
@@ -65,15 +65,15 @@ def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None, store: O
             path = adopt_dataset(path, out.parent, f"{data.name}.{name}")  # a blend names only its neighbours
         else:
             log.info("mixture %s: source %s", data.name, name)
-            path = prepare_source(component_config(data, i, tokenizer), sink, name, store)
+            path = prepare_source(component_config(data, i, tokenizer), sink, name, mirror)
         parts.append((name, path, weight))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with directory_lock(out.with_name(out.name + PARTIAL_SUFFIX)):
+    with directory_lock(partial_dir(out)):
         try:
             blend = write_blend(out, parts)
         except ShardError as err:  # the sources' data sets disagree, or one is damaged
             raise DataPrepError(str(err)) from err
-    shutil.rmtree(out.with_name(out.name + PARTIAL_SUFFIX), ignore_errors=True)
+    shutil.rmtree(partial_dir(out), ignore_errors=True)
     for component in blend.components:
         log.info("blend %s: %s, weight %g (share %.1f%%), %d training windows", out.name, component.name,
                  component.weight, 100 * component.share, component.windows.get("train", 0))
@@ -88,7 +88,7 @@ def _prepare_tokenizer(data: DataConfig, out_dir: Path) -> Path:
     path = out_dir / TOKENIZER_FILE
     if path.is_file():
         return path
-    partial = out_dir.with_name(out_dir.name + PARTIAL_SUFFIX)
+    partial = partial_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with directory_lock(partial):
         if path.is_file():

@@ -26,6 +26,20 @@ FORMAT_VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIIQ")
 MANIFEST = "manifest.json"
+# A data set is built in <name>.partial beside its directory and renamed into place once complete.
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_dir(out: Path) -> Path:
+    """Where the data set `out` is built until it is published (renamed to `out`)."""
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def finished_dir(partial: Path) -> Path:
+    """The data set directory a partial directory becomes once published."""
+    return partial.with_name(partial.name.removesuffix(PARTIAL_SUFFIX))
+
+
 TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "validation")
 # A manifest lists a few hundred bytes per shard; one larger than this is not one prepare wrote.

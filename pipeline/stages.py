@@ -17,26 +17,24 @@ log = logging.getLogger(__name__)
 def prepare_stage(cfg: PipelineConfig) -> Path:
     """The data set of cfg.data, prepared here, found prepared, or (with cluster.storage_uri) downloaded
     from the object store; a data set prepared here is uploaded there."""
+    from data_prep.dataset_store import pull_dataset, push_dataset
     from data_prep.prepare import dataset_dir, prepare
     from pipeline.cluster.ray_runtime import ensure_ray
-    from pipeline.cluster.storage import store_for
-    from pipeline.data.store_sync import pull_dataset, push_dataset
+    from pipeline.cluster.storage import mirror_for
 
-    store = store_for(cfg.cluster.storage_uri)
-    if store is not None:
-        target = dataset_dir(cfg.data)
-        if pull_dataset(store, target):
-            log.info("using the data set %s from %s", target.name, store.shown)
+    mirror = mirror_for(cfg)
+    target = dataset_dir(cfg.data)
+    if pull_dataset(mirror, target):
+        log.info("using the data set %s from %s", target.name, mirror.shown)
     ensure_ray(cfg.cluster)
-    tracking = PrepareTracking(cfg, dataset_dir(cfg.data))
+    tracking = PrepareTracking(cfg, target)
     try:
-        out = prepare(cfg.data, tracking, store=store)  # a no-op when complete
+        out = prepare(cfg.data, tracking, mirror=mirror)  # a no-op when complete
     except BaseException:
         tracking.close("FAILED")
         raise
     tracking.close("FINISHED")
-    if store is not None:
-        push_dataset(store, out)
+    push_dataset(mirror, out)
     return out
 
 
@@ -76,18 +74,17 @@ class PrepareTracking:
 
 
 def pull_run(cfg: PipelineConfig) -> Path:
-    """With cluster.storage_uri: the data set and the run's newest checkpoint from the object store, where
-    this machine lacks them (for the stages that read a trained run). Returns the data set directory."""
+    """The data set and the run's newest checkpoint pulled from the run's mirror where this machine lacks them
+    (for the stages that read a trained run; nothing to do without cluster.storage_uri). Returns the data set
+    directory."""
+    from data_prep.dataset_store import pull_dataset
     from data_prep.prepare import dataset_dir
     from pipeline.checkpoint.store_sync import pull_latest_checkpoint
-    from pipeline.cluster.storage import store_for
-    from pipeline.data.store_sync import pull_dataset
+    from pipeline.cluster.storage import mirror_for
 
-    data_dir = dataset_dir(cfg.data)
-    store = store_for(cfg.cluster.storage_uri)
-    if store is not None:
-        pull_dataset(store, data_dir)
-        pull_latest_checkpoint(store, run_dir_for(cfg))
+    data_dir, mirror = dataset_dir(cfg.data), mirror_for(cfg)
+    pull_dataset(mirror, data_dir)
+    pull_latest_checkpoint(mirror, run_dir_for(cfg))
     return data_dir
 
 

@@ -328,3 +328,28 @@ def test_the_training_path_from_the_cli_to_a_checkpoint_is_short_and_true():
         # What a step reaches: its own code, and its module's tables (a dispatch by name).
         sources += [ast.get_source_segment(text, node), text if i == 0 else ""]
 
+
+
+# The one storage layer (pipeline.cluster.storage.Mirror): the store itself is opened there, and checked by
+# `pipeline submit`'s probe; everything else calls the mirror (a no-op without cluster.storage_uri).
+STORE_OPENERS = {"pipeline.cluster.storage", "pipeline.cluster.submit"}
+
+
+def store_branches() -> list[str]:
+    """Modules outside the storage layer that open the object store or branch on having one."""
+    found = []
+    for module, path in project_modules().items():
+        if module in STORE_OPENERS:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and any(a.name == "ObjectStore" for a in node.names):
+                found.append(f"{module} imports ObjectStore (line {node.lineno}): call the Mirror")
+            if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "store" \
+                    and any(isinstance(c, ast.Constant) and c.value is None for c in node.comparators):
+                found.append(f"{module} branches on `store` (line {node.lineno}): call the Mirror, a no-op without one")
+    return found
+
+
+def test_the_object_store_is_reached_only_through_the_mirror():
+    assert store_branches() == []

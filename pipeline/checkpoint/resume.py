@@ -17,13 +17,9 @@ from pipeline.checkpoint.layout import (
     verify_checkpoint,
 )
 from pipeline.checkpoint.pickles import check_pickles
-from pipeline.checkpoint.store_sync import (
-    pull_latest_checkpoint,
-    push_checkpoint_files,
-    push_checkpoint_marker,
-)
+from pipeline.checkpoint.store_sync import pull_latest_checkpoint, push_checkpoint
 from pipeline.checkpoint.universal import needs_universal, to_universal, zero_stage_change_supported
-from pipeline.cluster.storage import ObjectStore
+from pipeline.cluster.storage import NO_MIRROR, Mirror
 from pipeline.config import ConfigError, ParallelConfig, TrainConfig, wsd_decay_start
 
 log = logging.getLogger(__name__)
@@ -79,11 +75,13 @@ class ResumePlan:
 
 
 def plan_resume(train: TrainConfig, parallel: ParallelConfig, run_dir: Path, math_config: dict[str, Any],
-                store: ObjectStore | None = None) -> ResumePlan:
+                mirror: Mirror = NO_MIRROR) -> ResumePlan:
     """Resolve train.resume, refuse a checkpoint trained with different math or at a ZeRO stage DeepSpeed cannot
-    convert, and convert it to a universal checkpoint when the parallel layout changed."""
-    if store is not None and train.resume == "auto":
-        pull_latest_checkpoint(store, run_dir)  # a job on a fresh node resumes from the store
+    convert, and convert it to a universal checkpoint when the parallel layout changed. The run's `mirror` first
+    brings the store's newest checkpoint here (auto: a job on a fresh node resumes from the store) and then gets
+    the universal conversion (for the workers of other nodes)."""
+    if train.resume == "auto":
+        pull_latest_checkpoint(mirror, run_dir)
     tag_dir = resolve_resume(train.resume, checkpoint_root(run_dir))
     if tag_dir is None:
         return ResumePlan()
@@ -114,9 +112,7 @@ def plan_resume(train: TrainConfig, parallel: ParallelConfig, run_dir: Path, mat
     if needs_universal(marker, parallel.num_workers, parallel.tensor_parallel, parallel.zero_stage):
         # Elastic resume: another data-parallel size or ZeRO stage than the checkpoint was saved with.
         universal = to_universal(tag_dir, run_dir)
-        if store is not None:  # for the workers of other nodes
-            push_checkpoint_files(store, run_dir, universal)
-            push_checkpoint_marker(store, run_dir, universal, latest=False)
+        push_checkpoint(mirror, universal, latest=False)
         log.info("resuming %s (saved at world size %d, ZeRO-%d) at world size %d, ZeRO-%d through %s",
                  tag_dir, marker["world_size"], saved_stage, parallel.num_workers, parallel.zero_stage, universal)
         return ResumePlan(universal, universal=True)

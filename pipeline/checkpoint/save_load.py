@@ -1,8 +1,8 @@
 """Saving and loading a DeepSpeed engine's sharded checkpoint, collectively, with every rank's RNG state.
 
 A save counts only once every rank wrote its files: rank 0 then writes the COMPLETE marker and moves
-`latest` (pipeline.checkpoint.layout). With an object store, each node's first worker uploads its node's
-files before the marker (pipeline.checkpoint.store_sync).
+`latest` (pipeline.checkpoint.layout). The run's mirror (pipeline.cluster.storage.Mirror, a no-op without an
+object store) gets each node's files from the node's first worker before the marker (pipeline.checkpoint.store_sync).
 
 Every file is hashed while it is written (DeepSpeed's torch checkpoint engine writes through a hashing
 stream; so do the RNG files), never by reading it back; rank 0 gathers the digests into the marker's
@@ -40,8 +40,8 @@ from pipeline.checkpoint.layout import (
     verify_checkpoint,
 )
 from pipeline.checkpoint.pickles import check_pickles, safe_load, weights_only_loading
-from pipeline.checkpoint.store_sync import push_checkpoint_files, push_checkpoint_marker
-from pipeline.cluster.storage import run_rel
+from pipeline.checkpoint.store_sync import drop_checkpoint, push_checkpoint_files, push_checkpoint_marker
+from pipeline.cluster.storage import NO_MIRROR, Mirror
 from pipeline.files import fsync_files, no_space, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
@@ -152,35 +152,33 @@ def install_checkpoint_engine(engine) -> PipelineCheckpointEngine:
 
 def save_checkpoint(
     engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int, layout: dict[str, Any] | None = None,
-    store=None,
+    mirror: Mirror = NO_MIRROR,
 ) -> Path:
-    """Collective: every rank calls it. Returns the tag directory. With `store` (pipeline.cluster.storage.ObjectStore)
-    the first rank of each node uploads its node's files, then rank 0 the marker and `latest`.
+    """Collective: every rank calls it. Returns the tag directory. The first rank of each node pushes its node's
+    files to the run's `mirror`, then rank 0 the marker and `latest` (no-ops without an object store).
 
-        clear the tag (a rewrite) -> every rank writes its shards and RNG, hashed while written -> uploads ->
+        clear the tag (a rewrite) -> every rank writes its shards and RNG, hashed while written -> pushed ->
         rank 0 writes COMPLETE (sizes, sha256s) and moves `latest` -> old tags pruned"""
     tag_dir = root / tag_for(step)
-    _clear_tag(root, tag_dir, store)
+    _clear_tag(tag_dir, mirror)
     hashes = _write_shards(engine, root, tag_dir, client_state)
-    if store is not None:
-        if is_node_leader():
-            push_checkpoint_files(store, root.parent, tag_dir)
-        dist.barrier()
-    if dist.get_rank() == 0:
-        _commit(root, tag_dir, step, client_state, layout, hashes, store)
-        for old_tag in prune_old(root, keep_last):
-            if store is not None:
-                store.delete_dir(run_rel(root.parent, root / old_tag))
-                store.delete_dir(run_rel(root.parent, root / UNIVERSAL_DIR / old_tag))
+    if is_node_leader():
+        push_checkpoint_files(mirror, tag_dir)
     dist.barrier()
-    if store is not None and dist.get_rank() != 0 and is_node_leader():
+    if dist.get_rank() == 0:
+        _commit(root, tag_dir, step, client_state, layout, hashes, mirror)
+        for old_tag in prune_old(root, keep_last):
+            drop_checkpoint(mirror, root / old_tag)
+            drop_checkpoint(mirror, root / UNIVERSAL_DIR / old_tag)
+    dist.barrier()
+    if mirror.active and dist.get_rank() != 0 and is_node_leader():
         # Without a shared file system the other nodes' tags carry no marker (the store holds it): keep
         # only their newest keep_last, which are staging copies of what is in the store.
         prune_staging(root, keep_last)
     return tag_dir
 
 
-def _clear_tag(root: Path, tag_dir: Path, store) -> None:
+def _clear_tag(tag_dir: Path, mirror: Mirror) -> None:
     """Collective. A tag written before (a run resumed from an older checkpoint reaches this step again) is
     removed first, so that its COMPLETE marker cannot vouch for a half-written rewrite and no file of another
     layout stays behind in it; likewise in the store (uploads skip files already there at the same size)."""
@@ -188,10 +186,10 @@ def _clear_tag(root: Path, tag_dir: Path, store) -> None:
     if rank == 0 and tag_dir.exists():
         log.info("rewriting checkpoint %s", tag_dir)
         shutil.rmtree(tag_dir)
-    elif store is not None and is_node_leader() and tag_dir.exists():  # other nodes' copies, which they upload
+    elif mirror.active and is_node_leader() and tag_dir.exists():  # other nodes' copies, which they upload
         shutil.rmtree(tag_dir, ignore_errors=True)
-    if rank == 0 and store is not None:
-        store.delete_dir(run_rel(root.parent, tag_dir))
+    if rank == 0:
+        drop_checkpoint(mirror, tag_dir)
     dist.barrier()
 
 
@@ -214,7 +212,7 @@ def _write_shards(engine, root: Path, tag_dir: Path, client_state: dict[str, Any
 
 
 def _commit(root: Path, tag_dir: Path, step: int, client_state: dict[str, Any], layout: dict[str, Any] | None,
-            hashes: dict[str, str], store) -> None:
+            hashes: dict[str, str], mirror: Mirror) -> None:
     """Rank 0: the COMPLETE marker (written last: it vouches for every file) and `latest`."""
     marker = {
         "step": step,
@@ -223,16 +221,14 @@ def _commit(root: Path, tag_dir: Path, step: int, client_state: dict[str, Any], 
         # layout (ZeRO stage, tensor-parallel degree, precision) tells readers how to consolidate the shards.
         **(layout or {}),
         "client_state": {k: v for k, v in client_state.items() if k != "universal_checkpoint_info"},
-        # Sizes of every file, so that a truncated or missing shard is named at load time (with a store:
-        # every node's files, as uploaded).
-        "files": ({p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()} if store is None
-                  else dict(sorted(store.files(run_rel(root.parent, tag_dir)).items()))),
+        # Sizes of every file, so that a truncated or missing shard is named at load time (with an object store:
+        # every node's files, as pushed).
+        "files": mirror.listing(tag_dir),
         "sha256": hashes,  # of every file, as each rank computed it while writing
     }
     write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker))
     write_atomic(root / LATEST_FILE, tag_dir.name)
-    if store is not None:
-        push_checkpoint_marker(store, root.parent, tag_dir)
+    push_checkpoint_marker(mirror, tag_dir)
 
 
 def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:

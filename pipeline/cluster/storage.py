@@ -1,5 +1,11 @@
 """Durable copies of data sets and checkpoints in an object store (cluster.storage_uri: s3://, gs://, hdfs://,
-file://), for clusters whose nodes share no file system.
+file://), for clusters whose nodes share no file system: the one storage layer.
+
+`Mirror` maps the node's local directories (data sets, runs) to the store and is what the rest of the pipeline
+calls, after a save, before a load and for a listing; without cluster.storage_uri every call is a no-op. The
+owners of the directories say what makes a copy whole (pipeline.checkpoint.store_sync: the COMPLETE marker and
+`latest`; data_prep.dataset_store: the manifest, blends and the partitions workers stage). `ObjectStore` below it
+is the store itself through pyarrow.fs, where every name read back is contained.
 
 output_dir stays a working directory on each node (it may be node-local). With cluster.storage_uri set:
 
@@ -31,6 +37,7 @@ import shutil
 import stat
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import containment
@@ -302,21 +309,112 @@ class ObjectStore:
             raise StorageError(f"object store {self.shown}: {scrub(str(err))}") from None
 
 
-def store_for(storage_uri: str | None) -> ObjectStore | None:
-    return ObjectStore(storage_uri) if storage_uri else None
+class Mirror:
+    """This node's data sets and runs, mirrored to cluster.storage_uri: the one object the rest of the pipeline
+    calls after a save (push), before a load (pull) and for a listing. Without a store (cluster.storage_uri
+    null) every call is a no-op (a listing is the local one), so callers do only local work and never branch on
+    the store.
+
+    A local path maps to the store by the root it lies below: a data set directory below `data_root` to
+    data/<name>/..., a path below `runs_root` (output_dir/runs) to runs/<run name>/.... Names read back from the
+    store are contained below the local directory they download into (ObjectStore.download_dir)."""
+
+    def __init__(self, storage_uri: str | None, *, data_root: Path | str | None = None,
+                 runs_root: Path | str | None = None):
+        self.store = ObjectStore(storage_uri) if storage_uri else None
+        self.roots = [(Path(root), prefix) for root, prefix in ((data_root, DATA_PREFIX), (runs_root, RUNS_PREFIX))
+                      if root is not None]
+
+    @property
+    def active(self) -> bool:
+        """Whether there is a store: the nodes may then share no file system (a node's copy of a checkpoint tag
+        is its own staging copy; the store holds the whole)."""
+        return self.store is not None
+
+    @property
+    def uri(self) -> str:
+        """The store's URI for workers that open the mirror themselves ("" without one)."""
+        return self.store.uri if self.store is not None else ""
+
+    @property
+    def shown(self) -> str:
+        return self.store.shown if self.store is not None else "(no object store)"
+
+    def covers(self, local: Path) -> bool:
+        return any(Path(local).is_relative_to(root) for root, _ in self.roots)
+
+    def rel(self, local: Path) -> str:
+        """The store path of a local path below one of the roots (the innermost, where one holds the other; a bug
+        otherwise: ValueError)."""
+        local = Path(local)
+        below = [(root, prefix) for root, prefix in self.roots if local.is_relative_to(root)]
+        if not below:
+            raise ValueError(f"{local} is below none of the mirrored directories {[str(r) for r, _ in self.roots]}")
+        root, prefix = max(below, key=lambda pair: len(pair[0].parts))
+        rel = local.relative_to(root)
+        return prefix if rel == Path(".") else f"{prefix}/{rel.as_posix()}"
+
+    def shown_path(self, local: Path) -> str:
+        return self.store.shown_path(self.rel(local)) if self.store is not None else str(local)
+
+    def exists(self, local: Path) -> bool:
+        return self.store is not None and self.store.exists(self.rel(local))
+
+    def read_text(self, local: Path) -> str | None:
+        return self.store.read_text(self.rel(local)) if self.store is not None else None
+
+    def write_text(self, local: Path, text: str) -> None:
+        if self.store is not None:
+            self.store.write_text(self.rel(local), text)
+
+    def listing(self, local: Path) -> dict[str, int]:
+        """{name relative to `local`: size} of every file below it: in the store when there is one (every node's
+        uploads), else here."""
+        if self.store is not None:
+            return dict(sorted(self.store.files(self.rel(local)).items()))
+        names = containment.tree_files(local, f"the directory {local} holds",
+                                       "the pipeline writes only regular files there; remove it")
+        return {name: (Path(local) / name).stat().st_size for name in names}
+
+    def push(self, local: Path, marker: str | None = None, only: set[str] | None = None) -> int:
+        """Upload the files below `local` the store lacks (ObjectStore.upload_dir; `marker` last). Returns the
+        number copied."""
+        if self.store is None:
+            return 0
+        return self.store.upload_dir(Path(local), self.rel(local), marker=marker, only=only)
+
+    def push_file(self, src: Path, as_path: Path | None = None) -> None:
+        """Upload one file to where `as_path` (default: src itself) maps in the store."""
+        if self.store is not None:
+            self.store.upload_file(Path(src), self.rel(as_path if as_path is not None else src))
+
+    def pull(self, local: Path, marker: str, present: Callable[[], bool]) -> bool:
+        """Download `local` whole (marker last, into a temporary sibling renamed into place) unless `present()`
+        says this node holds it, once per node (a lock beside it). False when nothing was downloaded: no store,
+        present here, or not complete in the store."""
+        if self.store is None or present():
+            return False
+        with directory_lock(Path(local).with_name(f".{Path(local).name}.pulling")):
+            if present():  # another worker of this node fetched it meanwhile
+                return False
+            return self.store.download_dir(self.rel(local), Path(local), marker)
+
+    def pull_file(self, local: Path, from_path: Path | None = None, sha256: str | None = None) -> None:
+        """Download one file from where `from_path` (default: local itself) maps, checking its sha256 if given."""
+        if self.store is not None:
+            self.store.download_file(self.rel(from_path if from_path is not None else local), Path(local), sha256)
+
+    def delete(self, local: Path) -> None:
+        if self.store is not None:
+            self.store.delete_dir(self.rel(local))
 
 
-def dataset_rel(dataset_dir: Path) -> str:
-    return f"{DATA_PREFIX}/{Path(dataset_dir).name}"
+NO_MIRROR = Mirror(None)  # for callers with no object store (tests, tools that work on one machine)
 
 
-def run_rel(run_dir: Path, local: Path) -> str:
-    """Where a path below a run directory lives in the store: runs/<run_name>/<the same relative path>."""
-    run_dir = Path(run_dir)
-    rel = Path(local).relative_to(run_dir)
-    return f"{RUNS_PREFIX}/{run_dir.name}" + ("" if rel == Path(".") else f"/{rel.as_posix()}")
+def mirror_for(cfg) -> Mirror:
+    """The mirror of a config's directories (a PipelineConfig): its data sets (data.output_dir) and its runs
+    (output_dir/runs)."""
+    from pipeline.config import run_dir_for
 
-
-def locked(local: Path):
-    """A lock per local path being downloaded: the workers of one node fetch it once."""
-    return directory_lock(local.with_name(f".{local.name}.pulling"))
+    return Mirror(cfg.cluster.storage_uri, data_root=cfg.data.output_dir, runs_root=run_dir_for(cfg).parent)

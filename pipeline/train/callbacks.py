@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint.save_load import save_checkpoint
+from pipeline.cluster.storage import Mirror
 from pipeline.data.loader import RankBatches
 from pipeline.data.validation import sharded_validation_totals
 from pipeline.train.job import TrainJob
@@ -40,9 +41,10 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     """Saves the run's checkpoints (collective: every rank calls save) with what a resume needs."""
 
-    def __init__(self, *, engine, job: TrainJob, batches: RankBatches, ckpt_root: Path, world: int, store=None):
+    def __init__(self, *, engine, job: TrainJob, batches: RankBatches, ckpt_root: Path, world: int,
+                 mirror: Mirror):
         self.engine, self.job, self.batches = engine, job, batches
-        self.ckpt_root, self.world, self.store = ckpt_root, world, store
+        self.ckpt_root, self.world, self.mirror = ckpt_root, world, mirror
         self.layout = {"zero_stage": job.parallel.zero_stage, "tensor_parallel": job.parallel.tensor_parallel,
                        "precision": job.precision}
 
@@ -62,7 +64,7 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         return save_checkpoint(self.engine, self.ckpt_root, step, self.client_state(step),
-                               self.job.train.keep_last_checkpoints, self.layout, self.store)
+                               self.job.train.keep_last_checkpoints, self.layout, self.mirror)
 
 
 class LossHistory(Callback):

@@ -16,7 +16,7 @@ import numpy as np
 from data_prep.blend import component_dirs, is_blend, load_blend, load_data_info, open_split
 from data_prep.shards import check_dataset_checksums
 from pipeline.checkpoint.resume import plan_resume
-from pipeline.cluster.storage import store_for
+from pipeline.cluster.storage import mirror_for
 from pipeline.config import (
     ConfigError,
     ModelConfig,
@@ -50,7 +50,7 @@ def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precisi
 def decide_resume(cfg: PipelineConfig, math: dict, ds_config: dict) -> tuple[str | None, dict]:
     """train.resume decided on the driver (pipeline.checkpoint.resume.plan_resume): the checkpoint the workers
     load, and the DeepSpeed config to load it with (universal loading when the parallel layout changed)."""
-    plan = plan_resume(cfg.train, cfg.parallel, run_dir_for(cfg), math, store_for(cfg.cluster.storage_uri))
+    plan = plan_resume(cfg.train, cfg.parallel, run_dir_for(cfg), math, mirror_for(cfg))
     if plan.universal:
         ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
     return (str(plan.checkpoint) if plan.checkpoint is not None else None), ds_config

@@ -9,7 +9,9 @@ with the data set's own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from pipeline.cluster.storage import Mirror
 from pipeline.config import ModelConfig, ParallelConfig, PipelineConfig, TrainConfig, grad_accumulation_steps
 from pipeline.train.ds_config import check_with_deepspeed, make_ds_config, resolve_precision
 from pipeline.train.plan import check_layout_fits
@@ -79,6 +81,10 @@ class TrainJob:
     system_metrics_interval_s: float = 0.0
     # eval.max_tokens: the validation budget scored on the workers every train.eval_interval_steps (null: all).
     eval_max_tokens: int | None = None
+
+    def mirror(self) -> Mirror:
+        """The job's data set and run, mirrored to its object store (every call a no-op without one)."""
+        return Mirror(self.storage_uri, data_root=Path(self.data_dir).parent, runs_root=Path(self.run_dir).parent)
 
 
 @dataclass

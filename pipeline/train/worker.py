@@ -3,7 +3,7 @@
 The same function runs under Ray Train (pipeline.train.ray_launch) and under a plain `torchrun`/`deepspeed`
 launch (pipeline.launch): it only needs torch.distributed to be initialisable from the environment.
 
-    train_worker: process group -> (object store) -> resume point -> engine -> batches -> checkpoint loaded
+    train_worker: process group -> pulled from the mirror -> resume point -> engine -> batches -> checkpoint loaded
                   -> callbacks -> run_loop -> outcome
 """
 
@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 
 from data_prep.blend import load_data_info, open_split
+from data_prep.dataset_store import pull_dataset
 from pipeline.checkpoint.layout import checkpoint_root, latest_complete, read_marker
 from pipeline.checkpoint.save_load import is_node_leader, load_checkpoint
 from pipeline.checkpoint.store_sync import pull_checkpoint, pull_latest_checkpoint
-from pipeline.cluster.storage import ObjectStore
+from pipeline.cluster.storage import Mirror
 from pipeline.data.loader import RankBatches
-from pipeline.data.store_sync import pull_dataset
 from pipeline.data.validation import token_byte_lengths
 from pipeline.model.gpt import GPT
 from pipeline.tracking import Tracker
@@ -69,19 +69,20 @@ def resume_point(job: TrainJob, ckpt_root: Path) -> tuple[Path | None, dict]:
     return (None if job.resume_from is None else Path(job.resume_from)), job.ds_config
 
 
-def pull_from_store(job: TrainJob) -> ObjectStore:
-    """Collective: the first worker of each node downloads what its node lacks of the data set, the run's
-    newest checkpoint in the store and the checkpoint the driver resolved; the others wait. Returns the
-    store, for the uploads of new checkpoints."""
-    store = ObjectStore(job.storage_uri)
-    run_dir = Path(job.run_dir)
+def pull_job(job: TrainJob) -> Mirror:
+    """Collective: with an object store, the first worker of each node pulls what its node lacks of the data set,
+    the run's newest checkpoint and the checkpoint the driver resolved; the others wait. Returns the job's
+    mirror, for the pushes of new checkpoints."""
+    mirror = job.mirror()
+    if not mirror.active:
+        return mirror
     if is_node_leader():
-        pull_dataset(store, Path(job.data_dir))
-        pull_latest_checkpoint(store, run_dir)
-        if job.resume_from and Path(job.resume_from).is_relative_to(run_dir):
-            pull_checkpoint(store, run_dir, Path(job.resume_from))
+        pull_dataset(mirror, Path(job.data_dir))
+        pull_latest_checkpoint(mirror, Path(job.run_dir))
+        if job.resume_from and mirror.covers(Path(job.resume_from)):
+            pull_checkpoint(mirror, Path(job.resume_from))
     dist.barrier()
-    return store
+    return mirror
 
 
 def build_model(job: TrainJob, ds_config: dict) -> GPT:
@@ -210,7 +211,7 @@ def train_worker(job: TrainJob, link: RunLink = RunLink()) -> TrainOutcome:
     rank, world, tp = dist.get_rank(), dist.get_world_size(), job.parallel.tensor_parallel
     device = device_for(job.parallel)
     ckpt_root = checkpoint_root(Path(job.run_dir))
-    store = pull_from_store(job) if job.storage_uri else None
+    mirror = pull_job(job)
     tag_dir, ds_config = resume_point(job, ckpt_root)
     engine = build_engine(job, ds_config)
     # Weights are built from one seed on every rank; dropout then draws from a stream of the rank's replica.
@@ -228,7 +229,8 @@ def train_worker(job: TrainJob, link: RunLink = RunLink()) -> TrainOutcome:
     # Sends in the background: a tracking server that goes away never stalls or stops training.
     tracker = (Tracker(link.tracking_uri, link.run_id, background=True, spill_dir=job.run_dir)
                if rank == 0 and link.run_id else None)
-    checkpointer = Checkpointer(engine=engine, job=job, batches=batches, ckpt_root=ckpt_root, world=world, store=store)
+    checkpointer = Checkpointer(engine=engine, job=job, batches=batches, ckpt_root=ckpt_root, world=world,
+                                mirror=mirror)
     callbacks, tags = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, timeline,
                                       start_system_metrics(job, link, tracker, device))
     state = LoopState(engine, start_step, job.train.max_steps, rank=rank, tracker=tracker)

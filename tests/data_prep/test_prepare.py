@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import data_prep.build as build_module
+import data_prep.dataset_store as dataset_store
 import data_prep.encoding as encoding_module
 import data_prep.partition_work as partition_work
-import data_prep.store_staging as store_staging
 from data_prep.decode_report import DecodeReport
 from data_prep.encoding import RAY_DATA_MIN_CHARS_PER_WORKER, can_cut_documents, tokenize_engine
 from data_prep.errors import SourceError
@@ -631,26 +631,30 @@ def test_partitions_from_a_node_that_does_not_see_the_directory_travel_through_t
     """A worker whose node lacks the driver's mark (no shared file system) uploads each partition to the store and
     keeps nothing; the driver (here: resuming after a kill, from the staged records alone) downloads the same
     bytes that a worker seeing the directory wrote, and a shard damaged in the store is named, not taken."""
-    from pipeline.cluster.storage import ObjectStore, StorageError
+    from pipeline.cluster.storage import Mirror, StorageError
 
     cfg, out = partitioned
     sp = load_tokenizer(out / "tokenizer.model")
     sources = source_configs(cfg)
-    store = ObjectStore(f"file://{tmp_path / 'store'}")
-    node_b, driver = tmp_path / "node_b", tmp_path / "driver"
+    # The same partial directory on two nodes that share no disk: node b's workers push, the driver pulls.
+    node_b, driver = (tmp_path / node / "data" / f"{out.name}.partial" for node in ("node_b", "driver"))
+    mirror = Mirror(f"file://{tmp_path / 'store'}", data_root=driver.parent)
+    store = mirror.store
     ctx = PrepareContext(cfg, sources, ["data"] * len(sources), str(node_b), sp.serialized_model_proto(),
                          load_manifest(out).dtype, sp.get_piece_size(), sp.eos_id(),
                          can_cut_documents(sp.serialized_model_proto()), driver_mark=".driver-test",
-                         store_uri=store.uri, store_rel=f"data/{out.name}", staging_rel=f"data/{out.name}.partial")
+                         store_uri=store.uri)
     plan = plan_partitions(cfg)
     assert len(plan) > 2
     for part in plan:
         partition_work.process_partition(part, ctx, sp)
     assert not [p for p in node_b.rglob("*") if p.is_file()], "the node kept files nobody will read"
-    assert sorted(store.files(ctx.store_rel)) == sorted(p.name for p in out.glob("*-p*.bin"))
+    assert sorted(store.files(f"data/{out.name}")) == sorted(p.name for p in out.glob("*-p*.bin"))
+    staged = store.files(f"data/{out.name}.partial")
+    assert {f"parts/p{part.index:06d}.json" for part in plan} <= set(staged) and all(n.startswith("parts/") for n in staged)
 
     driver_ctx = dataclasses.replace(ctx, directory=str(driver))
-    store_staging.fetch_staged(store, driver_ctx, plan)
+    dataset_store.fetch_staged(mirror, driver_ctx, plan)
     assert {p.name: sha256_file(p) for p in driver.glob("*.bin")} == {p.name: sha256_file(p) for p in out.glob("*.bin")}
     assert all(recorded_intact(driver, part.index, ctx.dtype) for part in plan)
 
@@ -658,10 +662,10 @@ def test_partitions_from_a_node_that_does_not_see_the_directory_travel_through_t
     record = partition_work.record_path(driver, int(victim.name.split("-p")[1][:6]))
     record.unlink()
     victim.unlink()
-    stored = Path(store.path(f"{ctx.store_rel}/{victim.name}"))
+    stored = Path(store.path(f"data/{out.name}/{victim.name}"))
     damaged = bytearray(stored.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     stored.write_bytes(bytes(damaged))
     with pytest.raises(StorageError, match=rf"{victim.name}.*not the .* recorded when it was written"):
-        store_staging.fetch_staged(store, driver_ctx, plan)
+        dataset_store.fetch_staged(mirror, driver_ctx, plan)
     assert not victim.exists() and not record.exists() and not list(driver.glob(".*download*"))

@@ -9,8 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from mirrors import data_mirror, run_mirror
 from s3_server import moto_s3
 
+from data_prep.dataset_store import pull_dataset, push_dataset
 from data_prep.shards import MANIFEST, ShardError, write_synthetic_dataset
 from pipeline.checkpoint.layout import (
     COMPLETE_MARKER,
@@ -26,7 +28,6 @@ from pipeline.checkpoint.store_sync import (
 )
 from pipeline.cluster.storage import ObjectStore, StorageError
 from pipeline.config import ConfigError
-from pipeline.data.store_sync import pull_dataset, push_dataset
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +58,14 @@ def fake_tag(run_dir, step, files):
 def test_a_data_set_goes_up_once_and_comes_down_whole(store, tmp_path):
     windows = np.random.default_rng(0).integers(0, 300, size=(20, 9))
     local = write_synthetic_dataset(tmp_path / "a" / "ds-abc", windows, 300, val_windows=2)
-    assert push_dataset(store, local) == 4  # two shards, the tokenizer, the manifest
-    assert push_dataset(store, local) == 0  # already there
+    assert push_dataset(data_mirror(store, local), local) == 4  # two shards, the tokenizer, the manifest
+    assert push_dataset(data_mirror(store, local), local) == 0  # already there
     elsewhere = tmp_path / "b" / "ds-abc"
-    assert pull_dataset(store, elsewhere)
+    assert pull_dataset(data_mirror(store, elsewhere), elsewhere)
     names = sorted(p.name for p in local.iterdir())
     assert sorted(p.name for p in elsewhere.iterdir() if p.name != ".verified.json") == names
     assert all((elsewhere / p.name).read_bytes() == p.read_bytes() for p in local.iterdir())
-    assert not pull_dataset(store, elsewhere)  # complete here: nothing to fetch
+    assert not pull_dataset(data_mirror(store, elsewhere), elsewhere)  # complete here: nothing to fetch
     assert (elsewhere / ".verified.json").is_file()  # its checksums were checked after the download
 
     # A shard damaged in the store (or on the way) is named after the download.
@@ -75,7 +76,7 @@ def test_a_data_set_goes_up_once_and_comes_down_whole(store, tmp_path):
     (tmp_path / "bad.bin").write_bytes(bytes(data))
     store._put(tmp_path / "bad.bin", store.path("data/ds-abc/train_00000.bin"))
     with pytest.raises(ShardError, match="train_00000.bin fails its checksum"):
-        pull_dataset(store, damaged)
+        pull_dataset(data_mirror(store, damaged), damaged)
 
 
 def test_a_blend_goes_up_and_comes_down_with_each_of_its_data_sets(store, tmp_path):
@@ -87,16 +88,16 @@ def test_a_blend_goes_up_and_comes_down_with_each_of_its_data_sets(store, tmp_pa
                                             val_windows=2), weight) for name, n, weight in (("x", 12, 3.0), ("y", 30, 1.0))]
     blend = root / "mix-b1"
     write_blend(blend, parts)
-    assert push_dataset(store, blend) == 4 + 4 + 2  # each data set's four files, the recipe and its tokenizer
-    assert push_dataset(store, blend) == 0
+    assert push_dataset(data_mirror(store, blend), blend) == 4 + 4 + 2  # each data set's four files, the recipe and its tokenizer
+    assert push_dataset(data_mirror(store, blend), blend) == 0
     elsewhere = tmp_path / "b" / "mix-b1"
-    assert pull_dataset(store, elsewhere)
+    assert pull_dataset(data_mirror(store, elsewhere), elsewhere)
     assert blend_incomplete_reason(elsewhere) is None
     for name in ("mix.x-x1", "mix.y-y1"):  # beside the recipe, as on the machine that prepared them
         assert (tmp_path / "b" / name / ".verified.json").is_file()
     assert open_split(elsewhere, "train").windows(np.arange(38)).tolist() == \
         open_split(blend, "train").windows(np.arange(38)).tolist()
-    assert not pull_dataset(store, elsewhere)
+    assert not pull_dataset(data_mirror(store, elsewhere), elsewhere)
 
 
 def test_an_upload_cut_short_leaves_only_a_hidden_file_that_nothing_reads(tmp_path):
@@ -107,10 +108,10 @@ def test_an_upload_cut_short_leaves_only_a_hidden_file_that_nothing_reads(tmp_pa
     (bucket / "runs/r/checkpoints/step_00000002").mkdir(parents=True)
     (bucket / "runs/r/checkpoints/step_00000002/.a.pt.upload-dead").write_bytes(b"a" * 3)  # a crashed upload
     assert store.files("runs/r/checkpoints/step_00000002") == {}
-    push_checkpoint_files(store, tmp_path / "runs" / "r", tag)
-    push_checkpoint_marker(store, tmp_path / "runs" / "r", tag)
+    push_checkpoint_files(run_mirror(store, tmp_path / "runs" / "r"), tag)
+    push_checkpoint_marker(run_mirror(store, tmp_path / "runs" / "r"), tag)
     assert store.files("runs/r/checkpoints/step_00000002") == {"a.pt": 10, COMPLETE_MARKER: len(marker)}
-    pulled = pull_latest_checkpoint(store, tmp_path / "fresh" / "runs" / "r")
+    pulled = pull_latest_checkpoint(run_mirror(store, tmp_path / "fresh" / "runs" / "r"), tmp_path / "fresh" / "runs" / "r")
     assert sorted(p.name for p in pulled.iterdir()) == [COMPLETE_MARKER, "a.pt"]
 
 
@@ -128,7 +129,7 @@ def test_a_data_set_without_its_manifest_in_the_store_is_not_fetched(store, tmp_
     local = write_synthetic_dataset(tmp_path / "a" / "ds-abc", windows, 300)
     store.upload_dir(local, "data/ds-abc", only={"train_00000.bin"})  # an upload cut short: no manifest
     assert not store.exists(f"data/ds-abc/{MANIFEST}")
-    assert not pull_dataset(store, tmp_path / "b" / "ds-abc")
+    assert not pull_dataset(data_mirror(store, tmp_path / "b" / "ds-abc"), tmp_path / "b" / "ds-abc")
     assert not (tmp_path / "b" / "ds-abc").exists()
 
 
@@ -136,25 +137,25 @@ def test_checkpoints_resume_on_a_machine_that_never_saw_them(store, tmp_path):
     run = tmp_path / "a" / "runs" / "r"
     for step in (2, 4):
         tag = fake_tag(run, step, {"mp_rank_00_model_states.pt": b"m" * step, "rng_rank0.pt": b"r"})
-        push_checkpoint_files(store, run, tag)
+        push_checkpoint_files(run_mirror(store, run), tag)
         assert not store.exists(f"runs/r/checkpoints/{tag.name}/{COMPLETE_MARKER}")  # files first
         (tag / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": 1}))
-        push_checkpoint_marker(store, run, tag)
+        push_checkpoint_marker(run_mirror(store, run), tag)
     assert store.read_text(f"runs/r/checkpoints/{LATEST_FILE}") == "step_00000004"
 
     fresh = tmp_path / "b" / "runs" / "r"
-    tag = pull_latest_checkpoint(store, fresh)
+    tag = pull_latest_checkpoint(run_mirror(store, fresh), fresh)
     assert tag == checkpoint_root(fresh) / "step_00000004" == latest_complete(checkpoint_root(fresh))
     assert (tag / "mp_rank_00_model_states.pt").read_bytes() == b"mmmm"
     assert not list(tag.parent.glob(".*download*"))  # the temporary directory is gone
-    assert pull_latest_checkpoint(store, fresh) == tag  # up to date: nothing fetched
+    assert pull_latest_checkpoint(run_mirror(store, fresh), fresh) == tag  # up to date: nothing fetched
 
     # A newer checkpoint whose marker never reached the store is not used; the complete one is.
     newer = fake_tag(run, 6, {"mp_rank_00_model_states.pt": b"x"})
-    push_checkpoint_files(store, run, newer)
+    push_checkpoint_files(run_mirror(store, run), newer)
     store.write_text(f"runs/r/checkpoints/{LATEST_FILE}", newer.name)
-    assert pull_latest_checkpoint(store, tmp_path / "c" / "runs" / "r") is None
-    assert pull_latest_checkpoint(store, fresh) == tag
+    assert pull_latest_checkpoint(run_mirror(store, tmp_path / "c" / "runs" / "r"), tmp_path / "c" / "runs" / "r") is None
+    assert pull_latest_checkpoint(run_mirror(store, fresh), fresh) == tag
 
 
 def test_the_probe_of_a_writable_store_leaves_nothing_behind(store):
@@ -230,7 +231,7 @@ def test_names_from_a_crafted_store_never_reach_outside_the_run(store, tmp_path)
     for crafted in ["../../../victim", "/etc", "step_1/../../../victim"]:
         store.write_text("runs/r/checkpoints/latest", crafted)
         with pytest.raises(StorageError, match="not a checkpoint tag"):
-            pull_latest_checkpoint(store, run_dir)
+            pull_latest_checkpoint(run_mirror(store, run_dir), run_dir)
     assert (victim / "keep.txt").read_text() == "precious"
     for bad in ["../x", "/abs/x", "a/../../x", ""]:
         with pytest.raises(ContainmentError, match="outside|not a relative path"):
@@ -245,5 +246,45 @@ def test_names_from_a_crafted_store_never_reach_outside_the_run(store, tmp_path)
         s3.put_object(Bucket="bucket", Key=f"{prefix}/runs/r/checkpoints/step_00000001/../../../../escaped.txt", Body=b"x")
         store.write_text("runs/r/checkpoints/step_00000001/COMPLETE", "{}")
         with pytest.raises(ContainmentError, match="outside"):
-            pull_checkpoint(store, run_dir, run_dir / "checkpoints" / "step_00000001")
+            pull_checkpoint(run_mirror(store, run_dir), run_dir / "checkpoints" / "step_00000001")
         assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_without_a_store_the_mirror_does_only_local_work(tmp_path):
+    """cluster.storage_uri null: every call of the one storage layer is a no-op, and a listing is the local one,
+    so checkpointing, prepare and evaluation call it without branching on the store."""
+    from pipeline.cluster.storage import Mirror
+
+    run = tmp_path / "runs" / "r"
+    tag = fake_tag(run, 2, {"a.pt": b"a" * 3})
+    (tag / "sub").mkdir()
+    (tag / "sub" / "b.pt").write_bytes(b"b")
+    mirror = Mirror(None, runs_root=tmp_path / "runs")
+    assert not mirror.active and mirror.uri == ""
+    assert mirror.listing(tag) == {"a.pt": 3, "sub/b.pt": 1}
+    assert push_checkpoint_files(mirror, tag) == 0 and mirror.push(tag) == 0
+    push_checkpoint_marker(mirror, tag)
+    assert not mirror.exists(tag) and mirror.read_text(tag / "a.pt") is None
+    assert not mirror.pull(tmp_path / "runs" / "other", COMPLETE_MARKER, present=lambda: False)
+    assert pull_latest_checkpoint(mirror, tmp_path / "runs" / "other") is None
+    assert not pull_dataset(Mirror(None, data_root=tmp_path), tmp_path / "ds-abc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing written, nothing downloaded
+
+
+def test_the_mirror_maps_each_local_path_below_its_innermost_root(store, tmp_path):
+    """data sets to data/<name>, run files to runs/<run>/...; where data.output_dir holds output_dir/runs, a run's
+    files still go to runs/; a path below no root is a bug, not a guess."""
+    from pipeline.cluster.storage import Mirror
+
+    mirror = Mirror(store.uri, data_root=tmp_path, runs_root=tmp_path / "runs")
+    assert mirror.rel(tmp_path / "ds-abc" / "manifest.json") == "data/ds-abc/manifest.json"
+    assert mirror.rel(tmp_path / "runs" / "r" / "checkpoints" / "latest") == "runs/r/checkpoints/latest"
+    assert mirror.covers(tmp_path / "ds-abc") and not mirror.covers(tmp_path.parent / "elsewhere")
+    with pytest.raises(ValueError, match="below none of the mirrored directories"):
+        mirror.rel(tmp_path.parent / "elsewhere")
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "f.txt").write_text("x")
+    assert mirror.push(tmp_path / "runs" / "r") == 1
+    assert store.read_text("runs/r/f.txt") == "x" and mirror.listing(tmp_path / "runs" / "r") == {"f.txt": 1}
+    mirror.delete(tmp_path / "runs" / "r")
+    assert not store.exists("runs/r")

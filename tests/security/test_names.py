@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mirrors import data_mirror, run_mirror
 from s3_server import moto_s3
 
+from data_prep.dataset_store import pull_dataset
 from data_prep.shards import ShardError, write_synthetic_dataset
 from pipeline.checkpoint.layout import COMPLETE_MARKER, CheckpointError, latest_complete, verify_checkpoint
 from pipeline.cluster.storage import ObjectStore, StorageError
 from pipeline.containment import ContainmentError
-from pipeline.data.store_sync import pull_dataset
 
 PIPELINE = [sys.executable, "-m", "pipeline.cli"]
 
@@ -99,7 +100,7 @@ def test_a_blend_from_a_bucket_cannot_name_a_directory_outside_the_data_root(buc
     out = tmp_path / "out"
     before = snapshot(tmp_path, out)
     with pytest.raises(ShardError, match=r"names the data set .*victim.*beside it"):
-        pull_dataset(store, out / "data" / "mix-abc")
+        pull_dataset(data_mirror(store, out / "data" / "mix-abc"), out / "data" / "mix-abc")
     assert (victim / "keep.txt").read_text() == "precious"
     after = snapshot(tmp_path, out)
     assert {k: v for k, v in after.items() if "bucket" not in k} == {k: v for k, v in before.items() if "bucket" not in k}
@@ -131,7 +132,7 @@ def test_a_latest_in_the_bucket_that_names_a_path_is_refused(bucket, tmp_path, v
     store, put = bucket
     put("runs/r/checkpoints/latest", f"../../../{victim.name}".encode())
     with pytest.raises(StorageError, match=r"names '\.\./\.\./\.\./victim', not a checkpoint tag"):
-        pull_latest_checkpoint(store, tmp_path / "out" / "runs" / "r")
+        pull_latest_checkpoint(run_mirror(store, tmp_path / "out" / "runs" / "r"), tmp_path / "out" / "runs" / "r")
     assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
 
 
@@ -304,5 +305,5 @@ def test_a_linked_prefix_in_a_file_bucket_is_refused(tmp_path):
     with pytest.raises(StorageError, match=r"passes through the symbolic link"):
         store.read_text("data/ds-abc/manifest.json")
     with pytest.raises(StorageError):
-        pull_dataset(store, tmp_path / "out" / "data" / "ds-abc")
+        pull_dataset(data_mirror(store, tmp_path / "out" / "data" / "ds-abc"), tmp_path / "out" / "data" / "ds-abc")
     assert not (tmp_path / "out" / "data" / "ds-abc" / "id_rsa").exists()
