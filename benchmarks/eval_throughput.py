@@ -37,7 +37,7 @@ def rank_main(rank: int, world: int, port: int, data_dir: str, run_dir: str, ste
     from pipeline.config import ParallelConfig
     from pipeline.model.size import model_for_data
     from pipeline.train.ds_config import make_ds_config
-    from pipeline.train.job import TrainJob
+    from pipeline.train.run_spec import RunSpec
     from pipeline.train.worker import train_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -51,11 +51,11 @@ def rank_main(rank: int, world: int, port: int, data_dir: str, run_dir: str, ste
     parallel = ParallelConfig(num_workers=world, zero_stage=1 if world > 1 else 0, precision="fp32",
                               cpus_per_worker=cpus)
     accum = train.global_batch_tokens // (train.micro_batch_size * world * model.context_length)
-    job = TrainJob(model=model, train=train, parallel=parallel, data_dir=data_dir, run_dir=run_dir, precision="fp32",
+    spec = RunSpec(model=model, train=train, parallel=parallel, data_dir=data_dir, run_dir=run_dir, precision="fp32",
                    grad_accum_steps=accum, ds_config=make_ds_config(train, parallel, "fp32", accum, d_model=model.d_model),
                    flops_per_token=1.0, config_fingerprint="bench", math_config={}, tokenizer_sha256="")
     torch.set_num_threads(cpus)
-    outcome = train_worker(job)
+    outcome = train_worker(spec)
     if rank == 0:
         Path(out).write_text(json.dumps({"val_tokens_per_s": outcome.val_tokens_per_s,
                                          "train_tokens_per_s": outcome.steady_tokens_per_s,

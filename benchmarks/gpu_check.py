@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import grad_accumulation_steps
     from pipeline.model.size import model_for_data, training_flops_per_token
     from pipeline.train.ds_config import make_ds_config
-    from pipeline.train.job import TrainJob
-    from pipeline.train.plan import plan_memory
+    from pipeline.train.memory_plan import plan_memory
+    from pipeline.train.run_spec import RunSpec
     from pipeline.train.throughput import gpu_by_name, mfu
     from pipeline.train.worker import train_worker
 
@@ -97,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         windows = np.random.default_rng(0).integers(0, model.vocab_size, size=(4096, model.context_length + 1))
         data_dir = write_synthetic_dataset(Path(tmp) / "data", windows, vocab_size=model.vocab_size)
         accum = grad_accumulation_steps(cfg.train, cfg.parallel, model.context_length)
-        job = TrainJob(model=model, train=cfg.train, parallel=cfg.parallel, data_dir=str(data_dir),
+        spec = RunSpec(model=model, train=cfg.train, parallel=cfg.parallel, data_dir=str(data_dir),
                        run_dir=str(Path(tmp) / "run"), precision="bf16", grad_accum_steps=accum,
                        ds_config=make_ds_config(cfg.train, cfg.parallel, "bf16", accum, d_model=model.d_model),
                        flops_per_token=training_flops_per_token(model), config_fingerprint="gpu_check",
                        math_config={}, tokenizer_sha256="", record_losses=True)
-        outcome = train_worker(job)
+        outcome = train_worker(spec)
         props = torch.cuda.get_device_properties(0)
         found = gpu_by_name(props.name, props.total_memory / 2**30)
         peak_memory = torch.cuda.max_memory_allocated()
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "steady_tokens_per_s": outcome.steady_tokens_per_s,
             "datasheet_bf16_tflops": found[1].bf16_tflops if found else None,
-            "mfu_vs_datasheet": mfu(outcome.steady_tokens_per_s, job.flops_per_token, found[1].bf16_tflops)
+            "mfu_vs_datasheet": mfu(outcome.steady_tokens_per_s, spec.flops_per_token, found[1].bf16_tflops)
             if found else None,
             "peak_memory_gib": peak_memory / 2**30,
             "planned_memory_gib": planned / 2**30,

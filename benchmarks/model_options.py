@@ -56,7 +56,7 @@ def measure(variant: str, data_dir: Path, steps: int, run_dir: Path) -> dict:
     from pipeline.model.size import model_for_data, training_flops_per_token
     from pipeline.train.driver import measured_attended_context
     from pipeline.train.ds_config import make_ds_config
-    from pipeline.train.job import TrainJob
+    from pipeline.train.run_spec import RunSpec
     from pipeline.train.worker import train_worker
 
     model_options, train_options = VARIANTS[variant]
@@ -70,13 +70,13 @@ def measure(variant: str, data_dir: Path, steps: int, run_dir: Path) -> dict:
                                 eval_interval_steps=0, resume="none", **train_options)
     parallel = ParallelConfig(num_workers=1, zero_stage=0, precision="fp32", cpus_per_worker=torch.get_num_threads())
     accum = train.global_batch_tokens // (train.micro_batch_size * model.context_length)
-    job = TrainJob(
+    spec = RunSpec(
         model=model, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir), precision="fp32",
         grad_accum_steps=accum, ds_config=make_ds_config(train, parallel, "fp32", accum, d_model=model.d_model),
         flops_per_token=training_flops_per_token(model, measured_attended_context(model, data_dir)),
         config_fingerprint="bench", math_config={}, tokenizer_sha256="",
     )
-    outcome = train_worker(job)
+    outcome = train_worker(spec)
     import sentencepiece as spm
 
     trained = load_trained_model(model, latest_complete(checkpoint_root(run_dir)))

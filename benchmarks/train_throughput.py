@@ -61,18 +61,18 @@ def bare_loop(model_cfg: ModelConfig, train: TrainConfig, windows: np.ndarray, p
 def pipeline_worker(model_cfg: ModelConfig, train: TrainConfig, data_dir: Path, run_dir: Path, precision: str) -> float:
     from pipeline.model.size import training_flops_per_token
     from pipeline.train.ds_config import make_ds_config
-    from pipeline.train.job import TrainJob
+    from pipeline.train.run_spec import RunSpec
     from pipeline.train.worker import train_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29577", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     # The same CPU threads as the bare loop (a training worker otherwise uses parallel.cpus_per_worker).
     parallel = ParallelConfig(num_workers=1, zero_stage=0, precision=precision, cpus_per_worker=torch.get_num_threads())
-    job = TrainJob(
+    spec = RunSpec(
         model=model_cfg, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
         precision=precision, grad_accum_steps=1, ds_config=make_ds_config(train, parallel, precision, 1),
         flops_per_token=training_flops_per_token(model_cfg), config_fingerprint="bench", math_config={}, tokenizer_sha256="",
     )
-    return train_worker(job).steady_tokens_per_s
+    return train_worker(spec).steady_tokens_per_s
 
 
 def measure(kind: str, args) -> float:

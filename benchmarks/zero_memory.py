@@ -60,19 +60,19 @@ class PeakSampler:
         return max(self.peak, self.process.memory_info().rss)
 
 
-def job_for(model: ModelConfig, stage: int, dp: int, data_dir: Path, run_dir: Path, steps: int, precision: str):
+def spec_for(model: ModelConfig, stage: int, dp: int, data_dir: Path, run_dir: Path, steps: int, precision: str):
     from pipeline.train.ds_config import make_ds_config
-    from pipeline.train.job import TrainJob
+    from pipeline.train.run_spec import RunSpec
 
     train = TrainConfig(max_steps=steps, micro_batch_size=1, global_batch_tokens=dp * CONTEXT, warmup_steps=0,
                         resume="none", peak_tflops=1.0)
     parallel = ParallelConfig(num_workers=dp, zero_stage=stage, precision=precision)
-    return TrainJob(model=model, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
+    return RunSpec(model=model, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
                     precision=precision, grad_accum_steps=1, ds_config=make_ds_config(train, parallel, precision, 1, d_model=model.d_model),
                     flops_per_token=1.0, config_fingerprint="bench", math_config={}, tokenizer_sha256="")
 
 
-def rank_main(rank: int, world: int, port: int, job, out_dir: str) -> None:
+def rank_main(rank: int, world: int, port: int, spec, out_dir: str) -> None:
     sampler = PeakSampler()  # first: the whole life of the rank counts
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -85,14 +85,14 @@ def rank_main(rank: int, world: int, port: int, job, out_dir: str) -> None:
     from pipeline.train.worker import build_engine
 
     torch.set_num_threads(1)
-    init_distributed(job.parallel)
+    init_distributed(spec.parallel)
     before_model = psutil.Process().memory_info().rss
-    engine = build_engine(job, job.ds_config)
-    batches = RankBatches(WindowDataset(Path(job.data_dir), "train"), seed=0, micro_batch=1, grad_accum=1,
+    engine = build_engine(spec, spec.ds_config)
+    batches = RankBatches(WindowDataset(Path(spec.data_dir), "train"), seed=0, micro_batch=1, grad_accum=1,
                           dp_size=world, dp_rank=rank)
     start = time.perf_counter()
-    for step in range(job.train.max_steps):
-        train_step(engine, batches, step, torch.device("cpu"), False, job.parallel.zero_stage, 1)
+    for step in range(spec.train.max_steps):
+        train_step(engine, batches, step, torch.device("cpu"), False, spec.parallel.zero_stage, 1)
     seconds = time.perf_counter() - start
     result = {"rank": rank, "peak_rss": sampler.stop(), "before_model_rss": before_model, "steps_s": seconds}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -104,11 +104,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(job, world: int) -> list[dict]:
+def measure(spec, world: int) -> list[dict]:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out:
         port = free_port()
-        procs = [ctx.Process(target=rank_main, args=(r, world, port, job, out)) for r in range(world)]
+        procs = [ctx.Process(target=rank_main, args=(r, world, port, spec, out)) for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:
@@ -121,7 +121,7 @@ def measure(job, world: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     from data_prep.shards import write_synthetic_dataset
     from pipeline.model.size import count_parameters
-    from pipeline.train.plan import plan_memory
+    from pipeline.train.memory_plan import plan_memory
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-model", type=int, default=1024)
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         windows = np.random.default_rng(0).integers(0, VOCAB, size=(64, CONTEXT + 1))
         data_dir = write_synthetic_dataset(Path(tmp) / "data", windows, vocab_size=VOCAB)
         for stage, dp in LAYOUTS:
-            job = job_for(model, stage, dp, data_dir, Path(tmp) / f"run{stage}{dp}", args.steps, args.precision)
-            ranks = measure(job, dp)
-            planned = plan_memory(model, job.parallel, job.train, args.precision).total
+            spec = spec_for(model, stage, dp, data_dir, Path(tmp) / f"run{stage}{dp}", args.steps, args.precision)
+            ranks = measure(spec, dp)
+            planned = plan_memory(model, spec.parallel, spec.train, args.precision).total
             grown = max(r["peak_rss"] - r["before_model_rss"] for r in ranks)
             row = {"zero_stage": stage, "dp": dp, "peak_rss_gib": max(r["peak_rss"] for r in ranks) / gib,
                    "grown_gib": grown / gib, "planned_gib": planned / gib, "planned_over_grown": planned / grown,

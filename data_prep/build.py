@@ -1,8 +1,8 @@
-"""The build of one single-source data set: corpus -> plan -> tokenizer -> per-partition shards on the workers ->
+"""The build of one single-source data set: corpus -> partitions -> tokenizer -> per-partition shards on the workers ->
 manifest, in `<name>-<fingerprint>.partial/` under its lock, renamed when complete (data_prep.dataset_dirs).
 
-    plan       data_prep.partitions, on the driver from file names and sizes
-    state      data_prep.partial: the partial directory of an interrupted run of the same plan is resumed
+    partition  data_prep.partitions, on the driver from file names and sizes
+    state      data_prep.partial: the partial directory of an interrupted run of the same partitioning is resumed
     tokenizer  data_prep.tokenizer_setup: reused, copied, or trained on a sample drawn on the workers
     shards     data_prep.partition_work on the workers (data_prep.workers), the partitions not done yet; those of
                nodes that do not see the directory come through the object store (data_prep.dataset_store)
@@ -32,7 +32,7 @@ from data_prep.merge import merge_manifest
 from data_prep.mixture import corpus_record
 from data_prep.partial import open_state, publish, remove_temporaries, unfinished
 from data_prep.partition_work import PartitionRecord, PrepareContext, ReadContext, record_path
-from data_prep.partitions import Partition, plan_partitions
+from data_prep.partitions import Partition, partition_inputs
 from data_prep.shards import MANIFEST, Manifest, dtype_for_vocab, incomplete_reason
 from data_prep.tokenizer import TokenizerError
 from data_prep.tokenizer_setup import make_tokenizer
@@ -115,21 +115,21 @@ def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: Progr
            label: str = "", mirror: Mirror = NO_MIRROR) -> tuple[Manifest, float]:
     t0 = time.time()
     links = OutsideLinks(data.on_outside_link)
-    plan = plan_partitions(data, links)
-    n_files = len({piece.path for part in plan for piece in part.pieces})
-    log.info("planned %d partitions of %s over %d inputs in %.1fs", len(plan),
-             _size(sum(p.size for p in plan)), n_files, time.time() - t0)
+    partitions = partition_inputs(data, links)
+    n_files = len({piece.path for part in partitions for piece in part.pieces})
+    log.info("planned %d partitions of %s over %d inputs in %.1fs", len(partitions),
+             _size(sum(p.size for p in partitions)), n_files, time.time() - t0)
     warn_outside_links(links.skipped)
-    state = open_state(partial, plan)
+    state = open_state(partial, partitions)
     workers = pool_size(data.num_workers)
     read = ReadContext.of(data)
-    sp = make_tokenizer(plan, read, partial, state, workers)
+    sp = make_tokenizer(partitions, read, partial, state, workers)
     ctx = _context(read, partial, sp, mirror)
-    fetch_staged(mirror, ctx, plan)
-    todo = unfinished(partial, plan, ctx.dtype)
+    fetch_staged(mirror, ctx, partitions)
+    todo = unfinished(partial, partitions, ctx.dtype)
     engine = tokenize_engine(data.tokenize_engine, sum(p.size for p in todo), workers)
-    if len(todo) < len(plan):
-        log.info("resuming an interrupted run: %d of %d partitions are done", len(plan) - len(todo), len(plan))
+    if len(todo) < len(partitions):
+        log.info("resuming an interrupted run: %d of %d partitions are done", len(partitions) - len(todo), len(partitions))
     log.info("tokenizing %d partitions with %d Ray workers (%s)", len(todo), min(workers, max(1, len(todo))), engine)
     progress = Progress(sum(p.size for p in todo), len(todo), sink, label)
     nodes = set()
@@ -145,7 +145,7 @@ def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: Progr
     progress.close()
     if todo:
         log.info("tokenized %d partitions on %d Ray nodes", len(todo), len(nodes))
-    manifest = merge_manifest(data, sp, partial, plan, corpus_fingerprint, links.skipped)
+    manifest = merge_manifest(data, sp, partial, partitions, corpus_fingerprint, links.skipped)
     write_atomic(partial / MANIFEST, manifest.to_json())
     return manifest, progress.seconds
 

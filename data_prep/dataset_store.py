@@ -123,7 +123,7 @@ def check_shared(directory: Path, ctx: PrepareContext, mirror: Mirror) -> None:
                  "downloads them", ", ".join(blind), directory, mirror.shown_path(finished_dir(Path(directory))))
 
 
-def fetch_staged(mirror: Mirror, ctx: PrepareContext, plan: list[Partition]) -> None:
+def fetch_staged(mirror: Mirror, ctx: PrepareContext, partitions: list[Partition]) -> None:
     """On a resume: partitions that workers of a killed run uploaded but this node never downloaded (a record in
     the staging prefix and every shard it lists in the store at its size) are downloaded, not done again."""
     if not mirror.active:
@@ -134,7 +134,7 @@ def fetch_staged(mirror: Mirror, ctx: PrepareContext, plan: list[Partition]) -> 
         return
     uploaded = mirror.listing(finished_dir(partial))
     fetched = 0
-    for part in plan:
+    for part in partitions:
         local = record_path(partial, part.index)
         if local.is_file() or local.name not in staged:
             continue

@@ -35,7 +35,7 @@ log = logging.getLogger("data_prep.prepare")  # the stage's one log, whichever m
 TOKEN_COUNTS = "train_token_counts.npy"
 
 
-def merge_manifest(data: DataConfig, sp, directory: Path, plan: list[Partition], corpus_fingerprint: str,
+def merge_manifest(data: DataConfig, sp, directory: Path, partitions: list[Partition], corpus_fingerprint: str,
            outside_links: dict[str, str]) -> Manifest:
     """The manifest from the partition records, in partition order, one record in memory at a time; what reading
     met (the records' DecodeReports, and the links that planning skipped) logged and recorded in its stats."""
@@ -46,7 +46,7 @@ def merge_manifest(data: DataConfig, sp, directory: Path, plan: list[Partition],
                   for _ in sources]
     report, empty, counts = DecodeReport(outside_links=dict(outside_links)), [], None
     starts_parts: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
-    for part in plan:
+    for part in partitions:
         record = PartitionRecord.from_json(record_path(directory, part.index).read_text(), part.index)
         stats = per_source[part.source]
         stats["documents_read"] += record.documents_read
@@ -66,7 +66,7 @@ def merge_manifest(data: DataConfig, sp, directory: Path, plan: list[Partition],
             empty.append(part.describe())
         part_counts = np.load(directory / PARTS_DIR / record.token_counts)
         counts = part_counts if counts is None else counts + part_counts
-    report.files = len({piece.path for part in plan for piece in part.pieces})
+    report.files = len({piece.path for part in partitions for piece in part.pieces})
     report.log_summary()
     if sum(s["documents_read"] for s in per_source) == 0:
         raise SourceError(f"the corpus holds no non-empty document ({report.files} inputs read"
@@ -77,7 +77,7 @@ def merge_manifest(data: DataConfig, sp, directory: Path, plan: list[Partition],
     save_npy(directory / TOKEN_COUNTS, counts if counts is not None else np.zeros(sp.get_piece_size(), np.int64))
     window = data.context_length + 1
     stats = {**totals, "windows": {s: sum(x.n_windows for x in shards[s]) for s in SPLITS}, **_input_stats(report),
-             "partitions": len(plan), "empty_partitions": empty}
+             "partitions": len(partitions), "empty_partitions": empty}
     total_tokens = max(1, sum(totals["tokens"].values()))
     source_entries = []
     for src, s in zip(sources, per_source, strict=True):

@@ -9,7 +9,7 @@ listed the same way (links that leave a corpus root left out: data_prep.listing.
 cannot be listed is recorded as such rather than raised, so that a stage that only looks a data set up does not
 need its corpus.
 
-The documents come in plan order (data_prep.partitions), each source's once whatever its weight: a mixture's
+The documents come in partition order (data_prep.partitions), each source's once whatever its weight: a mixture's
 weights act in training, where the loader samples each source's data set by them (data_prep.blend), never here.
 Prepare itself never holds a corpus in one process: it reads partition by partition on the workers.
 """
@@ -67,7 +67,7 @@ def _listed_files(src: SourceConfig, where: str,
 
 
 def read_source(src: SourceConfig, data: DataConfig, where: str = "data") -> tuple[list[str], DecodeReport]:
-    """All non-empty documents of one source in one list, in plan order: for small corpora and tests only
+    """All non-empty documents of one source in one list, in partition order: for small corpora and tests only
     (prepare reads partition by partition on the workers, never a whole source in one process)."""
     links = OutsideLinks(data.on_outside_link)
     pieces = [piece for group, _ in source_groups(src, where, data.partition_bytes, links) for piece in group]
@@ -86,18 +86,18 @@ def read_source(src: SourceConfig, data: DataConfig, where: str = "data") -> tup
 
 
 def read_documents(data: DataConfig) -> tuple[list[str], DecodeReport]:
-    """All non-empty documents of the configured corpus in one list, in plan order (each source of a mixture
+    """All non-empty documents of the configured corpus in one list, in partition order (each source of a mixture
     once, in its order): for small corpora and tests only; prepare never holds a corpus in one process."""
     from data_prep.partition_work import ReadContext, partition_documents
-    from data_prep.partitions import plan_partitions
+    from data_prep.partitions import partition_inputs
 
     ctx = ReadContext.of(data)
     links = OutsideLinks(data.on_outside_link)
-    plan = plan_partitions(data, links)
+    partitions = partition_inputs(data, links)
     warn_outside_links(links.skipped)
     report = DecodeReport(outside_links=links.skipped)
-    docs = [doc for part in plan for doc in partition_documents(part, ctx, report)]
-    report.files = len({piece.path for part in plan for piece in part.pieces})
+    docs = [doc for part in partitions for doc in partition_documents(part, ctx, report)]
+    report.files = len({piece.path for part in partitions for piece in part.pieces})
     report.log_summary()
     if not docs:
         raise SourceError(f"the corpus (data.source={data.source}) holds no non-empty document: point data.path "

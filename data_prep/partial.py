@@ -1,8 +1,8 @@
 """The partial directory of a data set being built (`<name>-<fingerprint>.partial/`, under its lock): its state,
-what of the plan is left to do in it after an interruption, and its publication under the final name.
+what of the partitioning is left to do in it after an interruption, and its publication under the final name.
 
-The state (STATE) holds the digest of the plan it was begun for and the sha256 of its tokenizer: a directory
-left by another plan is emptied (open_state); a partition of this plan is done exactly when its record and every
+The state (STATE) holds the digest of the partitioning it was begun for and the sha256 of its tokenizer: a directory
+left by another partitioning is emptied (open_state); a partition of this partitioning is done exactly when its record and every
 file it names are there at their recorded size (recorded_intact), and the others are done again, their shards
 and the temporary files of killed writers deleted first (unfinished).
 """
@@ -21,16 +21,16 @@ from data_prep.partitions import Partition
 from data_prep.shards import SPLITS, shard_bytes
 from pipeline.files import LOCK, write_atomic
 
-STATE = "prepare_state.json"  # in the partial directory: the plan's digest and the tokenizer's sha256
+STATE = "prepare_state.json"  # in the partial directory: the partitioning's digest and the tokenizer's sha256
 
 
-def _plan_digest(plan: list[Partition]) -> str:
-    return hashlib.sha256(json.dumps([dataclasses.asdict(p) for p in plan], sort_keys=True).encode()).hexdigest()
+def _plan_digest(partitions: list[Partition]) -> str:
+    return hashlib.sha256(json.dumps([dataclasses.asdict(p) for p in partitions], sort_keys=True).encode()).hexdigest()
 
 
-def open_state(partial: Path, plan: list[Partition]) -> dict:
-    """The state an interrupted run left for this plan, or a fresh one (the directory emptied but the lock)."""
-    digest = _plan_digest(plan)
+def open_state(partial: Path, partitions: list[Partition]) -> dict:
+    """The state an interrupted run left for this partitioning, or a fresh one (the directory emptied but the lock)."""
+    digest = _plan_digest(partitions)
     try:
         state = json.loads((partial / STATE).read_text())
     except (OSError, ValueError):
@@ -45,11 +45,11 @@ def open_state(partial: Path, plan: list[Partition]) -> dict:
     return state
 
 
-def unfinished(partial: Path, plan: list[Partition], dtype: str) -> list[Partition]:
+def unfinished(partial: Path, partitions: list[Partition], dtype: str) -> list[Partition]:
     """The partitions to (re)do: those without a record, or whose recorded files are missing or not of the
     recorded size. Their shards (a killed run's) and every temporary file a killed writer left are deleted."""
     remove_temporaries(partial)
-    todo = [p for p in plan if not recorded_intact(partial, p.index, dtype)]
+    todo = [p for p in partitions if not recorded_intact(partial, p.index, dtype)]
     for part in todo:
         record_path(partial, part.index).unlink(missing_ok=True)
         for split in SPLITS:

@@ -1,4 +1,4 @@
-"""What a worker does with one partition of the plan (data_prep.partitions), start to finish, in bounded memory.
+"""What a worker does with one partition (data_prep.partitions), start to finish, in bounded memory.
 
     read its documents (data_prep.sources)
     -> split each by the hash of its text (validation below data.val_fraction)

@@ -1,4 +1,4 @@
-"""The plan of a prepare run: the corpus cut into partitions, on the driver, from file names and sizes alone.
+"""The partitioning of a prepare run: the corpus cut into partitions, on the driver, from file names and sizes alone.
 
 A partition is a list of pieces of input files, about data.partition_bytes of input in all (less for a corpus
 under MIN_PARTITIONS x data.partition_bytes, so that it still spreads over the workers: partition_limit):
@@ -15,7 +15,7 @@ Input files are listed without walking through symbolic links; a link below a di
 target lies outside it is skipped (and listed in the manifest) or refused before any work (data.on_outside_link;
 data_prep.listing.expand_paths).
 
-The plan depends only on the inputs and the config, never on the number of workers or nodes: partition i holds
+The partitioning depends only on the inputs and the config, never on the number of workers or nodes: partition i holds
 the same documents whoever reads it, so the shards it becomes are the same bytes (data_prep.prepare).
 """
 
@@ -154,7 +154,7 @@ def source_field(data: DataConfig, index: int) -> str:
 
 
 # A corpus is cut into at least MIN_PARTITIONS partitions where that leaves them MIN_PARTITION_BYTES or more, so
-# that a corpus of a few hundred MB keeps several workers busy. Derived from the input sizes alone: the plan
+# that a corpus of a few hundred MB keeps several workers busy. Derived from the input sizes alone: the partitioning
 # still never depends on the number of workers.
 MIN_PARTITIONS = 32
 MIN_PARTITION_BYTES = 1 << 20
@@ -169,7 +169,7 @@ def partition_limit(data: DataConfig, links: OutsideLinks) -> int:
     return int(min(data.partition_bytes, max(MIN_PARTITION_BYTES, total // MIN_PARTITIONS)))
 
 
-def plan_partitions(data: DataConfig, links: OutsideLinks | None = None) -> list[Partition]:
+def partition_inputs(data: DataConfig, links: OutsideLinks | None = None) -> list[Partition]:
     """The partitions of every source, in source order (see the module docstring). Symbolic links that leave a
     corpus root are skipped into `links` or refused here, before any work, as data.on_outside_link says."""
     links = links if links is not None else OutsideLinks(data.on_outside_link)

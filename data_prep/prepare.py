@@ -7,7 +7,7 @@ finished and skips the work.
 
 The driver only plans and merges; no process ever holds the corpus:
 
-    plan       data_prep.partitions: file names and sizes cut into partitions of data.partition_bytes (the
+    partition  data_prep.partitions: file names and sizes cut into partitions of data.partition_bytes (the
                same partitions whatever the number of workers or nodes)
     tokenizer  data_prep.tokenizer_setup: data.tokenizer.model_path, or trained on a bounded, seeded sample drawn
                on the workers (the same sample whatever the partitioning of the work)
@@ -25,8 +25,8 @@ A mixture (data.source=mixture) is prepared source by source with one tokenizer,
 then blended by weight (data_prep.prepare_mixture).
 
 Memory: a worker holds one block of text (data.block_bytes) and its tokens at a time, plus one shard being
-written; the driver holds the plan (a few hundred bytes per partition), the tokenizer sample (at most
-sample_sentences lines) and one partition record at a time. None of it grows with the corpus but the plan.
+written; the driver holds the partitioning (a few hundred bytes per partition), the tokenizer sample (at most
+sample_sentences lines) and one partition record at a time. None of it grows with the corpus but the partitioning.
 
 Callers (pipeline.stages, pipeline.launch, the benchmarks) import prepare, dataset_dir, is_complete and
 DataPrepError from here.

@@ -33,7 +33,7 @@ from data_prep.encoding import pool_size
 from data_prep.errors import DataPrepError
 from data_prep.partial import open_state, publish
 from data_prep.partition_work import ReadContext
-from data_prep.partitions import plan_partitions
+from data_prep.partitions import partition_inputs
 from data_prep.shards import TOKENIZER_FILE, ShardError, incomplete_reason
 from data_prep.tokenizer_setup import make_tokenizer
 from pipeline.cluster.storage import NO_MIRROR, Mirror
@@ -94,8 +94,8 @@ def _prepare_tokenizer(data: DataConfig, out_dir: Path) -> Path:
         if path.is_file():
             shutil.rmtree(partial, ignore_errors=True)
             return path
-        plan = plan_partitions(data)
-        state = open_state(partial, plan)
-        make_tokenizer(plan, ReadContext.of(data), partial, state, pool_size(data.num_workers))
+        partitions = partition_inputs(data)
+        state = open_state(partial, partitions)
+        make_tokenizer(partitions, ReadContext.of(data), partial, state, pool_size(data.num_workers))
         publish(partial, out_dir)
     return path

@@ -1,6 +1,6 @@
 """A data set's tokenizer, set up on the driver before any partition is tokenized, in the partial directory.
 
-    reused      the one an interrupted run of this plan made (its sha256 in the partial directory's state)
+    reused      the one an interrupted run of this partitioning made (its sha256 in the partial directory's state)
     copied      data.tokenizer.model_path
     trained     on a bounded, seeded sample drawn on the workers: each sampled partition (whole partitions in a
                 seeded order, up to data.tokenizer.sample_bytes) returns its data.tokenizer.sample_sentences
@@ -37,7 +37,7 @@ log = logging.getLogger("data_prep.prepare")  # the stage's one log, whichever m
 _ROUND_TRIP_SAMPLE, _ROUND_TRIP_CHARS = 64, 1 << 14
 
 
-def make_tokenizer(plan: list[Partition], ctx: ReadContext, directory: Path, state: dict, workers: int):
+def make_tokenizer(partitions: list[Partition], ctx: ReadContext, directory: Path, state: dict, workers: int):
     """The tokenizer of the data set being built in `directory` (see the module docstring), its sha256 recorded
     in the directory's state; loaded."""
     data = ctx.data
@@ -51,26 +51,26 @@ def make_tokenizer(plan: list[Partition], ctx: ReadContext, directory: Path, sta
         source = tok.model_path
     else:
         t0 = time.time()
-        sample = _draw_sample(plan, ctx, data, workers)
+        sample = _draw_sample(partitions, ctx, data, workers)
         log.info("drew a tokenizer sample of %d sentences from %d partitions in %.1fs", len(sample),
-                 len(_sample_partitions(plan, data)), time.time() - t0)
+                 len(_sample_partitions(partitions, data)), time.time() - t0)
         t0 = time.time()
         train_tokenizer_on_sample((s for _, s in sample), tok, path, data.seed)
         log.info("trained a %s tokenizer of %d pieces in %.1fs", tok.type, tok.vocab_size, time.time() - t0)
         source = "trained on a sample of the training split"
     sp = load_tokenizer(path)
-    check_round_trip(sp, _round_trip_texts(plan, ctx), source)
+    check_round_trip(sp, _round_trip_texts(partitions, ctx), source)
     if state.get("tokenizer_sha256") != sha256_file(path):
         state["tokenizer_sha256"] = sha256_file(path)
         write_atomic(Path(directory) / STATE, json.dumps(state))
     return sp
 
 
-def _sample_partitions(plan: list[Partition], data: DataConfig) -> list[Partition]:
+def _sample_partitions(partitions: list[Partition], data: DataConfig) -> list[Partition]:
     """Whole partitions in a seeded order until they hold data.tokenizer.sample_bytes of input."""
     key = lambda p: hashlib.sha256(f"{data.seed}:{p.index}".encode()).digest()  # noqa: E731
     chosen, size = [], 0
-    for part in sorted(plan, key=key):
+    for part in sorted(partitions, key=key):
         if size >= data.tokenizer.sample_bytes and chosen:
             break
         chosen.append(part)
@@ -78,10 +78,10 @@ def _sample_partitions(plan: list[Partition], data: DataConfig) -> list[Partitio
     return sorted(chosen, key=lambda p: p.index)
 
 
-def _draw_sample(plan: list[Partition], ctx: ReadContext, data: DataConfig, workers: int) -> list[tuple[int, str]]:
+def _draw_sample(partitions: list[Partition], ctx: ReadContext, data: DataConfig, workers: int) -> list[tuple[int, str]]:
     """The bottom-k training sentences by seeded hash over the sampled partitions."""
     k = data.tokenizer.sample_sentences
-    samples = run_actors(ctx, _sample_partitions(plan, data), workers, "sample", k)
+    samples = run_actors(ctx, _sample_partitions(partitions, data), workers, "sample", k)
     sample = bottom_k((pair for _, part_sample in samples for pair in part_sample), k)
     if not sample:
         raise SourceError("the corpus holds no text to train the tokenizer on (its training split is empty, or "
@@ -89,6 +89,6 @@ def _draw_sample(plan: list[Partition], ctx: ReadContext, data: DataConfig, work
     return sample
 
 
-def _round_trip_texts(plan: list[Partition], ctx: ReadContext) -> list[str]:
-    docs = islice(partition_documents(plan[0], ctx, DecodeReport()), _ROUND_TRIP_SAMPLE) if plan else []
+def _round_trip_texts(partitions: list[Partition], ctx: ReadContext) -> list[str]:
+    docs = islice(partition_documents(partitions[0], ctx, DecodeReport()), _ROUND_TRIP_SAMPLE) if partitions else []
     return [d[:_ROUND_TRIP_CHARS] for d in docs]

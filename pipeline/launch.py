@@ -18,7 +18,7 @@ log = logging.getLogger("pipeline.launch")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Every rank: compose the config; rank 0 resolves the job and opens its MLflow run, every rank receives
+    """Every rank: compose the config; rank 0 resolves the run's spec and opens its MLflow run, every rank receives
     both, trains, and concludes the run (pipeline.train.driver.conclude_run: exit 2 on failure,
     PREEMPTED_EXIT_CODE when preempted)."""
     from pipeline.errors import PipelineError
@@ -44,9 +44,9 @@ def run(overrides: list[str]) -> None:
     from pipeline.errors import PipelineError
     from pipeline.redaction import remember_secrets
     from pipeline.train.distributed import init_distributed
-    from pipeline.train.driver import conclude_run, open_run, resolve_job
-    from pipeline.train.job import RunLink
+    from pipeline.train.driver import conclude_run, open_run, resolve_run
     from pipeline.train.preemption import PREEMPT_FILE
+    from pipeline.train.run_spec import RunLink
     from pipeline.train.worker import train_worker
 
     cfg = compose_config(overrides)
@@ -64,19 +64,19 @@ def run(overrides: list[str]) -> None:
     tracker, resolved = None, [None]
     if dist.get_rank() == 0:  # resolved once (a universal conversion runs once), then shared
         try:
-            job = resolve_job(cfg, data_dir)
+            spec = resolve_run(cfg, data_dir)
             (run_dir_for(cfg) / PREEMPT_FILE).unlink(missing_ok=True)
-            tracker = open_run(cfg, job, data_dir)
-            resolved = [(job, RunLink(tracker.uri, tracker.run_id))]
+            tracker = open_run(cfg, spec, data_dir)
+            resolved = [(spec, RunLink(tracker.uri, tracker.run_id))]
         except PipelineError as err:  # bad input: every rank says so and exits 2 (a bug keeps its traceback)
             dist.broadcast_object_list([str(err)], src=0)
             raise
     dist.broadcast_object_list(resolved, src=0)
     if isinstance(resolved[0], str):
-        raise ConfigError(f"rank 0 could not start the job: {resolved[0]}")
-    job, link = resolved[0]
+        raise ConfigError(f"rank 0 could not start the run: {resolved[0]}")
+    spec, link = resolved[0]
     launched = time.time()
-    conclude_run(cfg, job, train_worker(job, link), tracker, launched)
+    conclude_run(cfg, spec, train_worker(spec, link), tracker, launched)
 
 
 if __name__ == "__main__":

@@ -90,8 +90,8 @@ def pull_run(cfg: PipelineConfig) -> Path:
 
 def train_stage(cfg: PipelineConfig):
     """Prepare the data if needed (a no-op when its shards are complete), then train."""
-    from pipeline.train.job import resolve_layout
-    from pipeline.train.plan import planned_model
+    from pipeline.train.memory_plan import planned_model
+    from pipeline.train.run_spec import resolve_layout
 
     # Fail before any work (and before Ray and the driver's imports) on what the layout refuses; the driver
     # resolves it again with the prepared data set's own vocabulary.
@@ -106,9 +106,9 @@ def plan_stage(cfg: PipelineConfig, gpu: str | None = None, gpu_memory: str | No
                peak_tflops: float | None = None, mfu: float = 0.4, tokens: float | None = None) -> bool:
     """`pipeline plan`: print memory per rank, a verdict against the device and the time to the token budget
     (default: train.max_steps steps). Returns whether the layout fits. Without --gpu or --gpu-memory the device is
-    what `pipeline train` checks against (pipeline.train.plan.device_memory: on CPU, this host's RAM per rank)."""
+    what `pipeline train` checks against (pipeline.train.memory_plan.device_memory: on CPU, this host's RAM per rank)."""
     from pipeline.train.ds_config import resolve_precision
-    from pipeline.train.plan import device_memory, gpu_spec, parse_memory, planned_model, report
+    from pipeline.train.memory_plan import device_memory, gpu_spec, parse_memory, planned_model, report
 
     memory, peak = device_memory(cfg.parallel, cfg.cluster.workers_per_node), peak_tflops or cfg.train.peak_tflops
     device_bytes, source = (memory.nbytes, memory.source) if memory else (None, "")

@@ -65,26 +65,26 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 
 
 @dataclass
-class ResumePlan:
+class ResumeSource:
     """What the workers load: `checkpoint` (None: start from scratch) and whether it is a universal one (another
     parallel layout). Decided here once, on the driver; a worker group that Ray restarts after a failure
-    continues from its job's own newest checkpoint instead (pipeline.train.worker.resume_point)."""
+    continues from its launch's own newest checkpoint instead (pipeline.train.worker.resume_point)."""
 
     checkpoint: Path | None = None
     universal: bool = False
 
 
-def plan_resume(train: TrainConfig, parallel: ParallelConfig, run_dir: Path, math_config: dict[str, Any],
-                mirror: Mirror = NO_MIRROR) -> ResumePlan:
+def resume_source(train: TrainConfig, parallel: ParallelConfig, run_dir: Path, math_config: dict[str, Any],
+                  mirror: Mirror = NO_MIRROR) -> ResumeSource:
     """Resolve train.resume, refuse a checkpoint trained with different math or at a ZeRO stage DeepSpeed cannot
     convert, and convert it to a universal checkpoint when the parallel layout changed. The run's `mirror` first
-    brings the store's newest checkpoint here (auto: a job on a fresh node resumes from the store) and then gets
+    brings the store's newest checkpoint here (auto: a run on a fresh node resumes from the store) and then gets
     the universal conversion (for the workers of other nodes)."""
     if train.resume == "auto":
         pull_latest_checkpoint(mirror, run_dir)
     tag_dir = resolve_resume(train.resume, checkpoint_root(run_dir))
     if tag_dir is None:
-        return ResumePlan()
+        return ResumeSource()
     marker = verify_checkpoint(tag_dir)  # a missing or truncated file is named here, before workers start
     check_pickles(tag_dir)  # and a file that would run code when DeepSpeed unpickles it is refused
     saved = marker.get("client_state", {}).get("math_config")
@@ -115,5 +115,5 @@ def plan_resume(train: TrainConfig, parallel: ParallelConfig, run_dir: Path, mat
         push_checkpoint(mirror, universal, latest=False)
         log.info("resuming %s (saved at world size %d, ZeRO-%d) at world size %d, ZeRO-%d through %s",
                  tag_dir, marker["world_size"], saved_stage, parallel.num_workers, parallel.zero_stage, universal)
-        return ResumePlan(universal, universal=True)
-    return ResumePlan(tag_dir)
+        return ResumeSource(universal, universal=True)
+    return ResumeSource(tag_dir)

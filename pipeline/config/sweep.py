@@ -38,7 +38,7 @@ class SweepConfig:
     # decay branch forked from the long run's stable phase at its decay start, instead of a run from step 0.
     branches: bool = False
     # The width at which train.lr holds under the learning-rate width rule lr(d) = train.lr * lr_base_width / d
-    # (pipeline.scaling.plan; null: the smallest width planned). Unused under µP (model.mup_base_width).
+    # (pipeline.scaling.sweep_plan; null: the smallest width planned). Unused under µP (model.mup_base_width).
     lr_base_width: int | None = None
     # Compute budgets in FLOPs (isoflop).
     budgets_flops: list[float] = field(default_factory=list)

@@ -75,7 +75,7 @@ def _compose(overrides: list[str]) -> PipelineConfig:
 
 
 def plan_command(options: dict[str, list[str]], overrides: list[str]) -> int:
-    from pipeline.scaling.plan import (
+    from pipeline.scaling.sweep_plan import (
         config_dir_of,
         estimate_seconds,
         load_fit,
@@ -114,7 +114,7 @@ def plan_command(options: dict[str, list[str]], overrides: list[str]) -> int:
 
 
 def _branch_compute(cfg: PipelineConfig, runs) -> float:
-    from pipeline.scaling.plan import trained_steps
+    from pipeline.scaling.sweep_plan import trained_steps
 
     return sum(6.0 * r.n_params * trained_steps(cfg, r, runs, True) * cfg.train.global_batch_tokens for r in runs)
 
@@ -126,7 +126,7 @@ def _throughput(cfg: PipelineConfig, options: dict[str, list[str]]) -> tuple[flo
     if peak:
         source = "given"
     elif gpu:
-        from pipeline.train.plan import gpu_spec
+        from pipeline.train.memory_plan import gpu_spec
 
         peak, source = gpu_spec(gpu)[1], f"{gpu} datasheet"
     else:
@@ -139,7 +139,13 @@ def _throughput(cfg: PipelineConfig, options: dict[str, list[str]]) -> tuple[flo
 
 
 def recommend_command(options: dict[str, list[str]], overrides: list[str], train_it: bool = False) -> int:
-    from pipeline.scaling.plan import base_width_for, config_dir_of, load_fit, recommend, write_recommendation
+    from pipeline.scaling.sweep_plan import (
+        base_width_for,
+        config_dir_of,
+        load_fit,
+        recommend,
+        write_recommendation,
+    )
 
     cfg = _compose(overrides)
     if "C" not in options:
@@ -165,7 +171,7 @@ def validate_recommendation(cfg: PipelineConfig, rec, fit_path: Path | None) -> 
     it missed."""
     from pipeline.config import validate
     from pipeline.evaluation.evaluate import evaluate
-    from pipeline.scaling.plan import recommended_config
+    from pipeline.scaling.sweep_plan import recommended_config
     from pipeline.stages import prepare_stage
     from pipeline.train.driver import train
 

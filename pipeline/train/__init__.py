@@ -1,2 +1,2 @@
-"""Training: the driver (job, MLflow run, Ray Train launch), the worker and its loop with callbacks, the
+"""Training: the driver (the run's spec, MLflow run, Ray Train launch), the worker and its loop with callbacks, the
 DeepSpeed config, the optimizer and schedule, throughput, preemption."""

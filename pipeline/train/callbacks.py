@@ -30,9 +30,9 @@ from pipeline.checkpoint.save_load import save_checkpoint
 from pipeline.cluster.storage import Mirror
 from pipeline.data.loader import RankBatches
 from pipeline.data.validation import sharded_validation_totals
-from pipeline.train.job import TrainJob
 from pipeline.train.loop import Callback, LoopState, StepResult
 from pipeline.train.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+from pipeline.train.run_spec import RunSpec
 from pipeline.train.throughput import memory_mb, mfu
 
 log = logging.getLogger(__name__)
@@ -41,34 +41,34 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     """Saves the run's checkpoints (collective: every rank calls save) with what a resume needs."""
 
-    def __init__(self, *, engine, job: TrainJob, batches: RankBatches, ckpt_root: Path, world: int,
+    def __init__(self, *, engine, spec: RunSpec, batches: RankBatches, ckpt_root: Path, world: int,
                  mirror: Mirror):
-        self.engine, self.job, self.batches = engine, job, batches
+        self.engine, self.spec, self.batches = engine, spec, batches
         self.ckpt_root, self.world, self.mirror = ckpt_root, world, mirror
-        self.layout = {"zero_stage": job.parallel.zero_stage, "tensor_parallel": job.parallel.tensor_parallel,
-                       "precision": job.precision}
+        self.layout = {"zero_stage": spec.parallel.zero_stage, "tensor_parallel": spec.parallel.tensor_parallel,
+                       "precision": spec.precision}
 
     def client_state(self, step: int) -> dict:
-        job = self.job
+        spec = self.spec
         return {
             "step": step,
             "samples_consumed": self.batches.samples_consumed(step),
-            "data_seed": job.train.seed,
-            "config_fingerprint": job.config_fingerprint,
-            "tokenizer_sha256": job.tokenizer_sha256,
-            "job_id": job.job_id,
+            "data_seed": spec.train.seed,
+            "config_fingerprint": spec.config_fingerprint,
+            "tokenizer_sha256": spec.tokenizer_sha256,
+            "launch_id": spec.launch_id,
             "world_size": self.world,
-            "tensor_parallel": job.parallel.tensor_parallel,
-            "math_config": job.math_config,
+            "tensor_parallel": spec.parallel.tensor_parallel,
+            "math_config": spec.math_config,
         }
 
     def save(self, step: int) -> Path:
         return save_checkpoint(self.engine, self.ckpt_root, step, self.client_state(step),
-                               self.job.train.keep_last_checkpoints, self.layout, self.mirror)
+                               self.spec.train.keep_last_checkpoints, self.layout, self.mirror)
 
 
 class LossHistory(Callback):
-    """Every step's loss and gradient norm, kept when the job asks for them (job.record_losses)."""
+    """Every step's loss and gradient norm, kept when the run asks for them (spec.record_losses)."""
 
     def __init__(self, *, record: bool):
         self.record = record
@@ -90,9 +90,9 @@ class MetricsLogger(Callback):
     validation, checkpoints or other callbacks; tokens seen follow the samples consumed (right across a resume
     with another global batch)."""
 
-    def __init__(self, *, job: TrainJob, batches: RankBatches, world: int, peak_tflops: float, device: torch.device):
-        self.interval, self.max_steps = job.train.log_interval_steps, job.train.max_steps
-        self.flops_per_token, self.batches, self.context = job.flops_per_token, batches, job.model.context_length
+    def __init__(self, *, spec: RunSpec, batches: RankBatches, world: int, peak_tflops: float, device: torch.device):
+        self.interval, self.max_steps = spec.train.log_interval_steps, spec.train.max_steps
+        self.flops_per_token, self.batches, self.context = spec.flops_per_token, batches, spec.model.context_length
         self.tokens_per_step = batches.global_batch * self.context
         self.world, self.peak_tflops, self.device = world, peak_tflops, device
         self.window_loss, self.window_z, self.window_steps = 0.0, 0.0, 0

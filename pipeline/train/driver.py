@@ -1,6 +1,6 @@
-"""The train stage on the driver: resolve the job (once), open the MLflow run, launch the workers, conclude.
+"""The train stage on the driver: resolve the run's spec (once), open the MLflow run, launch the workers, conclude.
 
-    train(cfg, data_dir): resolve_job -> open_run -> launch_ray (under PreemptionForwarder) -> conclude_run
+    train(cfg, data_dir): resolve_run -> open_run -> launch_ray (under PreemptionForwarder) -> conclude_run
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 from data_prep.blend import component_dirs, is_blend, load_blend, load_data_info, open_split
 from data_prep.shards import check_dataset_checksums
-from pipeline.checkpoint.resume import plan_resume
+from pipeline.checkpoint.resume import resume_source
 from pipeline.cluster.storage import mirror_for
 from pipeline.config import (
     ConfigError,
@@ -30,10 +30,10 @@ from pipeline.config import (
 from pipeline.containment import regular_file
 from pipeline.model.size import attended_context, model_for_data, training_flops_per_token
 from pipeline.tracking import Tracker
-from pipeline.train.job import RunLink, TrainJob, TrainOutcome, resolve_layout
 from pipeline.train.plots import plot_loss_curve
 from pipeline.train.preemption import Preempted, PreemptionForwarder
 from pipeline.train.ray_launch import launch_ray
+from pipeline.train.run_spec import RunLink, RunSpec, TrainOutcome, resolve_layout
 from pipeline.train.startup import process_start_time, report_startup
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,12 @@ def math_config(cfg: PipelineConfig, model: ModelConfig, data_dir: Path, precisi
 
 
 def decide_resume(cfg: PipelineConfig, math: dict, ds_config: dict) -> tuple[str | None, dict]:
-    """train.resume decided on the driver (pipeline.checkpoint.resume.plan_resume): the checkpoint the workers
+    """train.resume decided on the driver (pipeline.checkpoint.resume.resume_source): the checkpoint the workers
     load, and the DeepSpeed config to load it with (universal loading when the parallel layout changed)."""
-    plan = plan_resume(cfg.train, cfg.parallel, run_dir_for(cfg), math, mirror_for(cfg))
-    if plan.universal:
+    source = resume_source(cfg.train, cfg.parallel, run_dir_for(cfg), math, mirror_for(cfg))
+    if source.universal:
         ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
-    return (str(plan.checkpoint) if plan.checkpoint is not None else None), ds_config
+    return (str(source.checkpoint) if source.checkpoint is not None else None), ds_config
 
 
 ATTENDED_CONTEXT_SAMPLE = 1024  # training windows read to measure document-masked attention's context
@@ -92,11 +92,11 @@ def check_data(cfg: PipelineConfig, data_dir: Path):
     return manifest
 
 
-def resolve_job(cfg: PipelineConfig, data_dir: Path) -> TrainJob:
-    """The validated config and the prepared data set turned into the complete, frozen job every launcher runs
+def resolve_run(cfg: PipelineConfig, data_dir: Path) -> RunSpec:
+    """The validated config and the prepared data set turned into the complete, frozen spec of the run every launcher runs
     (the Ray driver, `pipeline.launch`): the model at the data set's vocabulary, its layout (`resolve_layout`,
     again with that vocabulary: a data set that declares a huge one must not make every rank allocate its
-    embedding), the math fingerprint, the resume point and a new job id."""
+    embedding), the math fingerprint, the resume point and a new launch id."""
     manifest = check_data(cfg, data_dir)
     layout = resolve_layout(cfg, model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id))
     model = layout.model
@@ -105,7 +105,7 @@ def resolve_job(cfg: PipelineConfig, data_dir: Path) -> TrainJob:
                     cfg.train.grad_clip)
     math = math_config(cfg, model, data_dir, layout.precision, manifest.tokenizer_sha256)
     resume_from, ds_config = decide_resume(cfg, math, layout.ds_config)
-    return TrainJob(
+    return RunSpec(
         model=model,
         train=cfg.train,
         parallel=cfg.parallel,
@@ -122,7 +122,7 @@ def resolve_job(cfg: PipelineConfig, data_dir: Path) -> TrainJob:
         resume_from=resume_from,
         eval_max_tokens=cfg.eval.max_tokens,
         system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
-        job_id=uuid.uuid4().hex,
+        launch_id=uuid.uuid4().hex,
     )
 
 
@@ -144,20 +144,20 @@ METRICS_GUIDE = """Metrics and their units:
 """
 
 
-def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path, tags: dict[str, str] | None = None):
-    """Open (or re-open) the MLflow run of this training job and record what defines it."""
+def open_run(cfg: PipelineConfig, spec: RunSpec, data_dir: Path, tags: dict[str, str] | None = None):
+    """Open (or re-open) the MLflow run of this training run and record what defines it."""
     tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(cfg), cfg.run_name, tags=tags, background=True)
     tracker.log_params(flatten(cfg))
     tracker.log_params({
-        "resolved.vocab_size": job.model.vocab_size,
-        "resolved.precision": job.precision,
-        "resolved.grad_accum_steps": job.grad_accum_steps,
-        "resolved.data_dir": job.data_dir,
-        "resolved.config_fingerprint": job.config_fingerprint,
+        "resolved.vocab_size": spec.model.vocab_size,
+        "resolved.precision": spec.precision,
+        "resolved.grad_accum_steps": spec.grad_accum_steps,
+        "resolved.data_dir": spec.data_dir,
+        "resolved.config_fingerprint": spec.config_fingerprint,
     })
     tracker.set_tags({"stage": "train", "data_dir": str(data_dir), "mlflow.note.content": METRICS_GUIDE})
     # Under document masking the attention term counts the attended context measured on the data.
-    tracker.log_params({"resolved.flops_per_token": f"{job.flops_per_token:.6g}"})
+    tracker.log_params({"resolved.flops_per_token": f"{spec.flops_per_token:.6g}"})
     if is_blend(data_dir):
         blend = load_blend(data_dir)
         tracker.log_params({f"resolved.blend.{c.name}": f"share {c.share:.6g} of {blend.component_dir(c).name}"
@@ -169,30 +169,30 @@ def open_run(cfg: PipelineConfig, job: TrainJob, data_dir: Path, tags: dict[str,
 
 
 def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = None) -> TrainOutcome:
-    """The train stage on the driver: resolve the job, open its MLflow run, run the workers under Ray, conclude."""
+    """The train stage on the driver: resolve the run's spec, open its MLflow run, run the workers under Ray, conclude."""
     run_dir = run_dir_for(cfg)
-    job = resolve_job(cfg, data_dir)
-    tracker = open_run(cfg, job, data_dir, tags)
+    spec = resolve_run(cfg, data_dir)
+    tracker = open_run(cfg, spec, data_dir, tags)
     log.info(
         "training %s: %d workers (tp=%d), ZeRO-%d, %s, %d grad-accumulation steps, run dir %s",
         cfg.run_name, cfg.parallel.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.zero_stage,
-        job.precision, job.grad_accum_steps, run_dir,
+        spec.precision, spec.grad_accum_steps, run_dir,
     )
     launched = time.time()
     try:
         with PreemptionForwarder(run_dir) as forwarder:
-            outcome = launch_ray(job, RunLink(tracker.uri, tracker.run_id), run_dir,
+            outcome = launch_ray(spec, RunLink(tracker.uri, tracker.run_id), run_dir,
                                  max_failures=cfg.train.max_failures,
                                  placement_strategy=str(cfg.cluster.placement_strategy),  # Ray's own str
                                  workers_per_node=cfg.cluster.workers_per_node)
     except BaseException:
         tracker.close("FAILED")
         raise
-    conclude_run(cfg, job, outcome, tracker, launched, forwarder.hand_over)
+    conclude_run(cfg, spec, outcome, tracker, launched, forwarder.hand_over)
     return outcome
 
 
-def conclude_run(cfg: PipelineConfig, job: TrainJob, outcome: TrainOutcome, tracker: Tracker | None,
+def conclude_run(cfg: PipelineConfig, spec: RunSpec, outcome: TrainOutcome, tracker: Tracker | None,
                  launched: float, hand_over: Callable[[], None] | None = None) -> None:
     """The end of a run for every launcher (the Ray driver, and every rank of `pipeline.launch`; `tracker` is
     rank 0's, None elsewhere): a failed run is marked FAILED and raises TrainingFailed (exit 2), a preempted one
@@ -214,8 +214,8 @@ def conclude_run(cfg: PipelineConfig, job: TrainJob, outcome: TrainOutcome, trac
         return
     report_startup(outcome.timeline | {"process_start": process_start_time(), "launched": launched,
                                        "returned": time.time()}, tracker, outcome.final_step)
-    data_dir = Path(job.data_dir)
-    finish_run(tracker, outcome, Path(job.run_dir), cfg.run_name, unigram_baseline(cfg, data_dir, job.model.vocab_size))
+    data_dir = Path(spec.data_dir)
+    finish_run(tracker, outcome, Path(spec.run_dir), cfg.run_name, unigram_baseline(cfg, data_dir, spec.model.vocab_size))
 
 
 class TrainingFailed(PipelineError, RuntimeError):

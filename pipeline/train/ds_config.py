@@ -19,7 +19,7 @@ def cpu_supports_bf16() -> bool:
 
 def resolve_precision(parallel: ParallelConfig) -> str:
     """auto -> bf16 where the device supports it, else fp32. fp16 needs a GPU. A plain str (not the Precision
-    member): it goes into the run's math config, MLflow and the workers' job."""
+    member): it goes into the run's math config, MLflow and the workers' run spec."""
     import torch
 
     if parallel.use_gpu:
@@ -62,7 +62,7 @@ def bucket_sizes(d_model: int, zero_stage: int) -> dict[str, int]:
 def make_ds_config(
     train: TrainConfig, parallel: ParallelConfig, precision: str, grad_accum_steps: int, d_model: int | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config of a training job; with d_model, communication buckets sized by the model
+    """The DeepSpeed config of a training run; with d_model, communication buckets sized by the model
     (bucket_sizes) instead of DeepSpeed's fixed defaults."""
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 class RunRecord:
     """What the run hands back, filled in by the callbacks (rank 0's becomes the driver's TrainOutcome)."""
 
-    losses: dict[int, float] = field(default_factory=dict)  # per step, when the job records them
+    losses: dict[int, float] = field(default_factory=dict)  # per step, when the run records them
     grad_norms: dict[int, float] = field(default_factory=dict)
     val_losses: dict[int, float] = field(default_factory=dict)  # validation loss by step
     val_tokens: int = 0  # validation tokens scored, and the seconds it took

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.containment import is_regular_file
-from pipeline.train.job import TrainOutcome
+from pipeline.train.run_spec import TrainOutcome
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from pipeline.config import ConfigError, ParallelConfig
-from pipeline.train.job import RunLink, TrainJob, TrainOutcome
+from pipeline.train.run_spec import RunLink, RunSpec, TrainOutcome
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +22,11 @@ def _ray_worker(config: dict) -> TrainOutcome:
     from pipeline.train.worker import train_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    job: TrainJob = config["job"]
+    spec: RunSpec = config["spec"]
     link: RunLink = config["link"]
-    remember_secrets(link.tracking_uri, job.storage_uri)  # what the worker logs reaches the driver's output
+    remember_secrets(link.tracking_uri, spec.storage_uri)  # what the worker logs reaches the driver's output
     install_log_filter()
-    outcome = train_worker(job, link)
+    outcome = train_worker(spec, link)
     # Which Ray node each rank ran on, for the record (placement across nodes shows here).
     nodes: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
@@ -59,18 +59,18 @@ def workers_on_nodes(parallel: ParallelConfig, workers_per_node: int) -> list[di
     return [{NODE_ID_LABEL_KEY: nodes[i // workers_per_node]["NodeID"]} for i in range(parallel.num_workers)]
 
 
-def launch_ray(job: TrainJob, link: RunLink, run_dir: Path, max_failures: int = 0, placement_strategy: str = "PACK",
+def launch_ray(spec: RunSpec, link: RunLink, run_dir: Path, max_failures: int = 0, placement_strategy: str = "PACK",
                workers_per_node: int | None = None) -> TrainOutcome:
     """Run train_worker on parallel.num_workers Ray Train workers (reporting to the MLflow run `link`) and return
     rank 0's outcome."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    parallel = job.parallel
+    parallel = spec.parallel
     placement = {} if workers_per_node is None else {"label_selector": workers_on_nodes(parallel, workers_per_node)}
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"job": job, "link": link},
+        train_loop_config={"spec": spec, "link": link},
         scaling_config=ScalingConfig(
             num_workers=parallel.num_workers,
             use_gpu=parallel.use_gpu,

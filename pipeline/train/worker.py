@@ -48,44 +48,44 @@ from pipeline.train.distributed import (
     seed_everything,
     sum_head_gradients_over_tensor_parallel,
 )
-from pipeline.train.job import RunLink, TrainJob, TrainOutcome
 from pipeline.train.loop import Callback, LoopState, run_loop
 from pipeline.train.optimizer import build_optimizer, build_scheduler
 from pipeline.train.preemption import PreemptionFlag
+from pipeline.train.run_spec import RunLink, RunSpec, TrainOutcome
 from pipeline.train.throughput import peak_tflops
 
 log = logging.getLogger(__name__)
 
 
-def resume_point(job: TrainJob, ckpt_root: Path) -> tuple[Path | None, dict]:
+def resume_point(spec: RunSpec, ckpt_root: Path) -> tuple[Path | None, dict]:
     """The checkpoint this worker group starts from, and the DeepSpeed config to load it with.
 
-    The job's own newest checkpoint comes first (a restart after a failure, even of a job that began from an
+    The launch's own newest checkpoint comes first (a restart after a failure, even of a launch that began from an
     explicit or universal checkpoint); then the checkpoint the driver resolved from train.resume."""
     latest = latest_complete(ckpt_root)
-    if latest is not None and job.job_id and read_marker(latest).get("client_state", {}).get("job_id") == job.job_id:
-        # Saved by this job at its own layout: a plain load, not a universal one.
-        return latest, {k: v for k, v in job.ds_config.items() if k != "checkpoint"}
-    return (None if job.resume_from is None else Path(job.resume_from)), job.ds_config
+    if latest is not None and spec.launch_id and read_marker(latest).get("client_state", {}).get("launch_id") == spec.launch_id:
+        # Saved by this launch at its own layout: a plain load, not a universal one.
+        return latest, {k: v for k, v in spec.ds_config.items() if k != "checkpoint"}
+    return (None if spec.resume_from is None else Path(spec.resume_from)), spec.ds_config
 
 
-def pull_job(job: TrainJob) -> Mirror:
+def pull_to_node(spec: RunSpec) -> Mirror:
     """Collective: with an object store, the first worker of each node pulls what its node lacks of the data set,
-    the run's newest checkpoint and the checkpoint the driver resolved; the others wait. Returns the job's
+    the run's newest checkpoint and the checkpoint the driver resolved; the others wait. Returns the run's
     mirror, for the pushes of new checkpoints."""
-    mirror = job.mirror()
+    mirror = spec.mirror()
     if not mirror.active:
         return mirror
     if is_node_leader():
-        pull_dataset(mirror, Path(job.data_dir))
-        pull_latest_checkpoint(mirror, Path(job.run_dir))
-        if job.resume_from and mirror.covers(Path(job.resume_from)):
-            pull_checkpoint(mirror, Path(job.resume_from))
+        pull_dataset(mirror, Path(spec.data_dir))
+        pull_latest_checkpoint(mirror, Path(spec.run_dir))
+        if spec.resume_from and mirror.covers(Path(spec.resume_from)):
+            pull_checkpoint(mirror, Path(spec.resume_from))
     dist.barrier()
     return mirror
 
 
-def build_model(job: TrainJob, ds_config: dict) -> GPT:
+def build_model(spec: RunSpec, ds_config: dict) -> GPT:
     """The GPT with identical initial weights on every rank (and the same for every layout).
 
     Under ZeRO-3 it is built inside deepspeed.zero.Init: each parameter is partitioned as soon as its module
@@ -93,68 +93,68 @@ def build_model(job: TrainJob, ds_config: dict) -> GPT:
     step's parameters gathered (rank 0's values kept), drawing the same random numbers as a plain build."""
     import deepspeed
 
-    seed_everything(job.train.seed)
-    if job.parallel.zero_stage != 3:
-        return GPT(job.model)
+    seed_everything(spec.train.seed)
+    if spec.parallel.zero_stage != 3:
+        return GPT(spec.model)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = GPT(job.model, init_weights=False)
+        model = GPT(spec.model, init_weights=False)
     for params, init in model.init_steps():
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             init()
     return model
 
 
-def build_engine(job: TrainJob, ds_config: dict):
+def build_engine(spec: RunSpec, ds_config: dict):
     """The GPT wrapped in a DeepSpeed engine. The optimizer and scheduler are callables: DeepSpeed applies
     AutoTP sharding first, then builds them over the sharded model."""
     import deepspeed
 
-    model = build_model(job, ds_config)
-    if job.parallel.activation_checkpointing:
+    model = build_model(spec, ds_config)
+    if spec.parallel.activation_checkpointing:
         model.set_activation_checkpointing(True)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         # Without ZeRO in fp32 DeepSpeed checks no gradient for NaN: the optimizer does.
-        optimizer=lambda _params: build_optimizer(model, job.train, check_finite=job.parallel.zero_stage == 0),
-        lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train),
+        optimizer=lambda _params: build_optimizer(model, spec.train, check_finite=spec.parallel.zero_stage == 0),
+        lr_scheduler=lambda optimizer: build_scheduler(optimizer, spec.train),
         config=ds_config,
     )
-    sum_head_gradients_over_tensor_parallel(engine.module, job.parallel.tensor_parallel)
-    if job.train.compile:
+    sum_head_gradients_over_tensor_parallel(engine.module, spec.parallel.tensor_parallel)
+    if spec.train.compile:
         engine.compile()
     return engine
 
 
-def byte_lengths_of(job: TrainJob) -> np.ndarray:
+def byte_lengths_of(spec: RunSpec) -> np.ndarray:
     """UTF-8 bytes per token id of the data set's tokenizer, padded to the model's vocabulary."""
     from data_prep.tokenizer import load_tokenizer
 
-    lengths = token_byte_lengths(load_tokenizer(load_data_info(Path(job.data_dir)).tokenizer_path))
-    return np.pad(lengths, (0, max(0, job.model.vocab_size - len(lengths))))
+    lengths = token_byte_lengths(load_tokenizer(load_data_info(Path(spec.data_dir)).tokenizer_path))
+    return np.pad(lengths, (0, max(0, spec.model.vocab_size - len(lengths))))
 
 
-def build_callbacks(job: TrainJob, batches: RankBatches, checkpointer: Checkpointer, start_step: int,
+def build_callbacks(spec: RunSpec, batches: RankBatches, checkpointer: Checkpointer, start_step: int,
                     resumed_from: str | None, device: torch.device, timeline: dict[str, float],
                     monitor: SystemMetrics | None) -> tuple[list[Callback], dict[str, str]]:
     """The concerns around the step, in the order they run after each step, and the run's tags they need."""
-    world, train, tp = dist.get_world_size(), job.train, job.parallel.tensor_parallel
-    peak, source = (train.peak_tflops, "configured") if train.peak_tflops else peak_tflops(job.precision, device)
+    world, train, tp = dist.get_world_size(), spec.train, spec.parallel.tensor_parallel
+    peak, source = (train.peak_tflops, "configured") if train.peak_tflops else peak_tflops(spec.precision, device)
     # A constant: a tag, not a metric (mfu is measured against it).
     tags = {"mfu_peak": f"{source}, {peak:g} TFLOP/s per worker", "peak_tflops_per_worker": f"{peak:g}"}
     validation = None
     if train.eval_interval_steps:
-        validation = Validation(dataset=open_split(Path(job.data_dir), "validation"),
+        validation = Validation(dataset=open_split(Path(spec.data_dir), "validation"),
                                 interval=train.eval_interval_steps, micro_batch=train.micro_batch_size,
-                                max_tokens=job.eval_max_tokens, byte_lengths=byte_lengths_of(job), device=device,
+                                max_tokens=spec.eval_max_tokens, byte_lengths=byte_lengths_of(spec), device=device,
                                 dp_size=world // tp, tp=tp)
     callbacks = [
-        LossHistory(record=job.record_losses),
-        MetricsLogger(job=job, batches=batches, world=world, peak_tflops=peak, device=device),
-        SteadyThroughput(start_step=start_step, tokens_per_step=batches.global_batch * job.model.context_length),
+        LossHistory(record=spec.record_losses),
+        MetricsLogger(spec=spec, batches=batches, world=world, peak_tflops=peak, device=device),
+        SteadyThroughput(start_step=start_step, tokens_per_step=batches.global_batch * spec.model.context_length),
         StepTimes(timeline=timeline),
         NonFiniteGuard(max_consecutive=train.max_skipped_steps),
         validation,
-        PreemptionCheck(flag=PreemptionFlag(Path(job.run_dir)), checkpointer=checkpointer, device=device),
+        PreemptionCheck(flag=PreemptionFlag(Path(spec.run_dir)), checkpointer=checkpointer, device=device),
         PeriodicCheckpoint(checkpointer=checkpointer, interval=train.save_interval_steps,
                            at_steps=train.save_at_steps),
         FinalCheckpoint(checkpointer=checkpointer, resumed_from=resumed_from),
@@ -181,43 +181,43 @@ def node_of_rank(device: torch.device) -> tuple[int, bool]:
     return list(dict.fromkeys(ranks)).index(key), ranks.index(key) == dist.get_rank()
 
 
-def start_system_metrics(job: TrainJob, link: RunLink, tracker: Tracker | None,
+def start_system_metrics(spec: RunSpec, link: RunLink, tracker: Tracker | None,
                          device: torch.device) -> SystemMetrics | None:
     """System metrics (CPU, memory, disk, network, GPUs) of every node the run uses, each sampled by the node's
     first rank: rank 0's node as system/<name> through rank 0's tracker, any other node k as
     system/node<k>/<name> (MLflow's naming for a node id) through a tracker of its own (rank 0 already reaches
     the tracking server from wherever it runs, so every node does). None when off, or for the other ranks.
     Every rank calls it (it gathers the ranks' nodes)."""
-    if not (job.system_metrics_interval_s and link.run_id):
+    if not (spec.system_metrics_interval_s and link.run_id):
         return None
     node, first = node_of_rank(device)
     if dist.get_rank() == 0:
-        return SystemMetrics(tracker=tracker, interval=job.system_metrics_interval_s).start() if tracker else None
+        return SystemMetrics(tracker=tracker, interval=spec.system_metrics_interval_s).start() if tracker else None
     if not first or node == 0:
         return None
     own = Tracker(link.tracking_uri, link.run_id, background=True,
-                  spill_dir=job.run_dir if Path(job.run_dir).is_dir() else None, flush_timeout_s=30.0)
-    return SystemMetrics(tracker=own, interval=job.system_metrics_interval_s, prefix=f"system/node{node}/",
+                  spill_dir=spec.run_dir if Path(spec.run_dir).is_dir() else None, flush_timeout_s=30.0)
+    return SystemMetrics(tracker=own, interval=spec.system_metrics_interval_s, prefix=f"system/node{node}/",
                          owns_tracker=True).start()
 
 
-def train_worker(job: TrainJob, link: RunLink = RunLink()) -> TrainOutcome:
-    """One rank of the job (reporting to the MLflow run `link`, if any); rank 0's outcome is the run's."""
+def train_worker(spec: RunSpec, link: RunLink = RunLink()) -> TrainOutcome:
+    """One rank of the run (reporting to the MLflow run `link`, if any); rank 0's outcome is the run's."""
     timeline = {"worker_started": time.time()}  # the start-up phases (pipeline.train.startup)
-    if not job.parallel.use_gpu:
-        torch.set_num_threads(job.parallel.cpus_per_worker)
-    init_distributed(job.parallel)
+    if not spec.parallel.use_gpu:
+        torch.set_num_threads(spec.parallel.cpus_per_worker)
+    init_distributed(spec.parallel)
     timeline["distributed_ready"] = time.time()
-    rank, world, tp = dist.get_rank(), dist.get_world_size(), job.parallel.tensor_parallel
-    device = device_for(job.parallel)
-    ckpt_root = checkpoint_root(Path(job.run_dir))
-    mirror = pull_job(job)
-    tag_dir, ds_config = resume_point(job, ckpt_root)
-    engine = build_engine(job, ds_config)
+    rank, world, tp = dist.get_rank(), dist.get_world_size(), spec.parallel.tensor_parallel
+    device = device_for(spec.parallel)
+    ckpt_root = checkpoint_root(Path(spec.run_dir))
+    mirror = pull_to_node(spec)
+    tag_dir, ds_config = resume_point(spec, ckpt_root)
+    engine = build_engine(spec, ds_config)
     # Weights are built from one seed on every rank; dropout then draws from a stream of the rank's replica.
-    torch.manual_seed(dp_seed(job.train.seed, rank // tp))
-    batches = RankBatches(open_split(Path(job.data_dir), "train"), seed=job.train.seed,
-                          micro_batch=job.train.micro_batch_size, grad_accum=job.grad_accum_steps,
+    torch.manual_seed(dp_seed(spec.train.seed, rank // tp))
+    batches = RankBatches(open_split(Path(spec.data_dir), "train"), seed=spec.train.seed,
+                          micro_batch=spec.train.micro_batch_size, grad_accum=spec.grad_accum_steps,
                           dp_size=world // tp, dp_rank=rank // tp)
     start_step, resumed_from = 0, None
     if tag_dir is not None:
@@ -227,16 +227,16 @@ def train_worker(job: TrainJob, link: RunLink = RunLink()) -> TrainOutcome:
         if rank == 0:
             log.info("resumed from %s at step %d (%d samples consumed)", tag_dir, start_step, saved["samples_consumed"])
     # Sends in the background: a tracking server that goes away never stalls or stops training.
-    tracker = (Tracker(link.tracking_uri, link.run_id, background=True, spill_dir=job.run_dir)
+    tracker = (Tracker(link.tracking_uri, link.run_id, background=True, spill_dir=spec.run_dir)
                if rank == 0 and link.run_id else None)
-    checkpointer = Checkpointer(engine=engine, job=job, batches=batches, ckpt_root=ckpt_root, world=world,
+    checkpointer = Checkpointer(engine=engine, spec=spec, batches=batches, ckpt_root=ckpt_root, world=world,
                                 mirror=mirror)
-    callbacks, tags = build_callbacks(job, batches, checkpointer, start_step, resumed_from, device, timeline,
-                                      start_system_metrics(job, link, tracker, device))
-    state = LoopState(engine, start_step, job.train.max_steps, rank=rank, tracker=tracker)
+    callbacks, tags = build_callbacks(spec, batches, checkpointer, start_step, resumed_from, device, timeline,
+                                      start_system_metrics(spec, link, tracker, device))
+    state = LoopState(engine, start_step, spec.train.max_steps, rank=rank, tracker=tracker)
     state.record_tags(tags)
     timeline["engine_ready"] = time.time()
-    run_loop(state, callbacks, batches, device, job.parallel.zero_stage, tp)
+    run_loop(state, callbacks, batches, device, spec.parallel.zero_stage, tp)
     return dataclasses.replace(outcome_of(state, engine, resumed_from), timeline=timeline | {"worker_done": time.time()})
 
 

@@ -20,7 +20,7 @@ from corpora import WORDS
 
 from data_prep.errors import SourceError
 from data_prep.mixture import read_documents
-from data_prep.partitions import plan_partitions
+from data_prep.partitions import partition_inputs
 from pipeline.config import DataConfig
 
 
@@ -46,7 +46,7 @@ def test_byte_ranges_cover_every_line_once(tmp_path, partition_bytes):
     root = jsonl_corpus(tmp_path / "c", files=2, docs_per_file=300)
     whole = read_documents(DataConfig(source="jsonl", path=str(root)))[0]
     cfg = DataConfig(source="jsonl", path=str(root), partition_bytes=partition_bytes)
-    plan = plan_partitions(cfg)
+    plan = partition_inputs(cfg)
     assert [p.index for p in plan] == list(range(len(plan)))
     if partition_bytes < 50_000:
         assert len(plan) > 2 * 2  # both files cut into several ranges
@@ -66,7 +66,7 @@ def test_gzip_and_zstd_inputs_read_as_the_plain_file(tmp_path):
     expected = read_documents(DataConfig(source="jsonl", path=str(plain)))[0]
     assert read_documents(DataConfig(source="jsonl", path=str(packed)))[0] == expected + expected
     # Compressed files are never cut into byte ranges.
-    assert len(plan_partitions(DataConfig(source="jsonl", path=str(packed), partition_bytes=100))) == 2
+    assert len(partition_inputs(DataConfig(source="jsonl", path=str(packed), partition_bytes=100))) == 2
 
 
 def test_binary_files_are_skipped_and_counted_or_refused(tmp_path):
@@ -93,7 +93,7 @@ def test_truncated_gzip_and_missing_column_name_the_file(tmp_path):
         read_documents(DataConfig(source="jsonl", path=str(root)))
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
     with pytest.raises(SourceError, match=r"t\.parquet has no column 'text'.*data\.text_field"):
-        plan_partitions(DataConfig(source="parquet", path=str(tmp_path / "t.parquet")))  # before any reading
+        partition_inputs(DataConfig(source="parquet", path=str(tmp_path / "t.parquet")))  # before any reading
 
 
 def prepare_command(out: Path, corpus: Path, *extra: str) -> list[str]:

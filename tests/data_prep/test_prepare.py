@@ -34,7 +34,7 @@ from data_prep.partition_work import (
     is_validation,
     partition_documents,
 )
-from data_prep.partitions import Partition, Piece, plan_partitions
+from data_prep.partitions import Partition, Piece, partition_inputs
 from data_prep.prepare import DataPrepError, dataset_dir, is_complete, prepare
 from data_prep.shards import SPLITS, WindowDataset, incomplete_reason, load_manifest, sha256_file
 from data_prep.tokenizer import TokenizerError, load_tokenizer
@@ -69,7 +69,7 @@ def partitioned(corpus, tmp_path_factory, ray_local):
 
 def documents_by_partition(cfg: DataConfig) -> list[list[str]]:
     ctx = ReadContext.of(cfg)
-    return [list(partition_documents(part, ctx, DecodeReport())) for part in plan_partitions(cfg)]
+    return [list(partition_documents(part, ctx, DecodeReport())) for part in partition_inputs(cfg)]
 
 
 def joined(sp, docs: list[str]) -> list[int]:
@@ -453,7 +453,7 @@ def test_bad_input_met_on_a_worker_is_named_and_leaves_nothing(prepared, corpus,
     (root / "zz.txt").write_bytes(b"plain text\n" * 1000 + b"bin\x00ary\n")  # the last file, in a partition of its own
     cfg = text_config(root, tmp_path / "out", partition_bytes=4000, on_binary="error", tokenize_engine="actors",
                       tokenizer=TokenizerConfig(model_path=str(first / "tokenizer.model")))
-    assert len(plan_partitions(cfg)) > 2
+    assert len(partition_inputs(cfg)) > 2
     with pytest.raises(SourceError, match=r"zz.txt holds a NUL byte .*data.on_binary=skip"):
         prepare(cfg)
     assert list((tmp_path / "out").iterdir()) == []
@@ -644,7 +644,7 @@ def test_partitions_from_a_node_that_does_not_see_the_directory_travel_through_t
                          load_manifest(out).dtype, sp.get_piece_size(), sp.eos_id(),
                          can_cut_documents(sp.serialized_model_proto()), driver_mark=".driver-test",
                          store_uri=store.uri)
-    plan = plan_partitions(cfg)
+    plan = partition_inputs(cfg)
     assert len(plan) > 2
     for part in plan:
         partition_work.process_partition(part, ctx, sp)

@@ -8,7 +8,7 @@ import pytest
 
 from data_prep.errors import SourceError
 from data_prep.mixture import read_documents
-from data_prep.partitions import plan_partitions
+from data_prep.partitions import partition_inputs
 from data_prep.sources import split_scenes
 from pipeline.config import DataConfig
 
@@ -142,7 +142,7 @@ def test_hf_disk_source(tmp_path):
     many = [f"row {i}" for i in range(500)]
     datasets.Dataset.from_dict({"content": many}).save_to_disk(str(tmp_path / "many"))
     cfg = DataConfig(source="hf_disk", path=str(tmp_path / "many"), text_field="content", partition_bytes=1000)
-    assert len(plan_partitions(cfg)) > 2 and read_documents(cfg)[0] == many
+    assert len(partition_inputs(cfg)) > 2 and read_documents(cfg)[0] == many
     # A DatasetDict: data.hf_split names the split.
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": ["a train row"]}),
                           "test": datasets.Dataset.from_dict({"content": ["a test row"]})}).save_to_disk(

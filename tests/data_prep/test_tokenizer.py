@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from data_prep.partitions import plan_partitions
+from data_prep.partitions import partition_inputs
 from data_prep.tokenizer import (
     TokenizerError,
     copy_tokenizer,
@@ -109,7 +109,7 @@ def sample_of(cfg: DataConfig, k: int) -> list[tuple[int, str]]:
     from data_prep.partition_work import ReadContext, sample_sentences
 
     ctx = ReadContext.of(cfg)
-    return heapq.nsmallest(k, (x for part in plan_partitions(cfg) for x in sample_sentences(part, ctx, k)))
+    return heapq.nsmallest(k, (x for part in partition_inputs(cfg) for x in sample_sentences(part, ctx, k)))
 
 
 def test_the_tokenizer_sample_is_seeded_training_text_whatever_the_partitioning(corpus, tmp_path):
@@ -120,7 +120,7 @@ def test_the_tokenizer_sample_is_seeded_training_text_whatever_the_partitioning(
     sample = sample_of(cfg, 150)
     assert len(sample) == 150
     cut = dataclasses.replace(cfg, partition_bytes=3000)
-    assert len(plan_partitions(cut)) > 4 and sample_of(cut, 150) == sample
+    assert len(partition_inputs(cut)) > 4 and sample_of(cut, 150) == sample
     docs, _ = read_documents(cfg)
     train_lines = set(training_sentences([d for d in docs if not is_validation(d, cfg.val_fraction)]))
     val_only = set(training_sentences([d for d in docs if is_validation(d, cfg.val_fraction)])) - train_lines

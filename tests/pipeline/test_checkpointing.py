@@ -37,14 +37,14 @@ def data_dir(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("data"), windows, vocab_size=64, val_windows=8)
 
 
-def make_job(data_dir, run_dir, *, steps=6, save_every=0, zero=1, workers=2):
-    from pipeline.train.job import TrainJob
+def make_spec(data_dir, run_dir, *, steps=6, save_every=0, zero=1, workers=2):
+    from pipeline.train.run_spec import RunSpec
 
     train = TrainConfig(max_steps=steps, micro_batch_size=2, warmup_steps=1, lr=1e-2, save_interval_steps=save_every,
                         keep_last_checkpoints=10, global_batch_tokens=2 * workers * 16, log_interval_steps=1,
                         peak_tflops=1.0)
     parallel = ParallelConfig(num_workers=workers, zero_stage=zero, precision="fp32")
-    return TrainJob(
+    return RunSpec(
         model=MODEL, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
         precision="fp32", grad_accum_steps=1, ds_config=make_ds_config(train, parallel, "fp32", 1),
         flops_per_token=1.0, config_fingerprint="f", math_config={"lr": 1e-2}, tokenizer_sha256="",
@@ -52,25 +52,25 @@ def make_job(data_dir, run_dir, *, steps=6, save_every=0, zero=1, workers=2):
     )
 
 
-def as_the_driver_resumes(job, output_dir: Path, run_name: str, **cfg):
-    """The job with train.resume decided as the driver decides it (pipeline.train.driver.decide_resume) for the
+def as_the_driver_resumes(spec, output_dir: Path, run_name: str, **cfg):
+    """The run's spec with train.resume decided as the driver decides it (pipeline.train.driver.decide_resume) for the
     run `run_name` under output_dir."""
     from pipeline.config import PipelineConfig
     from pipeline.train.driver import decide_resume
 
     config = PipelineConfig(output_dir=str(output_dir), run_name=run_name,
-                            **({"train": job.train, "parallel": job.parallel} | cfg))
-    resume_from, ds_config = decide_resume(config, job.math_config, job.ds_config)
-    return dataclasses.replace(job, resume_from=resume_from, ds_config=ds_config)
+                            **({"train": spec.train, "parallel": spec.parallel} | cfg))
+    resume_from, ds_config = decide_resume(config, spec.math_config, spec.ds_config)
+    return dataclasses.replace(spec, resume_from=resume_from, ds_config=ds_config)
 
 
-def train_and_report(job):
+def train_and_report(spec):
     from pipeline.train.worker import train_worker
 
-    return train_worker(job)
+    return train_worker(spec)
 
 
-def crash_while_saving(job, crash_step: int):
+def crash_while_saving(spec, crash_step: int):
     """train_worker, but every rank dies (as in a node failure) in the middle of writing the checkpoint of
     crash_step: after DeepSpeed wrote its shards, before the COMPLETE marker."""
     import os
@@ -87,10 +87,10 @@ def crash_while_saving(job, crash_step: int):
         flush(tag_dir)
 
     save_load.fsync_files = dying
-    return train_worker(job)
+    return train_worker(spec)
 
 
-def signal_after_step(job, signum: int, step: int):
+def signal_after_step(spec, signum: int, step: int):
     """train_worker, with rank 1 sending itself `signum` (what Slurm sends) right after step `step`."""
     import os
 
@@ -109,14 +109,14 @@ def signal_after_step(job, signum: int, step: int):
         return check(self, device)
 
     PreemptionFlag.any_rank = any_rank
-    return train_worker(job)
+    return train_worker(spec)
 
 
 @pytest.fixture(scope="module")
 def full_run(data_dir, tmp_path_factory):
     """Six steps in one go, checkpoints at steps 3 and 6; dropout on, so resuming needs every rank's RNG."""
-    job = make_job(data_dir, tmp_path_factory.mktemp("full"), steps=6, save_every=3)
-    return job, run_distributed(train_and_report, 2, job)[0].losses
+    spec = make_spec(data_dir, tmp_path_factory.mktemp("full"), steps=6, save_every=3)
+    return spec, run_distributed(train_and_report, 2, spec)[0].losses
 
 
 def final_weights(run_dir) -> dict:
@@ -144,21 +144,21 @@ def test_stop_and_resume_is_exact(full_run, tmp_path):
 
 @pytest.mark.distributed
 def test_crash_while_writing_leaves_the_previous_checkpoint_latest_and_resumable(full_run, tmp_path):
-    """A real run dies while writing its step-6 checkpoint: step 3 stays `latest`; the same job resumes from
+    """A real run dies while writing its step-6 checkpoint: step 3 stays `latest`; the same command resumes from
     it and ends with the uninterrupted run's losses and weights; then a truncated file of a real checkpoint
     is named before any worker starts."""
 
     full, full_losses = full_run
     run_dir = tmp_path / "runs" / "r"
-    job = dataclasses.replace(full, run_dir=str(run_dir))
+    spec = dataclasses.replace(full, run_dir=str(run_dir))
     with pytest.raises(RuntimeError, match="died without a result"):
-        run_distributed(crash_while_saving, 2, job, 6)
+        run_distributed(crash_while_saving, 2, spec, 6)
     root = checkpoint_root(run_dir)
     assert (root / "step_00000006").is_dir() and not (root / "step_00000006" / COMPLETE_MARKER).exists()
     assert (root / "latest").read_text() == "step_00000003"
     assert latest_complete(root).name == "step_00000003" and complete_tags(root) == ["step_00000003"]
 
-    outcome = run_distributed(train_and_report, 2, as_the_driver_resumes(job, tmp_path, "r"))[0]  # resume=auto
+    outcome = run_distributed(train_and_report, 2, as_the_driver_resumes(spec, tmp_path, "r"))[0]  # resume=auto
     assert outcome.resumed_from.endswith("step_00000003")
     assert [outcome.losses[s] for s in (3, 4, 5)] == [full_losses[s] for s in (3, 4, 5)]
     ours, theirs = final_weights(run_dir), final_weights(full.run_dir)
@@ -168,7 +168,7 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_latest_and_resumable
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     with pytest.raises(CheckpointError, match=f"{shard.name} is truncated"):
-        as_the_driver_resumes(job, tmp_path, "r")
+        as_the_driver_resumes(spec, tmp_path, "r")
 
 
 @pytest.mark.distributed
@@ -218,7 +218,7 @@ def test_a_signal_saves_at_the_next_step_boundary(data_dir, tmp_path):
     import signal
 
     run_dir = tmp_path / "run"
-    outcome = run_distributed(signal_after_step, 2, make_job(data_dir, run_dir, steps=50), signal.SIGUSR1, 4)[0]
+    outcome = run_distributed(signal_after_step, 2, make_spec(data_dir, run_dir, steps=50), signal.SIGUSR1, 4)[0]
     assert outcome.preempted and outcome.final_step == 4
     assert latest_complete(checkpoint_root(run_dir)).name == "step_00000004"
 
@@ -253,29 +253,29 @@ def test_interrupted_write_leaves_the_previous_checkpoint_latest(tmp_path):
 
 def test_a_restarted_worker_group_continues_from_its_own_newest_checkpoint(tmp_path):
     """After an elastic (universal) or explicit resume, a worker group that Ray restarts after a failure must
-    not go back to the checkpoint the job began from: the job's own newer checkpoints come first."""
+    not go back to the checkpoint the launch began from: the launch's own newer checkpoints come first."""
     from pipeline.train.worker import resume_point
 
     run_dir = tmp_path / "run"
     root = checkpoint_root(run_dir)
 
-    def stamp(tag, job_id):
+    def stamp(tag, launch_id):
         marker = json.loads((tag / COMPLETE_MARKER).read_text())
-        marker["client_state"] = {"job_id": job_id}
+        marker["client_state"] = {"launch_id": launch_id}
         (tag / COMPLETE_MARKER).write_text(json.dumps(marker))
 
     universal = fake_checkpoint(root / "universal", 10)
-    stamp(fake_checkpoint(root, 10), "earlier job")
+    stamp(fake_checkpoint(root, 10), "earlier launch")
     (root / "latest").write_text("step_00000010")
-    job = dataclasses.replace(make_job(tmp_path, run_dir), job_id="this job", resume_from=str(universal),
+    spec = dataclasses.replace(make_spec(tmp_path, run_dir), launch_id="this launch", resume_from=str(universal),
                               ds_config={"train_batch_size": 4, "checkpoint": {"load_universal": True}})
-    assert resume_point(job, root) == (universal, job.ds_config)  # the first start
-    stamp(fake_checkpoint(root, 20), "this job")
+    assert resume_point(spec, root) == (universal, spec.ds_config)  # the first start
+    stamp(fake_checkpoint(root, 20), "this launch")
     (root / "latest").write_text("step_00000020")
-    assert resume_point(job, root) == (root / "step_00000020", {"train_batch_size": 4})  # after a restart
-    fresh = dataclasses.replace(job, resume_from=None, train=dataclasses.replace(job.train, resume="none"))
+    assert resume_point(spec, root) == (root / "step_00000020", {"train_batch_size": 4})  # after a restart
+    fresh = dataclasses.replace(spec, resume_from=None, train=dataclasses.replace(spec.train, resume="none"))
     assert resume_point(fresh, root)[0] == root / "step_00000020"  # resume=none restarts keep their progress too
-    other = dataclasses.replace(fresh, job_id="another job")
+    other = dataclasses.replace(fresh, launch_id="another launch")
     assert resume_point(other, root)[0] is None
 
 
@@ -340,7 +340,7 @@ def test_config_differences_list_every_changed_key():
 
 
 def test_resume_with_changed_math_is_refused_unless_allowed(tmp_path):
-    job = make_job(tmp_path, tmp_path / "runs" / "r")
+    spec = make_spec(tmp_path, tmp_path / "runs" / "r")
     tag = fake_checkpoint(tmp_path / "runs" / "r" / "checkpoints", 3)
     marker = json.loads((tag / COMPLETE_MARKER).read_text())
     marker["client_state"] = {"math_config": {"lr": 3e-3}}
@@ -348,9 +348,9 @@ def test_resume_with_changed_math_is_refused_unless_allowed(tmp_path):
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"lr: 0.003 -> 0.01"):
-        as_the_driver_resumes(job, tmp_path, "r")
-    allowed = dataclasses.replace(job.train, allow_config_change=True)
-    assert as_the_driver_resumes(job, tmp_path, "r", train=allowed).resume_from == str(tag)  # auto: the latest
+        as_the_driver_resumes(spec, tmp_path, "r")
+    allowed = dataclasses.replace(spec.train, allow_config_change=True)
+    assert as_the_driver_resumes(spec, tmp_path, "r", train=allowed).resume_from == str(tag)  # auto: the latest
 
 
 def test_math_config_holds_what_changes_the_numbers(tmp_path):
@@ -379,21 +379,21 @@ def test_math_config_holds_what_changes_the_numbers(tmp_path):
 def test_a_zero_stage_change_deepspeed_cannot_load_is_refused_before_workers_start(tmp_path):
     from pipeline.config import ConfigError
 
-    job = make_job(tmp_path, tmp_path / "runs" / "r")
+    spec = make_spec(tmp_path, tmp_path / "runs" / "r")
     fake_checkpoint(tmp_path / "runs" / "r" / "checkpoints", 3)  # saved at ZeRO-1 on 2 workers
     for stage in (0, 3):
         with pytest.raises(ConfigError, match=rf"ZeRO stage 1, .* parallel.zero_stage={stage} .*zero_stage=1 "):
-            as_the_driver_resumes(job, tmp_path, "r", parallel=dataclasses.replace(job.parallel, zero_stage=stage))
+            as_the_driver_resumes(spec, tmp_path, "r", parallel=dataclasses.replace(spec.parallel, zero_stage=stage))
 
 
-def elastic_job(job, output_dir: Path, run_name: str, workers: int, micro: int, tp: int = 1, zero: int | None = None):
-    """The job resized to `workers` ranks (tensor-parallel degree tp, ZeRO stage zero), resumed the way the
+def elastic_spec(spec, output_dir: Path, run_name: str, workers: int, micro: int, tp: int = 1, zero: int | None = None):
+    """The run's spec resized to `workers` ranks (tensor-parallel degree tp, ZeRO stage zero), resumed the way the
     driver does it: pipeline.train.driver.decide_resume finds the run's latest checkpoint, sees the other layout
     and converts it."""
-    train = dataclasses.replace(job.train, micro_batch_size=micro)
-    parallel = dataclasses.replace(job.parallel, num_workers=workers, tensor_parallel=tp,
-                                   zero_stage=job.parallel.zero_stage if zero is None else zero)
-    resized = dataclasses.replace(job, train=train, parallel=parallel, run_dir=str(output_dir / "runs" / run_name),
+    train = dataclasses.replace(spec.train, micro_batch_size=micro)
+    parallel = dataclasses.replace(spec.parallel, num_workers=workers, tensor_parallel=tp,
+                                   zero_stage=spec.parallel.zero_stage if zero is None else zero)
+    resized = dataclasses.replace(spec, train=train, parallel=parallel, run_dir=str(output_dir / "runs" / run_name),
                                   ds_config=make_ds_config(train, parallel, "fp32", 1))
     resumed = as_the_driver_resumes(resized, output_dir, run_name)
     assert resumed.ds_config["checkpoint"] == {"load_universal": True}
@@ -408,17 +408,17 @@ def test_elastic_resume_at_another_data_parallel_size(data_dir, tmp_path, saved_
     """Saved at one data-parallel size (ZeRO-1), resumed at another (and at ZeRO-2) through DeepSpeed's
     universal checkpoint; the global batch (and so the data position) stays the same, and the losses
     continue."""
-    job = dataclasses.replace(make_job(data_dir, tmp_path / "full", steps=6, save_every=3, workers=saved_workers))
-    job = dataclasses.replace(job, model=dataclasses.replace(MODEL, dropout=0.0))
-    job = dataclasses.replace(job, train=dataclasses.replace(job.train, micro_batch_size=4 // saved_workers),
-                              ds_config=make_ds_config(dataclasses.replace(job.train, micro_batch_size=4 // saved_workers),
-                                                       job.parallel, "fp32", 1))
-    full_losses = run_distributed(train_and_report, saved_workers, job)[0].losses
+    spec = dataclasses.replace(make_spec(data_dir, tmp_path / "full", steps=6, save_every=3, workers=saved_workers))
+    spec = dataclasses.replace(spec, model=dataclasses.replace(MODEL, dropout=0.0))
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, micro_batch_size=4 // saved_workers),
+                              ds_config=make_ds_config(dataclasses.replace(spec.train, micro_batch_size=4 // saved_workers),
+                                                       spec.parallel, "fp32", 1))
+    full_losses = run_distributed(train_and_report, saved_workers, spec)[0].losses
     resumed_dir = tmp_path / "runs" / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(checkpoint_root(tmp_path / "full") / "step_00000003", resumed_dir / "step_00000003")
     (resumed_dir / "latest").write_text("step_00000003")
-    resumed = elastic_job(job, tmp_path, "resumed", resumed_workers, 4 // resumed_workers, zero=resumed_zero)
+    resumed = elastic_spec(spec, tmp_path, "resumed", resumed_workers, 4 // resumed_workers, zero=resumed_zero)
     outcome = run_distributed(train_and_report, resumed_workers, resumed)[0]
     assert sorted(outcome.losses) == [3, 4, 5]
     for step in (3, 4, 5):
@@ -432,18 +432,18 @@ def test_elastic_resume_at_another_tensor_parallel_degree(data_dir, tmp_path, sa
     in the checkpoint): saved at tp=2 and resumed at tp=1, or back, with data-parallel size 1 both times so
     that the global batch is unchanged, the losses continue. The resume names the checkpoint explicitly."""
 
-    def at_tp(job, tp, run_dir):
-        parallel = dataclasses.replace(job.parallel, num_workers=tp, tensor_parallel=tp, zero_stage=1)
-        train = dataclasses.replace(job.train, micro_batch_size=4, global_batch_tokens=4 * 16)
-        return dataclasses.replace(job, parallel=parallel, train=train, run_dir=str(run_dir),
+    def at_tp(spec, tp, run_dir):
+        parallel = dataclasses.replace(spec.parallel, num_workers=tp, tensor_parallel=tp, zero_stage=1)
+        train = dataclasses.replace(spec.train, micro_batch_size=4, global_batch_tokens=4 * 16)
+        return dataclasses.replace(spec, parallel=parallel, train=train, run_dir=str(run_dir),
                                    model=dataclasses.replace(MODEL, dropout=0.0),
                                    ds_config=make_ds_config(train, parallel, "fp32", 1))
 
-    saved = at_tp(make_job(data_dir, tmp_path / "full", steps=6, save_every=3), saved_tp, tmp_path / "full")
+    saved = at_tp(make_spec(data_dir, tmp_path / "full", steps=6, save_every=3), saved_tp, tmp_path / "full")
     full_losses = run_distributed(train_and_report, saved_tp, saved)[0].losses
     tag = checkpoint_root(tmp_path / "full") / "step_00000003"
     explicit = dataclasses.replace(saved, train=dataclasses.replace(saved.train, resume=str(tag)))
-    resumed = elastic_job(explicit, tmp_path, "resumed", resumed_tp, 4, tp=resumed_tp)
+    resumed = elastic_spec(explicit, tmp_path, "resumed", resumed_tp, 4, tp=resumed_tp)
     outcome = run_distributed(train_and_report, resumed_tp, resumed)[0]
     assert sorted(outcome.losses) == [3, 4, 5]
     for step in (3, 4, 5):

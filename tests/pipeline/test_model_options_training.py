@@ -42,16 +42,16 @@ def data_dir(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("data"), windows, vocab_size=64, val_windows=16)
 
 
-def make_job(data_dir, run_dir, model, *, workers=1, tp=1, zero=0, micro=4, optimizer="adamw", steps=STEPS,
+def make_spec(data_dir, run_dir, model, *, workers=1, tp=1, zero=0, micro=4, optimizer="adamw", steps=STEPS,
              save_every=0, grad_clip=1.0):
-    from pipeline.train.job import TrainJob
+    from pipeline.train.run_spec import RunSpec
 
     train = TrainConfig(max_steps=steps, micro_batch_size=micro, warmup_steps=1, lr=1e-2, resume="auto",
                         global_batch_tokens=micro * (workers // tp) * 16, log_interval_steps=1, peak_tflops=1.0,
                         optimizer=optimizer, save_interval_steps=save_every, schedule="constant",
                         grad_clip=grad_clip)
     parallel = ParallelConfig(num_workers=workers, tensor_parallel=tp, zero_stage=zero, precision="fp32")
-    return TrainJob(
+    return RunSpec(
         model=model, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
         precision="fp32", grad_accum_steps=1,
         ds_config=make_ds_config(train, parallel, "fp32", 1, d_model=model.d_model),
@@ -59,27 +59,27 @@ def make_job(data_dir, run_dir, model, *, workers=1, tp=1, zero=0, micro=4, opti
     )
 
 
-def train_and_report(job):
+def train_and_report(spec):
     from pipeline.train.worker import train_worker
 
-    return train_worker(job)
+    return train_worker(spec)
 
 
-def outcomes_of(job):
-    return run_distributed(train_and_report, job.parallel.num_workers, job)
+def outcomes_of(spec):
+    return run_distributed(train_and_report, spec.parallel.num_workers, spec)
 
 
 def losses_of(outcome, steps=range(STEPS)) -> list[float]:
     return [outcome.losses[s] for s in steps]
 
 
-def weights_of(job):
+def weights_of(spec):
     from pathlib import Path
 
     from pipeline.checkpoint.consolidate import consolidated_state_dict
     from pipeline.checkpoint.layout import checkpoint_root, latest_complete
 
-    return consolidated_state_dict(latest_complete(checkpoint_root(Path(job.run_dir))))
+    return consolidated_state_dict(latest_complete(checkpoint_root(Path(spec.run_dir))))
 
 
 def assert_same_weights(ours, theirs, atol=1e-4):
@@ -90,9 +90,9 @@ def assert_same_weights(ours, theirs, atol=1e-4):
 
 def uninterrupted(data_dir, run_dir, model, **kw):
     """2 x STEPS steps on one rank, a checkpoint at STEPS and at the end."""
-    job = make_job(data_dir, run_dir, model, steps=2 * STEPS, save_every=STEPS, **kw)
-    (outcome,) = outcomes_of(job)
-    return job, losses_of(outcome, range(2 * STEPS))
+    spec = make_spec(data_dir, run_dir, model, steps=2 * STEPS, save_every=STEPS, **kw)
+    (outcome,) = outcomes_of(spec)
+    return spec, losses_of(outcome, range(2 * STEPS))
 
 
 @pytest.fixture(scope="module")
@@ -110,22 +110,22 @@ def resumed_from_the_middle(data_dir, tmp_path, reference, model, **kw):
     it, final weights)."""
     from pipeline.checkpoint.layout import checkpoint_root, find_tag
 
-    ref_job, _ = reference
-    tag = find_tag(checkpoint_root(Path(ref_job.run_dir)) / f"step_{STEPS:08d}")
-    job = dataclasses.replace(make_job(data_dir, tmp_path, model, steps=2 * STEPS, **kw), resume_from=str(tag))
-    return losses_of(outcomes_of(job)[0], range(STEPS, 2 * STEPS)), weights_of(job)
+    ref_spec, _ = reference
+    tag = find_tag(checkpoint_root(Path(ref_spec.run_dir)) / f"step_{STEPS:08d}")
+    spec = dataclasses.replace(make_spec(data_dir, tmp_path, model, steps=2 * STEPS, **kw), resume_from=str(tag))
+    return losses_of(outcomes_of(spec)[0], range(STEPS, 2 * STEPS)), weights_of(spec)
 
 
 def check_learns_resumes_and_exports(data_dir, tmp_path, reference, model, architecture):
     from pipeline.evaluation.export import to_hf_model
     from pipeline.model.gpt import GPT
 
-    ref_job, losses = reference
+    ref_spec, losses = reference
     assert losses[-1] < losses[0] - 0.1
     # Resumed from the reference's checkpoint at STEPS: the same losses and weights as the run that never stopped.
     resumed_losses, weights = resumed_from_the_middle(data_dir, tmp_path, reference, model)
     assert resumed_losses == pytest.approx(losses[STEPS:], rel=1e-5)
-    assert_same_weights(weights, weights_of(ref_job), atol=1e-6)
+    assert_same_weights(weights, weights_of(ref_spec), atol=1e-6)
     # The trained model exported: the same logits on a document (an EOS, then tokens without one).
     ours = GPT(model).eval()
     ours.load_state_dict(weights)
@@ -148,17 +148,17 @@ def test_alibi_model_learns_resumes_exactly_and_exports(alibi_reference, data_di
 def test_modern_options_train_the_same_under_tensor_parallelism_and_zero_3(modern_reference, data_dir, tmp_path, layout):
     """tp=2 splits the 4 query and 2 key/value heads (1 KV head per rank); QK-norm's weights, replicated,
     get the sum of both ranks' head gradients. ZeRO-3 builds the same (µP-initialised) model partitioned."""
-    ref_job, expected = modern_reference
-    job = make_job(data_dir, tmp_path, MODERN, steps=2 * STEPS, **layout)
-    assert losses_of(outcomes_of(job)[0], range(2 * STEPS)) == pytest.approx(expected, rel=1e-5)
-    assert_same_weights(weights_of(job), weights_of(ref_job))
+    ref_spec, expected = modern_reference
+    spec = make_spec(data_dir, tmp_path, MODERN, steps=2 * STEPS, **layout)
+    assert losses_of(outcomes_of(spec)[0], range(2 * STEPS)) == pytest.approx(expected, rel=1e-5)
+    assert_same_weights(weights_of(spec), weights_of(ref_spec))
 
 
 def test_alibi_model_trains_the_same_under_zero_3(alibi_reference, data_dir, tmp_path):
-    ref_job, expected = alibi_reference
-    job = make_job(data_dir, tmp_path, ALIBI, workers=2, micro=2, zero=3, steps=2 * STEPS)
-    assert losses_of(outcomes_of(job)[0], range(2 * STEPS)) == pytest.approx(expected, rel=1e-5)
-    assert_same_weights(weights_of(job), weights_of(ref_job))
+    ref_spec, expected = alibi_reference
+    spec = make_spec(data_dir, tmp_path, ALIBI, workers=2, micro=2, zero=3, steps=2 * STEPS)
+    assert losses_of(outcomes_of(spec)[0], range(2 * STEPS)) == pytest.approx(expected, rel=1e-5)
+    assert_same_weights(weights_of(spec), weights_of(ref_spec))
 
 
 @pytest.fixture(scope="module")
@@ -167,25 +167,25 @@ def muon_reference(data_dir, tmp_path_factory):
 
 
 def test_muon_learns_and_differs_from_adamw(muon_reference, data_dir, tmp_path):
-    job, losses = muon_reference
+    spec, losses = muon_reference
     assert losses[-1] < losses[0] - 0.1
-    adamw = losses_of(outcomes_of(make_job(data_dir, tmp_path, PLAIN, steps=2 * STEPS))[0], range(2 * STEPS))
+    adamw = losses_of(outcomes_of(make_spec(data_dir, tmp_path, PLAIN, steps=2 * STEPS))[0], range(2 * STEPS))
     assert abs(adamw[-1] - losses[-1]) > 1e-3  # another optimizer really ran
 
 
 @pytest.mark.parametrize("zero", [1, 2])
 def test_muon_under_zero_equals_zero_0(muon_reference, data_dir, tmp_path, zero):
     """DeepSpeed's ZeRO 1-2 orthogonalise each matrix's whole gradient, then partition the update."""
-    ref_job, expected = muon_reference
-    job = make_job(data_dir, tmp_path, PLAIN, workers=2, micro=2, zero=zero, optimizer="muon", steps=2 * STEPS)
-    assert losses_of(outcomes_of(job)[0], range(2 * STEPS)) == pytest.approx(expected, rel=1e-4)
-    assert_same_weights(weights_of(job), weights_of(ref_job), atol=1e-3)
+    ref_spec, expected = muon_reference
+    spec = make_spec(data_dir, tmp_path, PLAIN, workers=2, micro=2, zero=zero, optimizer="muon", steps=2 * STEPS)
+    assert losses_of(outcomes_of(spec)[0], range(2 * STEPS)) == pytest.approx(expected, rel=1e-4)
+    assert_same_weights(weights_of(spec), weights_of(ref_spec), atol=1e-3)
 
 
 def test_muon_resumes_exactly_from_its_momentum(muon_reference, data_dir, tmp_path):
     """The checkpoint at STEPS holds Muon's momentum buffers and Adam's moments: resumed, the same losses and
     weights as the run that never stopped."""
-    ref_job, expected = muon_reference
+    ref_spec, expected = muon_reference
     losses, weights = resumed_from_the_middle(data_dir, tmp_path, muon_reference, PLAIN, optimizer="muon")
     assert losses == pytest.approx(expected[STEPS:], rel=1e-5)
-    assert_same_weights(weights, weights_of(ref_job), atol=1e-6)
+    assert_same_weights(weights, weights_of(ref_spec), atol=1e-6)

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from pipeline.model.size import count_parameters
-from pipeline.train.plan import (
+from pipeline.train.memory_plan import (
     GIB,
     check_layout_fits,
     layouts_that_fit,

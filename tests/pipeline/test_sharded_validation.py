@@ -42,27 +42,27 @@ def data_dir(tmp_path_factory):
     return write_synthetic_dataset(root / "data", windows, vocab_size=400, val_windows=37, tokenizer=tokenizer)
 
 
-def make_job(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4):
-    from pipeline.train.job import TrainJob
+def make_spec(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4):
+    from pipeline.train.run_spec import RunSpec
 
     train = TrainConfig(max_steps=STEPS, micro_batch_size=micro, warmup_steps=1, lr=1e-2, resume="none",
                         global_batch_tokens=8 * 16, log_interval_steps=1, peak_tflops=1.0, eval_interval_steps=2)
     parallel = ParallelConfig(num_workers=workers, tensor_parallel=tp, zero_stage=zero, precision="fp32")
     accum = 8 // (micro * (workers // tp))
-    return TrainJob(
+    return RunSpec(
         model=MODEL, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir), precision="fp32",
         grad_accum_steps=accum, ds_config=make_ds_config(train, parallel, "fp32", accum, d_model=MODEL.d_model),
         flops_per_token=1.0, config_fingerprint="test", math_config={}, tokenizer_sha256="",
     )
 
 
-def train_and_report(job):
+def train_and_report(spec):
     from pipeline.train.worker import train_worker
 
-    return train_worker(job)
+    return train_worker(spec)
 
 
-def one_process_validation(job):
+def one_process_validation(spec):
     """pipeline evaluate's computation on the run's final checkpoint: one process, the whole model."""
     from pathlib import Path
 
@@ -71,9 +71,9 @@ def one_process_validation(job):
     from pipeline.checkpoint.layout import checkpoint_root, latest_complete
     from pipeline.evaluation.evaluate import load_trained_model, token_byte_lengths, validation_totals
 
-    model = load_trained_model(MODEL, latest_complete(checkpoint_root(Path(job.run_dir))))
-    lengths = token_byte_lengths(load_tokenizer(Path(job.data_dir) / "tokenizer.model"))
-    return validation_totals(model, open_split(Path(job.data_dir), "validation"), 16, None, lengths).mean_loss
+    model = load_trained_model(MODEL, latest_complete(checkpoint_root(Path(spec.run_dir))))
+    lengths = token_byte_lengths(load_tokenizer(Path(spec.data_dir) / "tokenizer.model"))
+    return validation_totals(model, open_split(Path(spec.data_dir), "validation"), 16, None, lengths).mean_loss
 
 
 val_losses: dict[str, dict[int, float]] = {}
@@ -83,10 +83,10 @@ val_losses: dict[str, dict[int, float]] = {}
 @pytest.mark.parametrize("layout", [dict(), dict(workers=2, zero=1), dict(workers=2, tp=2), dict(workers=2, zero=3)],
                          ids=["dp1", "dp2-zero1", "tp2", "dp2-zero3"])
 def test_validation_on_the_workers_equals_one_process_evaluation(data_dir, tmp_path, layout):
-    job = make_job(data_dir, tmp_path, **layout)
-    outcome = run_distributed(train_and_report, job.parallel.num_workers, job)[0]
+    spec = make_spec(data_dir, tmp_path, **layout)
+    outcome = run_distributed(train_and_report, spec.parallel.num_workers, spec)[0]
     assert sorted(outcome.val_losses) == [2, 4]  # the interval and the last step
-    assert outcome.val_losses[4] == pytest.approx(one_process_validation(job), rel=1e-5)
+    assert outcome.val_losses[4] == pytest.approx(one_process_validation(spec), rel=1e-5)
     name = "-".join(f"{k}{v}" for k, v in layout.items()) or "dp1"
     val_losses[name] = outcome.val_losses
     # Every layout trains the same model (training equivalence) and so scores the same losses.
@@ -109,9 +109,9 @@ def test_a_zero_3_run_exported_gives_the_pipelines_validation_loss_in_plain_tran
     from pipeline.checkpoint.layout import checkpoint_root, latest_complete
     from pipeline.evaluation.export import hf_weights, write_weights
 
-    job = make_job(data_dir, tmp_path / "run", workers=2, zero=3)
-    outcome = run_distributed(train_and_report, 2, job)[0]
-    model_class, hf_cfg, weights = hf_weights(MODEL, consolidated_state_dict(latest_complete(checkpoint_root(Path(job.run_dir)))))
+    spec = make_spec(data_dir, tmp_path / "run", workers=2, zero=3)
+    outcome = run_distributed(train_and_report, 2, spec)[0]
+    model_class, hf_cfg, weights = hf_weights(MODEL, consolidated_state_dict(latest_complete(checkpoint_root(Path(spec.run_dir)))))
     hf_cfg.architectures = [model_class.__name__]
     hf_cfg.save_pretrained(tmp_path / "hf")
     write_weights(tmp_path / "hf", weights, torch.float32, 50_000, {"lm_head.weight"})

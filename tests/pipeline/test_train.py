@@ -9,7 +9,7 @@ import pytest
 
 from data_prep.shards import HEADER_BYTES, VERIFIED_STAMP, ShardError, write_synthetic_dataset
 from pipeline.config import DataConfig, ModelConfig, PipelineConfig
-from pipeline.train.driver import resolve_job
+from pipeline.train.driver import resolve_run
 
 
 def test_a_corrupted_shard_stops_training_before_workers(tmp_path):
@@ -17,7 +17,7 @@ def test_a_corrupted_shard_stops_training_before_workers(tmp_path):
     data_dir = write_synthetic_dataset(tmp_path / "ds", windows, 500, val_windows=4)
     cfg = PipelineConfig(output_dir=str(tmp_path / "out"), model=ModelConfig(context_length=16),
                          data=DataConfig(context_length=16))
-    assert resolve_job(cfg, data_dir).data_dir == str(data_dir)
+    assert resolve_run(cfg, data_dir).data_dir == str(data_dir)
     assert (data_dir / VERIFIED_STAMP).is_file()
 
     shard = data_dir / "train_00000.bin"
@@ -25,9 +25,9 @@ def test_a_corrupted_shard_stops_training_before_workers(tmp_path):
     data[HEADER_BYTES + 3] ^= 0x01  # same size and header: only the checksum tells
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match="train_00000.bin fails its checksum"):
-        resolve_job(cfg, data_dir)
+        resolve_run(cfg, data_dir)
     skip = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, verify_checksums=False))
-    assert resolve_job(skip, data_dir).data_dir == str(data_dir)  # the user chose to skip the check
+    assert resolve_run(skip, data_dir).data_dir == str(data_dir)  # the user chose to skip the check
 
 
 def test_dropout_streams_differ_per_data_parallel_replica():

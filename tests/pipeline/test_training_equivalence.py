@@ -31,14 +31,14 @@ def data_dir(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("data"), windows, vocab_size=64, val_windows=16)
 
 
-def make_job(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4, accum=1, precision="fp32", recompute=False):
-    from pipeline.train.job import TrainJob
+def make_spec(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4, accum=1, precision="fp32", recompute=False):
+    from pipeline.train.run_spec import RunSpec
 
     train = TrainConfig(max_steps=STEPS, micro_batch_size=micro, warmup_steps=1, lr=1e-2, resume="none",
                         global_batch_tokens=micro * accum * (workers // tp) * 16, log_interval_steps=1, peak_tflops=1.0)
     parallel = ParallelConfig(num_workers=workers, tensor_parallel=tp, zero_stage=zero, precision=precision,
                               activation_checkpointing=recompute)
-    return TrainJob(
+    return RunSpec(
         model=MODEL, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
         precision=precision, grad_accum_steps=accum,
         ds_config=make_ds_config(train, parallel, precision, accum, d_model=MODEL.d_model),
@@ -46,18 +46,18 @@ def make_job(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4, accum=1, pr
     )
 
 
-def train_and_report(job):
+def train_and_report(spec):
     from pipeline.train.worker import train_worker
 
-    return train_worker(job)
+    return train_worker(spec)
 
 
-def outcomes_of(job):
-    return run_distributed(train_and_report, job.parallel.num_workers, job)
+def outcomes_of(spec):
+    return run_distributed(train_and_report, spec.parallel.num_workers, spec)
 
 
-def losses_of(job) -> list[float]:
-    losses = outcomes_of(job)[0].losses
+def losses_of(spec) -> list[float]:
+    losses = outcomes_of(spec)[0].losses
     return [losses[s] for s in range(STEPS)]
 
 
@@ -65,21 +65,21 @@ def grad_norms_of(outcome) -> list[float]:
     return [outcome.grad_norms[s] for s in range(STEPS)]
 
 
-def weights_of(job):
+def weights_of(spec):
     from pathlib import Path
 
     from pipeline.checkpoint.consolidate import consolidated_state_dict
     from pipeline.checkpoint.layout import checkpoint_root, latest_complete
 
-    return consolidated_state_dict(latest_complete(checkpoint_root(Path(job.run_dir))))
+    return consolidated_state_dict(latest_complete(checkpoint_root(Path(spec.run_dir))))
 
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-    job = make_job(data_dir, tmp_path_factory.mktemp("ref"), workers=1, micro=4)
-    (outcome,) = outcomes_of(job)
+    spec = make_spec(data_dir, tmp_path_factory.mktemp("ref"), workers=1, micro=4)
+    (outcome,) = outcomes_of(spec)
     reference_grad_norms[:] = grad_norms_of(outcome)
-    return job, [outcome.losses[s] for s in range(STEPS)]
+    return spec, [outcome.losses[s] for s in range(STEPS)]
 
 
 # Per-step gradient norms of the reference run (ZeRO-0, one rank), filled in by the fixture.
@@ -105,47 +105,47 @@ def test_reference_run_learns(reference):
 
 def test_data_parallel_two_ranks_equal_one_rank_with_double_batch(reference, data_dir, tmp_path):
     _, expected = reference
-    assert_same(losses_of(make_job(data_dir, tmp_path, workers=2, micro=2)), expected)
+    assert_same(losses_of(make_spec(data_dir, tmp_path, workers=2, micro=2)), expected)
 
 
 def test_gradient_accumulation_equals_a_larger_micro_batch(reference, data_dir, tmp_path):
     _, expected = reference
-    assert_same(losses_of(make_job(data_dir, tmp_path, workers=1, micro=2, accum=2)), expected)
+    assert_same(losses_of(make_spec(data_dir, tmp_path, workers=1, micro=2, accum=2)), expected)
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_zero_stages_equal_zero_0(reference, data_dir, tmp_path, zero):
-    ref_job, expected = reference
-    job = make_job(data_dir, tmp_path, workers=2, micro=2, zero=zero)
-    outcome = outcomes_of(job)[0]
+    ref_spec, expected = reference
+    spec = make_spec(data_dir, tmp_path, workers=2, micro=2, zero=zero)
+    outcome = outcomes_of(spec)[0]
     assert_same([outcome.losses[s] for s in range(STEPS)], expected)
     # DeepSpeed's gradient norm (ZeRO >= 1) equals the one the loop computes at ZeRO-0, which is logged.
     assert_same(grad_norms_of(outcome), reference_grad_norms, rel=1e-4)
     # The consolidated checkpoint holds the same weights as the reference run's.
-    assert_same_weights(weights_of(job), weights_of(ref_job))
+    assert_same_weights(weights_of(spec), weights_of(ref_spec))
 
 
 def test_activation_checkpointing_under_zero_3_equals_zero_0(reference, data_dir, tmp_path):
     """Recomputing each block in the backward pass, with ZeRO-3 gathering the weights again for it, changes
     nothing but memory."""
     _, expected = reference
-    assert_same(losses_of(make_job(data_dir, tmp_path, workers=2, micro=2, zero=3, recompute=True)), expected)
+    assert_same(losses_of(make_spec(data_dir, tmp_path, workers=2, micro=2, zero=3, recompute=True)), expected)
 
 
 def test_torch_compile_gives_the_same_losses(reference, data_dir, tmp_path):
     """train.compile=true (DeepSpeed's engine.compile, torch.compile with Inductor on CPU): same numbers."""
     _, expected = reference
-    job = make_job(data_dir, tmp_path, workers=1, micro=4)
-    job = dataclasses.replace(job, train=dataclasses.replace(job.train, compile=True))
-    assert_same(losses_of(job), expected)
+    spec = make_spec(data_dir, tmp_path, workers=1, micro=4)
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, compile=True))
+    assert_same(losses_of(spec), expected)
 
 
 def test_tensor_parallel_two_equals_one(reference, data_dir, tmp_path):
     from pipeline.model.size import count_parameters
 
-    ref_job, expected = reference
-    job = make_job(data_dir, tmp_path, workers=2, tp=2, micro=4)
-    outcomes = outcomes_of(job)
+    ref_spec, expected = reference
+    spec = make_spec(data_dir, tmp_path, workers=2, tp=2, micro=4)
+    outcomes = outcomes_of(spec)
     assert_same([outcomes[0].losses[s] for s in range(STEPS)], expected)
     # Really sharded, not two replicas on the same batches: each rank holds half of every projection
     # (Q, K, V, O, up, down: 2 x 2 x (4 d^2 + 2 d d_ff) / 2 fewer elements; column-parallel biases halve too).
@@ -155,7 +155,7 @@ def test_tensor_parallel_two_equals_one(reference, data_dir, tmp_path):
     assert [o.local_parameters for o in outcomes] == [full - halved] * 2
     # The gradient norm sums the shards over the tensor-parallel group and counts replicated weights once.
     assert_same(grad_norms_of(outcomes[0]), reference_grad_norms, rel=1e-4)
-    assert_same_weights(weights_of(job), weights_of(ref_job))
+    assert_same_weights(weights_of(spec), weights_of(ref_spec))
 
 
 bf16_losses: dict[int, list[float]] = {}  # per ZeRO stage, filled by test_bf16_training_tracks_fp32
@@ -167,7 +167,7 @@ def test_bf16_training_tracks_fp32(reference, data_dir, tmp_path, zero):
     accumulated and reduced in fp32 (ZeRO 0-1 fp32 weights under autocast, ZeRO-3 DeepSpeed's bf16 with fp32
     gradient partitions)."""
     _, expected = reference
-    losses = bf16_losses[zero] = losses_of(make_job(data_dir, tmp_path, workers=2, micro=2, zero=zero,
+    losses = bf16_losses[zero] = losses_of(make_spec(data_dir, tmp_path, workers=2, micro=2, zero=zero,
                                                     precision="bf16"))
     assert losses == pytest.approx(expected, abs=0.05)
     assert losses[-1] < losses[0] - 0.1
@@ -176,31 +176,31 @@ def test_bf16_training_tracks_fp32(reference, data_dir, tmp_path, zero):
 def test_a_non_finite_bf16_step_is_skipped_and_retried_without_a_trace(data_dir, tmp_path):
     """bf16 under ZeRO-3 (DeepSpeed's bf16 mode, whose overflow check differs from fp32's) skips the NaN step
     too; the run ends as the bf16 run without it did."""
-    expected = bf16_losses.get(3) or losses_of(make_job(data_dir, tmp_path / "ref", workers=2, micro=2, zero=3,
+    expected = bf16_losses.get(3) or losses_of(make_spec(data_dir, tmp_path / "ref", workers=2, micro=2, zero=3,
                                                         precision="bf16"))
-    job = make_job(data_dir, tmp_path / "nan", workers=2, micro=2, zero=3, precision="bf16")
-    outcome = run_distributed(nan_once_then_train, 2, job, 3)[0]
+    spec = make_spec(data_dir, tmp_path / "nan", workers=2, micro=2, zero=3, precision="bf16")
+    outcome = run_distributed(nan_once_then_train, 2, spec, 3)[0]
     assert outcome.failure is None and outcome.final_step == STEPS
     assert_same([outcome.losses[s] for s in range(STEPS)], expected)
 
 
-def test_job_is_plain_data():
-    """TrainJob travels to Ray workers by pickling: it must stay plain data."""
+def test_run_spec_is_plain_data():
+    """RunSpec travels to Ray workers by pickling: it must stay plain data."""
     import pickle
 
-    job = make_job("/tmp/d", "/tmp/r")
-    assert dataclasses.asdict(pickle.loads(pickle.dumps(job))) == dataclasses.asdict(job)
+    spec = make_spec("/tmp/d", "/tmp/r")
+    assert dataclasses.asdict(pickle.loads(pickle.dumps(spec))) == dataclasses.asdict(spec)
 
 
-def build_partitioned(job):
+def build_partitioned(spec):
     """The worker's model under ZeRO-3: what each rank holds locally, and the gathered weights."""
     import deepspeed
 
     from pipeline.train.distributed import init_distributed
     from pipeline.train.worker import build_model
 
-    init_distributed(job.parallel)
-    model = build_model(job, job.ds_config)
+    init_distributed(spec.parallel)
+    model = build_model(spec, spec.ds_config)
     local = sum(p.ds_tensor.numel() for p in model.parameters())
     full = sum(p.ds_numel for p in model.parameters())
     untouched = all(p.numel() == 0 for p in model.parameters())  # nothing but the partition is allocated
@@ -217,14 +217,14 @@ def test_zero_3_builds_only_each_ranks_partition_with_the_same_initial_weights(t
     from pipeline.model.gpt import GPT
     from pipeline.train.distributed import seed_everything
 
-    job = make_job(tmp_path, tmp_path / "run", workers=2, micro=2, zero=3)
-    job = dataclasses.replace(job, model=dataclasses.replace(MODEL, tie_embeddings=tied))
-    results = run_distributed(build_partitioned, 2, job)
-    seed_everything(job.train.seed)
-    expected = GPT(job.model).state_dict()
+    spec = make_spec(tmp_path, tmp_path / "run", workers=2, micro=2, zero=3)
+    spec = dataclasses.replace(spec, model=dataclasses.replace(MODEL, tie_embeddings=tied))
+    results = run_distributed(build_partitioned, 2, spec)
+    seed_everything(spec.train.seed)
+    expected = GPT(spec.model).state_dict()
     for local, full, untouched, weights in results:
         assert untouched
-        assert full == sum(p.numel() for p in GPT(job.model).parameters())
+        assert full == sum(p.numel() for p in GPT(spec.model).parameters())
         assert local <= full / 2 + 2 * len(expected)  # half of each parameter, rounded up
         assert weights.keys() == expected.keys()
         for name, value in expected.items():
@@ -234,14 +234,14 @@ def test_zero_3_builds_only_each_ranks_partition_with_the_same_initial_weights(t
 def test_optimizer_offloaded_to_cpu_equals_zero_0(reference, data_dir, tmp_path):
     """parallel.offload_optimizer (ZeRO-Offload, here with torch's AdamW): the same numbers."""
     _, expected = reference
-    job = make_job(data_dir, tmp_path, workers=2, micro=2, zero=2)
-    parallel = dataclasses.replace(job.parallel, offload_optimizer=True)
-    job = dataclasses.replace(job, parallel=parallel,
-                              ds_config=make_ds_config(job.train, parallel, "fp32", 1, d_model=MODEL.d_model))
-    assert_same(losses_of(job), expected)
+    spec = make_spec(data_dir, tmp_path, workers=2, micro=2, zero=2)
+    parallel = dataclasses.replace(spec.parallel, offload_optimizer=True)
+    spec = dataclasses.replace(spec, parallel=parallel,
+                              ds_config=make_ds_config(spec.train, parallel, "fp32", 1, d_model=MODEL.d_model))
+    assert_same(losses_of(spec), expected)
 
 
-def nan_once_then_train(job, poisoned_forward: int):
+def nan_once_then_train(spec, poisoned_forward: int):
     """train_worker, with the loss of one forward pass (the poisoned_forward-th, counting from 1) made NaN on
     every rank, as a loss spike would: that step's gradients are not finite."""
     import pipeline.train.worker as worker
@@ -249,8 +249,8 @@ def nan_once_then_train(job, poisoned_forward: int):
     build = worker.build_engine
     calls = {"n": 0}
 
-    def poisoned(job, ds_config):
-        engine = build(job, ds_config)
+    def poisoned(spec, ds_config):
+        engine = build(spec, ds_config)
 
         def hook(module, args, output):
             calls["n"] += 1
@@ -261,7 +261,7 @@ def nan_once_then_train(job, poisoned_forward: int):
         return engine
 
     worker.build_engine = poisoned
-    return worker.train_worker(job)
+    return worker.train_worker(spec)
 
 
 @pytest.mark.parametrize("zero", [0, 1])
@@ -269,8 +269,8 @@ def test_a_non_finite_step_is_skipped_and_retried_without_a_trace(reference, dat
     """The update of a step with NaN gradients is skipped (by our optimizer without ZeRO, by DeepSpeed with it),
     the step is tried again on the same batch, and the run ends exactly as the reference does."""
     _, expected = reference
-    job = make_job(data_dir, tmp_path, workers=2, micro=2, zero=zero)
-    outcome = run_distributed(nan_once_then_train, 2, job, 3)[0]  # the third step's forward
+    spec = make_spec(data_dir, tmp_path, workers=2, micro=2, zero=zero)
+    outcome = run_distributed(nan_once_then_train, 2, spec, 3)[0]  # the third step's forward
     assert outcome.failure is None and outcome.final_step == STEPS
     assert_same([outcome.losses[s] for s in range(STEPS)], expected)
 
@@ -284,13 +284,13 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_checkpoints(data_di
     from pipeline.checkpoint.consolidate import consolidated_state_dict
     from pipeline.checkpoint.layout import checkpoint_root, complete_tags, latest_complete
 
-    job = make_job(data_dir, tmp_path, workers=2, micro=2, zero=zero)
-    train = dataclasses.replace(job.train, lr=1e6, max_steps=10, save_interval_steps=1, max_skipped_steps=2)
-    job = dataclasses.replace(job, train=train, ds_config=make_ds_config(train, job.parallel, "fp32", 1))
-    outcome = run_distributed(train_and_report, 2, job)[0]
+    spec = make_spec(data_dir, tmp_path, workers=2, micro=2, zero=zero)
+    train = dataclasses.replace(spec.train, lr=1e6, max_steps=10, save_interval_steps=1, max_skipped_steps=2)
+    spec = dataclasses.replace(spec, train=train, ds_config=make_ds_config(train, spec.parallel, "fp32", 1))
+    outcome = run_distributed(train_and_report, 2, spec)[0]
     assert outcome.failure and "diverged at step 2" in outcome.failure and "3 times in a row" in outcome.failure
     assert outcome.final_step == 1 and not outcome.preempted
-    root = checkpoint_root(Path(job.run_dir))
+    root = checkpoint_root(Path(spec.run_dir))
     assert complete_tags(root) == ["step_00000001"]
     weights = consolidated_state_dict(latest_complete(root))
     assert all(torch.isfinite(w).all() for w in weights.values())

@@ -39,8 +39,8 @@ def write_payload(path, proof) -> None:
     torch.save({"module": {"w": torch.zeros(2)}, "hook": Payload(proof)}, path)
 
 
-def make_job(data_dir, run_dir, *, workers=2, steps=3, resume_from=None, universal=False):
-    from pipeline.train.job import TrainJob
+def make_spec(data_dir, run_dir, *, workers=2, steps=3, resume_from=None, universal=False):
+    from pipeline.train.run_spec import RunSpec
 
     train = TrainConfig(max_steps=steps, micro_batch_size=2, warmup_steps=1, lr=1e-2, keep_last_checkpoints=10,
                         global_batch_tokens=2 * 2 * 16, log_interval_steps=1, peak_tflops=1.0,
@@ -50,7 +50,7 @@ def make_job(data_dir, run_dir, *, workers=2, steps=3, resume_from=None, univers
     ds_config = make_ds_config(train, parallel, "fp32", accum)
     if universal:
         ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
-    return TrainJob(
+    return RunSpec(
         model=MODEL, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir), precision="fp32",
         grad_accum_steps=accum, ds_config=ds_config, flops_per_token=1.0, config_fingerprint="f",
         math_config={"lr": 1e-2}, tokenizer_sha256="", record_losses=True,
@@ -58,10 +58,10 @@ def make_job(data_dir, run_dir, *, workers=2, steps=3, resume_from=None, univers
     )
 
 
-def train_and_report(job):
+def train_and_report(spec):
     from pipeline.train.worker import train_worker
 
-    return train_worker(job)
+    return train_worker(spec)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def trained(tmp_path_factory):
     windows = (rng.integers(0, 64, size=(64, 1)) + np.arange(17)) % 64
     data_dir = write_synthetic_dataset(root / "data", windows, vocab_size=64, val_windows=4)
     run_dir = root / "runs" / "r"
-    run_distributed(train_and_report, 2, make_job(data_dir, run_dir))
+    run_distributed(train_and_report, 2, make_spec(data_dir, run_dir))
     assert (checkpoint_root(run_dir) / "step_00000003" / COMPLETE_MARKER).is_file()
     return data_dir, run_dir
 
@@ -89,7 +89,7 @@ def copy_run(trained, tmp_path):
 def test_a_linked_folder_inside_a_checkpoint_is_refused_on_the_driver_and_on_every_rank(trained, tmp_path):
     """The hole: Python's rglob does not enter a linked folder, so a payload in one escaped the scan and
     DeepSpeed unpickled it. Now a link anywhere in a checkpoint is refused before anything reads it."""
-    from pipeline.checkpoint.resume import plan_resume
+    from pipeline.checkpoint.resume import resume_source
 
     data_dir, run_dir, tag = copy_run(trained, tmp_path)
     outside, proof = tmp_path / "outside", tmp_path / "code-ran"
@@ -97,11 +97,11 @@ def test_a_linked_folder_inside_a_checkpoint_is_refused_on_the_driver_and_on_eve
     write_payload(outside / "zero_pp_rank_0_mp_rank_00_optim_states.pt", proof)
     (tag / "extra").symlink_to(outside, target_is_directory=True)
 
-    job = make_job(data_dir, run_dir, steps=4, resume_from=tag)
+    spec = make_spec(data_dir, run_dir, steps=4, resume_from=tag)
     with pytest.raises(CheckpointError, match=r"checkpoint .*step_00000003 holds 'extra', which is a symbolic link"):
-        plan_resume(job.train, job.parallel, run_dir, job.math_config)
+        resume_source(spec.train, spec.parallel, run_dir, spec.math_config)
     with pytest.raises(RuntimeError, match=r"holds 'extra', which is a symbolic link"):
-        run_distributed(train_and_report, 2, job)  # the workers refuse it too, whatever the driver did
+        run_distributed(train_and_report, 2, spec)  # the workers refuse it too, whatever the driver did
     assert not proof.exists()
 
 
@@ -131,7 +131,7 @@ def test_a_payload_in_a_checkpoint_file_is_refused_by_the_scan_and_by_the_loader
     marker["files"][target.name] = target.stat().st_size
     (tag / COMPLETE_MARKER).write_text(json.dumps(marker))
     with pytest.raises(RuntimeError, match=r"pickles .*posix.system"):
-        run_distributed(train_and_report, 2, make_job(data_dir, run_dir, steps=4, resume_from=tag))
+        run_distributed(train_and_report, 2, make_spec(data_dir, run_dir, steps=4, resume_from=tag))
     assert not proof.exists()
 
 
@@ -161,9 +161,9 @@ def test_a_crafted_universal_conversion_is_rebuilt_and_a_consistent_forgery_stil
     marker["sha256"][victim], marker["files"][victim] = sha256_file(out / victim), (out / victim).stat().st_size
     (out / COMPLETE_MARKER).write_text(json.dumps(marker))
     assert to_universal(tag) == out  # reused: self-consistent ...
-    job = make_job(data_dir, run_dir, workers=1, steps=4, resume_from=out, universal=True)
+    spec = make_spec(data_dir, run_dir, workers=1, steps=4, resume_from=out, universal=True)
     with pytest.raises(RuntimeError, match=r"pickles .*posix.system"):
-        run_distributed(train_and_report, 1, job)  # ... and refused by the scan on the rank that would load it
+        run_distributed(train_and_report, 1, spec)  # ... and refused by the scan on the rank that would load it
     assert not proof.exists()
 
 
@@ -174,7 +174,7 @@ def test_the_universal_conversion_resumes_with_weights_only_loads(trained, tmp_p
 
     data_dir, run_dir, tag = copy_run(trained, tmp_path)
     out = to_universal(tag)
-    [result] = run_distributed(train_and_report, 1, make_job(data_dir, run_dir, workers=1, steps=4, resume_from=out,
+    [result] = run_distributed(train_and_report, 1, make_spec(data_dir, run_dir, workers=1, steps=4, resume_from=out,
                                                            universal=True))
     assert result.final_step == 4 and np.isfinite(list(result.losses.values())).all()
 

@@ -20,7 +20,7 @@ from data_prep.decode_report import REPORTED_FILES
 from data_prep.errors import SourceError
 from data_prep.listing import expand_paths, source_configs
 from data_prep.mixture import corpus_record, read_documents
-from data_prep.partitions import plan_partitions
+from data_prep.partitions import partition_inputs
 from data_prep.prepare import prepare
 from data_prep.shards import SPLITS, WindowDataset, load_manifest
 from data_prep.tokenizer import load_tokenizer
@@ -67,7 +67,7 @@ def shard_text(out: Path) -> str:
 
 
 def planned_files(cfg: DataConfig) -> list[str]:
-    return [piece.path for part in plan_partitions(cfg) for piece in part.pieces]
+    return [piece.path for part in partition_inputs(cfg) for piece in part.pieces]
 
 
 def test_a_link_to_credentials_beside_the_corpus_is_skipped_counted_and_never_tokenized(tmp_path, ray_local, caplog):
@@ -101,7 +101,7 @@ def test_with_on_outside_link_error_prepare_stops_before_any_work_naming_the_lin
     expected = (rf"{re.escape(str(corpus / 'notes.txt'))} .* is a symbolic link to {re.escape(str(credentials))}, "
                 r"outside the corpus root .*data\.on_outside_link=skip")
     with pytest.raises(SourceError, match=expected):
-        plan_partitions(cfg)  # planning itself refuses it
+        partition_inputs(cfg)  # planning itself refuses it
     with pytest.raises(SourceError, match=expected):
         prepare(cfg)
     assert list((tmp_path / "out").iterdir()) == []  # no tokenizer, no shard, no partial directory

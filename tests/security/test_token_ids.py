@@ -35,7 +35,7 @@ def forged_dataset(tmp_path, tokenizer=None):
 
 
 def test_an_out_of_range_id_is_named_at_verify_before_training_and_on_every_read(tmp_path):
-    from pipeline.train.driver import resolve_job
+    from pipeline.train.driver import resolve_run
 
     ds = forged_dataset(tmp_path)
     message = r"train_00000.bin holds the token id 1000, outside the data set's vocabulary of 64 tokens"
@@ -43,35 +43,35 @@ def test_an_out_of_range_id_is_named_at_verify_before_training_and_on_every_read
     cfg = PipelineConfig(output_dir=str(tmp_path / "out"), model=ModelConfig(context_length=16),
                          data=DataConfig(context_length=16))
     with pytest.raises(ShardError, match=message):
-        resolve_job(cfg, ds)  # on the driver, before any worker starts
+        resolve_run(cfg, ds)  # on the driver, before any worker starts
     windows = WindowDataset(ds, "train")
     assert windows.windows(np.arange(5)).max() < 64  # the windows before it read fine
     with pytest.raises(ShardError, match=message):
         windows.windows(np.array([2, 5]))
 
 
-def train_it(job):
+def train_it(spec):
     from pipeline.train.worker import train_worker
 
-    return train_worker(job)
+    return train_worker(spec)
 
 
 def test_with_checksums_off_the_worker_stops_at_its_first_batch_naming_the_shard(tmp_path):
     """data.verify_checksums=false skips the driver's scan; the worker's reads still refuse the id."""
     from pipeline.config import ParallelConfig, TrainConfig
     from pipeline.train.ds_config import make_ds_config
-    from pipeline.train.job import TrainJob
+    from pipeline.train.run_spec import RunSpec
 
     ds = forged_dataset(tmp_path)
     model = ModelConfig(vocab_size=64, context_length=16, n_layer=1, n_head=2, d_model=16, d_ff=32)
     train = TrainConfig(max_steps=30, micro_batch_size=8, warmup_steps=1, global_batch_tokens=8 * 16,
                         log_interval_steps=1, peak_tflops=1.0)
     parallel = ParallelConfig(num_workers=1, zero_stage=0, precision="fp32")
-    job = TrainJob(model=model, train=train, parallel=parallel, data_dir=str(ds), run_dir=str(tmp_path / "run"),
+    spec = RunSpec(model=model, train=train, parallel=parallel, data_dir=str(ds), run_dir=str(tmp_path / "run"),
                    precision="fp32", grad_accum_steps=1, ds_config=make_ds_config(train, parallel, "fp32", 1),
                    flops_per_token=1.0, config_fingerprint="f", math_config={}, tokenizer_sha256="")
     with pytest.raises(RuntimeError, match=r"ShardError: shard .*train_00000.bin holds the token id 1000") as err:
-        run_distributed(train_it, 1, dataclasses.replace(job))
+        run_distributed(train_it, 1, dataclasses.replace(spec))
     assert "IndexError" not in str(err.value)
 
 

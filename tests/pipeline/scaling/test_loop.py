@@ -14,7 +14,7 @@ import pytest
 from pipeline.config import ModelConfig, PipelineConfig, SweepConfig, SweepRun, TrainConfig, wsd_decay_start
 from pipeline.scaling.approach3 import ChinchillaFit
 from pipeline.scaling.fit_inputs import ScalingPoint
-from pipeline.scaling.plan import (
+from pipeline.scaling.sweep_plan import (
     PRIORS,
     WidthLattice,
     load_fit,

@@ -1,8 +1,8 @@
-"""What the driver hands every training worker (TrainJob, and the MLflow run to report to: RunLink), and what
+"""What the driver hands every training worker (RunSpec, and the MLflow run to report to: RunLink), and what
 rank 0 hands back (TrainOutcome): plain data, resolved once on the driver, that travels to the workers.
 
 The layout (precision, gradient accumulation, the DeepSpeed config) is decided by `resolve_layout` alone: the
-train stage calls it before preparing data (with the tokenizer's vocabulary), the driver's `resolve_job` again
+train stage calls it before preparing data (with the tokenizer's vocabulary), the driver's `resolve_run` again
 with the data set's own.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.cluster.storage import Mirror
 from pipeline.config import ModelConfig, ParallelConfig, PipelineConfig, TrainConfig, grad_accumulation_steps
 from pipeline.train.ds_config import check_with_deepspeed, make_ds_config, resolve_precision
-from pipeline.train.plan import check_layout_fits
+from pipeline.train.memory_plan import check_layout_fits
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def resolve_layout(cfg: PipelineConfig, model: ModelConfig) -> Layout:
 
 @dataclass(frozen=True)
 class RunLink:
-    """The MLflow run a job reports to (opened by the driver after the job is resolved)."""
+    """The MLflow run a run's workers report to (opened by the driver once the spec is resolved)."""
 
     # May carry credentials (http://user:secret@host): out of the repr, so that no message or log shows them.
     tracking_uri: str | None = field(default=None, repr=False)
@@ -50,8 +50,8 @@ class RunLink:
 
 
 @dataclass(frozen=True)
-class TrainJob:
-    """Everything a worker needs, resolved once on the driver (pipeline.train.driver.resolve_job; plain data: it
+class RunSpec:
+    """Everything a worker needs, resolved once on the driver (pipeline.train.driver.resolve_run; plain data: it
     travels to Ray workers)."""
 
     model: ModelConfig
@@ -69,9 +69,9 @@ class TrainJob:
     tokenizer_sha256: str
     # The checkpoint tag to load (train.resume resolved on the driver; a universal one when ds_config says so).
     resume_from: str | None = None
-    # Unique id of this training job (set on the driver), kept in its checkpoints: a worker group that Ray
-    # restarts after a failure continues from the job's own newest checkpoint, not from resume_from again.
-    job_id: str = ""
+    # Unique id of this launch of the run (set on the driver), kept in its checkpoints: a worker group that Ray
+    # restarts after a failure continues from the launch's own newest checkpoint, not from resume_from again.
+    launch_id: str = ""
     # Per-step losses and gradient norms (rank 0) are returned to the driver when true; used by equivalence
     # tests.
     record_losses: bool = False
@@ -83,7 +83,7 @@ class TrainJob:
     eval_max_tokens: int | None = None
 
     def mirror(self) -> Mirror:
-        """The job's data set and run, mirrored to its object store (every call a no-op without one)."""
+        """The run's data set and directory, mirrored to its object store (every call a no-op without one)."""
         return Mirror(self.storage_uri, data_root=Path(self.data_dir).parent, runs_root=Path(self.run_dir).parent)
 
 
@@ -97,7 +97,7 @@ class TrainOutcome:
     resumed_from: str | None
     # Ray node id of every rank (filled in under Ray Train).
     worker_nodes: list[str] | None = None
-    # Gradient norm (before clipping) of every step, when job.record_losses.
+    # Gradient norm (before clipping) of every step, when spec.record_losses.
     grad_norms: dict[int, float] = field(default_factory=dict)
     # Elements of the parameters this rank's module holds: fewer than the model's under tensor parallelism
     # (AutoTP shards the projections), 0 under ZeRO-3 (DeepSpeed keeps only flat partitions).
