@@ -150,7 +150,7 @@ def test_pipeline_run_end_to_end(tmp_path):
 
 @pytest.mark.distributed
 def test_torchrun_launch_trains_on_prepared_data(tmp_path):
-    """The same training function without Ray: torchrun starts the ranks, rank 0 resolves the job and logs to
+    """The same training function without Ray: torchrun starts the ranks, rank 0 resolves the run and logs to
     MLflow, and the run is concluded as the Ray driver concludes it (start-up phases, loss curve); a job rank 0
     cannot resolve stops every rank with its message and exit code 2."""
     import os
@@ -178,7 +178,7 @@ def test_torchrun_launch_trains_on_prepared_data(tmp_path):
     assert "plots" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert any(k.startswith("startup/") for k in run.data.tags), run.data.tags
 
-    # Resuming the finished run with another learning rate: refused on rank 0 while it resolves the job, and
+    # Resuming the finished run with another learning rate: refused on rank 0 while it resolves the run, and
     # every rank stops with the message instead of waiting for rank 0.
     proc = subprocess.run(
         [str(torchrun), "--nproc_per_node=2", "--master_port=29611", "-m", "pipeline.launch", *overrides,
@@ -186,5 +186,5 @@ def test_torchrun_launch_trains_on_prepared_data(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode != 0, proc.stderr[-6000:]
-    assert "error: rank 0 could not start the job: the checkpoint" in proc.stderr, proc.stderr[-6000:]
+    assert "error: rank 0 could not start the run: the checkpoint" in proc.stderr, proc.stderr[-6000:]
     assert proc.stderr.count("was trained with a different config") >= 2
