@@ -18,7 +18,6 @@ that were pushed but never pulled (fetch_staged). Once the data set is published
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from data_prep.blend import BLEND, blend_incomplete_reason, component_dirs, is_blend
@@ -33,6 +32,7 @@ from data_prep.shards import (
     incomplete_reason,
     shard_bytes,
 )
+from pipeline.cluster.ray_runtime import nodes_not_seeing
 from pipeline.cluster.storage import Mirror
 from pipeline.files import write_atomic
 
@@ -99,18 +99,8 @@ def check_shared(directory: Path, ctx: PrepareContext, mirror: Mirror) -> None:
     deletes it when the partitions are done) and looks for it from each Ray node: a node that does not see it
     stops the run before any work, naming the fix, unless there is an object store for its workers to upload to
     (data_prep.partition_work.upload_partition)."""
-    import ray
-
     write_atomic(Path(directory) / ctx.driver_mark, b"")
-    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0] if ray.is_initialized() else []
-    if len(nodes) <= 1:
-        return
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    sees = ray.remote(num_cpus=0)(lambda path: os.path.exists(path))
-    seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                    .remote(str(Path(directory) / ctx.driver_mark)) for n in nodes])
-    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen, strict=True) if not ok]
+    blind = nodes_not_seeing(Path(directory) / ctx.driver_mark)
     if blind and not mirror.active:
         raise DataPrepError(
             f"the Ray nodes {', '.join(blind)} do not see {directory}: prepare's workers write the shards there, so "

@@ -197,6 +197,28 @@ def verify_checkpoint(tag_dir: Path, content: bool = False) -> dict[str, Any]:
     return marker
 
 
+def is_whole(tag_dir: Path) -> bool:
+    """Whether tag_dir is complete here: its marker and every file it lists at its size (on nodes that share no
+    file system a node holds only its own files of a tag complete in the store)."""
+    if not is_complete(tag_dir):
+        return False
+    try:
+        verify_checkpoint(tag_dir)
+    except CheckpointError:
+        return False
+    return True
+
+
+def commit_locally(tag_dir: Path, marker: dict[str, Any], keep_last: int) -> list[str]:
+    """The end of a save: the COMPLETE marker (it vouches for every file, so it comes last), `latest`, then the
+    old tags pruned (prune_old). Returns the pruned tags."""
+    from pipeline.files import write_atomic
+
+    write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker))
+    write_atomic(tag_dir.parent / LATEST_FILE, tag_dir.name)
+    return prune_old(tag_dir.parent, keep_last)
+
+
 def prune_old(root: Path, keep_last: int) -> list[str]:
     """Keep the last `keep_last` complete checkpoints (0: all). Delete older ones, their universal
     conversions, and incomplete tags older than the newest complete one (left by a crash while writing)."""

@@ -1,8 +1,9 @@
 """Saving and loading a DeepSpeed engine's sharded checkpoint, collectively, with every rank's RNG state.
 
 A save counts only once every rank wrote its files: rank 0 then writes the COMPLETE marker and moves
-`latest` (pipeline.checkpoint.layout). The run's mirror (pipeline.cluster.storage.Mirror, a no-op without an
-object store) gets each node's files from the node's first worker before the marker (pipeline.checkpoint.store_sync).
+`latest` (pipeline.checkpoint.layout). With an object store, each node's first worker then uploads its node's
+files, in the background while training goes on, and rank 0 the marker once all are there
+(pipeline.checkpoint.store_sync).
 
 Every file is hashed while it is written (DeepSpeed's torch checkpoint engine writes through a hashing
 stream; so do the RNG files), never by reading it back; rank 0 gathers the digests into the marker's
@@ -13,12 +14,14 @@ pickles of what it is about to load (pipeline.checkpoint.pickles), not only the 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
 import shutil
+import socket
+import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +31,23 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from pipeline.checkpoint.layout import (
-    COMPLETE_MARKER,
-    LATEST_FILE,
-    UNIVERSAL_DIR,
     CheckpointError,
+    commit_locally,
     marker_file,
-    prune_old,
     prune_staging,
     read_marker,
     tag_for,
     verify_checkpoint,
 )
 from pipeline.checkpoint.pickles import check_pickles, safe_load, weights_only_loading
-from pipeline.checkpoint.store_sync import drop_checkpoint, push_checkpoint_files, push_checkpoint_marker
+from pipeline.checkpoint.store_sync import CheckpointUploads, drop_checkpoint, upload_checkpoint
 from pipeline.cluster.storage import NO_MIRROR, Mirror
-from pipeline.files import fsync_files, no_space, sha256_file, write_atomic
+from pipeline.containment import tree_files
+from pipeline.files import fsync_files, no_space, sha256_file
 
 log = logging.getLogger(__name__)
+
+NO_UPLOADS = CheckpointUploads(NO_MIRROR, background=False)  # no object store: nothing to upload
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,9 +78,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_node_leader: bool | None = None  # set by mark_node_leader
+
+
+def mark_node_leader() -> None:
+    """Collective, once the process group is up: each node's lowest rank leads it (it downloads and uploads for
+    its node). Nodes are told apart by their Ray node id under Ray (Ray Train's LOCAL_RANK groups workers by IP
+    address, which two nodes can share, e.g. behind one NAT or on one machine) and by host name elsewhere."""
+    global _node_leader
+    ray = sys.modules.get("ray")
+    key = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else socket.gethostname()
+    keys: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, key)
+    _node_leader = keys.index(key) == dist.get_rank()
+
+
 def is_node_leader() -> bool:
-    """Whether this rank is the first of its node (LOCAL_RANK, set by Ray Train and torchrun; without it,
-    rank 0 stands for the only node)."""
+    """Whether this rank is the first of its node (mark_node_leader; before it, LOCAL_RANK as Ray Train and
+    torchrun set it, and without that rank 0 stands for the only node)."""
+    if _node_leader is not None:
+        return _node_leader
     return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
 
 
@@ -152,30 +172,46 @@ def install_checkpoint_engine(engine) -> PipelineCheckpointEngine:
 
 def save_checkpoint(
     engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int, layout: dict[str, Any] | None = None,
-    mirror: Mirror = NO_MIRROR,
+    uploads: CheckpointUploads = NO_UPLOADS,
 ) -> Path:
-    """Collective: every rank calls it. Returns the tag directory. The first rank of each node pushes its node's
-    files to the run's `mirror`, then rank 0 the marker and `latest` (no-ops without an object store).
+    """Collective: every rank calls it. Returns the tag directory. Without an object store rank 0 marks it
+    complete (COMPLETE, `latest`) before it returns. With one (`uploads`: the run's mirror, in the background or
+    inline) the first rank of each node uploads its node's files, and rank 0 commits the checkpoint once every
+    node's files are in the store: the marker and `latest` there, then here (upload_checkpoint); until then the
+    run's previous checkpoint is the one to resume from, in the store and here alike.
 
-        clear the tag (a rewrite) -> every rank writes its shards and RNG, hashed while written -> pushed ->
-        rank 0 writes COMPLETE (sizes, sha256s) and moves `latest` -> old tags pruned"""
+        the last upload done -> clear the tag (a rewrite) -> every rank writes its shards and RNG, hashed while
+        written -> rank 0's marker (every node's files: sizes, sha256s) -> committed (then or after the
+        uploads) -> old tags pruned"""
+    mirror, rank = uploads.mirror, dist.get_rank()
+    if is_node_leader():
+        uploads.wait()  # the store never holds two checkpoints in flight from one node
     tag_dir = root / tag_for(step)
     _clear_tag(tag_dir, mirror)
     hashes = _write_shards(engine, root, tag_dir, client_state)
-    if is_node_leader():
-        push_checkpoint_files(mirror, tag_dir)
+    files = _every_nodes_files(tag_dir)
+    marker = _marker(step, client_state, layout, hashes, files) if rank == 0 else None
+    if rank == 0 and not mirror.active:
+        commit_locally(tag_dir, marker, keep_last)
     dist.barrier()
-    if dist.get_rank() == 0:
-        _commit(root, tag_dir, step, client_state, layout, hashes, mirror)
-        for old_tag in prune_old(root, keep_last):
-            drop_checkpoint(mirror, root / old_tag)
-            drop_checkpoint(mirror, root / UNIVERSAL_DIR / old_tag)
-    dist.barrier()
-    if mirror.active and dist.get_rank() != 0 and is_node_leader():
-        # Without a shared file system the other nodes' tags carry no marker (the store holds it): keep
-        # only their newest keep_last, which are staging copies of what is in the store.
-        prune_staging(root, keep_last)
+    if mirror.active and is_node_leader():
+        if rank != 0:
+            # Without a shared file system the other nodes' tags carry no marker (the store holds it): keep only
+            # their newest keep_last, which are staging copies of what is in the store.
+            prune_staging(root, keep_last)
+        uploads.start(partial(upload_checkpoint, mirror, tag_dir, marker, keep_last))
     return tag_dir
+
+
+def _every_nodes_files(tag_dir: Path) -> dict[str, int]:
+    """Collective: {name: size} of every file of the tag on every node (each node's first rank lists its own)."""
+    mine = {}
+    if is_node_leader():
+        names = tree_files(tag_dir, f"the checkpoint {tag_dir} holds", "a checkpoint holds only regular files: remove it")
+        mine = {name: (tag_dir / name).stat().st_size for name in names}
+    gathered: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return dict(sorted({k: v for part in gathered for k, v in (part or {}).items()}.items()))
 
 
 def _clear_tag(tag_dir: Path, mirror: Mirror) -> None:
@@ -185,7 +221,9 @@ def _clear_tag(tag_dir: Path, mirror: Mirror) -> None:
     rank = dist.get_rank()
     if rank == 0 and tag_dir.exists():
         log.info("rewriting checkpoint %s", tag_dir)
-        shutil.rmtree(tag_dir)
+        shutil.rmtree(tag_dir, ignore_errors=True)  # on a shared disk other nodes' leaders remove it too
+        if tag_dir.exists():
+            shutil.rmtree(tag_dir)  # what is left is not a race: its error is the message
     elif mirror.active and is_node_leader() and tag_dir.exists():  # other nodes' copies, which they upload
         shutil.rmtree(tag_dir, ignore_errors=True)
     if rank == 0:
@@ -211,24 +249,20 @@ def _write_shards(engine, root: Path, tag_dir: Path, client_state: dict[str, Any
     return dict(sorted({k: v for part in gathered for k, v in (part or {}).items()}.items()))
 
 
-def _commit(root: Path, tag_dir: Path, step: int, client_state: dict[str, Any], layout: dict[str, Any] | None,
-            hashes: dict[str, str], mirror: Mirror) -> None:
-    """Rank 0: the COMPLETE marker (written last: it vouches for every file) and `latest`."""
-    marker = {
+def _marker(step: int, client_state: dict[str, Any], layout: dict[str, Any] | None, hashes: dict[str, str],
+            files: dict[str, int]) -> dict[str, Any]:
+    """Rank 0: what the COMPLETE marker says of the checkpoint."""
+    return {
         "step": step,
         "world_size": dist.get_world_size(),
         "saved_at": time.time(),
         # layout (ZeRO stage, tensor-parallel degree, precision) tells readers how to consolidate the shards.
         **(layout or {}),
         "client_state": {k: v for k, v in client_state.items() if k != "universal_checkpoint_info"},
-        # Sizes of every file, so that a truncated or missing shard is named at load time (with an object store:
-        # every node's files, as pushed).
-        "files": mirror.listing(tag_dir),
+        # Sizes of every file, so that a truncated or missing shard is named at load time (every node's files).
+        "files": files,
         "sha256": hashes,  # of every file, as each rank computed it while writing
     }
-    write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker))
-    write_atomic(root / LATEST_FILE, tag_dir.name)
-    push_checkpoint_marker(mirror, tag_dir)
 
 
 def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:

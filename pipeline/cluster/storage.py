@@ -19,9 +19,10 @@ output_dir stays a working directory on each node (it may be node-local). With c
   downloaded to every node that lacks it (whole tag; marker last, into a temporary directory renamed
   into place), so a job on fresh nodes, or a worker group that Ray restarted elsewhere, resumes.
 
-Files go through pyarrow.fs (which Ray already uses), in the calling process; uploads are synchronous, so
-a checkpoint counts only once it is in the store. The MLflow store is not mirrored: point tracking.uri
-at an MLflow server on such clusters.
+Files go through pyarrow.fs (which Ray already uses), in the calling process. A checkpoint's upload runs in the
+background while training goes on (pipeline.checkpoint.store_sync.CheckpointUploads; cluster.background_uploads);
+it counts in the store only once its marker is there. The MLflow store is not mirrored: point tracking.uri at an
+MLflow server on such clusters (training on nodes that do not see output_dir refuses to start without one).
 
 Credentials: pyarrow's own chains (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE,
 an instance or pod role; GOOGLE_APPLICATION_CREDENTIALS; Kerberos for HDFS) keep them out of the URI. A URI that

@@ -59,6 +59,9 @@ class ClusterConfig:
     # (s3://bucket/prefix, gs://..., hdfs://..., file:///...; pipeline.cluster.storage): output_dir is then a
     # working directory on each node, and `pipeline submit` checks that the store is writable.
     storage_uri: str | None = None
+    # With storage_uri: a checkpoint's files go to the store in the background while training goes on (its
+    # marker last, once every node's files are there); false uploads inside the save, which then waits.
+    background_uploads: bool = True
 
 
 def validate_cluster(cluster: ClusterConfig) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint.save_load import save_checkpoint
+from pipeline.checkpoint.store_sync import CheckpointUploads
 from pipeline.cluster.storage import Mirror
 from pipeline.data.loader import RankBatches
 from pipeline.data.validation import sharded_validation_totals
@@ -44,7 +45,8 @@ class Checkpointer:
     def __init__(self, *, engine, spec: RunSpec, batches: RankBatches, ckpt_root: Path, world: int,
                  mirror: Mirror):
         self.engine, self.spec, self.batches = engine, spec, batches
-        self.ckpt_root, self.world, self.mirror = ckpt_root, world, mirror
+        self.ckpt_root, self.world = ckpt_root, world
+        self.uploads = CheckpointUploads(mirror, background=spec.background_uploads)
         self.layout = {"zero_stage": spec.parallel.zero_stage, "tensor_parallel": spec.parallel.tensor_parallel,
                        "precision": spec.precision}
 
@@ -62,9 +64,14 @@ class Checkpointer:
             "math_config": spec.math_config,
         }
 
-    def save(self, step: int) -> Path:
-        return save_checkpoint(self.engine, self.ckpt_root, step, self.client_state(step),
-                               self.spec.train.keep_last_checkpoints, self.layout, self.mirror)
+    def save(self, step: int, wait: bool = False) -> Path:
+        """Save at `step`; with an object store the upload goes on in the background unless `wait` (the run's
+        last checkpoint, or a preemption's: the run ends only once it is in the store)."""
+        tag_dir = save_checkpoint(self.engine, self.ckpt_root, step, self.client_state(step),
+                                  self.spec.train.keep_last_checkpoints, self.layout, self.uploads)
+        if wait:
+            self.uploads.wait()
+        return tag_dir
 
 
 class LossHistory(Callback):
@@ -323,7 +330,7 @@ class PreemptionCheck(Callback):
         if result.done >= state.max_steps or not self.flag.any_rank(self.device):
             return
         record = state.record
-        record.final_step, record.checkpoint = result.done, self.checkpointer.save(result.done)
+        record.final_step, record.checkpoint = result.done, self.checkpointer.save(result.done, wait=True)
         record.preempted = state.stopped = True
         state.log(logging.WARNING, "preempted: saved %s at step %d; exiting with code %d", record.checkpoint,
                   result.done, PREEMPTED_EXIT_CODE)
@@ -331,8 +338,8 @@ class PreemptionCheck(Callback):
 
 
 class PeriodicCheckpoint(Callback):
-    """A checkpoint every train.save_interval_steps (0: none) and at each of train.save_at_steps; the last step
-    has FinalCheckpoint."""
+    """A checkpoint every train.save_interval_steps (0: none) and at each of train.save_at_steps, and the seconds
+    it stalled training (`checkpoint_stall_s`); the last step has FinalCheckpoint."""
 
     def __init__(self, *, checkpointer: Checkpointer, interval: int, at_steps: list[int] | None = None):
         self.checkpointer, self.interval, self.at_steps = checkpointer, interval, set(at_steps or [])
@@ -340,7 +347,11 @@ class PeriodicCheckpoint(Callback):
     def after_step(self, state: LoopState, result: StepResult) -> None:
         due = (self.interval and result.done % self.interval == 0) or result.done in self.at_steps
         if due and result.done < state.max_steps:
+            started = time.perf_counter()
             self.checkpointer.save(result.done)
+            # What the save cost training (rank 0's wait; with an object store, an upload in the background
+            # costs nothing here unless the previous one is still running).
+            state.record_metric("checkpoint_stall_s", time.perf_counter() - started, result.done)
 
 
 class FinalCheckpoint(Callback):
@@ -357,5 +368,5 @@ class FinalCheckpoint(Callback):
             state.log(logging.INFO, "the run already reached step %d at %s; nothing to train", state.start_step,
                       self.resumed_from)
         else:
-            state.record.checkpoint = self.checkpointer.save(final_step)
+            state.record.checkpoint = self.checkpointer.save(final_step, wait=True)
         state.record_tags({"final_step": str(final_step)})  # a constant of the run: a tag

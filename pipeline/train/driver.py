@@ -16,6 +16,7 @@ import numpy as np
 from data_prep.blend import component_dirs, is_blend, load_blend, load_data_info, open_split
 from data_prep.shards import check_dataset_checksums
 from pipeline.checkpoint.resume import resume_source
+from pipeline.cluster.ray_runtime import check_nodes_share
 from pipeline.cluster.storage import mirror_for
 from pipeline.config import (
     ConfigError,
@@ -29,7 +30,7 @@ from pipeline.config import (
 )
 from pipeline.containment import regular_file
 from pipeline.model.size import attended_context, model_for_data, training_flops_per_token
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, tracking_uri
 from pipeline.train.plots import plot_loss_curve
 from pipeline.train.preemption import Preempted, PreemptionForwarder
 from pipeline.train.ray_launch import launch_ray
@@ -112,6 +113,7 @@ def resolve_run(cfg: PipelineConfig, data_dir: Path) -> RunSpec:
         data_dir=str(data_dir),
         run_dir=str(run_dir_for(cfg)),
         storage_uri=cfg.cluster.storage_uri,
+        background_uploads=cfg.cluster.background_uploads,
         precision=layout.precision,
         grad_accum_steps=layout.grad_accum_steps,
         ds_config=ds_config,
@@ -172,6 +174,8 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
     """The train stage on the driver: resolve the run's spec, open its MLflow run, run the workers under Ray, conclude."""
     run_dir = run_dir_for(cfg)
     spec = resolve_run(cfg, data_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_nodes_share(run_dir, cfg.cluster.storage_uri, tracking_uri(cfg.tracking, cfg.output_dir))
     tracker = open_run(cfg, spec, data_dir, tags)
     log.info(
         "training %s: %d workers (tp=%d), ZeRO-%d, %s, %d grad-accumulation steps, run dir %s",

@@ -77,6 +77,8 @@ class RunSpec:
     record_losses: bool = False
     # cluster.storage_uri: the object store that holds the data set and the checkpoints (pipeline.cluster.storage).
     storage_uri: str | None = field(default=None, repr=False)
+    # cluster.background_uploads: checkpoints go to the store while training goes on (false: the save waits).
+    background_uploads: bool = True
     # tracking.system_metrics_interval_s (0: no system metrics).
     system_metrics_interval_s: float = 0.0
     # eval.max_tokens: the validation budget scored on the workers every train.eval_interval_steps (null: all).

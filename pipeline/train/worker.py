@@ -21,7 +21,7 @@ import torch.distributed as dist
 from data_prep.blend import load_data_info, open_split
 from data_prep.dataset_store import pull_dataset
 from pipeline.checkpoint.layout import checkpoint_root, latest_complete, read_marker
-from pipeline.checkpoint.save_load import is_node_leader, load_checkpoint
+from pipeline.checkpoint.save_load import is_node_leader, load_checkpoint, mark_node_leader
 from pipeline.checkpoint.store_sync import pull_checkpoint, pull_latest_checkpoint
 from pipeline.cluster.storage import Mirror
 from pipeline.data.loader import RankBatches
@@ -207,6 +207,7 @@ def train_worker(spec: RunSpec, link: RunLink = RunLink()) -> TrainOutcome:
     if not spec.parallel.use_gpu:
         torch.set_num_threads(spec.parallel.cpus_per_worker)
     init_distributed(spec.parallel)
+    mark_node_leader()
     timeline["distributed_ready"] = time.time()
     rank, world, tp = dist.get_rank(), dist.get_world_size(), spec.parallel.tensor_parallel
     device = device_for(spec.parallel)

@@ -163,6 +163,71 @@ def test_prepare_spreads_partitions_over_both_nodes_and_writes_the_bytes_of_one_
     assert sorted(p.name for p in (store / "data").iterdir()) == [one.name]  # no staging left
 
 
+def test_training_on_nodes_that_share_no_disk_says_what_they_need_before_any_work(two_node_ray_cluster, tmp_path):
+    """The second node sees its own empty output_dir. Training stops before any worker starts or any MLflow run
+    opens, naming the node and the fix: first an object store for the checkpoints, then a tracking server for
+    rank 0 (which may run on that node) instead of the SQLite file on the driver's disk."""
+    cluster = two_node_ray_cluster
+    assert cluster.private_root is not None, "this machine cannot give the second node a private mount (root needed)"
+    out = cluster.private_root / "needs"
+    prepared = pipeline("prepare", *TINY, f"output_dir={out}", timeout=600)  # here, where the driver runs
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    blind = ["submit", "train", *TINY, "cluster=ray", f"cluster.address={cluster.jobs_url}", f"output_dir={out}"]
+    refused = pipeline(*blind, timeout=600)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert re.search(r"Ray nodes \S+ do not see \S+/runs/tiny-shakespeare, where the run's checkpoints go: .*"
+                     r"set cluster\.storage_uri", said), said[-4000:]
+    store = tmp_path / "store"
+    refused = pipeline(*blind, f"cluster.storage_uri=file://{store}", timeout=600)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert re.search(r"Ray nodes \S+ do not see .*MLflow's store is on this node's disk "
+                     r"\(tracking\.uri=sqlite:///\S+/mlflow\.db\).*set tracking\.uri=http://HOST:5000", said), said[-4000:]
+    assert "training tiny-shakespeare:" not in said and not list((out / "runs").rglob("step_*"))  # no launch
+    assert not (out / "runs" / "tiny-shakespeare" / "mlflow_run_id").exists()  # no MLflow run opened
+
+
+def test_a_run_on_nodes_that_share_only_an_object_store_trains_across_both_and_evaluates(two_node_ray_cluster,
+                                                                                            tmp_path):
+    """The second node sees its own empty output_dir; the nodes share a file:// object store and a real MLflow
+    server. `pipeline submit run` prepares (the driver's node), trains one rank per node (each node keeps its own
+    working copy, the store holds every checkpoint whole) and evaluates on the driver, everything logged to the
+    server."""
+    from mlflow.tracking import MlflowClient
+    from mlflow_server import start_mlflow_server, stop_mlflow_server
+    from ports import free_port
+
+    from pipeline.cluster.storage import ObjectStore
+
+    cluster = two_node_ray_cluster
+    assert cluster.private_root is not None, "this machine cannot give the second node a private mount (root needed)"
+    port = free_port()
+    server = start_mlflow_server(tmp_path / "mlflow", port)
+    try:
+        out, bucket = cluster.private_root / "nothing-shared", tmp_path / "bucket"
+        submit = pipeline("submit", "run", *TINY, "cluster=ray", f"cluster.address={cluster.jobs_url}",
+                          "cluster.workers_per_node=1", "train.save_interval_steps=2", f"output_dir={out}",
+                          f"cluster.storage_uri=file://{bucket}", f"tracking.uri=http://127.0.0.1:{port}", timeout=900)
+        said = submit.stdout + submit.stderr
+        assert submit.returncode == 0, said[-8000:]
+        assert re.search(r"the Ray nodes \S+ do not see \S+: checkpoints go through file://", said), said[-8000:]
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        [run] = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id],
+                                   filter_string="tags.mlflow.runName = 'tiny-shakespeare'")
+        assert run.info.status == "FINISHED"
+        assert {"train_loss", "val_loss"} <= set(run.data.metrics), sorted(run.data.metrics)
+        assert sorted(run.data.tags["ray_worker_nodes"].split(",")) == sorted(cluster.node_ids.values())
+        store = ObjectStore(f"file://{bucket}")
+        assert store.read_text("runs/tiny-shakespeare/checkpoints/latest") == "step_00000004"
+        stored = store.files("runs/tiny-shakespeare/checkpoints/step_00000004")
+        assert {"rng_rank0.pt", "rng_rank1.pt", "COMPLETE"} <= set(stored)
+        marker = json.loads(store.read_text("runs/tiny-shakespeare/checkpoints/step_00000004/COMPLETE"))
+        assert marker["files"] == {k: v for k, v in stored.items() if k != "COMPLETE"}  # both nodes' files
+    finally:
+        stop_mlflow_server(server)
+
+
 def digest(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 

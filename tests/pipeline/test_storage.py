@@ -195,13 +195,19 @@ def test_a_run_continues_from_the_store_on_a_machine_with_an_empty_output_dir(tm
     args = [*TINY, "train.schedule=constant", "train.warmup_steps=2", "train.save_interval_steps=4", "train.eval_interval_steps=0",
             "train.log_interval_steps=4", f"cluster.storage_uri=file://{tmp_path}/bucket"]
 
-    def train(out, steps):
+    def train(out, steps, *extra):
         proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *args, f"train.max_steps={steps}",
-                               f"output_dir={out}"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                               f"output_dir={out}", *extra], capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         return proc.stdout + proc.stderr
 
-    train(tmp_path / "first", 8)
+    train(tmp_path / "first", 8)  # uploads in the background (the default): the run ends once the last is in
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'first' / 'mlflow.db'}")
+    [run] = client.search_runs(client.get_experiment_by_name("pipeline").experiment_id)
+    [stall] = client.get_metric_history(run.info.run_id, "checkpoint_stall_s")  # the save at step 4
+    assert stall.step == 4 and 0 < stall.value < 60
     [dataset] = [name for name in store.files("data") if name.endswith(MANIFEST)]
     assert store.read_text("runs/tiny-shakespeare/checkpoints/latest") == "step_00000008"
     marker = json.loads(store.read_text(f"runs/tiny-shakespeare/checkpoints/step_00000008/{COMPLETE_MARKER}"))
@@ -209,7 +215,7 @@ def test_a_run_continues_from_the_store_on_a_machine_with_an_empty_output_dir(tm
     assert marker["files"] == {k: v for k, v in stored.items() if k != COMPLETE_MARKER}  # both ranks' files
 
     second = tmp_path / "second"
-    log = train(second, 12)
+    log = train(second, 12, "cluster.background_uploads=false")  # inline: each save waits for its upload
     assert f"using the data set {dataset.split('/')[0]} from file://" in log
     assert "trained a bpe tokenizer" not in log  # downloaded, not prepared again
     assert f"resumed from {second / 'runs' / 'tiny-shakespeare' / 'checkpoints' / 'step_00000008'}" in log
@@ -288,3 +294,37 @@ def test_the_mirror_maps_each_local_path_below_its_innermost_root(store, tmp_pat
     assert store.read_text("runs/r/f.txt") == "x" and mirror.listing(tmp_path / "runs" / "r") == {"f.txt": 1}
     mirror.delete(tmp_path / "runs" / "r")
     assert not store.exists("runs/r")
+
+
+def test_uploads_run_one_at_a_time_in_the_background_and_their_failure_surfaces_at_the_next_wait(tmp_path):
+    """CheckpointUploads: `start` returns while the upload runs; the next `start` (the next save) first waits for
+    it; an upload that failed raises at the next wait, as a StorageError naming the store; inline uploads run
+    inside `start`; without a store nothing runs."""
+    import threading
+
+    from pipeline.checkpoint.store_sync import CheckpointUploads
+    from pipeline.cluster.storage import Mirror
+
+    mirror = Mirror(f"file://{tmp_path / 'bucket'}", runs_root=tmp_path / "runs")
+    release, order = threading.Event(), []
+    uploads = CheckpointUploads(mirror, background=True)
+    uploads.start(lambda: (release.wait(30), order.append("first")))
+    assert order == []  # training goes on while the first upload waits
+    release.set()
+    uploads.start(lambda: order.append("second"))  # waits for the first before the second starts
+    uploads.wait()
+    assert order == ["first", "second"]
+
+    def broken():
+        raise OSError("disk full")
+
+    uploads.start(broken)
+    with pytest.raises(StorageError, match=r"uploading a checkpoint to file://.*failed: disk full"):
+        uploads.wait()
+    uploads.wait()  # raised once
+
+    inline = CheckpointUploads(mirror, background=False)
+    inline.start(lambda: order.append("inline"))
+    assert order[-1] == "inline"
+    CheckpointUploads(Mirror(None), background=True).start(lambda: order.append("no store"))
+    assert order[-1] == "inline"
