@@ -13,15 +13,20 @@ import urllib.request
 from pathlib import Path
 
 
-def start_mlflow_server(root: Path, port: int, artifacts_destination: str | None = None) -> subprocess.Popen:
-    """Start it and wait until /health answers; artifacts go to artifacts_destination (default: root/artifacts)."""
+def start_mlflow_server(root: Path, port: int, artifacts_destination: str | None = None,
+                        proxy_artifacts: bool = True) -> subprocess.Popen:
+    """Start it (its log appended to root/server.log) and wait until /health answers. Artifacts go to
+    artifacts_destination (default: root/artifacts), through the server (proxy_artifacts) or written there by the
+    clients themselves."""
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     root.mkdir(parents=True, exist_ok=True)
     destination = artifacts_destination or (root / "artifacts").as_uri()
+    artifacts = (["--serve-artifacts", "--artifacts-destination", destination] if proxy_artifacts
+                 else ["--default-artifact-root", destination])
     with open(root / "server.log", "ab") as out:
         server = subprocess.Popen(
-            [mlflow, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-             "--artifacts-destination", destination, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            [mlflow, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", *artifacts,
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
     while True:

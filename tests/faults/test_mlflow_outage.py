@@ -4,16 +4,14 @@ answers, so the run ends FINISHED with every training metric of every logging st
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
+from mlflow_server import start_mlflow_server, stop_mlflow_server
 from ports import free_port
 
 pytestmark = pytest.mark.distributed
@@ -24,29 +22,6 @@ TINY = [
     "train.global_batch_tokens=128", "train.log_interval_steps=10", "train.save_interval_steps=0",
     "parallel.num_workers=1", "parallel.precision=fp32", "run_name=outage",
 ]
-
-
-def start_server(root: Path, port: int) -> subprocess.Popen:
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    with open(root / "server.log", "ab") as out:
-        server = subprocess.Popen(
-            [mlflow, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root",
-             (root / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return server
-        except OSError:
-            assert server.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-
-
-def kill_server(server: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)
-    server.wait(timeout=30)
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:
@@ -62,7 +37,7 @@ def test_training_outlives_a_tracking_server_that_goes_away_and_comes_back(tmp_p
     root, port = tmp_path / "mlflow", free_port()
     root.mkdir()
     uri = f"http://127.0.0.1:{port}"
-    server = start_server(root, port)
+    server = start_mlflow_server(root, port, proxy_artifacts=False)
     log_path = tmp_path / "train.log"
     with open(log_path, "wb") as out:
         train = subprocess.Popen(
@@ -73,11 +48,11 @@ def test_training_outlives_a_tracking_server_that_goes_away_and_comes_back(tmp_p
         # The driver opened the run (the server must answer then); the workers have not logged yet.
         wait_for(lambda: client.get_experiment_by_name("pipeline") is not None and client.search_runs(
             [client.get_experiment_by_name("pipeline").experiment_id]), 300, "the run to be created")
-        kill_server(server)
+        stop_mlflow_server(server)
         wait_for(lambda: "does not answer" in log_path.read_text(errors="replace"), 300,
                  "the worker to notice the outage")
         time.sleep(3)
-        server = start_server(root, port)
+        server = start_mlflow_server(root, port, proxy_artifacts=False)
         assert train.wait(timeout=600) == 0, log_path.read_text(errors="replace")[-6000:]
         output = log_path.read_text(errors="replace")
         assert "answers again" in output, output[-4000:]
@@ -90,4 +65,4 @@ def test_training_outlives_a_tracking_server_that_goes_away_and_comes_back(tmp_p
         if train.poll() is None:
             os.killpg(train.pid, signal.SIGKILL)
             train.wait(timeout=60)
-        kill_server(server)
+        stop_mlflow_server(server)
