@@ -22,7 +22,14 @@ from pathlib import Path
 
 from data_prep.blend import BLEND, blend_incomplete_reason, component_dirs, is_blend
 from data_prep.errors import DataPrepError
-from data_prep.partition_work import PARTS_DIR, PartitionRecord, PrepareContext, partition_files, record_path
+from data_prep.partition_work import (
+    PARTS_DIR,
+    PartitionRecord,
+    PrepareContext,
+    partition_files,
+    record_path,
+    staged_as,
+)
 from data_prep.partitions import Partition
 from data_prep.shards import (
     MANIFEST,
@@ -148,5 +155,4 @@ def fetch_partition(mirror: Mirror, ctx: PrepareContext, record: PartitionRecord
     partial = Path(ctx.directory)
     digests = {info.file: info.sha256 for infos in record.shards.values() for info in infos}
     for name in partition_files(record):
-        source = partial if name.startswith(f"{PARTS_DIR}/") else finished_dir(partial)
-        mirror.pull_file(partial / name, from_path=source / name, sha256=digests.get(name))
+        mirror.pull_file(partial / name, from_path=staged_as(partial, name), sha256=digests.get(name))

@@ -297,6 +297,13 @@ def partition_files(record: PartitionRecord) -> list[str]:
     return [*shards, *parts, f"{PARTS_DIR}/{record_path(Path(), record.index).name}"]
 
 
+def staged_as(directory: Path, name: str) -> Path:
+    """Where a file of a partition (named relative to the partial `directory`) is kept in the object store, as the
+    local path that maps there: shards where the finished data set goes, records and their parts in the partial
+    directory's place until the manifest is written."""
+    return (directory if name.startswith(f"{PARTS_DIR}/") else finished_dir(directory)) / name
+
+
 def upload_partition(ctx: PrepareContext, record: PartitionRecord) -> None:
     """Send a partition written on a node that does not see the driver's directory to the object store (its
     shards to the finished data set's place, the rest to the partial directory's, the record last), then delete
@@ -305,9 +312,8 @@ def upload_partition(ctx: PrepareContext, record: PartitionRecord) -> None:
 
     directory = Path(ctx.directory)
     mirror = Mirror(ctx.store_uri, data_root=directory.parent)
-    finished = finished_dir(directory)
     for name in partition_files(record):
-        mirror.push_file(directory / name, as_path=(directory if name.startswith(f"{PARTS_DIR}/") else finished) / name)
+        mirror.push_file(directory / name, as_path=staged_as(directory, name))
     for name in partition_files(record):
         (directory / name).unlink(missing_ok=True)
 

@@ -66,9 +66,8 @@ def pull_latest_checkpoint(mirror: Mirror, run_dir: Path) -> Path | None:
     if tag and TAG_PATTERN.fullmatch(tag) is None:
         raise StorageError(f"the object store's {mirror.shown_path(root / LATEST_FILE)} names {tag[:100]!r}, not a "
                            f"checkpoint tag: refusing it; write the tag's name (e.g. step_00000100) there")
-    if not tag or (local is not None and local.name > tag) or (local is not None and local.name == tag
-                                                                and is_whole(local)):
-        return local
+    if not tag or (local is not None and (local.name > tag or (local.name == tag and is_whole(local)))):
+        return local  # nothing newer in the store, and this node holds its own newest whole
     if not pull_checkpoint(mirror, root / tag) and not (root / tag).is_dir():
         log.warning("%s names %s, which the store does not hold complete", mirror.shown_path(root), tag)
         return local

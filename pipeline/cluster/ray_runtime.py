@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from contextlib import contextmanager
+from pathlib import Path
 
-from pipeline.config import ClusterConfig
+from pipeline.config import ClusterConfig, ConfigError
+from pipeline.files import write_atomic
+from pipeline.redaction import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +100,6 @@ def check_nodes_share(directory, storage_uri: str | None, tracking_uri: str) -> 
     output_dir), and a ConfigError naming them and the fix when such nodes lack what they need: any node may run
     a rank, so the checkpoints must go through cluster.storage_uri, and rank 0 (which logs to MLflow) through a
     tracking server rather than a store on this node's disk. Returns the nodes ([] when every node sees it)."""
-    import uuid
-    from pathlib import Path
-
-    from pipeline.config import ConfigError
-    from pipeline.files import write_atomic
-    from pipeline.redaction import redact_uri
-
     mark = Path(directory) / f".driver-{uuid.uuid4().hex[:12]}"
     write_atomic(mark, b"")
     try:
