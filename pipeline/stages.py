@@ -7,9 +7,11 @@ config first and fails on a bad override in about a second.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, run_dir_for
+from pipeline.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +76,25 @@ class PrepareTracking:
 
 
 def pull_run(cfg: PipelineConfig) -> Path:
-    """The data set and the run's newest checkpoint pulled from the run's mirror where this machine lacks them
-    (for the stages that read a trained run; nothing to do without cluster.storage_uri). Returns the data set
-    directory."""
+    """What the stages that read a trained run need, pulled from the run's mirror where this machine lacks it
+    (nothing to do without cluster.storage_uri): the data set, the checkpoints eval.checkpoint names and the
+    run's MLflow run id (so that they log to the training's run). Returns the data set directory."""
     from data_prep.dataset_store import pull_dataset
     from data_prep.prepare import dataset_dir
-    from pipeline.checkpoint.store_sync import pull_latest_checkpoint
+    from pipeline.checkpoint.store_sync import pull_checkpoints
     from pipeline.cluster.storage import mirror_for
+    from pipeline.tracking import RUN_ID_FILE
 
-    data_dir, mirror = dataset_dir(cfg.data), mirror_for(cfg)
+    data_dir, mirror, run_dir = dataset_dir(cfg.data), mirror_for(cfg), run_dir_for(cfg)
     pull_dataset(mirror, data_dir)
-    pull_latest_checkpoint(mirror, run_dir_for(cfg))
+    pull_checkpoints(mirror, run_dir, cfg.eval.checkpoint)
+    if mirror.active and not (run_dir / RUN_ID_FILE).exists():
+        run_id = (mirror.read_text(run_dir / RUN_ID_FILE) or "").strip()
+        if re.fullmatch(r"[0-9a-f]{32}", run_id):
+            write_atomic(run_dir / RUN_ID_FILE, run_id)
+        elif run_id:
+            log.warning("%s holds %r, not an MLflow run id: ignored (this stage opens a run of its own)",
+                        mirror.shown_path(run_dir / RUN_ID_FILE), run_id[:64])
     return data_dir
 
 
@@ -152,11 +162,16 @@ def generate_stage(cfg: PipelineConfig) -> list[str]:
 
 def export_stage(cfg: PipelineConfig) -> Path:
     """The run's latest checkpoint as a Hugging Face transformers directory."""
+    from pipeline.cluster.storage import mirror_for
     from pipeline.evaluation.export import export
 
     out = export(cfg, pull_run(cfg), Path(cfg.eval.export_dir) if cfg.eval.export_dir else None)
     print(f"Exported to {out}: load it with transformers' AutoModelForCausalLM.from_pretrained('{out}') "
           f"and AutoTokenizer.from_pretrained('{out}').")
+    mirror = mirror_for(cfg)
+    if mirror.active and mirror.covers(out):  # this machine's disk may be its own: the store keeps it
+        mirror.push(out)
+        print(f"Uploaded to {mirror.shown_path(out)}")
     return out
 
 

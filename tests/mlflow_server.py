@@ -14,10 +14,10 @@ from pathlib import Path
 
 
 def start_mlflow_server(root: Path, port: int, artifacts_destination: str | None = None,
-                        proxy_artifacts: bool = True) -> subprocess.Popen:
+                        proxy_artifacts: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start it (its log appended to root/server.log) and wait until /health answers. Artifacts go to
-    artifacts_destination (default: root/artifacts), through the server (proxy_artifacts) or written there by the
-    clients themselves."""
+    artifacts_destination (default: root/artifacts; s3://... with the store's endpoint and credentials in `env`),
+    through the server (proxy_artifacts) or written there by the clients themselves."""
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     root.mkdir(parents=True, exist_ok=True)
     destination = artifacts_destination or (root / "artifacts").as_uri()
@@ -27,7 +27,7 @@ def start_mlflow_server(root: Path, port: int, artifacts_destination: str | None
         server = subprocess.Popen(
             [mlflow, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", *artifacts,
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.time() + 120
     while True:
         try:

@@ -75,6 +75,25 @@ def pull_latest_checkpoint(mirror: Mirror, run_dir: Path) -> Path | None:
     return root / tag
 
 
+def pull_checkpoints(mirror: Mirror, run_dir: Path, which: str = "latest") -> None:
+    """For the stages that read a trained run (evaluate, generate, export): the checkpoints `which` names present
+    here (eval.checkpoint: latest; all, every tag complete in the store; or one tag, by name or directory)."""
+    root = checkpoint_root(Path(run_dir))
+    pull_latest_checkpoint(mirror, run_dir)
+    if not mirror.active or which == "latest":
+        return
+    if which == "all":
+        names = [name.split("/") for name in mirror.listing(root)]
+        tags = sorted({parts[0] for parts in names if len(parts) == 2 and parts[1] == COMPLETE_MARKER
+                       and TAG_PATTERN.fullmatch(parts[0])})
+        for tag in tags:
+            pull_checkpoint(mirror, root / tag)
+        return
+    tag_dir = Path(which) if Path(which).is_absolute() or "/" in which else root / which
+    if mirror.covers(tag_dir) and TAG_PATTERN.fullmatch(tag_dir.name):
+        pull_checkpoint(mirror, tag_dir)
+
+
 def push_checkpoint_files(mirror: Mirror, tag_dir: Path) -> int:
     """Upload the files of a checkpoint tag present on this node, except its marker."""
     if not mirror.active:

@@ -47,6 +47,9 @@ class ClusterConfig:
     # Exactly this many training workers on each node (null: as the placement strategy puts them): the
     # workers fill num_workers / workers_per_node nodes of the cluster, chosen among those with room.
     workers_per_node: int | None = None
+    # After a worker group failed (train.max_failures), how long its relaunch waits for enough live nodes with
+    # room (a node lost: the replacement joining the cluster) before the run fails.
+    rejoin_timeout_s: float = 600.0
     # Seconds `pipeline submit` waits to reach the cluster before giving up.
     connect_timeout_s: float = 10.0
     # What `pipeline submit` uploads as the job's working directory: "auto" is this source tree (without
@@ -70,6 +73,7 @@ def validate_cluster(cluster: ClusterConfig) -> None:
         if getattr(cluster, key) is not None:
             positive(f"cluster.{key}", getattr(cluster, key))
     positive("cluster.connect_timeout_s", cluster.connect_timeout_s)
+    non_negative("cluster.rejoin_timeout_s", cluster.rejoin_timeout_s, "0 relaunches only on the nodes there")
 
 
 def validate_tracking(tracking: TrackingConfig) -> None:

@@ -81,7 +81,8 @@ class TrainConfig:
     # Optimizer steps skipped in a row for non-finite gradients (each retried on the same batch) before the run
     # stops with an error naming the step; earlier checkpoints are kept.
     max_skipped_steps: int = field(default=5, metadata=FREE)
-    # Worker-group failures Ray Train recovers from (restarting from the latest complete checkpoint); -1: no limit.
+    # Worker-group failures recovered from (pipeline.train.ray_launch: the group launched again, placed on the
+    # nodes alive then, from the latest complete checkpoint); -1: no limit.
     max_failures: int = field(default=0, metadata=FREE)
     # Peak device throughput in TFLOP/s for MFU; null measures a matmul at start-up.
     peak_tflops: float | None = field(default=None, metadata=FREE)

@@ -106,7 +106,22 @@ def sample_texts(model, sp, prompt: str, ev: EvalConfig, eos_id: int, n_samples:
     return [sp.decode(prompt_ids + new) for new in samples]
 
 
+def pull_to_this_node(cfg: PipelineConfig, data_dir: Path, tag_dir: Path) -> None:
+    """On the evaluation worker, which may run on a node other than the driver's (a GPU node of a cluster without
+    a shared file system): the data set and the checkpoint pulled from the run's mirror where this node lacks
+    them (no-ops otherwise)."""
+    from data_prep.dataset_store import pull_dataset
+    from pipeline.checkpoint.store_sync import pull_checkpoint
+    from pipeline.cluster.storage import mirror_for
+
+    mirror = mirror_for(cfg)
+    pull_dataset(mirror, data_dir)
+    if mirror.covers(tag_dir):
+        pull_checkpoint(mirror, tag_dir)
+
+
 def _generate(cfg: PipelineConfig, data_dir: Path, tag_dir: Path, prompt: str) -> list[str]:
+    pull_to_this_node(cfg, data_dir, tag_dir)
     manifest = load_data_info(data_dir)
     model = load_trained_model(model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id), tag_dir,
                                evaluation_device())
@@ -187,6 +202,7 @@ def padded_byte_lengths(sp, vocab_size: int) -> np.ndarray:
 def score_checkpoint(cfg: PipelineConfig, data_dir: Path, tag_dir: Path) -> dict:
     """On the evaluation worker: the checkpoint's validation metrics (and a blend's per data set), samples and
     lm-eval tasks. Returns {"step", "device", "metrics", "text", "lm_eval"} for the driver to log."""
+    pull_to_this_node(cfg, data_dir, tag_dir)
     step = int(read_marker(tag_dir)["step"])
     manifest = load_data_info(data_dir)
     sp = load_tokenizer(manifest.tokenizer_path)

@@ -30,7 +30,7 @@ from pipeline.config import (
 )
 from pipeline.containment import regular_file
 from pipeline.model.size import attended_context, model_for_data, training_flops_per_token
-from pipeline.tracking import Tracker, tracking_uri
+from pipeline.tracking import RUN_ID_FILE, Tracker, tracking_uri
 from pipeline.train.plots import plot_loss_curve
 from pipeline.train.preemption import Preempted, PreemptionForwarder
 from pipeline.train.ray_launch import launch_ray
@@ -177,6 +177,8 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
     run_dir.mkdir(parents=True, exist_ok=True)
     check_nodes_share(run_dir, cfg.cluster.storage_uri, tracking_uri(cfg.tracking, cfg.output_dir))
     tracker = open_run(cfg, spec, data_dir, tags)
+    # Where the run's directory is node-local, a later stage on another machine logs to this MLflow run too.
+    mirror_for(cfg).push_file(run_dir / RUN_ID_FILE)
     log.info(
         "training %s: %d workers (tp=%d), ZeRO-%d, %s, %d grad-accumulation steps, run dir %s",
         cfg.run_name, cfg.parallel.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.zero_stage,
@@ -188,7 +190,8 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
             outcome = launch_ray(spec, RunLink(tracker.uri, tracker.run_id), run_dir,
                                  max_failures=cfg.train.max_failures,
                                  placement_strategy=str(cfg.cluster.placement_strategy),  # Ray's own str
-                                 workers_per_node=cfg.cluster.workers_per_node)
+                                 workers_per_node=cfg.cluster.workers_per_node,
+                                 rejoin_timeout_s=cfg.cluster.rejoin_timeout_s)
     except BaseException:
         tracker.close("FAILED")
         raise

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -31,14 +31,41 @@ from ports import free_port
 class LocalCluster:
     jobs_url: str  # Ray Jobs API (dashboard), for `pipeline submit`
     gcs_address: str  # for `ray start --address` / ray.init
-    node_ids: dict[str, str]  # custom resource name (head_node, second_node) -> Ray node id
+    node_ids: dict[str, str]  # custom resource name (head_node, second_node, ...) -> Ray node id
     env: dict[str, str]  # the nodes' environment (token authentication on)
     token_path: Path  # the cluster's token (mode 600)
     # A directory the second node sees as an empty tmpfs of its own (its raylet and workers run in a private
     # mount namespace): output_dir below it is node-local, as on nodes that share no file system. None where
     # the machine cannot make one (unshare and mount need root).
     private_root: Path | None
+    sessions: dict[str, int] = field(default_factory=dict)  # node name -> session id of its `ray start`
+    temp_dirs: dict[str, str] = field(default_factory=dict)  # node name -> its Ray temp dir
 
+    def join(self, name: str) -> str:
+        """Start another node with 2 CPUs and the custom resource `name`, its disk private like the second
+        node's (a fresh tmpfs over private_root), as a replacement machine joining; returns its Ray node id.
+        The fixture's teardown stops it with the others."""
+        self.temp_dirs[name] = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+        started: set[int] = set()
+        _ray_start([f"--address={self.gcs_address}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                    f"--temp-dir={self.temp_dirs[name]}", f"--dashboard-agent-listen-port={free_port()}",
+                    "--resources=" + json.dumps({name: 1})], self.env, started, self.private_root)
+        self.sessions[name] = started.pop()
+        deadline = time.time() + 60
+        while name not in (ids := _node_ids(self.gcs_address, self.env, (name,))):
+            assert time.time() < deadline, f"the node {name} did not join"
+            time.sleep(1)
+        self.node_ids[name] = ids[name]
+        return ids[name]
+
+    def kill_node(self, name: str) -> int:
+        """SIGKILL, at once, to every process of that node (its raylet, its workers, every daemon), as when the
+        machine dies; returns how many were killed."""
+        procs = cluster_processes({self.sessions[name]}, [self.temp_dirs[name]])
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        return len(procs)
 
 
 def cluster_processes(session_ids: set[int], temp_dirs: list[str]) -> list[psutil.Process]:
@@ -71,10 +98,10 @@ def stop_cluster(session_ids: set[int], temp_dirs: list[str]) -> list[psutil.Pro
     return [p for p in cluster_processes(session_ids, temp_dirs) if p.is_running()]
 
 
-def _node_ids(gcs: str, env: dict) -> dict[str, str]:
+def _node_ids(gcs: str, env: dict, names: tuple[str, ...] = ("head_node", "second_node")) -> dict[str, str]:
     code = (f"import json, ray; ray.init(address='{gcs}', logging_level='ERROR', log_to_driver=False); "
             "print(json.dumps({r: n['NodeID'] for n in ray.nodes() if n['Alive'] "
-            "for r in n['Resources'] if r in ('head_node', 'second_node')}))")
+            f"for r in n['Resources'] if r in {names!r}}}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else {}
 
@@ -114,6 +141,27 @@ def two_node_ray_cluster():
     """Shared by the tests of a module (starting it takes ~25 s on 2 cores); stopped after the last one. While
     it runs, RAY_AUTH_TOKEN_PATH names its token in this process's environment, so that the `pipeline submit` and
     `pipeline jobs` commands the tests run find it as a user's would."""
+    with local_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def cloud_cluster():
+    """The two-node cluster beside a moto S3 server (tests/s3_server.py), the store's test credentials in the
+    nodes' environment as a cloud cluster's nodes have theirs: yields (cluster, the server's host:port)."""
+    from s3_server import moto_s3
+
+    with moto_s3() as endpoint:
+        credentials = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                  "AWS_EC2_METADATA_DISABLED")}
+        with local_cluster(credentials) as cluster:
+            yield cluster, endpoint
+
+
+@contextlib.contextmanager
+def local_cluster(node_env: dict[str, str] | None = None):
+    """The two-node cluster (more nodes may join: LocalCluster.join), its nodes' environment extended by
+    node_env (e.g. an object store's credentials, which nodes take from their own environment)."""
     port, dashboard = free_port(), free_port()
     # Short names: Ray's socket paths have a length limit.
     temp_dirs = [tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp"),
@@ -121,13 +169,14 @@ def two_node_ray_cluster():
     private = Path(temp_dirs[2]) if _can_hide(temp_dirs[2]) else None
     token_path = write_token(temp_dirs[0])
     # Jobs run `python` from the raylet's PATH: the project's interpreter first.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+    env = {**os.environ, **(node_env or {}), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(token_path),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     saved = os.environ.get("RAY_AUTH_TOKEN_PATH")
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
     sessions: set[int] = set()
     gcs = f"127.0.0.1:{port}"
+    cluster = None
     try:
         # Each node's dashboard agent on a port of its own: both nodes share one address, and Ray's fixed default
         # (52365) would be taken by whichever agent (or leftover of another cluster) came first; the Jobs API
@@ -136,6 +185,7 @@ def two_node_ray_cluster():
         _ray_start(["--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1", agent_ports[0],
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                     f"--temp-dir={temp_dirs[0]}", "--resources=" + json.dumps({"head_node": 1})], env, sessions)
+        head_session = next(iter(sessions))
         second = [f"--address={gcs}", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dirs[1]}",
                   agent_ports[1],
                   "--resources=" + json.dumps({"second_node": 1})]
@@ -144,12 +194,18 @@ def two_node_ray_cluster():
         while len(node_ids := _node_ids(gcs, env)) < 2:
             assert time.time() < deadline, f"the two Ray nodes did not both come up: {node_ids}"
             time.sleep(1)
-        yield LocalCluster(f"http://127.0.0.1:{dashboard}", gcs, node_ids, env, token_path, private)
+        cluster = LocalCluster(f"http://127.0.0.1:{dashboard}", gcs, node_ids, env, token_path, private,
+                               sessions={"head_node": head_session, "second_node": (sessions - {head_session}).pop()},
+                               temp_dirs={"head_node": temp_dirs[0], "second_node": temp_dirs[1]})
+        yield cluster
     finally:
         if saved is None:
             os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
         else:
             os.environ["RAY_AUTH_TOKEN_PATH"] = saved
+        if cluster is not None:  # and the nodes that joined
+            sessions |= set(cluster.sessions.values())
+            temp_dirs = sorted(set(temp_dirs) | set(cluster.temp_dirs.values()))
         leftovers = stop_cluster(sessions, temp_dirs)
         for d in temp_dirs:
             shutil.rmtree(d, ignore_errors=True)

@@ -328,3 +328,38 @@ def test_uploads_run_one_at_a_time_in_the_background_and_their_failure_surfaces_
     assert order[-1] == "inline"
     CheckpointUploads(Mirror(None), background=True).start(lambda: order.append("no store"))
     assert order[-1] == "inline"
+
+
+def test_the_stages_after_training_pull_the_checkpoints_they_name_and_a_well_formed_run_id(store, tmp_path):
+    """eval.checkpoint=all pulls every tag complete in the store (not one whose marker never came), a named tag
+    pulls that one; the run's MLflow run id comes along, unless the store holds something else there."""
+    from pipeline.checkpoint.layout import complete_tags
+    from pipeline.checkpoint.store_sync import pull_checkpoints
+    from pipeline.config import ClusterConfig, PipelineConfig, run_dir_for
+    from pipeline.stages import pull_run
+
+    run = tmp_path / "a" / "runs" / "r"
+    for step in (2, 4, 6):
+        tag = fake_tag(run, step, {"mp_rank_00_model_states.pt": b"m" * step})
+        push_checkpoint_files(run_mirror(store, run), tag)
+        if step < 6:  # the newest never got its marker
+            (tag / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": 1}))
+            push_checkpoint_marker(run_mirror(store, run), tag)
+
+    every = tmp_path / "b" / "runs" / "r"
+    pull_checkpoints(run_mirror(store, every), every, "all")
+    assert complete_tags(checkpoint_root(every)) == ["step_00000002", "step_00000004"]
+    assert not (checkpoint_root(every) / "step_00000006").exists()
+    one = tmp_path / "c" / "runs" / "r"
+    pull_checkpoints(run_mirror(store, one), one, "step_00000002")
+    assert complete_tags(checkpoint_root(one)) == ["step_00000002", "step_00000004"]  # the named one and latest
+
+    cfg = PipelineConfig(output_dir=str(tmp_path / "d"), run_name="r", cluster=ClusterConfig(storage_uri=store.uri))
+    run_id = "0123456789abcdef0123456789abcdef"
+    store.write_text("runs/r/mlflow_run_id", run_id)
+    pull_run(cfg)
+    assert (run_dir_for(cfg) / "mlflow_run_id").read_text() == run_id
+    crafted = PipelineConfig(output_dir=str(tmp_path / "e"), run_name="r", cluster=ClusterConfig(storage_uri=store.uri))
+    store.write_text("runs/r/mlflow_run_id", "../../etc/passwd\n" * 100)
+    pull_run(crafted)
+    assert not (run_dir_for(crafted) / "mlflow_run_id").exists()
