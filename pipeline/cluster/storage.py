@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 DATA_PREFIX = "data"
 RUNS_PREFIX = "runs"
+SCALING_PREFIX = "scaling"
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "file")
 
 
@@ -317,13 +318,15 @@ class Mirror:
     the store.
 
     A local path maps to the store by the root it lies below: a data set directory below `data_root` to
-    data/<name>/..., a path below `runs_root` (output_dir/runs) to runs/<run name>/.... Names read back from the
-    store are contained below the local directory they download into (ObjectStore.download_dir)."""
+    data/<name>/..., a path below `runs_root` (output_dir/runs) to runs/<run name>/..., and the scaling fits below
+    `scaling_root` (output_dir/scaling) to scaling/.... Names read back from the store are contained below the
+    local directory they download into (ObjectStore.download_dir)."""
 
     def __init__(self, storage_uri: str | None, *, data_root: Path | str | None = None,
-                 runs_root: Path | str | None = None):
+                 runs_root: Path | str | None = None, scaling_root: Path | str | None = None):
         self.store = ObjectStore(storage_uri) if storage_uri else None
-        self.roots = [(Path(root), prefix) for root, prefix in ((data_root, DATA_PREFIX), (runs_root, RUNS_PREFIX))
+        self.roots = [(Path(root), prefix) for root, prefix in
+                      ((data_root, DATA_PREFIX), (runs_root, RUNS_PREFIX), (scaling_root, SCALING_PREFIX))
                       if root is not None]
 
     @property
@@ -414,8 +417,9 @@ NO_MIRROR = Mirror(None)  # for callers with no object store (tests, tools that 
 
 
 def mirror_for(cfg) -> Mirror:
-    """The mirror of a config's directories (a PipelineConfig): its data sets (data.output_dir) and its runs
-    (output_dir/runs)."""
+    """The mirror of a config's directories (a PipelineConfig): its data sets (data.output_dir), its runs
+    (output_dir/runs) and its scaling fits (output_dir/scaling)."""
     from pipeline.config import run_dir_for
 
-    return Mirror(cfg.cluster.storage_uri, data_root=cfg.data.output_dir, runs_root=run_dir_for(cfg).parent)
+    return Mirror(cfg.cluster.storage_uri, data_root=cfg.data.output_dir, runs_root=run_dir_for(cfg).parent,
+                  scaling_root=Path(cfg.output_dir) / "scaling")

@@ -43,13 +43,14 @@ def _fit(args: dict[str, list[str]]) -> int:
     starts = None if starts in ("all", "null", "None") else int(starts)
     n_bootstrap = int(args.get("n_bootstrap", [str(SweepConfig().n_bootstrap)])[-1])
     if "csv" in args:
+        from pipeline.scaling.fit_files import publish_fit
         from pipeline.scaling.sweep import log_fit
         from pipeline.tracking import Tracker, ui_command
 
         points = load_points_csv(args["csv"][0])
         out_dir = output_dir / "scaling" / Path(args["csv"][0]).stem
         report = write_report(points, out_dir, budgets, n_bootstrap=n_bootstrap, bootstrap_starts=starts)
-        (output_dir / "scaling" / "latest").write_text(out_dir.name)
+        publish_fit(out_dir)
         # A run of its own, named and tagged like a sweep's parent, so that `scaling validate` finds it too.
         tracking = TrackingConfig(uri=args.get("tracking_uri", [None])[0])
         run = Tracker.open(tracking, output_dir, out_dir, out_dir.name,
@@ -77,16 +78,14 @@ def _interval(intervals: dict, key: str) -> str:
 
 def _predict(args: dict[str, list[str]]) -> int:
     from pipeline.scaling.approach3 import ChinchillaFit, compute_optimal_interval
+    from pipeline.scaling.fit_files import fit_file
 
     if "C" not in args:
         raise SystemExit(f"error: give C=<FLOPs>\n{__doc__}")
-    if "fit" in args:
-        path = Path(args["fit"][0])
-    else:
-        scaling = Path(args.get("output_dir", ["outputs"])[0]) / "scaling"
-        if not (scaling / "latest").is_file():
-            raise SystemExit(f"error: no fit under {scaling}: run `pipeline scaling fit` or pass fit=<json>")
-        path = scaling / (scaling / "latest").read_text().strip() / "scaling_fit.json"
+    try:
+        path = fit_file(args.get("fit", ["latest"])[0], args.get("output_dir", ["outputs"])[0])
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     if not path.is_file():
         raise SystemExit(f"error: {path} is not a file: pass fit=<a scaling_fit.json of `pipeline scaling fit`>")
     a3 = json.loads(path.read_text()).get("approach3", {})

@@ -15,6 +15,7 @@ import math
 import sys
 from pathlib import Path
 
+from pipeline.cluster.storage import mirror_for
 from pipeline.config import ConfigError, PipelineConfig, PipelineError
 from pipeline.redaction import redact_uri, scrub
 
@@ -87,7 +88,7 @@ def plan_command(options: dict[str, list[str]], overrides: list[str]) -> int:
     cfg = _compose(overrides)
     budgets = budgets_of(options)
     prior_name = _one(options, "prior", "chinchilla")
-    prior, _ = load_fit(prior_name, cfg.output_dir)
+    prior, _ = load_fit(prior_name, cfg.output_dir, mirror_for(cfg))
     branches = _one(options, "branches", True, _bool)
     runs = plan_grid(cfg, prior, budgets, vocab_of(cfg), _one(options, "sizes", 5, int), _one(options, "span", 1.0, float))
     peak, mfu, peak_source = _throughput(cfg, options)
@@ -151,7 +152,7 @@ def recommend_command(options: dict[str, list[str]], overrides: list[str], train
     if "C" not in options:
         raise ConfigError("give the compute budget: C=<FLOPs>")
     fit_name = _one(options, "fit", "latest")
-    fit, source = load_fit(fit_name, cfg.output_dir)
+    fit, source = load_fit(fit_name, cfg.output_dir, mirror_for(cfg))
     points = json.loads(source.read_text()).get("points") if source else None
     base_width = _one(options, "base_width", None, int) or base_width_for(cfg, points)
     for c in options["C"]:

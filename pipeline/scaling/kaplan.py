@@ -4,6 +4,8 @@ compute frontier.
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +42,11 @@ def compute_frontier(points: list[ScalingPoint]) -> list[ScalingPoint]:
 
 def _kaplan_exponent(law: PowerLaw) -> tuple[float, float, tuple[float, float] | None]:
     # L = (X_c / X)^alpha  <=>  log L = alpha log X_c - alpha log X: exponent = -alpha, k = X_c^alpha.
+    # In logs: a nearly flat law (alpha near 0, as on a tiny sweep whose sizes barely differ in loss) puts X_c
+    # beyond a float, which the report writes as null rather than fail the whole fit.
     alpha = -law.exponent
-    x_c = float(law.coefficient ** (1 / alpha)) if alpha > 0 else float("inf")
+    log_x_c = math.log(law.coefficient) / alpha if alpha > 0 else math.inf
+    x_c = math.exp(log_x_c) if log_x_c < math.log(sys.float_info.max) else math.inf
     interval = (-law.exponent_interval[1], -law.exponent_interval[0]) if law.exponent_interval else None
     return alpha, x_c, interval
 

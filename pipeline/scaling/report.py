@@ -39,6 +39,7 @@ from pipeline.scaling.approach3 import (
     fit_chinchilla,
 )
 from pipeline.scaling.data_constrained import fit_data_constrained
+from pipeline.scaling.fit_files import REPORT_FILE
 from pipeline.scaling.fit_inputs import ScalingPoint, TrainingCurve, curves_from_points, write_points_csv
 from pipeline.scaling.kaplan import fit_kaplan
 from pipeline.scaling.plots import plot_frontier, plot_isoflop, plot_loss_vs_n
@@ -46,7 +47,6 @@ from pipeline.scaling.resampling import resample_runs
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "scaling_fit.json"
 
 
 def _json_safe(value):

@@ -167,7 +167,7 @@ def train_point(cfg: PipelineConfig, data_dir: Path, point: SweepPoint, sweep_id
     """Train and evaluate one point as a child run of the sweep; record N, D, C, the epochs over the training
     split and the final loss on it. A WSD branch first forks its trunk's checkpoint (the trunk trains first)."""
     from data_prep.blend import open_split
-    from pipeline.checkpoint.layout import complete_tags, fork_checkpoint, tag_for
+    from pipeline.checkpoint.layout import tag_for
     from pipeline.config import run_dir_for
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.tracking import Tracker
@@ -178,8 +178,7 @@ def train_point(cfg: PipelineConfig, data_dir: Path, point: SweepPoint, sweep_id
     tags = {"sweep_id": sweep_id, "mlflow.parentRunId": parent_run_id}
     if point.branch_from is not None:
         trunk_dir = run_dir_for(point_config(cfg, trunk_of(point, points), sweep_id))
-        if not complete_tags(checkpoint_root(run_dir_for(child))):
-            fork_checkpoint(checkpoint_root(trunk_dir) / tag_for(point.branch_from), run_dir_for(child))
+        fork_branch(child, checkpoint_root(trunk_dir) / tag_for(point.branch_from))
         tags |= {"wsd_branch_of": trunk_dir.name, "wsd_branch_from_step": str(point.branch_from)}
     train(child, data_dir, tags=tags)
     metrics = evaluate(child, data_dir)
@@ -195,6 +194,23 @@ def train_point(cfg: PipelineConfig, data_dir: Path, point: SweepPoint, sweep_id
                 "final_val_loss": metrics["val_loss"]}, step=point.steps)
     record.close()
     return metrics["val_loss"]
+
+
+def fork_branch(child: PipelineConfig, trunk_tag: Path) -> None:
+    """A WSD branch's first checkpoint: its trunk's tag forked into the branch's run, unless the branch has
+    checkpoints of its own (a resumed sweep). With an object store the trunk's tag is pulled whole first (this
+    node holds only its own ranks' files of it) and the fork pushed, for the branch's nodes that lack it."""
+    from pipeline.checkpoint.layout import complete_tags, fork_checkpoint
+    from pipeline.checkpoint.store_sync import pull_checkpoint, pull_latest_checkpoint, push_checkpoint
+    from pipeline.cluster.storage import mirror_for
+    from pipeline.config import run_dir_for
+
+    mirror, run_dir = mirror_for(child), run_dir_for(child)
+    pull_latest_checkpoint(mirror, run_dir)
+    if complete_tags(checkpoint_root(run_dir)):
+        return
+    pull_checkpoint(mirror, trunk_tag)
+    push_checkpoint(mirror, fork_checkpoint(trunk_tag, run_dir))
 
 
 def finished_points(cfg: PipelineConfig, sweep_id: str) -> int:
@@ -304,6 +320,8 @@ def log_fit(tracker, report: dict, out_dir: Path) -> None:
 
 def fit_sweep(cfg: PipelineConfig, sweep_id: str) -> dict:
     """Gather the sweep's runs from MLflow, fit, and log the report and plots to the parent run."""
+    from pipeline.cluster.storage import mirror_for
+    from pipeline.scaling.fit_files import publish_fit
     from pipeline.scaling.gather import gather_curves, gather_points, parent_run
     from pipeline.scaling.report import summary, write_report
     from pipeline.tracking import Tracker, tracking_uri
@@ -313,7 +331,7 @@ def fit_sweep(cfg: PipelineConfig, sweep_id: str) -> dict:
     out_dir = Path(cfg.output_dir) / "scaling" / sweep_id
     report = write_report(points, out_dir, list(cfg.sweep.predict_flops), n_bootstrap=cfg.sweep.n_bootstrap,
                           curves=gather_curves(uri, sweep_id), bootstrap_starts=cfg.sweep.bootstrap_starts)
-    (Path(cfg.output_dir) / "scaling" / "latest").write_text(sweep_id)
+    publish_fit(out_dir, mirror_for(cfg))
     parent = Tracker(uri, parent_run(uri, sweep_id))
     parent.client.update_run(parent.run_id, status="RUNNING")
     log_fit(parent, report, out_dir)

@@ -27,8 +27,10 @@ import json
 import math
 from pathlib import Path
 
+from pipeline.cluster.storage import NO_MIRROR, Mirror
 from pipeline.config import ModelConfig, PipelineConfig, SweepConfig, SweepRun
 from pipeline.scaling.approach3 import ChinchillaFit, compute_optimal_interval
+from pipeline.scaling.fit_files import fit_file
 
 # Published approach-3 fits, usable as priors: L(N, D) = E + A / N^alpha + B / D^beta (nats/token).
 PRIORS = {
@@ -37,20 +39,14 @@ PRIORS = {
 }
 
 
-def load_fit(source: str, output_dir: str | Path = "outputs") -> tuple[ChinchillaFit, Path | None]:
-    """An approach-3 fit: a published prior by name (PRIORS), `latest` (the last `pipeline scaling fit` under
-    output_dir), or a scaling_fit.json. Returns the fit (with its bootstrap replicates when the file has
-    them) and the file it came from (None for a published prior)."""
+def load_fit(source: str, output_dir: str | Path = "outputs",
+             mirror: Mirror = NO_MIRROR) -> tuple[ChinchillaFit, Path | None]:
+    """An approach-3 fit: a published prior by name (PRIORS), `latest` (the last `pipeline scaling fit` or sweep
+    under output_dir, or in the store of `mirror`), or a scaling_fit.json. Returns the fit (with its bootstrap
+    replicates when the file has them) and the file it came from (None for a published prior)."""
     if source in PRIORS:
         return ChinchillaFit(**PRIORS[source], objective=float("nan"), n_points=0), None
-    path = Path(source)
-    if source == "latest":
-        scaling = Path(output_dir) / "scaling"
-        if not (scaling / "latest").is_file():
-            raise ValueError(f"no fit under {scaling}: run `pipeline scaling fit` first, or pass prior=chinchilla")
-        path = scaling / (scaling / "latest").read_text().strip() / "scaling_fit.json"
-    if path.is_dir():
-        path = path / "scaling_fit.json"
+    path = fit_file(source, output_dir, mirror)
     if not path.is_file():
         raise ValueError(f"{source!r} is neither a published prior ({', '.join(PRIORS)}), `latest`, nor a "
                          f"scaling_fit.json")

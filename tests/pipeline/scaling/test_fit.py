@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scaling_synthetic import TRUE, TRUE_A_EXPONENT, TRUE_G, isoflop_points, synthetic_grid
@@ -192,6 +194,20 @@ def test_kaplan_recovers_planted_exponents():
     fit = fit_kaplan(runs)
     assert fit.alpha_C == pytest.approx(0.05, rel=1e-6)
     assert fit.C_c == pytest.approx(3.1e8, rel=1e-4)
+
+
+def test_a_nearly_flat_kaplan_law_reports_an_unbounded_critical_size_instead_of_failing_the_fit(tmp_path):
+    """Sizes whose losses barely differ (a tiny sweep) give alpha near 0 and an N_c beyond a float: infinite,
+    written to the report as null, and every other fit still reported (it raised OverflowError)."""
+    from pipeline.scaling.report import write_report
+
+    points = [ScalingPoint(N, D, 4.9 - 1e-4 * np.log(N) + 0.01 * np.log(1e6 / D)) for N in (3e3, 1e4, 3e4)
+              for D in (1e5, 3e5)]
+    fit = fit_kaplan(points)
+    assert 0 < fit.alpha_N < 1e-3 and fit.N_c == float("inf")
+    report = json.loads((write_report(points, tmp_path, [1e21], n_bootstrap=0) and tmp_path / "scaling_fit.json")
+                        .read_text())
+    assert report["kaplan"]["N_c"] is None and "approach3" in report
 
 
 def test_kaplan_uses_non_embedding_counts_when_every_run_has_them():

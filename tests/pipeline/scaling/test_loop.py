@@ -261,3 +261,32 @@ def test_the_loop_end_to_end_on_shakespeare(tmp_path):
     assert {"validate_C2e09_predicted_loss", "validate_C2e09_measured_loss", "validate_C2e09_predicted_loss_lo",
             "validate_C2e09_predicted_loss_hi"} <= set(metrics)
     assert metrics["validate_C2e09_measured_loss"] > 0
+
+
+def test_a_fit_made_on_another_machine_comes_from_the_store_and_a_crafted_one_is_refused(tmp_path):
+    """publish_fit puts a fit and `latest` in the store; load_fit("latest") on a machine without them pulls them.
+    A `latest` naming a path outside scaling/ and an oversized fit file are refused, naming the file."""
+    from pipeline.cluster.storage import Mirror, ObjectStore
+    from pipeline.scaling import fit_files
+    from pipeline.scaling.fit_files import publish_fit
+
+    (tmp_path / "bucket").mkdir()
+    uri = f"file://{tmp_path / 'bucket'}"
+    here = synthetic_fit_dir(tmp_path / "a", dict(E=1.5, A=300.0, B=600.0, alpha=0.35, beta=0.3), [1e10, 3e10, 1e11])
+    publish_fit(here, Mirror(uri, scaling_root=here.parent))
+    assert (here.parent / "latest").read_text() == here.name
+    elsewhere = tmp_path / "b"
+    fit, path = load_fit("latest", elsewhere, Mirror(uri, scaling_root=elsewhere / "scaling"))
+    assert path == elsewhere / "scaling" / here.name / "scaling_fit.json" and fit.bootstrap_params
+    assert path.read_bytes() == (here / "scaling_fit.json").read_bytes()
+
+    store = ObjectStore(uri)
+    store.write_text("scaling/latest", "../../../etc")
+    with pytest.raises(ValueError, match=r"latest names '\.\./\.\./\.\./etc', not a fit directory"):
+        load_fit("latest", tmp_path / "c", Mirror(uri, scaling_root=tmp_path / "c" / "scaling"))
+    store.write_text("scaling/latest", here.name)
+    big = tmp_path / "d" / "scaling" / here.name / "scaling_fit.json"
+    big.parent.mkdir(parents=True)
+    big.write_bytes(b" " * (fit_files.MAX_FIT_BYTES + 1))
+    with pytest.raises(ValueError, match="over the"):
+        load_fit(str(big), tmp_path / "d")
