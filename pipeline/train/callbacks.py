@@ -336,6 +336,9 @@ class PreemptionCheck(Callback):
                   result.done, PREEMPTED_EXIT_CODE)
         state.record_tags({"preempted_at_step": str(result.done)})
 
+    def close(self, state: LoopState) -> None:
+        self.flag.close()
+
 
 class PeriodicCheckpoint(Callback):
     """A checkpoint every train.save_interval_steps (0: none) and at each of train.save_at_steps, and the seconds

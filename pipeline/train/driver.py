@@ -32,7 +32,7 @@ from pipeline.containment import regular_file
 from pipeline.model.size import attended_context, model_for_data, training_flops_per_token
 from pipeline.tracking import RUN_ID_FILE, Tracker, tracking_uri
 from pipeline.train.plots import plot_loss_curve
-from pipeline.train.preemption import Preempted, PreemptionForwarder
+from pipeline.train.preemption import Preempted, PreemptionForwarder, actor_name
 from pipeline.train.ray_launch import launch_ray
 from pipeline.train.run_spec import RunLink, RunSpec, TrainOutcome, resolve_layout
 from pipeline.train.startup import process_start_time, report_startup
@@ -186,7 +186,7 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
     )
     launched = time.time()
     try:
-        with PreemptionForwarder(run_dir) as forwarder:
+        with PreemptionForwarder(run_dir, actor=actor_name(run_dir, spec.launch_id)) as forwarder:
             outcome = launch_ray(spec, RunLink(tracker.uri, tracker.run_id), run_dir,
                                  max_failures=cfg.train.max_failures,
                                  placement_strategy=str(cfg.cluster.placement_strategy),  # Ray's own str

@@ -3,6 +3,11 @@
 The driver turns SIGTERM/SIGUSR1 into a PREEMPT file in the run directory (PreemptionForwarder); every worker
 checks the file and its own signals at each step boundary (PreemptionFlag), saves a checkpoint and stops; the
 driver then exits with PREEMPTED_EXIT_CODE so that a scheduler requeues the job and train.resume=auto continues.
+
+On nodes that share no disk the file reaches only the driver's node, where no rank may run, so under Ray the
+request also travels through the cluster: the driver holds a named actor (PreemptRequests, one per launch) that
+it raises when it is signalled or finds the file, which rank 0 polls, and which `pipeline preempt` raises from any
+node of the cluster (a preStop hook on a pod whose disk holds no run).
 """
 
 from __future__ import annotations
@@ -40,6 +45,34 @@ PREEMPTED_EXIT_CODE = 75
 TRAINING_FILE = "TRAINING"
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 6 * HEARTBEAT_S
+# The Ray namespace and name prefix of the drivers' request actors; rank 0 polls its launch's every POLL_S.
+RAY_NAMESPACE = "pipeline"
+ACTOR_PREFIX = "preempt:"
+POLL_S = 1.0
+
+
+def actor_name(run_dir: Path | str, launch_id: str) -> str:
+    """The request actor of a launch of the run in run_dir (its driver's and its workers' one decision)."""
+    return f"{ACTOR_PREFIX}{Path(run_dir).name}:{launch_id}"
+
+
+class PreemptRequests:
+    """A launch's preemption request, held by its driver (a Ray actor without resources that dies with it)."""
+
+    def __init__(self):
+        self.asked_at: float | None = None
+
+    def request(self) -> None:
+        self.asked_at = self.asked_at or time.time()
+
+    def requested(self) -> bool:
+        return self.asked_at is not None
+
+
+def _ray_ready() -> bool:
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def _create_new(path: Path, text: str = "") -> None:
@@ -129,20 +162,38 @@ class PreemptionFlag:
     """Set by SIGTERM/SIGUSR1 (what Slurm and Kubernetes send before killing) or by a PREEMPT file in the run
     directory (how the driver passes a signal on to Ray workers); acted on at the next step boundary."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, actor: str | None = None):
         self.file = run_dir / PREEMPT_FILE
-        self.signalled = False
+        self.signalled = self.asked_by_driver = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             # Not possible outside the main thread (Ray Train runs the loop in a thread): the file serves there.
             with contextlib.suppress(ValueError):
                 signal.signal(sig, self._handler)
+        self._stop = threading.Event()
+        if actor and _ray_ready():  # the driver's request actor (see the module docstring), polled in the background
+            threading.Thread(target=self._poll, args=(actor,), name="preempt-poll", daemon=True).start()
 
     def _handler(self, signum, frame) -> None:
         self.signalled = True
 
+    def _poll(self, name: str) -> None:
+        import ray
+
+        handle = None
+        while not self._stop.wait(POLL_S) and not self.asked_by_driver:
+            try:
+                handle = handle or ray.get_actor(name, namespace=RAY_NAMESPACE)
+                self.asked_by_driver = bool(ray.get(handle.requested.remote(), timeout=30))
+            except Exception:  # no driver actor (a launch outside `pipeline train`), or its driver is gone
+                handle = None
+
+    def close(self) -> None:
+        self._stop.set()
+
     def requested(self) -> bool:
-        """This rank's own view: a signal, or any entry named PREEMPT (lexists: a link is never followed)."""
-        return self.signalled or os.path.lexists(self.file)
+        """This rank's own view: a signal, the driver's request, or any entry named PREEMPT (lexists: a link is
+        never followed)."""
+        return self.signalled or self.asked_by_driver or os.path.lexists(self.file)
 
     def any_rank(self, device: torch.device) -> bool:
         flag = torch.tensor([1.0 if self.requested() else 0.0], device=device)
@@ -160,9 +211,9 @@ class PreemptionForwarder:
     checkpoint, passes it the signal. SIGTERM is not handed over: the handler before ours is Ray's, which
     would end the driver with code 15 instead of 75 (what the sbatch script requeues on)."""
 
-    def __init__(self, run_dir: Path, heartbeat_s: float = HEARTBEAT_S):
+    def __init__(self, run_dir: Path, heartbeat_s: float = HEARTBEAT_S, actor: str | None = None):
         self.flag, self.marker = run_dir / PREEMPT_FILE, run_dir / TRAINING_FILE
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s, self.actor_name, self.actor = heartbeat_s, actor, None
         self.received: int | None = None
         self.previous: dict[int, object] = {}
         self.started = time.time()
@@ -182,7 +233,14 @@ class PreemptionForwarder:
                                    "started": self.started, "heartbeat": time.time()})
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
+        beat = time.monotonic()
+        while not self._stop.wait(min(POLL_S, self.heartbeat_s)):
+            if self.actor is not None and os.path.lexists(self.flag):  # a signal, or `pipeline preempt` here
+                with contextlib.suppress(Exception):  # Ray going away: the file still stands
+                    self.actor.request.remote()
+            if time.monotonic() - beat < self.heartbeat_s:
+                continue
+            beat = time.monotonic()
             try:
                 self._write_marker()
             except OSError as err:  # a full disk must not stop training; preempt may then think the run stale
@@ -191,6 +249,11 @@ class PreemptionForwarder:
     def __enter__(self) -> PreemptionForwarder:
         self.flag.unlink(missing_ok=True)  # a leftover from an earlier preemption must not stop this run
         self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        if self.actor_name and _ray_ready():
+            import ray
+
+            self.actor = ray.remote(num_cpus=0)(PreemptRequests).options(
+                name=self.actor_name, namespace=RAY_NAMESPACE).remote()
         self._write_marker()
         self._beating = threading.Thread(target=self._beat, name="training-heartbeat", daemon=True)
         self._beating.start()
@@ -202,6 +265,11 @@ class PreemptionForwarder:
             self._beating.join()
         for sig, old in self.previous.items():
             signal.signal(sig, old)
+        if self.actor is not None:
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.kill(self.actor)
         self.flag.unlink(missing_ok=True)
         self.marker.unlink(missing_ok=True)
 
@@ -287,13 +355,62 @@ def request_checkpoints(output_dir: Path, wait_s: float, poll_s: float = 1.0) ->
     return outcome
 
 
+def request_over_ray(address: str, wait_s: float, poll_s: float = 1.0) -> dict[str, str]:
+    """`pipeline preempt --ray`: ask every launch training on the Ray cluster this machine belongs to (its
+    driver's PreemptRequests actor) to checkpoint and stop, then wait up to wait_s until each driver has let its
+    actor go (its workers saved and stopped, or the run ended). For a node whose disk holds no run (nodes that
+    share only an object store). Returns {run name: stopped | timed out}; {} without a cluster to reach."""
+    import ray
+    from ray.util import list_named_actors
+
+    try:
+        ray.init(address=address, namespace=RAY_NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    except Exception as err:  # no cluster here: the run files are the only way
+        log.warning("no Ray cluster at %s to ask (%s)", address, err)
+        return {}
+    try:
+        asked = [a["name"] for a in list_named_actors(all_namespaces=True)
+                 if a["namespace"] == RAY_NAMESPACE and a["name"].startswith(ACTOR_PREFIX)]
+        for name in list(asked):
+            try:
+                ray.get(ray.get_actor(name, namespace=RAY_NAMESPACE).request.remote(), timeout=30)
+                log.warning("asked run %s (launch %s) on the Ray cluster to checkpoint and stop", *name.split(":")[1:3])
+            except Exception:  # its driver ended meanwhile
+                asked.remove(name)
+        outcome, deadline = {}, time.time() + wait_s
+        while asked:
+            for name in list(asked):
+                try:
+                    ray.get_actor(name, namespace=RAY_NAMESPACE)
+                except ValueError:  # gone with its driver's PreemptionForwarder
+                    outcome[name.split(":")[1]] = "stopped"
+                    asked.remove(name)
+            if asked and time.time() >= deadline:
+                return outcome | {name.split(":")[1]: "timed out" for name in asked}
+            if asked:
+                time.sleep(poll_s)
+        return outcome
+    finally:
+        ray.shutdown()
+
+
 def preempt_main(argv: list[str]) -> int:
-    """pipeline preempt <output_dir> [--wait SECONDS]"""
+    """pipeline preempt <output_dir> [--wait SECONDS] [--ray [ADDRESS]]"""
     import argparse
 
     parser = argparse.ArgumentParser(prog="pipeline preempt", description=request_checkpoints.__doc__)
     parser.add_argument("output_dir")
     parser.add_argument("--wait", type=float, default=540.0, help="seconds to wait for the checkpoints")
+    parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                        help="also ask the runs training on this Ray cluster (default address: auto, the cluster of "
+                             "this node), for nodes whose disk holds no run")
     args = parser.parse_args(argv)
+    started = time.time()
     outcome = request_checkpoints(Path(args.output_dir), args.wait)
+    if args.ray:
+        left = max(0.0, args.wait - (time.time() - started))
+        for name, what in request_over_ray(args.ray, left).items():
+            if name not in outcome:  # a run seen through its files here was waited for there
+                outcome[name] = what
+                log.warning("run %s: %s", name, what)
     return 1 if "timed out" in outcome.values() else 0

@@ -50,7 +50,7 @@ from pipeline.train.distributed import (
 )
 from pipeline.train.loop import Callback, LoopState, run_loop
 from pipeline.train.optimizer import build_optimizer, build_scheduler
-from pipeline.train.preemption import PreemptionFlag
+from pipeline.train.preemption import PreemptionFlag, actor_name
 from pipeline.train.run_spec import RunLink, RunSpec, TrainOutcome
 from pipeline.train.throughput import peak_tflops
 
@@ -154,7 +154,10 @@ def build_callbacks(spec: RunSpec, batches: RankBatches, checkpointer: Checkpoin
         StepTimes(timeline=timeline),
         NonFiniteGuard(max_consecutive=train.max_skipped_steps),
         validation,
-        PreemptionCheck(flag=PreemptionFlag(Path(spec.run_dir)), checkpointer=checkpointer, device=device),
+        # Rank 0 alone polls the driver's request (any_rank passes it on): one call a second, not one per rank.
+        PreemptionCheck(flag=PreemptionFlag(Path(spec.run_dir), actor_name(spec.run_dir, spec.launch_id)
+                                            if dist.get_rank() == 0 else None),
+                        checkpointer=checkpointer, device=device),
         PeriodicCheckpoint(checkpointer=checkpointer, interval=train.save_interval_steps,
                            at_steps=train.save_at_steps),
         FinalCheckpoint(checkpointer=checkpointer, resumed_from=resumed_from),

@@ -177,3 +177,43 @@ def test_the_run_continues_at_another_data_parallel_size_through_the_store(cloud
     assert (cloud.store().read_text("runs/lost/checkpoints/latest") or "").strip() == "step_00000045"
     marker = json.loads(cloud.store().read_text("runs/lost/checkpoints/step_00000045/COMPLETE"))
     assert {f"rng_rank{r}.pt" for r in range(4)} <= set(marker["files"])
+
+
+def test_pipeline_preempt_on_a_node_whose_disk_holds_no_run_checkpoints_it_through_the_cluster(cloud):
+    """A preStop hook runs `pipeline preempt <output_dir> --ray` on the pod about to go. On a node that shares no
+    disk with the driver, the run's files (TRAINING, PREEMPT) are not there: the request goes through Ray to
+    the driver's request actor, rank 0 sees it at the next step boundary, the run checkpoints into the store and
+    stops (exit 75, MLflow KILLED), and the command returns once the driver let go. Run here inside the third
+    node's own mount namespace (nsenter), as a hook runs inside its pod."""
+    import psutil
+
+    submitted = cloud.submit("train", "run_name=held", "train.max_steps=100000", "train.save_interval_steps=0",
+                             wait=False)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = re.search(r"submitted job (\S+) to", submitted.stdout).group(1)
+    deadline = time.time() + 600
+    while not re.search(r"step \d+/100000", cloud.jobs("logs", job_id)):
+        assert time.time() < deadline and cloud.jobs("status", job_id).startswith(("PENDING", "RUNNING"))
+        time.sleep(2)
+    node = cloud.cluster
+    [raylet] = [p for p in psutil.process_iter(["cmdline"]) if "raylet" in " ".join(p.info["cmdline"] or [])[:200]
+                and node.temp_dirs["third_node"] in " ".join(p.info["cmdline"] or [])]
+    # The driver's TRAINING file is on the head's disk, not on the node's.
+    assert (cloud.out / "runs" / "held" / "TRAINING").is_file()
+    seen = subprocess.run(["nsenter", "-t", str(raylet.pid), "-m", "test", "-e",
+                           str(cloud.out / "runs" / "held" / "TRAINING")], timeout=30)
+    assert seen.returncode == 1
+    hook = subprocess.run(["nsenter", "-t", str(raylet.pid), "-m", sys.executable, "-m", "pipeline.cli", "preempt",
+                           str(cloud.out), "--wait", "300", "--ray"], capture_output=True, text=True, timeout=400,
+                          cwd="/", env={**node.env, "RAY_ADDRESS": node.gcs_address})
+    said = hook.stdout + hook.stderr
+    assert hook.returncode == 0 and "run held: stopped" in said, said[-4000:]
+    while (status := cloud.jobs("status", job_id)).startswith(("PENDING", "RUNNING")):
+        assert time.time() < deadline, status
+        time.sleep(2)
+    logs = cloud.jobs("logs", job_id)
+    assert "preempted: saved" in logs, logs[-4000:]
+    latest = (cloud.store().read_text("runs/held/checkpoints/latest") or "").strip()
+    assert latest and 0 < int(latest.split("_")[1]) < 100000
+    _, run = cloud.mlflow_run("held")
+    assert run.info.status == "KILLED"
