@@ -197,9 +197,9 @@ def save_checkpoint(
     if mirror.active and is_node_leader():
         if rank != 0:
             # Without a shared file system the other nodes' tags carry no marker (the store holds it): keep only
-            # their newest keep_last, which are staging copies of what is in the store.
-            prune_staging(root, keep_last)
-        uploads.start(partial(upload_checkpoint, mirror, tag_dir, marker, keep_last))
+            # their newest few, which are staging copies of what is in the store.
+            prune_staging(root, uploads.keep_local or keep_last)
+        uploads.start(partial(upload_checkpoint, mirror, tag_dir, marker, keep_last, uploads.keep_local))
     return tag_dir
 
 

@@ -75,6 +75,31 @@ def pull_latest_checkpoint(mirror: Mirror, run_dir: Path) -> Path | None:
     return root / tag
 
 
+def stored_tags(mirror: Mirror, root: Path) -> tuple[list[str], list[str]]:
+    """The store's checkpoint tags below root: (complete ones, all of them), oldest first."""
+    names = {tuple(name.split("/")) for name in mirror.listing(root)}
+    every = sorted({parts[0] for parts in names if len(parts) >= 2 and TAG_PATTERN.fullmatch(parts[0])})
+    complete = [tag for tag in every if (tag, COMPLETE_MARKER) in names]
+    return complete, every
+
+
+def prune_store(mirror: Mirror, root: Path, keep_last: int) -> list[str]:
+    """The store keeps the run's newest keep_last complete checkpoints (0: all), as prune_old does on a disk:
+    older ones go with their universal conversions, and so do incomplete tags older than the newest complete
+    one (an upload cut short). Returns the tags deleted."""
+    if not mirror.active:
+        return []
+    complete, every = stored_tags(mirror, root)
+    if not complete:
+        return []
+    doomed = (complete[:-keep_last] if keep_last > 0 else []) + [
+        tag for tag in every if tag not in complete and tag < complete[-1]]
+    for tag in doomed:
+        drop_checkpoint(mirror, root / tag)
+        drop_checkpoint(mirror, root / UNIVERSAL_DIR / tag)
+    return doomed
+
+
 def pull_checkpoints(mirror: Mirror, run_dir: Path, which: str = "latest") -> None:
     """For the stages that read a trained run (evaluate, generate, export): the checkpoints `which` names present
     here (eval.checkpoint: latest; all, every tag complete in the store; or one tag, by name or directory)."""
@@ -83,10 +108,7 @@ def pull_checkpoints(mirror: Mirror, run_dir: Path, which: str = "latest") -> No
     if not mirror.active or which == "latest":
         return
     if which == "all":
-        names = [name.split("/") for name in mirror.listing(root)]
-        tags = sorted({parts[0] for parts in names if len(parts) == 2 and parts[1] == COMPLETE_MARKER
-                       and TAG_PATTERN.fullmatch(parts[0])})
-        for tag in tags:
+        for tag in stored_tags(mirror, root)[0]:
             pull_checkpoint(mirror, root / tag)
         return
     tag_dir = Path(which) if Path(which).is_absolute() or "/" in which else root / which
@@ -142,11 +164,12 @@ def await_files(mirror: Mirror, tag_dir: Path, files: dict[str, int], timeout_s:
 
 
 def upload_checkpoint(mirror: Mirror, tag_dir: Path, marker: dict[str, Any] | None = None,
-                      keep_last: int = 0) -> None:
+                      keep_last: int = 0, keep_local: int = 0) -> None:
     """One node's share of a checkpoint's upload: its files. On rank 0 (`marker`: what COMPLETE says, every node's
     files and sizes) then the commit, once all of them are in the store: the marker and `latest` there, then here
-    (commit_locally, which prunes the old tags), then the pruned tags deleted from the store too; so that the store
-    and this node both always name a checkpoint complete in the store."""
+    (commit_locally, which prunes this node's old tags down to keep_local, 0: keep_last), then the store's own
+    old tags beyond keep_last (prune_store); so that the store and this node both always name a checkpoint
+    complete in the store."""
     started = time.monotonic()
     copied = push_checkpoint_files(mirror, tag_dir)
     if marker is None:
@@ -160,9 +183,8 @@ def upload_checkpoint(mirror: Mirror, tag_dir: Path, marker: dict[str, Any] | No
     finally:
         pending.unlink(missing_ok=True)
     mirror.write_text(root / LATEST_FILE, tag_dir.name)
-    for old in commit_locally(tag_dir, marker, keep_last):
-        drop_checkpoint(mirror, root / old)
-        drop_checkpoint(mirror, root / UNIVERSAL_DIR / old)
+    commit_locally(tag_dir, marker, keep_local or keep_last)
+    prune_store(mirror, root, keep_last)
     log.info("checkpoint %s is complete in %s (%d files from this node, %.1f s)", tag_dir.name, mirror.shown, copied,
              time.monotonic() - started)
 
@@ -170,10 +192,11 @@ def upload_checkpoint(mirror: Mirror, tag_dir: Path, marker: dict[str, Any] | No
 class CheckpointUploads:
     """A process's checkpoint uploads to the run's mirror, in a background thread (`background`) or inline; one
     at a time: `start` first waits for the upload before it. `wait` joins the one in flight and raises its
-    error (StorageError), if any. Without an object store nothing is uploaded."""
+    error (StorageError), if any. Without an object store nothing is uploaded. `keep_local`: the complete
+    checkpoints this node keeps on its disk (cluster.local_checkpoints; 0: as many as the store)."""
 
-    def __init__(self, mirror: Mirror, background: bool = True):
-        self.mirror, self.background = mirror, background
+    def __init__(self, mirror: Mirror, background: bool = True, keep_local: int = 0):
+        self.mirror, self.background, self.keep_local = mirror, background, keep_local
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 

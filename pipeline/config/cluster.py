@@ -65,6 +65,9 @@ class ClusterConfig:
     # With storage_uri: a checkpoint's files go to the store in the background while training goes on (its
     # marker last, once every node's files are there); false uploads inside the save, which then waits.
     background_uploads: bool = True
+    # With storage_uri: the complete checkpoints each node keeps on its own disk (0: as many as the store, i.e.
+    # train.keep_last_checkpoints); the store keeps train.keep_last_checkpoints. 1 bounds a node's disk to one.
+    local_checkpoints: int = 0
 
 
 def validate_cluster(cluster: ClusterConfig) -> None:
@@ -74,6 +77,7 @@ def validate_cluster(cluster: ClusterConfig) -> None:
             positive(f"cluster.{key}", getattr(cluster, key))
     positive("cluster.connect_timeout_s", cluster.connect_timeout_s)
     non_negative("cluster.rejoin_timeout_s", cluster.rejoin_timeout_s, "0 relaunches only on the nodes there")
+    non_negative("cluster.local_checkpoints", cluster.local_checkpoints, "0 keeps as many as the store")
 
 
 def validate_tracking(tracking: TrackingConfig) -> None:

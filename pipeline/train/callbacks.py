@@ -46,7 +46,8 @@ class Checkpointer:
                  mirror: Mirror):
         self.engine, self.spec, self.batches = engine, spec, batches
         self.ckpt_root, self.world = ckpt_root, world
-        self.uploads = CheckpointUploads(mirror, background=spec.background_uploads)
+        self.uploads = CheckpointUploads(mirror, background=spec.background_uploads,
+                                         keep_local=spec.local_checkpoints)
         self.layout = {"zero_stage": spec.parallel.zero_stage, "tensor_parallel": spec.parallel.tensor_parallel,
                        "precision": spec.precision}
 

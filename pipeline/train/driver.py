@@ -114,6 +114,7 @@ def resolve_run(cfg: PipelineConfig, data_dir: Path) -> RunSpec:
         run_dir=str(run_dir_for(cfg)),
         storage_uri=cfg.cluster.storage_uri,
         background_uploads=cfg.cluster.background_uploads,
+        local_checkpoints=cfg.cluster.local_checkpoints,
         precision=layout.precision,
         grad_accum_steps=layout.grad_accum_steps,
         ds_config=ds_config,

@@ -79,6 +79,8 @@ class RunSpec:
     storage_uri: str | None = field(default=None, repr=False)
     # cluster.background_uploads: checkpoints go to the store while training goes on (false: the save waits).
     background_uploads: bool = True
+    # cluster.local_checkpoints: the complete checkpoints a node keeps on its disk with a store (0: as the store).
+    local_checkpoints: int = 0
     # tracking.system_metrics_interval_s (0: no system metrics).
     system_metrics_interval_s: float = 0.0
     # eval.max_tokens: the validation budget scored on the workers every train.eval_interval_steps (null: all).

@@ -363,3 +363,23 @@ def test_the_stages_after_training_pull_the_checkpoints_they_name_and_a_well_for
     store.write_text("runs/r/mlflow_run_id", "../../etc/passwd\n" * 100)
     pull_run(crafted)
     assert not (run_dir_for(crafted) / "mlflow_run_id").exists()
+
+
+def test_a_node_keeps_its_own_number_of_checkpoints_while_the_store_keeps_keep_last(store, tmp_path):
+    """cluster.local_checkpoints=1 with train.keep_last_checkpoints=3: after four commits this node's disk holds
+    the newest checkpoint, the store the newest three; an upload cut short, older than those, goes too."""
+    from pipeline.checkpoint.layout import complete_tags
+    from pipeline.checkpoint.store_sync import stored_tags, upload_checkpoint
+
+    run = tmp_path / "a" / "runs" / "r"
+    mirror = run_mirror(store, run)
+    root = checkpoint_root(run)
+    cut_short = fake_tag(run, 1, {"rng_rank1.pt": b"x"})  # another node's files whose marker never came
+    push_checkpoint_files(mirror, cut_short)
+    for step in (2, 4, 6, 8):
+        tag = fake_tag(run, step, {"mp_rank_00_model_states.pt": b"m" * step, "rng_rank0.pt": b"r"})
+        marker = {"step": step, "world_size": 1, "files": {"mp_rank_00_model_states.pt": step, "rng_rank0.pt": 1}}
+        upload_checkpoint(mirror, tag, marker, keep_last=3, keep_local=1)
+    assert complete_tags(root) == ["step_00000008"]
+    assert stored_tags(mirror, root) == (["step_00000004", "step_00000006", "step_00000008"],) * 2
+    assert store.read_text(f"runs/r/checkpoints/{LATEST_FILE}") == "step_00000008"
