@@ -10,7 +10,10 @@ backend, artifacts in the same S3). Jobs go through the Jobs API as a user sends
   eval.checkpoint=all` scores every checkpoint the store keeps, logged to the training's MLflow run, and
   `pipeline export` writes the Hugging Face directory, into the store as well.
 - The run continues at another data-parallel size (2 -> 4 ranks, 2 per node), converted and pulled through the
-  store."""
+  store.
+- `pipeline preempt --ray` on a node whose disk holds no run checkpoints the run through the cluster.
+- A WSD sweep trains one rank per node, fits, and `scaling validate fit=latest` on a machine that never saw
+  the fit takes it from the store."""
 
 from __future__ import annotations
 
@@ -33,8 +36,12 @@ RUN = [
     "data.tokenizer.vocab_size=400", "train.max_steps=40", "train.warmup_steps=2", "train.micro_batch_size=2",
     "train.global_batch_tokens=256", "train.save_interval_steps=5", "train.keep_last_checkpoints=3",
     "train.log_interval_steps=1", "train.eval_interval_steps=0", "parallel.num_workers=2", "parallel.precision=fp32",
-    "eval.max_tokens=2000", "eval.num_samples=1", "eval.max_new_tokens=8", "cluster=ray",
+    "eval.max_tokens=2000", "eval.num_samples=1", "eval.max_new_tokens=8",
 ]
+# A WSD sweep: per model size one run, each shorter budget a decay branch forked from it.
+SWEEP = ["sweep=isoflop_tiny", "sweep.budgets_flops=[1e10,3e10]", "sweep.d_models=[8,16,24]", "sweep.branches=true",
+         "train.schedule=wsd", "sweep.n_bootstrap=20", "eval.max_tokens=4096", "parallel.num_workers=2",
+         "parallel.precision=fp32"]
 
 
 @dataclass
@@ -45,11 +52,16 @@ class Cloud:
     out: Path  # output_dir: the head's own disk here, the second node's private tmpfs there
     root: Path  # a scratch directory of the test's
 
-    def submit(self, command: str, *overrides: str, wait: bool = True, timeout: int = 900):
+    def overrides(self, *overrides: str, base: list[str] = RUN) -> list[str]:
+        """base, then this cloud's cluster, storage and tracking, then `overrides` (the last value of a key wins)."""
         settings = dict(o.split("=", 1) for o in [
-            *RUN, f"cluster.address={self.cluster.jobs_url}", "cluster.workers_per_node=1", f"output_dir={self.out}",
+            *base, "cluster=ray", "cluster.workers_per_node=1", f"output_dir={self.out}",
             f"cluster.storage_uri='{self.store_uri}'", f"tracking.uri={self.tracking_uri}", *overrides])
-        args = [sys.executable, "-m", "pipeline.cli", "submit", command, *(f"{k}={v}" for k, v in settings.items())]
+        return [f"{k}={v}" for k, v in settings.items()]
+
+    def submit(self, command: str, *overrides: str, wait: bool = True, timeout: int = 900, base: list[str] = RUN):
+        args = [sys.executable, "-m", "pipeline.cli", "submit", command,
+                *self.overrides(f"cluster.address={self.cluster.jobs_url}", *overrides, base=base)]
         return subprocess.run([*args] if wait else [*args, "--no-wait"], capture_output=True, text=True,
                               timeout=timeout, cwd="/")
 
@@ -105,7 +117,8 @@ def test_a_node_killed_mid_run_is_replaced_and_the_run_ends_with_the_uninterrupt
     reference = cloud.submit("train", "run_name=reference")
     assert reference.returncode == 0, (reference.stdout + reference.stderr)[-8000:]
 
-    submitted = cloud.submit("train", "run_name=lost", "train.max_failures=2", wait=False)
+    submitted = cloud.submit("train", "run_name=lost", "train.max_failures=2", "cluster.local_checkpoints=1",
+                             wait=False)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job_id = re.search(r"submitted job (\S+) to", submitted.stdout).group(1)
     store, deadline, killed_at = cloud.store(), time.time() + 600, None
@@ -148,6 +161,10 @@ def test_a_node_killed_mid_run_is_replaced_and_the_run_ends_with_the_uninterrupt
 def test_a_machine_that_never_held_the_run_evaluates_every_stored_checkpoint_and_exports(cloud):
     """Runs after the test above: its run `lost` is in the store. The head's working copies of the run and the
     data set are deleted first, so every byte comes from the store."""
+    from pipeline.checkpoint.layout import complete_tags
+
+    # cluster.local_checkpoints=1: the head's disk kept one checkpoint, the store keep_last_checkpoints=3.
+    assert complete_tags(cloud.out / "runs" / "lost" / "checkpoints") == ["step_00000040"]
     shutil.rmtree(cloud.out / "runs" / "lost")
     shutil.rmtree(cloud.out / "data")
     stored = sorted(name.split("/")[0] for name in cloud.store().files("runs/lost/checkpoints")
@@ -217,3 +234,37 @@ def test_pipeline_preempt_on_a_node_whose_disk_holds_no_run_checkpoints_it_throu
     assert latest and 0 < int(latest.split("_")[1]) < 100000
     _, run = cloud.mlflow_run("held")
     assert run.info.status == "KILLED"
+
+
+def test_a_wsd_sweep_its_fit_and_a_validation_through_the_store(cloud):
+    """`pipeline submit sweep` trains every point of a WSD sweep one rank per node (each shorter budget a decay
+    branch: the trunk's tag pulled whole from the store, the fork pushed for the other node), evaluates each and
+    fits; then `pipeline scaling validate fit=latest`, run as a driver of the cluster on a machine whose
+    scaling/ directory was deleted, takes the fit from the store and trains and scores the recommended model
+    across both nodes, logging to the sweep's parent run on the server."""
+    swept = cloud.submit("sweep", base=SWEEP, timeout=1800)
+    said = swept.stdout + swept.stderr
+    assert swept.returncode == 0, said[-8000:]
+    assert "approach 3" in said, said[-4000:]
+    client, _ = cloud.mlflow_run("lost")
+    runs = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    store = cloud.store()
+    sweep_id = store.read_text("scaling/latest")
+    children = [r for r in runs if r.data.tags.get("sweep_id") == sweep_id and "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 6 and all("final_val_loss" in r.data.metrics for r in children)
+    assert len([r for r in children if "wsd_branch_of" in r.data.tags]) == 3
+    ids = cloud.cluster.node_ids
+    assert all(sorted(r.data.tags["ray_worker_nodes"].split(",")) == sorted([ids["head_node"], ids["third_node"]])
+               for r in children)
+    assert "scaling_fit.json" in store.files(f"scaling/{sweep_id}")
+
+    shutil.rmtree(cloud.out / "scaling")
+    validated = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "scaling", "validate", "C=2e10", "fit=latest",
+         *cloud.overrides(f"cluster.address={cloud.cluster.gcs_address}", base=SWEEP)],
+        capture_output=True, text=True, timeout=900, cwd="/", env=cloud.cluster.env)
+    said = validated.stdout + validated.stderr
+    assert validated.returncode == 0, said[-8000:]
+    assert "predicted loss" in said and ("inside the interval" in said or "outside, " in said), said[-3000:]
+    [parent] = [r for r in runs if r.data.tags.get("sweep_id") == sweep_id and "mlflow.parentRunId" not in r.data.tags]
+    assert "validate_C2e10_measured_loss" in client.get_run(parent.info.run_id).data.metrics
