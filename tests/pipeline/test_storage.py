@@ -335,7 +335,7 @@ def test_the_stages_after_training_pull_the_checkpoints_they_name_and_a_well_for
     pulls that one; the run's MLflow run id comes along, unless the store holds something else there."""
     from pipeline.checkpoint.layout import complete_tags
     from pipeline.checkpoint.store_sync import pull_checkpoints
-    from pipeline.config import ClusterConfig, PipelineConfig, run_dir_for
+    from pipeline.config import ClusterConfig, DataConfig, PipelineConfig, run_dir_for
     from pipeline.stages import pull_run
 
     run = tmp_path / "a" / "runs" / "r"
@@ -354,12 +354,16 @@ def test_the_stages_after_training_pull_the_checkpoints_they_name_and_a_well_for
     pull_checkpoints(run_mirror(store, one), one, "step_00000002")
     assert complete_tags(checkpoint_root(one)) == ["step_00000002", "step_00000004"]  # the named one and latest
 
-    cfg = PipelineConfig(output_dir=str(tmp_path / "d"), run_name="r", cluster=ClusterConfig(storage_uri=store.uri))
+    def config(out):  # as composed: the data sets below output_dir
+        return PipelineConfig(output_dir=str(out), run_name="r", data=DataConfig(output_dir=str(out / "data")),
+                              cluster=ClusterConfig(storage_uri=store.uri))
+
+    cfg = config(tmp_path / "d")
     run_id = "0123456789abcdef0123456789abcdef"
     store.write_text("runs/r/mlflow_run_id", run_id)
     pull_run(cfg)
     assert (run_dir_for(cfg) / "mlflow_run_id").read_text() == run_id
-    crafted = PipelineConfig(output_dir=str(tmp_path / "e"), run_name="r", cluster=ClusterConfig(storage_uri=store.uri))
+    crafted = config(tmp_path / "e")
     store.write_text("runs/r/mlflow_run_id", "../../etc/passwd\n" * 100)
     pull_run(crafted)
     assert not (run_dir_for(crafted) / "mlflow_run_id").exists()
