@@ -374,7 +374,7 @@ def request_over_ray(address: str, wait_s: float, poll_s: float = 1.0) -> dict[s
         for name in list(asked):
             try:
                 ray.get(ray.get_actor(name, namespace=RAY_NAMESPACE).request.remote(), timeout=30)
-                log.warning("asked run %s (launch %s) on the Ray cluster to checkpoint and stop", *name.split(":")[1:3])
+                log.warning("asked run %s on the Ray cluster to checkpoint and stop", _run_of(name))
             except Exception:  # its driver ended meanwhile
                 asked.remove(name)
         outcome, deadline = {}, time.time() + wait_s
@@ -383,15 +383,20 @@ def request_over_ray(address: str, wait_s: float, poll_s: float = 1.0) -> dict[s
                 try:
                     ray.get_actor(name, namespace=RAY_NAMESPACE)
                 except ValueError:  # gone with its driver's PreemptionForwarder
-                    outcome[name.split(":")[1]] = "stopped"
+                    outcome[_run_of(name)] = "stopped"
                     asked.remove(name)
             if asked and time.time() >= deadline:
-                return outcome | {name.split(":")[1]: "timed out" for name in asked}
+                return outcome | {_run_of(name): "timed out" for name in asked}
             if asked:
                 time.sleep(poll_s)
         return outcome
     finally:
         ray.shutdown()
+
+
+def _run_of(name: str) -> str:
+    """The run an actor_name names (what follows the prefix, up to the launch id)."""
+    return name[len(ACTOR_PREFIX):].rsplit(":", 1)[0]
 
 
 def preempt_main(argv: list[str]) -> int:
