@@ -209,6 +209,12 @@ def is_whole(tag_dir: Path) -> bool:
     return True
 
 
+def named_tag_dir(root: Path, which: str) -> Path:
+    """The tag directory eval.checkpoint names when it names one: a directory (absolute, or a relative path), or a
+    tag's name below the run's checkpoint root."""
+    return Path(which) if Path(which).is_absolute() or "/" in which else Path(root) / which
+
+
 def commit_locally(tag_dir: Path, marker: dict[str, Any], keep_last: int) -> list[str]:
     """The end of a save: the COMPLETE marker (it vouches for every file, so it comes last), `latest`, then the
     old tags pruned (prune_old). Returns the pruned tags."""

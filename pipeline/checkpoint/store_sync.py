@@ -32,6 +32,7 @@ from pipeline.checkpoint.layout import (
     commit_locally,
     is_whole,
     latest_complete,
+    named_tag_dir,
     verify_checkpoint,
 )
 from pipeline.cluster.storage import Mirror, StorageError
@@ -111,7 +112,7 @@ def pull_checkpoints(mirror: Mirror, run_dir: Path, which: str = "latest") -> No
         for tag in stored_tags(mirror, root)[0]:
             pull_checkpoint(mirror, root / tag)
         return
-    tag_dir = Path(which) if Path(which).is_absolute() or "/" in which else root / which
+    tag_dir = named_tag_dir(root, which)
     if mirror.covers(tag_dir) and TAG_PATTERN.fullmatch(tag_dir.name):
         pull_checkpoint(mirror, tag_dir)
 

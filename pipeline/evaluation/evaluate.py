@@ -28,6 +28,7 @@ from pipeline.checkpoint.layout import (
     checkpoint_root,
     complete_tags,
     is_complete,
+    named_tag_dir,
     read_marker,
     require_latest,
 )
@@ -148,7 +149,7 @@ def checkpoints_to_evaluate(cfg: PipelineConfig) -> list[Path]:
         if not tags:
             require_latest(run_dir)  # raises, saying how to get a checkpoint
         return [root / t for t in tags]
-    tag_dir = Path(which) if Path(which).is_absolute() or "/" in which else root / which
+    tag_dir = named_tag_dir(root, which)
     if not is_complete(tag_dir):
         raise CheckpointError(
             f"eval.checkpoint={which}: {tag_dir} is not a complete checkpoint; choose latest, all, or one of "
