@@ -41,6 +41,7 @@ from pipeline.checkpoint.layout import (
 )
 from pipeline.checkpoint.pickles import check_pickles, safe_load, weights_only_loading
 from pipeline.checkpoint.store_sync import CheckpointUploads, drop_checkpoint, upload_checkpoint
+from pipeline.checkpoint.universal import repair_autotp_metadata
 from pipeline.cluster.storage import NO_MIRROR, Mirror
 from pipeline.containment import tree_files
 from pipeline.files import fsync_files, no_space, sha256_file
@@ -149,6 +150,8 @@ class PipelineCheckpointEngine(TorchCheckpointEngine):
         self.hashes: dict[str, str] = {}
 
     def save(self, state_dict, path: str) -> None:
+        if isinstance(state_dict, dict) and "universal_checkpoint_info" in state_dict:
+            state_dict = repair_autotp_metadata(state_dict)
         digest = save_hashed(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
         self.hashes[os.path.basename(path)] = digest
 
@@ -265,6 +268,31 @@ def _marker(step: int, client_state: dict[str, Any], layout: dict[str, Any] | No
     }
 
 
+def group_settings(optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings (weight decay, betas, learning rate...), without its parameters."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def repair_zero3_universal_load(optimizer, settings: list[dict[str, Any]], scheduler) -> None:
+    """Undo what DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    gets wrong, measured as the losses leaving the uninterrupted run's at the first step after an elastic resume:
+    - it gives every parameter group the first group's settings ("the hyperparameters of each parameter should be
+      the same"): the norms, biases and embeddings would decay as the matrices do, and under µP train at the
+      matrices' learning rate. Each group gets its own back (`settings`, taken before the load), with the
+      learning rate the loaded schedule had reached;
+    - it hands one `step` tensor to every sub-group's state, and the fused AdamW counts it up in place once per
+      sub-group: from the first step on, every sub-group but the first bias-corrects with a step count too high.
+      Each gets its own copy."""
+    last = scheduler.get_last_lr() if scheduler is not None else None
+    for i, (group, own) in enumerate(zip(optimizer.param_groups, settings, strict=True)):
+        group.update({key: value for key, value in own.items() if key not in ("params", "lr")})
+        if last is not None:
+            group["lr"] = last[i]
+    for state in optimizer.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
 def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
     """Collective: load model, optimizer and scheduler state; restore this rank's RNG. Returns client_state.
     Before anything is unpickled, on whatever node it runs, every rank checks the files' sizes, scans the
@@ -283,8 +311,11 @@ def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
     if found:
         raise CheckpointError(found[0] + (f" ({len(found) - 1} more files fail too)" if len(found) > 1 else ""))
     install_checkpoint_engine(engine)
+    settings = group_settings(engine.optimizer)
     with weights_only_loading():  # also DeepSpeed's loads outside its engine (universal checkpoints)
         _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if engine.zero_optimization_stage() == 3 and engine.load_universal_checkpoint():
+        repair_zero3_universal_load(engine.optimizer, settings, engine.lr_scheduler)
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {tag_dir}")
     if "step" not in client_state:  # e.g. a universal checkpoint: the marker keeps our state too

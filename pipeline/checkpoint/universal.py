@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 import subprocess
@@ -48,6 +49,31 @@ def needs_universal(marker: dict[str, Any], world_size: int, tensor_parallel: in
     if saved_stage == 0 and zero_stage == 0:
         return False
     return saved_dp != dp or saved_stage != zero_stage
+
+
+def repair_autotp_metadata(state: dict) -> dict:
+    """A model-states dict whose AutoTP conversion metadata describes every TP-replicated parameter by its real shape.
+
+    DeepSpeed 0.19.8 records the affine map of a parameter AutoTP left whole (embeddings, norms) from
+    `param.shape`, which under ZeRO-3 is the empty placeholder: the map says such a parameter has 0 elements,
+    and ds_to_universal then refuses the run's own checkpoint ("Rank 0 supplied a shard of 32 elements, but the
+    map describes 0"). The shape ZeRO-3 saved beside it (`param_shapes`) is the parameter's whole shape, and a
+    replicated parameter's map is the same on every tensor-parallel rank: rebuilt from it here, at save time,
+    so the files on disk are ones DeepSpeed's converter reads. Anything else is left as it is."""
+    info = state.get("universal_checkpoint_info") or {}
+    maps = (info.get("affine_map") or {}).get("params") or {}
+    shapes = {name: tuple(shape) for group in state.get("param_shapes") or [] for name, shape in group.items()}
+    tp = (state.get("checkpoint_parallel_dimensions") or {}).get("tp_degree", 1)
+    replicated = set(info.get("tp_replicated_parameter_patterns") or [])
+    for pattern, entry in maps.items():
+        if pattern not in replicated or math.prod(entry.get("logical_shape") or [0]) != 0:
+            continue
+        match = [shape for name, shape in shapes.items() if re.match(pattern, name)]
+        if len(match) == 1 and math.prod(match[0]):
+            from deepspeed.checkpoint.affine import replicated_map
+
+            maps[pattern] = replicated_map(match[0], tp).to_dict()
+    return state
 
 
 def _reusable(out: Path, source_sha256: str) -> bool:
@@ -153,6 +179,18 @@ def convert_main(argv: list[str]) -> None:
     args = ds_to_universal.parse_arguments()
     with weights_only_loading():
         ds_to_universal.main(args)
+    wrap_plain_states(Path(args.output_folder))
+
+
+def wrap_plain_states(out: Path) -> None:
+    """Give every state file of a universal checkpoint the form {"param": tensor}. DeepSpeed 0.19.8's converter
+    writes a ZeRO-3 checkpoint saved without tensor parallelism as bare tensors, and its ZeRO-3 loader cuts a
+    tensor-parallel rank's slice out of the whole weight only from that form: resuming such a checkpoint at
+    parallel.tensor_parallel > 1 failed ("start (4096) + length (512) exceeds dimension size (4096)")."""
+    for path in sorted(p for p in (out / "zero").glob("*/*.pt") if p.stem in ("fp32", "exp_avg", "exp_avg_sq")):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, torch.Tensor):
+            torch.save({"param": state}, path)
 
 
 if __name__ == "__main__":

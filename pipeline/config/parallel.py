@@ -102,11 +102,6 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
             "parallel.offload_optimizer=true needs ZeRO (DeepSpeed offloads the optimizer states it partitions): "
             "set parallel.zero_stage to 1, 2 or 3."
         )
-    if tp > 1 and parallel.zero_stage == 3:
-        raise ConfigError(
-            "DeepSpeed AutoTP training does not combine with ZeRO stage 3: "
-            "set parallel.zero_stage to 0, 1 or 2 with parallel.tensor_parallel > 1."
-        )
 
 
 def data_parallel_size(parallel: ParallelConfig) -> int:

@@ -27,6 +27,21 @@ def init_distributed(parallel: ParallelConfig) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def zero3_partition_group(parallel: ParallelConfig):
+    """The process group ZeRO-3 partitions the weights over as zero.Init builds them: all ranks (None) without
+    tensor parallelism, else the data-parallel group of DeepSpeed's AutoTP mesh, made here (the engine finds it
+    made). Over all ranks, the weights AutoTP leaves whole (embeddings, norms) would stay partitioned over the
+    tensor-parallel ranks too while the ones it slices are partitioned over the data-parallel group: training
+    is right either way, but the checkpoint mixes two layouts that neither zero_to_fp32 nor ds_to_universal
+    reads (measured with DeepSpeed 0.19.8). A collective: every rank calls it."""
+    if parallel.tensor_parallel == 1:
+        return None
+    from deepspeed.utils import groups
+
+    groups._init_tp_mesh_device(tensor_model_parallel_size=parallel.tensor_parallel)
+    return groups.get_data_parallel_group()
+
+
 def skip_shared_memory_op() -> None:
     """DeepSpeed's CPU backend compiles a C++ shared-memory all-reduce (g++, about 30 s on 2 cores) when the
     first process group starts, on every fresh machine and again whenever another installation used the

@@ -177,8 +177,6 @@ def layouts_that_fit(model: ModelConfig, parallel: ParallelConfig, train: TrainC
     for recompute in (parallel.activation_checkpointing, True):
         for tp in (t for t in (1, 2, 4, 8) if model.n_head % t == 0 and parallel.num_workers % t == 0):
             for stage in (0, 1, 2, 3):
-                if tp > 1 and stage == 3:  # AutoTP does not combine with ZeRO-3
-                    continue
                 layout = Layout(stage, tp, recompute)
                 trial = dataclasses.replace(parallel, zero_stage=stage, tensor_parallel=tp,
                                             activation_checkpointing=recompute)
@@ -192,6 +190,17 @@ def layouts_that_fit(model: ModelConfig, parallel: ParallelConfig, train: TrainC
                 x.tensor_parallel, x.zero_stage)
 
     return sorted(unique, key=changes)
+
+
+def largest_micro_batch(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, precision: str,
+                        device_bytes: float) -> int | None:
+    """The largest micro-batch below the configured one at which this layout fits (the global batch stays: more
+    accumulation steps), or None when not even 1 does."""
+    for micro in range(train.micro_batch_size - 1, 0, -1):
+        trial = dataclasses.replace(train, micro_batch_size=micro)
+        if plan_memory(model, parallel, trial, precision).total <= USABLE_FRACTION * device_bytes:
+            return micro
+    return None
 
 
 def step_seconds(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, peak_tflops: float,
@@ -235,10 +244,12 @@ def report(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, pre
             lines.append(f"verdict: fits: {plan.total / GIB:.1f} GiB per rank <= {usable / GIB:.1f} GiB {of}")
         else:
             others = layouts_that_fit(model, parallel, train, precision, device_bytes)
-            hint = ("; these fit: " + "; ".join(x.describe() for x in others[:4]) + " (or lower "
-                    "train.micro_batch_size)") if others else (
-                "; no ZeRO stage, tp <= 8 or activation checkpointing fits: add devices or machines, or lower "
-                "train.micro_batch_size")
+            micro = largest_micro_batch(model, parallel, train, precision, device_bytes)
+            smaller = (f"train.micro_batch_size={micro} fits this layout" if micro else
+                       "no micro-batch fits this layout")
+            hint = ("; these fit: " + "; ".join(x.describe() for x in others[:4]) + f" (or {smaller})") if others \
+                else (f"; no ZeRO stage, tp <= 8 or activation checkpointing fits: {smaller}; add devices or "
+                      f"machines")
             lines.append(f"verdict: does not fit: {plan.total / GIB:.1f} GiB per rank > {usable / GIB:.1f} GiB "
                          f"{of}{hint}")
     if peak_tflops:

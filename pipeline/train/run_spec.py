@@ -103,8 +103,8 @@ class TrainOutcome:
     worker_nodes: list[str] | None = None
     # Gradient norm (before clipping) of every step, when spec.record_losses.
     grad_norms: dict[int, float] = field(default_factory=dict)
-    # Elements of the parameters this rank's module holds: fewer than the model's under tensor parallelism
-    # (AutoTP shards the projections), 0 under ZeRO-3 (DeepSpeed keeps only flat partitions).
+    # Elements of the parameters this rank holds: fewer than the model's under tensor parallelism (AutoTP shards
+    # the projections), its partitions of them under ZeRO-3.
     local_parameters: int = 0
     # Tokens/s from the end of the run's second step to its end: the steady rate, without start-up.
     steady_tokens_per_s: float = 0.0

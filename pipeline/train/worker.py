@@ -47,6 +47,7 @@ from pipeline.train.distributed import (
     init_distributed,
     seed_everything,
     sum_head_gradients_over_tensor_parallel,
+    zero3_partition_group,
 )
 from pipeline.train.loop import Callback, LoopState, run_loop
 from pipeline.train.optimizer import build_optimizer, build_scheduler
@@ -89,19 +90,25 @@ def build_model(spec: RunSpec, ds_config: dict) -> GPT:
     """The GPT with identical initial weights on every rank (and the same for every layout).
 
     Under ZeRO-3 it is built inside deepspeed.zero.Init: each parameter is partitioned as soon as its module
-    exists, so no rank ever holds the whole model; GPT-2's initialisation then runs step by step with only that
+    exists (over the data-parallel group under tensor parallelism: zero3_partition_group), so no rank ever holds
+    the whole model; GPT-2's initialisation then runs step by step with only that
     step's parameters gathered (rank 0's values kept), drawing the same random numbers as a plain build."""
     import deepspeed
 
     seed_everything(spec.train.seed)
     if spec.parallel.zero_stage != 3:
         return GPT(spec.model)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=zero3_partition_group(spec.parallel)):
         model = GPT(spec.model, init_weights=False)
     for params, init in model.init_steps():
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             init()
     return model
+
+
+def held_elements(param: torch.nn.Parameter) -> int:
+    """Elements of a parameter this rank holds: its ZeRO-3 partition, or the whole (AutoTP-sliced) tensor."""
+    return param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
 
 
 def build_engine(spec: RunSpec, ds_config: dict):
@@ -261,7 +268,7 @@ def outcome_of(state: LoopState, engine, resumed_from: str | None) -> TrainOutco
         tokens_per_s=record.tokens_per_s,
         resumed_from=resumed_from,
         grad_norms=record.grad_norms,
-        local_parameters=sum(p.numel() for p in engine.module.parameters()),
+        local_parameters=sum(held_elements(p) for p in engine.module.parameters()),
         val_losses=dict(record.val_losses),
         val_tokens_per_s=record.val_tokens / record.val_seconds if record.val_seconds else 0.0,
         steady_tokens_per_s=record.tokens_per_s if record.steady_tokens_per_s is None else record.steady_tokens_per_s,

@@ -96,9 +96,12 @@ def test_validation_on_the_workers_equals_one_process_evaluation(data_dir, tmp_p
 
 
 @pytest.mark.distributed
-def test_a_zero_3_run_exported_gives_the_pipelines_validation_loss_in_plain_transformers(data_dir, tmp_path):
-    """Trained under ZeRO-3 on 2 ranks, consolidated and exported in shards: transformers' model scores the
-    validation windows within 1e-4 of the pipeline's validation loss."""
+def test_a_tensor_parallel_zero_3_run_exported_gives_the_pipelines_validation_loss_in_plain_transformers(data_dir,
+                                                                                                       tmp_path):
+    """Trained under ZeRO-3 with tensor parallelism (tp 2 x dp 2 on 4 ranks), validated on the workers in that
+    layout, consolidated (each tensor-parallel rank's ZeRO-3 shards, then the AutoTP slices) and exported in shards:
+    transformers' model scores the validation windows within 1e-4 of the pipeline's validation loss, which equals
+    the other layouts'."""
     from pathlib import Path
 
     import torch.nn.functional as F
@@ -109,8 +112,10 @@ def test_a_zero_3_run_exported_gives_the_pipelines_validation_loss_in_plain_tran
     from pipeline.checkpoint.layout import checkpoint_root, latest_complete
     from pipeline.evaluation.export import hf_weights, write_weights
 
-    spec = make_spec(data_dir, tmp_path / "run", workers=2, zero=3)
-    outcome = run_distributed(train_and_report, 2, spec)[0]
+    spec = make_spec(data_dir, tmp_path / "run", workers=4, tp=2, zero=3, micro=4)
+    outcome = run_distributed(train_and_report, 4, spec)[0]
+    for other in val_losses.values():
+        assert outcome.val_losses[STEPS] == pytest.approx(other[STEPS], rel=1e-5)
     model_class, hf_cfg, weights = hf_weights(MODEL, consolidated_state_dict(latest_complete(checkpoint_root(Path(spec.run_dir)))))
     hf_cfg.architectures = [model_class.__name__]
     hf_cfg.save_pretrained(tmp_path / "hf")

@@ -158,6 +158,25 @@ def test_tensor_parallel_two_equals_one(reference, data_dir, tmp_path):
     assert_same_weights(weights_of(spec), weights_of(ref_spec))
 
 
+def test_tensor_parallel_two_with_zero_3_equals_one_rank(reference, data_dir, tmp_path):
+    """tp 2 x dp 2 on 4 ranks under ZeRO-3 (AutoTP slices the weights built partitioned by zero.Init, ZeRO-3
+    partitions each slice over the data-parallel group): the reference's losses, gradient norms and, consolidated
+    from the ZeRO-3 shards of both tensor-parallel ranks, its weights."""
+    from pipeline.model.size import count_parameters
+
+    ref_spec, expected = reference
+    spec = make_spec(data_dir, tmp_path, workers=4, tp=2, zero=3, micro=2)
+    outcomes = outcomes_of(spec)
+    assert_same([outcomes[0].losses[s] for s in range(STEPS)], expected)
+    assert_same(grad_norms_of(outcomes[0]), reference_grad_norms, rel=1e-4)
+    assert_same_weights(weights_of(spec), weights_of(ref_spec))
+    # Each rank holds half (dp) of its half (tp) of every projection, and half of every replicated weight.
+    full = count_parameters(MODEL).total
+    d, d_ff, layers = MODEL.d_model, MODEL.d_ff, MODEL.n_layer
+    halved = layers * (4 * d * d + 2 * d * d_ff + 3 * d + d_ff) // 2
+    assert [o.local_parameters for o in outcomes] == [(full - halved) // 2] * 4
+
+
 bf16_losses: dict[int, list[float]] = {}  # per ZeRO stage, filled by test_bf16_training_tracks_fp32
 
 
