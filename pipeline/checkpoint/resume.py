@@ -111,6 +111,15 @@ def resume_source(train: TrainConfig, parallel: ParallelConfig, run_dir: Path, m
         )
     if needs_universal(marker, parallel.num_workers, parallel.tensor_parallel, parallel.zero_stage):
         # Elastic resume: another data-parallel size or ZeRO stage than the checkpoint was saved with.
+        if train.optimizer == "muon":
+            raise ConfigError(
+                f"the checkpoint {tag_dir} was saved at world size {marker['world_size']}, tensor parallel "
+                f"{marker.get('tensor_parallel', 1)}, ZeRO-{saved_stage}, and resuming it in another layout needs "
+                f"DeepSpeed's universal conversion, which reads Adam's moments of every parameter and fails on "
+                f"Muon's momentum buffers (train.optimizer=muon; KeyError 'exp_avg' in DeepSpeed 0.19.8): resume with the saved layout (parallel.num_workers, "
+                f"parallel.tensor_parallel, parallel.zero_stage), or start a new run (run_name=... or "
+                f"train.resume=none)."
+            )
         universal = to_universal(tag_dir, run_dir)
         push_checkpoint(mirror, universal, latest=False)
         log.info("resuming %s (saved at world size %d, ZeRO-%d) at world size %d, ZeRO-%d through %s",

@@ -52,7 +52,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.1, metadata=MATH)
     beta1: float = field(default=0.9, metadata=MATH)
     beta2: float = field(default=0.95, metadata=MATH)
-    # adamw | muon: Muon (Jordan et al. 2024; DeepSpeed's MuonWithAuxAdam, which ZeRO 1-2 partition) for the 2-D
+    # adamw | muon: Muon (Jordan et al. 2024; DeepSpeed's MuonWithAuxAdam, which ZeRO 1-3 partition) for the 2-D
     # hidden matrices of the blocks, AdamW (lr, betas, no decay) for embeddings, unembedding, norms and biases.
     optimizer: Optimizer = field(default=Optimizer.adamw, metadata=later("adamw"))
     # Muon's learning rate (in units of spectral norm per update; Keller Jordan's 0.02) and momentum. The
@@ -150,19 +150,19 @@ def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelCon
             raise ConfigError(
                 "train.optimizer=muon with parallel.tensor_parallel > 1: Muon orthogonalises each whole matrix, "
                 "AutoTP leaves each rank a slice of it, and DeepSpeed does not gather the slices for Muon; train "
-                "Muon with tensor_parallel=1 (ZeRO 1-2 partition its state) or use train.optimizer=adamw."
+                "Muon with tensor_parallel=1 (ZeRO 1-3 partition its state) or use train.optimizer=adamw."
             )
         if model.mup_base_width is not None:
             raise ConfigError(
                 "train.optimizer=muon with model.mup_base_width: µP's rules here are AdamW's (lr / m on hidden "
                 "matrices); Muon's per-matrix scale sets its own width dependence. Use one or the other."
             )
-        if parallel.zero_stage == 3 or parallel.offload_optimizer:
+        if parallel.offload_optimizer:
             raise ConfigError(
-                f"train.optimizer=muon with parallel.zero_stage={parallel.zero_stage}, offload_optimizer="
-                f"{parallel.offload_optimizer}: Muon is tested with ZeRO 0-2 without offload (DeepSpeed's ZeRO-3 "
-                f"and offload paths of Muon are not): choose parallel.zero_stage 0, 1 or 2 and "
-                f"offload_optimizer=false."
+                "train.optimizer=muon with parallel.offload_optimizer=true: DeepSpeed's offloaded optimizer step "
+                "runs on CPU partitions of each matrix, and Muon orthogonalises whole matrices (its offload path is "
+                "untested here); keep the optimizer on the device (offload_optimizer=false) and shard Muon's state "
+                "with ZeRO 1-3 instead."
             )
     dp = data_parallel_size(parallel)
     per_step = train.micro_batch_size * dp * model.context_length

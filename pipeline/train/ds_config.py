@@ -90,6 +90,10 @@ def make_ds_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if train.optimizer == "muon" and parallel.zero_stage == 3:
+        # DeepSpeed's ZeRO-3 runs Muon on whole gradients, all-gathered per sub-group: it refuses reduce-scatter
+        # ("Muon and reduce scatter cannot be used together").
+        config["zero_optimization"]["reduce_scatter"] = False
     if parallel.tensor_parallel > 1:
         config["tensor_parallel"] = {
             "autotp_size": parallel.tensor_parallel,

@@ -386,6 +386,21 @@ def test_a_zero_stage_change_deepspeed_cannot_load_is_refused_before_workers_sta
             as_the_driver_resumes(spec, tmp_path, "r", parallel=dataclasses.replace(spec.parallel, zero_stage=stage))
 
 
+def test_an_elastic_resume_of_a_muon_run_is_refused_before_the_conversion(tmp_path):
+    """DeepSpeed's universal conversion fails on Muon's state (measured: KeyError 'exp_avg' at ZeRO 1 and 3):
+    refused on the driver with the way out, before any conversion."""
+    from pipeline.config import ConfigError
+
+    spec = make_spec(tmp_path, tmp_path / "runs" / "r")
+    fake_checkpoint(tmp_path / "runs" / "r" / "checkpoints", 3)  # saved at ZeRO-1 on 2 workers
+    muon = dataclasses.replace(spec.train, optimizer="muon")
+    with pytest.raises(ConfigError, match=r"world size 2, .*Muon's momentum buffers .*resume with the saved layout"):
+        as_the_driver_resumes(spec, tmp_path, "r", train=muon, parallel=dataclasses.replace(spec.parallel,
+                                                                                            num_workers=1))
+    assert not (tmp_path / "runs" / "r" / "checkpoints" / "universal").exists()
+    as_the_driver_resumes(spec, tmp_path, "r", train=muon)  # the saved layout resumes
+
+
 def elastic_spec(spec, output_dir: Path, run_name: str, workers: int, micro: int, tp: int = 1, zero: int | None = None):
     """The run's spec resized to `workers` ranks (tensor-parallel degree tp, ZeRO stage zero), resumed the way the
     driver does it: pipeline.train.driver.decide_resume finds the run's latest checkpoint, sees the other layout

@@ -105,3 +105,20 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32():
         config = make_ds_config(train, ParallelConfig(num_workers=2, zero_stage=1), precision, accum)
         assert config["bf16"] == {"enabled": False} and "data_types" not in config and "torch_autocast" not in config
     check_with_deepspeed(zero0)
+
+
+def test_muon_trains_under_zero_3_without_reduce_scatter_and_is_refused_where_deepspeed_cannot_run_it():
+    """DeepSpeed's ZeRO-3 runs Muon only without reduce-scatter (it raises "Muon and reduce scatter cannot be
+    used together" otherwise); Muon with AutoTP or optimizer offload is refused with the reason."""
+    from pipeline.config import ConfigError, ModelConfig
+    from pipeline.config.train import validate_train
+
+    muon, model = TrainConfig(optimizer="muon"), ModelConfig(vocab_size=64)
+    zero3 = ParallelConfig(num_workers=2, zero_stage=3)
+    validate_train(muon, zero3, model)
+    assert make_ds_config(muon, zero3, "fp32", 1)["zero_optimization"]["reduce_scatter"] is False
+    assert "reduce_scatter" not in make_ds_config(TrainConfig(), zero3, "fp32", 1)["zero_optimization"]
+    with pytest.raises(ConfigError, match="offload_optimizer=true: DeepSpeed's offloaded"):
+        validate_train(muon, ParallelConfig(num_workers=2, zero_stage=3, offload_optimizer=True), model)
+    with pytest.raises(ConfigError, match="tensor_parallel > 1: Muon orthogonalises each whole matrix"):
+        validate_train(muon, ParallelConfig(num_workers=2, tensor_parallel=2, zero_stage=3), model)
