@@ -21,6 +21,7 @@ import shutil
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+from pipeline.checkpoint.async_write import ShardWriter, snapshot
 from pipeline.checkpoint.layout import (
     CheckpointError,
     commit_locally,
@@ -148,12 +150,24 @@ class PipelineCheckpointEngine(TorchCheckpointEngine):
         super().__init__(None)
         self.zipfile_serialization = zipfile_serialization
         self.hashes: dict[str, str] = {}
+        self.writer: ShardWriter | None = None  # set for an asynchronous save (train.async_checkpoint)
 
     def save(self, state_dict, path: str) -> None:
         if isinstance(state_dict, dict) and "universal_checkpoint_info" in state_dict:
             state_dict = repair_autotp_metadata(state_dict)
-        digest = save_hashed(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
-        self.hashes[os.path.basename(path)] = digest
+        if self.writer is None:
+            self.hashes[os.path.basename(path)] = save_hashed(state_dict, path,
+                                                              _use_new_zipfile_serialization=self.zipfile_serialization)
+            return
+        writer = self.writer
+        copy = snapshot(state_dict, writer.pool)  # the live tensors change at the next step: this copy is written
+
+        def write() -> None:
+            self.hashes[os.path.basename(path)] = save_hashed(copy, path,
+                                                              _use_new_zipfile_serialization=self.zipfile_serialization)
+            writer.pool.release(copy)
+
+        writer.submit(write)
 
     def load(self, path: str, map_location=None):
         return safe_load(path, map_location=map_location)
@@ -177,33 +191,75 @@ def save_checkpoint(
     engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int, layout: dict[str, Any] | None = None,
     uploads: CheckpointUploads = NO_UPLOADS,
 ) -> Path:
-    """Collective: every rank calls it. Returns the tag directory. Without an object store rank 0 marks it
-    complete (COMPLETE, `latest`) before it returns. With one (`uploads`: the run's mirror, in the background or
-    inline) the first rank of each node uploads its node's files, and rank 0 commits the checkpoint once every
-    node's files are in the store: the marker and `latest` there, then here (upload_checkpoint); until then the
-    run's previous checkpoint is the one to resume from, in the store and here alike.
+    """Collective: every rank calls it. Returns the tag directory, committed (start_checkpoint, then its commit)."""
+    return start_checkpoint(engine, root, step, client_state, keep_last, layout, uploads).commit()
 
-        the last upload done -> clear the tag (a rewrite) -> every rank writes its shards and RNG, hashed while
-        written -> rank 0's marker (every node's files: sizes, sha256s) -> committed (then or after the
-        uploads) -> old tags pruned"""
-    mirror, rank = uploads.mirror, dist.get_rank()
+
+def start_checkpoint(
+    engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int, layout: dict[str, Any] | None = None,
+    uploads: CheckpointUploads = NO_UPLOADS, writer: ShardWriter | None = None,
+) -> PendingCheckpoint:
+    """Collective: every rank calls it. Every rank writes its shards and RNG, hashed while written; with a
+    `writer` (train.async_checkpoint) every rank copies them in memory and its writer thread writes them while
+    training goes on. The returned PendingCheckpoint commits the tag. Without an object store rank 0 marks it
+    complete (COMPLETE, `latest`) there. With one (`uploads`: the run's mirror, in the background or inline)
+    the first rank of each node uploads its node's files, and rank 0 commits the checkpoint once every node's
+    files are in the store: the marker and `latest` there, then here (upload_checkpoint); until then the run's
+    previous checkpoint is the one to resume from, in the store and here alike.
+
+        the last upload done -> clear the tag (a rewrite) -> every rank writes its shards and RNG (or copies
+        them for its writer) -> [commit: the writes done on every rank -> rank 0's marker (every node's files:
+        sizes, sha256s) -> committed (then or after the uploads) -> old tags pruned]"""
     if is_node_leader():
         uploads.wait()  # the store never holds two checkpoints in flight from one node
     tag_dir = root / tag_for(step)
-    _clear_tag(tag_dir, mirror)
-    hashes = _write_shards(engine, root, tag_dir, client_state)
-    files = _every_nodes_files(tag_dir)
-    marker = _marker(step, client_state, layout, hashes, files) if rank == 0 else None
-    if rank == 0 and not mirror.active:
-        commit_locally(tag_dir, marker, keep_last)
-    dist.barrier()
-    if mirror.active and is_node_leader():
-        if rank != 0:
-            # Without a shared file system the other nodes' tags carry no marker (the store holds it): keep only
-            # their newest few, which are staging copies of what is in the store.
-            prune_staging(root, uploads.keep_local or keep_last)
-        uploads.start(partial(upload_checkpoint, mirror, tag_dir, marker, keep_last, uploads.keep_local))
-    return tag_dir
+    _clear_tag(tag_dir, uploads.mirror)
+    _write_shards(engine, root, tag_dir, client_state, writer)
+    return PendingCheckpoint(tag_dir, step, client_state, keep_last, layout, uploads, install_checkpoint_engine(engine),
+                             writer)
+
+
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint whose files are written (or being written by the ranks' writers) and that is not committed:
+    no COMPLETE marker, not `latest`."""
+
+    tag_dir: Path
+    step: int
+    client_state: dict[str, Any]
+    keep_last: int
+    layout: dict[str, Any] | None
+    uploads: CheckpointUploads
+    engine: PipelineCheckpointEngine
+    writer: ShardWriter | None
+
+    def written_everywhere(self, device: torch.device) -> bool:
+        """Collective (one all-reduce of a flag): whether every rank's writer has written all its files."""
+        idle = torch.tensor([1.0 if self.writer is None or self.writer.idle() else 0.0], device=device)
+        dist.all_reduce(idle, op=dist.ReduceOp.MIN)
+        return bool(idle.item())
+
+    def commit(self) -> Path:
+        """Collective: wait for this rank's writes, then commit the tag as save_checkpoint describes."""
+        mirror, rank, tag_dir = self.uploads.mirror, dist.get_rank(), self.tag_dir
+        if self.writer is not None:
+            self.writer.wait()
+        gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, dict(self.engine.hashes))
+        hashes = dict(sorted({k: v for part in gathered for k, v in (part or {}).items()}.items()))
+        files = _every_nodes_files(tag_dir)
+        marker = _marker(self.step, self.client_state, self.layout, hashes, files) if rank == 0 else None
+        if rank == 0 and not mirror.active:
+            commit_locally(tag_dir, marker, self.keep_last)
+        dist.barrier()
+        if mirror.active and is_node_leader():
+            if rank != 0:
+                # Without a shared file system the other nodes' tags carry no marker (the store holds it): keep
+                # only their newest few, which are staging copies of what is in the store.
+                prune_staging(tag_dir.parent, self.uploads.keep_local or self.keep_last)
+            self.uploads.start(partial(upload_checkpoint, mirror, tag_dir, marker, self.keep_last,
+                                       self.uploads.keep_local))
+        return tag_dir
 
 
 def _every_nodes_files(tag_dir: Path) -> dict[str, int]:
@@ -234,22 +290,33 @@ def _clear_tag(tag_dir: Path, mirror: Mirror) -> None:
     dist.barrier()
 
 
-def _write_shards(engine, root: Path, tag_dir: Path, client_state: dict[str, Any]) -> dict[str, str]:
-    """Collective: DeepSpeed writes this rank's shards (through PipelineCheckpointEngine, which hashes them),
-    then the rank's RNG file; returns every rank's {file name: sha256}."""
+def _write_shards(engine, root: Path, tag_dir: Path, client_state: dict[str, Any],
+                 writer: ShardWriter | None) -> None:
+    """Collective: DeepSpeed writes this rank's shards (through PipelineCheckpointEngine, which hashes them; with a
+    writer, copies them for it), then the rank's RNG file, flushed to stable storage; the digests are the
+    checkpoint engine's `hashes` once written."""
     rank = dist.get_rank()
     if getattr(engine.module, "universal_checkpoint_info", None) is None:
         # ds_to_universal needs this key; under AutoTP DeepSpeed writes its own (which TP-sliced parameters
         # to merge and how), and a client_state key of the same name would overwrite it.
         client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
-    hashes = install_checkpoint_engine(engine).hashes
-    hashes.clear()
-    engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state, save_latest=False)
-    hashes[f"rng_rank{rank}.pt"] = save_hashed(rng_state(), tag_dir / f"rng_rank{rank}.pt")
-    fsync_files(tag_dir)
-    gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(hashes))
-    return dict(sorted({k: v for part in gathered for k, v in (part or {}).items()}.items()))
+    checkpoint_engine = install_checkpoint_engine(engine)
+    checkpoint_engine.hashes.clear()
+    checkpoint_engine.writer = writer
+    try:
+        engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state, save_latest=False)
+    finally:
+        checkpoint_engine.writer = None
+    rng, rng_file = rng_state(), tag_dir / f"rng_rank{rank}.pt"
+
+    def finish() -> None:
+        checkpoint_engine.hashes[rng_file.name] = save_hashed(rng, rng_file)
+        fsync_files(tag_dir)
+
+    if writer is None:
+        finish()
+    else:
+        writer.submit(finish)
 
 
 def _marker(step: int, client_state: dict[str, Any], layout: dict[str, Any] | None, hashes: dict[str, str],

@@ -74,6 +74,11 @@ class TrainConfig:
     # keep_last_checkpoints > 0 they rotate out like the others.
     save_at_steps: list[int] = field(default_factory=list, metadata=FREE)
     keep_last_checkpoints: int = field(default=2, metadata=FREE)
+    # Write checkpoints while training goes on: each rank copies its state in memory (the stall) and a thread of
+    # its own writes and hashes the files; the checkpoint is committed (COMPLETE, `latest`) at the first step
+    # boundary after every rank's files are written, so until then the previous one is the one to resume from.
+    # Costs one more copy of the rank's model and optimizer states in host memory while a write is in flight.
+    async_checkpoint: bool = field(default=False, metadata=FREE)
     # auto (latest complete checkpoint of this run, if any) | none | <path of a checkpoint tag>
     resume: str = field(default="auto", metadata=FREE)
     # Resume even when the checkpoint was trained with a different config (keys that change the math).

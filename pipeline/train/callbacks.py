@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint.save_load import save_checkpoint
+from pipeline.checkpoint.async_write import ShardWriter
+from pipeline.checkpoint.save_load import PendingCheckpoint, start_checkpoint
 from pipeline.checkpoint.store_sync import CheckpointUploads
 from pipeline.cluster.storage import Mirror
 from pipeline.data.loader import RankBatches
@@ -40,16 +41,20 @@ log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    """Saves the run's checkpoints (collective: every rank calls save) with what a resume needs."""
+    """Saves the run's checkpoints (collective: every rank calls save) with what a resume needs. With
+    train.async_checkpoint a save returns once every rank copied its state, and the checkpoint is committed by
+    `poll` at a later step boundary (or by the next save, or a save that must `wait`); one at most is in flight."""
 
     def __init__(self, *, engine, spec: RunSpec, batches: RankBatches, ckpt_root: Path, world: int,
-                 mirror: Mirror):
+                 mirror: Mirror, device: torch.device):
         self.engine, self.spec, self.batches = engine, spec, batches
-        self.ckpt_root, self.world = ckpt_root, world
+        self.ckpt_root, self.world, self.device = ckpt_root, world, device
         self.uploads = CheckpointUploads(mirror, background=spec.background_uploads,
                                          keep_local=spec.local_checkpoints)
         self.layout = {"zero_stage": spec.parallel.zero_stage, "tensor_parallel": spec.parallel.tensor_parallel,
                        "precision": spec.precision}
+        self.writer = ShardWriter() if spec.train.async_checkpoint else None
+        self.pending: PendingCheckpoint | None = None
 
     def client_state(self, step: int) -> dict:
         spec = self.spec
@@ -67,12 +72,30 @@ class Checkpointer:
 
     def save(self, step: int, wait: bool = False) -> Path:
         """Save at `step`; with an object store the upload goes on in the background unless `wait` (the run's
-        last checkpoint, or a preemption's: the run ends only once it is in the store)."""
-        tag_dir = save_checkpoint(self.engine, self.ckpt_root, step, self.client_state(step),
-                                  self.spec.train.keep_last_checkpoints, self.layout, self.uploads)
+        last checkpoint, or a preemption's: the run ends only once it is committed and in the store)."""
+        self.finish()
+        pending = start_checkpoint(self.engine, self.ckpt_root, step, self.client_state(step),
+                                   self.spec.train.keep_last_checkpoints, self.layout, self.uploads, self.writer)
+        if self.writer is not None and not wait:
+            self.pending = pending
+            return pending.tag_dir
+        tag_dir = pending.commit()
         if wait:
             self.uploads.wait()
         return tag_dir
+
+    def poll(self) -> bool:
+        """Collective: commit the checkpoint in flight if every rank has written its files. Whether it did."""
+        if self.pending is None or not self.pending.written_everywhere(self.device):
+            return False
+        self.finish()
+        return True
+
+    def finish(self) -> None:
+        """Collective: commit the checkpoint in flight, waiting for its writes."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.commit()
 
 
 class LossHistory(Callback):
@@ -349,12 +372,16 @@ class PeriodicCheckpoint(Callback):
         self.checkpointer, self.interval, self.at_steps = checkpointer, interval, set(at_steps or [])
 
     def after_step(self, state: LoopState, result: StepResult) -> None:
+        started = time.perf_counter()
+        if self.checkpointer.poll():  # an asynchronous checkpoint written on every rank: committed now
+            state.record_metric("checkpoint_commit_s", time.perf_counter() - started, result.done)
         due = (self.interval and result.done % self.interval == 0) or result.done in self.at_steps
         if due and result.done < state.max_steps:
             started = time.perf_counter()
             self.checkpointer.save(result.done)
             # What the save cost training (rank 0's wait; with an object store, an upload in the background
-            # costs nothing here unless the previous one is still running).
+            # costs nothing here unless the previous one is still running; asynchronous, the copy in memory and
+            # the commit of a previous checkpoint still being written).
             state.record_metric("checkpoint_stall_s", time.perf_counter() - started, result.done)
 
 

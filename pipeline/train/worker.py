@@ -241,7 +241,7 @@ def train_worker(spec: RunSpec, link: RunLink = RunLink()) -> TrainOutcome:
     tracker = (Tracker(link.tracking_uri, link.run_id, background=True, spill_dir=spec.run_dir)
                if rank == 0 and link.run_id else None)
     checkpointer = Checkpointer(engine=engine, spec=spec, batches=batches, ckpt_root=ckpt_root, world=world,
-                                mirror=mirror)
+                                mirror=mirror, device=device)
     callbacks, tags = build_callbacks(spec, batches, checkpointer, start_step, resumed_from, device, timeline,
                                       start_system_metrics(spec, link, tracker, device))
     state = LoopState(engine, start_step, spec.train.max_steps, rank=rank, tracker=tracker)

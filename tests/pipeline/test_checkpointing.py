@@ -171,6 +171,85 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_latest_and_resumable
         as_the_driver_resumes(spec, tmp_path, "r")
 
 
+def slow_async_writes(spec, slow_step: int, kill: bool):
+    """train_worker with train.async_checkpoint, each file of the slow_step checkpoint taking 1 s more to write
+    (in the rank's writer thread), and a record of whether that checkpoint was committed at each step's end.
+    With `kill`, every rank's writer SIGKILLs its own process in the middle of that checkpoint instead (what a
+    node failure does to it), while the training thread goes on."""
+    import os
+    import signal
+    import time
+
+    from pipeline.checkpoint import save_load
+    from pipeline.checkpoint.layout import tag_for
+    from pipeline.train.callbacks import PeriodicCheckpoint
+    from pipeline.train.worker import train_worker
+
+    write, after_step = save_load.save_hashed, PeriodicCheckpoint.after_step
+    slow_tag = tag_for(slow_step)
+    committed_at: dict[int, bool] = {}
+
+    def slow_write(obj, path, **kwargs):
+        if Path(path).parent.name == slow_tag:
+            time.sleep(1.0)
+            if kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return write(obj, path, **kwargs)
+
+    def recording(self, state, result):
+        after_step(self, state, result)
+        committed_at[result.done] = (self.checkpointer.ckpt_root / slow_tag / COMPLETE_MARKER).exists()
+
+    save_load.save_hashed, PeriodicCheckpoint.after_step = slow_write, recording
+    outcome = train_worker(dataclasses.replace(spec, train=dataclasses.replace(spec.train, async_checkpoint=True)))
+    return outcome, committed_at
+
+
+@pytest.mark.distributed
+def test_an_asynchronous_checkpoint_is_written_while_training_goes_on_and_resumes_exactly(full_run, tmp_path):
+    """train.async_checkpoint: the step-3 checkpoint's files take seconds to write, and steps 4 and 5 train
+    meanwhile (no COMPLETE marker yet after step 4); it is committed later with the sha256 of every file, holds
+    the synchronous run's weights bit for bit (so does the final one, copied into the same buffers), and a resume
+    from it ends as the uninterrupted run did."""
+    full, full_losses = full_run
+    spec = dataclasses.replace(full, run_dir=str(tmp_path / "async"))
+    outcome, committed_at = run_distributed(slow_async_writes, 2, spec, 3, False)[0]
+    assert [outcome.losses[s] for s in range(6)] == [full_losses[s] for s in range(6)]
+    assert committed_at[4] is False  # training went on while the files were written
+    root = checkpoint_root(tmp_path / "async")
+    assert complete_tags(root) == ["step_00000003", "step_00000006"]
+    verify_checkpoint(root / "step_00000003", content=True)
+    for tag in ("step_00000003", "step_00000006"):  # the second written from the buffers the first left
+        ours, theirs = (consolidated_state_dict(r / tag) for r in (root, checkpoint_root(Path(full.run_dir))))
+        assert all(torch.equal(ours[name], theirs[name]) for name in theirs), tag
+    resumed = dataclasses.replace(full, run_dir=str(tmp_path / "resumed"), resume_from=str(root / "step_00000003"))
+    outcome = run_distributed(train_and_report, 2, resumed)[0]
+    assert [outcome.losses[s] for s in (3, 4, 5)] == [full_losses[s] for s in (3, 4, 5)]
+    ours, theirs = final_weights(tmp_path / "resumed"), final_weights(full.run_dir)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+@pytest.mark.distributed
+def test_kill_9_during_an_asynchronous_write_leaves_the_previous_checkpoint_in_use(full_run, tmp_path):
+    """Checkpoints every 2 steps, asynchronous: every rank is SIGKILLed while its step-4 files are being
+    written (training at step 5 meanwhile). Step 2 stays `latest`; the step-4 tag has no marker; the same
+    command resumes from step 2 and trains the uninterrupted run's losses and weights."""
+    full, full_losses = full_run
+    run_dir = tmp_path / "runs" / "r"
+    spec = dataclasses.replace(full, run_dir=str(run_dir),
+                               train=dataclasses.replace(full.train, save_interval_steps=2))
+    with pytest.raises(RuntimeError, match="died without a result"):
+        run_distributed(slow_async_writes, 2, spec, 4, True)
+    root = checkpoint_root(run_dir)
+    assert (root / "latest").read_text() == "step_00000002" and complete_tags(root) == ["step_00000002"]
+    assert (root / "step_00000004").is_dir() and not (root / "step_00000004" / COMPLETE_MARKER).exists()
+    outcome = run_distributed(train_and_report, 2, as_the_driver_resumes(spec, tmp_path, "r"))[0]  # resume=auto
+    assert outcome.resumed_from.endswith("step_00000002")
+    assert [outcome.losses[s] for s in (2, 3, 4, 5)] == [full_losses[s] for s in (2, 3, 4, 5)]
+    ours, theirs = final_weights(run_dir), final_weights(full.run_dir)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
 @pytest.mark.distributed
 def test_every_file_carries_its_sha256_from_the_write_and_a_changed_byte_stops_the_resume(full_run, tmp_path):
     """The marker records the sha256 each rank computed while writing its files (DeepSpeed's shards and the RNG
