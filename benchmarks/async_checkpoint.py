@@ -26,13 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.checkpoint_uploads import metric_histories
+
 TARGET_RATIO = 0.2
 
 
 def train(out: Path, name: str, args, extra: list[str]) -> tuple[float, dict[str, dict[int, float]]]:
     """Wall seconds of one `pipeline train`, and its checkpoint_stall_s and checkpoint_commit_s by step."""
-    from mlflow.tracking import MlflowClient
-
     started = time.time()
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", f"output_dir={out}", f"run_name={name}",
                            f"model.d_model={args.d_model}", f"model.n_layer={args.layers}",
@@ -45,12 +45,7 @@ def train(out: Path, name: str, args, extra: list[str]) -> tuple[float, dict[str
     if proc.returncode != 0:
         raise SystemExit(f"pipeline train ({name}) failed:\n{proc.stderr[-4000:]}")
     wall = time.time() - started
-    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    run = client.search_runs(client.get_experiment_by_name("pipeline").experiment_id,
-                             filter_string=f"tags.mlflow.runName = '{name}'")[0]
-    metrics = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
-               for key in ("checkpoint_stall_s", "checkpoint_commit_s")}
-    return wall, metrics
+    return wall, metric_histories(out, name, ["checkpoint_stall_s", "checkpoint_commit_s"])
 
 
 def main() -> None:

@@ -47,8 +47,6 @@ def store_uri(kind: str, root: Path):
 
 def train(out: Path, name: str, args, extra: list[str]) -> tuple[float, list[float]]:
     """Wall seconds of one `pipeline train`, and the checkpoint_stall_s of each periodic save."""
-    from mlflow.tracking import MlflowClient
-
     started = time.time()
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", f"output_dir={out}", f"run_name={name}",
                            f"model.d_model={args.d_model}", f"model.n_layer={args.layers}",
@@ -58,10 +56,17 @@ def train(out: Path, name: str, args, extra: list[str]) -> tuple[float, list[flo
     if proc.returncode != 0:
         raise SystemExit(f"pipeline train ({name}) failed:\n{proc.stderr[-4000:]}")
     wall = time.time() - started
+    return wall, list(metric_histories(out, name, ["checkpoint_stall_s"])["checkpoint_stall_s"].values())
+
+
+def metric_histories(out: Path, name: str, keys: list[str]) -> dict[str, dict[int, float]]:
+    """{metric: {step: value}} of the run `name` in out/mlflow.db (the embedded default's tracking store)."""
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     run = client.search_runs(client.get_experiment_by_name("pipeline").experiment_id,
                              filter_string=f"tags.mlflow.runName = '{name}'")[0]
-    return wall, [m.value for m in client.get_metric_history(run.info.run_id, "checkpoint_stall_s")]
+    return {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)} for key in keys}
 
 
 def upload_rates(tag_dir: Path, uri_of) -> dict[str, float]:
