@@ -72,6 +72,9 @@ class MemoryPlan:
     fp32_copies: float  # DeepSpeed's fp32 gradients (and weight copies) beside the model states
     activations: float
     logits: float
+    # train.async_checkpoint on CPU: the copy of the saved weights and optimizer states the writer keeps in the
+    # same RAM (on a GPU it is host memory, not the device's: 0).
+    checkpoint_copy: float = 0.0
 
     @property
     def model_states(self) -> float:
@@ -79,7 +82,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.fp32_copies + self.activations + self.logits
+        return self.model_states + self.fp32_copies + self.activations + self.logits + self.checkpoint_copy
 
 
 def parameters_per_rank(model: ModelConfig, tensor_parallel: int) -> float:
@@ -116,13 +119,16 @@ def plan_memory(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
         copies += (2 if precision == "fp16" else 4) * min(p_rank, ALLREDUCE_BUCKET) / p_rank
     b, s = train.micro_batch_size, model.context_length
     logits = b * s * model.vocab_size
+    parameters = weight * p_rank / (dp if stage >= 3 else 1)
+    optimizer = optim * p_rank / (dp if stage >= 1 else 1)
     return MemoryPlan(
-        parameters=weight * p_rank / (dp if stage >= 3 else 1),
+        parameters=parameters,
         gradients=grad * p_rank / (dp if stage >= 2 else 1),
-        optimizer=optim * p_rank / (dp if stage >= 1 else 1),
+        optimizer=optimizer,
         fp32_copies=copies * p_rank,
         activations=activation_bytes(model, b, tp, precision, parallel.activation_checkpointing),
         logits=12 * logits if precision == "fp32" else 4 * logits + 12 * min(logits, LOSS_CHUNK_ELEMENTS),
+        checkpoint_copy=parameters + optimizer if train.async_checkpoint and not parallel.use_gpu else 0.0,
     )
 
 
@@ -232,7 +238,9 @@ def report(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, pre
     ]
     rows = [("parameters", plan.parameters), ("gradients", plan.gradients), ("optimizer states", plan.optimizer),
             ("DeepSpeed fp32 copies", plan.fp32_copies), ("activations", plan.activations),
-            ("logits and loss", plan.logits), ("total", plan.total)]
+            ("logits and loss", plan.logits),
+            *([("async checkpoint copy", plan.checkpoint_copy)] if plan.checkpoint_copy else []),
+            ("total", plan.total)]
     lines += [f"  {name:<22} {value / GIB:10.2f} GiB" for name, value in rows]
     fits = True
     if device_bytes is not None:

@@ -135,6 +135,22 @@ def test_tensor_parallel_splits_exactly_the_sharded_projections():
     assert p2.parameters == 4 * (full - halved)
 
 
+def test_an_asynchronous_checkpoint_on_cpu_counts_its_copy_in_the_ranks_ram():
+    """train.async_checkpoint keeps a copy of the saved weights and optimizer states in host memory: on CPU that is
+    the rank's RAM, which the check divides between the ranks (a 2-rank 307 M-parameter run the plan passed
+    without it was killed by Ray's memory monitor); on a GPU it is not the device's memory."""
+    m = ModelConfig(vocab_size=4096, context_length=128, n_layer=24, n_head=4, d_model=1024, d_ff=4096)
+    cpu = ParallelConfig(num_workers=2, zero_stage=1)
+    sync = plan_memory(m, cpu, TrainConfig(micro_batch_size=1), "bf16")
+    on = plan_memory(m, cpu, TrainConfig(micro_batch_size=1, async_checkpoint=True), "bf16")
+    assert on.checkpoint_copy == sync.parameters + sync.optimizer and on.total == sync.total + on.checkpoint_copy
+    text, _ = report(m, cpu, TrainConfig(micro_batch_size=1, async_checkpoint=True), "bf16", 12 * GIB, None, 0.4, 1e9)
+    assert "async checkpoint copy" in text
+    gpu = plan_memory(m, ParallelConfig(num_workers=2, zero_stage=1, use_gpu=True),
+                      TrainConfig(micro_batch_size=1, async_checkpoint=True), "bf16")
+    assert gpu.checkpoint_copy == 0
+
+
 def test_verdict_and_the_layouts_that_fit():
     m = model("gpt3_13b")
     train = TrainConfig(micro_batch_size=1)
