@@ -240,7 +240,7 @@ class PendingCheckpoint:
         return bool(idle.item())
 
     def commit(self) -> Path:
-        """Collective: wait for this rank's writes, then commit the tag as save_checkpoint describes."""
+        """Collective: wait for this rank's writes, then commit the tag as start_checkpoint describes."""
         mirror, rank, tag_dir = self.uploads.mirror, dist.get_rank(), self.tag_dir
         if self.writer is not None:
             self.writer.wait()

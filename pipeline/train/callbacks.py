@@ -74,9 +74,11 @@ class Checkpointer:
         """Save at `step`; with an object store the upload goes on in the background unless `wait` (the run's
         last checkpoint, or a preemption's: the run ends only once it is committed and in the store)."""
         self.finish()
+        # A save that must wait gains nothing from a copy in memory: written directly, as without async_checkpoint.
+        writer = None if wait else self.writer
         pending = start_checkpoint(self.engine, self.ckpt_root, step, self.client_state(step),
-                                   self.spec.train.keep_last_checkpoints, self.layout, self.uploads, self.writer)
-        if self.writer is not None and not wait:
+                                   self.spec.train.keep_last_checkpoints, self.layout, self.uploads, writer)
+        if writer is not None:
             self.pending = pending
             return pending.tag_dir
         tag_dir = pending.commit()

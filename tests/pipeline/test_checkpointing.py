@@ -207,25 +207,26 @@ def slow_async_writes(spec, slow_step: int, kill: bool):
 
 @pytest.mark.distributed
 def test_an_asynchronous_checkpoint_is_written_while_training_goes_on_and_resumes_exactly(full_run, tmp_path):
-    """train.async_checkpoint: the step-3 checkpoint's files take seconds to write, and steps 4 and 5 train
-    meanwhile (no COMPLETE marker yet after step 4); it is committed later with the sha256 of every file, holds
-    the synchronous run's weights bit for bit (so does the final one, copied into the same buffers), and a resume
-    from it ends as the uninterrupted run did."""
+    """train.async_checkpoint, checkpoints every 2 steps: the step-2 checkpoint's files take seconds to write, and
+    step 3 trains meanwhile (no COMPLETE marker yet after it); it is committed later with the sha256 of every
+    file. The step-4 one is copied into the buffers step 2's left; a resume from it ends with the uninterrupted
+    run's losses and weights, bit for bit, as the asynchronous run itself does."""
     full, full_losses = full_run
-    spec = dataclasses.replace(full, run_dir=str(tmp_path / "async"))
-    outcome, committed_at = run_distributed(slow_async_writes, 2, spec, 3, False)[0]
+    spec = dataclasses.replace(full, run_dir=str(tmp_path / "async"),
+                               train=dataclasses.replace(full.train, save_interval_steps=2))
+    outcome, committed_at = run_distributed(slow_async_writes, 2, spec, 2, False)[0]
     assert [outcome.losses[s] for s in range(6)] == [full_losses[s] for s in range(6)]
-    assert committed_at[4] is False  # training went on while the files were written
+    assert committed_at[3] is False  # training went on while the files were written
     root = checkpoint_root(tmp_path / "async")
-    assert complete_tags(root) == ["step_00000003", "step_00000006"]
-    verify_checkpoint(root / "step_00000003", content=True)
-    for tag in ("step_00000003", "step_00000006"):  # the second written from the buffers the first left
-        ours, theirs = (consolidated_state_dict(r / tag) for r in (root, checkpoint_root(Path(full.run_dir))))
-        assert all(torch.equal(ours[name], theirs[name]) for name in theirs), tag
-    resumed = dataclasses.replace(full, run_dir=str(tmp_path / "resumed"), resume_from=str(root / "step_00000003"))
+    assert complete_tags(root) == ["step_00000002", "step_00000004", "step_00000006"]
+    for tag in ("step_00000002", "step_00000004"):
+        verify_checkpoint(root / tag, content=True)
+    ours, theirs = final_weights(tmp_path / "async"), final_weights(full.run_dir)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    resumed = dataclasses.replace(full, run_dir=str(tmp_path / "resumed"), resume_from=str(root / "step_00000004"))
     outcome = run_distributed(train_and_report, 2, resumed)[0]
-    assert [outcome.losses[s] for s in (3, 4, 5)] == [full_losses[s] for s in (3, 4, 5)]
-    ours, theirs = final_weights(tmp_path / "resumed"), final_weights(full.run_dir)
+    assert [outcome.losses[s] for s in (4, 5)] == [full_losses[s] for s in (4, 5)]
+    ours = final_weights(tmp_path / "resumed")
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 
