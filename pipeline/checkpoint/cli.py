@@ -26,7 +26,7 @@ def inspect(tag_dir: Path, content: bool = False) -> str:
         f"checkpoint {tag_dir}",
         f"  step {marker['step']}, samples consumed {state.get('samples_consumed')}, world size {marker.get('world_size')}",
         f"  ZeRO stage {marker.get('zero_stage')}, tensor parallel {marker.get('tensor_parallel')}, "
-        f"precision {marker.get('precision')}",
+        f"sequence parallel {state.get('sequence_parallel', 1)}, precision {marker.get('precision')}",
         f"  config fingerprint {state.get('config_fingerprint')}, tokenizer sha256 {state.get('tokenizer_sha256')}",
         "  files:",
     ]

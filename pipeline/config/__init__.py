@@ -91,6 +91,7 @@ from pipeline.config.parallel import (
     ParallelConfig,
     Precision,
     data_parallel_size,
+    replica_size,
     validate_parallel,
 )
 from pipeline.config.resume import (
@@ -182,6 +183,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "data_parallel_size",
+    "replica_size",
     "fingerprint",
     "flatten",
     "grad_accumulation_steps",

@@ -25,6 +25,8 @@ DEEPSPEED_OWNED = {
     "zero_optimization.offload_optimizer.device": "parallel.offload_optimizer",
     "zero_force_ds_cpu_optimizer": "parallel.offload_optimizer",
     "tensor_parallel": "parallel.tensor_parallel",
+    "sequence_parallel_size": "parallel.sequence_parallel",
+    "data_parallel_size": "parallel.sequence_parallel",  # with sequence_parallel_size, DeepSpeed's own SP mesh
     "bf16": "parallel.precision",
     "bfloat16": "parallel.precision",  # DeepSpeed's older name of bf16
     "fp16": "parallel.precision",
@@ -60,7 +62,6 @@ DEEPSPEED_UNRECORDED = {
     "zero_optimization.mics_hierarchical_params_gather": "how ZeRO partitions the states",
     "zero_optimization.zero_hpz_partition_size": "how ZeRO partitions the states",
     "pipeline": "the parallel layout (pipeline parallelism)",
-    "sequence_parallel_size": "the parallel layout (sequence parallelism)",
 }
 
 

@@ -1,4 +1,4 @@
-"""parallel.*: how the training job is spread over workers (data and tensor parallelism, ZeRO, precision)."""
+"""parallel.*: how the training job is spread over workers (data, tensor and sequence parallelism, ZeRO, precision)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,14 @@ class Precision(Choice):
 class ParallelConfig:
     """How the training job is spread over workers."""
 
-    # Ray Train workers (processes); world size = tensor_parallel * data parallel size.
+    # Ray Train workers (processes); world size = tensor_parallel x sequence_parallel x data parallel size.
     num_workers: int = 2
     # DeepSpeed AutoTP degree; must divide n_head, d_ff and num_workers.
     tensor_parallel: int = 1
+    # DeepSpeed Ulysses sequence-parallel degree: the ranks of a group (consecutive ranks) train the same windows,
+    # each the activations of context_length / N positions, exchanging heads for positions around attention
+    # (all-to-all). Must divide n_head, n_kv_head, context_length and num_workers; not with tensor_parallel > 1.
+    sequence_parallel: int = 1
     # DeepSpeed ZeRO stage 0, 1, 2 or 3.
     zero_stage: int = 1
     # auto | bf16 | fp16 | fp32 (auto: bf16 where the device supports it, else fp32)
@@ -58,6 +62,7 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
     validate_finite(parallel, "parallel.")  # `pipeline plan` validates this section alone
     positive("parallel.num_workers", parallel.num_workers)
     positive("parallel.tensor_parallel", parallel.tensor_parallel)
+    positive("parallel.sequence_parallel", parallel.sequence_parallel)
     positive("parallel.cpus_per_worker", parallel.cpus_per_worker)
     if parallel.device_memory_gb is not None:
         positive("parallel.device_memory_gb", parallel.device_memory_gb)
@@ -94,6 +99,7 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
             "heads AutoTP gives it, which it cannot know; train ALiBi models with tensor_parallel=1 (ZeRO shards "
             "them) or choose rotary positions."
         )
+    validate_sequence_parallel(parallel, model)
     d_ff = mlp_width(model)  # 8/3 d_model rounded for SwiGLU when d_ff is null
     if d_ff % tp:
         raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.d_ff={d_ff}.")
@@ -104,5 +110,40 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
         )
 
 
+def validate_sequence_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
+    sp = parallel.sequence_parallel
+    if sp == 1:
+        return
+    if parallel.tensor_parallel > 1:
+        raise ConfigError(
+            f"parallel.sequence_parallel={sp} with parallel.tensor_parallel={parallel.tensor_parallel}: DeepSpeed's "
+            f"Ulysses groups (deepspeed.runtime.sequence_parallel.parallel_state_sp) have no tensor-parallel "
+            f"dimension, and AutoTP installs its own; use one of the two (sequence parallelism splits the "
+            f"activations of long windows, tensor parallelism the weights), with ZeRO-3 to shard the rest."
+        )
+    if parallel.num_workers % sp:
+        raise ConfigError(
+            f"parallel.num_workers={parallel.num_workers} is not divisible by parallel.sequence_parallel={sp}: the "
+            f"world size must be sequence_parallel x data-parallel size."
+        )
+    for name, count in (("model.n_head", model.n_head), ("model.n_kv_head", kv_heads(model))):
+        if count % sp:
+            raise ConfigError(
+                f"parallel.sequence_parallel={sp} does not divide {name}={count}: Ulysses gives each rank of the "
+                f"group {name.split('.')[1]} / {sp} whole heads; choose a degree among "
+                f"{', '.join(map(str, divisors(count)))}."
+            )
+    if model.context_length % sp:
+        raise ConfigError(
+            f"parallel.sequence_parallel={sp} does not divide model.context_length={model.context_length}: each "
+            f"rank of the group takes an equal slice of every window; choose a degree that divides it."
+        )
+
+
+def replica_size(parallel: ParallelConfig) -> int:
+    """The ranks that train the same windows (one data-parallel replica): the tensor- or sequence-parallel group."""
+    return parallel.tensor_parallel * parallel.sequence_parallel
+
+
 def data_parallel_size(parallel: ParallelConfig) -> int:
-    return parallel.num_workers // parallel.tensor_parallel
+    return parallel.num_workers // replica_size(parallel)

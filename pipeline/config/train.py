@@ -157,6 +157,13 @@ def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelCon
                 "AutoTP leaves each rank a slice of it, and DeepSpeed does not gather the slices for Muon; train "
                 "Muon with tensor_parallel=1 (ZeRO 1-3 partition its state) or use train.optimizer=adamw."
             )
+        if parallel.sequence_parallel > 1:
+            raise ConfigError(
+                "train.optimizer=muon with parallel.sequence_parallel > 1: DeepSpeed's Muon under ZeRO gathers and "
+                "orthogonalises each matrix over the data-parallel group, and with Ulysses' groups its gradient "
+                "averaging is untested (the pipeline's equivalence tests cover AdamW); use train.optimizer=adamw "
+                "for sequence-parallel runs."
+            )
         if model.mup_base_width is not None:
             raise ConfigError(
                 "train.optimizer=muon with model.mup_base_width: µP's rules here are AdamW's (lr / m on hidden "

@@ -6,11 +6,14 @@ Validation on the training workers: each data-parallel rank scores its slice of 
 the training layout (tensor parallelism, ZeRO stage, precision, device), and the sums are reduced exactly.
 
     windows 0 .. n-1 (n from the token budget, as pipeline evaluate counts it)
-    data-parallel rank r of d takes windows r, r + d, r + 2d, ...   (tensor-parallel ranks of a group alike)
+    data-parallel rank r of d takes windows r, r + d, r + 2d, ...   (tensor- and sequence-parallel ranks of a
+                                                                     group alike; a sequence-parallel rank
+                                                                     scores the targets of its slice)
     every rank runs the same number of micro-batches, a short slice padded with a window whose targets are
     ignored, because ZeRO-3 and AutoTP need every rank in every forward
     totals = all-reduce of (summed nats, tokens, bytes) over all ranks, in float64, divided by the tensor-parallel
-             degree (the ranks of a tensor-parallel group score the same windows and hold the same sums)
+             degree (the ranks of a tensor-parallel group score the same windows and hold the same sums; those
+             of a sequence-parallel group hold the sums of their slices, which add up to the windows')
 
 So the loss is the sum of the per-token losses over the sum of the tokens (not a mean of means), and the same
 number at any layout up to float reordering.
@@ -82,9 +85,10 @@ def rank_slices(n: int, dp_size: int, dp_rank: int, micro_batch: int) -> list[np
 def sharded_validation_totals(module, dataset, micro_batch: int, max_tokens: int | None, byte_lengths: np.ndarray,
                               device: torch.device, dp_size: int = 1, dp_rank: int = 0, tp: int = 1) -> LossTotals:
     """The validation totals over the budget's windows, this rank scoring its slice; module(inputs) returns
-    (logits, _) (a DeepSpeed engine or the model). On more than one rank (dp_size x tp) every rank must call it
-    (a collective). The module's training mode is restored afterwards."""
+    (logits, _) (a DeepSpeed engine or the model). On more than one rank (dp_size x tp, or a sequence-parallel
+    group) every rank must call it (a collective). The module's training mode is restored afterwards."""
     was_training = module.training
+    model = getattr(module, "module", module)  # the GPT inside a DeepSpeed engine
     module.eval()
     n = validation_windows(len(dataset), dataset.window_length, max_tokens)
     lengths = torch.from_numpy(np.asarray(byte_lengths, dtype=np.int64))
@@ -96,13 +100,14 @@ def sharded_validation_totals(module, dataset, micro_batch: int, max_tokens: int
             inputs, targets = windows[:, :-1], windows[:, 1:].clone()
             targets[torch.from_numpy(~real)] = -100
             logits, _ = module(inputs.to(device))
+            targets = model.local_targets(targets)  # this rank's slice of the positions under sequence parallelism
             nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.to(device).reshape(-1),
                                    ignore_index=-100, reduction="sum")
             kept = targets[targets != -100]
             sums += torch.tensor([float(nats), kept.numel(), float(lengths[kept].sum())], dtype=torch.float64)
     finally:
         module.train(was_training)
-    if dp_size * tp > 1:
+    if dp_size * tp > 1 or model.sequence_shard is not None:
         reduced = sums.to(device)
         dist.all_reduce(reduced)
         sums = reduced.cpu() / tp

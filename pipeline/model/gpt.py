@@ -13,6 +13,10 @@ AutoTP splits q/k/v_proj and up/gate_proj by output columns and o_proj/down_proj
 holds n_head / tp heads and d_ff / tp hidden units. The forward passes therefore read head counts and widths
 off the tensors they get, never off the config.
 
+Sequence parallelism (Ulysses) is applied from outside too: set_sequence_shard gives the model a SequenceShard
+(pipeline.model.sequence_parallel); forward then takes the whole window, builds its masks and positions from it and
+runs the layers on the rank's slice, attention exchanging heads for positions with the other ranks of the group.
+
 Generation keeps a key-value cache (see KVCache): forward(ids, kv_cache=cache, start_pos=p) takes the
 tokens at absolute positions p .. p+T-1 and attends over the cached positions before them too.
 
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import ModelConfig, kv_heads, mlp_width, width_multiplier
+from pipeline.model.sequence_parallel import SequenceShard
 
 __all__ = ["GPT", "KVCache", "LayerKVCache"]
 
@@ -258,6 +263,57 @@ def allowed_keys(query_pos: torch.Tensor, n_keys: int, segment_start: torch.Tens
     return allowed
 
 
+# Queries per block when a document mask is materialised (SDPA on CPU, or attention_kernel=sdpa): a window longer
+# than this attends a block of queries at a time, each over the keys up to its last position, so no mask of the
+# whole window exists. torch's CPU SDPA turns a boolean mask into a float one and keeps it for the backward pass
+# (measured: 1 GiB per layer at 16k positions); each block is therefore checkpointed (its mask rebuilt from the
+# segment starts and its attention recomputed in the backward pass), and only a block's mask exists at a time.
+QUERY_BLOCK = 1024
+
+
+class DocumentMask:
+    """Causal attention within document segments, materialised a block of queries at a time: queries at absolute
+    positions query_pos (T,), keys at positions 0 .. n_keys - 1, segment_start (B, T)."""
+
+    def __init__(self, query_pos: torch.Tensor, n_keys: int, segment_start: torch.Tensor):
+        self.query_pos, self.n_keys, self.segment_start = query_pos, n_keys, segment_start
+
+    def rows(self, lo: int, hi: int, n_keys: int | None = None) -> torch.Tensor:
+        """The boolean mask (B, 1, hi - lo, n_keys) of queries lo .. hi - 1 over the first n_keys keys."""
+        keys = self.n_keys if n_keys is None else n_keys
+        return allowed_keys(self.query_pos[lo:hi], keys, self.segment_start[:, lo:hi])[:, None]
+
+    def keys_before(self, hi: int) -> int:
+        """How many keys queries up to hi - 1 may see: those up to the last one's position (no host sync: the
+        queries are the last T of the n_keys positions)."""
+        return self.n_keys - (len(self.query_pos) - hi)
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor,
+                      segment_start: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """SDPA of q over the first k.shape[2] keys under the document mask built from query_pos and segment_start."""
+    mask = allowed_keys(query_pos, k.shape[2], segment_start)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def attend_in_query_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask,
+                           dropout_p: float) -> torch.Tensor:
+    """SDPA of q (B, H, T, d) over k, v under a document mask; above QUERY_BLOCK queries a block of them at a
+    time, each over the keys it may see and checkpointed: the same numbers as one call with the whole mask
+    (masked keys weigh exactly 0), no mask larger than a block's, and the masked upper triangle skipped."""
+    length = q.shape[2]
+    if length <= QUERY_BLOCK:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.rows(0, length), dropout_p=dropout_p)
+    blocks = []
+    for lo in range(0, length, QUERY_BLOCK):
+        hi = min(length, lo + QUERY_BLOCK)
+        keys = mask.keys_before(hi)
+        blocks.append(checkpoint(_masked_attention, q[:, :, lo:hi], k[:, :, :keys], v[:, :, :keys],
+                                 mask.query_pos[lo:hi], mask.segment_start[:, lo:hi], dropout_p,
+                                 use_reentrant=False))
+    return torch.cat(blocks, dim=2)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention softmax(QK^T / sqrt(d_k) [+ ALiBi bias]) V with a causal (or document) mask, then
     W_O; K and V with n_kv_head heads (grouped-query attention) and optional QK-norm."""
@@ -276,9 +332,10 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rotary=None, cache: LayerKVCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, shard: SequenceShard | None = None) -> torch.Tensor:
         """mask: None for plain causal attention, else a boolean (allowed) or additive float mask that
-        broadcasts to (B, H, T, keys)."""
+        broadcasts to (B, H, T, keys). With a sequence shard x holds this rank's slice of the window's positions
+        and mask is the whole window's (for this rank's heads)."""
         batch, length, _ = x.shape
         # Head counts are read off the tensors: n_head / tp and n_kv_head / tp under tensor parallelism.
         q, k, v = (t.view(batch, length, -1, self.head_dim).transpose(1, 2)
@@ -289,22 +346,33 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.extend(k, v)
+        if shard is not None:  # (B, T/N, H, d) -> every position, H/N heads -> back (Ulysses)
+            out = shard.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                               lambda q, k, v: self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           mask).transpose(1, 2))
+            return self.o_proj(out.reshape(batch, length, -1))
+        out = self.attend(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """softmax(QK^T / sqrt(d_k) [+ bias]) V of q (B, H, T, d) over k, v (B, H_kv, keys, d): the queries are the
+        last T of the keys' positions."""
+        length = q.shape[2]
         groups = q.shape[1] // k.shape[1]
         if groups > 1:  # query head h reads key/value head h // groups
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         dropout_p = self.dropout if self.training else 0.0
+        if isinstance(mask, DocumentMask):
+            return attend_in_query_blocks(q, k, v, mask, dropout_p)
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention block mask
-            out = flex_attention(q, k, v, mask)
-        elif mask is None and k.shape[2] == length:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        else:
-            if mask is None:
-                # Queries are the last `length` of k.shape[2] positions: query i sees keys up to offset + i.
-                offset = k.shape[2] - length
-                mask = torch.ones(length, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        out = out.transpose(1, 2).reshape(batch, length, -1)
-        return self.o_proj(out)
+            return flex_attention(q, k, v, mask)
+        if mask is None and k.shape[2] == length:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        if mask is None:
+            # Queries are the last `length` of k.shape[2] positions: query i sees keys up to offset + i.
+            offset = k.shape[2] - length
+            mask = torch.ones(length, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=offset)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class MLP(nn.Module):
@@ -335,8 +403,8 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rotary=None, cache: LayerKVCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rotary, cache, mask))
+                mask: torch.Tensor | None = None, shard: SequenceShard | None = None) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rotary, cache, mask, shard))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -368,6 +436,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.activation_checkpointing = False
+        self.sequence_shard: SequenceShard | None = None
         if init_weights:
             for _, init in self.init_steps():
                 init()
@@ -402,6 +471,18 @@ class GPT(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
         self.activation_checkpointing = enabled
+
+    def set_sequence_shard(self, shard: SequenceShard | None) -> None:
+        """Train and score this rank's slice of each window (Ulysses sequence parallelism, see
+        pipeline.model.sequence_parallel): forward still takes the whole window's ids and targets, returns the
+        slice's logits and the whole window's loss. Generation (a key-value cache) always runs unsharded."""
+        self.sequence_shard = shard
+
+    def local_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """The targets of the positions whose logits forward returns (this rank's slice under sequence
+        parallelism)."""
+        shard = self.sequence_shard
+        return targets if shard is None else targets[:, shard.positions(targets.shape[1])]
 
     def uses_flex(self, input_ids: torch.Tensor, kv_cache) -> bool:
         """Whether document masking runs on FlexAttention (model.attention_kernel; auto: on CUDA), which serves
@@ -445,7 +526,10 @@ class GPT(nn.Module):
                 f"feed at most the last {self.cfg.context_length} tokens."
             )
         positions = torch.arange(start_pos, end, device=input_ids.device)
-        x = self.tok_emb(input_ids)
+        # Sequence parallelism: masks and positions from the whole window, the layers on this rank's slice.
+        shard = self.sequence_shard if kv_cache is None else None
+        mine = slice(None) if shard is None else shard.positions(length)
+        x = self.tok_emb(input_ids[:, mine])
         if self.cfg.embedding_norm:
             x = self.emb_norm(x)
         mask, segment_start = None, None
@@ -455,15 +539,18 @@ class GPT(nn.Module):
             if self.uses_flex(input_ids, kv_cache):
                 mask = document_block_mask(segment_start)
             else:
-                mask = allowed_keys(positions, end, segment_start)[:, None]  # (B, 1, T, keys)
+                mask = DocumentMask(positions, end, segment_start)  # (B, 1, T, keys), a block of rows at a time
         if self.cfg.pos_encoding == "alibi":
             distance = positions[:, None] - torch.arange(end, device=input_ids.device)  # (T, keys)
             slopes = alibi_slopes(self.cfg.n_head).to(input_ids.device)
+            if shard is not None:  # the heads this rank attends with
+                slopes = slopes[shard.heads(self.cfg.n_head)]
             bias = -slopes[:, None, None] * distance  # (H, T, keys)
-            allowed = mask if mask is not None else allowed_keys(positions, end, None)
+            allowed = mask.rows(0, length) if mask is not None else allowed_keys(positions, end, None)
             mask = bias.masked_fill(~allowed, float("-inf")).to(x.dtype)
         if segment_start is not None:
             positions = positions - segment_start  # (B, T): positions count from each document's start
+        positions = positions[..., mine]
         rotary = None
         if self.cfg.pos_encoding == "learned":
             x = x + self.pos_emb(positions)
@@ -476,9 +563,9 @@ class GPT(nn.Module):
             if kv_cache is not None:
                 x = block(x, rotary, kv_cache[i], mask)
             elif self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rotary, None, mask, use_reentrant=False)
+                x = checkpoint(block, x, rotary, None, mask, shard, use_reentrant=False)
             else:
-                x = block(x, rotary, None, mask)
+                x = block(x, rotary, None, mask, shard)
         if kv_cache is not None and segment_start is not None:
             kv_cache[0].segment_start = segment_start[:, -1]
         logits = self.lm_head(self.final_norm(x))
@@ -486,11 +573,19 @@ class GPT(nn.Module):
             logits = logits * (1.0 / width_multiplier(self.cfg))  # µP's output multiplier
         if targets is None:
             return logits, None
+        targets = targets[:, mine]
         if not (self.cfg.z_loss and self.training):
-            return logits, cross_entropy_fp32(logits, targets)
+            return logits, self._window_mean(cross_entropy_fp32(logits, targets), targets, shard)
         if logits.dtype == torch.float32:  # one pass: the cross-entropy and z-loss share log Z
             loss, log_z_squared = cross_entropy_and_log_z_squared(logits, targets)
         else:
             loss, log_z_squared = cross_entropy_fp32(logits, targets), mean_log_z_squared(logits, targets)
+        loss, log_z_squared = self._window_mean(loss, targets, shard), self._window_mean(log_z_squared, targets, shard)
         self.last_z_loss = log_z_squared.detach()  # read by the training loop, which logs it
         return logits, loss + self.cfg.z_loss * log_z_squared
+
+    @staticmethod
+    def _window_mean(local_mean: torch.Tensor, targets: torch.Tensor, shard: SequenceShard | None) -> torch.Tensor:
+        """A mean over the targets' positions; under sequence parallelism over the whole window's (see
+        SequenceShard.window_mean)."""
+        return local_mean if shard is None else shard.window_mean(local_mean, (targets != -100).sum())

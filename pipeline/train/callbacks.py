@@ -67,6 +67,8 @@ class Checkpointer:
             "launch_id": spec.launch_id,
             "world_size": self.world,
             "tensor_parallel": spec.parallel.tensor_parallel,
+            # Not a layout a load must match: ZeRO partitions over all ranks with or without it.
+            "sequence_parallel": spec.parallel.sequence_parallel,
             "math_config": spec.math_config,
         }
 
@@ -249,9 +251,10 @@ class Validation(Callback):
     val_bits_per_byte (bits per UTF-8 byte of text) and val_tokens at the step, and kept for the driver."""
 
     def __init__(self, *, dataset, interval: int, micro_batch: int, max_tokens: int | None, byte_lengths,
-                 device: torch.device, dp_size: int, tp: int):
+                 device: torch.device, dp_size: int, dp_rank: int, tp: int):
         self.dataset, self.interval, self.micro_batch, self.max_tokens = dataset, interval, micro_batch, max_tokens
-        self.byte_lengths, self.device, self.dp_size, self.tp = byte_lengths, device, dp_size, tp
+        self.byte_lengths, self.device = byte_lengths, device
+        self.dp_size, self.dp_rank, self.tp = dp_size, dp_rank, tp
 
     def evaluate(self, state: LoopState, step: int) -> None:
         record = state.record
@@ -259,7 +262,7 @@ class Validation(Callback):
             return
         started = time.perf_counter()
         totals = sharded_validation_totals(state.engine, self.dataset, self.micro_batch, self.max_tokens,
-                                           self.byte_lengths, self.device, self.dp_size, state.rank // self.tp, self.tp)
+                                           self.byte_lengths, self.device, self.dp_size, self.dp_rank, self.tp)
         record.val_seconds += time.perf_counter() - started
         record.val_tokens += totals.tokens
         record.val_losses[step] = totals.mean_loss

@@ -42,6 +42,47 @@ def zero3_partition_group(parallel: ParallelConfig):
     return groups.get_data_parallel_group()
 
 
+def sequence_parallel_groups(parallel: ParallelConfig):
+    """DeepSpeed's sequence-parallel groups (the `mpu` that deepspeed.initialize and zero.Init take), made here:
+    groups of `sequence_parallel` consecutive ranks, and ZeRO's partitions and gradient reductions over all ranks
+    (the sequence-data-parallel group); None without sequence parallelism. A collective: every rank calls it,
+    once per process."""
+    if parallel.sequence_parallel == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    parallel_state_sp.initialize_sequence_parallel(parallel.sequence_parallel)
+    return parallel_state_sp
+
+
+def repair_zero3_sequence_parallel_average(optimizer, parallel: ParallelConfig) -> bool:
+    """Under sequence parallelism gradients are summed over the sequence-parallel group and averaged over the
+    data-parallel ranks: DeepSpeed's reductions divide by world / sequence_parallel (ZeRO 0-2 and ZeRO-3's
+    contiguous all-reduce), but ZeRO-3's reduce-scatter path (its default, `reduce_scatter: true`, and any bucket
+    larger than reduce_bucket_size) divides by the whole world (DeepSpeed 0.19.8, stage3.py __avg_scatter_grads):
+    every update of a ZeRO-3 sp 2 run was half as large (measured: its gradient norm exactly half the one-rank
+    run's). Repaired here by scaling that path's partitions by the sequence-parallel degree; returns whether it
+    applied."""
+    sp = parallel.sequence_parallel
+    if sp == 1 or parallel.zero_stage != 3:
+        return False
+    name = "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"
+    averaged = getattr(optimizer, name, None)
+    if averaged is None:
+        raise RuntimeError(
+            f"parallel.sequence_parallel={sp} with ZeRO-3: this DeepSpeed's ZeRO-3 optimizer has no {name}, whose "
+            f"average the pipeline repairs (DeepSpeed 0.19.8 divides it by the whole world); check that this "
+            f"version's reduce-scatter averages over world / sequence_parallel and update "
+            f"pipeline.train.distributed.repair_zero3_sequence_parallel_average."
+        )
+
+    def summed_over_the_sequence_group(params, communication_data_type):
+        return [g.mul_(sp) for g in averaged(params, communication_data_type)]
+
+    setattr(optimizer, name, summed_over_the_sequence_group)
+    return True
+
+
 def skip_shared_memory_op() -> None:
     """DeepSpeed's CPU backend compiles a C++ shared-memory all-reduce (g++, about 30 s on 2 cores) when the
     first process group starts, on every fresh machine and again whenever another installation used the

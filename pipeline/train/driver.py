@@ -181,8 +181,9 @@ def train(cfg: PipelineConfig, data_dir: Path, tags: dict[str, str] | None = Non
     # Where the run's directory is node-local, a later stage on another machine logs to this MLflow run too.
     mirror_for(cfg).push_file(run_dir / RUN_ID_FILE)
     log.info(
-        "training %s: %d workers (tp=%d), ZeRO-%d, %s, %d grad-accumulation steps, run dir %s",
-        cfg.run_name, cfg.parallel.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.zero_stage,
+        "training %s: %d workers (tp=%d, sp=%d), ZeRO-%d, %s, %d grad-accumulation steps, run dir %s",
+        cfg.run_name, cfg.parallel.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel,
+        cfg.parallel.zero_stage,
         spec.precision, spec.grad_accum_steps, run_dir,
     )
     launched = time.time()

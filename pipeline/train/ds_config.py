@@ -68,8 +68,10 @@ def make_ds_config(
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
         # DeepSpeed checks this against the whole world size, tensor-parallel ranks included, when the TP
-        # groups come from the config (no mpu); the samples per step are micro x accum x dp all the same.
-        "train_batch_size": train.micro_batch_size * grad_accum_steps * parallel.num_workers,
+        # groups come from the config (no mpu), and against world / sequence_parallel with Ulysses' groups (its
+        # mpu); the samples per step are micro x accum x dp all the same.
+        "train_batch_size": train.micro_batch_size * grad_accum_steps * parallel.num_workers
+        // parallel.sequence_parallel,
         # Not with Muon: DeepSpeed clips the raw gradients at ZeRO-0 but Muon's orthogonalised updates at ZeRO
         # 1-2 (measured: the layouts then disagree from step 2), and Muon's updates have spectral norm ~1 anyway.
         "gradient_clipping": 0.0 if train.optimizer == "muon" else train.grad_clip,

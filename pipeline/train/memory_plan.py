@@ -36,7 +36,10 @@ this machine (benchmarks/zero_memory.py):
                  (the logits and their gradient) and one fp32 chunk of the loss (LOSS_CHUNK_ELEMENTS x 12 bytes:
                  pipeline.model.gpt.cross_entropy_fp32 never upcasts the whole logits).
 
-s is the context, b the micro-batch, h d_model, V the vocabulary. Buffers of the framework (communication
+s is the context (context_length / sp under sequence parallelism: a rank of the group keeps the activations and
+logits of its slice; ZeRO partitions over all ranks, so dp above is num_workers / tp), b the micro-batch, h
+d_model, V the vocabulary. Document masking's mask is not counted: FlexAttention's block mask is small, and SDPA's
+is built a block of 1024 queries at a time (pipeline.model.gpt.QUERY_BLOCK). Buffers of the framework (communication
 buckets, CUDA context, allocator fragmentation) are not modelled: the verdict keeps 10% of the device free for
 them. On CPU the "device" is the host: its RAM divided between the ranks of one machine (device_memory), so that
 a model too large for the machine is refused before anything allocates instead of swapping or being killed. Step
@@ -49,7 +52,14 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from pipeline.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, mlp_width
+from pipeline.config import (
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    data_parallel_size,
+    mlp_width,
+)
 from pipeline.model.gpt import LOSS_CHUNK_ELEMENTS
 from pipeline.model.size import count_parameters, training_flops_per_token
 from pipeline.train.throughput import GPUS, gpu_by_name
@@ -95,9 +105,11 @@ def parameters_per_rank(model: ModelConfig, tensor_parallel: int) -> float:
 
 
 def activation_bytes(model: ModelConfig, micro_batch: int, tensor_parallel: int, precision: str,
-                     checkpointing: bool) -> float:
-    """Activations kept for the backward pass by one rank, all layers."""
-    s, b, h = model.context_length, micro_batch, model.d_model
+                     checkpointing: bool, sequence_parallel: int = 1) -> float:
+    """Activations kept for the backward pass by one rank, all layers: a sequence-parallel rank keeps those of its
+    context_length / sequence_parallel positions (Ulysses' attention holds every position for 1 / sp of the heads:
+    the same size)."""
+    s, b, h = model.context_length // sequence_parallel, micro_batch, model.d_model
     scale = 2 if precision == "fp32" else 1
     masks = 2 * s * b * h if model.dropout > 0 else 0  # two residual dropout masks of one byte per element
     per_layer = scale * s * b * h * (8 + 24 / tensor_parallel) + masks
@@ -117,7 +129,7 @@ def plan_memory(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
         # The engine's own all-reduce flattens the gradients into buckets of up to ALLREDUCE_BUCKET elements,
         # in the communication dtype (fp32 but for fp16).
         copies += (2 if precision == "fp16" else 4) * min(p_rank, ALLREDUCE_BUCKET) / p_rank
-    b, s = train.micro_batch_size, model.context_length
+    b, s = train.micro_batch_size, model.context_length // parallel.sequence_parallel
     logits = b * s * model.vocab_size
     parameters = weight * p_rank / (dp if stage >= 3 else 1)
     optimizer = optim * p_rank / (dp if stage >= 1 else 1)
@@ -126,7 +138,8 @@ def plan_memory(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
         gradients=grad * p_rank / (dp if stage >= 2 else 1),
         optimizer=optimizer,
         fp32_copies=copies * p_rank,
-        activations=activation_bytes(model, b, tp, precision, parallel.activation_checkpointing),
+        activations=activation_bytes(model, b, tp, precision, parallel.activation_checkpointing,
+                                     parallel.sequence_parallel),
         logits=12 * logits if precision == "fp32" else 4 * logits + 12 * min(logits, LOSS_CHUNK_ELEMENTS),
         checkpoint_copy=parameters + optimizer if train.async_checkpoint and not parallel.use_gpu else 0.0,
     )
@@ -181,7 +194,8 @@ def layouts_that_fit(model: ModelConfig, parallel: ParallelConfig, train: TrainC
     checkpointing) that fit, fewest changes first."""
     fits = []
     for recompute in (parallel.activation_checkpointing, True):
-        for tp in (t for t in (1, 2, 4, 8) if model.n_head % t == 0 and parallel.num_workers % t == 0):
+        tps = (1,) if parallel.sequence_parallel > 1 else (1, 2, 4, 8)  # not both (validate_sequence_parallel)
+        for tp in (t for t in tps if model.n_head % t == 0 and parallel.num_workers % t == 0):
             for stage in (0, 1, 2, 3):
                 layout = Layout(stage, tp, recompute)
                 trial = dataclasses.replace(parallel, zero_stage=stage, tensor_parallel=tp,
@@ -227,10 +241,11 @@ def report(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, pre
     """The plan as text, and whether the layout fits the device (True when no device memory is given);
     memory_source says where device_bytes comes from (e.g. "host RAM 23.4 GiB / 2 ranks")."""
     plan = plan_memory(model, parallel, train, precision)
-    dp = parallel.num_workers // parallel.tensor_parallel
+    dp = data_parallel_size(parallel)
+    split = f"sp {parallel.sequence_parallel}" if parallel.sequence_parallel > 1 else f"tp {parallel.tensor_parallel}"
     lines = [
         f"model {model.name}: {count_parameters(model).total:,} parameters; {parallel.num_workers} ranks = dp {dp} x "
-        f"tp {parallel.tensor_parallel}; ZeRO-{parallel.zero_stage}; {precision}; micro-batch "
+        f"{split}; ZeRO-{parallel.zero_stage}; {precision}; micro-batch "
         f"{train.micro_batch_size} x context {model.context_length}"
         + ("; activation checkpointing" if parallel.activation_checkpointing else ""),
         "",

@@ -24,9 +24,11 @@ from pipeline.checkpoint.layout import checkpoint_root, latest_complete, read_ma
 from pipeline.checkpoint.save_load import is_node_leader, load_checkpoint, mark_node_leader
 from pipeline.checkpoint.store_sync import pull_checkpoint, pull_latest_checkpoint
 from pipeline.cluster.storage import Mirror
+from pipeline.config import replica_size
 from pipeline.data.loader import RankBatches
 from pipeline.data.validation import token_byte_lengths
 from pipeline.model.gpt import GPT
+from pipeline.model.sequence_parallel import sequence_shard
 from pipeline.tracking import Tracker
 from pipeline.train.callbacks import (
     Checkpointer,
@@ -45,7 +47,9 @@ from pipeline.train.distributed import (
     device_for,
     dp_seed,
     init_distributed,
+    repair_zero3_sequence_parallel_average,
     seed_everything,
+    sequence_parallel_groups,
     sum_head_gradients_over_tensor_parallel,
     zero3_partition_group,
 )
@@ -86,7 +90,7 @@ def pull_to_node(spec: RunSpec) -> Mirror:
     return mirror
 
 
-def build_model(spec: RunSpec, ds_config: dict) -> GPT:
+def build_model(spec: RunSpec, ds_config: dict, mpu=None) -> GPT:
     """The GPT with identical initial weights on every rank (and the same for every layout).
 
     Under ZeRO-3 it is built inside deepspeed.zero.Init: each parameter is partitioned as soon as its module
@@ -98,7 +102,8 @@ def build_model(spec: RunSpec, ds_config: dict) -> GPT:
     seed_everything(spec.train.seed)
     if spec.parallel.zero_stage != 3:
         return GPT(spec.model)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=zero3_partition_group(spec.parallel)):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=zero3_partition_group(spec.parallel),
+                             mpu=mpu):
         model = GPT(spec.model, init_weights=False)
     for params, init in model.init_steps():
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
@@ -116,17 +121,21 @@ def build_engine(spec: RunSpec, ds_config: dict):
     AutoTP sharding first, then builds them over the sharded model."""
     import deepspeed
 
-    model = build_model(spec, ds_config)
+    mpu = sequence_parallel_groups(spec.parallel)
+    model = build_model(spec, ds_config, mpu)
     if spec.parallel.activation_checkpointing:
         model.set_activation_checkpointing(True)
+    model.set_sequence_shard(sequence_shard(spec.parallel.sequence_parallel))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
+        mpu=mpu,
         # Without ZeRO in fp32 DeepSpeed checks no gradient for NaN: the optimizer does.
         optimizer=lambda _params: build_optimizer(model, spec.train, check_finite=spec.parallel.zero_stage == 0),
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, spec.train),
         config=ds_config,
     )
     sum_head_gradients_over_tensor_parallel(engine.module, spec.parallel.tensor_parallel)
+    repair_zero3_sequence_parallel_average(engine.optimizer, spec.parallel)
     if spec.train.compile:
         engine.compile()
     return engine
@@ -144,7 +153,7 @@ def build_callbacks(spec: RunSpec, batches: RankBatches, checkpointer: Checkpoin
                     resumed_from: str | None, device: torch.device, timeline: dict[str, float],
                     monitor: SystemMetrics | None) -> tuple[list[Callback], dict[str, str]]:
     """The concerns around the step, in the order they run after each step, and the run's tags they need."""
-    world, train, tp = dist.get_world_size(), spec.train, spec.parallel.tensor_parallel
+    world, train, replica = dist.get_world_size(), spec.train, replica_size(spec.parallel)
     peak, source = (train.peak_tflops, "configured") if train.peak_tflops else peak_tflops(spec.precision, device)
     # A constant: a tag, not a metric (mfu is measured against it).
     tags = {"mfu_peak": f"{source}, {peak:g} TFLOP/s per worker", "peak_tflops_per_worker": f"{peak:g}"}
@@ -153,7 +162,8 @@ def build_callbacks(spec: RunSpec, batches: RankBatches, checkpointer: Checkpoin
         validation = Validation(dataset=open_split(Path(spec.data_dir), "validation"),
                                 interval=train.eval_interval_steps, micro_batch=train.micro_batch_size,
                                 max_tokens=spec.eval_max_tokens, byte_lengths=byte_lengths_of(spec), device=device,
-                                dp_size=world // tp, tp=tp)
+                                dp_size=world // replica, dp_rank=dist.get_rank() // replica,
+                                tp=spec.parallel.tensor_parallel)
     callbacks = [
         LossHistory(record=spec.record_losses),
         MetricsLogger(spec=spec, batches=batches, world=world, peak_tflops=peak, device=device),
@@ -220,16 +230,19 @@ def train_worker(spec: RunSpec, link: RunLink = RunLink()) -> TrainOutcome:
     mark_node_leader()
     timeline["distributed_ready"] = time.time()
     rank, world, tp = dist.get_rank(), dist.get_world_size(), spec.parallel.tensor_parallel
+    replica = replica_size(spec.parallel)  # the ranks that train the same windows
     device = device_for(spec.parallel)
     ckpt_root = checkpoint_root(Path(spec.run_dir))
     mirror = pull_to_node(spec)
     tag_dir, ds_config = resume_point(spec, ckpt_root)
     engine = build_engine(spec, ds_config)
-    # Weights are built from one seed on every rank; dropout then draws from a stream of the rank's replica.
+    # Weights are built from one seed on every rank; dropout then draws from a stream of the rank's replica (the
+    # tensor-parallel ranks of one drop the same elements of their replicated activations; sequence-parallel ranks
+    # hold different positions, and draw streams of their own).
     torch.manual_seed(dp_seed(spec.train.seed, rank // tp))
     batches = RankBatches(open_split(Path(spec.data_dir), "train"), seed=spec.train.seed,
                           micro_batch=spec.train.micro_batch_size, grad_accum=spec.grad_accum_steps,
-                          dp_size=world // tp, dp_rank=rank // tp)
+                          dp_size=world // replica, dp_rank=rank // replica)
     start_step, resumed_from = 0, None
     if tag_dir is not None:
         saved = load_checkpoint(engine, tag_dir)

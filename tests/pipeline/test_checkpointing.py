@@ -551,6 +551,36 @@ def test_elastic_resume_at_zero_3_into_and_out_of_tensor_parallelism(data_dir, t
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("saved,resumed,zero", [((2, 2), (2, 1), 1), ((1, 1), (2, 2), 3), ((4, 2), (2, 2), 3)],
+                         ids=["sp2-to-dp2-zero1", "one-rank-to-sp2-zero3", "sp2xdp2-to-sp2-zero3"])
+def test_resume_at_another_sequence_parallel_size(data_dir, tmp_path, saved, resumed, zero):
+    """(workers, sequence_parallel) -> (workers, sequence_parallel), the global batch the same, document masking on:
+    sp 2 on 2 ranks resumed as dp 2 on the same 2 ranks (ZeRO partitions over all ranks either way: a plain load,
+    the data-parallel size and the data position follow), one rank resumed at sp 2 and sp 2 x dp 2 resumed at
+    sp 2 on 2 ranks under ZeRO-3 (DeepSpeed's universal conversion). The losses continue as the uninterrupted
+    run's."""
+
+    def at(spec, workers, sp, run_dir):
+        parallel = dataclasses.replace(spec.parallel, num_workers=workers, sequence_parallel=sp, zero_stage=zero)
+        train = dataclasses.replace(spec.train, micro_batch_size=4 * sp // workers, global_batch_tokens=4 * 16)
+        return dataclasses.replace(spec, parallel=parallel, train=train, run_dir=str(run_dir),
+                                   model=dataclasses.replace(MODEL, dropout=0.0, document_mask=True, eos_id=0),
+                                   ds_config=make_ds_config(train, parallel, "fp32", 1))
+
+    first = at(make_spec(data_dir, tmp_path / "full", steps=6, save_every=3), *saved, tmp_path / "full")
+    full_losses = run_distributed(train_and_report, first.parallel.num_workers, first)[0].losses
+    tag = checkpoint_root(tmp_path / "full") / "step_00000003"
+    explicit = dataclasses.replace(first, train=dataclasses.replace(first.train, resume=str(tag)))
+    workers, sp = resumed
+    then = as_the_driver_resumes(at(explicit, workers, sp, tmp_path / "runs" / "resumed"), tmp_path, "resumed")
+    assert ("checkpoint" in then.ds_config) == (saved[0] != workers)  # universal only for another world size
+    outcome = run_distributed(train_and_report, workers, then)[0]
+    assert sorted(outcome.losses) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert outcome.losses[step] == pytest.approx(full_losses[step], abs=1e-4)
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("saved_tp,resumed_tp", [(2, 1), (1, 2)])
 def test_elastic_resume_at_another_tensor_parallel_degree(data_dir, tmp_path, saved_tp, resumed_tp):
     """DeepSpeed (0.19) converts AutoTP checkpoints to universal ones too (with the AutoTP metadata it stores

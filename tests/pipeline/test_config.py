@@ -128,6 +128,29 @@ def test_tensor_parallel_checks():
     validate_parallel(ParallelConfig(num_workers=4, tensor_parallel=2), model)
 
 
+def test_sequence_parallel_checks():
+    model = ModelConfig(n_head=4, n_kv_head=2, d_model=128, context_length=96)
+    with pytest.raises(ConfigError, match="sequence_parallel=4 does not divide model.n_kv_head=2"):
+        validate_parallel(ParallelConfig(num_workers=4, sequence_parallel=4), model)
+    with pytest.raises(ConfigError, match="sequence_parallel=3 does not divide model.n_head=4"):
+        validate_parallel(ParallelConfig(num_workers=3, sequence_parallel=3), dataclasses.replace(model, n_kv_head=None))
+    with pytest.raises(ConfigError, match="not divisible by parallel.sequence_parallel=2"):
+        validate_parallel(ParallelConfig(num_workers=3, sequence_parallel=2), model)
+    with pytest.raises(ConfigError, match="does not divide model.context_length=95"):
+        validate_parallel(ParallelConfig(num_workers=2, sequence_parallel=2), dataclasses.replace(model, context_length=95))
+    with pytest.raises(ConfigError, match="Ulysses groups .* have no tensor-parallel dimension"):
+        validate_parallel(ParallelConfig(num_workers=4, sequence_parallel=2, tensor_parallel=2), model)
+    with pytest.raises(ConfigError, match="train.optimizer=muon with parallel.sequence_parallel > 1"):
+        validate_train(TrainConfig(optimizer="muon", micro_batch_size=1, global_batch_tokens=96),
+                       ParallelConfig(num_workers=2, sequence_parallel=2, zero_stage=1), model)
+    parallel = ParallelConfig(num_workers=4, sequence_parallel=2)
+    validate_parallel(parallel, model)
+    # Two data-parallel replicas of two ranks each: the global batch is micro x 2 x context per step.
+    train = TrainConfig(micro_batch_size=1, global_batch_tokens=4 * 96)
+    validate_train(train, parallel, model)
+    assert grad_accumulation_steps(train, parallel, 96) == 2
+
+
 def test_workers_per_node_must_divide_the_workers():
     from pipeline.config import ClusterConfig, validate_placement
     from pipeline.train.ray_launch import worker_resources

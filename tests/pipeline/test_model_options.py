@@ -37,10 +37,13 @@ def packed(docs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@pytest.mark.parametrize("block", [1024, 8], ids=["whole-mask", "query-blocks"])
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rotary", "alibi"])
-def test_a_packed_window_under_document_masking_equals_its_documents_run_one_by_one(pos):
+def test_a_packed_window_under_document_masking_equals_its_documents_run_one_by_one(pos, block, monkeypatch):
     """The loss of a packed batch equals the losses of its documents run alone (each after its EOS), summed
-    over the same targets; positions restart at each document (learned, sinusoidal, RoPE and ALiBi)."""
+    over the same targets; positions restart at each document (learned, sinusoidal, RoPE and ALiBi). With
+    QUERY_BLOCK below the window the mask is materialised 8 queries at a time (what a long window does)."""
+    monkeypatch.setattr("pipeline.model.gpt.QUERY_BLOCK", block)
     torch.manual_seed(0)
     model = GPT(small(pos_encoding=pos, document_mask=True, qk_norm=pos == "rotary", n_kv_head=2)).eval()
     docs = documents(torch.Generator().manual_seed(1), [5, 9, 3, 11])
@@ -66,6 +69,26 @@ def test_a_packed_window_under_document_masking_equals_its_documents_run_one_by_
         crossing, _ = plain(inputs)
     assert torch.allclose(crossing[0, :6], logits[0, :6], atol=1e-5)
     assert not torch.allclose(crossing[0, 6:], logits[0, 6:], atol=1e-3)
+
+
+def test_attention_in_query_blocks_gives_the_whole_masks_loss_and_gradients(monkeypatch):
+    """A window longer than QUERY_BLOCK attends a block of queries at a time over the keys it may see: the
+    training loss and every gradient equal those of one attention call with the whole mask."""
+    torch.manual_seed(0)
+    model = GPT(small(pos_encoding="rotary", document_mask=True, n_kv_head=2))
+    window = packed(documents(torch.Generator().manual_seed(1), [5, 9, 3, 11]))
+    inputs, targets = window[:-1][None].repeat(2, 1), window[1:][None].repeat(2, 1)
+    results = []
+    for block in (1024, 7):
+        monkeypatch.setattr("pipeline.model.gpt.QUERY_BLOCK", block)
+        model.zero_grad()
+        _, loss = model(inputs, targets)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (whole, whole_grads), (blocks, block_grads) = results
+    assert blocks == pytest.approx(whole, rel=1e-6)
+    for name, grad in whole_grads.items():
+        assert torch.allclose(block_grads[name], grad, rtol=1e-5, atol=1e-7), name
 
 
 def test_document_segments_start_at_each_eos_and_match_prepares_doc_starts():

@@ -135,6 +135,25 @@ def test_tensor_parallel_splits_exactly_the_sharded_projections():
     assert p2.parameters == 4 * (full - halved)
 
 
+def test_sequence_parallelism_divides_activations_and_logits_not_the_model_states():
+    """A rank of a sequence-parallel group keeps the activations and logits of context / sp positions; ZeRO
+    partitions the states over all ranks, as without it. The report names the layout dp x sp."""
+    m = model("gpt3_13b")
+    train = TrainConfig(micro_batch_size=1)
+    one = plan_memory(m, ParallelConfig(num_workers=8, zero_stage=3), train, "bf16")
+    sp4 = plan_memory(m, ParallelConfig(num_workers=8, zero_stage=3, sequence_parallel=4), train, "bf16")
+    assert sp4.activations == pytest.approx(one.activations / 4)
+    assert sp4.logits == pytest.approx(512 * 50257 * 4 + 2**24 * 12)
+    assert sp4.model_states == one.model_states and sp4.fp32_copies == one.fp32_copies
+    text, _ = report(m, ParallelConfig(num_workers=8, zero_stage=3, sequence_parallel=4), train, "bf16", None, None,
+                     0.4, 1e9)
+    assert "8 ranks = dp 2 x sp 4" in text
+    # The layouts it suggests keep sequence parallelism, so none adds tensor parallelism (not combinable).
+    fits = layouts_that_fit(m, ParallelConfig(num_workers=8, zero_stage=0, sequence_parallel=4), train, "bf16",
+                            80 * GIB)
+    assert fits and all(layout.tensor_parallel == 1 for layout in fits)
+
+
 def test_an_asynchronous_checkpoint_on_cpu_counts_its_copy_in_the_ranks_ram():
     """train.async_checkpoint keeps a copy of the saved weights and optimizer states in host memory: on CPU that is
     the rank's RAM, which the check divides between the ranks (a 2-rank 307 M-parameter run the plan passed

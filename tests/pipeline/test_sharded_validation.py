@@ -1,6 +1,7 @@
 """Validation on the training workers (pipeline.data.validation) in real multi-process DeepSpeed runs on CPU:
 each data-parallel rank scores its slice of the validation windows with the training layout and the sums are
-reduced exactly, so the loss at every layout (1 or 2 data-parallel ranks, tensor parallelism 2, ZeRO-3) equals
+reduced exactly, so the loss at every layout (1 or 2 data-parallel ranks, tensor parallelism 2, ZeRO-3, sequence
+parallelism 2: each rank of the group scores the targets of its slice of the windows) equals
 the one-process evaluation of the same weights, and the layouts agree with each other."""
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ def data_dir(tmp_path_factory):
     return write_synthetic_dataset(root / "data", windows, vocab_size=400, val_windows=37, tokenizer=tokenizer)
 
 
-def make_spec(data_dir, run_dir, *, workers=1, tp=1, zero=0, micro=4):
+def make_spec(data_dir, run_dir, *, workers=1, tp=1, sp=1, zero=0, micro=4):
     from pipeline.train.run_spec import RunSpec
 
     train = TrainConfig(max_steps=STEPS, micro_batch_size=micro, warmup_steps=1, lr=1e-2, resume="none",
                         global_batch_tokens=8 * 16, log_interval_steps=1, peak_tflops=1.0, eval_interval_steps=2)
-    parallel = ParallelConfig(num_workers=workers, tensor_parallel=tp, zero_stage=zero, precision="fp32")
-    accum = 8 // (micro * (workers // tp))
+    parallel = ParallelConfig(num_workers=workers, tensor_parallel=tp, sequence_parallel=sp, zero_stage=zero,
+                              precision="fp32")
+    accum = 8 // (micro * (workers // (tp * sp)))
     return RunSpec(
         model=MODEL, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir), precision="fp32",
         grad_accum_steps=accum, ds_config=make_ds_config(train, parallel, "fp32", accum, d_model=MODEL.d_model),
@@ -80,8 +82,9 @@ val_losses: dict[str, dict[int, float]] = {}
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [dict(), dict(workers=2, zero=1), dict(workers=2, tp=2), dict(workers=2, zero=3)],
-                         ids=["dp1", "dp2-zero1", "tp2", "dp2-zero3"])
+@pytest.mark.parametrize("layout", [dict(), dict(workers=2, zero=1), dict(workers=2, tp=2), dict(workers=2, zero=3),
+                                    dict(workers=2, sp=2)],
+                         ids=["dp1", "dp2-zero1", "tp2", "dp2-zero3", "sp2"])
 def test_validation_on_the_workers_equals_one_process_evaluation(data_dir, tmp_path, layout):
     spec = make_spec(data_dir, tmp_path, **layout)
     outcome = run_distributed(train_and_report, spec.parallel.num_workers, spec)[0]
