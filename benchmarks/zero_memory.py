@@ -79,6 +79,7 @@ def rank_main(rank: int, world: int, port: int, spec, out_dir: str) -> None:
     import torch
 
     from data_prep.shards import WindowDataset
+    from pipeline.config import replica_size
     from pipeline.data.loader import RankBatches
     from pipeline.train.distributed import init_distributed
     from pipeline.train.loop import train_step
@@ -88,8 +89,9 @@ def rank_main(rank: int, world: int, port: int, spec, out_dir: str) -> None:
     init_distributed(spec.parallel)
     before_model = psutil.Process().memory_info().rss
     engine = build_engine(spec, spec.ds_config)
+    replica = replica_size(spec.parallel)  # a sequence-parallel group trains the same windows
     batches = RankBatches(WindowDataset(Path(spec.data_dir), "train"), seed=0, micro_batch=1, grad_accum=1,
-                          dp_size=world, dp_rank=rank)
+                          dp_size=world // replica, dp_rank=rank // replica)
     start = time.perf_counter()
     for step in range(spec.train.max_steps):
         train_step(engine, batches, step, torch.device("cpu"), False, spec.parallel.zero_stage, 1)
