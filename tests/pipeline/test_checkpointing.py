@@ -520,6 +520,16 @@ def test_elastic_resume_at_another_data_parallel_size(data_dir, tmp_path, saved_
         assert outcome.losses[step] == pytest.approx(full_losses[step], abs=1e-4)
 
 
+def at_layout(spec, run_dir, workers: int, *, tp: int = 1, sp: int = 1, zero: int, model=None):
+    """The run's spec on `workers` ranks at (tp, sp, ZeRO stage), dropout off, the global batch 4 windows."""
+    parallel = dataclasses.replace(spec.parallel, num_workers=workers, tensor_parallel=tp, sequence_parallel=sp,
+                                   zero_stage=zero)
+    train = dataclasses.replace(spec.train, micro_batch_size=4 * tp * sp // workers, global_batch_tokens=4 * 16)
+    return dataclasses.replace(spec, parallel=parallel, train=train, run_dir=str(run_dir),
+                               model=model or dataclasses.replace(MODEL, dropout=0.0),
+                               ds_config=make_ds_config(train, parallel, "fp32", 1))
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("saved,resumed", [((2, 2), (1, 1)), ((1, 2), (2, 2)), ((1, 2), (1, 1))],
                          ids=["out-of-tp2xdp2", "into-tp2xdp2", "dp2-to-dp1"])
@@ -531,14 +541,9 @@ def test_elastic_resume_at_zero_3_into_and_out_of_tensor_parallelism(data_dir, t
     the bare tensors of a conversion without TP (wrap_plain_states), the parameter groups' settings and the shared
     step count after the load (repair_zero3_universal_load)."""
 
-    def at(spec, tp, dp, run_dir):
-        parallel = dataclasses.replace(spec.parallel, num_workers=tp * dp, tensor_parallel=tp, zero_stage=3)
-        train = dataclasses.replace(spec.train, micro_batch_size=4 // dp, global_batch_tokens=4 * 16)
-        return dataclasses.replace(spec, parallel=parallel, train=train, run_dir=str(run_dir),
-                                   model=dataclasses.replace(MODEL, dropout=0.0),
-                                   ds_config=make_ds_config(train, parallel, "fp32", 1))
-
-    first = at(make_spec(data_dir, tmp_path / "full", steps=6, save_every=3), *saved, tmp_path / "full")
+    tp, dp = saved
+    first = at_layout(make_spec(data_dir, tmp_path / "full", steps=6, save_every=3), tmp_path / "full", tp * dp,
+                      tp=tp, zero=3)
     full_losses = run_distributed(train_and_report, first.parallel.num_workers, first)[0].losses
     tag = checkpoint_root(tmp_path / "full") / "step_00000003"
     explicit = dataclasses.replace(first, train=dataclasses.replace(first.train, resume=str(tag)))
@@ -560,19 +565,15 @@ def test_resume_at_another_sequence_parallel_size(data_dir, tmp_path, saved, res
     sp 2 on 2 ranks under ZeRO-3 (DeepSpeed's universal conversion). The losses continue as the uninterrupted
     run's."""
 
-    def at(spec, workers, sp, run_dir):
-        parallel = dataclasses.replace(spec.parallel, num_workers=workers, sequence_parallel=sp, zero_stage=zero)
-        train = dataclasses.replace(spec.train, micro_batch_size=4 * sp // workers, global_batch_tokens=4 * 16)
-        return dataclasses.replace(spec, parallel=parallel, train=train, run_dir=str(run_dir),
-                                   model=dataclasses.replace(MODEL, dropout=0.0, document_mask=True, eos_id=0),
-                                   ds_config=make_ds_config(train, parallel, "fp32", 1))
-
-    first = at(make_spec(data_dir, tmp_path / "full", steps=6, save_every=3), *saved, tmp_path / "full")
+    documents = dataclasses.replace(MODEL, dropout=0.0, document_mask=True, eos_id=0)
+    first = at_layout(make_spec(data_dir, tmp_path / "full", steps=6, save_every=3), tmp_path / "full", saved[0],
+                      sp=saved[1], zero=zero, model=documents)
     full_losses = run_distributed(train_and_report, first.parallel.num_workers, first)[0].losses
     tag = checkpoint_root(tmp_path / "full") / "step_00000003"
     explicit = dataclasses.replace(first, train=dataclasses.replace(first.train, resume=str(tag)))
     workers, sp = resumed
-    then = as_the_driver_resumes(at(explicit, workers, sp, tmp_path / "runs" / "resumed"), tmp_path, "resumed")
+    then = as_the_driver_resumes(at_layout(explicit, tmp_path / "runs" / "resumed", workers, sp=sp, zero=zero,
+                                           model=documents), tmp_path, "resumed")
     assert ("checkpoint" in then.ds_config) == (saved[0] != workers)  # universal only for another world size
     outcome = run_distributed(train_and_report, workers, then)[0]
     assert sorted(outcome.losses) == [3, 4, 5]
