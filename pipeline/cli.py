@@ -189,9 +189,17 @@ def _check_overrides(overrides: list[str]) -> None:
     from pipeline.compose import compose_error, compose_node
 
     try:
-        compose_node(overrides)
+        node = compose_node(overrides)
     except Exception as err:  # Hydra's override grammar, unknown keys, wrong types, values outside a choice
         raise compose_error(err) from err
+    if node.model.init_from:  # the checkpoint sets the model's shape: an override of it must agree
+        from pipeline.config.hf_shape import refuse_disagreeing_overrides
+        from pipeline.config.model import ModelConfig
+
+        given = dict(arg.split("=", 1) for arg in overrides)
+        refuse_disagreeing_overrides(ModelConfig(init_from=node.model.init_from),
+                                     {k[len("model."):]: node.model[k[len("model."):]] for k in given
+                                      if k.startswith("model.") and k != "model.init_from"})
 
 
 def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -> None:

@@ -25,6 +25,7 @@ from pipeline.config import (
     validate_model,
     validate_parallel,
 )
+from pipeline.config.hf_shape import with_checkpoint_shape
 
 CONFIG_MODULE = "pipeline.conf"
 CONFIG_NAME = "config"
@@ -90,6 +91,8 @@ def to_pipeline_config(node, stage: str = "run") -> PipelineConfig:
         cfg = OmegaConf.to_object(node)
     except Exception as err:  # OmegaConf's type and interpolation errors
         raise compose_error(err) from err
+    if cfg.model.init_from is not None and stage != "submit":  # (a submitted job's path is the cluster's)
+        cfg.model = with_checkpoint_shape(cfg.model)  # the checkpoint's shape, validated below as any model
     if stage in ("params", "plan"):
         validate_known_keys(cfg)
         validate_model(cfg.model)

@@ -83,6 +83,7 @@ from pipeline.config.model import (
     PosEncoding,
     kv_heads,
     mlp_width,
+    norm_epsilon,
     validate_model,
     width_multiplier,
 )
@@ -188,6 +189,7 @@ __all__ = [
     "flatten",
     "grad_accumulation_steps",
     "kv_heads",
+    "norm_epsilon",
     "later",
     "mlp_width",
     "resolved_run_name",

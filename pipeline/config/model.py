@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.config.base import (
     FREE,
@@ -95,6 +96,12 @@ class ModelConfig:
     # train (AdamW) at lr / m, and the logits are multiplied by 1 / m; embeddings, norms and biases keep init_std
     # and lr. At d_model = mup_base_width it is the standard model; a learning rate tuned there transfers.
     mup_base_width: int | None = field(default=None, metadata=later(None))
+    # The norms' epsilon; null: 1e-5 for layernorm, 1e-6 for rmsnorm (an imported checkpoint sets its own).
+    norm_eps: float | None = field(default=None, metadata=later(None))
+    # A local Hugging Face model directory (config.json + safetensors: GPT-2, Llama, Mistral without a sliding window,
+    # Qwen 3, BLOOM) whose weights start the run; its config.json sets the model's shape and architecture
+    # (pipeline.model.hf_import; an override of them that disagrees is refused). Null: GPT-2's random init.
+    init_from: str | None = field(default=None, metadata=FREE)
 
 
 POS_ENCODINGS = PosEncoding.values()
@@ -105,6 +112,13 @@ ACTIVATIONS = Activation.values()
 def width_multiplier(cfg: ModelConfig) -> float:
     """µP's m = d_model / mup_base_width (1.0 without µP)."""
     return 1.0 if cfg.mup_base_width is None else cfg.d_model / cfg.mup_base_width
+
+
+def norm_epsilon(cfg: ModelConfig) -> float:
+    """The norms' epsilon: model.norm_eps, else 1e-5 for LayerNorm (torch's and GPT-2's) and 1e-6 for RMSNorm."""
+    if cfg.norm_eps is not None:
+        return cfg.norm_eps
+    return 1e-5 if cfg.norm == "layernorm" else 1e-6
 
 
 def kv_heads(cfg: ModelConfig) -> int:
@@ -126,6 +140,13 @@ def mlp_width(cfg: ModelConfig) -> int:
 def validate_model(model: ModelConfig) -> None:
     for key in ("context_length", "n_layer", "n_head", "d_model"):
         positive(f"model.{key}", getattr(model, key))
+    if model.norm_eps is not None and not 0 < model.norm_eps < 1:
+        raise ConfigError(f"model.norm_eps={model.norm_eps} must be in (0, 1) (1e-5 or 1e-6 are usual), or null.")
+    if model.init_from is not None and not (Path(model.init_from) / "config.json").is_file():
+        raise ConfigError(
+            f"model.init_from={model.init_from} is not a Hugging Face model directory (no config.json there): give "
+            f"a local directory that save_pretrained wrote (config.json and safetensors weights)."
+        )
     if model.d_model % model.n_head:
         raise ConfigError(
             f"model.d_model={model.d_model} is not divisible by model.n_head={model.n_head}: "

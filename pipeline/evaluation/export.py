@@ -42,9 +42,11 @@ from pipeline.config import (
     PipelineConfig,
     kv_heads,
     mlp_width,
+    norm_epsilon,
     run_dir_for,
     width_multiplier,
 )
+from pipeline.model.hf_import import halves_order
 from pipeline.model.size import model_for_data
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ def _gpt2(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, i
     d, f = cfg.d_model, mlp_width(cfg)
     hf_cfg = GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=d, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_inner=f, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+        n_head=cfg.n_head, n_inner=f, activation_function="gelu_new", layer_norm_epsilon=norm_epsilon(cfg),
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings, **special,
     )
 
@@ -104,13 +106,9 @@ def _gpt2(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, i
     return GPT2LMHeadModel, hf_cfg, out
 
 
-def _halves_order(head_dim: int) -> torch.Tensor:
-    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-
-
 def _interleaved_to_halves(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     head_dim = weight.shape[0] // n_head
-    return weight.view(n_head, head_dim, -1)[:, _halves_order(head_dim)].reshape_as(weight)
+    return weight.view(n_head, head_dim, -1)[:, halves_order(head_dim)].reshape_as(weight)
 
 
 def _llama(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, int]):
@@ -121,7 +119,7 @@ def _llama(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, 
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=mlp_width(cfg),
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=n_kv,
-        max_position_embeddings=cfg.context_length, rms_norm_eps=1e-6, hidden_act="silu",
+        max_position_embeddings=cfg.context_length, rms_norm_eps=norm_epsilon(cfg), hidden_act="silu",
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attention_bias=False,
         tie_word_embeddings=cfg.tie_embeddings, **special,
     )
@@ -139,7 +137,7 @@ def _llama(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, 
         out[h + "self_attn.o_proj.weight"] = state[p + "attn.o_proj.weight"]
         if cfg.qk_norm:
             for x in "qk":
-                out[h + f"self_attn.{x}_norm.weight"] = state[p + f"attn.{x}_norm.weight"][_halves_order(head_dim)]
+                out[h + f"self_attn.{x}_norm.weight"] = state[p + f"attn.{x}_norm.weight"][halves_order(head_dim)]
         for x in ("gate", "up", "down"):
             out[h + f"mlp.{x}_proj.weight"] = state[p + f"mlp.{x}_proj.weight"]
         out[h + "input_layernorm.weight"] = state[p + "attn_norm.weight"]
@@ -152,7 +150,7 @@ def _bloom(cfg: ModelConfig, state: dict[str, torch.Tensor], special: dict[str, 
 
     d, n_head = cfg.d_model, cfg.n_head
     hf_cfg = BloomConfig(
-        vocab_size=cfg.vocab_size, hidden_size=d, n_layer=cfg.n_layer, n_head=n_head, layer_norm_epsilon=1e-5,
+        vocab_size=cfg.vocab_size, hidden_size=d, n_layer=cfg.n_layer, n_head=n_head, layer_norm_epsilon=norm_epsilon(cfg),
         hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=cfg.tie_embeddings, **special,
     )
     out = {"transformer.word_embeddings.weight": state["tok_emb.weight"], "lm_head.weight": state["lm_head.weight"]}

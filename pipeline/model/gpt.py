@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import ModelConfig, kv_heads, mlp_width, width_multiplier
+from pipeline.config import ModelConfig, kv_heads, mlp_width, norm_epsilon, width_multiplier
 from pipeline.model.sequence_parallel import SequenceShard
 
 __all__ = ["GPT", "KVCache", "LayerKVCache"]
@@ -222,8 +222,8 @@ class RMSNorm(nn.Module):
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model)
-    return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        return RMSNorm(cfg.d_model, norm_epsilon(cfg))
+    return nn.LayerNorm(cfg.d_model, eps=norm_epsilon(cfg), bias=cfg.bias)
 
 
 _compiled_flex = None
@@ -327,8 +327,8 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_width, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim)
-            self.k_norm = RMSNorm(self.head_dim)
+            self.q_norm = RMSNorm(self.head_dim, norm_epsilon(cfg))
+            self.k_norm = RMSNorm(self.head_dim, norm_epsilon(cfg))
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rotary=None, cache: LayerKVCache | None = None,

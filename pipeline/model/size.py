@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError, ModelConfig, kv_heads, mlp_width
+from pipeline.config.hf_shape import with_checkpoint_shape
 
 
 @dataclass
@@ -168,7 +169,9 @@ def _kv_note(cfg: ModelConfig) -> str:
 
 def model_for_data(model: ModelConfig, vocab_size: int, eos_id: int | None = None) -> ModelConfig:
     """The model config with its vocabulary (and, under document masking, the EOS id) taken from the tokenizer
-    when not set."""
+    when not set; with model.init_from, its shape and architecture from the checkpoint's config.json."""
+    if model.init_from is not None:
+        model = with_checkpoint_shape(model)
     if model.document_mask and model.eos_id is None and eos_id is not None:
         model = dataclasses.replace(model, eos_id=eos_id)
     if model.vocab_size is None:
@@ -179,3 +182,4 @@ def model_for_data(model: ModelConfig, vocab_size: int, eos_id: int | None = Non
             f"leave model.vocab_size unset (null) to follow the tokenizer, or set it to >= {vocab_size}."
         )
     return model
+

@@ -101,6 +101,11 @@ def resolve_run(cfg: PipelineConfig, data_dir: Path) -> RunSpec:
     manifest = check_data(cfg, data_dir)
     layout = resolve_layout(cfg, model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id))
     model = layout.model
+    if model.init_from is not None:
+        log.warning("model.init_from=%s: the data set was tokenized with prepare's tokenizer (%s), not the "
+                    "checkpoint's: its ids mean other tokens than the ones the checkpoint learned (tokenizing with the "
+                    "checkpoint's own tokenizer, data.tokenizer.hf, is not built yet)", model.init_from,
+                    manifest.tokenizer_file)
     if cfg.train.optimizer == "muon" and cfg.train.grad_clip:
         log.warning("train.grad_clip=%g is not applied with train.optimizer=muon (see TrainConfig.muon_lr)",
                     cfg.train.grad_clip)

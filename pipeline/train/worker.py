@@ -28,6 +28,7 @@ from pipeline.config import replica_size
 from pipeline.data.loader import RankBatches
 from pipeline.data.validation import token_byte_lengths
 from pipeline.model.gpt import GPT
+from pipeline.model.hf_import import load_imported_weights
 from pipeline.model.sequence_parallel import sequence_shard
 from pipeline.tracking import Tracker
 from pipeline.train.callbacks import (
@@ -91,7 +92,8 @@ def pull_to_node(spec: RunSpec) -> Mirror:
 
 
 def build_model(spec: RunSpec, ds_config: dict, mpu=None) -> GPT:
-    """The GPT with identical initial weights on every rank (and the same for every layout).
+    """The GPT with identical initial weights on every rank (and the same for every layout): GPT-2's
+    initialisation, or the Hugging Face checkpoint model.init_from names (pipeline.model.hf_import).
 
     Under ZeRO-3 it is built inside deepspeed.zero.Init: each parameter is partitioned as soon as its module
     exists (over the data-parallel group under tensor parallelism: zero3_partition_group), so no rank ever holds
@@ -100,11 +102,19 @@ def build_model(spec: RunSpec, ds_config: dict, mpu=None) -> GPT:
     import deepspeed
 
     seed_everything(spec.train.seed)
+    imported = spec.model.init_from
     if spec.parallel.zero_stage != 3:
-        return GPT(spec.model)
+        model = GPT(spec.model, init_weights=imported is None)
+        if imported is not None:  # every rank reads the whole checkpoint (AutoTP slices what it gets)
+            load_imported_weights(model, Path(imported))
+        return model
     with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=zero3_partition_group(spec.parallel),
                              mpu=mpu):
         model = GPT(spec.model, init_weights=False)
+    if imported is not None:  # rank 0 reads one tensor at a time into the gathered parameter; no rank holds more
+        load_imported_weights(model, Path(imported), write=dist.get_rank() == 0,
+                              gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+        return model
     for params, init in model.init_steps():
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             init()
