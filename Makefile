@@ -12,11 +12,17 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# pip at -qq reports errors only: a machine's pip configuration (an extra index that is not there) otherwise fills
+# the install with warnings that are not the project's. setuptools builds the project without warnings
+# (pyproject.toml: an SPDX license, every shipped directory listed).
+PIP := $(BIN)/python -m pip install -qq
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@echo "installing pip, torch ($(TORCH_SPEC), CPU build) and the pipeline with its dependencies into $(VENV) ..."
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[dev]"
 	# Chromium for the browser test (tests/browser.py), from Debian where we may install packages.
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
