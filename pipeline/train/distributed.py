@@ -4,6 +4,7 @@ and the gradient norm where DeepSpeed reports none."""
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -20,6 +21,10 @@ def seed_everything(seed: int) -> None:
 
 def init_distributed(parallel: ParallelConfig) -> None:
     import deepspeed
+
+    # DeepSpeed 0.19.8 calls the collectives torch 2.13 renamed (every rank printed the deprecation, twice).
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
 
     if not parallel.use_gpu:
         skip_shared_memory_op()
