@@ -91,8 +91,13 @@ def to_pipeline_config(node, stage: str = "run") -> PipelineConfig:
         cfg = OmegaConf.to_object(node)
     except Exception as err:  # OmegaConf's type and interpolation errors
         raise compose_error(err) from err
-    if cfg.model.init_from is not None and stage != "submit":  # (a submitted job's path is the cluster's)
-        cfg.model = with_checkpoint_shape(cfg.model)  # the checkpoint's shape, validated below as any model
+    if cfg.model.init_from is not None:
+        # The checkpoint's shape, validated below as any model; a submitted job's directory may be the cluster's
+        # alone, where the job composes its config again.
+        if stage != "submit":
+            cfg.model.init_from = str(Path(cfg.model.init_from).expanduser().resolve())
+        if stage != "submit" or (Path(cfg.model.init_from) / "config.json").is_file():
+            cfg.model = with_checkpoint_shape(cfg.model)
     if stage in ("params", "plan"):
         validate_known_keys(cfg)
         validate_model(cfg.model)

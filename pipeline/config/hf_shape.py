@@ -31,6 +31,8 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
         raise ConfigError(f"model.init_from={directory}: no config.json there; give a local Hugging Face model "
                           f"directory (config.json and *.safetensors, as save_pretrained writes them).")
     regular_file(path, f"model.init_from={directory}: config.json", "replace it with a regular file")
+    if path.stat().st_size > 1 << 20:
+        raise ConfigError(f"model.init_from: {path} is larger than 1 MiB: not a model's config.json.")
     try:
         config = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -85,6 +87,13 @@ def model_fields(directory: Path) -> dict[str, Any]:
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ConfigError(f"model.init_from: {path}/config.json has activation_function={act!r}; this GPT's "
                               f"GELU is the tanh approximation (gelu_new).")
+        for key, plain in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                           ("reorder_and_upcast_attn", False)):
+            if config.get(key, plain) != plain:
+                raise ConfigError(f"model.init_from: {path}/config.json sets {key}={config[key]!r}; this GPT's "
+                                  f"attention is GPT-2's plain scaled attention ({key}={plain}).")
+        if config.get("n_inner") is not None:
+            _int(config, "n_inner", path)
         return dict(vocab_size=vocab, n_layer=_int(config, "n_layer", path), n_head=_int(config, "n_head", path),
                     n_kv_head=None, d_model=d, d_ff=config.get("n_inner") or 4 * d, bias=True, tie_embeddings=tied,
                     pos_encoding="learned", embedding_norm=False, rope_theta=10000.0, qk_norm=False,
@@ -134,6 +143,11 @@ def max_context(directory: Path) -> int | None:
 def with_checkpoint_shape(model: ModelConfig) -> ModelConfig:
     """The model config with the shape and architecture of the checkpoint model.init_from names (model_fields);
     the context stays, if the checkpoint was made for it."""
+    if model.mup_base_width is not None:
+        raise ConfigError(
+            f"model.mup_base_width={model.mup_base_width} with model.init_from: µP multiplies the logits by "
+            f"1/m, so the imported model would not be the checkpoint; set model.mup_base_width=null."
+        )
     fields = model_fields(Path(model.init_from))
     longest = max_context(Path(model.init_from))
     if longest is not None and model.context_length > longest:

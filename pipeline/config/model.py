@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pipeline.config.base import (
     FREE,
@@ -142,11 +141,7 @@ def validate_model(model: ModelConfig) -> None:
         positive(f"model.{key}", getattr(model, key))
     if model.norm_eps is not None and not 0 < model.norm_eps < 1:
         raise ConfigError(f"model.norm_eps={model.norm_eps} must be in (0, 1) (1e-5 or 1e-6 are usual), or null.")
-    if model.init_from is not None and not (Path(model.init_from) / "config.json").is_file():
-        raise ConfigError(
-            f"model.init_from={model.init_from} is not a Hugging Face model directory (no config.json there): give "
-            f"a local directory that save_pretrained wrote (config.json and safetensors weights)."
-        )
+
     if model.d_model % model.n_head:
         raise ConfigError(
             f"model.d_model={model.d_model} is not divisible by model.n_head={model.n_head}: "

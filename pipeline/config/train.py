@@ -150,6 +150,13 @@ def validate_train(train: TrainConfig, parallel: ParallelConfig, model: ModelCon
     _validate_train_numbers(train)
     choice("train.schedule", train.schedule, Schedule)
     choice("train.optimizer", train.optimizer, Optimizer)
+    if train.compile and parallel.sequence_parallel > 1:
+        raise ConfigError(
+            "train.compile=true with parallel.sequence_parallel > 1: DeepSpeed's Ulysses all-to-all fills its output "
+            "through a collective inside an autograd function, which torch.compile may inline without its backward "
+            "(DeepSpeed's own warning: the layers before it would then get no gradient); train sequence-parallel "
+            "runs eagerly (train.compile=false)."
+        )
     if train.optimizer == "muon":
         if parallel.tensor_parallel > 1:
             raise ConfigError(

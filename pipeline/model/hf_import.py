@@ -26,9 +26,11 @@ import torch
 
 from pipeline.config import ConfigError, ModelConfig, kv_heads, mlp_width
 from pipeline.config.hf_shape import max_context, read_hf_config
-from pipeline.containment import contained, regular_file
+from pipeline.containment import contained_file, regular_file
 
 __all__ = ["halves_order", "imported_tensors", "load_imported_weights"]
+
+MAX_JSON_BYTES = 64 << 20  # an index of a few thousand tensor names is kilobytes
 
 
 def halves_order(head_dim: int) -> torch.Tensor:
@@ -38,17 +40,24 @@ def halves_order(head_dim: int) -> torch.Tensor:
 
 class SafetensorsReader:
     """The checkpoint's tensors by name, read one at a time from its safetensors files (model.safetensors, or the
-    files model.safetensors.index.json names, each kept below the directory)."""
+    files model.safetensors.index.json names, each a regular file below the directory). A name the pipeline's
+    export writes with the `transformer.` prefix is also found without it (the Hub's GPT-2 and BLOOM files). Every
+    name asked for is recorded with its expected shape, so that `verify` can check them all from the files'
+    headers before any tensor is read."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        self.expected: dict[str, tuple[int, ...]] = {}
         index = self.directory / "model.safetensors.index.json"
         fix = "give a directory that save_pretrained wrote (safetensors weights)"
         if index.is_file():
-            weight_map = json.loads(regular_file(index, "model.init_from's index", fix).read_text()).get("weight_map")
+            regular_file(index, "model.init_from's index", fix)
+            if index.stat().st_size > MAX_JSON_BYTES:
+                raise ConfigError(f"model.init_from: {index} is larger than {MAX_JSON_BYTES} bytes: not an index.")
+            weight_map = json.loads(index.read_text()).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ConfigError(f"model.init_from: {index} has no weight_map.")
-            self.files = {name: contained(self.directory, file, f"{index} names the file", fix)
+            self.files = {name: contained_file(self.directory, file, f"{index} names the file", fix)
                           for name, file in weight_map.items()}
         elif (self.directory / "model.safetensors").is_file():
             from safetensors import safe_open
@@ -65,34 +74,60 @@ class SafetensorsReader:
                    if found else "") + "."
             )
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        from safetensors import safe_open
-
+    def stored(self, name: str) -> str:
+        """The name the files hold `name` under."""
+        if name not in self.files and name.startswith("transformer.") and name[len("transformer."):] in self.files:
+            return name[len("transformer."):]
         if name not in self.files:
             raise ConfigError(f"model.init_from={self.directory}: the weights lack {name}, which its config.json "
                               f"implies.")
-        with safe_open(str(self.files[name]), framework="pt") as handle:
-            tensor = handle.get_tensor(name)
-        if tuple(tensor.shape) != tuple(shape):
-            raise ConfigError(f"model.init_from={self.directory}: {name} has shape {tuple(tensor.shape)}, its "
-                              f"config.json implies {tuple(shape)}.")
-        return tensor.float()
+        return name
+
+    def expect(self, name: str, shape: tuple[int, ...]) -> None:
+        self.expected[name] = tuple(shape)
+
+    def verify(self) -> None:
+        """Every expected tensor is in the files with its expected shape, read from the headers only."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in self.expected:
+            by_file.setdefault(self.files[self.stored(name)], []).append(name)
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt") as handle:
+                for name in names:
+                    shape = tuple(handle.get_slice(self.stored(name)).get_shape())
+                    if shape != self.expected[name]:
+                        raise ConfigError(f"model.init_from={self.directory}: {name} has shape {shape}, its "
+                                          f"config.json implies {self.expected[name]}.")
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[self.stored(name)]), framework="pt") as handle:
+            return handle.get_tensor(self.stored(name)).float()
 
 
-def imported_tensors(cfg: ModelConfig, directory: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+def imported_tensors(cfg: ModelConfig, directory: Path) -> list[tuple[str, Callable[[], torch.Tensor]]]:
     """(our parameter name, a function reading its tensor) for every parameter of the GPT of cfg (lm_head.weight
-    too when tied: the embedding's), each read when called."""
+    too when tied: the embedding's), each read when called; the names and shapes of all of them checked first
+    against the files' headers (on every rank: under ZeRO-3 only one reads the tensors)."""
     reader = SafetensorsReader(directory)
+    tensors = list(_imported_tensors(cfg, directory, reader))
+    reader.verify()
+    return tensors
+
+
+def _imported_tensors(cfg: ModelConfig, directory: Path,
+                      reader: SafetensorsReader) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     kind = read_hf_config(Path(directory))["model_type"]
     d, f, n_head, n_kv = cfg.d_model, mlp_width(cfg), cfg.n_head, kv_heads(cfg)
     head_dim = d // n_head
     V = cfg.vocab_size
 
     def get(name, *shape):
-        return lambda: reader.get(name, shape)
+        reader.expect(name, shape)
+        return lambda: reader.get(name)
 
     def lm_head(embedding: str) -> Callable[[], torch.Tensor]:
         return get(embedding, V, d) if cfg.tie_embeddings else get("lm_head.weight", V, d)

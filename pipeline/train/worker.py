@@ -91,7 +91,7 @@ def pull_to_node(spec: RunSpec) -> Mirror:
     return mirror
 
 
-def build_model(spec: RunSpec, ds_config: dict, mpu=None) -> GPT:
+def build_model(spec: RunSpec, ds_config: dict, mpu=None, resuming: bool = False) -> GPT:
     """The GPT with identical initial weights on every rank (and the same for every layout): GPT-2's
     initialisation, or the Hugging Face checkpoint model.init_from names (pipeline.model.hf_import).
 
@@ -102,17 +102,20 @@ def build_model(spec: RunSpec, ds_config: dict, mpu=None) -> GPT:
     import deepspeed
 
     seed_everything(spec.train.seed)
-    imported = spec.model.init_from
+    # A resume's checkpoint replaces the initial weights: the imported ones are not read again.
+    imported = None if resuming else spec.model.init_from
     if spec.parallel.zero_stage != 3:
         model = GPT(spec.model, init_weights=imported is None)
         if imported is not None:  # every rank reads the whole checkpoint (AutoTP slices what it gets)
             load_imported_weights(model, Path(imported))
         return model
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=zero3_partition_group(spec.parallel),
-                             mpu=mpu):
+    group = zero3_partition_group(spec.parallel)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=group, mpu=mpu):
         model = GPT(spec.model, init_weights=False)
-    if imported is not None:  # rank 0 reads one tensor at a time into the gathered parameter; no rank holds more
-        load_imported_weights(model, Path(imported), write=dist.get_rank() == 0,
+    if imported is not None:
+        # The first rank of each partition group (one per tensor-parallel rank) reads one tensor at a time into the
+        # gathered parameter, which DeepSpeed partitions again from it; no rank holds more than one whole tensor.
+        load_imported_weights(model, Path(imported), write=dist.get_rank(group) == 0,
                               gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
         return model
     for params, init in model.init_steps():
@@ -126,13 +129,13 @@ def held_elements(param: torch.nn.Parameter) -> int:
     return param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
 
 
-def build_engine(spec: RunSpec, ds_config: dict):
+def build_engine(spec: RunSpec, ds_config: dict, resuming: bool = False):
     """The GPT wrapped in a DeepSpeed engine. The optimizer and scheduler are callables: DeepSpeed applies
     AutoTP sharding first, then builds them over the sharded model."""
     import deepspeed
 
     mpu = sequence_parallel_groups(spec.parallel)
-    model = build_model(spec, ds_config, mpu)
+    model = build_model(spec, ds_config, mpu, resuming)
     if spec.parallel.activation_checkpointing:
         model.set_activation_checkpointing(True)
     model.set_sequence_shard(sequence_shard(spec.parallel.sequence_parallel))
@@ -245,7 +248,7 @@ def train_worker(spec: RunSpec, link: RunLink = RunLink()) -> TrainOutcome:
     ckpt_root = checkpoint_root(Path(spec.run_dir))
     mirror = pull_to_node(spec)
     tag_dir, ds_config = resume_point(spec, ckpt_root)
-    engine = build_engine(spec, ds_config)
+    engine = build_engine(spec, ds_config, resuming=tag_dir is not None)
     # Weights are built from one seed on every rank; dropout then draws from a stream of the rank's replica (the
     # tensor-parallel ranks of one drop the same elements of their replicated activations; sequence-parallel ranks
     # hold different positions, and draw streams of their own).

@@ -140,6 +140,9 @@ def test_sequence_parallel_checks():
         validate_parallel(ParallelConfig(num_workers=2, sequence_parallel=2), dataclasses.replace(model, context_length=95))
     with pytest.raises(ConfigError, match="Ulysses groups .* have no tensor-parallel dimension"):
         validate_parallel(ParallelConfig(num_workers=4, sequence_parallel=2, tensor_parallel=2), model)
+    with pytest.raises(ConfigError, match="train.compile=true with parallel.sequence_parallel > 1"):
+        validate_train(TrainConfig(compile=True, micro_batch_size=1, global_batch_tokens=96),
+                       ParallelConfig(num_workers=2, sequence_parallel=2), model)
     with pytest.raises(ConfigError, match="train.optimizer=muon with parallel.sequence_parallel > 1"):
         validate_train(TrainConfig(optimizer="muon", micro_batch_size=1, global_batch_tokens=96),
                        ParallelConfig(num_workers=2, sequence_parallel=2, zero_stage=1), model)

@@ -81,6 +81,23 @@ def test_an_imported_checkpoint_gives_transformers_logits_and_exports_back_exact
         assert torch.equal(tensor, original[name]), name
 
 
+def test_the_hubs_gpt2_names_without_the_transformer_prefix_load_too(tmp_path):
+    """The Hub's GPT-2 and BLOOM files name their tensors without `transformer.` (wte.weight, h.0.attn.c_attn...):
+    they import to the same model as save_pretrained's names."""
+    from safetensors.torch import save_file
+
+    hf = tiny_hf("gpt2")
+    hf.save_pretrained(tmp_path / "saved")
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "config.json").write_bytes((tmp_path / "saved" / "config.json").read_bytes())
+    hub_names = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items()
+                 if k != "lm_head.weight" and not k.endswith(".attn.bias")}
+    save_file(hub_names, tmp_path / "hub" / "model.safetensors", metadata={"format": "pt"})
+    ids = torch.randint(0, VOCAB, (2, CONTEXT), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(imported(tmp_path / "hub")(ids)[0], imported(tmp_path / "saved")(ids)[0])
+
+
 def test_the_checkpoint_sets_the_shape_and_the_context_stays_the_runs(tmp_path):
     tiny_hf("llama").save_pretrained(tmp_path / "llama")
     cfg = with_checkpoint_shape(ModelConfig(init_from=str(tmp_path / "llama"), context_length=CONTEXT))
@@ -121,6 +138,8 @@ def test_what_the_gpt_cannot_be_or_a_checkpoint_must_not_do_is_refused(tmp_path)
     (llama / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "../x"}}))
     with pytest.raises(ContainmentError, match="would lie outside"):
         imported(llama)
+    with pytest.raises(ConfigError, match="model.mup_base_width=32 with model.init_from"):
+        with_checkpoint_shape(ModelConfig(init_from=str(llama), context_length=CONTEXT, mup_base_width=32))
     (llama / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 5}))
     with pytest.raises(ConfigError, match="model_type='t5'; this pipeline imports gpt2, llama"):
         with_checkpoint_shape(ModelConfig(init_from=str(llama)))
@@ -142,11 +161,14 @@ def train_and_report(spec):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [dict(zero=3), dict(zero=1, tp=2)], ids=["zero3-dp2", "tp2"])
+@pytest.mark.parametrize("layout", [dict(zero=3), dict(zero=1, tp=2), dict(zero=3, tp=2, workers=4)],
+                         ids=["zero3-dp2", "tp2", "tp2xdp2-zero3"])
 def test_the_first_step_at_zero_3_or_tensor_parallel_scores_transformers_loss(tmp_path, windows_dir, layout):
-    """Two ranks start from the checkpoint (under ZeRO-3 rank 0 reads one tensor at a time into the gathered
-    parameter; under tensor parallelism AutoTP slices what each rank read): the loss of step 0, before any update,
-    is transformers' loss on the same four windows; the run then trains."""
+    """The ranks start from the checkpoint (under ZeRO-3 the first rank of each partition group reads one tensor at
+    a time into the gathered parameter; under tensor parallelism AutoTP slices what each rank read; both at once on
+    4 ranks): the loss of step 0, before any update, is transformers' loss on the same four windows (document
+    masking off: with it positions restart at each EOS, which transformers' model does not do); the run then
+    trains."""
     import torch.nn.functional as F
 
     from data_prep.blend import open_split
@@ -156,14 +178,14 @@ def test_the_first_step_at_zero_3_or_tensor_parallel_scores_transformers_loss(tm
     hf = tiny_hf("llama", scale=8.0)  # far from a fresh GPT's loss of ~ln(vocabulary)
     hf.save_pretrained(tmp_path / "llama")
     model = with_checkpoint_shape(ModelConfig(init_from=str(tmp_path / "llama"), context_length=CONTEXT))
-    tp = layout.get("tp", 1)
-    train = TrainConfig(max_steps=3, micro_batch_size=4 * tp // 2, warmup_steps=1, lr=1e-2, resume="none",
+    tp, workers = layout.get("tp", 1), layout.get("workers", 2)
+    train = TrainConfig(max_steps=3, micro_batch_size=4 * tp // workers, warmup_steps=1, lr=1e-2, resume="none",
                         global_batch_tokens=4 * CONTEXT, log_interval_steps=1, peak_tflops=1.0)
-    parallel = ParallelConfig(num_workers=2, tensor_parallel=tp, zero_stage=layout["zero"], precision="fp32")
+    parallel = ParallelConfig(num_workers=workers, tensor_parallel=tp, zero_stage=layout["zero"], precision="fp32")
     spec = RunSpec(model=model, train=train, parallel=parallel, data_dir=str(windows_dir), run_dir=str(tmp_path / "run"),
                    precision="fp32", grad_accum_steps=1, ds_config=make_ds_config(train, parallel, "fp32", 1),
                    flops_per_token=1.0, config_fingerprint="t", math_config={}, tokenizer_sha256="", record_losses=True)
-    outcome = run_distributed(train_and_report, 2, spec)[0]
+    outcome = run_distributed(train_and_report, workers, spec)[0]
     windows = torch.from_numpy(open_split(windows_dir, "train").windows(np.arange(4)).astype(np.int64))
     with torch.no_grad():
         logits = hf(input_ids=windows[:, :-1]).logits
