@@ -317,8 +317,8 @@ def nan_once_then_train(spec, poisoned_forward: int):
     build = worker.build_engine
     calls = {"n": 0}
 
-    def poisoned(spec, ds_config):
-        engine = build(spec, ds_config)
+    def poisoned(spec, ds_config, **kwargs):
+        engine = build(spec, ds_config, **kwargs)
 
         def hook(module, args, output):
             calls["n"] += 1
