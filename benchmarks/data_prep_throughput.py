@@ -1,10 +1,13 @@
-"""Data-prep throughput: the prepare stage's tokens/s beside raw SentencePiece encode on the same text and cores.
+"""Data-prep throughput: the prepare stage's tokens/s beside raw encode with the same tokenizer, text and cores.
 
 The corpus is Shakespeare's scenes repeated until it holds at least --mb MB, written as jsonl files. A BPE
-tokenizer is trained once on one copy of the plays (not timed) and handed to prepare through
-data.tokenizer.model_path. Measurements on the same documents:
+tokenizer is trained once on one copy of the plays (not timed) and handed to prepare: with --tokenizer
+sentencepiece (the default) a SentencePiece model through data.tokenizer.model_path; with --tokenizer hf a
+byte-level BPE `tokenizers` fast tokenizer saved as a Hugging Face directory (GPT-2's conventions) through
+data.tokenizer.hf. Measurements on the same documents:
 
-- raw, 1 process: `SentencePieceProcessor.encode(documents)` in this process;
+- raw, 1 process: `SentencePieceProcessor.encode(documents)` (or `tokenizers.Tokenizer.encode_batch_fast`, one
+  thread: TOKENIZERS_PARALLELISM=false, as in the pipeline's actors) in this process;
 - raw, N processes: the documents in N contiguous ranges of equal size, each encoded by a process forked
   before Ray starts, with the model loaded before the clock starts (pure encode on the same N cores; nothing
   is read or written);
@@ -43,7 +46,7 @@ import numpy as np
 
 # What the raw encoders read: inherited by the forked processes, never sent to them.
 _TEXTS: dict[str, list[str]] = {"documents": [], "pieces": []}
-_SP = None
+_ENCODE = None
 
 
 def build_corpus(root: Path, mb: float) -> tuple[list[str], int]:
@@ -62,16 +65,41 @@ def build_corpus(root: Path, mb: float) -> tuple[list[str], int]:
 
 
 def _load_model(model_path: str) -> None:
-    global _SP
-    import sentencepiece as spm
+    """The raw encoder of the model (a SentencePiece .model, or a Hugging Face directory's tokenizer.json)."""
+    global _ENCODE
+    if model_path.endswith(".model"):
+        import sentencepiece as spm
 
-    _SP = spm.SentencePieceProcessor(model_file=model_path)
+        sp = spm.SentencePieceProcessor(model_file=model_path)
+        _ENCODE = lambda texts: sp.encode(texts, num_threads=1)  # noqa: E731
+    else:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+        _ENCODE = lambda texts: [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]  # noqa: E731
 
 
 def _encode_range(job: tuple[str, int, int]) -> int:
     """Tokens of _TEXTS[kind][first:stop] (no EOS)."""
     kind, first, stop = job
-    return sum(len(ids) for ids in _SP.encode(_TEXTS[kind][first:stop], num_threads=1))
+    return sum(len(ids) for ids in _ENCODE(_TEXTS[kind][first:stop]))
+
+
+def hf_tokenizer_dir(scenes: list[str], vocab: int, directory: Path) -> Path:
+    """A byte-level BPE of `vocab` ids trained on the scenes, saved as a checkpoint's tokenizer (GPT-2's
+    conventions: <|endoftext|> ends each document)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(scenes, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                            eos_token="<|endoftext|>").save_pretrained(directory)
+    return directory
 
 
 def raw_single(model_path: str) -> tuple[int, float]:
@@ -122,6 +150,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokenizer", choices=("sentencepiece", "hf"), default="sentencepiece",
+                        help="a SentencePiece model (data.tokenizer.model_path) or a Hugging Face tokenizer.json "
+                             "(data.tokenizer.hf)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -142,15 +173,21 @@ def main() -> None:
         scenes, copies = build_corpus(root / "corpus", args.mb)
         _TEXTS["documents"] = scenes * copies
         corpus_mb = sum(len(d.encode()) for d in _TEXTS["documents"]) / 1e6
-        model = train_tokenizer(scenes, TokenizerConfig(vocab_size=args.vocab), root / "bpe.model", seed=0)
-        cut = can_cut_documents(load_tokenizer(model).serialized_model_proto())
+        if args.tokenizer == "hf":
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process, as in the pipeline's actors
+            model = hf_tokenizer_dir(scenes, args.vocab, root / "hf")
+            tokenizer_cfg, cut = TokenizerConfig(hf=str(model)), False
+        else:
+            model = train_tokenizer(scenes, TokenizerConfig(vocab_size=args.vocab), root / "bpe.model", seed=0)
+            tokenizer_cfg = TokenizerConfig(model_path=str(model))
+            cut = can_cut_documents(load_tokenizer(model).serialized_model_proto())
         _TEXTS["pieces"] = make_segments(_TEXTS["documents"], cut).texts
         raw_pool = start_raw_pool(str(model), n)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=n, include_dashboard=False, configure_logging=False, log_to_driver=False)
         cfg = DataConfig(name="bench", source="jsonl", path=str(root / "corpus"), context_length=1024,
                          val_fraction=0.005, num_workers=n, output_dir=str(root / "out"),
-                         tokenizer=TokenizerConfig(model_path=str(model)))
+                         tokenizer=tokenizer_cfg)
         for _ in range(args.repeats):
             results["raw_1"].append(raw_single(str(model)))
             results[f"raw_{n}"].append(raw_parallel(raw_pool, n, "documents"))
@@ -168,7 +205,7 @@ def main() -> None:
     auto = tokenize_engine("auto", sum(len(d) for d in _TEXTS["documents"]), n)
     rates["pipeline"] = rates[f"pipeline_{auto}"]
     print(f"corpus: {corpus_mb:.1f} MB, {len(_TEXTS['documents'])} documents ({len(_TEXTS['pieces'])} pieces), "
-          f"BPE {args.vocab}; {n} workers, {os.cpu_count()} cores; median of {args.repeats}; "
+          f"BPE {args.vocab} ({args.tokenizer}); {n} workers, {os.cpu_count()} cores; median of {args.repeats}; "
           f"data.tokenize_engine=auto picks {auto}")
     print(f"{'measurement':<36}{'tokens':>12}{'seconds':>10}{'tokens/s':>14}{'it / raw ' + str(n):>15}")
     for key, label in labels.items():
@@ -181,6 +218,7 @@ def main() -> None:
         "corpus_mb": round(corpus_mb, 1),
         "documents": len(_TEXTS["documents"]),
         "vocab_size": args.vocab,
+        "tokenizer": args.tokenizer,
         "workers": n,
         **{f"{key}_tokens_per_s": [round(t / s) for t, s in runs] for key, runs in results.items()},
         "pipeline_ray_data_seconds": [round(s, 2) for _, s in results["pipeline_ray_data"]],

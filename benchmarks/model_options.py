@@ -52,7 +52,7 @@ def measure(variant: str, data_dir: Path, steps: int, run_dir: Path) -> dict:
     from pipeline.checkpoint.layout import checkpoint_root, latest_complete
     from pipeline.compose import compose_config
     from pipeline.config import ParallelConfig
-    from pipeline.evaluation.evaluate import load_trained_model, token_byte_lengths, validation_totals
+    from pipeline.evaluation.evaluate import load_trained_model, validation_totals
     from pipeline.model.size import model_for_data, training_flops_per_token
     from pipeline.train.driver import measured_attended_context
     from pipeline.train.ds_config import make_ds_config
@@ -77,11 +77,10 @@ def measure(variant: str, data_dir: Path, steps: int, run_dir: Path) -> dict:
         config_fingerprint="bench", math_config={}, tokenizer_sha256="",
     )
     outcome = train_worker(spec)
-    import sentencepiece as spm
+    from data_prep.text_tokenizer import data_tokenizer
 
     trained = load_trained_model(model, latest_complete(checkpoint_root(run_dir)))
-    sp = spm.SentencePieceProcessor(model_file=str(info.tokenizer_path))
-    totals = validation_totals(trained, open_split(data_dir, "validation"), 16, None, token_byte_lengths(sp))
+    totals = validation_totals(trained, open_split(data_dir, "validation"), 16, None, data_tokenizer(info).byte_lengths())
     return {"tokens_per_s": outcome.steady_tokens_per_s, "val_loss": totals.mean_loss}
 
 

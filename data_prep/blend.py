@@ -31,7 +31,6 @@ import numpy as np
 
 from data_prep.shards import (
     MANIFEST,
-    TOKENIZER_FILE,
     Manifest,
     ShardError,
     WindowDataset,
@@ -74,6 +73,7 @@ class Blend:
     pad_id: int
     unk_id: int
     components: list[Component]
+    document_prefix: list[int] = field(default_factory=list)
     root: Path | None = None
 
     @property
@@ -142,7 +142,8 @@ def load_data_info(directory: Path) -> Manifest | Blend:
 
 
 # What every data set of a blend shares with the blend itself: the model is built from the blend's values.
-SHARED_FIELDS = ("tokenizer_sha256", "vocab_size", "dtype", "window_length", "bos_id", "eos_id", "pad_id", "unk_id")
+SHARED_FIELDS = ("tokenizer_sha256", "vocab_size", "dtype", "window_length", "bos_id", "eos_id", "pad_id", "unk_id",
+                 "document_prefix")
 
 
 def check_components(blend: Blend) -> None:
@@ -215,11 +216,12 @@ def write_blend(directory: Path, parts: list[tuple[str, Path, float]]) -> Blend:
             windows={s: sum(x.n_windows for x in shards) for s, shards in manifest.splits.items()},
             tokens={s: sum(x.n_tokens for x in shards) for s, shards in manifest.splits.items()},
         ))
-    blend = Blend(format="blend", version=BLEND_VERSION, tokenizer_file=TOKENIZER_FILE,
+    blend = Blend(format="blend", version=BLEND_VERSION, tokenizer_file=first.tokenizer_file,
                   tokenizer_sha256=first.tokenizer_sha256, vocab_size=first.vocab_size, dtype=first.dtype,
                   window_length=first.window_length, bos_id=first.bos_id, eos_id=first.eos_id, pad_id=first.pad_id,
-                  unk_id=first.unk_id, components=components, root=directory.resolve())
-    write_atomic(directory / TOKENIZER_FILE, first.tokenizer_path.read_bytes())
+                  unk_id=first.unk_id, components=components, document_prefix=first.document_prefix,
+                  root=directory.resolve())
+    write_atomic(directory / first.tokenizer_file, first.tokenizer_path.read_bytes())
     write_atomic(directory / BLEND, blend.to_json())  # last: its presence makes the blend
     return blend
 

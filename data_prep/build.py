@@ -25,7 +25,7 @@ from pathlib import Path
 
 from data_prep.dataset_dirs import dataset_dir, partial_dir
 from data_prep.dataset_store import check_shared, drop_staged, fetch_partition, fetch_staged
-from data_prep.encoding import can_cut_documents, pool_size, tokenize_engine
+from data_prep.encoding import pool_size, tokenize_engine
 from data_prep.errors import DataPrepError, SourceError
 from data_prep.listing import OutsideLinks, warn_outside_links
 from data_prep.merge import merge_manifest
@@ -34,6 +34,7 @@ from data_prep.partial import open_state, publish, remove_temporaries, unfinishe
 from data_prep.partition_work import PartitionRecord, PrepareContext, ReadContext, record_path
 from data_prep.partitions import Partition, partition_inputs
 from data_prep.shards import MANIFEST, Manifest, dtype_for_vocab, incomplete_reason
+from data_prep.text_tokenizer import TextTokenizer
 from data_prep.tokenizer import TokenizerError
 from data_prep.tokenizer_setup import make_tokenizer
 from data_prep.workers import run_partitions
@@ -123,8 +124,8 @@ def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: Progr
     state = open_state(partial, partitions)
     workers = pool_size(data.num_workers)
     read = ReadContext.of(data)
-    sp = make_tokenizer(partitions, read, partial, state, workers)
-    ctx = _context(read, partial, sp, mirror)
+    tokenizer = make_tokenizer(partitions, read, partial, state, workers)
+    ctx = _context(read, partial, tokenizer, mirror)
     fetch_staged(mirror, ctx, partitions)
     todo = unfinished(partial, partitions, ctx.dtype)
     engine = tokenize_engine(data.tokenize_engine, sum(p.size for p in todo), workers)
@@ -145,20 +146,19 @@ def _build(data: DataConfig, partial: Path, corpus_fingerprint: str, sink: Progr
     progress.close()
     if todo:
         log.info("tokenized %d partitions on %d Ray nodes", len(todo), len(nodes))
-    manifest = merge_manifest(data, sp, partial, partitions, corpus_fingerprint, links.skipped)
+    manifest = merge_manifest(data, tokenizer, partial, partitions, corpus_fingerprint, links.skipped)
     write_atomic(partial / MANIFEST, manifest.to_json())
     return manifest, progress.seconds
 
 
-def _context(read: ReadContext, partial: Path, sp, mirror: Mirror) -> PrepareContext:
+def _context(read: ReadContext, partial: Path, tokenizer: TextTokenizer, mirror: Mirror) -> PrepareContext:
     """All that the workers need, once the tokenizer is known: where the shards go, the tokenizer and what follows
     from it, the driver's mark for this run (see check_shared) and the object store, if any."""
-    proto = sp.serialized_model_proto()
     return PrepareContext(
-        data=read.data, sources=read.sources, wheres=read.wheres, directory=str(partial), tokenizer_proto=proto,
-        dtype=dtype_for_vocab(sp.get_piece_size()).str, vocab_size=sp.get_piece_size(), eos_id=sp.eos_id(),
-        cut_documents=can_cut_documents(proto), driver_mark=f".driver-{uuid.uuid4().hex[:12]}",
-        store_uri=mirror.uri,
+        data=read.data, sources=read.sources, wheres=read.wheres, directory=str(partial),
+        tokenizer_file=tokenizer.file_name, tokenizer_bytes=tokenizer.data, specials=tokenizer.specials,
+        dtype=dtype_for_vocab(tokenizer.vocab_size).str, vocab_size=tokenizer.vocab_size,
+        cut_documents=tokenizer.cut_documents, driver_mark=f".driver-{uuid.uuid4().hex[:12]}", store_uri=mirror.uri,
     )
 
 

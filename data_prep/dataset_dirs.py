@@ -47,7 +47,16 @@ def data_fingerprint(data: DataConfig, corpus: list[dict] | None = None) -> str:
     model = Path(data.tokenizer.model_path).expanduser() if data.tokenizer.model_path else None
     if model is not None and model.is_file():  # a given tokenizer by content: a changed file, a new data set
         record["tokenizer"] = {**record["tokenizer"], "model_path": f"sha256:{sha256_file(model)}"}
+    if data.tokenizer.hf:  # a checkpoint's tokenizer by content (its file and conventions), not its path
+        record["tokenizer"] = {"hf": f"sha256:{hf_source(data).identity()}"}
     return fingerprint(record)
+
+
+def hf_source(data: DataConfig):
+    """data.tokenizer.hf's directory, read (data_prep.hf_tokenizer)."""
+    from data_prep.hf_tokenizer import HFTokenizerSource
+
+    return HFTokenizerSource(data.tokenizer.hf)
 
 
 def config_record(data: DataConfig) -> dict:
@@ -88,6 +97,8 @@ def blend_dir(data: DataConfig) -> Path:
 def tokenizer_identity(data: DataConfig) -> str:
     """The mixture's tokenizer, known before it is trained: a given file's sha256, a prepared source's, or the
     name (recipe fingerprint) of the one trained for this mixture."""
+    if data.tokenizer.hf:
+        return f"sha256:{hf_source(data).identity()}"
     if data.tokenizer.model_path:
         return f"sha256:{sha256_file(Path(data.tokenizer.model_path).expanduser())}"
     for src in data.mixture:
@@ -105,7 +116,9 @@ def tokenizer_dir(data: DataConfig) -> Path:
 
 def shared_tokenizer(data: DataConfig) -> Path:
     """Where the mixture's tokenizer is (or will be once trained): data.tokenizer.model_path, else the first
-    prepared data set's, else the one trained for this mixture."""
+    prepared data set's, else the one trained for this mixture (data.tokenizer.hf: its directory's file)."""
+    if data.tokenizer.hf:
+        return hf_source(data).path
     if data.tokenizer.model_path:
         return Path(data.tokenizer.model_path).expanduser().resolve()
     for src in data.mixture:
@@ -123,12 +136,14 @@ def sources_to_prepare(data: DataConfig) -> DataConfig:
 
 def component_config(data: DataConfig, index: int, tokenizer: Path | None) -> DataConfig:
     """The single-source config of data.mixture[index], with the mixture's tokenizer: preparing it alone
-    (`pipeline prepare data.source=... data.tokenizer.model_path=...`) writes the same shards."""
+    (`pipeline prepare data.source=... data.tokenizer.model_path=...`) writes the same shards. With
+    data.tokenizer.hf, every source keeps it."""
     src = data.mixture[index]
     return dataclasses.replace(
         data, name=f"{data.name}.{src.name}", source=src.source, path=src.path, text_field=src.text_field,
         doc_split=src.doc_split, hf_config=src.hf_config, hf_revision=src.hf_revision, hf_split=src.hf_split,
-        mixture=[], tokenizer=dataclasses.replace(data.tokenizer, model_path=str(tokenizer) if tokenizer else None),
+        mixture=[], tokenizer=data.tokenizer if data.tokenizer.hf else dataclasses.replace(
+            data.tokenizer, model_path=str(tokenizer) if tokenizer else None),
     )
 
 

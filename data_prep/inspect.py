@@ -10,7 +10,8 @@ import numpy as np
 
 from data_prep.blend import component_dirs, is_blend, load_blend
 from data_prep.shards import ShardError, WindowDataset, load_manifest, verify_dataset
-from data_prep.tokenizer import TokenizerError, load_tokenizer
+from data_prep.text_tokenizer import data_tokenizer
+from data_prep.tokenizer import TokenizerError
 
 # Windows read for the token histogram: enough for a stable picture, cheap on any data set.
 _HISTOGRAM_WINDOWS = 2000
@@ -30,7 +31,7 @@ def describe(dataset_dir: Path, n_windows: int = 2, top: int = 15) -> str:
     if is_blend(dataset_dir):
         return describe_blend(dataset_dir)
     manifest = load_manifest(dataset_dir)
-    sp = load_tokenizer(manifest.tokenizer_path)
+    tokenizer = data_tokenizer(manifest)
     lines = [
         f"data set {dataset_dir}",
         f"  format v{manifest.format_version}, vocabulary {manifest.vocab_size} ({manifest.dtype}), "
@@ -56,12 +57,12 @@ def describe(dataset_dir: Path, n_windows: int = 2, top: int = 15) -> str:
     lines.append(f"  token histogram (first {len(sample)} train windows): {used} of {manifest.vocab_size} ids used; "
                  f"most frequent:")
     for token in np.argsort(counts, kind="stable")[::-1][:top]:
-        piece = sp.id_to_piece(int(token))
-        lines.append(f"    {int(token):>6} {piece!r:<18} {sp.decode([int(token)])!r:<16} "
+        piece = tokenizer.piece(int(token))
+        lines.append(f"    {int(token):>6} {piece!r:<18} {tokenizer.decode([int(token)])!r:<16} "
                      f"{counts[token] / max(counts.sum(), 1):7.2%}")
     for i in range(min(n_windows, len(train))):
         lines.append(f"  --- train window {i} ---")
-        lines.append("  " + sp.decode(train.windows(np.array([i]))[0].tolist()).replace("\n", "\n  "))
+        lines.append("  " + tokenizer.decode(train.windows(np.array([i]))[0].tolist()).replace("\n", "\n  "))
     return "\n".join(lines)
 
 

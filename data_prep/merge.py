@@ -22,12 +22,12 @@ from data_prep.partitions import Partition
 from data_prep.shards import (
     FORMAT_VERSION,
     SPLITS,
-    TOKENIZER_FILE,
     Manifest,
     ShardInfo,
     dtype_for_vocab,
     sha256_file,
 )
+from data_prep.text_tokenizer import TextTokenizer
 from pipeline.config import DataConfig
 
 log = logging.getLogger("data_prep.prepare")  # the stage's one log, whichever module writes the line
@@ -35,7 +35,7 @@ log = logging.getLogger("data_prep.prepare")  # the stage's one log, whichever m
 TOKEN_COUNTS = "train_token_counts.npy"
 
 
-def merge_manifest(data: DataConfig, sp, directory: Path, partitions: list[Partition], corpus_fingerprint: str,
+def merge_manifest(data: DataConfig, tokenizer: TextTokenizer, directory: Path, partitions: list[Partition], corpus_fingerprint: str,
            outside_links: dict[str, str]) -> Manifest:
     """The manifest from the partition records, in partition order, one record in memory at a time; what reading
     met (the records' DecodeReports, and the links that planning skipped) logged and recorded in its stats."""
@@ -74,7 +74,7 @@ def merge_manifest(data: DataConfig, sp, directory: Path, partitions: list[Parti
                           + "): point data.path at files with text in them")
     _check_splits(data, shards, totals)
     doc_starts = _merge_doc_starts(directory, starts_parts) if data.keep_doc_boundaries else {}
-    save_npy(directory / TOKEN_COUNTS, counts if counts is not None else np.zeros(sp.get_piece_size(), np.int64))
+    save_npy(directory / TOKEN_COUNTS, counts if counts is not None else np.zeros(tokenizer.vocab_size, np.int64))
     window = data.context_length + 1
     stats = {**totals, "windows": {s: sum(x.n_windows for x in shards[s]) for s in SPLITS}, **_input_stats(report),
              "partitions": len(partitions), "empty_partitions": empty}
@@ -87,10 +87,12 @@ def merge_manifest(data: DataConfig, sp, directory: Path, partitions: list[Parti
             "documents_read": s["documents_read"], "documents": s["documents"], "tokens": s["tokens"],
             "token_share": round(sum(s["tokens"].values()) / total_tokens, 6),
         })
+    specials = tokenizer.specials
     return Manifest(
-        format_version=FORMAT_VERSION, vocab_size=sp.get_piece_size(), dtype=dtype_for_vocab(sp.get_piece_size()).str,
-        window_length=window, tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(directory / TOKENIZER_FILE),
-        bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id(), unk_id=sp.unk_id(),
+        format_version=FORMAT_VERSION, vocab_size=tokenizer.vocab_size, dtype=dtype_for_vocab(tokenizer.vocab_size).str,
+        window_length=window, tokenizer_file=tokenizer.file_name,
+        tokenizer_sha256=sha256_file(directory / tokenizer.file_name), bos_id=specials.bos_id, eos_id=specials.eos_id,
+        pad_id=specials.pad_id, unk_id=specials.unk_id, document_prefix=list(specials.prefix),
         splits=shards, stats=stats, config=config_record(data), doc_starts=doc_starts,
         token_counts={"file": TOKEN_COUNTS, "split": "train", "sha256": sha256_file(directory / TOKEN_COUNTS)},
         source={"kind": data.source, "path": data.path, "files": report.files,

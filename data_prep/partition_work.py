@@ -42,6 +42,7 @@ from data_prep.packing import WindowPacker, join_with_eos
 from data_prep.partitions import Partition, source_field
 from data_prep.shards import SPLITS, ShardInfo, ShardWriter, finished_dir
 from data_prep.sources import piece_documents
+from data_prep.text_tokenizer import Specials, TextTokenizer
 from pipeline.config import DataConfig, PipelineError, SourceConfig
 from pipeline.files import write_atomic
 
@@ -87,10 +88,11 @@ class PrepareContext(ReadContext):
     shards go. Built once the driver has the tokenizer (data_prep.build)."""
 
     directory: str
-    tokenizer_proto: bytes
+    tokenizer_file: str  # the tokenizer's file name in a data set and its bytes (data_prep.text_tokenizer)
+    tokenizer_bytes: bytes
+    specials: Specials
     dtype: str
     vocab_size: int
-    eos_id: int
     cut_documents: bool
     driver_mark: str = ""  # a file the driver keeps in `directory` while partitions run (see the module docstring)
     # cluster.storage_uri, for workers that do not see `directory`: they push their partitions to the store
@@ -176,7 +178,7 @@ class SplitStream:
 
     def __init__(self, ctx: PrepareContext, split: str, index: int):
         window = ctx.data.context_length + 1
-        self.packer = WindowPacker(window, ctx.eos_id, np.dtype(ctx.dtype))
+        self.packer = WindowPacker(window, ctx.specials.eos_id, np.dtype(ctx.dtype))
         self.writer = ShardWriter(Path(ctx.directory), split, window, np.dtype(ctx.dtype),
                                   max(1, ctx.data.shard_tokens // window), prefix=shard_prefix(split, index))
         self.documents = self.tokens = 0
@@ -197,20 +199,26 @@ class SplitStream:
         return starts[starts < self.tokens - self.packer.dropped_tokens]
 
 
-def encode_block(sp, docs: list[str], cut: bool, dtype: np.dtype, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(stream, per-document lengths with EOS) of a block of documents; long ones encoded in pieces."""
-    return encode_split_block(sp, docs, np.zeros(len(docs), dtype=bool), cut, dtype, eos_id)["train"]
+def encode_block(tokenizer: TextTokenizer, docs: list[str], cut: bool, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(stream, per-document lengths with prefix and EOS) of a block of documents; long ones encoded in pieces."""
+    return encode_split_block(tokenizer, docs, np.zeros(len(docs), dtype=bool), cut, dtype)["train"]
 
 
-def encode_split_block(sp, docs: list[str], is_val: np.ndarray, cut: bool, dtype: np.dtype,
-                       eos_id: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per split, (stream, per-document lengths with EOS) of the block's documents of that split, in order. One
-    SentencePiece call for the whole block (it spreads a batch over its threads; a small validation batch
+def encode_split_block(tokenizer: TextTokenizer, docs: list[str], is_val: np.ndarray, cut: bool,
+                       dtype: np.dtype) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per split, (stream, per-document lengths with prefix and EOS) of the block's documents of that split, in
+    order. One tokenizer call for the whole block (it spreads a batch over its threads; a small validation batch
     alone would leave them idle), returning int32 arrays: no Python int per token, and the stream is filled by
     array copies (benchmarks/data_prep_memory.py: the whole prepare went from 0.81-0.95 of raw encode at 0.5 GiB
-    to 0.92 with it, against raw encode returning arrays too)."""
+    to 0.92 with it, against raw encode returning arrays too). A document's prefix (tokenizer.specials: a BOS
+    where the checkpoint's convention adds one) goes before its first piece."""
     segments = make_segments(docs, cut)
-    ids = sp.encode(segments.texts, return_type="numpy")
+    ids = tokenizer.encode_batch(segments.texts)
+    eos_id, prefix = tokenizer.specials.eos_id, np.asarray(tokenizer.specials.prefix, dtype=np.int32)
+    if len(prefix):
+        first = np.ones(len(segments), dtype=bool)
+        first[1:] = segments.document[1:] != segments.document[:-1]
+        ids = [np.concatenate([prefix, piece]) if starts else piece for piece, starts in zip(ids, first, strict=True)]
     out = {}
     for split, mine in (("train", ~is_val), ("validation", is_val)):
         keep = mine[segments.document]
@@ -237,7 +245,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def process_partition(part: Partition, ctx: PrepareContext, sp) -> PartitionRecord:
+def process_partition(part: Partition, ctx: PrepareContext, tokenizer: TextTokenizer) -> PartitionRecord:
     """Tokenize, pack and write one partition (see the module docstring); returns its record, written last."""
     directory = Path(ctx.directory)
     sees_driver = sees_driver_directory(ctx)
@@ -247,8 +255,7 @@ def process_partition(part: Partition, ctx: PrepareContext, sp) -> PartitionReco
     dtype = np.dtype(ctx.dtype)
     for block in blocks_of(partition_documents(part, ctx, report, counter), ctx.data.block_bytes):
         flags = np.array([is_validation(doc, ctx.data.val_fraction) for doc in block], dtype=bool)
-        for split, (stream, lengths) in encode_split_block(sp, block, flags, ctx.cut_documents, dtype,
-                                                           ctx.eos_id).items():
+        for split, (stream, lengths) in encode_split_block(tokenizer, block, flags, ctx.cut_documents, dtype).items():
             if len(lengths):
                 streams[split].add(stream, lengths)
     record = PartitionRecord(

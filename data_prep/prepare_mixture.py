@@ -53,7 +53,8 @@ def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None, mirror: 
         log.info("blend %s is already prepared: skipping", out)
         return out
     tokenizer = shared_tokenizer(data)
-    if not tokenizer.is_file() and not data.tokenizer.model_path and not any(src.dataset for src in data.mixture):
+    if (not tokenizer.is_file() and not data.tokenizer.model_path and not data.tokenizer.hf
+            and not any(src.dataset for src in data.mixture)):
         _prepare_tokenizer(sources_to_prepare(data), tokenizer.parent)
     parts = []
     for i, (name, path, weight) in enumerate(blend_parts(data)):

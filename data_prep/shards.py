@@ -119,6 +119,9 @@ class Manifest:
     # {"file", "split", "sha256"} of an int64 .npy: how often each token id occurs in that split (the unigram
     # baseline of evaluation), counted by prepare.
     token_counts: dict = field(default_factory=dict)
+    # The ids every document starts with (a BOS where a Hugging Face tokenizer's convention adds one; none for a
+    # tokenizer prepare trained): data_prep.text_tokenizer.Specials.
+    document_prefix: list[int] = field(default_factory=list)
     root: Path | None = None
 
     @property
@@ -177,6 +180,10 @@ def check_manifest(manifest: Manifest, path: Path) -> None:
         value = getattr(manifest, name)
         if not isinstance(value, int) or not -1 <= value < vocab:
             raise ShardError(f"{path} declares {name}={value!r}, outside the vocabulary of {vocab} tokens: {fix}")
+    prefix = manifest.document_prefix
+    if not (isinstance(prefix, list) and len(prefix) <= 16
+            and all(_is_count(i) and i < vocab for i in prefix)):
+        raise ShardError(f"{path} declares document_prefix={prefix!r}, not a few ids of its vocabulary: {fix}")
     names = [manifest.tokenizer_file]
     for split, shards in manifest.splits.items():
         for info in shards:
@@ -187,6 +194,9 @@ def check_manifest(manifest: Manifest, path: Path) -> None:
     names += [entry.get("file") for entry in [*manifest.doc_starts.values(), manifest.token_counts] if entry]
     for name in names:
         dataset_file(path.parent, name)
+    if manifest.tokenizer_file not in ("tokenizer.model", "tokenizer.json"):
+        raise ShardError(f"{path} names the tokenizer {manifest.tokenizer_file!r}, not tokenizer.model or "
+                         f"tokenizer.json: {fix}")
 
 
 def dataset_file(dataset_dir: Path, name: str) -> Path:

@@ -153,13 +153,13 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
     return sp
 
 
-def round_trip_failures(sp: spm.SentencePieceProcessor, texts: Iterable[str]) -> list[str]:
-    """The texts that decode(encode(text)) does not give back exactly."""
-    texts = list(texts)
-    return [t for t, ids in zip(texts, sp.encode(texts), strict=True) if sp.decode(ids) != t]
+def round_trip_failures(sp, texts: Iterable[str]) -> list[str]:
+    """The texts that decode(encode(text)) does not give back exactly (sp: a SentencePieceProcessor or a
+    data_prep.text_tokenizer.TextTokenizer)."""
+    return [t for t in texts if sp.decode(sp.encode(t)) != t]
 
 
-def check_round_trip(sp: spm.SentencePieceProcessor, texts: list[str], source: str) -> None:
+def check_round_trip(sp, texts: list[str], source: str) -> None:
     """Warn when the tokenizer changes text (e.g. a loaded model that normalises, or no byte fallback)."""
     bad = round_trip_failures(sp, texts)
     if not bad:

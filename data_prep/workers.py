@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -38,14 +39,17 @@ class PartitionWorker:
     call."""
 
     def __init__(self, ctx: ReadContext, partitions: list[Partition]):
-        self.ctx, self.partitions, self.sp = ctx, {p.index: p for p in partitions}, None
+        self.ctx, self.partitions, self.tokenizer = ctx, {p.index: p for p in partitions}, None
         if isinstance(ctx, PrepareContext):
-            import sentencepiece as spm
+            from data_prep.text_tokenizer import tokenizer_from_bytes
 
-            self.sp = spm.SentencePieceProcessor(model_proto=ctx.tokenizer_proto)
+            # One CPU per actor: a `tokenizers` batch encodes on this thread, not on a pool as wide as the machine.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+            self.tokenizer = tokenizer_from_bytes(ctx.tokenizer_file, ctx.tokenizer_bytes, ctx.specials)
 
     def process(self, index: int) -> dict:
-        return asdict(process_partition(self.partitions[index], self.ctx, self.sp))
+        return asdict(process_partition(self.partitions[index], self.ctx, self.tokenizer))
 
     def sample(self, index: int, k: int) -> list[tuple[int, str]]:
         return sample_sentences(self.partitions[index], self.ctx, k)

@@ -274,7 +274,7 @@ def check_job_paths(cfg) -> None:
     """Input paths are read on the cluster, whose working directory is not this one: they must be absolute
     (hub names of hf_hub sources are not paths)."""
     data = cfg.data
-    paths = [("data.tokenizer.model_path", data.tokenizer.model_path)]
+    paths = [("data.tokenizer.model_path", data.tokenizer.model_path), ("data.tokenizer.hf", data.tokenizer.hf)]
     if data.source == "mixture":
         paths += [(f"data.mixture.{i}.path", src.path) for i, src in enumerate(data.mixture) if src.source != "hf_hub"]
     elif data.source != "hf_hub":

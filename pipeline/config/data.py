@@ -68,10 +68,14 @@ class TokenizeEngine(Choice):
 
 @dataclass
 class TokenizerConfig:
-    """SentencePiece tokenizer trained on the corpus, or an existing model."""
+    """SentencePiece tokenizer trained on the corpus, an existing model, or a Hugging Face checkpoint's own."""
 
     # Path of an existing SentencePiece .model to use instead of training one.
     model_path: str | None = None
+    # A local Hugging Face model or tokenizer directory whose own tokenizer (tokenizer.json, else its SentencePiece
+    # tokenizer.model) tokenizes the corpus, with its BOS/EOS conventions (data_prep.hf_tokenizer): what continued
+    # pretraining of model.init_from needs. The fields below are then unused.
+    hf: str | None = None
     # bpe | unigram
     type: TokenizerType = TokenizerType.bpe
     vocab_size: int = 4096
@@ -237,7 +241,14 @@ def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
     tok = data.tokenizer
     for key in ("vocab_size", "sample_sentences", "sample_bytes"):
         positive(f"data.tokenizer.{key}", getattr(tok, key))
-    if tok.model_path is not None:
+    if tok.model_path is not None and tok.hf is not None:
+        raise ConfigError(f"data.tokenizer.model_path={tok.model_path} and data.tokenizer.hf={tok.hf} both name a "
+                          f"tokenizer: keep one (hf for a Hugging Face checkpoint's directory).")
+    if tok.hf is not None:
+        if not Path(tok.hf).expanduser().is_dir():
+            raise ConfigError(f"data.tokenizer.hf={tok.hf} is not a directory: give a local Hugging Face model or "
+                              f"tokenizer directory (with its tokenizer.json).")
+    elif tok.model_path is not None:
         _check_path_exists("data.tokenizer.model_path", tok.model_path)
     else:
         if tok.vocab_size > 4_294_967_295:

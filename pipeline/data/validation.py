@@ -54,16 +54,6 @@ class LossTotals:
         return self.nats / math.log(2) / max(1, self.bytes)
 
 
-def token_byte_lengths(sp) -> np.ndarray:
-    """UTF-8 bytes each token stands for (byte-fallback pieces are one byte; control tokens none)."""
-    lengths = np.zeros(sp.get_piece_size(), dtype=np.int64)
-    for i in range(sp.get_piece_size()):
-        if sp.is_control(i) or sp.is_unknown(i):
-            continue
-        lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
-    return lengths
-
-
 def validation_windows(n_windows: int, window_length: int, max_tokens: int | None) -> int:
     """How many validation windows the budget covers (all of them when max_tokens is None)."""
     if max_tokens is None:

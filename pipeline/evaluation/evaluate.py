@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from data_prep.blend import component_splits, load_data_info, open_split
-from data_prep.tokenizer import load_tokenizer
+from data_prep.text_tokenizer import TextTokenizer, data_tokenizer
 from pipeline.checkpoint.consolidate import consolidated_state_dict
 from pipeline.checkpoint.layout import (
     CheckpointError,
@@ -36,7 +36,6 @@ from pipeline.config import EvalConfig, PipelineConfig, run_dir_for
 from pipeline.data.validation import (
     LossTotals,
     sharded_validation_totals,
-    token_byte_lengths,
     train_token_counts,
     unigram_totals,
 )
@@ -96,15 +95,17 @@ def on_evaluation_worker(cfg: PipelineConfig, fn, *args):
     return ray.get(ray.remote(fn).options(**options).remote(*args))
 
 
-def sample_texts(model, sp, prompt: str, ev: EvalConfig, eos_id: int, n_samples: int) -> list[str]:
+def sample_texts(model, tokenizer: TextTokenizer, prompt: str, ev: EvalConfig, eos_id: int,
+                 n_samples: int) -> list[str]:
     """n_samples continuations of prompt (prompt included), with the eval.* sampling settings, sampled together
-    in one batch (generate_batch) seeded with eval.seed."""
+    in one batch (generate_batch) seeded with eval.seed. The prompt starts as every training document did (a
+    BOS where the tokenizer's convention adds one)."""
     if n_samples < 1:
         return []
-    prompt_ids = sp.encode(prompt)
+    prompt_ids = [*tokenizer.specials.prefix, *tokenizer.encode(prompt)]
     (samples,) = generate_batch(model, [prompt_ids], ev.max_new_tokens, num_samples=n_samples,
                                 temperature=ev.temperature, top_k=ev.top_k, top_p=ev.top_p, eos_id=eos_id, seed=ev.seed)
-    return [sp.decode(prompt_ids + new) for new in samples]
+    return [tokenizer.decode(prompt_ids + new) for new in samples]
 
 
 def pull_to_this_node(cfg: PipelineConfig, data_dir: Path, tag_dir: Path) -> None:
@@ -126,7 +127,7 @@ def _generate(cfg: PipelineConfig, data_dir: Path, tag_dir: Path, prompt: str) -
     manifest = load_data_info(data_dir)
     model = load_trained_model(model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id), tag_dir,
                                evaluation_device())
-    return sample_texts(model, load_tokenizer(manifest.tokenizer_path), prompt, cfg.eval, manifest.eos_id,
+    return sample_texts(model, data_tokenizer(manifest), prompt, cfg.eval, manifest.eos_id,
                         max(1, cfg.eval.num_samples))
 
 
@@ -166,7 +167,7 @@ def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
     vocab = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id).vocab_size
     val = open_split(data_dir, VALIDATION_SPLIT)
     unigram = unigram_totals(train_token_counts(data_dir, vocab), val, cfg.eval.max_tokens,
-                             padded_byte_lengths(load_tokenizer(manifest.tokenizer_path), vocab))
+                             padded_byte_lengths(data_tokenizer(manifest), vocab))
     tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_dir_for(cfg), cfg.run_name)
     results = []
     try:
@@ -192,9 +193,9 @@ def evaluate(cfg: PipelineConfig, data_dir: Path) -> dict[str, float]:
     return results[-1]
 
 
-def padded_byte_lengths(sp, vocab_size: int) -> np.ndarray:
+def padded_byte_lengths(tokenizer: TextTokenizer, vocab_size: int) -> np.ndarray:
     """UTF-8 bytes per token id, zero for ids past the tokenizer's (a padded vocabulary)."""
-    byte_lengths = token_byte_lengths(sp)
+    byte_lengths = tokenizer.byte_lengths()
     if len(byte_lengths) < vocab_size:
         byte_lengths = np.pad(byte_lengths, (0, vocab_size - len(byte_lengths)))
     return byte_lengths
@@ -206,11 +207,11 @@ def score_checkpoint(cfg: PipelineConfig, data_dir: Path, tag_dir: Path) -> dict
     pull_to_this_node(cfg, data_dir, tag_dir)
     step = int(read_marker(tag_dir)["step"])
     manifest = load_data_info(data_dir)
-    sp = load_tokenizer(manifest.tokenizer_path)
+    tokenizer = data_tokenizer(manifest)
     model_cfg = model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id)
     device = evaluation_device()
     model = load_trained_model(model_cfg, tag_dir, device)
-    byte_lengths = padded_byte_lengths(sp, model_cfg.vocab_size)
+    byte_lengths = padded_byte_lengths(tokenizer, model_cfg.vocab_size)
     totals = validation_totals(model, open_split(data_dir, VALIDATION_SPLIT), cfg.eval.batch_size,
                                cfg.eval.max_tokens, byte_lengths)
     metrics = {"val_loss": totals.mean_loss, "val_perplexity": totals.perplexity,
@@ -220,7 +221,7 @@ def score_checkpoint(cfg: PipelineConfig, data_dir: Path, tag_dir: Path) -> dict
             part_totals = validation_totals(model, part, cfg.eval.batch_size, cfg.eval.max_tokens, byte_lengths)
             metrics[f"val_loss.{name}"] = part_totals.mean_loss
             metrics[f"val_bits_per_byte.{name}"] = part_totals.bits_per_byte
-    samples = sample_texts(model, sp, cfg.eval.prompt, cfg.eval, manifest.eos_id, cfg.eval.num_samples)
+    samples = sample_texts(model, tokenizer, cfg.eval.prompt, cfg.eval, manifest.eos_id, cfg.eval.num_samples)
     text = "\n\n".join(f"--- sample {i} (step {step}) ---\n{s}" for i, s in enumerate(samples))
     downstream = None
     if cfg.eval.tasks:

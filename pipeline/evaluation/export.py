@@ -21,6 +21,8 @@ transformers' own converter, which follows the model's settings (normalizer, whi
 fallback, user-defined pieces such as "\n"): a BPE model encodes to exactly the pipeline's ids and decodes to
 exactly SentencePiece's text (bytes and leading spaces included); a unigram model can differ where two
 segmentations score the same. The SentencePiece model itself is kept beside it as tokenizer.model.
+A data set tokenized with a checkpoint's own tokenizer (data.tokenizer.hf) exports that tokenizer.json as it was,
+with the data set's special tokens.
 """
 
 from __future__ import annotations
@@ -265,6 +267,26 @@ def hf_tokenizer(sp_model: Path):
                                    pad_token="<pad>", clean_up_tokenization_spaces=False)
 
 
+def export_tokenizer(info, out_dir: Path) -> None:
+    """The data set's tokenizer as transformers writes one: a SentencePiece model converted (and kept beside it as
+    tokenizer.model), a checkpoint's tokenizer.json as it was, with the data set's special tokens."""
+    from data_prep.text_tokenizer import HF_TOKENIZER_FILE
+
+    if info.tokenizer_file != HF_TOKENIZER_FILE:
+        hf_tokenizer(info.tokenizer_path).save_pretrained(out_dir)
+        shutil.copy2(info.tokenizer_path, out_dir / "tokenizer.model")
+        return
+    from transformers import PreTrainedTokenizerFast
+
+    from data_prep.text_tokenizer import data_tokenizer
+
+    tokenizer = data_tokenizer(info)
+    names = {f"{key}_token": tokenizer.piece(token) for key, token in (
+        ("bos", info.bos_id), ("eos", info.eos_id), ("pad", info.pad_id), ("unk", info.unk_id)) if token >= 0}
+    PreTrainedTokenizerFast(tokenizer_file=str(info.tokenizer_path), clean_up_tokenization_spaces=False,
+                            **names).save_pretrained(out_dir)
+
+
 def export(cfg: PipelineConfig, data_dir: Path, out_dir: Path | None = None, tag_dir: Path | None = None) -> Path:
     """The run's latest checkpoint (or tag_dir) as a Hugging Face directory (default <run>/hf/<tag>)."""
     try:
@@ -289,8 +311,7 @@ def export(cfg: PipelineConfig, data_dir: Path, out_dir: Path | None = None, tag
     hf_cfg.save_pretrained(out_dir)
     # Tied: transformers reads the unembedding from the embedding.
     files = write_weights(out_dir, weights, dtype, max_shard, {"lm_head.weight"} if hf_cfg.tie_word_embeddings else set())
-    hf_tokenizer(manifest.tokenizer_path).save_pretrained(out_dir)
-    shutil.copy2(manifest.tokenizer_path, out_dir / "tokenizer.model")
+    export_tokenizer(manifest, out_dir)
     log.info("exported step %d of %s as %s (%s, %d file%s) to %s", read_marker(tag_dir)["step"], cfg.run_name,
              model_class.__name__, cfg.eval.export_dtype, len(files), "s" * (len(files) > 1), out_dir)
     return out_dir

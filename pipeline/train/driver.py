@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -93,6 +94,23 @@ def check_data(cfg: PipelineConfig, data_dir: Path):
     return manifest
 
 
+def warn_other_tokenizer(init_from: str, manifest) -> None:
+    """A warning when the data set was not tokenized with model.init_from's own tokenizer: its ids would mean other
+    tokens than the ones the checkpoint learned."""
+    from data_prep.hf_tokenizer import HFTokenizerSource
+    from data_prep.tokenizer import TokenizerError
+
+    try:
+        same = hashlib.sha256(HFTokenizerSource(init_from).data).hexdigest() == manifest.tokenizer_sha256
+    except (TokenizerError, ConfigError, OSError) as err:
+        log.warning("model.init_from=%s: its tokenizer cannot be compared with the data set's (%s)", init_from, err)
+        return
+    if not same:
+        log.warning("model.init_from=%s: the data set was tokenized with another tokenizer (its %s) than the "
+                    "checkpoint's: its ids mean other tokens than the ones the checkpoint learned; prepare the data "
+                    "with data.tokenizer.hf=%s", init_from, manifest.tokenizer_file, init_from)
+
+
 def resolve_run(cfg: PipelineConfig, data_dir: Path) -> RunSpec:
     """The validated config and the prepared data set turned into the complete, frozen spec of the run every launcher runs
     (the Ray driver, `pipeline.launch`): the model at the data set's vocabulary, its layout (`resolve_layout`,
@@ -102,10 +120,7 @@ def resolve_run(cfg: PipelineConfig, data_dir: Path) -> RunSpec:
     layout = resolve_layout(cfg, model_for_data(cfg.model, manifest.vocab_size, manifest.eos_id))
     model = layout.model
     if model.init_from is not None:
-        log.warning("model.init_from=%s: the data set was tokenized with prepare's tokenizer (%s), not the "
-                    "checkpoint's: its ids mean other tokens than the ones the checkpoint learned (tokenizing with the "
-                    "checkpoint's own tokenizer, data.tokenizer.hf, is not built yet)", model.init_from,
-                    manifest.tokenizer_file)
+        warn_other_tokenizer(model.init_from, manifest)
     if cfg.train.optimizer == "muon" and cfg.train.grad_clip:
         log.warning("train.grad_clip=%g is not applied with train.optimizer=muon (see TrainConfig.muon_lr)",
                     cfg.train.grad_clip)

@@ -26,7 +26,6 @@ from pipeline.checkpoint.store_sync import pull_checkpoint, pull_latest_checkpoi
 from pipeline.cluster.storage import Mirror
 from pipeline.config import replica_size
 from pipeline.data.loader import RankBatches
-from pipeline.data.validation import token_byte_lengths
 from pipeline.model.gpt import GPT
 from pipeline.model.hf_import import load_imported_weights
 from pipeline.model.sequence_parallel import sequence_shard
@@ -156,9 +155,9 @@ def build_engine(spec: RunSpec, ds_config: dict, resuming: bool = False):
 
 def byte_lengths_of(spec: RunSpec) -> np.ndarray:
     """UTF-8 bytes per token id of the data set's tokenizer, padded to the model's vocabulary."""
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.text_tokenizer import data_tokenizer
 
-    lengths = token_byte_lengths(load_tokenizer(load_data_info(Path(spec.data_dir)).tokenizer_path))
+    lengths = data_tokenizer(load_data_info(Path(spec.data_dir))).byte_lengths()
     return np.pad(lengths, (0, max(0, spec.model.vocab_size - len(lengths))))
 
 

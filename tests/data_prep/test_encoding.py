@@ -12,6 +12,7 @@ import sentencepiece as spm
 import data_prep.encoding as encoding_module
 from data_prep.encoding import can_cut_documents, cut_points, make_segments
 from data_prep.partition_work import blocks_of, encode_block
+from data_prep.text_tokenizer import SentencePieceTokenizer, Specials
 from data_prep.tokenizer import load_tokenizer, train_tokenizer, training_sentences
 from pipeline.config import TokenizerConfig
 
@@ -62,8 +63,9 @@ def test_a_block_is_its_documents_joined_by_eos_long_ones_encoded_in_pieces(bpe_
     monkeypatch.setattr(encoding_module, "_SEGMENT_CHARS", 5000)
     text = long_text(300_000, seed=1)
     docs = ["short one", text, "another"]
+    tokenizer = SentencePieceTokenizer(bpe_path.read_bytes())
     with caplog.at_level("INFO", logger="data_prep.encoding"):
-        stream, lengths = encode_block(sp, docs, True, np.dtype("<u2"), sp.eos_id())
+        stream, lengths = encode_block(tokenizer, docs, True, np.dtype("<u2"))
     assert "1 documents longer than 5000 characters are encoded in" in caplog.text
     # One EOS per document, after its last piece only.
     eos = sp.eos_id()
@@ -72,8 +74,13 @@ def test_a_block_is_its_documents_joined_by_eos_long_ones_encoded_in_pieces(bpe_
     assert stream.tolist() == [t for ids in expected for t in ids]
     assert lengths.tolist() == [len(ids) for ids in expected]
     # Not cut (as for a model with a dummy prefix): each document encoded whole, the same tokens here.
-    whole, whole_lengths = encode_block(sp, docs, False, np.dtype("<u2"), eos)
+    whole, whole_lengths = encode_block(tokenizer, docs, False, np.dtype("<u2"))
     assert whole.tolist() == stream.tolist() and whole_lengths.tolist() == lengths.tolist()
+    # A convention that starts each document with BOS: before its first piece only, counted in its length.
+    bos_first = SentencePieceTokenizer(bpe_path.read_bytes(), Specials(sp.bos_id(), eos, prefix=(sp.bos_id(),)))
+    stream, lengths = encode_block(bos_first, docs, True, np.dtype("<u2"))
+    assert stream.tolist() == [t for ids in expected for t in [sp.bos_id(), *ids]]
+    assert lengths.tolist() == [len(ids) + 1 for ids in expected]
 
 
 def test_models_with_a_dummy_prefix_are_never_cut(corpus, tmp_path):

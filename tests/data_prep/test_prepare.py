@@ -37,6 +37,7 @@ from data_prep.partition_work import (
 from data_prep.partitions import Partition, Piece, partition_inputs
 from data_prep.prepare import DataPrepError, dataset_dir, is_complete, prepare
 from data_prep.shards import SPLITS, WindowDataset, incomplete_reason, load_manifest, sha256_file
+from data_prep.text_tokenizer import data_tokenizer
 from data_prep.tokenizer import TokenizerError, load_tokenizer
 from pipeline.config import DataConfig, TokenizerConfig
 from pipeline.files import directory_lock
@@ -634,20 +635,19 @@ def test_partitions_from_a_node_that_does_not_see_the_directory_travel_through_t
     from pipeline.cluster.storage import Mirror, StorageError
 
     cfg, out = partitioned
-    sp = load_tokenizer(out / "tokenizer.model")
+    tokenizer = data_tokenizer(load_manifest(out))
     sources = source_configs(cfg)
     # The same partial directory on two nodes that share no disk: node b's workers push, the driver pulls.
     node_b, driver = (tmp_path / node / "data" / f"{out.name}.partial" for node in ("node_b", "driver"))
     mirror = Mirror(f"file://{tmp_path / 'store'}", data_root=driver.parent)
     store = mirror.store
-    ctx = PrepareContext(cfg, sources, ["data"] * len(sources), str(node_b), sp.serialized_model_proto(),
-                         load_manifest(out).dtype, sp.get_piece_size(), sp.eos_id(),
-                         can_cut_documents(sp.serialized_model_proto()), driver_mark=".driver-test",
-                         store_uri=store.uri)
+    ctx = PrepareContext(cfg, sources, ["data"] * len(sources), str(node_b), tokenizer.file_name, tokenizer.data,
+                         tokenizer.specials, load_manifest(out).dtype, tokenizer.vocab_size, tokenizer.cut_documents,
+                         driver_mark=".driver-test", store_uri=store.uri)
     plan = partition_inputs(cfg)
     assert len(plan) > 2
     for part in plan:
-        partition_work.process_partition(part, ctx, sp)
+        partition_work.process_partition(part, ctx, tokenizer)
     assert not [p for p in node_b.rglob("*") if p.is_file()], "the node kept files nobody will read"
     assert sorted(store.files(f"data/{out.name}")) == sorted(p.name for p in out.glob("*-p*.bin"))
     staged = store.files(f"data/{out.name}.partial")

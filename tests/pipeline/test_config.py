@@ -56,6 +56,8 @@ def test_every_shipped_config_composes(group, option):
     overrides = [f"{group}={option}"]
     if group == "data" and option != "shakespeare":
         overrides.append(f"data.path={REPO / 'README.md'}")
+    if (group, option) == ("data", "continued"):  # the recipe's new corpus is the user's to give
+        overrides.append(f"data.mixture.0.path={REPO / 'README.md'}")
     cfg = compose_config(overrides)
     if group == "model":
         from pipeline.config import validate_model
@@ -229,7 +231,8 @@ OPTION_KEYS = {
     # A cluster option is where Ray runs: every field of it.
     "cluster": {"name", "address", "num_cpus", "placement_strategy", "workers_per_node", "connect_timeout_s",
                 "runtime_env_working_dir", "shared_storage", "storage_uri"},
-    "train": {"eval_interval_steps"},  # see SHIPPED_CHOICES
+    # A train option is a recipe: its schedule (train=continued re-warms and decays); see SHIPPED_CHOICES.
+    "train": {"eval_interval_steps", "lr", "schedule", "decay_fraction", "min_lr_ratio", "warmup_steps"},
     "eval": set(),
     "tracking": set(),
     # A sweep (@package _global_) pins what its runs need, so that its results do not move with the defaults.

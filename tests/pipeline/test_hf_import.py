@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,29 +234,39 @@ def test_the_command_line_takes_the_checkpoints_shape_and_refuses_an_override_th
 
 @pytest.mark.distributed
 def test_continued_pretraining_from_a_checkpoint_through_the_pipeline_and_export_back(tmp_path):
-    """pipeline train model.init_from=<a GPT-2> at ZeRO-3 on the prepared Shakespeare data (its vocabulary within the
-    checkpoint's), then pipeline export: plain transformers loads the export and scores the first validation
-    window as the run's model does."""
+    """The continued-pretraining recipe (train=continued data=continued: a new corpus with 5% Shakespeare replayed,
+    tokenized with the checkpoint's own tokenizer) from a GPT-2 at ZeRO-3, then pipeline export: plain
+    transformers loads the export, with the same tokenizer, and the weights continued from the checkpoint's."""
     import subprocess
     import sys
 
     import transformers as tf
+    from hf_tokenizers import gpt2_style
 
     torch.manual_seed(0)
     tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=512, n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(
         tmp_path / "gpt2")
-    common = [f"model.init_from={tmp_path / 'gpt2'}", "model.context_length=64", "data.tokenizer.vocab_size=512",
+    gpt2_style(tmp_path / "gpt2", vocab_size=512)
+    new_corpus = Path(__file__).resolve().parents[2] / "README.md"
+    common = [f"model.init_from={tmp_path / 'gpt2'}", "model.context_length=64", "train=continued", "data=continued",
+              f"data.mixture.0.path={new_corpus}",
               f"output_dir={tmp_path / 'out'}", "train.max_steps=4", "train.warmup_steps=1", "train.micro_batch_size=4",
               "train.global_batch_tokens=512", "parallel.num_workers=2", "parallel.zero_stage=3",
               "parallel.precision=fp32", "train.log_interval_steps=1"]
     run = [sys.executable, "-m", "pipeline.cli"]
     train = subprocess.run([*run, "train", *common], capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert "another tokenizer" not in train.stdout + train.stderr
+    blend = json.loads(next((tmp_path / "out" / "data").glob("continued-*/blend.json")).read_text())
+    assert blend["tokenizer_file"] == "tokenizer.json" and [c["share"] for c in blend["components"]] == [0.95, 0.05]
     export = subprocess.run([*run, "export", *common, f"eval.export_dir={tmp_path / 'hf'}"], capture_output=True,
                             text=True, timeout=600, cwd=tmp_path)
     assert export.returncode == 0, export.stderr[-3000:]
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert isinstance(back, tf.GPT2LMHeadModel) and back.config.n_layer == 2 and back.config.n_embd == 32
+    text = "To be, or not to be, that is the question:\n"
+    exported, original = (tf.AutoTokenizer.from_pretrained(tmp_path / d) for d in ("hf", "gpt2"))
+    assert exported(text)["input_ids"] == original(text)["input_ids"] and exported.eos_token == "<|endoftext|>"
     trained = {k: v for k, v in back.state_dict().items() if k.endswith("c_attn.weight")}
     start = {k: v for k, v in tf.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").state_dict().items()
              if k.endswith("c_attn.weight")}

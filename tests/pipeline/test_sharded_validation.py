@@ -69,12 +69,13 @@ def one_process_validation(spec):
     from pathlib import Path
 
     from data_prep.blend import open_split
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.shards import load_manifest
+    from data_prep.text_tokenizer import data_tokenizer
     from pipeline.checkpoint.layout import checkpoint_root, latest_complete
-    from pipeline.evaluation.evaluate import load_trained_model, token_byte_lengths, validation_totals
+    from pipeline.evaluation.evaluate import load_trained_model, validation_totals
 
     model = load_trained_model(MODEL, latest_complete(checkpoint_root(Path(spec.run_dir))))
-    lengths = token_byte_lengths(load_tokenizer(Path(spec.data_dir) / "tokenizer.model"))
+    lengths = data_tokenizer(load_manifest(Path(spec.data_dir))).byte_lengths()
     return validation_totals(model, open_split(Path(spec.data_dir), "validation"), 16, None, lengths).mean_loss
 
 
