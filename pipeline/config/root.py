@@ -116,6 +116,10 @@ def validate_for_submit(cfg: PipelineConfig) -> None:
     validate_train(cfg.train, cfg.parallel, cfg.model)
     validate_deepspeed(cfg.parallel, cfg.train)
     validate_eval(cfg.eval)
+    if cfg.train.downstream_interval_steps and not cfg.eval.tasks:
+        raise ConfigError(f"train.downstream_interval_steps={cfg.train.downstream_interval_steps} but eval.tasks is "
+                          f"empty: name the lm-eval tasks to score, e.g. eval.tasks=[shakespeare_next_line] (and "
+                          f"eval.tasks_limit to bound them).")
 
 
 def fingerprint(obj: Any, length: int = 12) -> str:

@@ -68,6 +68,11 @@ class TrainConfig:
     # step (0: none during training; pipeline evaluate scores checkpoints). The shipped conf/train/default.yaml
     # sets 100; a TrainConfig built in code validates only when asked (validation reads the data set's tokenizer).
     eval_interval_steps: int = field(default=0, metadata=FREE)
+    # Downstream scores during training: the log-likelihood tasks of eval.tasks (lm-eval-harness, offline; at most
+    # eval.tasks_limit examples each) scored on the training workers with the training layout, each data-parallel
+    # replica a share of the examples, every N steps and at the last step; logged as lm_eval.<task>.<metric> at
+    # the step, beside the validation loss (0: only at `pipeline evaluate`). pipeline.data.downstream.
+    downstream_interval_steps: int = field(default=0, metadata=FREE)
     # Checkpoint every N steps (0: only at the end).
     save_interval_steps: int = field(default=0, metadata=FREE)
     # Checkpoints at these steps as well (a WSD sweep forks its decay branches from them); with
@@ -124,6 +129,8 @@ def _validate_train_numbers(train: TrainConfig) -> None:
     non_negative("train.grad_clip", train.grad_clip, "0 turns clipping off")
     non_negative("train.seed", train.seed, "numpy's generators take no negative seed")
     non_negative("train.eval_interval_steps", train.eval_interval_steps, "0: no validation during training")
+    non_negative("train.downstream_interval_steps", train.downstream_interval_steps, "0: no downstream scores "
+                 "during training")
     non_negative("train.save_interval_steps", train.save_interval_steps, "0: a checkpoint only at the end")
     non_negative("train.keep_last_checkpoints", train.keep_last_checkpoints, "0 keeps every checkpoint")
     non_negative("train.max_skipped_steps", train.max_skipped_steps, "0 stops at the first non-finite step")

@@ -6,6 +6,7 @@
     StepTimes            when the first and the last step ended, for the start-up report
     NonFiniteGuard       skipped updates (non-finite gradients) counted and logged; too many in a row stop the run
     Validation           validation loss on the workers every train.eval_interval_steps and at the end
+    Downstream           lm-eval tasks scored on the workers every train.downstream_interval_steps and at the end
     PreemptionCheck      a signal or PREEMPT file on any rank: checkpoint, then stop
     PeriodicCheckpoint   a checkpoint every train.save_interval_steps
     FinalCheckpoint      the checkpoint at max_steps
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from pipeline.checkpoint.async_write import ShardWriter
 from pipeline.checkpoint.save_load import PendingCheckpoint, start_checkpoint
 from pipeline.checkpoint.store_sync import CheckpointUploads
 from pipeline.cluster.storage import Mirror
+from pipeline.data.downstream import downstream_scores, task_manager, worker_lm
 from pipeline.data.loader import RankBatches
 from pipeline.data.validation import sharded_validation_totals
 from pipeline.train.loop import Callback, LoopState, StepResult
@@ -278,6 +281,45 @@ class Validation(Callback):
 
     def at_end(self, state: LoopState) -> None:
         self.evaluate(state, max(state.start_step, state.max_steps))
+
+
+class Downstream(Callback):
+    """eval.tasks (lm-eval-harness, offline) scored on the workers with the training layout, each data-parallel
+    replica a share of the examples (pipeline.data.downstream), every train.downstream_interval_steps and at the
+    last step; logged as lm_eval.<task>.<metric> at the step and kept for the driver."""
+
+    def __init__(self, *, tasks: list[str], limit: int | None, interval: int, micro_batch: int, tokenizer,
+                 context_length: int, device: torch.device, dp_size: int, dp_rank: int, replica: int):
+        self.tasks, self.limit, self.interval = tasks, limit, interval
+        self.lm_args = dict(tokenizer=tokenizer, context_length=context_length, micro_batch=micro_batch,
+                            device=device, dp_size=dp_size, dp_rank=dp_rank, replica=replica)
+        self.scratch = tempfile.TemporaryDirectory(prefix="lm_eval_tasks-")  # the task files' copies
+        self.manager = task_manager(Path(self.scratch.name), tasks)
+        self.scored: set[int] = set()
+
+    def evaluate(self, state: LoopState, step: int) -> None:
+        if step in self.scored:
+            return
+        self.scored.add(step)
+        started = time.perf_counter()
+        scores = downstream_scores(worker_lm(state.engine, **self.lm_args), self.manager, self.tasks, self.limit)
+        if scores is None:  # another replica's ranks: replica 0 holds the gathered scores
+            return
+        metrics = {f"lm_eval.{task}.{name}": value for task, values in scores.items() for name, value in values.items()}
+        state.record.downstream[step] = metrics
+        state.log(logging.INFO, "step %d downstream (%.1fs): %s", step, time.perf_counter() - started,
+                  ", ".join(f"{k.removeprefix('lm_eval.')} {v:.4f}" for k, v in sorted(metrics.items())))
+        state.record_metrics(metrics, step=step)
+
+    def after_step(self, state: LoopState, result: StepResult) -> None:
+        if result.done % self.interval == 0:
+            self.evaluate(state, result.done)
+
+    def at_end(self, state: LoopState) -> None:
+        self.evaluate(state, max(state.start_step, state.max_steps))
+
+    def close(self, state: LoopState) -> None:
+        self.scratch.cleanup()
 
 
 class SystemMetrics(Callback):

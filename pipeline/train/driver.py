@@ -121,6 +121,13 @@ def resolve_run(cfg: PipelineConfig, data_dir: Path) -> RunSpec:
     model = layout.model
     if model.init_from is not None:
         warn_other_tokenizer(model.init_from, manifest)
+    if cfg.train.downstream_interval_steps:  # before any worker starts: unknown or generation tasks are refused
+        import tempfile
+
+        from pipeline.data.downstream import refuse_generation_tasks, task_manager
+
+        with tempfile.TemporaryDirectory(prefix="lm_eval_tasks-") as scratch:
+            refuse_generation_tasks(task_manager(Path(scratch), cfg.eval.tasks), cfg.eval.tasks)
     if cfg.train.optimizer == "muon" and cfg.train.grad_clip:
         log.warning("train.grad_clip=%g is not applied with train.optimizer=muon (see TrainConfig.muon_lr)",
                     cfg.train.grad_clip)
@@ -144,6 +151,8 @@ def resolve_run(cfg: PipelineConfig, data_dir: Path) -> RunSpec:
         tokenizer_sha256=manifest.tokenizer_sha256,
         resume_from=resume_from,
         eval_max_tokens=cfg.eval.max_tokens,
+        downstream_tasks=list(cfg.eval.tasks) if cfg.train.downstream_interval_steps else [],
+        downstream_limit=cfg.eval.tasks_limit,
         system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
         launch_id=uuid.uuid4().hex,
     )
@@ -157,6 +166,8 @@ METRICS_GUIDE = """Metrics and their units:
 - z_loss: mean log^2 Z of the softmax normaliser (when model.z_loss > 0).
 - tokens_per_s: training tokens per second over all workers; step_time_s: seconds of the logged step;
   val_tokens_per_s: validation tokens scored per second on the workers.
+- lm_eval.<task>.<metric>: lm-eval-harness scores (accuracy, a fraction) on the workers during training
+  (train.downstream_interval_steps) and at pipeline evaluate.
 - mfu: model FLOPs utilisation, a fraction of the peak in the tag mfu_peak (TFLOP/s per worker).
 - memory_mb: rank 0's peak GPU memory allocated (on CPU: its process's peak resident set), MiB;
   grad_norm: L2 norm of the gradients before clipping.

@@ -66,6 +66,7 @@ class RunRecord:
     val_losses: dict[int, float] = field(default_factory=dict)  # validation loss by step
     val_tokens: int = 0  # validation tokens scored, and the seconds it took
     val_seconds: float = 0.0
+    downstream: dict[int, dict[str, float]] = field(default_factory=dict)  # lm_eval.<task>.<metric> by step
     tokens_per_s: float = 0.0  # of the last logged window
     steady_tokens_per_s: float | None = None  # from the end of the second step to the end (None: too short)
     final_step: int | None = None  # the step of the run's last checkpoint (the end, or where it was preempted)

@@ -85,6 +85,9 @@ class RunSpec:
     system_metrics_interval_s: float = 0.0
     # eval.max_tokens: the validation budget scored on the workers every train.eval_interval_steps (null: all).
     eval_max_tokens: int | None = None
+    # eval.tasks and eval.tasks_limit, scored on the workers every train.downstream_interval_steps (empty: none).
+    downstream_tasks: list[str] = field(default_factory=list)
+    downstream_limit: int | None = None
 
     def mirror(self) -> Mirror:
         """The run's data set and directory, mirrored to its object store (every call a no-op without one)."""
@@ -116,3 +119,5 @@ class TrainOutcome:
     val_losses: dict[int, float] = field(default_factory=dict)
     # Validation tokens scored per second on the workers (all ranks together), over the run's evaluations.
     val_tokens_per_s: float = 0.0
+    # Downstream scores by step (lm_eval.<task>.<metric>), scored on the workers (train.downstream_interval_steps).
+    downstream: dict[int, dict[str, float]] = field(default_factory=dict)

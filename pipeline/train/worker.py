@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from data_prep.blend import load_data_info, open_split
 from data_prep.dataset_store import pull_dataset
+from data_prep.text_tokenizer import data_tokenizer
 from pipeline.checkpoint.layout import checkpoint_root, latest_complete, read_marker
 from pipeline.checkpoint.save_load import is_node_leader, load_checkpoint, mark_node_leader
 from pipeline.checkpoint.store_sync import pull_checkpoint, pull_latest_checkpoint
@@ -32,6 +33,7 @@ from pipeline.model.sequence_parallel import sequence_shard
 from pipeline.tracking import Tracker
 from pipeline.train.callbacks import (
     Checkpointer,
+    Downstream,
     FinalCheckpoint,
     LossHistory,
     MetricsLogger,
@@ -155,10 +157,19 @@ def build_engine(spec: RunSpec, ds_config: dict, resuming: bool = False):
 
 def byte_lengths_of(spec: RunSpec) -> np.ndarray:
     """UTF-8 bytes per token id of the data set's tokenizer, padded to the model's vocabulary."""
-    from data_prep.text_tokenizer import data_tokenizer
-
     lengths = data_tokenizer(load_data_info(Path(spec.data_dir))).byte_lengths()
     return np.pad(lengths, (0, max(0, spec.model.vocab_size - len(lengths))))
+
+
+def downstream_callback(spec: RunSpec, device: torch.device, world: int, replica: int) -> Downstream | None:
+    """eval.tasks scored on the workers every train.downstream_interval_steps, each replica a share."""
+    if not (spec.train.downstream_interval_steps and spec.downstream_tasks):
+        return None
+    return Downstream(tasks=spec.downstream_tasks, limit=spec.downstream_limit,
+                      interval=spec.train.downstream_interval_steps, micro_batch=spec.train.micro_batch_size,
+                      tokenizer=data_tokenizer(load_data_info(Path(spec.data_dir))),
+                      context_length=spec.model.context_length, device=device, dp_size=world // replica,
+                      dp_rank=dist.get_rank() // replica, replica=replica)
 
 
 def build_callbacks(spec: RunSpec, batches: RankBatches, checkpointer: Checkpointer, start_step: int,
@@ -183,6 +194,7 @@ def build_callbacks(spec: RunSpec, batches: RankBatches, checkpointer: Checkpoin
         StepTimes(timeline=timeline),
         NonFiniteGuard(max_consecutive=train.max_skipped_steps),
         validation,
+        downstream_callback(spec, device, world, replica),
         # Rank 0 alone polls the driver's request (any_rank passes it on): one call a second, not one per rank.
         PreemptionCheck(flag=PreemptionFlag(Path(spec.run_dir), actor_name(spec.run_dir, spec.launch_id)
                                             if dist.get_rank() == 0 else None),
@@ -296,5 +308,6 @@ def outcome_of(state: LoopState, engine, resumed_from: str | None) -> TrainOutco
         local_parameters=sum(held_elements(p) for p in engine.module.parameters()),
         val_losses=dict(record.val_losses),
         val_tokens_per_s=record.val_tokens / record.val_seconds if record.val_seconds else 0.0,
+        downstream=dict(record.downstream),
         steady_tokens_per_s=record.tokens_per_s if record.steady_tokens_per_s is None else record.steady_tokens_per_s,
     )

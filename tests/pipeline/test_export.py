@@ -108,7 +108,7 @@ def reference_accuracy(model: GPT, sp_path, limit: int) -> float:
 
     tok = hf_tokenizer(sp_path)
     model.eval()
-    task = Path(__file__).parents[2] / "pipeline" / "evaluation" / "lm_eval_tasks" / "shakespeare_next_line.jsonl"
+    task = Path(__file__).parents[2] / "pipeline" / "data" / "lm_eval_tasks" / "shakespeare_next_line.jsonl"
     docs = [json.loads(line) for line in task.read_text().splitlines()[:limit]]
     correct = 0
     for doc in docs:
