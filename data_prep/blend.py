@@ -31,6 +31,7 @@ import numpy as np
 
 from data_prep.shards import (
     MANIFEST,
+    TOKENIZER_FILE,
     Manifest,
     ShardError,
     WindowDataset,
@@ -193,14 +194,16 @@ def write_blend(directory: Path, parts: list[tuple[str, Path, float]]) -> Blend:
 
     manifests = [load_manifest(path) for _, path, _ in parts]
     first = manifests[0]
+    how = (f"data.tokenizer.hf=<the checkpoint directory {parts[0][0]!r} was tokenized with>"
+           if first.tokenizer_file != TOKENIZER_FILE or first.document_prefix
+           else f"data.tokenizer.model_path={first.tokenizer_path}")
     for (name, path, _), manifest in zip(parts, manifests, strict=True):
-        for key in ("tokenizer_sha256", "window_length", "dtype"):
+        for key in SHARED_FIELDS:
             if getattr(manifest, key) != getattr(first, key):
                 raise ShardError(
                     f"the mixture's data set {name!r} ({path}) has {key} {getattr(manifest, key)} but "
-                    f"{parts[0][0]!r} has {getattr(first, key)}: every source of a blend needs the same tokenizer "
-                    f"and context length; prepare it with data.tokenizer.model_path={first.tokenizer_path} and the "
-                    f"same context length"
+                    f"{parts[0][0]!r} has {getattr(first, key)}: every source of a blend needs the same tokenizer, "
+                    f"special tokens and context length; prepare it with {how} and the same context length"
                 )
     total = sum(weight for _, _, weight in parts)
     directory = Path(directory)

@@ -65,6 +65,8 @@ def config_record(data: DataConfig) -> dict:
     fields = dataclasses.asdict(data)
     for key in _NOT_IN_FINGERPRINT:
         fields.pop(key)
+    if fields["tokenizer"]["hf"] is None:  # unset: the record (and the names of data sets made before it) as before
+        fields["tokenizer"].pop("hf")
     return fields
 
 

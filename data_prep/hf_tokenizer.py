@@ -20,13 +20,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
 from data_prep.shards import TOKENIZER_FILE
-from data_prep.text_tokenizer import HF_TOKENIZER_FILE, Specials, TextTokenizer, tokenizer_from_bytes
+from data_prep.text_tokenizer import (
+    HF_TOKENIZER_FILE,
+    Specials,
+    TextTokenizer,
+    plain_tokenizer,
+    tokenizer_from_bytes,
+)
 from data_prep.tokenizer import TokenizerError
 from pipeline.containment import ContainmentError, regular_file
+
+log = logging.getLogger("data_prep.prepare")
 
 MAX_TOKENIZER_BYTES = 256 << 20  # Gemma's tokenizer.json, among the largest published, is 33 MB
 MAX_CONFIG_BYTES = 16 << 20  # tokenizer_config.json with a chat template: kilobytes to a few hundred
@@ -37,8 +46,8 @@ def _read_json(path: Path, what: str) -> dict:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise TokenizerError(f"{what} {path} is larger than {MAX_CONFIG_BYTES} bytes: not a tokenizer configuration")
     try:
-        value = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # unreadable, not UTF-8, not JSON, an absurd number
         raise TokenizerError(f"{what} {path} is not JSON ({err})") from err
     if not isinstance(value, dict):
         raise TokenizerError(f"{what} {path} holds no JSON object")
@@ -65,7 +74,10 @@ class HFTokenizerSource:
             self.path = self._tokenizer_file(where)
             if self.path.stat().st_size > MAX_TOKENIZER_BYTES:
                 raise TokenizerError(f"{where}: {self.path} is larger than {MAX_TOKENIZER_BYTES} bytes: not a tokenizer")
-            self.data = self.path.read_bytes()
+            try:
+                self.data = self.path.read_bytes()
+            except OSError as err:
+                raise TokenizerError(f"{where}: {self.path} cannot be read ({err})") from err
             config = self._config("tokenizer_config.json")
             self.specials = self._specials(where, config, self._config("special_tokens_map.json"))
         except ContainmentError as err:
@@ -106,50 +118,67 @@ class HFTokenizerSource:
             from tokenizers import Tokenizer
 
             try:
-                tok = Tokenizer.from_str(self.data.decode("utf-8"))
+                tok = plain_tokenizer(Tokenizer.from_str(self.data.decode("utf-8")))
             except Exception as err:  # tokenizers raises its own Exception for a malformed file
                 raise TokenizerError(f"{where}: {self.path} is not a tokenizers file ({err})") from err
             to_id = tok.token_to_id
+            size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         else:
             from data_prep.tokenizer import load_tokenizer
 
             sp = load_tokenizer(self.path)
             pieces = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-            to_id = pieces.get
+            to_id, size = pieces.get, sp.get_piece_size()
         # The model's ids, where the tokenizer's files name no token: config.json's over generation_config.json's.
         model_config = {**self._config("generation_config.json"), **self._config("config.json")}
 
         def special(key: str) -> int:
-            text = _token_text(config.get(f"{key}_token")) or _token_text(special_map.get(f"{key}_token"))
-            if text is not None:
-                token = to_id(text)
-                if token is None:
-                    raise TokenizerError(f"{where}: tokenizer_config.json names {key}_token {text!r}, which the "
-                                         f"tokenizer's vocabulary lacks")
-                return token
+            for source, values in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
+                text = _token_text(values.get(f"{key}_token"))
+                if text is not None:
+                    token = to_id(text)
+                    if token is None:
+                        raise TokenizerError(f"{where}: {source} names {key}_token {text!r}, which the tokenizer's "
+                                             f"vocabulary lacks")
+                    return token
             value = model_config.get(f"{key}_token_id")
             value = value[0] if isinstance(value, list) and value else value
-            return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else -1
+            if value is None or (isinstance(value, int) and not isinstance(value, bool) and value < 0):
+                return -1
+            if not isinstance(value, int) or isinstance(value, bool) or value >= size:
+                raise TokenizerError(f"{where}: config.json names {key}_token_id {value!r}, not an id of the "
+                                     f"tokenizer's {size} ids")
+            return value
 
         eos, bos = special("eos"), special("bos")
         if eos < 0:
             raise TokenizerError(f"{where} names no EOS token (eos_token in tokenizer_config.json, or eos_token_id in "
                                  f"config.json): documents could not be separated; add one")
         add_bos = config.get("add_bos_token")
-        if isinstance(add_bos, bool):
-            prefix = (bos,) if add_bos and bos >= 0 else ()
-        elif self.path.name == HF_TOKENIZER_FILE:
+        if self.path.name == HF_TOKENIZER_FILE:
+            # As transformers 5 reads a tokenizer.json: its post-processor decides, whatever add_bos_token says.
             prefix = _post_processor_prefix(tok)
+            if isinstance(add_bos, bool) and add_bos != (bos >= 0 and prefix[:1] == (bos,)):
+                log.warning("%s: tokenizer_config.json sets add_bos_token=%s but the tokenizer.json's post-processor "
+                            "starts a text with %s: following the post-processor, as transformers does", where,
+                            add_bos, list(prefix) or "nothing")
         else:
-            prefix = ()
+            if add_bos is True and bos < 0:
+                raise TokenizerError(f"{where}: tokenizer_config.json sets add_bos_token but names no bos_token")
+            prefix = (bos,) if add_bos is True else ()
         return Specials(bos_id=bos, eos_id=eos, pad_id=special("pad"), unk_id=special("unk"), prefix=prefix)
 
 
 def _post_processor_prefix(tok) -> tuple[int, ...]:
-    """The ids the tokenizer's post-processor puts before a text (encode with and without special tokens)."""
-    plain = tok.encode("a", add_special_tokens=False).ids
-    full = tok.encode("a", add_special_tokens=True).ids
-    for start in range(len(full) - len(plain) + 1):
-        if full[start: start + len(plain)] == plain:
-            return tuple(full[:start])
+    """The ids the tokenizer's post-processor puts before a text (encode with and without special tokens, on the
+    first probe the tokenizer gives ids for)."""
+    for probe in ("a", "Hello world", "0", "."):
+        plain = tok.encode(probe, add_special_tokens=False).ids
+        if not plain:
+            continue
+        full = tok.encode(probe, add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start: start + len(plain)] == plain:
+                return tuple(full[:start])
+        return ()
     return ()

@@ -34,7 +34,7 @@ from data_prep.errors import DataPrepError
 from data_prep.partial import open_state, publish
 from data_prep.partition_work import ReadContext
 from data_prep.partitions import partition_inputs
-from data_prep.shards import TOKENIZER_FILE, ShardError, incomplete_reason
+from data_prep.shards import TOKENIZER_FILE, ShardError, incomplete_reason, load_manifest
 from data_prep.tokenizer_setup import make_tokenizer
 from pipeline.cluster.storage import NO_MIRROR, Mirror
 from pipeline.config import DataConfig, validate_data
@@ -52,6 +52,7 @@ def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None, mirror: 
     if is_complete(out):
         log.info("blend %s is already prepared: skipping", out)
         return out
+    _refuse_unsettable_tokenizer(data)
     tokenizer = shared_tokenizer(data)
     if (not tokenizer.is_file() and not data.tokenizer.model_path and not data.tokenizer.hf
             and not any(src.dataset for src in data.mixture)):
@@ -79,6 +80,22 @@ def prepare_mixture(data: DataConfig, sink: ProgressSink | None = None, mirror: 
         log.info("blend %s: %s, weight %g (share %.1f%%), %d training windows", out.name, component.name,
                  component.weight, 100 * component.share, component.windows.get("train", 0))
     return out
+
+
+def _refuse_unsettable_tokenizer(data: DataConfig) -> None:
+    """A prepared source tokenized with a checkpoint's tokenizer (data.tokenizer.hf) cannot hand it to the sources
+    still to prepare as data.tokenizer.model_path: its conventions live in its manifest, not the file."""
+    if data.tokenizer.hf or data.tokenizer.model_path or all(src.dataset for src in data.mixture):
+        return
+    for i, src in enumerate(data.mixture):
+        if src.dataset:
+            manifest = load_manifest(Path(src.dataset).expanduser())
+            if manifest.tokenizer_file != TOKENIZER_FILE or manifest.document_prefix:
+                raise DataPrepError(
+                    f"data.mixture.{i}.dataset={src.dataset} was tokenized with a Hugging Face checkpoint's tokenizer "
+                    f"({manifest.tokenizer_file}); the mixture's other sources need it too: set data.tokenizer.hf=<that "
+                    f"checkpoint's directory>")
+            return
 
 
 def _prepare_tokenizer(data: DataConfig, out_dir: Path) -> Path:

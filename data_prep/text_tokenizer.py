@@ -110,8 +110,11 @@ class HFTokenizer(TextTokenizer):
         from tokenizers import Tokenizer
 
         self.data, self.specials = data, specials
-        self.tok = Tokenizer.from_str(data.decode("utf-8"))
-        self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
+        self.tok = plain_tokenizer(Tokenizer.from_str(data.decode("utf-8")))
+        # Text that spells a special token ("<|endoftext|>" in a web page) is text: only the document's own prefix
+        # and EOS are special ids (SentencePiece reads such text as text too).
+        self.tok.encode_special_tokens = True
+        self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._decoder = json.loads(data).get("decoder") or {}
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
@@ -158,6 +161,14 @@ def _byte_alphabet() -> set[str]:
     from tokenizers.pre_tokenizers import ByteLevel
 
     return set(ByteLevel.alphabet())
+
+
+def plain_tokenizer(tok):
+    """A `tokenizers` Tokenizer without the truncation and padding a saved tokenizer.json may carry (they would cut
+    every document to their length and pad it)."""
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 def tokenizer_from_bytes(file_name: str, data: bytes, specials: Specials | None = None) -> TextTokenizer:

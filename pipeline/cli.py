@@ -192,14 +192,16 @@ def _check_overrides(overrides: list[str]) -> None:
         node = compose_node(overrides)
     except Exception as err:  # Hydra's override grammar, unknown keys, wrong types, values outside a choice
         raise compose_error(err) from err
-    if node.model.init_from:  # the checkpoint sets the model's shape: an override of it must agree
+    given = dict(arg.split("=", 1) for arg in overrides)
+    model_overrides = [k for k in given if k.startswith("model.") and k != "model.init_from"]
+    if node.model.init_from and model_overrides:  # the checkpoint sets the model's shape: an override must agree
         from pipeline.config.hf_shape import refuse_disagreeing_overrides
         from pipeline.config.model import ModelConfig
+        from pipeline.hub import local_checkpoint
 
-        given = dict(arg.split("=", 1) for arg in overrides)
-        refuse_disagreeing_overrides(ModelConfig(init_from=node.model.init_from),
-                                     {k[len("model."):]: node.model[k[len("model."):]] for k in given
-                                      if k.startswith("model.") and k != "model.init_from"})
+        directory = local_checkpoint(node.model.init_from, "model.init_from", str(node.output_dir), config_only=True)
+        refuse_disagreeing_overrides(ModelConfig(init_from=directory),
+                                     {k[len("model."):]: node.model[k[len("model."):]] for k in model_overrides})
 
 
 def _hydra_main(stage: str, overrides: list[str], options: dict | None = None) -> None:

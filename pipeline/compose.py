@@ -26,6 +26,7 @@ from pipeline.config import (
     validate_parallel,
 )
 from pipeline.config.hf_shape import with_checkpoint_shape
+from pipeline.hub import local_checkpoint
 
 CONFIG_MODULE = "pipeline.conf"
 CONFIG_NAME = "config"
@@ -91,6 +92,10 @@ def to_pipeline_config(node, stage: str = "run") -> PipelineConfig:
         cfg = OmegaConf.to_object(node)
     except Exception as err:  # OmegaConf's type and interpolation errors
         raise compose_error(err) from err
+    if stage != "submit":  # a submitted job composes again on the cluster, which fetches there
+        config_only = stage in ("params", "plan")
+        cfg.model.init_from = local_checkpoint(cfg.model.init_from, "model.init_from", cfg.output_dir, config_only)
+        cfg.data.tokenizer.hf = local_checkpoint(cfg.data.tokenizer.hf, "data.tokenizer.hf", cfg.output_dir, config_only)
     if cfg.model.init_from is not None:
         # The checkpoint's shape, validated below as any model; a submitted job's directory may be the cluster's
         # alone, where the job composes its config again.

@@ -36,7 +36,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cluster", "tracking"),  # infrastructure: Ray, the object store, job submission; MLflow
     ("compose",),  # the one Hydra compose path
     ("config", "files"),  # the typed config and its errors; durable local files
-    ("containment", "redaction"),  # names from outside kept under their root; secrets kept out of logs
+    ("containment", "redaction", "hub"),  # names from outside kept under their root; secrets kept out of logs;
+    # Hugging Face Hub ids fetched into local directories
     ("errors",),  # the root of the pipeline's errors
 )
 

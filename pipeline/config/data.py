@@ -245,7 +245,7 @@ def validate_data(data: DataConfig, model: ModelConfig | None = None) -> None:
         raise ConfigError(f"data.tokenizer.model_path={tok.model_path} and data.tokenizer.hf={tok.hf} both name a "
                           f"tokenizer: keep one (hf for a Hugging Face checkpoint's directory).")
     if tok.hf is not None:
-        if not Path(tok.hf).expanduser().is_dir():
+        if not tok.hf.strip() or not Path(tok.hf).expanduser().is_dir():
             raise ConfigError(f"data.tokenizer.hf={tok.hf} is not a directory: give a local Hugging Face model or "
                               f"tokenizer directory (with its tokenizer.json).")
     elif tok.model_path is not None:

@@ -250,8 +250,10 @@ def write_weights(out_dir: Path, weights: dict[str, torch.Tensor], dtype: torch.
     return files
 
 
-def hf_tokenizer(sp_model: Path):
-    """A transformers fast tokenizer equivalent to the SentencePiece model at sp_model (see the module doc)."""
+def hf_tokenizer(sp_model: Path, specials=None):
+    """A transformers fast tokenizer equivalent to the SentencePiece model at sp_model (see the module doc); with
+    `specials` (data_prep.text_tokenizer.Specials: a checkpoint's SentencePiece model, data.tokenizer.hf), its special
+    tokens named by their ids and its document prefix added before every text."""
     from sentencepiece import sentencepiece_model_pb2
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter
@@ -263,17 +265,31 @@ def hf_tokenizer(sp_model: Path):
     bpe = proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)} if bpe else [(p.piece, p.score) for p in proto.pieces]
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", clean_up_tokenization_spaces=False)
+    if specials is None:  # prepare's own model: its fixed pieces
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                       unk_token="<unk>", pad_token="<pad>", clean_up_tokenization_spaces=False)
+    from tokenizers import processors
+
+    piece = lambda i: proto.pieces[i].piece  # noqa: E731
+    if specials.prefix:
+        backend.post_processor = processors.TemplateProcessing(
+            single=" ".join([*(piece(i) for i in specials.prefix), "$A"]),
+            special_tokens=[(piece(i), i) for i in dict.fromkeys(specials.prefix)])
+    names = {f"{key}_token": piece(token) for key, token in (("bos", specials.bos_id), ("eos", specials.eos_id),
+                                                            ("pad", specials.pad_id), ("unk", specials.unk_id))
+             if token >= 0}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **names)
 
 
 def export_tokenizer(info, out_dir: Path) -> None:
     """The data set's tokenizer as transformers writes one: a SentencePiece model converted (and kept beside it as
     tokenizer.model), a checkpoint's tokenizer.json as it was, with the data set's special tokens."""
-    from data_prep.text_tokenizer import HF_TOKENIZER_FILE
+    from data_prep.text_tokenizer import HF_TOKENIZER_FILE, specials_of
 
     if info.tokenizer_file != HF_TOKENIZER_FILE:
-        hf_tokenizer(info.tokenizer_path).save_pretrained(out_dir)
+        # prepare's own model has no document prefix and its fixed pieces; a checkpoint's keeps its own.
+        own = not info.document_prefix and (info.bos_id, info.eos_id, info.pad_id, info.unk_id) == (1, 2, 3, 0)
+        hf_tokenizer(info.tokenizer_path, None if own else specials_of(info)).save_pretrained(out_dir)
         shutil.copy2(info.tokenizer_path, out_dir / "tokenizer.model")
         return
     from transformers import PreTrainedTokenizerFast

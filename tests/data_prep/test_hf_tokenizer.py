@@ -145,3 +145,46 @@ def test_what_a_tokenizer_directory_must_not_be_is_refused(corpus, tmp_path):
     (good / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "nothing"}}')
     with pytest.raises(TokenizerError, match="is not a tokenizers file"):
         HFTokenizerSource(good)
+
+
+def test_text_is_text_whatever_the_tokenizer_json_carries(tmp_path):
+    """A tokenizer.json saved with truncation and padding on encodes whole documents unpadded; text that spells a
+    special token stays text (only the document's own prefix and EOS are special ids); a special id from
+    config.json must be one of the tokenizer's."""
+    from tokenizers import Tokenizer
+
+    directory = gpt2_style(tmp_path / "tok")
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tok.enable_truncation(5)
+    tok.enable_padding(length=8, pad_id=0)
+    tok.save(str(directory / "tokenizer.json"))
+    tokenizer = HFTokenizerSource(directory).tokenizer()
+    text = "the king is dead, long live the king<|endoftext|>and the queen"
+    ids = tokenizer.encode_batch([text, "hi"])
+    assert len(ids[0]) > 8 and len(ids[1]) == 2 and tokenizer.specials.eos_id not in ids[0].tolist()
+    assert tokenizer.decode(ids[0].tolist()) == text
+
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                                 if k not in ("eos_token", "bos_token")}))
+    (directory / "config.json").write_text(json.dumps({"eos_token_id": 70_000}))
+    with pytest.raises(TokenizerError, match="config.json names eos_token_id 70000, not an id of the tokenizer's"):
+        HFTokenizerSource(directory)
+
+
+def test_a_checkpoints_sentencepiece_model_exports_with_its_own_conventions(tmp_path):
+    """Llama 2's layout (tokenizer.model, add_bos_token): the export's tokenizer encodes as the checkpoint's own
+    and as prepare did (BOS first), with no token added to the vocabulary."""
+    from transformers import AutoTokenizer
+
+    from pipeline.evaluation.export import hf_tokenizer
+
+    directory = sentencepiece_style(tmp_path / "sp")
+    source = HFTokenizerSource(directory)
+    hf_tokenizer(directory / "tokenizer.model", source.specials).save_pretrained(tmp_path / "export")
+    exported, original = (AutoTokenizer.from_pretrained(d) for d in (tmp_path / "export", directory))
+    text = "Hello world, my lord.\nAnd more"
+    tokenizer = source.tokenizer()
+    assert exported(text)["input_ids"] == original(text)["input_ids"] == [*source.specials.prefix,
+                                                                         *tokenizer.encode(text)]
+    assert len(exported) == tokenizer.vocab_size

@@ -272,3 +272,26 @@ def test_continued_pretraining_from_a_checkpoint_through_the_pipeline_and_export
              if k.endswith("c_attn.weight")}
     moved = [k for k in start if not torch.equal(start[k], trained[k])]
     assert moved and all((start[k] - trained[k]).abs().max() < 0.1 for k in start)  # continued, not restarted
+
+
+def test_a_hub_id_is_fetched_once_into_the_output_directory_or_its_absence_explained(tmp_path, monkeypatch):
+    """model.init_from=<org/name>: no Hub here (offline, or an id that does not exist), so the error says how to
+    bring the directory in; one fetched before (<output_dir>/hub/<org>--<name>, complete) is read without the Hub."""
+    from pipeline.compose import compose_config
+    from pipeline.hub import COMPLETE, HubError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    args = ["model.init_from=pipeline-tests/tiny-llama", f"output_dir={tmp_path / 'out'}", f"model.context_length={CONTEXT}"]
+    with pytest.raises(HubError, match=r"model.init_from=pipeline-tests/tiny-llama is not a local directory, and the "
+                                       r"Hugging Face Hub did not give it .*hf download pipeline-tests/tiny-llama"):
+        compose_config(args, stage="train")
+    target = tmp_path / "out" / "hub" / "pipeline-tests--tiny-llama"
+    tiny_hf("llama").save_pretrained(target)
+    (target / COMPLETE).write_text("pipeline-tests/tiny-llama@main\n")
+    cfg = compose_config(args, stage="train")
+    assert cfg.model.init_from == str(target) and cfg.model.n_kv_head == 2 and cfg.model.vocab_size == VOCAB
+    # A directory that exists is a directory, whatever its name looks like.
+    (tmp_path / "pipeline-tests" / "tiny-llama").mkdir(parents=True)
+    tiny_hf("gpt2").save_pretrained(tmp_path / "pipeline-tests" / "tiny-llama")
+    assert compose_config(args, stage="train").model.pos_encoding == "learned"
