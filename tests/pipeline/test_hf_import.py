@@ -196,6 +196,38 @@ def test_the_first_step_at_zero_3_or_tensor_parallel_scores_transformers_loss(tm
     assert outcome.losses[2] < outcome.losses[0]
 
 
+@pytest.mark.distributed
+def test_a_resumed_run_continues_from_its_checkpoint_not_from_the_directory_again(tmp_path, windows_dir):
+    """ZeRO-3, 2 ranks: 4 steps from a checkpoint directory in one go, and 2 steps, a stop and a resume after the
+    directory's weights changed: the resumed steps' losses are the uninterrupted run's (the resume reads its own
+    checkpoint, not model.init_from)."""
+    import dataclasses
+    import shutil
+
+    from pipeline.checkpoint.layout import checkpoint_root
+    from pipeline.train.ds_config import make_ds_config
+    from pipeline.train.run_spec import RunSpec
+
+    tiny_hf("llama", scale=8.0).save_pretrained(tmp_path / "llama")
+    model = with_checkpoint_shape(ModelConfig(init_from=str(tmp_path / "llama"), context_length=CONTEXT))
+    train = TrainConfig(max_steps=4, micro_batch_size=2, warmup_steps=1, lr=1e-2, resume="none", save_interval_steps=2,
+                        keep_last_checkpoints=0, global_batch_tokens=4 * CONTEXT, log_interval_steps=1, peak_tflops=1.0)
+    parallel = ParallelConfig(num_workers=2, zero_stage=3, precision="fp32")
+    full = RunSpec(model=model, train=train, parallel=parallel, data_dir=str(windows_dir), run_dir=str(tmp_path / "full"),
+                   precision="fp32", grad_accum_steps=1, ds_config=make_ds_config(train, parallel, "fp32", 1),
+                   flops_per_token=1.0, config_fingerprint="t", math_config={}, tokenizer_sha256="", record_losses=True)
+    full_losses = run_distributed(train_and_report, 2, full)[0].losses
+    tiny_hf("llama", scale=0.5).save_pretrained(tmp_path / "llama")  # other weights where the run started from
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(checkpoint_root(tmp_path / "full") / "step_00000002", resumed_dir / "step_00000002")
+    (resumed_dir / "latest").write_text("step_00000002")
+    resumed = dataclasses.replace(full, run_dir=str(tmp_path / "resumed"), resume_from=str(resumed_dir / "step_00000002"))
+    outcome = run_distributed(train_and_report, 2, resumed)[0]
+    assert sorted(outcome.losses) == [2, 3]
+    assert [outcome.losses[s] for s in (2, 3)] == [full_losses[s] for s in (2, 3)]
+
+
 def test_model_fields_are_what_export_writes(tmp_path):
     """Import reads exactly the settings export writes: an exported random GPT of each architecture imports to the
     same model config."""
