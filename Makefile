@@ -36,9 +36,10 @@ run: setup
 # Two test processes, a file each at a time (a module's fixtures, such as the two-node Ray cluster, start once):
 # the suite's tests mostly wait on subprocesses, so two share 2 cores well (31-32 min instead of 38-44 here).
 # PYTEST_WORKERS=0 runs it in one process.
+# --durations=30 lists the slowest tests at the end (where the suite's time goes).
 PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests $(ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=30 tests $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

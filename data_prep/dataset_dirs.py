@@ -52,6 +52,19 @@ def data_fingerprint(data: DataConfig, corpus: list[dict] | None = None) -> str:
     return fingerprint(record)
 
 
+def tokenizer_vocab_size(data: DataConfig) -> int:
+    """The vocabulary the data set's tokenizer will have, known before prepare: a checkpoint's (data.tokenizer.hf) or
+    a given model's size, else data.tokenizer.vocab_size (what planning and parameter counts use before the data
+    set exists)."""
+    if data.tokenizer.hf:
+        return hf_source(data).tokenizer().vocab_size
+    if data.tokenizer.model_path and Path(data.tokenizer.model_path).expanduser().is_file():
+        from data_prep.tokenizer import load_tokenizer
+
+        return load_tokenizer(Path(data.tokenizer.model_path).expanduser()).get_piece_size()
+    return data.tokenizer.vocab_size
+
+
 def hf_source(data: DataConfig):
     """data.tokenizer.hf's directory, read (data_prep.hf_tokenizer)."""
     from data_prep.hf_tokenizer import HFTokenizerSource

@@ -164,12 +164,13 @@ def run_stage(stage: str, cfg, options: dict | None = None) -> None:
     if stage == "params":
         import dataclasses
 
+        from data_prep.dataset_dirs import tokenizer_vocab_size
         from pipeline.model.size import format_breakdown
 
         model = cfg.model
-        if model.vocab_size is None:  # follows the tokenizer: count with the configured tokenizer size
-            model = dataclasses.replace(model, vocab_size=cfg.data.tokenizer.vocab_size)
-            print(f"(model.vocab_size follows the tokenizer: counting with data.tokenizer.vocab_size={model.vocab_size})")
+        if model.vocab_size is None:  # follows the tokenizer: count with the size it will have
+            model = dataclasses.replace(model, vocab_size=tokenizer_vocab_size(cfg.data))
+            print(f"(model.vocab_size follows the tokenizer: counting with its {model.vocab_size} ids)")
         print(format_breakdown(model))
         return
     if stage == "plan":

@@ -100,12 +100,13 @@ def pull_run(cfg: PipelineConfig) -> Path:
 
 def train_stage(cfg: PipelineConfig):
     """Prepare the data if needed (a no-op when its shards are complete), then train."""
+    from data_prep.dataset_dirs import tokenizer_vocab_size
     from pipeline.train.memory_plan import planned_model
     from pipeline.train.run_spec import resolve_layout
 
     # Fail before any work (and before Ray and the driver's imports) on what the layout refuses; the driver
     # resolves it again with the prepared data set's own vocabulary.
-    resolve_layout(cfg, planned_model(cfg.model, cfg.data.tokenizer.vocab_size))
+    resolve_layout(cfg, planned_model(cfg.model, tokenizer_vocab_size(cfg.data)))
     data_dir = prepare_stage(cfg)
     from pipeline.train.driver import train
 
@@ -117,6 +118,7 @@ def plan_stage(cfg: PipelineConfig, gpu: str | None = None, gpu_memory: str | No
     """`pipeline plan`: print memory per rank, a verdict against the device and the time to the token budget
     (default: train.max_steps steps). Returns whether the layout fits. Without --gpu or --gpu-memory the device is
     what `pipeline train` checks against (pipeline.train.memory_plan.device_memory: on CPU, this host's RAM per rank)."""
+    from data_prep.dataset_dirs import tokenizer_vocab_size
     from pipeline.train.ds_config import resolve_precision
     from pipeline.train.memory_plan import device_memory, gpu_spec, parse_memory, planned_model, report
 
@@ -130,7 +132,7 @@ def plan_stage(cfg: PipelineConfig, gpu: str | None = None, gpu_memory: str | No
     precision = cfg.parallel.precision
     if precision == "auto":  # as the cluster would resolve it: GPUs train in bf16, a CPU as this one does
         precision = "bf16" if cfg.parallel.use_gpu or gpu else resolve_precision(cfg.parallel)
-    model = planned_model(cfg.model, cfg.data.tokenizer.vocab_size)
+    model = planned_model(cfg.model, tokenizer_vocab_size(cfg.data))
     text, fits = report(model, cfg.parallel, cfg.train, precision, device_bytes, peak, mfu,
                         tokens or cfg.train.max_steps * cfg.train.global_batch_tokens, source)
     print(text)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hf_tokenizers import gpt2_style, llama3_style, sentencepiece_style
 
+from data_prep.dataset_dirs import tokenizer_vocab_size
 from data_prep.hf_tokenizer import HFTokenizerSource
 from data_prep.inspect import describe
 from data_prep.mixture import read_documents
@@ -90,6 +91,7 @@ def test_the_same_bytes_whatever_the_workers_and_engine(corpus, tmp_path, ray_lo
 def test_a_vocabulary_past_65535_gets_uint32_shards(corpus, tmp_path, ray_local):
     tokenizer_dir = gpt2_style(tmp_path / "big", extra_tokens=70_000)
     cfg = hf_config(corpus, tmp_path / "out", tokenizer_dir)
+    assert tokenizer_vocab_size(cfg) == 70_601  # what plan and params count with before the data set exists
     manifest = load_manifest(prepare(cfg))
     assert manifest.dtype == "<u4" and manifest.vocab_size == 70_601 and manifest.eos_id == 70_600
     stream = split_stream(manifest.root, "train")
