@@ -13,6 +13,7 @@ import time
 BENCHMARKS = [
     "train_throughput", "checkpoint_io", "generation_kv_cache", "data_prep_throughput", "zero_memory", "startup",
     "model_options", "eval_throughput", "gpu_check", "checkpoint_uploads", "async_checkpoint", "sequence_parallel",
+    "scaling_fit",
 ]
 
 

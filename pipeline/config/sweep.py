@@ -52,9 +52,10 @@ class SweepConfig:
     # Budgets (FLOPs) at which the fit predicts compute-optimal N, D and loss.
     predict_flops: list[float] = field(default_factory=lambda: [1e21, 5.76e23])
     n_bootstrap: int = 200
-    # Approach 3's bootstrap: starts per replicate drawn from the whole initial grid (null: all 4,500, about
-    # 10x the time: ~3 min for 200 replicates of 15 points on 2 cores against ~15 s at 300).
-    bootstrap_starts: int | None = 300
+    # Approach 3's bootstrap: starts per replicate drawn from the whole initial grid, beside the full-data fit's
+    # optima (pipeline.scaling.approach3; null: all 4,500, minutes). 24: Chinchilla's 245 runs in 10.5 s on 2 cores
+    # with every interval within 0.1% of 300 starts' (64 s).
+    bootstrap_starts: int | None = 24
     # Train only this point of the grid (0-based, in the order `pipeline sweep` logs them), so that Hydra
     # multirun runs each point as its own job: pipeline sweep -m sweep=isoflop_tiny 'sweep.point=range(15)'
     # (with hydra/launcher=pipeline_slurm, as Slurm jobs). The job that completes the grid fits it.

@@ -2,7 +2,7 @@
 
     pipeline scaling fit sweep=<sweep id or parent run id> [output_dir=outputs] [C=1e21 ...]
     pipeline scaling fit csv=points.csv [C=1e21 ...]            (also logged to MLflow as a run)
-        [n_bootstrap=200] [bootstrap_starts=300|all]   (approach 3's starts per bootstrap replicate)
+        [n_bootstrap=200] [bootstrap_starts=24|all]    (approach 3's grid starts per bootstrap replicate)
     pipeline scaling predict C=1e21 [fit=outputs/scaling/<sweep id>/scaling_fit.json]
     pipeline scaling plan C_min=1e10 C_max=1e11 [budgets=3 | C=1e10 C=3e10 ...] [prior=chinchilla|epoch|latest|<json>]
                           [sizes=5] [span=1.0] [name=plan] [branches=true] [mfu=0.3] [peak_tflops=T] [overhead_s=30]

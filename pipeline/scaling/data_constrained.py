@@ -88,7 +88,7 @@ def fit_data_constrained(points: list[ScalingPoint], *, grid: dict[str, np.ndarr
     fine_rows = np.log(np.stack([effective_data(D, epochs, np.exp(r)) for r in fine]))
     _, fine_values = lbfgs_batch(np.tile(best[j], (len(fine), 1)), log_n[None], fine_rows, log_l[None], delta)
     log_r_star = float(fine[np.nanargmin(np.where(np.isfinite(fine_values), fine_values, np.nan))])
-    theta, value = minimise_from_grid(log_n, np.log(effective_data(D, epochs, np.exp(log_r_star))), log_l,
+    theta, value, _ = minimise_from_grid(log_n, np.log(effective_data(D, epochs, np.exp(log_r_star))), log_l,
                                       grid_points, delta)
     E, A, B, alpha, beta = _natural(theta)
     return DataConstrainedFit(E=E, A=A, B=B, alpha=alpha, beta=beta, R_star_D=float(np.exp(log_r_star)),

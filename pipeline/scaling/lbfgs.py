@@ -146,18 +146,20 @@ def _distinct_best(theta: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
 
 
 def minimise_from_grid(log_n, log_d, log_l, grid: np.ndarray, delta: float = HUBER_DELTA,
-                       n_polish: int = 8) -> tuple[np.ndarray, float]:
+                       n_polish: int = 8) -> tuple[np.ndarray, float, np.ndarray]:
     """L-BFGS from every grid point (batched), then L-BFGS-B polishes the n_polish best distinct optima;
-    returns the best (theta, objective)."""
+    returns the best (theta, objective) and those distinct optima as found (the basins the grid reached: where a
+    bootstrap replicate of the same runs starts too)."""
     # A loose stopping rule here (relative decrease per step below 1e-7) lets the thousands of starts that
     # crawl along plateaus stop early; the polish below takes the best candidates to tight tolerances.
     theta, values = lbfgs_batch(grid, log_n[None, :], log_d[None, :], log_l[None, :], delta, max_iter=300,
                                 ftol=1e-7)
     best, best_value = None, np.inf
-    for start in _distinct_best(theta, values, n_polish):
+    basins = _distinct_best(theta, values, n_polish)
+    for start in basins:
         polished, value = _polish(start, log_n, log_d, log_l, delta)
         if value < best_value:
             best, best_value = polished, value
     if best is None:
         raise ValueError("approach 3 found no finite optimum: check that every N, D and loss is positive")
-    return best, best_value
+    return best, best_value, basins

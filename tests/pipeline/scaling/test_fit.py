@@ -97,7 +97,7 @@ def test_fit_is_stable_across_initial_grids(fitted):
     for _ in range(3):
         grid = make_grid({"a": rng.uniform(0, 25, 4), "b": rng.uniform(0, 25, 4), "e": rng.uniform(-1, 1, 3),
                           "alpha": rng.uniform(0, 2, 4), "beta": rng.uniform(0, 2, 4)})
-        theta, value = minimise_from_grid(log_n, log_d, log_l, grid)
+        theta, value, _ = minimise_from_grid(log_n, log_d, log_l, grid)
         assert value == pytest.approx(fitted.objective, rel=1e-6)
         assert np.exp(theta[2]) == pytest.approx(fitted.E, rel=1e-4)
         assert theta[3] == pytest.approx(fitted.alpha, rel=1e-4)
