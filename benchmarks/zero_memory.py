@@ -8,9 +8,11 @@ what `pipeline plan` predicts for the layout.
 
 glibc keeps freed heap memory of a process for reuse: ZeRO-3's gathers and releases of parameters and
 gradient buckets left about 1.4 GiB of freed memory resident per rank at dp=2 (measured with malloc_trim). The
-ranks run with MALLOC_MMAP_THRESHOLD_ (default 128 KiB, --malloc-mmap-threshold 0 keeps glibc's dynamic
-threshold) so that large blocks go back to the system when freed, as GPU memory does with PyTorch's allocator;
-the same setting applies to every layout.
+ranks set glibc's mmap threshold as the pipeline's training workers do (parallel.malloc_mmap_threshold, 128 KiB by
+default, applied by pipeline.train.distributed.limit_freed_memory; --malloc-mmap-threshold 0 keeps glibc's dynamic
+threshold) so that large blocks go back to the system when freed, as GPU memory does with PyTorch's allocator; the
+same setting applies to every layout. What `pipeline train` itself gives, Ray workers and all:
+benchmarks/train_memory.py.
 
 Targets (issue: large models): ZeRO-3 at dp=2 peaks at <= 0.6 of ZeRO-3 at dp=1 and of ZeRO-0 per rank; the
 planner is within 25% of the measured growth for ZeRO 0/1/3 at dp 1/2.
@@ -60,13 +62,14 @@ class PeakSampler:
         return max(self.peak, self.process.memory_info().rss)
 
 
-def spec_for(model: ModelConfig, stage: int, dp: int, data_dir: Path, run_dir: Path, steps: int, precision: str):
+def spec_for(model: ModelConfig, stage: int, dp: int, data_dir: Path, run_dir: Path, steps: int, precision: str,
+             threshold: int):
     from pipeline.train.ds_config import make_ds_config
     from pipeline.train.run_spec import RunSpec
 
     train = TrainConfig(max_steps=steps, micro_batch_size=1, global_batch_tokens=dp * CONTEXT, warmup_steps=0,
                         resume="none", peak_tflops=1.0)
-    parallel = ParallelConfig(num_workers=dp, zero_stage=stage, precision=precision)
+    parallel = ParallelConfig(num_workers=dp, zero_stage=stage, precision=precision, malloc_mmap_threshold=threshold)
     return RunSpec(model=model, train=train, parallel=parallel, data_dir=str(data_dir), run_dir=str(run_dir),
                     precision=precision, grad_accum_steps=1, ds_config=make_ds_config(train, parallel, precision, 1, d_model=model.d_model),
                     flops_per_token=1.0, config_fingerprint="bench", math_config={}, tokenizer_sha256="")
@@ -81,10 +84,11 @@ def rank_main(rank: int, world: int, port: int, spec, out_dir: str) -> None:
     from data_prep.shards import WindowDataset
     from pipeline.config import replica_size
     from pipeline.data.loader import RankBatches
-    from pipeline.train.distributed import init_distributed
+    from pipeline.train.distributed import init_distributed, limit_freed_memory
     from pipeline.train.loop import train_step
     from pipeline.train.worker import build_engine
 
+    limit_freed_memory(spec.parallel.malloc_mmap_threshold)  # as train_worker does first
     torch.set_num_threads(1)
     init_distributed(spec.parallel)
     before_model = psutil.Process().memory_info().rss
@@ -129,23 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d-model", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--malloc-mmap-threshold", type=int, default=131072,
-                        help="glibc MALLOC_MMAP_THRESHOLD_ of the ranks in bytes (0: glibc's dynamic default)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=ParallelConfig().malloc_mmap_threshold,
+                        help="parallel.malloc_mmap_threshold of the ranks in bytes (0: glibc's dynamic default)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                         help="bf16 (mixed precision, as on GPUs; this CPU has avx512_bf16) or fp32")
     args = parser.parse_args(argv)
     model = ModelConfig(vocab_size=VOCAB, context_length=CONTEXT, n_layer=args.layers, n_head=args.d_model // 64,
                         d_model=args.d_model, tie_embeddings=False)
     gib = 2**30
-    if args.malloc_mmap_threshold:  # read by glibc when each rank's process starts
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     report = {"parameters": count_parameters(model).total, "precision": args.precision,
               "malloc_mmap_threshold": args.malloc_mmap_threshold, "layouts": []}
     with tempfile.TemporaryDirectory() as tmp:
         windows = np.random.default_rng(0).integers(0, VOCAB, size=(64, CONTEXT + 1))
         data_dir = write_synthetic_dataset(Path(tmp) / "data", windows, vocab_size=VOCAB)
         for stage, dp in LAYOUTS:
-            spec = spec_for(model, stage, dp, data_dir, Path(tmp) / f"run{stage}{dp}", args.steps, args.precision)
+            spec = spec_for(model, stage, dp, data_dir, Path(tmp) / f"run{stage}{dp}", args.steps, args.precision,
+                            args.malloc_mmap_threshold)
             ranks = measure(spec, dp)
             planned = plan_memory(model, spec.parallel, spec.train, args.precision).total
             grown = max(r["peak_rss"] - r["before_model_rss"] for r in ranks)

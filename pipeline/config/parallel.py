@@ -40,6 +40,11 @@ class ParallelConfig:
     gpus_per_worker: float = 1.0
     # CPU cores reserved for each worker.
     cpus_per_worker: int = 1
+    # glibc's mmap threshold in each training worker, in bytes (mallopt M_MMAP_THRESHOLD, set as the worker
+    # starts): host blocks this large and larger come from mmap and go back to the system when freed. ZeRO-3's
+    # gathers and releases otherwise leave about 1.4 GiB of freed memory resident per rank at dp 2 on CPU
+    # (pipeline.train.distributed.limit_freed_memory). 0 keeps glibc's dynamic threshold.
+    malloc_mmap_threshold: int = 131072
     # Memory of one device in GiB that the planner (`pipeline plan`) checks the layout against before training;
     # null: the driver's GPU when it sees one (parallel.use_gpu; no check when it sees none), and on CPU the host's
     # RAM divided between the ranks of one machine (num_workers, or cluster.workers_per_node when set).
@@ -64,6 +69,9 @@ def validate_parallel(parallel: ParallelConfig, model: ModelConfig) -> None:
     positive("parallel.tensor_parallel", parallel.tensor_parallel)
     positive("parallel.sequence_parallel", parallel.sequence_parallel)
     positive("parallel.cpus_per_worker", parallel.cpus_per_worker)
+    if not 0 <= parallel.malloc_mmap_threshold <= 1 << 30:
+        raise ConfigError(f"parallel.malloc_mmap_threshold={parallel.malloc_mmap_threshold} must be in [0, 1 GiB] "
+                          f"(bytes; 0 keeps glibc's dynamic threshold)")
     if parallel.device_memory_gb is not None:
         positive("parallel.device_memory_gb", parallel.device_memory_gb)
     if parallel.gpus_per_worker <= 0:

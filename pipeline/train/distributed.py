@@ -19,6 +19,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def limit_freed_memory(threshold: int) -> bool:
+    """glibc's mmap threshold for this process (parallel.malloc_mmap_threshold; 0 leaves glibc's dynamic one), as
+    MALLOC_MMAP_THRESHOLD_ would set it at start-up: large host blocks are mapped and returned when freed instead
+    of staying in the heap for reuse. Whether it was set (not on a C library without mallopt)."""
+    if threshold <= 0:
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # musl, macOS: no mallopt
+        return False
+
+
 def init_distributed(parallel: ParallelConfig) -> None:
     import deepspeed
 

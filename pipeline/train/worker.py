@@ -49,6 +49,7 @@ from pipeline.train.distributed import (
     device_for,
     dp_seed,
     init_distributed,
+    limit_freed_memory,
     repair_zero3_sequence_parallel_average,
     seed_everything,
     sequence_parallel_groups,
@@ -248,6 +249,7 @@ def start_system_metrics(spec: RunSpec, link: RunLink, tracker: Tracker | None,
 def train_worker(spec: RunSpec, link: RunLink = RunLink()) -> TrainOutcome:
     """One rank of the run (reporting to the MLflow run `link`, if any); rank 0's outcome is the run's."""
     timeline = {"worker_started": time.time()}  # the start-up phases (pipeline.train.startup)
+    limit_freed_memory(spec.parallel.malloc_mmap_threshold)
     if not spec.parallel.use_gpu:
         torch.set_num_threads(spec.parallel.cpus_per_worker)
     init_distributed(spec.parallel)
