@@ -281,7 +281,7 @@ def test_continued_pretraining_from_a_checkpoint_through_the_pipeline_and_export
     gpt2_style(tmp_path / "gpt2", vocab_size=512)
     new_corpus = Path(__file__).resolve().parents[2] / "README.md"
     common = [f"model.init_from={tmp_path / 'gpt2'}", "model.context_length=64", "train=continued", "data=continued",
-              f"data.mixture.0.path={new_corpus}",
+              f"data.mixture.0.path={new_corpus}", "data.mixture.0.doc_split=blank_line",  # many documents, both splits
               f"output_dir={tmp_path / 'out'}", "train.max_steps=4", "train.warmup_steps=1", "train.micro_batch_size=4",
               "train.global_batch_tokens=512", "parallel.num_workers=2", "parallel.zero_stage=3",
               "parallel.precision=fp32", "train.log_interval_steps=1"]
