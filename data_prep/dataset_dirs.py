@@ -15,6 +15,8 @@ their bytes, so that a changed config or corpus never writes over an old data se
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from pathlib import Path
 
 from data_prep.blend import BLEND_VERSION, blend_incomplete_reason, is_blend
@@ -66,10 +68,33 @@ def tokenizer_vocab_size(data: DataConfig) -> int:
 
 
 def hf_source(data: DataConfig):
-    """data.tokenizer.hf's directory, read (data_prep.hf_tokenizer)."""
+    """data.tokenizer.hf's directory, read (data_prep.hf_tokenizer) once while its files stay as they are: a
+    fingerprint, the mixture's names and the planned vocabulary each ask for it, and a tokenizer.json can be tens
+    of megabytes."""
+    directory = Path(data.tokenizer.hf).expanduser().resolve()
+    return _read_hf_source(str(directory), _files_stamp(directory))
+
+
+_HF_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "config.json",
+             "generation_config.json")
+
+
+def _files_stamp(directory: Path) -> tuple:
+    stamp = []
+    for name in _HF_FILES:
+        try:
+            st = os.lstat(directory / name)
+        except OSError:
+            continue
+        stamp.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_hf_source(directory: str, stamp: tuple):
     from data_prep.hf_tokenizer import HFTokenizerSource
 
-    return HFTokenizerSource(data.tokenizer.hf)
+    return HFTokenizerSource(directory)
 
 
 def config_record(data: DataConfig) -> dict:

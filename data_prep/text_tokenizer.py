@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +38,7 @@ class Specials:
     prefix: tuple[int, ...] = field(default_factory=tuple)
 
 
-class TextTokenizer:
+class TextTokenizer(ABC):
     """What prepare, training, evaluation and export ask of a tokenizer (see the module docstring)."""
 
     file_name: str  # its file in a data set
@@ -46,24 +47,29 @@ class TextTokenizer:
     vocab_size: int  # ids are below this
     cut_documents: bool  # whether long documents may be encoded in pieces cut before a space (data_prep.encoding)
 
+    @abstractmethod
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """The ids of each text (no special tokens), as int32 arrays."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def decode(self, ids: list[int]) -> str:
         """The text of ids, special tokens left out."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def piece(self, token: int) -> str:
         """The vocabulary entry of an id, as the tokenizer writes it."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each id stands for (a byte piece one, special tokens none): bits per byte's denominator."""
-        raise NotImplementedError
+        ...
 
 
 class SentencePieceTokenizer(TextTokenizer):
@@ -115,7 +121,6 @@ class HFTokenizer(TextTokenizer):
         # and EOS are special ids (SentencePiece reads such text as text too).
         self.tok.encode_special_tokens = True
         self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
-        self._decoder = json.loads(data).get("decoder") or {}
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int32) for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
@@ -132,7 +137,7 @@ class HFTokenizer(TextTokenizer):
     def byte_lengths(self) -> np.ndarray:
         """Per id: a byte-level token's characters each stand for one byte (GPT-2's alphabet); a byte-fallback
         piece <0xNN> is one byte; a SentencePiece-style piece is its text with ▁ as a space; special tokens none."""
-        kinds = _decoder_kinds(self._decoder)
+        kinds = _decoder_kinds(json.loads(self.data).get("decoder") or {})  # read here alone: the file parsed once
         alphabet = _byte_alphabet() if "ByteLevel" in kinds else set()
         special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
