@@ -24,12 +24,11 @@ them by weight (data_prep.blend); only the mixture's shared tokenizer sample rea
 from __future__ import annotations
 
 import hashlib
-import heapq
 import io
 import json
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -323,32 +322,3 @@ def upload_partition(ctx: PrepareContext, record: PartitionRecord) -> None:
         mirror.push_file(directory / name, as_path=staged_as(directory, name))
     for name in partition_files(record):
         (directory / name).unlink(missing_ok=True)
-
-
-def bottom_k(items: Iterable[tuple[int, str]], k: int) -> list[tuple[int, str]]:
-    """The k (hash, sentence) pairs of smallest hash, sorted: the same whether taken over all items at once or
-    over the bottom k of each part of them (which is how partitions' samples merge on the driver)."""
-    heap: list[tuple[int, str]] = []  # the k smallest so far, as a max-heap by negated hash
-    for h, sentence in items:
-        if len(heap) < k:
-            heapq.heappush(heap, (-h, sentence))
-        elif h < -heap[0][0]:
-            heapq.heapreplace(heap, (-h, sentence))
-    return sorted((-neg, s) for neg, s in heap)
-
-
-def sample_sentences(part: Partition, ctx: ReadContext, k: int) -> list[tuple[int, str]]:
-    """The k training-split sentences of the partition with the smallest seeded hashes, as (hash, sentence):
-    merged over partitions, the bottom k of the whole sample, whatever the partitioning of the work."""
-    from data_prep.tokenizer import training_sentences
-
-    salt = f"tokenizer:{ctx.data.seed}:".encode()
-    docs = (doc for doc in partition_documents(part, ctx, DecodeReport())
-            if not is_validation(doc, ctx.data.val_fraction))
-    return bottom_k(((sentence_hash(s, salt), s) for doc in docs for s in training_sentences([doc])), k)
-
-
-def sentence_hash(sentence: str, salt: bytes) -> int:
-    """Repeated sentences share a hash, so a sample keeps all or none of a line's repeats but at its edge."""
-    return int.from_bytes(hashlib.blake2b(salt + sentence.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                          "big")

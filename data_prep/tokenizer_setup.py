@@ -4,11 +4,12 @@
     the checkpoint's  data.tokenizer.hf: its directory's tokenizer.json (or tokenizer.model) and conventions
                 (data_prep.hf_tokenizer)
     copied      data.tokenizer.model_path
-    trained     on a bounded, seeded sample drawn on the workers: each sampled partition (whole partitions in a
-                seeded order, up to data.tokenizer.sample_bytes) returns its data.tokenizer.sample_sentences
-                training sentences of smallest seeded hash, and the driver keeps the smallest of all: the same
-                sample whatever the partitioning of the work (SentencePiece's own sampling, which ignores the
-                seed, is off)
+    trained     on a bounded, seeded, uniform sample of line occurrences drawn on the workers
+                (data_prep.tokenizer_sample): up to SAMPLE_PLACES partitions in a seeded order are read from
+                their start, the same fraction of each, data.tokenizer.sample_bytes of input in all; each returns
+                its data.tokenizer.sample_sentences occurrences of smallest seeded key, and the driver keeps the
+                smallest of all: the same sample whatever the number of workers (SentencePiece's own sampling,
+                which ignores the seed, is off)
 
 Whichever it is, it must give back the first documents of the corpus exactly (a round trip) before any work.
 """
@@ -26,11 +27,12 @@ from data_prep.decode_report import DecodeReport
 from data_prep.errors import SourceError
 from data_prep.hf_tokenizer import HFTokenizerSource
 from data_prep.partial import STATE
-from data_prep.partition_work import ReadContext, bottom_k, partition_documents
+from data_prep.partition_work import ReadContext, partition_documents
 from data_prep.partitions import Partition
 from data_prep.shards import TOKENIZER_FILE, sha256_file
 from data_prep.text_tokenizer import TextTokenizer, open_tokenizer
 from data_prep.tokenizer import check_round_trip, copy_tokenizer, train_tokenizer_on_sample
+from data_prep.tokenizer_sample import BottomK, SentenceSample
 from data_prep.workers import run_actors
 from pipeline.config import DataConfig
 from pipeline.files import write_atomic
@@ -64,10 +66,13 @@ def make_tokenizer(partitions: list[Partition], ctx: ReadContext, directory: Pat
     else:
         t0 = time.time()
         sample = _draw_sample(partitions, ctx, data, workers)
-        log.info("drew a tokenizer sample of %d sentences from %d partitions in %.1fs", len(sample),
-                 len(_sample_partitions(partitions, data)), time.time() - t0)
+        sampled, fraction = _sample_partitions(partitions, data)
+        log.info("drew a tokenizer sample of %d line occurrences from the first %.0f%% of %d partitions (%.0f MB) "
+                 "in %.1fs", len(sample), 100 * fraction, len(sampled), fraction * sum(p.size for p in sampled) / 1e6,
+                 time.time() - t0)
         t0 = time.time()
-        train_tokenizer_on_sample((s for _, s in sample), tok, path, data.seed)
+        train_tokenizer_on_sample(sample.sentences.tolist(), tok, path, data.seed)
+        del sample
         log.info("trained a %s tokenizer of %d pieces in %.1fs", tok.type, tok.vocab_size, time.time() - t0)
         source = "trained on a sample of the training split"
     tokenizer = open_tokenizer(path, specials)
@@ -78,24 +83,29 @@ def make_tokenizer(partitions: list[Partition], ctx: ReadContext, directory: Pat
     return tokenizer
 
 
-def _sample_partitions(partitions: list[Partition], data: DataConfig) -> list[Partition]:
-    """Whole partitions in a seeded order until they hold data.tokenizer.sample_bytes of input."""
+# The most partitions the tokenizer sample reads (in a seeded order; all of a corpus with fewer). Each is read from
+# its start for the same fraction of its bytes, data.tokenizer.sample_bytes in all: a large corpus is sampled in
+# this many places spread over it, each a few MiB or more, rather than in a few whole partitions.
+SAMPLE_PLACES = 64
+
+
+def _sample_partitions(partitions: list[Partition], data: DataConfig) -> tuple[list[Partition], float]:
+    """The partitions the sample reads (SAMPLE_PLACES in a seeded order) and the fraction of each it reads."""
     key = lambda p: hashlib.sha256(f"{data.seed}:{p.index}".encode()).digest()  # noqa: E731
-    chosen, size = [], 0
-    for part in sorted(partitions, key=key):
-        if size >= data.tokenizer.sample_bytes and chosen:
-            break
-        chosen.append(part)
-        size += max(part.size, 1)
-    return sorted(chosen, key=lambda p: p.index)
+    chosen = sorted(sorted(partitions, key=key)[:SAMPLE_PLACES], key=lambda p: p.index)
+    total = sum(max(p.size, 1) for p in chosen)
+    return chosen, min(1.0, data.tokenizer.sample_bytes / max(total, 1))
 
 
-def _draw_sample(partitions: list[Partition], ctx: ReadContext, data: DataConfig, workers: int) -> list[tuple[int, str]]:
-    """The bottom-k training sentences by seeded hash over the sampled partitions."""
+def _draw_sample(partitions: list[Partition], ctx: ReadContext, data: DataConfig, workers: int) -> SentenceSample:
+    """The sample_sentences occurrences of smallest key over the sampled partitions' first bytes, in key order."""
     k = data.tokenizer.sample_sentences
-    samples = run_actors(ctx, _sample_partitions(partitions, data), workers, "sample", k)
-    sample = bottom_k((pair for _, part_sample in samples for pair in part_sample), k)
-    if not sample:
+    chosen, fraction = _sample_partitions(partitions, data)
+    bottom = BottomK(k)
+    for _, part_sample in run_actors(ctx, chosen, workers, "sample", lambda: (k, fraction, bottom.limit)):
+        bottom.add(part_sample)
+    sample = bottom.result()
+    if not len(sample):
         raise SourceError("the corpus holds no text to train the tokenizer on (its training split is empty, or "
                           "every input was empty or skipped as binary): point data.path at files with text in them")
     return sample

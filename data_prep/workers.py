@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
 from data_prep.partition_work import (
@@ -25,9 +26,9 @@ from data_prep.partition_work import (
     PrepareContext,
     ReadContext,
     process_partition,
-    sample_sentences,
 )
 from data_prep.partitions import Partition
+from data_prep.tokenizer_sample import SentenceSample, sample_sentences
 from pipeline.config import PipelineError
 from pipeline.files import NoSpaceError
 
@@ -51,8 +52,9 @@ class PartitionWorker:
     def process(self, index: int) -> dict:
         return asdict(process_partition(self.partitions[index], self.ctx, self.tokenizer))
 
-    def sample(self, index: int, k: int) -> list[tuple[int, str]]:
-        return sample_sentences(self.partitions[index], self.ctx, k)
+    def sample(self, index: int, k: int, fraction: float, limit: int) -> SentenceSample:
+        part = self.partitions[index]
+        return sample_sentences(part, self.ctx, k, math.ceil(fraction * max(part.size, 1)), limit)
 
 
 class _ArrowPartitionWorker(PartitionWorker):
@@ -77,8 +79,10 @@ def unwrap(err: BaseException) -> BaseException:
     return found if found is not None else err
 
 
-def run_actors(ctx: ReadContext, partitions: list[Partition], workers: int, op: str, k: int = 0) -> Iterator:
-    """(partition, result) for every partition, as they finish, on `workers` plain actors."""
+def run_actors(ctx: ReadContext, partitions: list[Partition], workers: int, op: str,
+               args: Callable[[], tuple] = tuple) -> Iterator:
+    """(partition, result) for every partition, as they finish, on `workers` plain actors: the actors' method `op`
+    called with the partition's index and `args()`, asked for as the call is made."""
     import ray
 
     actor_class = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(PartitionWorker)
@@ -90,7 +94,7 @@ def run_actors(ctx: ReadContext, partitions: list[Partition], workers: int, op: 
         while pending or in_flight:
             while pending and idle:
                 actor, part = idle.pop(), pending.pop()
-                ref = actor.process.remote(part.index) if op == "process" else actor.sample.remote(part.index, k)
+                ref = getattr(actor, op).remote(part.index, *args())
                 in_flight[ref] = (actor, part)
             done, _ = ray.wait(list(in_flight), num_returns=1)
             actor, part = in_flight.pop(done[0])

@@ -80,12 +80,13 @@ class TokenizerConfig:
     type: TokenizerType = TokenizerType.bpe
     vocab_size: int = 4096
     byte_fallback: bool = True
-    # Sentences (lines) of the training split the tokenizer learns from: those with the smallest seeded hashes
-    # (a bottom-k sample, the same whatever the worker count) among the partitions read for it.
+    # Line occurrences of the training split the tokenizer learns from: a uniform random sample of those in the
+    # input read for it (seeded keys per occurrence, the same whatever the worker count; data_prep.tokenizer_sample).
     sample_sentences: int = 2_000_000
-    # Input bytes read for that sample: whole partitions in a seeded order until they hold this much (all of a
-    # smaller corpus). Bounds the sampling pass of a huge corpus; the driver holds at most sample_sentences lines.
-    sample_bytes: int = 1 << 30
+    # Input bytes read for that sample: the first bytes of up to 64 partitions in a seeded order, the same fraction
+    # of each (all of a smaller corpus). Bounds the sampling pass (about 5 s on 2 cores at this default) whatever
+    # the corpus's size; the driver holds at most about 2 x sample_sentences lines.
+    sample_bytes: int = 256 << 20
     # Extra symbols kept whole (e.g. "\n" so that line breaks survive a round trip).
     user_defined_symbols: list[str] = field(default_factory=lambda: ["\n"])
 

@@ -102,34 +102,89 @@ def test_a_line_is_encoded_the_same_at_a_document_start_and_after_a_line_break(t
     assert after_break[-len(sp.encode(line)) - 1] == sp.piece_to_id("\n")
 
 
-def sample_of(cfg: DataConfig, k: int) -> list[tuple[int, str]]:
-    """The tokenizer sample as prepare draws it: each partition's bottom k, then the bottom k of them all."""
-    import heapq
+def sample_of(cfg: DataConfig, k: int, order=lambda parts: parts, chars: int = 1 << 40) -> list[str]:
+    """The tokenizer sample as prepare draws it: each partition's bottom k (of its first `chars` characters, at or
+    below the merged sample's limit so far), merged on arrival, here in the given order of the partitions."""
+    from data_prep.partition_work import ReadContext
+    from data_prep.tokenizer_sample import BottomK, sample_sentences
 
-    from data_prep.partition_work import ReadContext, sample_sentences
+    ctx, bottom = ReadContext.of(cfg), BottomK(k)
+    for part in order(partition_inputs(cfg)):
+        bottom.add(sample_sentences(part, ctx, k, chars, bottom.limit))
+    return bottom.result().sentences.tolist()
 
-    ctx = ReadContext.of(cfg)
-    return heapq.nsmallest(k, (x for part in partition_inputs(cfg) for x in sample_sentences(part, ctx, k)))
 
+def test_the_tokenizer_sample_is_seeded_training_text_whatever_order_the_partitions_arrive_in(corpus, tmp_path):
+    import random
 
-def test_the_tokenizer_sample_is_seeded_training_text_whatever_the_partitioning(corpus, tmp_path):
     from data_prep.mixture import read_documents
     from data_prep.partition_work import is_validation
 
-    cfg = DataConfig(source="text", path=str(corpus), val_fraction=0.2, seed=5)
+    cfg = DataConfig(source="text", path=str(corpus), val_fraction=0.2, seed=5, partition_bytes=3000)
+    assert len(partition_inputs(cfg)) > 4
     sample = sample_of(cfg, 150)
     assert len(sample) == 150
-    cut = dataclasses.replace(cfg, partition_bytes=3000)
-    assert len(partition_inputs(cut)) > 4 and sample_of(cut, 150) == sample
+    assert sample_of(cfg, 150, lambda parts: parts[::-1]) == sample
+    assert sample_of(cfg, 150, lambda parts: random.Random(3).sample(parts, len(parts))) == sample
     docs, _ = read_documents(cfg)
     train_lines = set(training_sentences([d for d in docs if not is_validation(d, cfg.val_fraction)]))
     val_only = set(training_sentences([d for d in docs if is_validation(d, cfg.val_fraction)])) - train_lines
-    assert {s for _, s in sample} <= train_lines and val_only
+    assert set(sample) <= train_lines and val_only
     assert sample_of(dataclasses.replace(cfg, seed=6), 150) != sample
     # Trained on exactly that sample, in that order: the same model every time.
     tok = TokenizerConfig(vocab_size=340)
-    a = train_tokenizer_on_sample((s for _, s in sample), tok, tmp_path / "a.model", seed=5)
-    b = train_tokenizer_on_sample([s for _, s in sample], tok, tmp_path / "b.model", seed=5)
+    a = train_tokenizer_on_sample(iter(sample), tok, tmp_path / "a.model", seed=5)
+    b = train_tokenizer_on_sample(list(sample), tok, tmp_path / "b.model", seed=5)
     assert a.read_bytes() == b.read_bytes()
     with pytest.raises(TokenizerError, match="no text to train the tokenizer on"):
         train_tokenizer_on_sample([], tok, tmp_path / "c.model", seed=5)
+
+
+def test_the_sample_is_of_occurrences_uniform_over_the_corpus(tmp_path):
+    # One line repeated 3000 times among 3000 lines that occur once, spread over several partitions: a uniform
+    # sample of 1200 of the 6000 occurrences holds the repeated line about 600 times (hypergeometric, sd 15.5),
+    # where a sample keyed by the text held it 0 or 1200 times. Seeded, so the figures are fixed; the bounds
+    # are 5 sd, the distribution's, not a tolerance for chance.
+    repeated = "Subscribe to our newsletter."
+    lines = [repeated if i % 2 else f"line {i} of the corpus" for i in range(6000)]
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source="text", path=str(tmp_path / "c.txt"), doc_split="line", val_fraction=0.0,
+                     partition_bytes=16 << 10)
+    assert len(partition_inputs(cfg)) >= 4
+    counts = [sample_of(dataclasses.replace(cfg, seed=seed), 1200).count(repeated) for seed in range(3)]
+    assert all(522 < c < 678 for c in counts), counts
+    # Positions too: the sampled unique lines spread evenly over the corpus (each half about 300, sd 11).
+    sample = sample_of(cfg, 1200)
+    first_half = sum(1 for s in sample if s != repeated and int(s.split()[1]) < 3000)
+    second_half = sum(1 for s in sample if s != repeated and int(s.split()[1]) >= 3000)
+    assert abs(first_half - second_half) < 110, (first_half, second_half)
+
+
+def test_a_partition_is_sampled_from_its_first_characters_only(tmp_path):
+    lines = [f"early line {i}" for i in range(500)] + [f"late line {i}" for i in range(500)]
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source="text", path=str(tmp_path / "c.txt"), doc_split="line", val_fraction=0.0)
+    assert len(partition_inputs(cfg)) == 1
+    sample = sample_of(cfg, 100, chars=len("".join(lines[:400])))
+    assert len(sample) == 100 and all(s.startswith("early") for s in sample)
+    assert any(s.startswith("late") for s in sample_of(cfg, 1000))
+
+
+def test_the_running_bottom_k_is_the_bottom_k_of_everything_whatever_it_drops_on_the_way():
+    import numpy as np
+
+    from data_prep.tokenizer_sample import BottomK, SentenceSample, object_array
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for p in range(12):
+        n = int(rng.integers(0, 400))
+        keys = rng.integers(0, 50, n).astype(np.uint64)  # many ties: broken by partition, then position
+        parts.append(SentenceSample(object_array([f"{p}:{i}" for i in range(n)]), keys, np.full(n, p), np.arange(n)))
+    expected = SentenceSample.concat(parts).bottom(100).sentences.tolist()
+    for order in (parts, parts[::-1], [parts[i] for i in rng.permutation(len(parts))]):
+        bottom = BottomK(100)
+        for part in order:
+            bottom.add(part)
+            assert bottom.count < 2 * 100 + 400
+        assert bottom.result().sentences.tolist() == expected
