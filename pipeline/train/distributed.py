@@ -63,6 +63,30 @@ def zero3_partition_group(parallel: ParallelConfig):
     return groups.get_data_parallel_group()
 
 
+def init_partitioned(params: list[torch.nn.Parameter], init) -> None:
+    """Run `init` (which writes `params` whole) on ZeRO-3 partitioned parameters without communication: each
+    rank builds the whole tensors for the moment, runs init (drawing the same random numbers on every rank, as
+    a plain build does) and keeps its own partition, laid out as DeepSpeed partitions a parameter (its rank in
+    the parameter's group times the partition size, the tail of the last partition padding). What
+    deepspeed.zero.GatheredParameters(params, modifier_rank=0) gives, without gathering every parameter and
+    broadcasting it back (two passes of the whole model over the network at start-up)."""
+    placeholders = [p.data for p in params]
+    for p in params:
+        p.data = torch.empty(p.ds_shape, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
+    try:
+        with torch.no_grad():
+            init()
+            for p in params:
+                size = p.ds_tensor.ds_numel
+                start = size * dist.get_rank(group=p.ds_process_group)
+                count = max(0, min(size, p.ds_numel - start))
+                if count:
+                    p.ds_tensor.narrow(0, 0, count).copy_(p.data.view(-1).narrow(0, start, count))
+    finally:
+        for p, placeholder in zip(params, placeholders, strict=True):
+            p.data = placeholder
+
+
 def sequence_parallel_groups(parallel: ParallelConfig):
     """DeepSpeed's sequence-parallel groups (the `mpu` that deepspeed.initialize and zero.Init take), made here:
     groups of `sequence_parallel` consecutive ranks, and ZeRO's partitions and gradient reductions over all ranks

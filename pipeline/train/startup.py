@@ -7,7 +7,8 @@ when its first and last steps ended. The phases between them:
     before_launch      driver process start -> workers launched: imports, Ray, config and data checks, MLflow
     worker_group       launched -> rank 0 running: Ray Train's controller, worker processes, their imports
     process_group      torch.distributed / DeepSpeed communication set-up
-    engine             model built (under ZeRO-3 partitioned), DeepSpeed engine, checkpoint loaded, callbacks
+    model              the weights built and initialised (under ZeRO-3 partitioned as they are built: zero.Init)
+    engine             DeepSpeed's engine and optimizer, the checkpoint loaded (on a resume), callbacks
     first_step         the first step, one-off costs included (allocations, lazy initialisation)
     steps              the remaining steps (callbacks included: logging, validation, checkpoints)
     teardown           last step -> workers returned: final checkpoint, process group and Ray Train shutdown
@@ -26,7 +27,8 @@ PHASES = [
     ("before_launch", "process_start", "launched"),
     ("worker_group", "launched", "worker_started"),
     ("process_group", "worker_started", "distributed_ready"),
-    ("engine", "distributed_ready", "engine_ready"),
+    ("model", "distributed_ready", "model_built"),
+    ("engine", "model_built", "engine_ready"),
     ("first_step", "engine_ready", "first_step_done"),
     ("steps", "first_step_done", "last_step_done"),
     ("teardown", "last_step_done", "returned"),

@@ -49,6 +49,7 @@ from pipeline.train.distributed import (
     device_for,
     dp_seed,
     init_distributed,
+    init_partitioned,
     limit_freed_memory,
     repair_zero3_sequence_parallel_average,
     seed_everything,
@@ -99,8 +100,9 @@ def build_model(spec: RunSpec, ds_config: dict, mpu=None, resuming: bool = False
 
     Under ZeRO-3 it is built inside deepspeed.zero.Init: each parameter is partitioned as soon as its module
     exists (over the data-parallel group under tensor parallelism: zero3_partition_group), so no rank ever holds
-    the whole model; GPT-2's initialisation then runs step by step with only that
-    step's parameters gathered (rank 0's values kept), drawing the same random numbers as a plain build."""
+    the whole model; GPT-2's initialisation then runs step by step with only that step's parameters whole
+    (init_partitioned: built on each rank, drawing the same random numbers as a plain build, each rank keeping its
+    partition; no communication)."""
     import deepspeed
 
     seed_everything(spec.train.seed)
@@ -121,8 +123,7 @@ def build_model(spec: RunSpec, ds_config: dict, mpu=None, resuming: bool = False
                               gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
         return model
     for params, init in model.init_steps():
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            init()
+        init_partitioned(params, init)
     return model
 
 
@@ -131,13 +132,16 @@ def held_elements(param: torch.nn.Parameter) -> int:
     return param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
 
 
-def build_engine(spec: RunSpec, ds_config: dict, resuming: bool = False):
+def build_engine(spec: RunSpec, ds_config: dict, resuming: bool = False, timeline: dict | None = None):
     """The GPT wrapped in a DeepSpeed engine. The optimizer and scheduler are callables: DeepSpeed applies
-    AutoTP sharding first, then builds them over the sharded model."""
+    AutoTP sharding first, then builds them over the sharded model. `timeline` gets model_built, when the
+    weights are built (under ZeRO-3 partitioned)."""
     import deepspeed
 
     mpu = sequence_parallel_groups(spec.parallel)
     model = build_model(spec, ds_config, mpu, resuming)
+    if timeline is not None:
+        timeline["model_built"] = time.time()
     if spec.parallel.activation_checkpointing:
         model.set_activation_checkpointing(True)
     model.set_sequence_shard(sequence_shard(spec.parallel.sequence_parallel))
@@ -261,7 +265,7 @@ def train_worker(spec: RunSpec, link: RunLink = RunLink()) -> TrainOutcome:
     ckpt_root = checkpoint_root(Path(spec.run_dir))
     mirror = pull_to_node(spec)
     tag_dir, ds_config = resume_point(spec, ckpt_root)
-    engine = build_engine(spec, ds_config, resuming=tag_dir is not None)
+    engine = build_engine(spec, ds_config, resuming=tag_dir is not None, timeline=timeline)
     # Weights are built from one seed on every rank; dropout then draws from a stream of the rank's replica (the
     # tensor-parallel ranks of one drop the same elements of their replicated activations; sequence-parallel ranks
     # hold different positions, and draw streams of their own).
