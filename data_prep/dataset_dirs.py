@@ -38,7 +38,7 @@ from pipeline.containment import plain_name
 _NOT_IN_FINGERPRINT = ("num_workers", "tokenize_engine", "output_dir", "verify_checksums", "block_bytes")
 # Bump when the same config would produce different bytes (reading, tokenizer training, packing), so that
 # a new recipe gets a new directory instead of silently reusing data sets made by the old one.
-RECIPE_VERSION = 5
+RECIPE_VERSION = 6
 
 
 def data_fingerprint(data: DataConfig, corpus: list[dict] | None = None) -> str:
