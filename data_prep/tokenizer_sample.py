@@ -15,7 +15,7 @@ number of workers or nodes or on which worker reads a partition, so neither does
 
 The work is one vectorised pass: a worker reads its partition, splits lines, draws all its keys at once and
 returns its bottom k (numpy keys and positions beside the lines); the driver keeps a running bottom k, dropping
-at once what lies above the k-th key it holds.
+at once what lies above the k-th key it holds and telling the workers that key for the calls it makes next.
 """
 
 from __future__ import annotations
@@ -83,19 +83,20 @@ class SentenceSample:
                               np.concatenate([p.positions for p in parts]))
 
 
-def sample_sentences(part: Partition, ctx: ReadContext, k: int, chars: int, limit: int = _KEY_MAX) -> SentenceSample:
+def sample_sentences(part: Partition, ctx: ReadContext, k: int, chars: int | None,
+                     limit: int = _KEY_MAX) -> SentenceSample:
     """The k training-split sentence occurrences of smallest key, of those with a key at most `limit`, among the
-    partition's first documents: those that hold its first `chars` characters of text (all of it when the
-    partition holds fewer)."""
+    partition's first documents: up to the one that reaches `chars` characters of text (all of them when the
+    partition holds fewer; None: all)."""
     from data_prep.tokenizer import training_sentences
 
     docs, read = [], 0
     for doc in partition_documents(part, ctx, DecodeReport()):
-        if read >= chars:
-            break
-        read += len(doc)
         if not is_validation(doc, ctx.data.val_fraction):
             docs.append(doc)
+        read += len(doc)
+        if chars is not None and read >= chars:
+            break
     sentences = list(training_sentences(docs))
     del docs
     n = len(sentences)
@@ -110,7 +111,8 @@ class BottomK:
     """A running bottom k over partitions' samples, merged as they arrive in any order: the same k sentences,
     in the same order, whatever the order. `limit` is the k-th smallest key held so far (once k are held):
     nothing above it can be in the result, so it is dropped on arrival, and the workers are told it (a sample
-    drawn later returns only what lies at or below it). Holds at most about 2k sentences."""
+    drawn later returns only what lies at or below it). Holds fewer than about 3k sentences (up to 2k held and one
+    partition's k arriving); the first calls, made before any limit is known, may each return k."""
 
     def __init__(self, k: int):
         self.k, self.limit = k, _KEY_MAX

@@ -53,8 +53,12 @@ class PartitionWorker:
         return asdict(process_partition(self.partitions[index], self.ctx, self.tokenizer))
 
     def sample(self, index: int, k: int, fraction: float, limit: int) -> SentenceSample:
+        """The partition's sample from the start of it that holds `fraction` of its input bytes, as characters of
+        text (a compressed file's text is read for fewer of its bytes); all of it at a fraction of 1 or where the
+        size is not known (a streamed source)."""
         part = self.partitions[index]
-        return sample_sentences(part, self.ctx, k, math.ceil(fraction * max(part.size, 1)), limit)
+        whole = fraction >= 1.0 or part.size <= 0
+        return sample_sentences(part, self.ctx, k, None if whole else math.ceil(fraction * part.size), limit)
 
 
 class _ArrowPartitionWorker(PartitionWorker):

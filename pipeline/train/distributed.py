@@ -65,14 +65,25 @@ def zero3_partition_group(parallel: ParallelConfig):
 
 def init_partitioned(params: list[torch.nn.Parameter], init) -> None:
     """Run `init` (which writes `params` whole) on ZeRO-3 partitioned parameters without communication: each
-    rank builds the whole tensors for the moment, runs init (drawing the same random numbers on every rank, as
-    a plain build does) and keeps its own partition, laid out as DeepSpeed partitions a parameter (its rank in
-    the parameter's group times the partition size, the tail of the last partition padding). What
-    deepspeed.zero.GatheredParameters(params, modifier_rank=0) gives, without gathering every parameter and
-    broadcasting it back (two passes of the whole model over the network at start-up)."""
+    rank builds the whole tensors for the moment (fp32, on the CPU: the numbers a plain build draws, whatever the
+    device or the precision the partitions are kept in), runs init and keeps its own partition, cast into it,
+    laid out as DeepSpeed partitions a parameter (its rank in the parameter's group times the partition size, the
+    tail of the last partition padding). What deepspeed.zero.GatheredParameters(params, modifier_rank=0) gives,
+    without gathering every parameter and broadcasting it back (two passes of the whole model over the network at
+    start-up). Parameters whose partitions live elsewhere (NVMe offload) or have a secondary copy (ZeRO++) go
+    through GatheredParameters, which swaps and re-partitions them."""
+    import deepspeed
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    if any(getattr(p.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme
+           or getattr(p, "ds_secondary_tensor", None) is not None
+           for p in params):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            init()
+        return
     placeholders = [p.data for p in params]
     for p in params:
-        p.data = torch.empty(p.ds_shape, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
+        p.data = torch.empty(p.ds_shape, dtype=torch.float32, device="cpu")
     try:
         with torch.no_grad():
             init()
