@@ -9,10 +9,12 @@ inputs), by the one worker whose partition holds it (a document is never split o
 add a dummy prefix or treat whitespace as a suffix are never cut.
 
 The engines that run partitions (data_prep.workers): Ray Data costs a fixed 3.5-4.5 s more to start on 2 cores
-than plain Ray actors (measured 29.3 s against 24.8 s for 200 MB of text with 2 workers), so `auto` picks Ray
-Data from RAY_DATA_MIN_CHARS_PER_WORKER bytes of input per worker on, where that start is under 2% of the run
-(measured, benchmarks/data_prep_memory.py: 0.5 GiB with Ray Data prepared at 0.83 of raw encode, 2 GiB at
-0.95), and plain actors below.
+than plain Ray actors (measured 29.3 s against 24.8 s for 200 MB of text with 2 workers) and more memory: at 2 GiB
+of input with 2 workers (benchmarks/data_prep_memory.py, 2026-12-07, the tokenizer trained) Ray Data peaked at
+1.51 GiB of the machine's memory above idle against 1.12 GiB for plain actors, for the same speed within this
+machine's run-to-run noise (0.891 and 0.878 of raw encode). So `auto` picks plain actors up to
+RAY_DATA_MIN_CHARS_PER_WORKER bytes of input per worker (4 GiB) and Ray Data from there on (its backpressure and
+retries for long runs); `data.tokenize_engine` forces either.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ log = logging.getLogger(__name__)
 # Documents longer than this are encoded in pieces of about this many characters. SentencePiece encodes
 # long inputs more slowly per token (0.4 M tokens/s for 1 M characters, 1.1 M for 16 k, on one core here).
 _SEGMENT_CHARS = 1 << 14
-# data.tokenize_engine=auto uses Ray Data from this much text per tokenizer actor on (characters), plain
-# actors below (see the module docstring).
-RAY_DATA_MIN_CHARS_PER_WORKER = 1 << 30
+# data.tokenize_engine=auto uses Ray Data from this much input per tokenizer actor on (bytes), plain actors
+# below (see the module docstring).
+RAY_DATA_MIN_CHARS_PER_WORKER = 4 << 30
 
 
 def tokenize_engine(configured: str, total_chars: int, workers: int) -> str:
