@@ -64,12 +64,7 @@ def make_tokenizer(partitions: list[Partition], ctx: ReadContext, directory: Pat
         copy_tokenizer(tok.model_path, path)
         source = tok.model_path
     else:
-        t0 = time.time()
         sample = _draw_sample(partitions, ctx, data, workers)
-        sampled, fraction = _sample_partitions(partitions, data)
-        log.info("drew a tokenizer sample of %d line occurrences from the first %.0f%% of %d partitions (%.0f MB) "
-                 "in %.1fs", len(sample), 100 * fraction, len(sampled), fraction * sum(p.size for p in sampled) / 1e6,
-                 time.time() - t0)
         t0 = time.time()
         train_tokenizer_on_sample(sample.sentences.tolist(), tok, path, data.seed)
         del sample
@@ -99,7 +94,7 @@ def _sample_partitions(partitions: list[Partition], data: DataConfig) -> tuple[l
 
 def _draw_sample(partitions: list[Partition], ctx: ReadContext, data: DataConfig, workers: int) -> SentenceSample:
     """The sample_sentences occurrences of smallest key over the sampled partitions' first bytes, in key order."""
-    k = data.tokenizer.sample_sentences
+    t0, k = time.time(), data.tokenizer.sample_sentences
     chosen, fraction = _sample_partitions(partitions, data)
     bottom = BottomK(k)
     for _, part_sample in run_actors(ctx, chosen, workers, "sample", lambda: (k, fraction, bottom.limit)):
@@ -108,6 +103,8 @@ def _draw_sample(partitions: list[Partition], ctx: ReadContext, data: DataConfig
     if not len(sample):
         raise SourceError("the corpus holds no text to train the tokenizer on (its training split is empty, or "
                           "every input was empty or skipped as binary): point data.path at files with text in them")
+    log.info("drew a tokenizer sample of %d line occurrences from the first %.0f%% of %d partitions (%.0f MB) in %.1fs",
+             len(sample), 100 * fraction, len(chosen), fraction * sum(p.size for p in chosen) / 1e6, time.time() - t0)
     return sample
 
 
